@@ -1,0 +1,70 @@
+"""expkit: one job spec through one lifecycle, prepare -> scale -> run -> post-process -> register.
+
+Everything here is imported on first use, so that `from expkit import Run` inside a training
+script costs almost nothing and pulls in no third-party package.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Run": "expkit.api",
+    "Workspace": "expkit.api",
+    "Experiment": "expkit.api",
+    "Model": "expkit.api",
+    "JobSpec": "expkit.job",
+    "hookimpl": "expkit.hookspecs",
+    "ComputeTarget": "expkit.capabilities",
+    "DistributedBackend": "expkit.capabilities",
+    "EnvironmentBuilder": "expkit.capabilities",
+    "MetricSink": "expkit.capabilities",
+    "ModelRegistry": "expkit.capabilities",
+    "Exporter": "expkit.capabilities",
+    "PluginUnavailable": "expkit.errors",
+    "UserError": "expkit.errors",
+}
+
+__all__ = [  # noqa: RUF022 - grouped by what they are for
+    "Run",
+    "Workspace",
+    "Experiment",
+    "Model",
+    "JobSpec",
+    "hookimpl",
+    "ComputeTarget",
+    "DistributedBackend",
+    "EnvironmentBuilder",
+    "MetricSink",
+    "ModelRegistry",
+    "Exporter",
+    "PluginUnavailable",
+    "UserError",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from expkit.api import Experiment, Model, Run, Workspace
+    from expkit.capabilities import (
+        ComputeTarget,
+        DistributedBackend,
+        EnvironmentBuilder,
+        Exporter,
+        MetricSink,
+        ModelRegistry,
+    )
+    from expkit.errors import PluginUnavailable, UserError
+    from expkit.hookspecs import hookimpl
+    from expkit.job import JobSpec
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'expkit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

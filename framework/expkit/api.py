@@ -1,0 +1,241 @@
+"""The Python API, shaped after Azure ML's SDK v1.
+
+    ws = Workspace.from_config()
+    experiment = Experiment(ws, "pytorch-birds")
+    run = experiment.submit(JobSpec.from_yaml("training/job.yaml"))
+    run.wait_for_completion(show_output=True)
+    model = run.register_model(model_name="pt-dnn", model_path="outputs/")
+
+Module-level imports are stdlib only: training scripts import `Run` from here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from expkit.context import ScriptRun, get_context
+from expkit.errors import UserError
+from expkit.workspace import Workspace
+
+if TYPE_CHECKING:
+    from expkit.capabilities import ModelVersion
+    from expkit.job import JobSpec
+
+__all__ = ["Experiment", "Model", "Run", "RunFailed", "Workspace"]
+
+
+class RunFailed(Exception):
+    """`wait_for_completion(raise_on_error=True)` on a run that failed or was canceled."""
+
+
+class Experiment:
+    """A named group of runs in a workspace."""
+
+    def __init__(self, workspace: Workspace, name: str) -> None:
+        self.workspace, self.name = workspace, name
+
+    def submit(self, job: JobSpec | str | Path, overrides: list[str] = ()) -> Run:
+        """Start `job` in a background driver process and return its run at once."""
+        from expkit import lifecycle
+        from expkit.job import JobSpec
+
+        if not isinstance(job, JobSpec):
+            job = JobSpec.from_yaml(job, list(overrides))
+        elif overrides:
+            raise UserError("overrides apply to a job spec file; change the JobSpec instead")
+        job = job.resolved().model_copy(update={"experiment": self.name})
+        record = lifecycle.submit(self.workspace, job)
+        run_dir = self.workspace.run_dir(record.id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "driver.log", "ab") as log:
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "expkit.driver", str(self.workspace.path), record.id],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the run goes on if this Python process ends
+            )
+        self.workspace.history.claim(record.id, driver.pid)
+        return Run(self.workspace, record.id)
+
+    def get_runs(self) -> list[Run]:
+        """This experiment's runs, newest first."""
+        records = self.workspace.history.runs(self.name, limit=10_000)
+        return [Run(self.workspace, r.id) for r in records]
+
+
+class Run:
+    """A recorded run; `Run.get_context()` inside a training script gives the script's run."""
+
+    def __init__(self, workspace: Workspace, run_id: str) -> None:
+        self.workspace, self.id = workspace, run_id
+
+    @staticmethod
+    def get_context() -> ScriptRun:
+        """The run this training script belongs to (does nothing harmful outside expkit)."""
+        return get_context()
+
+    def __repr__(self) -> str:
+        return f"Run({self.id!r}, status={self.get_status()!r})"
+
+    @property
+    def _record(self) -> Any:
+        return self.workspace.history.run(self.id)
+
+    @property
+    def experiment(self) -> str:
+        return self._record.experiment
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workspace.run_dir(self.id)
+
+    def get_status(self) -> str:
+        return self._record.state
+
+    def get_details(self) -> dict[str, Any]:
+        record = self._record
+        history = self.workspace.history
+        return {
+            "id": record.id,
+            "experiment": record.experiment,
+            "state": record.state,
+            "error": record.error,
+            "exit_code": record.exit_code,
+            "snapshot_hash": record.snapshot_hash,
+            "environment_hash": record.environment_hash,
+            "stages": {
+                s.stage: {"state": s.state, "seconds": s.seconds} for s in history.stages(self.id)
+            },
+            "tags": history.tags(self.id),
+        }
+
+    def get_metrics(self, name: str | None = None) -> dict[str, Any]:
+        """{name: value} for a metric logged once, {name: [values]} for one logged repeatedly;
+        a table logged with `log_row` comes back as {name: {column: [values]}}."""
+        from expkit.history import metric_value
+
+        grouped: dict[str, list[Any]] = {}
+        for row in self.workspace.history.metrics(self.id, name):
+            grouped.setdefault(row["name"], []).append(metric_value(row))
+        result: dict[str, Any] = {}
+        for key, values in grouped.items():
+            if all(isinstance(v, dict) for v in values):
+                columns: dict[str, list[Any]] = {}
+                for value in values:
+                    for column, cell in value.items():
+                        columns.setdefault(column, []).append(cell)
+                result[key] = columns
+            else:
+                result[key] = values[0] if len(values) == 1 else values
+        return result
+
+    def get_tags(self) -> dict[str, str]:
+        return self.workspace.history.tags(self.id)
+
+    def get_file_names(self) -> list[str]:
+        """The run's files: `outputs/...` and `logs/...`."""
+        names = []
+        for folder in ("logs", "outputs"):
+            root = self.run_dir / folder
+            if root.is_dir():
+                names += [
+                    p.relative_to(self.run_dir).as_posix() for p in root.rglob("*") if p.is_file()
+                ]
+        return sorted(names)
+
+    def download_file(self, name: str, output_file_path: str | Path | None = None) -> Path:
+        """Copy one of the run's files (a name from `get_file_names()`) to `output_file_path`."""
+        if name not in self.get_file_names():
+            raise UserError(
+                f"run {self.id} has no file {name!r}; see `expkit runs files {self.id}`"
+            )
+        target = Path(output_file_path or Path(name).name)
+        if target.is_dir():
+            target = target / Path(name).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.run_dir / name, target)
+        return target
+
+    def register_model(
+        self, model_name: str, model_path: str = "outputs/", tags: dict[str, str] | None = None
+    ) -> Model:
+        """Register a file or folder of this run's outputs as the next version of a model."""
+        from expkit.registry import ModelStore
+
+        source = (self.run_dir / model_path).resolve()
+        outputs = (self.run_dir / "outputs").resolve()
+        if not source.is_relative_to(outputs):
+            raise UserError(f"model_path {model_path!r} must be inside outputs/")
+        record = self._record
+        lineage = {
+            "run_id": self.id,
+            "experiment": record.experiment,
+            "snapshot_hash": record.snapshot_hash,
+            "environment_hash": record.environment_hash,
+            "metrics": {
+                k: v
+                for k, v in self.workspace.history.latest_metrics(self.id).items()
+                if isinstance(v, int | float)
+            },
+        }
+        version = ModelStore(self.workspace).register_path(
+            model_name, source, run_id=self.id, lineage=lineage, tags=tags or {}
+        )
+        return Model._from_version(self.workspace, version)
+
+    def wait_for_completion(
+        self, show_output: bool = False, timeout: float | None = None, raise_on_error: bool = True
+    ) -> dict[str, Any]:
+        """Block until the run ends; with `show_output`, print its stages and output live."""
+        from expkit.console import Console
+        from expkit.follow import follow
+
+        deadline = time.monotonic() + timeout if timeout else None
+        if show_output:
+            follow(self.workspace.history, self.id, self.run_dir, Console(), timeout=timeout)
+        while not self._record.finished:
+            if deadline and time.monotonic() > deadline:
+                raise TimeoutError(f"run {self.id} still {self.get_status()} after {timeout}s")
+            time.sleep(0.2)
+        details = self.get_details()
+        if raise_on_error and details["state"] != "completed":
+            raise RunFailed(f"run {self.id} {details['state']}: {details['error']}")
+        return details
+
+    def cancel(self) -> None:
+        """Ask the run's driver to stop it (the run ends as canceled)."""
+        self.workspace.history.request_cancel(self.id)
+
+
+class Model:
+    """A registered model version."""
+
+    def __init__(self, workspace: Workspace, name: str, version: int | None = None) -> None:
+        from expkit.registry import ModelStore
+
+        self._set(workspace, ModelStore(workspace).get(name, version))
+
+    @classmethod
+    def _from_version(cls, workspace: Workspace, version: ModelVersion) -> Model:
+        model = cls.__new__(cls)
+        model._set(workspace, version)
+        return model
+
+    def _set(self, workspace: Workspace, version: ModelVersion) -> None:
+        self.workspace = workspace
+        self.name, self.version, self.path = version.name, version.version, version.path
+        self.files, self.lineage, self.tags = version.files, version.lineage, version.tags
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, version={self.version})"
+
+    def download(self, target_dir: str | Path = ".") -> list[Path]:
+        from expkit.registry import ModelStore
+
+        return ModelStore(self.workspace).download(self.name, self.version, Path(target_dir))

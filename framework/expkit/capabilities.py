@@ -1,0 +1,215 @@
+"""The typed objects that plugins supply through the capability hooks.
+
+Each capability has a `name` (what a job spec writes, e.g. `compute: local`) and, once the
+plugin manager has collected it, the `plugin` that supplied it. Subclass the one you need,
+implement its methods and return an instance from the matching hook in `expkit.hookspecs`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from expkit.job import EnvironmentSpec, JobSpec
+
+
+class Capability:
+    """Something a plugin supplies under a name."""
+
+    kind: ClassVar[str] = "capability"
+    name: str = ""
+    description: str = ""
+    plugin: str = ""  # set by the plugin manager: the plugin that returned this object
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.name!r} from {self.plugin or '?'}>"
+
+    def check(self, job: JobSpec) -> None:
+        """Reject a job this capability can never serve (raise UserError) before any work."""
+
+
+# -- what flows between the stages -------------------------------------------------------------
+@dataclass
+class Environment:
+    """An interpreter ready to run the job, as built (or found in the cache) by a builder."""
+
+    python: str
+    hash: str
+    cache_hit: bool
+    reason: str
+    env: dict[str, str] = field(default_factory=dict)  # variables the processes need
+
+
+@dataclass
+class Allocation:
+    """What the scale stage acquired: process slots and GPUs on one or more hosts."""
+
+    hosts: list[str]
+    slots: list[int]
+    gpus: list[int] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass
+class Process:
+    """One process the compute target starts; `env` is added to the run's environment."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    rank: int = 0
+
+
+@dataclass
+class RunInfo:
+    """What a metric sink or registry is told about the run it serves."""
+
+    run_id: str
+    experiment: str
+    run_dir: Path
+    job: JobSpec
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Metric:
+    """One logged value: a number, a string, or a table row (a dict)."""
+
+    name: str
+    value: Any
+    step: int | None
+    timestamp: float
+    rank: int = 0
+
+
+@dataclass
+class ModelVersion:
+    """A registered model version: immutable files with their lineage."""
+
+    name: str
+    version: int
+    path: Path
+    files: dict[str, str]  # relative path -> sha256
+    lineage: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What the lifecycle hands to compute targets, backends and builders during one run."""
+
+    run_id: str
+    job: JobSpec
+    run_dir: Path
+    work_dir: Path
+    log_dir: Path
+    script_env: dict[str, str]
+    say: Callable[[str], None]  # a progress line of the current stage, shown and recorded
+    waiting: Callable[[str | None], None]  # "waiting for ..." (None: no longer waiting)
+    canceled: Callable[[], bool]  # poll this while blocking; raise expkit.errors.Canceled
+    echo: Callable[[int, bytes], None]  # one output line of a rank, for the terminal
+    workspace_dir: Path = Path()
+    environment: Environment | None = None
+    history: Any = None  # the workspace's run history (expkit.history.History)
+
+
+# -- the capabilities --------------------------------------------------------------------------
+class EnvironmentBuilder(Capability, ABC):
+    """Turns the job's `environment:` into an interpreter (prepare stage)."""
+
+    kind = "environment builder"
+
+    @abstractmethod
+    def build(self, spec: EnvironmentSpec, ctx: RunContext) -> Environment:
+        """Build or find in the cache the environment; say why it hit or missed."""
+
+
+class ComputeTarget(Capability, ABC):
+    """Where the processes run: acquires resources (scale) and runs processes (run)."""
+
+    kind = "compute target"
+
+    @abstractmethod
+    def acquire(self, ctx: RunContext) -> Allocation:
+        """Scale stage: block until the job's resources are held; poll `ctx.canceled()`."""
+
+    @abstractmethod
+    def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
+        """Run stage: start the processes, stream their output, return the exit code."""
+
+    def release(self, ctx: RunContext, allocation: Allocation) -> None:
+        """Give back what `acquire` took; called whatever happened."""
+
+
+class DistributedBackend(Capability, ABC):
+    """Turns one command into the processes of a (possibly distributed) launch."""
+
+    kind = "distributed backend"
+
+    @abstractmethod
+    def launch(self, ctx: RunContext, command: list[str], allocation: Allocation) -> list[Process]:
+        """The processes that run `command` (python, script, args) on the allocation."""
+
+
+class MetricWriter(ABC):
+    """An open connection of a metric sink to one run."""
+
+    @abstractmethod
+    def send(self, metrics: list[Metric]) -> None:
+        """Deliver a batch; may be slow (it runs on a background thread) and may raise."""
+
+    def close(self, state: str) -> None:  # noqa: B027
+        """The run ended in `state`; flush and close."""
+
+
+class MetricSink(Capability, ABC):
+    """Receives the run's metrics as they are logged (MLflow, TensorBoard, ...)."""
+
+    kind = "metric sink"
+
+    @abstractmethod
+    def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
+        """Start sending metrics of `run`."""
+
+
+class ModelRegistry(Capability, ABC):
+    """Receives each registered model version (besides the workspace's own registry)."""
+
+    kind = "model registry"
+
+    @abstractmethod
+    def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
+        """Register `model`; return a short reference shown in the summary."""
+
+
+@dataclass
+class ExportResult:
+    """What an exporter produced and how it checked it."""
+
+    files: list[Path]
+    checks: dict[str, Any]
+    ok: bool
+    message: str = ""
+
+
+class Exporter(Capability, ABC):
+    """Writes the trained model in another format and checks it against the original."""
+
+    kind = "exporter"
+
+    @abstractmethod
+    def export(self, model_dir: Path, settings: dict[str, Any], out_dir: Path) -> ExportResult:
+        """Export the model found in `model_dir` into `out_dir`."""
+
+
+KINDS: dict[str, type[Capability]] = {
+    "compute_targets": ComputeTarget,
+    "distributed_backends": DistributedBackend,
+    "environment_builders": EnvironmentBuilder,
+    "metric_sinks": MetricSink,
+    "model_registries": ModelRegistry,
+    "exporters": Exporter,
+}

@@ -1,0 +1,145 @@
+"""What `expkit run` shows while it works: stage progress, the script's output, a summary.
+
+On a terminal a status line ticks the current stage's elapsed time while nothing else is
+printed; piped into a file the output is plain lines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import IO, Any
+
+MARK = {"completed": "✓", "failed": "✗", "canceled": "■", "skipped": "·"}
+
+
+def _supports_color(stream: IO) -> bool:
+    return (
+        stream.isatty() and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
+    )
+
+
+class Console:
+    """Serializes stage lines, output lines and the ticking status line on one stream."""
+
+    def __init__(self, stream: IO | None = None, ranks: str = "0", quiet: bool = False) -> None:
+        self.stream = stream or sys.stdout
+        self.ranks = ranks  # "0": rank 0 only; "all": every rank, prefixed; "none": no output
+        self.quiet = quiet
+        self.tty = self.stream.isatty()
+        self.color = _supports_color(self.stream)
+        self._lock = threading.Lock()
+        self._status = ""
+        self._stage: str | None = None
+        self._stage_start = 0.0
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- styling ------------------------------------------------------------------------------
+    def style(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def _mark(self, outcome: str) -> str:
+        color = {"completed": "32", "failed": "31", "canceled": "33", "skipped": "2"}
+        return self.style(MARK.get(outcome, "?"), color.get(outcome, "0"))
+
+    # -- writing ------------------------------------------------------------------------------
+    def _write(self, text: str) -> None:
+        with self._lock:
+            if self._status:
+                self.stream.write("\r\033[K")
+            self.stream.write(text)
+            if self._status:
+                self.stream.write(self._status)
+            self.stream.flush()
+
+    def line(self, text: str = "") -> None:
+        self._write(text + "\n")
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self.line(self.style(text, "2"))
+
+    def warn(self, text: str) -> None:
+        self.line(self.style(f"warning: {text}", "33"))
+
+    # -- stages -------------------------------------------------------------------------------
+    def stage_started(self, stage: str) -> None:
+        self._stage, self._stage_start = stage, time.monotonic()
+        if self.tty and self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
+        if not self.quiet:
+            self.line(self.style(f"▶ {stage}", "1"))
+
+    def stage_line(self, stage: str, text: str) -> None:
+        if not self.quiet:
+            self.line(f"  {self.style(stage, '36')} │ {text}")
+
+    def stage_finished(self, stage: str, outcome: str, seconds: float, note: str = "") -> None:
+        self._stage = None
+        self._set_status("")
+        if not self.quiet or outcome != "completed":
+            tail = f"  {note}" if note else ""
+            self.line(f"{self._mark(outcome)} {stage:<13} {seconds:7.2f}s{tail}")
+
+    def _set_status(self, text: str) -> None:
+        with self._lock:
+            if self._status or text:
+                self.stream.write("\r\033[K" + text)
+                self.stream.flush()
+            self._status = text
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            stage = self._stage
+            if stage is None:
+                continue
+            elapsed = time.monotonic() - self._stage_start
+            if elapsed >= 1:
+                self._set_status(self.style(f"… {stage} {elapsed:.0f}s", "2"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._set_status("")
+
+    # -- the script's output ------------------------------------------------------------------
+    def output(self, rank: int, line: bytes) -> None:
+        """One line of a process's output (kept as bytes; shown with undecodable bytes replaced)."""
+        if self.ranks == "none" or (self.ranks != "all" and rank != 0):
+            return
+        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        if self.ranks == "all":
+            text = f"{self.style(f'[rank {rank}]', '35')} {text}"
+        self._write(text + "\n")
+
+    # -- the end ------------------------------------------------------------------------------
+    def table(self, rows: list[tuple[str, Any]]) -> None:
+        width = max((len(k) for k, _ in rows), default=0)
+        for key, value in rows:
+            self.line(f"  {key:<{width}}  {value}")
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def human_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.2f}s"
+    minutes, seconds = divmod(int(s), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,80 @@
+"""Data inputs: prepared once into the workspace's data cache, then linked or copied into runs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from expkit.blobs import hash_file
+from expkit.errors import UserError
+from expkit.job import DataInput
+
+
+def cache_key(item: DataInput, source_dir: Path) -> str:
+    """A hash of the prepare command and of the source files it names."""
+    digest = hashlib.sha256((item.prepare or "").encode())
+    for token in shlex.split(item.prepare or ""):
+        path = source_dir / token
+        if path.is_file():
+            digest.update(f"\0{token}\0{hash_file(path)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare(
+    name: str,
+    item: DataInput,
+    source_dir: Path,
+    cache_dir: Path,
+    python: str,
+    say: Callable[[str], None],
+    env: dict[str, str],
+) -> Path:
+    """The folder or file holding data input `name`, prepared now if not cached."""
+    if item.source and Path(item.source).exists():
+        return Path(item.source)
+    key = cache_key(item, source_dir)
+    dest = cache_dir / f"{name}-{key}"
+    if dest.exists():
+        say(f"data {name!r}: cache hit ({key})")
+        return dest
+    say(f"data {name!r}: cache miss ({key}), running `{item.prepare}`")
+    tmp = cache_dir / f".{name}-{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    argv = shlex.split(item.prepare.replace("{dest}", shlex.quote(str(tmp))))
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = python
+    result = subprocess.run(
+        argv, cwd=source_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    for line in result.stdout.decode("utf-8", errors="replace").splitlines():
+        say(f"data {name!r}: {line}")
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"data.{name}.prepare: `{item.prepare}` exited with code {result.returncode}"
+        )
+    if not tmp.exists():
+        raise UserError(f"data.{name}.prepare: `{item.prepare}` wrote nothing into {{dest}}")
+    os.replace(tmp, dest)
+    return dest
+
+
+def place(name: str, origin: Path, mode: str, work_dir: Path) -> Path:
+    """Link (or copy) the data into the working copy as `data/<name>`."""
+    target = work_dir / "data" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        raise UserError(f"data.{name}: the source folder already has data/{name}; rename one")
+    if mode == "link":
+        target.symlink_to(origin.resolve(), target_is_directory=origin.is_dir())
+    elif origin.is_dir():
+        shutil.copytree(origin, target)
+    else:
+        shutil.copyfile(origin, target)
+    return target

@@ -1,0 +1,42 @@
+"""Errors a user can act on, and errors raised inside plugins, each with one clear line."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user (job spec, flag, name): one line, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+class JobSpecError(UserError):
+    """A job spec that cannot be used; names the file and the field path."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        self.source, self.field, self.reason = source, field, reason
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {reason}")
+
+
+class PluginUnavailable(ImportError):
+    """Raised by a plugin module at import time when an optional dependency is missing.
+
+    The message is shown by `expkit plugins` as the reason, so say how to install it.
+    """
+
+
+class PluginError(Exception):
+    """An exception raised inside a plugin, reported as `plugin X, hook Y: message`."""
+
+    def __init__(self, plugin: str, hook: str, error: BaseException) -> None:
+        self.plugin, self.hook, self.error = plugin, hook, error
+        message = str(error) or type(error).__name__
+        super().__init__(f"plugin {plugin}, {hook}: {message}")
+
+
+class StageFailed(Exception):
+    """A stage could not finish (the script failed, a timeout, no outputs); one-line reason."""
+
+
+class Canceled(Exception):
+    """The run was canceled (Ctrl-C, SIGTERM or `expkit runs cancel`)."""

@@ -1,0 +1,492 @@
+"""The run history: one SQLite database (WAL) that is the source of truth for every run.
+
+Every state change is its own committed transaction, written before the next stage starts, so
+a crash, a kill -9 or a full disk leaves a record that can be read and, once its driver is
+gone, is marked failed with that reason (`reap_orphans`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGES = ("prepare", "scale", "run", "post-process", "register")
+STAGE_STATE = {
+    "prepare": "preparing",
+    "scale": "scaling",
+    "run": "running",
+    "post-process": "post-processing",
+    "register": "registering",
+}
+FINAL_STATES = ("completed", "failed", "canceled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    number INTEGER NOT NULL UNIQUE,
+    experiment TEXT NOT NULL,
+    state TEXT NOT NULL,
+    status TEXT,
+    job TEXT NOT NULL,
+    created REAL NOT NULL,
+    ended REAL,
+    exit_code INTEGER,
+    error TEXT,
+    snapshot_hash TEXT,
+    environment_hash TEXT,
+    driver_pid INTEGER,
+    driver_start TEXT,
+    driver_host TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs (experiment, number);
+CREATE TABLE IF NOT EXISTS stages (
+    run_id TEXT NOT NULL, stage TEXT NOT NULL, state TEXT NOT NULL,
+    started REAL, ended REAL, message TEXT,
+    PRIMARY KEY (run_id, stage)
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL, ts REAL NOT NULL, stage TEXT, kind TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, ts);
+CREATE TABLE IF NOT EXISTS metrics (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL, name TEXT NOT NULL, step INTEGER,
+    value REAL, payload TEXT, ts REAL NOT NULL, rank INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics (run_id, name, id);
+CREATE TABLE IF NOT EXISTS tags (
+    run_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run_id, key)
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    run_id TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (run_id, path)
+);
+CREATE TABLE IF NOT EXISTS slots (
+    kind TEXT NOT NULL, slot INTEGER NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (kind, slot)
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL, version INTEGER NOT NULL, run_id TEXT, created REAL NOT NULL,
+    lineage TEXT NOT NULL, tags TEXT NOT NULL, PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS model_files (
+    name TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (name, version, path)
+);
+"""
+
+
+@dataclass
+class RunRecord:
+    """One row of the run history."""
+
+    id: str
+    number: int
+    experiment: str
+    state: str
+    status: str | None
+    job: dict[str, Any]
+    created: float
+    ended: float | None
+    exit_code: int | None
+    error: str | None
+    snapshot_hash: str | None
+    environment_hash: str | None
+    driver_pid: int | None
+    driver_start: str | None
+    driver_host: str | None
+    cancel_requested: int
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> RunRecord:
+        values = dict(row)
+        values["job"] = json.loads(values["job"])
+        return cls(**values)
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    state: str
+    started: float | None
+    ended: float | None
+    message: str | None
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.ended or time.time()) - self.started
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of live process `pid` (Linux clock ticks), to tell it from a reused pid.
+
+    None when there is no such process, or only its zombie is left.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def driver_alive(pid: int | None, start: str | None) -> bool:
+    if not pid:
+        return False
+    if os.path.exists("/proc/self/stat"):
+        return start is not None and process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class History:
+    """Reads and writes the run history database; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self.db.executescript(SCHEMA)
+
+    # -- connections ------------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- runs -------------------------------------------------------------------------------
+    def create_run(self, experiment: str, job: dict[str, Any]) -> RunRecord:
+        """A new run in state `queued`, owned by this process until a driver claims it."""
+        with self.transaction() as db:
+            (number,) = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM runs").fetchone()
+            run_id = f"{experiment}_{number}"
+            pid = os.getpid()
+            db.execute(
+                "INSERT INTO runs (id, number, experiment, state, job, created, driver_pid,"
+                " driver_start, driver_host) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    number,
+                    experiment,
+                    json.dumps(job),
+                    time.time(),
+                    pid,
+                    process_start(pid),
+                    socket.gethostname(),
+                ),
+            )
+        return self.run(run_id)
+
+    def claim(self, run_id: str, pid: int | None = None) -> None:
+        """Record `pid` (default: this process) as the run's driver."""
+        pid = pid or os.getpid()
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET driver_pid = ?, driver_start = ?, driver_host = ? WHERE id = ?",
+                (pid, process_start(pid), socket.gethostname(), run_id),
+            )
+
+    def run(self, run_id: str) -> RunRecord:
+        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(run_id)
+        return RunRecord.from_row(row)
+
+    def find_run(self, ref: str) -> RunRecord | None:
+        """A run by id, by number (`7`), or `latest`."""
+        if ref == "latest":
+            row = self.db.execute("SELECT * FROM runs ORDER BY number DESC LIMIT 1").fetchone()
+        elif ref.isdigit():
+            row = self.db.execute("SELECT * FROM runs WHERE number = ?", (int(ref),)).fetchone()
+        else:
+            row = self.db.execute("SELECT * FROM runs WHERE id = ?", (ref,)).fetchone()
+        return RunRecord.from_row(row) if row else None
+
+    def runs(self, experiment: str | None = None, limit: int = 50) -> list[RunRecord]:
+        sql, args = "SELECT * FROM runs", []
+        if experiment:
+            sql, args = sql + " WHERE experiment = ?", [experiment]
+        rows = self.db.execute(sql + " ORDER BY number DESC LIMIT ?", (*args, limit))
+        return [RunRecord.from_row(r) for r in rows]
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        columns = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE runs SET {columns} WHERE id = ?", (*fields.values(), run_id))
+
+    def finish_run(self, run_id: str, state: str, error: str | None = None) -> None:
+        assert state in FINAL_STATES
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET state = ?, error = COALESCE(?, error), status = NULL, ended = ?"
+                " WHERE id = ?",
+                (state, error, time.time(), run_id),
+            )
+            db.execute("DELETE FROM slots WHERE run_id = ?", (run_id,))
+
+    def request_cancel(self, run_id: str) -> None:
+        self.update_run(run_id, cancel_requested=1)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        row = self.db.execute("SELECT cancel_requested FROM runs WHERE id = ?", (run_id,))
+        return bool(row.fetchone()[0])
+
+    # -- stages -----------------------------------------------------------------------------
+    def stage_started(self, run_id: str, stage: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO stages VALUES (?, ?, 'running', ?, NULL, NULL)",
+                (run_id, stage, time.time()),
+            )
+            db.execute(
+                "UPDATE runs SET state = ?, status = NULL WHERE id = ?",
+                (STAGE_STATE[stage], run_id),
+            )
+
+    def stage_finished(self, run_id: str, stage: str, outcome: str, message: str | None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE stages SET state = ?, ended = ?, message = ?"
+                " WHERE run_id = ? AND stage = ?",
+                (outcome, time.time(), message, run_id, stage),
+            )
+
+    def stage_skipped(self, run_id: str, stage: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO stages VALUES (?, ?, 'skipped', NULL, NULL, ?)",
+                (run_id, stage, reason),
+            )
+
+    def stages(self, run_id: str) -> list[StageRecord]:
+        rows = self.db.execute(
+            "SELECT stage, state, started, ended, message FROM stages WHERE run_id = ?", (run_id,)
+        ).fetchall()
+        order = {s: i for i, s in enumerate(STAGES)}
+        return sorted((StageRecord(**dict(r)) for r in rows), key=lambda s: order[s.stage])
+
+    # -- events, tags, outputs ----------------------------------------------------------------
+    def add_event(self, run_id: str, kind: str, message: str, stage: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                (run_id, time.time(), stage, kind, message),
+            )
+
+    def events(self, run_id: str, kind: str | None = None) -> list[sqlite3.Row]:
+        sql, args = "SELECT * FROM events WHERE run_id = ?", [run_id]
+        if kind:
+            sql, args = sql + " AND kind = ?", [*args, kind]
+        return self.db.execute(sql + " ORDER BY ts", args).fetchall()
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO tags VALUES (?, ?, ?)",
+                [(run_id, str(k), str(v)) for k, v in tags.items()],
+            )
+
+    def tags(self, run_id: str) -> dict[str, str]:
+        rows = self.db.execute("SELECT key, value FROM tags WHERE run_id = ?", (run_id,))
+        return dict(rows.fetchall())
+
+    def set_outputs(self, run_id: str, manifest: dict[str, tuple[int, str]]) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM outputs WHERE run_id = ?", (run_id,))
+            db.executemany(
+                "INSERT INTO outputs VALUES (?, ?, ?, ?)",
+                [(run_id, p, size, digest) for p, (size, digest) in manifest.items()],
+            )
+
+    def outputs(self, run_id: str) -> dict[str, tuple[int, str]]:
+        rows = self.db.execute(
+            "SELECT path, size, sha256 FROM outputs WHERE run_id = ? ORDER BY path", (run_id,)
+        )
+        return {p: (size, digest) for p, size, digest in rows}
+
+    # -- metrics ----------------------------------------------------------------------------
+    def add_metrics(self, run_id: str, rows: Iterable[tuple]) -> None:
+        """Append (name, step, value, payload, ts, rank) rows in one transaction."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((run_id, *row) for row in rows),
+            )
+
+    def metrics(
+        self, run_id: str, name: str | None = None, after_id: int = 0, limit: int = -1
+    ) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM metrics WHERE run_id = ? AND id > ?"
+        args: list[Any] = [run_id, after_id]
+        if name:
+            sql, args = sql + " AND name = ?", [*args, name]
+        return self.db.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+
+    def latest_metrics(self, run_id: str) -> dict[str, Any]:
+        """The last value of each metric, in the order the names were first logged."""
+        rows = self.db.execute(
+            "SELECT name, value, payload FROM metrics WHERE id IN"
+            " (SELECT MAX(id) FROM metrics WHERE run_id = ? GROUP BY name)"
+            " ORDER BY (SELECT MIN(id) FROM metrics m"
+            " WHERE m.run_id = ? AND m.name = metrics.name)",
+            (run_id, run_id),
+        )
+        return {r["name"]: metric_value(r) for r in rows}
+
+    # -- slots (the local compute target's leases) ----------------------------------------------
+    def lease_slots(
+        self, run_id: str, wants: dict[str, tuple[int, int]]
+    ) -> dict[str, list[int]] | None:
+        """Take slots for every kind at once, {kind: (count, capacity)}, or None if not free."""
+        chosen: dict[str, list[int]] = {}
+        with self.transaction() as db:
+            for kind, (count, capacity) in wants.items():
+                rows = db.execute("SELECT slot FROM slots WHERE kind = ?", (kind,))
+                taken = {s for (s,) in rows}
+                free = [s for s in range(capacity) if s not in taken]
+                if len(free) < count:
+                    return None  # the transaction commits nothing
+                chosen[kind] = free[:count]
+            db.executemany(
+                "INSERT INTO slots VALUES (?, ?, ?)",
+                [(kind, s, run_id) for kind, slots in chosen.items() for s in slots],
+            )
+        return chosen
+
+    def slot_holders(self, kind: str) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT run_id, COUNT(*) FROM slots WHERE kind = ? GROUP BY run_id", (kind,)
+        )
+        return dict(rows.fetchall())
+
+    def release_slots(self, run_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM slots WHERE run_id = ?", (run_id,))
+
+    # -- recovery ---------------------------------------------------------------------------
+    def reap_orphans(self) -> list[str]:
+        """Mark failed every unfinished run of this host whose driver process is gone."""
+        host = socket.gethostname()
+        reaped = []
+        rows = self.db.execute(
+            "SELECT id, driver_pid, driver_start FROM runs"
+            " WHERE state NOT IN ('completed', 'failed', 'canceled') AND driver_host = ?",
+            (host,),
+        ).fetchall()
+        for run_id, pid, start in rows:
+            if driver_alive(pid, start):
+                continue
+            reason = f"the driver process (pid {pid}) ended without finishing the run"
+            now = time.time()
+            with self.transaction() as db:
+                state = db.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if state[0] in FINAL_STATES:  # finished meanwhile
+                    continue
+                db.execute(
+                    "UPDATE stages SET state = 'failed', ended = ?, message = ?"
+                    " WHERE run_id = ? AND state = 'running'",
+                    (now, reason, run_id),
+                )
+                db.execute(
+                    "UPDATE runs SET state = 'failed', error = ?, status = NULL, ended = ?"
+                    " WHERE id = ?",
+                    (reason, now, run_id),
+                )
+                db.execute("DELETE FROM slots WHERE run_id = ?", (run_id,))
+            reaped.append(run_id)
+        return reaped
+
+    # -- models -----------------------------------------------------------------------------
+    def add_model_version(
+        self,
+        name: str,
+        run_id: str | None,
+        lineage: dict[str, Any],
+        tags: dict[str, str],
+        files: dict[str, tuple[int, str]],
+    ) -> int:
+        """Insert the next version of `name` with its files; returns the version number."""
+        with self.transaction() as db:
+            (version,) = db.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM models WHERE name = ?", (name,)
+            ).fetchone()
+            db.execute(
+                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                (name, version, run_id, time.time(), json.dumps(lineage), json.dumps(tags)),
+            )
+            db.executemany(
+                "INSERT INTO model_files VALUES (?, ?, ?, ?, ?)",
+                [(name, version, p, digest, size) for p, (size, digest) in files.items()],
+            )
+        return version
+
+    def models(self, name: str | None = None) -> list[sqlite3.Row]:
+        sql, args = "SELECT * FROM models", []
+        if name:
+            sql, args = sql + " WHERE name = ?", [name]
+        return self.db.execute(sql + " ORDER BY name, version", args).fetchall()
+
+    def model(self, name: str, version: int | None = None) -> sqlite3.Row | None:
+        if version is None:
+            sql, args = "SELECT * FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", [name]
+        else:
+            sql, args = "SELECT * FROM models WHERE name = ? AND version = ?", [name, version]
+        return self.db.execute(sql, args).fetchone()
+
+    def model_files(self, name: str, version: int) -> dict[str, tuple[int, str]]:
+        rows = self.db.execute(
+            "SELECT path, size, sha256 FROM model_files WHERE name = ? AND version = ?"
+            " ORDER BY path",
+            (name, version),
+        )
+        return {p: (size, digest) for p, size, digest in rows}
+
+
+def metric_value(row: sqlite3.Row) -> Any:
+    """A stored metric's value: the number, or the decoded payload (strings, table rows)."""
+    return json.loads(row["payload"]) if row["payload"] is not None else row["value"]

@@ -1,0 +1,136 @@
+"""The plugin API of expkit: every hook a plugin can implement, in the order they fire.
+
+A plugin is a module (or object) with functions marked `@expkit.hookimpl`, registered under
+the entry-point group `expkit` in its distribution's metadata::
+
+    [project.entry-points.expkit]
+    slurm = "expkit_slurm"
+
+Two kinds of hooks:
+
+* Capability hooks (plural nouns) are called once when the plugin manager starts. Each returns
+  a list of objects from `expkit.capabilities`, each with a `name` that job specs refer to. Two
+  plugins supplying the same kind under one name is an error that names both.
+* Event hooks (`expkit_stage_started`, `expkit_stage_finished`, `expkit_run_finished`) are
+  broadcast to every plugin. An observer that raises is reported with its plugin's name and
+  does not fail the run.
+
+The lifecycle of one run, and where each hook fires::
+
+    expkit run job.yaml
+      expkit_stage_started(stage="prepare")     snapshot, data inputs, EnvironmentBuilder.build
+      expkit_stage_finished(stage="prepare")
+      expkit_stage_started(stage="scale")       ComputeTarget.acquire
+      expkit_stage_finished(stage="scale")
+      expkit_stage_started(stage="run")         DistributedBackend.launch, ComputeTarget.execute,
+                                                metrics to every MetricSink as they are logged
+      expkit_stage_finished(stage="run")
+      expkit_stage_started(stage="post-process")  outputs sealed (always), Exporter.export
+      expkit_stage_finished(stage="post-process")
+      expkit_stage_started(stage="register")    local registry, then every ModelRegistry
+      expkit_stage_finished(stage="register")
+      expkit_run_finished(state="completed" | "failed" | "canceled")
+
+A stage that fails skips the stages after it, except post-process, which always runs once
+the run stage has started, so that outputs are kept.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from expkit.capabilities import (
+        ComputeTarget,
+        DistributedBackend,
+        EnvironmentBuilder,
+        Exporter,
+        MetricSink,
+        ModelRegistry,
+        RunInfo,
+    )
+
+PROJECT = "expkit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- capability hooks: called once, results collected from every plugin -------------------------
+@hookspec
+def expkit_compute_targets() -> list[ComputeTarget]:
+    """Compute targets this plugin supplies: where a job's processes run.
+
+    Example::
+
+        @expkit.hookimpl
+        def expkit_compute_targets():
+            return [LocalTarget()]   # name = "local"; a job spec selects it with `compute: local`
+    """
+
+
+@hookspec
+def expkit_distributed_backends() -> list[DistributedBackend]:
+    """Distributed backends this plugin supplies: how one command becomes N ranks.
+
+    Example: `return [HorovodBackend()]`, selected with `distributed: horovod`.
+    """
+
+
+@hookspec
+def expkit_environment_builders() -> list[EnvironmentBuilder]:
+    """Environment builders this plugin supplies: how `environment:` becomes an interpreter.
+
+    Example: `return [PipBuilder()]`, selected with `environment: {pip: [pillow]}`.
+    """
+
+
+@hookspec
+def expkit_metric_sinks() -> list[MetricSink]:
+    """Metric sinks this plugin supplies: where logged metrics go besides the run history.
+
+    Example: `return [MlflowSink()]`, selected with `metrics: [mlflow]`.
+    """
+
+
+@hookspec
+def expkit_model_registries() -> list[ModelRegistry]:
+    """Model registries this plugin supplies, besides the workspace's own registry.
+
+    Example: `return [MlflowRegistry()]`, selected with `model: {registries: [mlflow]}`.
+    """
+
+
+@hookspec
+def expkit_exporters() -> list[Exporter]:
+    """Export formats this plugin supplies, run in post-process.
+
+    Example: `return [OnnxExporter()]`, selected with `exports: [onnx]`.
+    """
+
+
+# -- event hooks: broadcast, each observer isolated -----------------------------------------------
+@hookspec
+def expkit_stage_started(run: RunInfo, stage: str) -> None:
+    """A stage of `run` starts: one of prepare, scale, run, post-process, register.
+
+    Example::
+
+        @expkit.hookimpl
+        def expkit_stage_started(run, stage):
+            print(f"{run.run_id}: {stage}")
+    """
+
+
+@hookspec
+def expkit_stage_finished(run: RunInfo, stage: str, outcome: str, error: str | None) -> None:
+    """A stage of `run` ended; `outcome` is completed, failed, canceled or skipped.
+
+    `error` is the one-line reason when the stage failed, else None.
+    """
+
+
+@hookspec
+def expkit_run_finished(run: RunInfo, state: str, error: str | None) -> None:
+    """`run` reached its final state: completed, failed or canceled (`error` says why)."""

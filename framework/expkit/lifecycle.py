@@ -1,0 +1,483 @@
+"""The lifecycle of one run: prepare -> scale -> run -> post-process -> register.
+
+Read top to bottom, this file is the order things happen in. Every stage transition is
+committed to the run history before the next stage starts; post-process runs whenever the
+script may have started, so that outputs are kept even when it failed or was canceled.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expkit import data as data_inputs
+from expkit import snapshot
+from expkit.blobs import BlobStore, manifest
+from expkit.capabilities import (
+    Allocation,
+    Capability,
+    ComputeTarget,
+    DistributedBackend,
+    EnvironmentBuilder,
+    RunContext,
+    RunInfo,
+)
+from expkit.console import Console, human_size
+from expkit.context import CHANNEL_ENV, RUN_ID_ENV
+from expkit.errors import Canceled, PluginError, StageFailed, UserError
+from expkit.history import RunRecord
+from expkit.job import JobSpec
+from expkit.metrics import MetricPump, SinkWorker
+from expkit.plugins import Plugins, get_plugins
+from expkit.procs import stop_run_processes
+from expkit.registry import ModelStore
+from expkit.workspace import Workspace
+
+CANCEL_POLL_SECONDS = 0.5
+LOG_TAIL_LINES = 5
+
+
+@dataclass
+class Choice:
+    """The capabilities a job uses, looked up before any run is created."""
+
+    builder: EnvironmentBuilder
+    compute: ComputeTarget
+    backend: DistributedBackend
+    sinks: list[tuple[Any, Any]] = field(default_factory=list)  # (SinkSpec, MetricSink)
+    registries: list[Any] = field(default_factory=list)
+
+
+def choose(job: JobSpec, plugins: Plugins) -> Choice:
+    """Find every plugin the job names, or fail with a UserError naming the field."""
+    plugins.check_conflicts()
+    choice = Choice(
+        builder=plugins.get("environment_builders", job.environment.builder, "environment"),
+        compute=plugins.get("compute_targets", job.compute.target, "compute"),
+        backend=plugins.get("distributed_backends", job.distributed.backend, "distributed"),
+    )
+    for i, spec in enumerate(job.metrics):
+        choice.sinks.append((spec, plugins.get("metric_sinks", spec.name, f"metrics.{i}")))
+    for i, name in enumerate(job.model.registries if job.model else []):
+        path = f"model.registries.{i}"
+        choice.registries.append(plugins.get("model_registries", name, path))
+    for capability in (choice.builder, choice.compute, choice.backend):
+        _plugin_call(capability, "check", capability.check, job)
+    return choice
+
+
+def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
+    """Record a new run of `job` (state queued) after checking every plugin it names."""
+    choose(job, get_plugins())
+    return workspace.history.create_run(job.experiment, job.model_dump(mode="json"))
+
+
+def execute(
+    workspace: Workspace, run_id: str, console: Console, plugins: Plugins | None = None
+) -> RunRecord:
+    """Drive a queued run through every stage in this process; returns the final record."""
+    record = workspace.history.run(run_id)
+    job = JobSpec.model_validate(record.job)
+    plugins = plugins or get_plugins()
+    return Lifecycle(workspace, record, job, choose(job, plugins), plugins, console).execute()
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        ws: Workspace,
+        record: RunRecord,
+        job: JobSpec,
+        choice: Choice,
+        plugins: Plugins,
+        console: Console,
+    ) -> None:
+        self.ws, self.job, self.choice, self.plugins, self.console = (
+            ws,
+            job,
+            choice,
+            plugins,
+            console,
+        )
+        self.history = ws.history
+        self.run_id = record.id
+        self.run_dir = ws.run_dir(record.id)
+        self.work_dir = self.run_dir / "work"
+        self.blobs = BlobStore(ws.blobs_dir)
+        self.info = RunInfo(record.id, job.experiment, self.run_dir, job)
+        self.data_paths: dict[str, str] = {}
+        self.stage_note = ""
+        self.current_stage: str | None = None
+        self._cancel = threading.Event()
+        self._last_poll = 0.0
+        self.pump: MetricPump | None = None
+        self.sinks: list[SinkWorker] = []
+        self.ctx = RunContext(
+            run_id=record.id,
+            job=job,
+            run_dir=self.run_dir,
+            work_dir=self.work_dir,
+            log_dir=self.run_dir / "logs",
+            script_env={
+                RUN_ID_ENV: record.id,
+                CHANNEL_ENV: str(self.run_dir / "metrics"),
+                "EXPKIT_RUN_DIR": str(self.run_dir),
+                "EXPKIT_WORKSPACE": str(ws.path),
+                "PYTHONUNBUFFERED": "1",
+            },
+            say=self.say,
+            waiting=self.waiting,
+            canceled=self.canceled,
+            echo=console.output,
+            workspace_dir=ws.path,
+            history=ws.history,
+        )
+
+    # -- the whole run ----------------------------------------------------------------------
+    def execute(self) -> RunRecord:
+        self.history.claim(self.run_id)
+        state, error = "completed", None
+        allocation: Allocation | None = None
+        script_started = False
+        previous = _on_sigterm(self._sigterm)
+        self.console.info(f"run {self.run_id} in workspace {self.ws.path}")
+        try:
+            try:
+                with self.stage("prepare"):
+                    self.prepare()
+                with self.stage("scale"):
+                    allocation = self.scale()
+                script_started = True
+                with self.stage("run"):
+                    self.run(allocation)
+            finally:
+                if allocation is not None:
+                    _plugin_call(
+                        self.choice.compute,
+                        "release",
+                        self.choice.compute.release,
+                        self.ctx,
+                        allocation,
+                    )
+                    stop_run_processes(self.run_id, grace=2)
+        except (Canceled, KeyboardInterrupt):
+            state, error = "canceled", "canceled by the user"
+        except (StageFailed, UserError, PluginError) as failure:
+            state, error = "failed", f"{self.current_stage}: {failure}"
+        except Exception as failure:  # a bug: record it, then let the traceback show
+            self.history.finish_run(self.run_id, "failed", f"{self.current_stage}: {failure!r}")
+            raise
+        # The script may have written outputs: keep them whatever happened. A second Ctrl-C
+        # now would lose them, so it is ignored until the run is recorded.
+        with _ignoring_sigint(self.console):
+            state, error = self.finish(state, error, script_started)
+        _on_sigterm(previous)
+        return self.history.run(self.run_id)
+
+    def finish(self, state: str, error: str | None, script_started: bool) -> tuple[str, str | None]:
+        try:
+            if script_started:
+                with self.stage("post-process"):
+                    self.post_process()
+            else:
+                self.history.stage_skipped(self.run_id, "post-process", "the script never started")
+            if state == "completed" and self.job.model:
+                with self.stage("register"):
+                    self.register()
+            else:
+                reason = "no model named in the job" if state == "completed" else f"run {state}"
+                self.history.stage_skipped(self.run_id, "register", reason)
+        except (StageFailed, UserError, PluginError) as failure:
+            if state == "completed":
+                state, error = "failed", f"{self.current_stage}: {failure}"
+        for worker in self.sinks:
+            worker.close(state)
+        self.history.finish_run(self.run_id, state, error)
+        for problem in self.plugins.notify(
+            "expkit_run_finished", run=self.info, state=state, error=error
+        ):
+            self._report(problem)
+        return state, error
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Record a stage's start and end (with its outcome) around its work."""
+        self.current_stage, self.stage_note = name, ""
+        self.history.stage_started(self.run_id, name)
+        self.console.stage_started(name)
+        for problem in self.plugins.notify("expkit_stage_started", run=self.info, stage=name):
+            self._report(problem)
+        started = time.monotonic()
+        outcome, message = "completed", None
+        try:
+            yield
+        except (Canceled, KeyboardInterrupt):
+            outcome, message = "canceled", "canceled by the user"
+            raise
+        except BaseException as failure:
+            outcome, message = "failed", str(failure) or type(failure).__name__
+            raise
+        finally:
+            self.history.stage_finished(self.run_id, name, outcome, message or self.stage_note)
+            seconds = time.monotonic() - started
+            self.console.stage_finished(name, outcome, seconds, message or self.stage_note)
+            for problem in self.plugins.notify(
+                "expkit_stage_finished", run=self.info, stage=name, outcome=outcome, error=message
+            ):
+                self._report(problem)
+
+    # -- prepare: snapshot, environment, working copy, data ---------------------------------
+    def prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "job.yaml").write_text(self.job.to_yaml(), encoding="utf-8")
+        for folder in ("logs", "metrics"):
+            (self.run_dir / folder).mkdir(exist_ok=True)
+        source = Path(self.job.source_directory)
+        snap = snapshot.take(source, self.run_dir / "snapshot", self.blobs)
+        self.say(
+            f"snapshot of {source}: {len(snap.files)} files, {human_size(snap.size)} "
+            f"(hash {snap.hash[:12]})"
+        )
+        for warning in snap.warnings:
+            self.warn(warning)
+        self.history.update_run(self.run_id, snapshot_hash=snap.hash)
+
+        builder = self.choice.builder
+        env = _plugin_call(builder, "build", builder.build, self.job.environment, self.ctx)
+        self.ctx.environment = env
+        self.say(env.reason)
+        self.history.update_run(self.run_id, environment_hash=env.hash)
+
+        snapshot.working_copy(self.run_dir / "snapshot", self.work_dir)
+        process_env = {**os.environ, **env.env}
+        for name, item in self.job.data.items():
+            origin = data_inputs.prepare(
+                name, item, source, self.ws.data_dir, env.python, self.say, process_env
+            )
+            placed = data_inputs.place(name, origin, item.mode, self.work_dir)
+            self.data_paths[name] = str(placed)
+            self.say(f"data {name!r}: {item.mode} {origin}")
+        self.stage_note = env.reason
+
+    # -- scale: hold the resources ----------------------------------------------------------
+    def scale(self) -> Allocation:
+        compute = self.choice.compute
+        allocation = _plugin_call(compute, "acquire", compute.acquire, self.ctx)
+        self.history.update_run(self.run_id, state="scaling", status=None)
+        self.stage_note = allocation.description
+        return allocation
+
+    # -- run: launch the processes and stream their output and metrics ----------------------
+    def run(self, allocation: Allocation) -> None:
+        env = self.ctx.environment
+        assert env is not None
+        command = [env.python, self.job.entry_script, *self.job.command_args(self.data_paths)]
+        self.say("$ " + shlex.join([Path(command[0]).name, *command[1:]]))
+        backend = self.choice.backend
+        processes = _plugin_call(backend, "launch", backend.launch, self.ctx, command, allocation)
+        for process in processes:
+            process.env = {**env.env, **self.ctx.script_env, **process.env}
+        self.pump = MetricPump(self.history, self.run_id, self.run_dir / "metrics")
+        for spec, sink in self.choice.sinks:
+            worker = SinkWorker(self.history, self.info, sink, spec.options, spec.required)
+            self.pump.listeners.append(worker.wake)
+            self.sinks.append(worker)
+            worker.start()
+        self.pump.start()
+        compute = self.choice.compute
+        code = _plugin_call(compute, "execute", compute.execute, self.ctx, processes, allocation)
+        self.history.update_run(self.run_id, exit_code=code)
+        if code != 0:
+            raise StageFailed(f"{_describe_exit(code)}{self._log_tail()}")
+        self.stage_note = "exit code 0"
+
+    def _log_tail(self) -> str:
+        logs = sorted(self.ctx.log_dir.glob("*.log"))
+        if not logs:
+            return ""
+        lines = [line for line in _tail(logs[0], LOG_TAIL_LINES) if line.strip()]
+        return f"; last output: {lines[-1].strip()}" if lines else ""
+
+    # -- post-process: metrics flushed, outputs sealed --------------------------------------
+    def post_process(self) -> None:
+        if self.pump is not None:
+            self.pump.stop()
+            if self.pump.reader.bad_lines:
+                self.warn(f"{self.pump.reader.bad_lines} unreadable metric lines were skipped")
+        for worker in self.sinks:
+            worker.drain()
+            if worker.error is not None:
+                self.warn(str(worker.error))
+                self.history.add_event(self.run_id, "sink-failed", str(worker.error))
+        outputs = self.seal_outputs()
+        self.collect_script_logs()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        size = sum(s for s, _ in outputs.values())
+        self.stage_note = f"{len(outputs)} files in outputs/ ({human_size(size)})"
+        count = self.pump.count if self.pump else 0
+        self.say(f"{count} metric values recorded; {self.stage_note}")
+        required = [w for w in self.sinks if w.required and w.error is not None]
+        if required:
+            raise StageFailed(f"required {required[0].error}")
+
+    def seal_outputs(self) -> dict[str, tuple[int, str]]:
+        """Move ./outputs into the run, hash every file and keep it read-only in the store."""
+        source, sealed = self.work_dir / "outputs", self.run_dir / "outputs"
+        if source.is_dir() and not sealed.exists():
+            os.replace(source, sealed)
+        sealed.mkdir(exist_ok=True)
+        files = manifest(sealed)
+        for rel, (_, digest) in files.items():
+            self.blobs.adopt(sealed / rel, digest)
+        self.history.set_outputs(self.run_id, files)
+        return files
+
+    def collect_script_logs(self) -> None:
+        """The script's own ./logs folder joins the run's logs (as Azure ML streams it)."""
+        source = self.work_dir / "logs"
+        if not source.is_dir():
+            return
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            target = self.ctx.log_dir / path.relative_to(source)
+            if target.exists():
+                target = target.with_name(f"script-{target.name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+
+    # -- register: the next version of the job's model ----------------------------------------
+    def register(self) -> None:
+        spec = self.job.model
+        assert spec is not None
+        prefix = spec.path.removeprefix("outputs").strip("/")  # "", "model.pt" or "sub"
+        outputs = self.history.outputs(self.run_id)
+        if prefix in outputs:  # one file
+            files, base = {Path(prefix).name: outputs[prefix]}, str(Path(prefix).parent)
+        else:
+            cut = len(prefix) + 1 if prefix else 0
+            files = {
+                p[cut:]: v for p, v in outputs.items() if p.startswith(prefix + "/") or not prefix
+            }
+            base = prefix
+        if not files:
+            raise StageFailed(f"model.path {spec.path!r} matched no file in the run's outputs")
+        record = self.history.run(self.run_id)
+        numbers = {
+            k: v
+            for k, v in self.history.latest_metrics(self.run_id).items()
+            if isinstance(v, int | float)
+        }
+        lineage = {
+            "run_id": self.run_id,
+            "experiment": self.job.experiment,
+            "snapshot_hash": record.snapshot_hash,
+            "environment_hash": record.environment_hash,
+            "entry_script": self.job.entry_script,
+            "metrics": numbers,
+        }
+        store = ModelStore(self.ws)
+        model = store.register(
+            spec.name,
+            files,
+            self.run_dir / "outputs" / base,
+            self.run_id,
+            lineage,
+            {**self.job.tags, **spec.tags},
+        )
+        self.stage_note = f"model {model.name} version {model.version}"
+        self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
+        for registry in self.choice.registries:
+            ref = _plugin_call(registry, "register", registry.register, model, self.info, {})
+            self.say(f"{registry.kind} {registry.name!r}: {ref}")
+
+    # -- what plugins and stages call back ----------------------------------------------------
+    def say(self, text: str) -> None:
+        stage = self.current_stage or "run"
+        self.console.stage_line(stage, text)
+        self.history.add_event(self.run_id, "progress", text, stage)
+
+    def warn(self, text: str) -> None:
+        self.console.warn(text)
+        self.history.add_event(self.run_id, "warning", text, self.current_stage)
+
+    def waiting(self, text: str | None) -> None:
+        if text is None:
+            self.history.update_run(self.run_id, state="scaling", status=None)
+        else:
+            self.history.update_run(self.run_id, state="queued", status=text)
+            self.say(text)
+
+    def canceled(self) -> bool:
+        if self._cancel.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._last_poll >= CANCEL_POLL_SECONDS:
+            self._last_poll = now
+            if self.history.cancel_requested(self.run_id):
+                self._cancel.set()
+        return self._cancel.is_set()
+
+    def _sigterm(self, signum: int, frame: Any) -> None:
+        self._cancel.set()
+        raise Canceled("terminated")
+
+    def _report(self, problem: PluginError) -> None:
+        self.warn(str(problem))
+
+
+def _plugin_call(capability: Capability, method: str, function: Any, *args: Any) -> Any:
+    """Call a plugin's method; its exceptions come back as `plugin X, <kind> 'name'.method`."""
+    try:
+        return function(*args)
+    except (UserError, Canceled, KeyboardInterrupt, StageFailed):
+        raise
+    except Exception as error:
+        hook = f"{capability.kind} {capability.name!r} {method}"
+        raise PluginError(capability.plugin or "?", hook, error) from error
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"the script was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"the script was killed by signal {-code}"
+    return f"the script exited with code {code}"
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 8192))
+        data = f.read().decode("utf-8", errors="replace")
+    return data.splitlines()[-count:]
+
+
+def _on_sigterm(handler: Any) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler or signal.SIG_DFL)
+
+
+@contextmanager
+def _ignoring_sigint(console: Console) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        console.warn("saving the run's outputs and record; it takes a moment")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,181 @@
+"""The driver's side of the metric pipeline.
+
+The script appends to channel files (see `expkit.context`); `MetricPump` tails them into the
+run history every quarter second; one `SinkWorker` thread per metric sink reads new rows from
+the history by id and delivers them. The script never waits for any of this, and a slow sink
+only falls behind: it catches up from the history, and the rest is flushed at post-process.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo
+from expkit.errors import PluginError
+from expkit.history import History, metric_value
+
+PUMP_SECONDS = 0.25
+SINK_BATCH = 5000
+RETRY_DELAYS = (0.5, 1.0, 2.0)
+
+
+class ChannelReader:
+    """Reads the complete new lines of every channel file in a folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._offsets: dict[Path, int] = {}
+        self.bad_lines = 0
+
+    def read(self) -> tuple[list[tuple], dict[str, str]]:
+        rows: list[tuple] = []
+        tags: dict[str, str] = {}
+        for path in sorted(self.folder.glob("*.jsonl")):
+            offset = self._offsets.get(path, 0)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1  # a partial last line is read next time
+            if not end:
+                continue
+            self._offsets[path] = offset + end
+            for line in data[:end].splitlines():
+                self._parse(line, rows, tags)
+        return rows, tags
+
+    def _parse(self, line: bytes, rows: list[tuple], tags: dict[str, str]) -> None:
+        try:
+            kind, name, value, step, ts, rank = json.loads(line)
+        except (ValueError, TypeError):
+            self.bad_lines += 1
+            return
+        if kind == "t":
+            tags.update(value)
+        elif kind == "m" and isinstance(value, int | float) and not isinstance(value, bool):
+            rows.append((name, step, float(value), None, ts, rank))
+        else:
+            rows.append((name, step, None, json.dumps(value), ts, rank))
+
+
+class MetricPump:
+    """Moves metrics from the channel into the history until stopped, then drains."""
+
+    def __init__(self, history: History, run_id: str, channel: Path) -> None:
+        self.history, self.run_id = history, run_id
+        self.reader = ChannelReader(channel)
+        self.count = 0
+        self.listeners: list[threading.Event] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="expkit-pump", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(PUMP_SECONDS):
+            self.pump()
+
+    def pump(self) -> int:
+        rows, tags = self.reader.read()
+        if rows:
+            self.history.add_metrics(self.run_id, rows)
+            self.count += len(rows)
+        if tags:
+            self.history.set_tags(self.run_id, tags)
+        if rows:
+            for event in self.listeners:
+                event.set()
+        return len(rows)
+
+    def stop(self) -> None:
+        """Stop the thread, then read what the processes wrote last."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.pump()
+
+
+class SinkWorker:
+    """Delivers a run's metrics to one sink on a background thread, with retries."""
+
+    def __init__(
+        self,
+        history: History,
+        run: RunInfo,
+        sink: MetricSink,
+        options: dict[str, Any],
+        required: bool,
+    ) -> None:
+        self.history, self.run, self.sink = history, run, sink
+        self.options, self.required = options, required
+        self.wake = threading.Event()
+        self.error: PluginError | None = None
+        self.delivered = 0
+        self._cursor = 0
+        self._writer: MetricWriter | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"expkit-sink-{sink.name}")
+        self._thread.daemon = True
+
+    @property
+    def label(self) -> str:
+        return f"metric sink {self.sink.name!r}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        if not self._call("open", lambda: self._open()):
+            return
+        while not self._done.is_set():
+            self.wake.wait(1.0)
+            self.wake.clear()
+            if not self._deliver():
+                return
+        self._deliver()
+
+    def _open(self) -> None:
+        self._writer = self.sink.open(self.run, self.options)
+
+    def _deliver(self) -> bool:
+        """Send everything new; False once the sink has failed for good."""
+        while self.error is None:
+            rows = self.history.metrics(self.run.run_id, after_id=self._cursor, limit=SINK_BATCH)
+            if not rows:
+                return True
+            batch = [
+                Metric(r["name"], metric_value(r), r["step"], r["ts"], r["rank"]) for r in rows
+            ]
+            assert self._writer is not None
+            if not self._call("send", lambda b=batch: self._writer.send(b)):
+                return False
+            self._cursor = rows[-1]["id"]
+            self.delivered += len(rows)
+        return False
+
+    def _call(self, what: str, action: Any) -> bool:
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                action()
+                return True
+            except Exception as error:
+                if delay is None:
+                    self.error = PluginError(self.sink.plugin, f"{self.label} {what}", error)
+                    return False
+                time.sleep(delay)
+        return False
+
+    def drain(self, timeout: float = 300) -> None:
+        """Deliver everything in the history, then stop the thread (post-process)."""
+        self._done.set()
+        self.wake.set()
+        self._thread.join(timeout)
+
+    def close(self, state: str) -> None:
+        """Tell the sink the run's final state."""
+        if self._writer is not None and self.error is None:
+            self._call("close", lambda: self._writer.close(state))

@@ -1,0 +1,109 @@
+"""Starting, watching and stopping the processes of one run on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from expkit.capabilities import Process, RunContext
+from expkit.errors import Canceled, StageFailed
+
+STOP_GRACE_SECONDS = 10
+_PR_SET_PDEATHSIG = 1
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not Linux
+    _libc = None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if the driver dies, so a kill -9 leaves nothing behind."""
+    if _libc is not None and hasattr(_libc, "prctl"):
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ProcessGroup:
+    """The run's processes, each in its own session, their output streamed line by line."""
+
+    def __init__(self, ctx: RunContext, base_env: dict[str, str]) -> None:
+        self.ctx, self.base_env = ctx, base_env
+        self.children: list[tuple[Process, subprocess.Popen]] = []
+        self.readers: list[threading.Thread] = []
+
+    def start(self, process: Process) -> None:
+        log_path = self.ctx.log_dir / f"rank-{process.rank}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        popen = subprocess.Popen(
+            process.argv,
+            cwd=self.ctx.work_dir,
+            env={**self.base_env, **process.env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.children.append((process, popen))
+        reader = threading.Thread(
+            target=self._stream, args=(popen, process.rank, log_path), daemon=True
+        )
+        reader.start()
+        self.readers.append(reader)
+
+    def _stream(self, popen: subprocess.Popen, rank: int, log_path: Path) -> None:
+        """Copy every line to the rank's log file as bytes (kept even if not UTF-8) and echo it."""
+        with open(log_path, "ab", buffering=0) as log:
+            for line in iter(popen.stdout.readline, b""):
+                log.write(line)
+                self.ctx.echo(rank, line)
+
+    def wait(self, timeout: float | None) -> int:
+        """The exit code: 0 when all succeed, else the first failure (which stops the rest)."""
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            codes = [popen.poll() for _, popen in self.children]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                self.stop()
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            if self.ctx.canceled():
+                raise Canceled()
+            if deadline and time.monotonic() > deadline:
+                self.stop()
+                raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`)")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM every process group, SIGKILL what is still there after the grace period."""
+        alive = [p for _, p in self.children if p.poll() is None]
+        for popen in alive:
+            _killpg(popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [p for p in alive if p.poll() is None]
+        for _, popen in self.children:
+            _killpg(popen.pid, signal.SIGKILL)  # also what the leaders left in their groups
+            popen.wait()
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        for reader in self.readers:
+            reader.join(timeout=5)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

@@ -1,0 +1,104 @@
+"""The `local` compute target: processes on this machine, with leased slots and GPUs.
+
+Slots and GPUs are leased in the workspace database, so concurrent `expkit run`s on one
+machine never oversubscribe it: a run that does not fit waits in state `queued`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+from expkit.capabilities import Allocation, ComputeTarget, Process, RunContext
+from expkit.errors import Canceled, UserError
+from expkit.job import JobSpec
+from expkit_local.processes import ProcessGroup
+
+POLL_SECONDS = 0.5
+
+
+def detect_gpus() -> int:
+    """GPUs this machine can give to runs: CUDA_VISIBLE_DEVICES if set, else /dev/nvidiaN."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+class LocalTarget(ComputeTarget):
+    name = "local"
+    description = "processes on this machine"
+
+    def capacity(self, options: dict) -> tuple[int, int]:
+        slots = int(options.get("slots", os.cpu_count() or 1))
+        gpus = int(options.get("gpus", detect_gpus()))
+        return slots, gpus
+
+    def check(self, job: JobSpec) -> None:
+        options = job.compute.options
+        unknown = set(options) - {"slots", "gpus"}
+        if unknown:
+            raise UserError(
+                f"compute.options: unknown option {sorted(unknown)[0]!r} for the "
+                "local target (it takes `slots` and `gpus`)"
+            )
+        res = job.resources
+        if res.nodes != 1:
+            raise UserError(
+                f"resources.nodes: the local target runs on this machine only (nodes: 1), "
+                f"not {res.nodes}; use a cluster compute target for more nodes"
+            )
+        slots, gpus = self.capacity(options)
+        if res.processes_per_node > slots:
+            raise UserError(
+                f"resources.processes_per_node: {res.processes_per_node} processes do not fit "
+                f"this machine's {slots} slots (set compute.options.slots to allow more)"
+            )
+        if res.gpus_per_node > gpus:
+            raise UserError(
+                f"resources.gpus_per_node: the job asks for {res.gpus_per_node} GPUs and this "
+                f"machine has {gpus}"
+            )
+
+    def acquire(self, ctx: RunContext) -> Allocation:
+        res = ctx.job.resources
+        slots, gpus = self.capacity(ctx.job.compute.options)
+        wants = {"process": (res.processes_per_node, slots), "gpu": (res.gpus_per_node, gpus)}
+        said = None
+        while True:
+            leased = ctx.history.lease_slots(ctx.run_id, wants)
+            if leased is not None:
+                break
+            holders = ctx.history.slot_holders("process") | ctx.history.slot_holders("gpu")
+            text = (
+                f"waiting for {res.processes_per_node} process slot(s) and {res.gpus_per_node} "
+                f"GPU(s); held by {', '.join(sorted(holders)) or 'nobody'}"
+            )
+            if text != said:
+                ctx.waiting(text)
+                said = text
+            if ctx.canceled():
+                raise Canceled()
+            time.sleep(POLL_SECONDS)
+        if said:
+            ctx.waiting(None)
+        gpu_text = f", GPUs {leased['gpu']}" if leased["gpu"] else ""
+        return Allocation(
+            hosts=["localhost"],
+            slots=leased["process"],
+            gpus=leased["gpu"],
+            description=f"slots {leased['process']} of {slots}{gpu_text}",
+        )
+
+    def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
+        base = dict(os.environ)
+        base["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, allocation.gpus))
+        group = ProcessGroup(ctx, base)
+        with group:
+            for process in processes:
+                group.start(process)
+            return group.wait(ctx.job.timeout)
+
+    def release(self, ctx: RunContext, allocation: Allocation) -> None:
+        ctx.history.release_slots(ctx.run_id)
