@@ -48,7 +48,8 @@ class Experiment:
             job = JobSpec.from_yaml(job, list(overrides))
         elif overrides:
             raise UserError("overrides apply to a job spec file; change the JobSpec instead")
-        job = job.resolved().model_copy(update={"experiment": self.name})
+        job = JobSpec.from_dict(job.to_dict(), source="JobSpec", base_dir=Path())
+        job = job.replace(experiment=self.name)
         record = lifecycle.submit(self.workspace, job)
         run_dir = self.workspace.run_dir(record.id)
         run_dir.mkdir(parents=True, exist_ok=True)

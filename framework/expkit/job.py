@@ -1,45 +1,72 @@
-"""The job spec: one YAML file (or the same model in Python) that says what to run and how.
+"""The job spec: one YAML file (or the same dataclasses in Python) that says what to run and how.
 
 Field names follow what a reader understands without Azure ML's SDK; the estimator's names are
 in the comments. Short forms keep simple jobs short: `compute: local` is `compute: {target:
 local}`, `environment: {pip: [pillow]}` is `environment: {builder: pip, packages: [pillow]}`.
+
+Validation is a small typed walk over these dataclasses (see `_convert`): it names the file,
+the field path and the reason, refuses unknown fields, and costs nothing at import time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_origin
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Any, ClassVar, Literal
 
 from expkit.errors import JobSpecError
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_NAME_RULE = "use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
 _DATA_REF = re.compile(r"\$\{data\.([A-Za-z0-9_-]+)\}")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Invalid(Exception):
+    """One problem at one field path (collected into a JobSpecError)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+class _Spec:
+    """Base of the spec dataclasses: short forms and per-class checks."""
+
     short_form: ClassVar[str | None] = None  # the field a bare string sets: `compute: local`
 
-    @model_validator(mode="before")
     @classmethod
-    def _accept_short_form(cls, value: Any) -> Any:
+    def _short_forms(cls, value: Any) -> Any:
         if cls.short_form and isinstance(value, str):
             return {cls.short_form: value}
         return value
 
+    def _check(self) -> None:
+        """Raise ValueError for a problem that involves several fields."""
 
-class EnvironmentSpec(_Strict):
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)
+
+
+def _limits(**rules: Any) -> dict[str, Any]:
+    return {"rules": rules}
+
+
+@dataclass
+class EnvironmentSpec(_Spec):
     """`inherit` (this interpreter) or a package list built into a cached environment."""
 
     builder: str = "inherit"
-    packages: list[str] = Field(default_factory=list)
-    options: dict[str, Any] = Field(default_factory=dict)
+    packages: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
 
-    @model_validator(mode="before")
     @classmethod
     def _short_forms(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -51,35 +78,39 @@ class EnvironmentSpec(_Strict):
         return value
 
 
-class ComputeSpec(_Strict):
+@dataclass
+class ComputeSpec(_Spec):
     """Where the job runs (`compute_target`), with the target's own options."""
 
-    target: str = "local"
-    options: dict[str, Any] = Field(default_factory=dict)
     short_form = "target"
+    target: str = "local"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-class Resources(_Strict):
+@dataclass
+class Resources(_Spec):
     """What the scale stage acquires (`node_count`, `process_count_per_node`, `use_gpu`)."""
 
-    nodes: int = Field(1, ge=1)
-    processes_per_node: int = Field(1, ge=1)
-    gpus_per_node: int = Field(0, ge=0)
+    nodes: int = field(default=1, metadata=_limits(ge=1))
+    processes_per_node: int = field(default=1, metadata=_limits(ge=1))
+    gpus_per_node: int = field(default=0, metadata=_limits(ge=0))
 
     @property
     def processes(self) -> int:
         return self.nodes * self.processes_per_node
 
 
-class DistributedSpec(_Strict):
+@dataclass
+class DistributedSpec(_Spec):
     """How the ranks are launched (`distributed_training`): none, horovod, torchrun."""
 
-    backend: str = "none"
-    options: dict[str, Any] = Field(default_factory=dict)
     short_form = "backend"
+    backend: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-class DataInput(_Strict):
+@dataclass
+class DataInput(_Spec):
     """A data input, linked or copied into the run as `data/<name>`; `${data.<name>}` in args.
 
     `source` is an existing folder or file; `prepare` is a command run in the source folder
@@ -91,69 +122,64 @@ class DataInput(_Strict):
     prepare: str | None = None
     mode: Literal["link", "copy"] = "link"
 
-    @model_validator(mode="after")
-    def _one_origin(self) -> DataInput:
+    def _check(self) -> None:
         if not self.source and not self.prepare:
             raise ValueError("give `source` (a path) or `prepare` (a command writing {dest})")
         if self.prepare and "{dest}" not in self.prepare:
             raise ValueError("`prepare` must write into {dest}, e.g. `python make.py --out {dest}`")
-        return self
 
 
-class SinkSpec(_Strict):
+@dataclass
+class SinkSpec(_Spec):
     """A metric sink; `required: true` fails the run when the sink fails."""
 
+    short_form = "name"
     name: str
     required: bool = False
-    options: dict[str, Any] = Field(default_factory=dict)
-    short_form = "name"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-class ModelSpec(_Strict):
+@dataclass
+class ModelSpec(_Spec):
     """The model to register after a successful run (`register_model(model_name, model_path)`)."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = field(metadata=_limits(pattern=_NAME))
     path: str = "outputs/"
-    tags: dict[str, str] = Field(default_factory=dict)
-    registries: list[str] = Field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    registries: list[str] = field(default_factory=list)
 
-    @field_validator("path")
-    @classmethod
-    def _inside_outputs(cls, value: str) -> str:
-        parts = Path(value).parts
+    def _check(self) -> None:
+        parts = Path(self.path).parts
         if not parts or parts[0] != "outputs" or ".." in parts:
-            raise ValueError("must be inside outputs/, e.g. `outputs/` or `outputs/model.pt`")
-        return value
+            raise ValueError("path must be inside outputs/, e.g. `outputs/` or `outputs/model.pt`")
 
 
-class JobSpec(_Strict):
+@dataclass
+class JobSpec(_Spec):
     """Everything one run needs; `expkit run job.yaml` and `Experiment.submit(job)` take it."""
 
-    experiment: str = Field(pattern=_NAME)
-    source_directory: str = "."  # relative to the job file
+    experiment: str = field(metadata=_limits(pattern=_NAME))
     entry_script: str
-    args: dict[str, Any] | list[Any] = Field(default_factory=dict)  # script_params
-    environment: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
-    compute: ComputeSpec = Field(default_factory=ComputeSpec)
-    resources: Resources = Field(default_factory=Resources)
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
-    data: dict[str, DataInput] = Field(default_factory=dict)
-    metrics: list[SinkSpec] = Field(default_factory=list)
+    source_directory: str = "."  # relative to the job file
+    args: dict[str, Any] | list[Any] = field(default_factory=dict)  # script_params
+    environment: EnvironmentSpec = field(default_factory=EnvironmentSpec)
+    compute: ComputeSpec = field(default_factory=ComputeSpec)
+    resources: Resources = field(default_factory=Resources)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
+    data: dict[str, DataInput] = field(default_factory=dict)
+    metrics: list[SinkSpec] = field(default_factory=list)
     model: ModelSpec | None = None
-    timeout: float | None = Field(None, gt=0, description="seconds the run stage may take")
-    tags: dict[str, str] = Field(default_factory=dict)
+    timeout: float | None = field(default=None, metadata=_limits(gt=0))  # seconds of the run stage
+    tags: dict[str, str] = field(default_factory=dict)
 
-    @field_validator("data")
-    @classmethod
-    def _data_names(cls, value: dict[str, DataInput]) -> dict[str, DataInput]:
-        for name in value:
+    def _check(self) -> None:
+        for name in self.data:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
                 raise ValueError(f"data name {name!r} may use letters, digits, _ and - only")
-        return value
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    def from_yaml(cls, path: str | Path, overrides: typing.Sequence[str] = ()) -> JobSpec:
         """Load, apply `--set key=value` overrides, validate and resolve paths."""
         import yaml
 
@@ -175,42 +201,47 @@ class JobSpec(_Strict):
         if not isinstance(raw, dict):
             raise JobSpecError(source, "", "a job spec is a YAML mapping (key: value lines)")
         for item in overrides:
-            apply_override(raw, item, source)
+            apply_override(raw, item)
         return cls.from_dict(raw, source=source, base_dir=path.parent)
 
     @classmethod
     def from_dict(
-        cls, raw: dict[str, Any], source: str = "<job>", base_dir: Path = Path()
+        cls, raw: dict[str, Any], source: str = "<job>", base_dir: Path | None = None
     ) -> JobSpec:
-        """Validate a plain dict; errors name `source` and the field path."""
-        try:
-            job = cls.model_validate(raw)
-        except ValidationError as error:
-            raise _spec_error(source, error) from None
-        return job.resolved(base_dir, source)
+        """Validate a plain dict; errors name `source` and the field path. With `base_dir`,
+        also resolve the paths against it and check them on disk (see `resolved`)."""
+        problems: list[_Invalid] = []
+        job = _convert(raw, JobSpec, "", problems)
+        if problems:
+            lines = [f"{source}: {p.path}: {p.reason}" if p.path else f"{source}: {p.reason}"
+                     for p in problems]  # fmt: skip
+            error = JobSpecError(source, "", "")
+            error.args = ("\n".join(lines),)
+            raise error
+        return job.resolved(base_dir, source) if base_dir is not None else job
 
-    def resolved(self, base_dir: Path = Path(), source: str = "<job>") -> JobSpec:
+    def resolved(self, base_dir: Path | str = ".", source: str = "<job>") -> JobSpec:
         """A copy with absolute paths, checked against the files on disk."""
-        folder = (Path(base_dir) / self.source_directory).resolve()
+        base = Path(base_dir)
+        folder = (base / self.source_directory).resolve()
         if not folder.is_dir():
             raise JobSpecError(source, "source_directory", f"folder {folder} does not exist")
-        script = folder / self.entry_script
-        if not script.is_file():
+        if not (folder / self.entry_script).is_file():
             raise JobSpecError(
                 source, "entry_script", f"{self.entry_script!r} is not a file in {folder}"
             )
         data = {}
         for name, item in self.data.items():
             if item.source:
-                src = (Path(base_dir) / item.source).resolve()
-                if not src.exists() and not item.prepare:
-                    raise JobSpecError(source, f"data.{name}.source", f"{src} does not exist")
-                item = item.model_copy(update={"source": str(src)})
+                origin = (base / item.source).resolve()
+                if not origin.exists() and not item.prepare:
+                    raise JobSpecError(source, f"data.{name}.source", f"{origin} does not exist")
+                item = item.replace(source=str(origin))
             data[name] = item
         for name in self.referenced_data():
             if name not in data:
                 raise JobSpecError(source, "args", f"${{data.{name}}} names no entry of `data`")
-        return self.model_copy(update={"source_directory": str(folder), "data": data})
+        return self.replace(source_directory=str(folder), data=data)
 
     def referenced_data(self) -> list[str]:
         values = self.args.values() if isinstance(self.args, dict) else self.args
@@ -241,16 +272,144 @@ class JobSpec(_Strict):
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> None:
+# -- validation ------------------------------------------------------------------------------
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _convert(value: Any, annotation: Any, path: str, problems: list[_Invalid]) -> Any:
+    """`value` checked and converted to `annotation`; problems are collected, not raised."""
+    try:
+        return _convert_one(value, annotation, path, problems)
+    except _Invalid as problem:
+        problems.append(problem)
+        return None
+
+
+def _convert_one(value: Any, annotation: Any, path: str, problems: list[_Invalid]) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert_one(value, options[0], path, problems)
+        for option in options:  # dict | list: pick by the value's shape
+            if isinstance(value, typing.get_origin(option) or option):
+                return _convert_one(value, option, path, problems)
+        raise _Invalid(path, f"must be {' or '.join(_describe(o) for o in options)}")
+    if origin is Literal:
+        if value not in args:
+            raise _Invalid(path, f"must be one of {', '.join(map(repr, args))}, not {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid(path, f"must be a list, not {_kind(value)}")
+        return [_convert(v, args[0], f"{path}.{i}", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Invalid(path, f"must be a mapping, not {_kind(value)}")
+        return {str(k): _convert(v, args[1], f"{path}.{k}", problems) for k, v in value.items()}
+    if isinstance(annotation, type) and issubclass(annotation, _Spec):
+        return _convert_spec(value, annotation, path, problems)
+    return _scalar(value, annotation, path)
+
+
+def _convert_spec(value: Any, cls: type[_Spec], path: str, problems: list[_Invalid]) -> Any:
+    value = cls._short_forms(value)
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"must be a mapping, not {_kind(value)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in value:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            reason = "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            problems.append(_Invalid(f"{prefix}{key}", f"{reason}; allowed: {', '.join(fields)}"))
+    converted = {}
+    before = len(problems)
+    for name, spec in fields.items():
+        where = f"{prefix}{name}"
+        if name not in value:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                problems.append(_Invalid(where, "required field is missing"))
+            continue
+        item = _convert(value[name], _hints(cls)[name], where, problems)
+        rules = spec.metadata.get("rules", {})
+        if item is not None and rules:
+            _apply_rules(item, rules, where, problems)
+        converted[name] = item
+    if len(problems) > before:
+        return None
+    result = cls(**converted)
+    try:
+        result._check()
+    except ValueError as error:
+        problems.append(_Invalid(path, str(error)))
+    return result
+
+
+def _apply_rules(value: Any, rules: dict[str, Any], path: str, problems: list[_Invalid]) -> None:
+    if "ge" in rules and value < rules["ge"]:
+        problems.append(_Invalid(path, f"must be at least {rules['ge']}, not {value}"))
+    if "gt" in rules and value <= rules["gt"]:
+        problems.append(_Invalid(path, f"must be more than {rules['gt']}, not {value}"))
+    if "pattern" in rules and not rules["pattern"].fullmatch(value):
+        problems.append(_Invalid(path, f"{value!r}: {_NAME_RULE}"))
+
+
+def _scalar(value: Any, annotation: Any, path: str) -> Any:
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid(path, f"must be true or false, not {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Invalid(path, f"must be a whole number, not {value!r}")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise _Invalid(path, f"must be a number, not {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # `experiment: 2024`, `tags: {version: 2}`
+        raise _Invalid(path, f"must be a string, not {_kind(value)}")
+    raise TypeError(f"job spec field type {annotation!r} is not supported")
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", type(None): "empty"}
+    return names.get(type(value), repr(value))
+
+
+def _describe(annotation: Any) -> str:
+    return {dict: "a mapping", list: "a list"}.get(typing.get_origin(annotation), str(annotation))
+
+
+# -- overrides ---------------------------------------------------------------------------------
+_SHORT_FIELDS = {"compute": "target", "distributed": "backend", "environment": "builder"}
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one `key.path=value` to the raw spec; the value is read as YAML (`2` is a number)."""
     import yaml
 
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise JobSpecError("--set", item, "expected key=value, e.g. --set args.num_epochs=2")
+        raise JobSpecError("--set", item, "expected KEY=VALUE, e.g. --set args.num_epochs=2")
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
@@ -272,54 +431,3 @@ def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> Non
             if existing in node:
                 last = existing
     node[last] = value
-
-
-_SHORT_FIELDS = {"compute": "target", "distributed": "backend", "environment": "builder"}
-
-
-def _spec_error(source: str, error: ValidationError) -> JobSpecError:
-    lines = []
-    for problem in error.errors():
-        loc = [str(p) for p in problem["loc"]]
-        field = ".".join(loc)
-        if problem["type"] == "extra_forbidden":
-            known = _known_fields(loc[:-1])
-            hint = difflib.get_close_matches(loc[-1], known, n=1)
-            reason = "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            if known:
-                reason += f"; allowed: {', '.join(known)}"
-        elif problem["type"] == "missing":
-            reason = "required field is missing"
-        else:
-            reason = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: {field}: {reason}" if field else f"{source}: {reason}")
-    first, *rest = lines
-    err = JobSpecError(source, "", "")
-    err.args = ("\n".join([first, *rest]),)
-    return err
-
-
-def _known_fields(loc: list[str]) -> list[str]:
-    """The fields allowed where an unknown field was found, for the error message."""
-    model: Any = JobSpec
-    i = 0
-    while i < len(loc):
-        field = model.model_fields.get(loc[i])
-        inner = _model_in(field.annotation) if field else None
-        if inner is None:
-            return []
-        if get_origin(field.annotation) in (dict, list):
-            i += 1  # skip the key or index: data.<name>, metrics.<n>
-        model, i = inner, i + 1
-    return list(model.model_fields)
-
-
-def _model_in(annotation: Any) -> Any:
-    """The pydantic model inside an annotation such as `ModelSpec | None` or `dict[str, X]`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None

@@ -78,7 +78,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
 def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     """Record a new run of `job` (state queued) after checking every plugin it names."""
     choose(job, get_plugins())
-    return workspace.history.create_run(job.experiment, job.model_dump(mode="json"))
+    return workspace.history.create_run(job.experiment, job.to_dict())
 
 
 def execute(
@@ -86,7 +86,7 @@ def execute(
 ) -> RunRecord:
     """Drive a queued run through every stage in this process; returns the final record."""
     record = workspace.history.run(run_id)
-    job = JobSpec.model_validate(record.job)
+    job = JobSpec.from_dict(record.job, source=f"run {run_id}")
     plugins = plugins or get_plugins()
     return Lifecycle(workspace, record, job, choose(job, plugins), plugins, console).execute()
 

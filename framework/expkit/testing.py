@@ -107,7 +107,7 @@ def run_job(expkit_workspace: Workspace, expkit_plugins: Any, tmp_path: Path) ->
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(textwrap.dedent(text))
         spec.setdefault("entry_script", "train.py")
-        job = JobSpec.from_dict(spec, source="<test job>")
+        job = JobSpec.from_dict(spec, source="<test job>", base_dir=tmp_path)
         record = lifecycle.submit(expkit_workspace, job)
         stream = io.StringIO()
         final = lifecycle.execute(expkit_workspace, record.id, Console(stream), expkit_plugins)

@@ -80,7 +80,10 @@ class ProcessGroup:
             if deadline and time.monotonic() > deadline:
                 self.stop()
                 raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`)")
-            time.sleep(0.1)
+            running = next((p for _, p in self.children if p.poll() is None), None)
+            if running is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    running.wait(timeout=0.1)  # returns as soon as it exits
 
     def stop(self) -> None:
         """SIGTERM every process group, SIGKILL what is still there after the grace period."""
