@@ -107,7 +107,7 @@ def bench_log_calls(folder: Path, calls: int, mlflow_calls: int) -> dict[str, fl
         text=True,
     )
     results = {"expkit run.log() calls/s": float(out.stdout.split()[-1])}
-    lines = sum(1 for path in channel.glob("*.jsonl") for _ in open(path, "rb"))
+    lines = sum(path.read_bytes().count(b"\n") for path in channel.glob("*.jsonl"))
     assert lines == calls, f"the channel holds {lines} of {calls} values"
     try:
         import mlflow  # noqa: F401
