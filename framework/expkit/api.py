@@ -48,8 +48,10 @@ class Experiment:
             job = JobSpec.from_yaml(job, list(overrides))
         elif overrides:
             raise UserError("overrides apply to a job spec file; change the JobSpec instead")
-        job = JobSpec.from_dict(job.to_dict(), source="JobSpec", base_dir=Path())
-        job = job.replace(experiment=self.name)
+        # Validated again with the experiment's name: it becomes the run id and a folder name.
+        job = JobSpec.from_dict(
+            {**job.to_dict(), "experiment": self.name}, source="JobSpec", base_dir=Path()
+        )
         record = lifecycle.submit(self.workspace, job)
         run_dir = self.workspace.run_dir(record.id)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,12 +197,12 @@ class Run:
     ) -> dict[str, Any]:
         """Block until the run ends; with `show_output`, print its stages and output live."""
         from expkit.console import Console
-        from expkit.follow import follow
+        from expkit.follow import current_record, follow
 
         deadline = time.monotonic() + timeout if timeout else None
         if show_output:
             follow(self.workspace.history, self.id, self.run_dir, Console(), timeout=timeout)
-        while not self._record.finished:
+        while not current_record(self.workspace.history, self.id).finished:
             if deadline and time.monotonic() > deadline:
                 raise TimeoutError(f"run {self.id} still {self.get_status()} after {timeout}s")
             time.sleep(0.2)

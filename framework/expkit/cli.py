@@ -189,11 +189,15 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from expkit import lifecycle
     from expkit.console import Console
+    from expkit.errors import UserError
     from expkit.job import JobSpec
 
     job = JobSpec.from_yaml(args.job, args.overrides)
     workspace = _workspace(args, create=True)
-    record = lifecycle.submit(workspace, job)
+    try:
+        record = lifecycle.submit(workspace, job)
+    except UserError as error:  # a plugin the job names is missing or refuses the job
+        raise UserError(f"{args.job}: {error}") from None
     console = Console(ranks="all" if args.all_ranks else "0", quiet=args.quiet)
     try:
         record = lifecycle.execute(workspace, record.id, console)
@@ -435,7 +439,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             supplied.setdefault(capability.plugin, []).append(f"{base.kind} {name!r}")
     for info in sorted(plugins.infos.values(), key=lambda i: i.name):
         origin = f"{info.distribution} {info.version}".strip() or "registered in-process"
-        status = "not loaded: " + info.error if info.error else "loaded"
+        if info.error and info.hooks:
+            status = "loaded, with an error: " + info.error
+        else:
+            status = "not loaded: " + info.error if info.error else "loaded"
         print(f"{info.name}  ({origin})  {status}")
         if info.hooks:
             print(f"    hooks:    {', '.join(info.hooks)}")

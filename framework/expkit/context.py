@@ -129,8 +129,8 @@ class ScriptRun:
             number = (
                 value if value == value and value not in (float("inf"), float("-inf")) else None
             )
-            if number is None:  # NaN and infinities are not JSON numbers
-                return f'["m",{quoted},{json.dumps(str(value))},{_step(step)},{ts!r},{self.rank}]\n'
+            if number is None:  # NaN and infinities: JSON's NaN/Infinity, still numbers when read
+                return f'["m",{quoted},{json.dumps(value)},{_step(step)},{ts!r},{self.rank}]\n'
             return f'["m",{quoted},{float(number)!r},{_step(step)},{ts!r},{self.rank}]\n'
         payload = json.dumps(value, default=str)
         return f'["{kind}",{quoted},{payload},{_step(step)},{ts!r},{self.rank}]\n'

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from expkit.console import Console
-from expkit.history import History
+from expkit.history import History, RunRecord, driver_alive
 
 POLL_SECONDS = 0.25
 
@@ -61,7 +61,7 @@ def follow(
                 console.output(0 if rank is not None else this_rank, line)
 
     while True:
-        record = history.run(run_id)  # read first: what follows is complete for a final run
+        record = current_record(history, run_id)  # first: the rest is complete for a final run
         timeline = _timeline(history, run_id) if stages else []
         run_stage = next((t for t in timeline if t[2] == "start" and t[3].stage == "run"), None)
         run_end = next((t[0] for t in timeline if t[2] == "end" and t[3].stage == "run"), None)
@@ -89,6 +89,19 @@ def follow(
         if deadline and time.monotonic() > deadline:
             return False
         time.sleep(POLL_SECONDS)
+
+
+def current_record(history: History, run_id: str) -> RunRecord:
+    """The run's record; an unfinished run whose driver is gone (kill -9, OOM) is first
+    marked failed and its processes stopped, as opening the workspace again would."""
+    record = history.run(run_id)
+    if not record.finished and not driver_alive(record.driver_pid, record.driver_start):
+        from expkit.procs import stop_run_processes
+
+        for reaped in history.reap_orphans():
+            stop_run_processes(reaped, workspace=history.path.parent)
+        record = history.run(run_id)
+    return record
 
 
 def _timeline(history: History, run_id: str) -> list[tuple]:

@@ -46,7 +46,7 @@ class _Spec:
         return value
 
     def _check(self) -> None:
-        """Raise ValueError for a problem that involves several fields."""
+        """Raise ValueError for a problem of the whole entry, _Invalid(field, reason) for one field."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,7 +151,7 @@ class ModelSpec(_Spec):
     def _check(self) -> None:
         parts = Path(self.path).parts
         if not parts or parts[0] != "outputs" or ".." in parts:
-            raise ValueError("path must be inside outputs/, e.g. `outputs/` or `outputs/model.pt`")
+            raise _Invalid("path", "must be inside outputs/, e.g. `outputs/` or `outputs/model.pt`")
 
 
 @dataclass
@@ -331,13 +331,13 @@ def _convert_spec(value: Any, cls: type[_Spec], path: str, problems: list[_Inval
         raise _Invalid(path, f"must be a mapping, not {_kind(value)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{path}." if path else ""
+    before = len(problems)  # an unknown field, too, skips the checks that would follow from it
     for key in value:
         if key not in fields:
             hint = difflib.get_close_matches(str(key), fields, n=1)
             reason = "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             problems.append(_Invalid(f"{prefix}{key}", f"{reason}; allowed: {', '.join(fields)}"))
     converted = {}
-    before = len(problems)
     for name, spec in fields.items():
         where = f"{prefix}{name}"
         if name not in value:
@@ -354,6 +354,8 @@ def _convert_spec(value: Any, cls: type[_Spec], path: str, problems: list[_Inval
     result = cls(**converted)
     try:
         result._check()
+    except _Invalid as problem:  # a check about one field names it
+        problems.append(_Invalid(f"{prefix}{problem.path}", problem.reason))
     except ValueError as error:
         problems.append(_Invalid(path, str(error)))
     return result

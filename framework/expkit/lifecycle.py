@@ -168,7 +168,7 @@ class Lifecycle:
                         self.ctx,
                         allocation,
                     )
-                    stop_run_processes(self.run_id, grace=2)
+                    stop_run_processes(self.run_id, grace=2, workspace=self.ws.path)
         except (Canceled, KeyboardInterrupt):
             state, error = "canceled", "canceled by the user"
         except (StageFailed, UserError, PluginError) as failure:

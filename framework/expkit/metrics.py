@@ -56,7 +56,10 @@ class ChannelReader:
         if kind == "t":
             tags.update(value)
         elif kind == "m" and isinstance(value, int | float) and not isinstance(value, bool):
-            rows.append((name, step, float(value), None, ts, rank))
+            if value != value:  # NaN: a REAL column would store NULL; the payload keeps it
+                rows.append((name, step, None, json.dumps(value), ts, rank))
+            else:
+                rows.append((name, step, float(value), None, ts, rank))
         else:
             rows.append((name, step, None, json.dumps(value), ts, rank))
 

@@ -68,12 +68,19 @@ class Plugins:
         table: dict[str, dict[str, Capability]] = {kind: {} for kind in KINDS}
         conflicts = []
         for kind, base in KINDS.items():
-            caller = getattr(self.pm.hook, f"expkit_{kind}")
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            impls = list(reversed(getattr(self.pm.hook, f"expkit_{kind}").get_hookimpls()))
+            self._trace(f"expkit_{kind}", impls, {})
+            for impl in impls:  # registration order
                 try:
                     supplied = impl.function() or []
                 except Exception as error:  # a broken plugin must not break the command
                     self._fail(impl.plugin_name, f"expkit_{kind} raised: {error}")
+                    continue
+                if not isinstance(supplied, list | tuple):  # e.g. one object, not a list
+                    self._fail(
+                        impl.plugin_name,
+                        f"expkit_{kind} returned {supplied!r}, not a list of {base.__name__}",
+                    )
                     continue
                 for obj in supplied:
                     if not isinstance(obj, base) or not obj.name:
@@ -129,11 +136,23 @@ class Plugins:
             "is its plugin installed? `expkit plugins` lists what loaded and why not"
         )
 
+    def _trace(self, hook: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
+        """Print a hook call to stderr when tracing (EXPKIT_TRACE=1, --debug); else nothing.
+
+        Hooks are called one implementation at a time (to isolate each plugin), bypassing
+        pluggy's own tracing, so the call is written to pluggy's tracer here.
+        """
+        called = ", ".join(impl.plugin_name for impl in impls) or "no plugin"
+        shown = {k: getattr(v, "run_id", v) for k, v in kwargs.items()}  # a RunInfo as its id
+        self.pm.trace.root.get("hook")(f"{hook} -> {called}", shown)
+
     # -- events -----------------------------------------------------------------------------
     def notify(self, hook: str, **kwargs: Any) -> list[PluginError]:
         """Call every implementation of an event hook; one that raises is isolated."""
         errors = []
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+        impls = list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+        self._trace(hook, impls, kwargs)
+        for impl in impls:
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
             except Exception as error:

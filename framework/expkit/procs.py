@@ -12,11 +12,18 @@ import signal
 import time
 
 RUN_ID_ENV = "EXPKIT_RUN_ID"
+WORKSPACE_ENV = "EXPKIT_WORKSPACE"
 
 
-def run_processes(run_id: str) -> list[int]:
-    """Pids of live processes whose environment names `run_id` (Linux; else empty)."""
-    marker = f"{RUN_ID_ENV}={run_id}".encode()
+def run_processes(run_id: str, workspace: str | os.PathLike | None = None) -> list[int]:
+    """Pids of live processes whose environment names `run_id` (Linux; else empty).
+
+    Run ids are unique within a workspace only (`test_1` exists in many), so with `workspace`
+    a process must also carry that workspace's path: another workspace's run is left alone.
+    """
+    markers = [f"{RUN_ID_ENV}={run_id}".encode()]
+    if workspace is not None:
+        markers.append(f"{WORKSPACE_ENV}={workspace}".encode())
     found = []
     try:
         entries = os.listdir("/proc")
@@ -28,16 +35,19 @@ def run_processes(run_id: str) -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    found.append(int(entry))
+                environ = f.read().split(b"\0")
+            if all(marker in environ for marker in markers):
+                found.append(int(entry))
         except OSError:
             continue
     return found
 
 
-def stop_run_processes(run_id: str, grace: float = 5.0) -> list[int]:
+def stop_run_processes(
+    run_id: str, grace: float = 5.0, workspace: str | os.PathLike | None = None
+) -> list[int]:
     """SIGTERM every process of the run, then SIGKILL what is left after `grace` seconds."""
-    pids = run_processes(run_id)
+    pids = run_processes(run_id, workspace)
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace

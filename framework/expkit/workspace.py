@@ -78,7 +78,7 @@ class Workspace:
         from expkit.procs import stop_run_processes
 
         for run_id in history.reap_orphans():
-            stop_run_processes(run_id)
+            stop_run_processes(run_id, workspace=self.path)
         return history
 
     def run_dir(self, run_id: str) -> Path:
