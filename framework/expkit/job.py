@@ -46,7 +46,7 @@ class _Spec:
         return value
 
     def _check(self) -> None:
-        """Raise ValueError for a problem of the whole entry, _Invalid(field, reason) for one field."""
+        """Raise ValueError for a problem of the whole entry, _Invalid for one field."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
