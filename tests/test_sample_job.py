@@ -1,0 +1,65 @@
+"""The README's main job, end to end through the `expkit` command on the real sample script.
+
+Trains the ResNet-18 on the digits for one epoch (the README's job runs five), twice: the
+first run builds the environment and the data, registers pt-dnn version 1; the second finds
+both in the cache and registers version 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+JOB = Path(__file__).resolve().parents[1] / "training" / "job.yaml"
+ONE_EPOCH = ["--set", "args.num_epochs=1"]
+
+
+def test_the_sample_job_trains_registers_and_hits_the_caches_the_second_time(expkit_cli, tmp_path):
+    first = expkit_cli("run", str(JOB), *ONE_EPOCH, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("prepare", "scale", "run", "post-process", "register"):
+        assert f"✓ {stage}" in first.stdout
+    assert "environment cache miss (pip-" in first.stdout
+    assert "data 'digits': cache miss" in first.stdout
+    assert "epoch 1/1" in first.stdout  # the script's output, streamed
+    assert "model pt-dnn version 1" in first.stdout
+
+    second = expkit_cli("run", str(JOB), *ONE_EPOCH, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "environment cache hit (pip-" in second.stdout
+    assert "data 'digits': cache hit" in second.stdout
+    assert "model pt-dnn version 2" in second.stdout
+
+    shown = json.loads(expkit_cli("runs", "show", "latest", "--json").stdout)
+    assert shown["state"] == "completed"
+    assert shown["experiment"] == "pytorch-digits"
+    assert shown["stages"]["prepare"]["state"] == "completed"
+    metrics = shown["metrics"]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc"} <= set(metrics)
+    assert metrics["best_val_acc"] > 0.3  # ten classes: chance is 0.1
+    assert shown["tags"]["model"] == "resnet18"
+    assert set(shown["outputs"]) == {"model.pt", "classes.json"}
+
+    models = expkit_cli("models", "show", "pt-dnn:2")
+    assert models.returncode == 0
+    assert shown["id"] in models.stdout
+    assert "best_val_acc" in models.stdout
+
+    # the registered version is a usable model
+    download = expkit_cli("models", "download", "pt-dnn:2", str(tmp_path / "model"))
+    assert download.returncode == 0, download.stderr
+    import torch
+    import torchvision
+
+    classes = json.loads((tmp_path / "model" / "classes.json").read_text())
+    model = torchvision.models.resnet18(weights=None, num_classes=len(classes))
+    model.load_state_dict(torch.load(tmp_path / "model" / "model.pt", map_location="cpu"))
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    assert classes == [str(d) for d in range(10)]
