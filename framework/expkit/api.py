@@ -201,8 +201,8 @@ class Run:
 
         deadline = time.monotonic() + timeout if timeout else None
         if show_output:
-            follow(self.workspace.history, self.id, self.run_dir, Console(), timeout=timeout)
-        while not current_record(self.workspace.history, self.id).finished:
+            follow(self.workspace, self.id, Console(), timeout=timeout)
+        while not current_record(self.workspace, self.id).finished:
             if deadline and time.monotonic() > deadline:
                 raise TimeoutError(f"run {self.id} still {self.get_status()} after {timeout}s")
             time.sleep(0.2)

@@ -319,7 +319,7 @@ def cmd_runs_logs(args: argparse.Namespace) -> int:
     record = _run_record(workspace, args.run_id)
     run_dir = workspace.run_dir(record.id)
     if args.follow:
-        follow(workspace.history, record.id, run_dir, Console(), rank=args.rank, stages=True)
+        follow(workspace, record.id, Console(), rank=args.rank)
         return 0
     log = run_dir / "logs" / f"rank-{args.rank}.log"
     if not log.exists():

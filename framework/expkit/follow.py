@@ -11,6 +11,7 @@ from pathlib import Path
 
 from expkit.console import Console
 from expkit.history import History, RunRecord, driver_alive
+from expkit.workspace import Workspace
 
 POLL_SECONDS = 0.25
 
@@ -34,9 +35,8 @@ class LogTail:
 
 
 def follow(
-    history: History,
+    workspace: Workspace,
     run_id: str,
-    run_dir: Path,
     console: Console,
     rank: int | None = 0,
     stages: bool = True,
@@ -47,6 +47,7 @@ def follow(
     Stage starts, progress lines and stage ends come in the order they were recorded; the
     script's output is printed before whatever was recorded after the run stage ended.
     """
+    history, run_dir = workspace.history, workspace.run_dir(run_id)
     tails: dict[Path, LogTail] = {}
     shown: set[tuple] = set()
     deadline = time.monotonic() + timeout if timeout else None
@@ -61,7 +62,7 @@ def follow(
                 console.output(0 if rank is not None else this_rank, line)
 
     while True:
-        record = current_record(history, run_id)  # first: the rest is complete for a final run
+        record = current_record(workspace, run_id)  # first: the rest is complete for a final run
         timeline = _timeline(history, run_id) if stages else []
         run_stage = next((t for t in timeline if t[2] == "start" and t[3].stage == "run"), None)
         run_end = next((t[0] for t in timeline if t[2] == "end" and t[3].stage == "run"), None)
@@ -91,16 +92,13 @@ def follow(
         time.sleep(POLL_SECONDS)
 
 
-def current_record(history: History, run_id: str) -> RunRecord:
+def current_record(workspace: Workspace, run_id: str) -> RunRecord:
     """The run's record; an unfinished run whose driver is gone (kill -9, OOM) is first
     marked failed and its processes stopped, as opening the workspace again would."""
-    record = history.run(run_id)
+    record = workspace.history.run(run_id)
     if not record.finished and not driver_alive(record.driver_pid, record.driver_start):
-        from expkit.procs import stop_run_processes
-
-        for reaped in history.reap_orphans():
-            stop_run_processes(reaped, workspace=history.path.parent)
-        record = history.run(run_id)
+        workspace.recover()
+        record = workspace.history.run(run_id)
     return record
 
 

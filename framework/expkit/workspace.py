@@ -75,11 +75,17 @@ class Workspace:
     def history(self) -> History:
         """The run history; opening it marks runs whose driver died as failed."""
         history = History(self.path / "history.db")
+        self.recover(history)
+        return history
+
+    def recover(self, history: History | None = None) -> list[str]:
+        """Mark failed every run whose driver process is gone, and stop what it left running."""
         from expkit.procs import stop_run_processes
 
-        for run_id in history.reap_orphans():
+        reaped = (history or self.history).reap_orphans()
+        for run_id in reaped:
             stop_run_processes(run_id, workspace=self.path)
-        return history
+        return reaped
 
     def run_dir(self, run_id: str) -> Path:
         return self.path / "runs" / run_id
