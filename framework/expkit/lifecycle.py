@@ -199,6 +199,9 @@ class Lifecycle:
         except (StageFailed, UserError, PluginError) as failure:
             if state == "completed":
                 state, error = "failed", f"{self.current_stage}: {failure}"
+        except Exception as failure:  # a bug or a full disk: record it, then let it show
+            self.history.finish_run(self.run_id, "failed", f"{self.current_stage}: {failure!r}")
+            raise
         for worker in self.sinks:
             worker.close(state)
         self.history.finish_run(self.run_id, state, error)
