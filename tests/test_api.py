@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from conftest import bare_env, eventually
 from expkit import Experiment, JobSpec, Model, Run, Workspace
 from expkit.api import RunFailed
 from expkit.errors import UserError
@@ -245,10 +246,11 @@ def test_waiting_on_a_run_whose_driver_was_killed_ends_failed(expkit_workspace, 
     details = run.wait_for_completion(raise_on_error=False, timeout=30)
     assert details["state"] == "failed"
     assert "driver process" in details["error"]
-    deadline = time.monotonic() + 10
-    while run_processes(run.id, expkit_workspace.path):
-        assert time.monotonic() < deadline, "the script outlived its driver"
-        time.sleep(0.05)
+    eventually(
+        lambda: not run_processes(run.id, expkit_workspace.path),
+        timeout=10,
+        what="the script ending with its driver",
+    )
 
 
 def test_an_experiment_name_that_is_no_valid_name_is_refused(expkit_workspace, job_file):
@@ -311,7 +313,7 @@ def test_get_context_outside_expkit_records_nothing_and_does_no_harm(tmp_path):
         "run.log('acc', 1.0)\n"
         "print(run.id, run.offline)\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPKIT_")}
+    env = bare_env()
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
     )

@@ -6,17 +6,14 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 import expkit
-from expkit.procs import stop_run_processes
+from conftest import bare_env
 from expkit.workspace import Workspace
 
 TRAIN = """
@@ -57,12 +54,6 @@ WAIT_FOR_GO = """
 """
 
 
-def bare_env(**extra: str) -> dict[str, str]:
-    """This environment without EXPKIT_WORKSPACE (so only discovery finds a workspace)."""
-    env = {k: v for k, v in os.environ.items() if k != "EXPKIT_WORKSPACE"}
-    return {**env, **extra}
-
-
 def expkit_in(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`expkit ARGS` run from `cwd` with no EXPKIT_WORKSPACE unless given."""
     return subprocess.run(
@@ -70,7 +61,7 @@ def expkit_in(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=bare_env(**env),
+        env=bare_env("EXPKIT_WORKSPACE", **env),
         stdin=subprocess.DEVNULL,
         timeout=120,
     )
@@ -79,75 +70,6 @@ def expkit_in(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result.stdout
-
-
-class Live:
-    """An `expkit` command running in the background; its output is read as it comes."""
-
-    def __init__(self, args: list[str], workspace: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "expkit", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "EXPKIT_WORKSPACE": str(workspace)},
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            with self._changed:
-                self.lines.append(raw.decode("utf-8", errors="replace"))
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(text in line for line in self.lines):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
-                    raise AssertionError(f"{text!r} never appeared; output:\n{''.join(self.lines)}")
-                self._changed.wait(left)
-
-    def wait(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(10)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
-@pytest.fixture
-def background(expkit_workspace: Workspace):
-    """`background(*args)`: start `expkit ARGS`; whatever is left is killed at the end."""
-    started: list[Live] = []
-
-    def start(*args: str) -> Live:
-        live = Live(list(args), expkit_workspace.path)
-        started.append(live)
-        return live
-
-    yield start
-    for live in started:
-        live.kill()
-    for record in expkit_workspace.history.runs(limit=1000):
-        stop_run_processes(record.id, grace=1, workspace=expkit_workspace.path)
 
 
 # -- help and version -----------------------------------------------------------------------

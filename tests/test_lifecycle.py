@@ -9,31 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import alive, read_only
 from expkit.history import STAGES
 from expkit.procs import run_processes
 from expkit.workspace import Workspace
-
-
-@pytest.fixture
-def run_job(run_job):
-    """expkit's `run_job`, with this file's runs in experiment `lifecycle` (run ids `lifecycle_N`).
-
-    Run ids are unique within a workspace only; a name of our own keeps these runs apart from
-    the `test_N` runs that other test files, possibly running at the same time, clean up.
-    """
-
-    def run(spec, script=None, files=None):
-        return run_job({"experiment": "lifecycle", **spec}, script=script, files=files)
-
-    return run
-
 
 # The script writes what it saw into ./outputs, which the run keeps.
 WRITE_JSON = """
@@ -53,21 +38,8 @@ def seen(result, name: str = "seen.json"):
     return json.loads((result.run_dir / "outputs" / name).read_text())
 
 
-def read_only(path: Path) -> bool:
-    return not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
-
-
 def files_under(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-
-
-def alive(pid: int) -> bool:
-    """A live process (not a zombie waiting to be reaped) has this pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 # -- prepare: the source snapshot ---------------------------------------------------------------

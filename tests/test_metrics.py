@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,24 +12,10 @@ import time
 import pytest
 
 import expkit
+from conftest import bare_env
 from expkit import metrics as metric_pipeline
 from expkit.capabilities import MetricWriter
 from expkit.errors import UserError
-
-
-@pytest.fixture
-def run_job(run_job):
-    """expkit's `run_job`, with this file's runs in experiment `metrics` (run ids `metrics_N`).
-
-    Run ids are unique within a workspace only; a name of our own keeps these runs apart from
-    the `test_N` runs that other test files, possibly running at the same time, clean up.
-    """
-
-    def run(spec, script=None, files=None):
-        return run_job({"experiment": "metrics", **spec}, script=script, files=files)
-
-    return run
-
 
 NOTICE = "expkit: this script is not running under expkit; metrics are not recorded"
 
@@ -60,7 +45,7 @@ def test_the_api_outside_expkit_accepts_everything_and_records_nothing(tmp_path)
     folder = tmp_path / "plain"
     folder.mkdir()
     (folder / "train.py").write_text(EVERY_KIND + "print(run.offline, run.id)\nrun.flush()\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPKIT_")}
+    env = bare_env()
 
     done = subprocess.run(
         [sys.executable, "train.py"], cwd=folder, env=env, capture_output=True, text=True
@@ -146,7 +131,7 @@ for i in range({count}):
 def test_metrics_are_visible_while_the_run_is_still_running(write_job, expkit_workspace, tmp_path):
     release = tmp_path / "release"
     job = write_job(
-        {"experiment": "metrics", "args": [str(release)]},
+        {"args": [str(release)]},
         script="""
         import os, sys, time
         from expkit import Run

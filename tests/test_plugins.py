@@ -19,6 +19,7 @@ import pluggy
 import pytest
 
 import expkit
+from conftest import error_line
 from expkit import hookspecs
 from expkit import plugins as plugin_manager
 from expkit.capabilities import KINDS, Allocation
@@ -97,15 +98,6 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def local_job(write_job):
     """A job spec file for a small job on the local target."""
     return write_job({}, script=LOCAL_SCRIPT)
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The one line a failing command printed on stderr (and nothing like a traceback)."""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("expkit: error: ")
-    return lines[0]
 
 
 def plugin_line(listing: str, name: str) -> str:

@@ -11,15 +11,12 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from expkit.procs import run_processes, stop_run_processes
+from conftest import alive, eventually
+from expkit.procs import run_processes
 from expkit.workspace import Workspace
 
 # Writes outputs/progress.txt, starts a `sleep 300` child, writes both pids to the file named by
@@ -69,95 +66,12 @@ HOLD_SLOTS = """
 """
 
 
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
-def eventually(check, timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout}s")
-        time.sleep(0.05)
-
-
-class Live:
-    """An `expkit` command in its own session (as from a terminal); output read as it comes."""
-
-    def __init__(self, args: list[str], workspace: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "expkit", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "EXPKIT_WORKSPACE": str(workspace)},
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            with self._changed:
-                self.lines.append(raw.decode("utf-8", errors="replace"))
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "".join(self.lines)
-
-    @property
-    def run_id(self) -> str:
-        self.wait_for(" in workspace ")
-        return re.search(r"^run (\S+) in workspace ", self.output, re.M).group(1)
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(text in line for line in self.lines):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
-                    raise AssertionError(f"{text!r} never appeared; output:\n{''.join(self.lines)}")
-                self._changed.wait(left)
-
-    def wait(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(10)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
-@pytest.fixture
-def background(expkit_workspace: Workspace):
-    """`background(*args)`: start `expkit ARGS`; whatever is left is killed at the end."""
-    started: list[Live] = []
-
-    def start(*args: str) -> Live:
-        live = Live(list(args), expkit_workspace.path)
-        started.append(live)
-        return live
-
-    yield start
-    for live in started:
-        live.kill()
-    for record in expkit_workspace.history.runs(limit=1000):
-        stop_run_processes(record.id, grace=1, workspace=expkit_workspace.path)
+def hold_slots_job(write_job, base: Path, slots: int) -> Path:
+    """A job running HOLD_SLOTS (signal files `base`.read, `base`.end) on `slots` local slots."""
+    return write_job(
+        {"args": [str(base)], "compute": {"target": "local", "options": {"slots": slots}}},
+        script=HOLD_SLOTS,
+    )
 
 
 @pytest.fixture
@@ -270,10 +184,7 @@ def test_concurrent_runs_get_disjoint_slots_and_a_third_waits(
     expkit_workspace, background, write_job, tmp_path
 ):
     base = tmp_path / "signal"
-    job = write_job(
-        {"args": [str(base)], "compute": {"target": "local", "options": {"slots": 2}}},
-        script=HOLD_SLOTS,
-    )
+    job = hold_slots_job(write_job, base, slots=2)
     first = background("run", str(job))
     first.wait_for("holding")
     second = background("run", str(job))
@@ -314,10 +225,7 @@ def test_a_queued_run_can_be_canceled_before_its_script_starts(
     expkit_workspace, expkit_cli, background, write_job, tmp_path
 ):
     base = tmp_path / "signal"
-    job = write_job(
-        {"args": [str(base)], "compute": {"target": "local", "options": {"slots": 1}}},
-        script=HOLD_SLOTS,
-    )
+    job = hold_slots_job(write_job, base, slots=1)
     holder = background("run", str(job))
     holder.wait_for("holding")
     waiter = background("run", str(job))

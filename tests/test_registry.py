@@ -10,25 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import read_only
 from expkit import Model
 from expkit.blobs import BlobStore, hash_file
 from expkit.errors import UserError
 from expkit.registry import ModelStore
-
-
-@pytest.fixture
-def run_job(run_job):
-    """expkit's `run_job`, with this file's runs in experiment `registry` (run ids `registry_N`).
-
-    Run ids are unique within a workspace only; a name of our own keeps these runs apart from
-    the `test_N` runs that other test files, possibly running at the same time, clean up.
-    """
-
-    def run(spec, script=None, files=None):
-        return run_job({"experiment": "registry", **spec}, script=script, files=files)
-
-    return run
-
 
 TRAIN = """
 import os, sys
@@ -48,10 +34,6 @@ def train(run_job, quality: str, **spec):
     result = run_job({"args": [quality], **spec}, script=TRAIN)
     assert result.state == "completed", result.output
     return result
-
-
-def read_only(path: Path) -> bool:
-    return not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
 
 
 def sha256(path: Path) -> str:
