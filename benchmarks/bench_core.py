@@ -13,9 +13,9 @@ Prints a table and writes the figures as JSON to stdout's last line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -61,9 +61,19 @@ def bench_overhead(folder: Path, repeat: int) -> dict[str, float]:
             [sys.executable, "-m", "expkit", "run", "noop.yaml", "--quiet"], folder, env, repeat
         ),
     }
-    if shutil.which("mlflow"):
+    if importlib.util.find_spec("mlflow"):
         mlflow_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-        argv = ["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "bench"]
+        argv = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            ".",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "bench",
+        ]
         results["mlflow run --env-manager local"] = median_wall(argv, folder, mlflow_env, repeat)
     return results
 
