@@ -56,11 +56,17 @@ class Allocation:
 
 @dataclass
 class Process:
-    """One process the compute target starts; `env` is added to the run's environment."""
+    """One process the compute target starts; `env` is added to the run's environment.
+
+    A launcher (horovodrun, torchrun) is one process whose output mixes every rank's lines:
+    `split_output` turns one of its lines into (rank, line as the rank wrote it), or (None,
+    line) for the launcher's own lines, so that each rank gets its own log.
+    """
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     rank: int = 0
+    split_output: Callable[[bytes], tuple[int | None, bytes]] | None = None
 
 
 @dataclass
@@ -152,6 +158,10 @@ class DistributedBackend(Capability, ABC):
     @abstractmethod
     def launch(self, ctx: RunContext, command: list[str], allocation: Allocation) -> list[Process]:
         """The processes that run `command` (python, script, args) on the allocation."""
+
+    def failed_rank(self, ctx: RunContext) -> int | None:
+        """After a failed run: the rank that failed first, if the launcher's output says."""
+        return None
 
 
 class MetricWriter(ABC):

@@ -107,11 +107,13 @@ class Console:
 
     # -- the script's output ------------------------------------------------------------------
     def output(self, rank: int, line: bytes) -> None:
-        """One line of a process's output (kept as bytes; shown with undecodable bytes replaced)."""
-        if self.ranks == "none" or (self.ranks != "all" and rank != 0):
+        """One line of a rank's output (rank -1: the launcher's); undecodable bytes replaced."""
+        if self.ranks == "none" or (self.ranks != "all" and rank > 0):
             return
         text = line.decode("utf-8", errors="replace").rstrip("\r\n")
-        if self.ranks == "all":
+        if rank < 0:  # a launcher's own line (horovodrun, torchrun): always shown
+            text = f"{self.style('[launcher]', '2')} {text}"
+        elif self.ranks == "all":
             text = f"{self.style(f'[rank {rank}]', '35')} {text}"
         self._write(text + "\n")
 

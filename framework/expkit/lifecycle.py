@@ -300,15 +300,21 @@ class Lifecycle:
         code = _plugin_call(compute, "execute", compute.execute, self.ctx, processes, allocation)
         self.history.update_run(self.run_id, exit_code=code)
         if code != 0:
-            raise StageFailed(f"{_describe_exit(code)}{self._log_tail()}")
+            raise StageFailed(self._failure(code))
         self.stage_note = "exit code 0"
 
-    def _log_tail(self) -> str:
-        logs = sorted(self.ctx.log_dir.glob("*.log"))
-        if not logs:
-            return ""
-        lines = [line for line in _tail(logs[0], LOG_TAIL_LINES) if line.strip()]
-        return f"; last output: {lines[-1].strip()}" if lines else ""
+    def _failure(self, code: int) -> str:
+        """Why the run stage failed: the rank that failed first (when the backend can tell),
+        the exit code, and that rank's last line of output."""
+        backend = self.choice.backend
+        rank = _plugin_call(backend, "failed_rank", backend.failed_rank, self.ctx)
+        log = self.ctx.log_dir / f"rank-{0 if rank is None else rank}.log"
+        lines = (
+            [line for line in _tail(log, LOG_TAIL_LINES) if line.strip()] if log.exists() else []
+        )
+        message = f"rank {rank}: " if rank is not None else ""
+        message += _describe_exit(code)
+        return f"{message}; last output: {lines[-1].strip()}" if lines else message
 
     # -- post-process: metrics flushed, outputs sealed --------------------------------------
     def post_process(self) -> None:

@@ -9,12 +9,13 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
+from typing import BinaryIO
 
 from expkit.capabilities import Process, RunContext
 from expkit.errors import Canceled, StageFailed
 
 STOP_GRACE_SECONDS = 10
+LAUNCHER = -1  # the rank number the console shows a launcher's own lines under
 _PR_SET_PDEATHSIG = 1
 
 try:
@@ -38,8 +39,7 @@ class ProcessGroup:
         self.readers: list[threading.Thread] = []
 
     def start(self, process: Process) -> None:
-        log_path = self.ctx.log_dir / f"rank-{process.rank}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
         popen = subprocess.Popen(
             process.argv,
             cwd=self.ctx.work_dir,
@@ -51,18 +51,30 @@ class ProcessGroup:
             preexec_fn=_die_with_parent,
         )
         self.children.append((process, popen))
-        reader = threading.Thread(
-            target=self._stream, args=(popen, process.rank, log_path), daemon=True
-        )
+        reader = threading.Thread(target=self._stream, args=(popen, process), daemon=True)
         reader.start()
         self.readers.append(reader)
 
-    def _stream(self, popen: subprocess.Popen, rank: int, log_path: Path) -> None:
-        """Copy every line to the rank's log file as bytes (kept even if not UTF-8) and echo it."""
-        with open(log_path, "ab", buffering=0) as log:
+    def _stream(self, popen: subprocess.Popen, process: Process) -> None:
+        """Copy every line to its rank's log as bytes (kept even if not UTF-8) and echo it.
+
+        A launcher's lines are split by rank; its own lines go to `launcher.log`.
+        """
+        logs: dict[int | None, BinaryIO] = {}
+        try:
             for line in iter(popen.stdout.readline, b""):
-                log.write(line)
-                self.ctx.echo(rank, line)
+                rank, text = (
+                    process.split_output(line) if process.split_output else (process.rank, line)
+                )
+                log = logs.get(rank)
+                if log is None:
+                    name = "launcher.log" if rank is None else f"rank-{rank}.log"
+                    log = logs[rank] = open(self.ctx.log_dir / name, "ab", buffering=0)  # noqa: SIM115
+                log.write(text)
+                self.ctx.echo(LAUNCHER if rank is None else rank, text)
+        finally:
+            for log in logs.values():
+                log.close()
 
     def wait(self, timeout: float | None) -> int:
         """The exit code: 0 when all succeed, else the first failure (which stops the rest)."""
