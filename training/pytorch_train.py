@@ -7,6 +7,10 @@ digits built by prepare_digits.py:
     python prepare_digits.py --out data/digits
     python pytorch_train.py --data_dir data/digits
 
+The same script runs data-parallel under torchrun or horovodrun (distributed.py finds the
+launcher): each rank trains on its share of the data with gradients averaged, and rank 0 logs
+the metrics (averaged over all ranks) and writes the outputs.
+
 Metrics go through expkit's in-script API (a no-op outside expkit); the best epoch's weights
 are saved to OUTPUT_DIR/model.pt with the class names in OUTPUT_DIR/classes.json.
 """
@@ -31,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, models, transforms
 
+import distributed
 from expkit import Run
 
 FOWL_URL = "https://msdocsdatasets.blob.core.windows.net/pytorchfowl/fowl_data.zip"
@@ -139,25 +144,47 @@ def build_transforms(image_size: int) -> dict[str, transforms.Compose]:
     return {"train": plain, "val": plain}
 
 
+def fetch_default_data(dist: distributed.SingleProcess) -> str:
+    """The chickens-and-turkeys data, downloaded by rank 0 while the other ranks wait."""
+    if dist.is_main:
+        try:
+            download_data()
+        except (OSError, zipfile.BadZipFile) as error:
+            print(
+                f"error: could not download the chickens-and-turkeys data ({error}); "
+                "pass --data_dir, e.g. a folder built by prepare_digits.py (the digits job)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+    dist.barrier()
+    return FOWL_DIR
+
+
 def load_data(
-    data_dir: str, image_size: int, batch_size: int, num_workers: int, seed: int
+    data_dir: str,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    dist: distributed.SingleProcess,
 ) -> tuple[dict[str, DataLoader], list[str]]:
-    """Data loaders for the train and val splits of `data_dir`, and the class names."""
+    """Data loaders for this rank's share of the train and val splits, and the class names."""
     tfms = build_transforms(image_size)
     images = {
         split: datasets.ImageFolder(os.path.join(data_dir, split), tfms[split])
         for split in ("train", "val")
     }
-    loaders = {
-        split: DataLoader(
-            images[split],
+    loaders = {}
+    for split, data in images.items():
+        sampler = dist.sampler(data, shuffle=split == "train", seed=seed)  # None: all of it
+        loaders[split] = DataLoader(
+            data,
             batch_size=batch_size,
-            shuffle=split == "train",
+            shuffle=split == "train" and sampler is None,
+            sampler=sampler,
             num_workers=num_workers,
             generator=torch.Generator().manual_seed(seed),
         )
-        for split in ("train", "val")
-    }
     return loaders, images["train"].classes
 
 
@@ -190,14 +217,12 @@ def build_model(num_classes: int, weights: str | None = None) -> nn.Module:
     return model
 
 
-def build_optimizer(
-    model: nn.Module, learning_rate: float, momentum: float, num_epochs: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD with momentum, and a StepLR that divides the rate by 10 for the last third."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, num_epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A StepLR that divides the learning rate by 10 for the last third of the epochs."""
     step_size = max(1, (2 * num_epochs + 2) // 3)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
-    return optimizer, scheduler
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
 
 
 def train_one_epoch(
@@ -206,8 +231,9 @@ def train_one_epoch(
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-) -> tuple[float, float]:
-    """One pass over the training data; the mean loss and the accuracy."""
+) -> tuple[float, int, int]:
+    """One pass over this rank's training data: the summed loss, the correct and seen counts
+    (sums, so that the ranks' results add up)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
@@ -220,14 +246,14 @@ def train_one_epoch(
         total_loss += loss.item() * inputs.size(0)
         correct += (outputs.argmax(1) == labels).sum().item()
         seen += inputs.size(0)
-    return total_loss / seen, correct / seen
+    return total_loss, correct, seen
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device
-) -> tuple[float, float]:
-    """The mean loss and the accuracy on `loader`."""
+) -> tuple[float, int, int]:
+    """The summed loss, the correct and seen counts on `loader`."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
@@ -236,75 +262,90 @@ def evaluate(
         total_loss += criterion(outputs, labels).item() * inputs.size(0)
         correct += (outputs.argmax(1) == labels).sum().item()
         seen += inputs.size(0)
-    return total_loss / seen, correct / seen
+    return total_loss, correct, seen
+
+
+def mean_over_ranks(
+    dist: distributed.SingleProcess, sums: tuple[float, int, int]
+) -> tuple[float, float, int]:
+    """The mean loss and the accuracy over every rank's images, and how many there were.
+
+    DistributedSampler pads the last ranks' shares with repeated images when the data does
+    not divide evenly: those few are counted twice.
+    """
+    total_loss, correct, seen = dist.allreduce_sum(list(sums))
+    return total_loss / seen, correct / seen, int(seen)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train, log the metrics of every epoch, and save the best epoch's model."""
+    """Train, log the metrics of every epoch, and save the best epoch's model (rank 0)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    dist = distributed.setup()
     run = Run.get_context()
 
-    data_dir = args.data_dir
-    if data_dir is None:
-        try:
-            data_dir = download_data()
-        except (OSError, zipfile.BadZipFile) as error:
-            print(
-                f"error: could not download the chickens-and-turkeys data ({error}); "
-                "pass --data_dir, e.g. a folder built by prepare_digits.py (the digits job)",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data_dir = args.data_dir or fetch_default_data(dist)
+    device = dist.device()
     loaders, classes = load_data(
-        data_dir, args.image_size, args.batch_size, args.num_workers, args.seed
+        data_dir, args.image_size, args.batch_size, args.num_workers, args.seed, dist
     )
-    run.set_tags({"model": "resnet18", "classes": len(classes)})
-    model = build_model(len(classes), args.weights).to(device)
-    optimizer, scheduler = build_optimizer(
-        model, args.learning_rate, args.momentum, args.num_epochs
-    )
+    if dist.is_main:
+        run.set_tags({"model": "resnet18", "classes": len(classes), "world_size": dist.size})
+    net = build_model(len(classes), args.weights).to(device)
+    model = dist.wrap_model(net)  # rank 0's parameters everywhere; gradients averaged
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.learning_rate, momentum=args.momentum)
+    optimizer = dist.wrap_optimizer(optimizer, net)
+    scheduler = build_scheduler(optimizer, args.num_epochs)
     criterion = nn.CrossEntropyLoss()
+    rank = f"rank {dist.rank} of {dist.size} ({dist.launcher}), " if dist.size > 1 else ""
     print(
-        f"training on {device}: {len(loaders['train'].dataset)} train and "
+        f"{rank}training on {device}: {len(loaders['train'].sampler)} of "
+        f"{len(loaders['train'].dataset)} train and {len(loaders['val'].sampler)} of "
         f"{len(loaders['val'].dataset)} val images, {len(classes)} classes",
         flush=True,
     )
 
-    best_acc, best_state = -1.0, copy.deepcopy(model.state_dict())
+    best_acc, best_state = -1.0, copy.deepcopy(net.state_dict())
     for epoch in range(args.num_epochs):
         start = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(
-            model, loaders["train"], criterion, optimizer, device
-        )
+        sampler = loaders["train"].sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        sums = train_one_epoch(model, loaders["train"], criterion, optimizer, device)
+        train_seconds = time.perf_counter() - start
+        train_loss, train_acc, images = mean_over_ranks(dist, sums)
         scheduler.step()
-        val_loss, val_acc = evaluate(model, loaders["val"], criterion, device)
+        sums = evaluate(model, loaders["val"], criterion, device)
+        val_loss, val_acc, _ = mean_over_ranks(dist, sums)  # every rank gets the same values
+        if val_acc > best_acc:
+            best_acc, best_state = val_acc, copy.deepcopy(net.state_dict())
+        if not dist.is_main:
+            continue
         for name, value in (
             ("train_loss", train_loss),
             ("train_acc", train_acc),
             ("val_loss", val_loss),
             ("val_acc", val_acc),
+            ("images_per_sec", images / train_seconds),
         ):
             run.log(name, value, step=epoch)
-        if val_acc > best_acc:
-            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
         print(
             f"epoch {epoch + 1}/{args.num_epochs}  train loss {train_loss:.4f} "
             f"acc {train_acc:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}  "
-            f"{time.perf_counter() - start:.1f}s",
+            f"{time.perf_counter() - start:.1f}s ({images / train_seconds:.0f} images/s)",
             flush=True,
         )
 
-    run.log("best_val_acc", best_acc)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(best_state, output_dir / "model.pt")
-    (output_dir / "classes.json").write_text(json.dumps(classes) + "\n")
-    print(f"best val acc {best_acc:.4f}; saved {output_dir / 'model.pt'}", flush=True)
+    if dist.is_main:
+        run.log("best_val_acc", best_acc)
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(best_state, output_dir / "model.pt")
+        (output_dir / "classes.json").write_text(json.dumps(classes) + "\n")
+        print(f"best val acc {best_acc:.4f}; saved {output_dir / 'model.pt'}", flush=True)
+    dist.shutdown()
 
 
 if __name__ == "__main__":

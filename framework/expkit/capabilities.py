@@ -163,6 +163,11 @@ class DistributedBackend(Capability, ABC):
         """After a failed run: the rank that failed first, if the launcher's output says."""
         return None
 
+    def failed_exit_code(self, ctx: RunContext) -> int | None:
+        """After a failed run: that rank's own exit code (negative: the signal that killed it),
+        when the launcher exits with a code of its own (horovodrun exits 1 whatever the rank's)."""
+        return None
+
 
 class MetricWriter(ABC):
     """An open connection of a metric sink to one run."""

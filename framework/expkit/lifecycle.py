@@ -308,12 +308,13 @@ class Lifecycle:
         the exit code, and that rank's last line of output."""
         backend = self.choice.backend
         rank = _plugin_call(backend, "failed_rank", backend.failed_rank, self.ctx)
+        own = _plugin_call(backend, "failed_exit_code", backend.failed_exit_code, self.ctx)
         log = self.ctx.log_dir / f"rank-{0 if rank is None else rank}.log"
         lines = (
             [line for line in _tail(log, LOG_TAIL_LINES) if line.strip()] if log.exists() else []
         )
         message = f"rank {rank}: " if rank is not None else ""
-        message += _describe_exit(code)
+        message += _describe_exit(code if own is None else own)
         return f"{message}; last output: {lines[-1].strip()}" if lines else message
 
     # -- post-process: metrics flushed, outputs sealed --------------------------------------

@@ -131,10 +131,12 @@ class Plugins:
         base = KINDS[kind]
         available = ", ".join(sorted(self._collect()[kind])) or "none"
         where = f"{field_path}: " if field_path else ""
-        raise UserError(
-            f"{where}no {base.kind} named {name!r} (available: {available}); "
-            "is its plugin installed? `expkit plugins` lists what loaded and why not"
-        )
+        info = self.infos.get(name)  # a plugin named like what is asked for, that did not load
+        if info is not None and info.error and not info.hooks:
+            why = f"plugin {name} did not load: {info.error}"
+        else:
+            why = "is its plugin installed? `expkit plugins` lists what loaded and why not"
+        raise UserError(f"{where}no {base.kind} named {name!r} (available: {available}); {why}")
 
     def _trace(self, hook: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
         """Print a hook call to stderr when tracing (EXPKIT_TRACE=1, --debug); else nothing.
