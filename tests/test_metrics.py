@@ -319,6 +319,23 @@ def test_a_failing_sink_is_reported_and_the_run_still_completes(
     assert f"warning: {problem}" in shown.stdout
 
 
+def test_a_sink_that_stops_making_progress_is_reported_at_post_process(
+    run_job, register_plugin, monkeypatch
+):
+    monkeypatch.setattr(metric_pipeline, "DRAIN_STALL_SECONDS", 0.3)
+    sink = Sink("stuck", delay=3.0)  # each batch takes ten times the stall limit
+    register_plugin(SinkPlugin(sink), "stuck-plugin")
+
+    result = run_job({"metrics": ["stuck"]}, script=STEPS)
+
+    assert result.state == "completed", result.output
+    problem = "plugin stuck-plugin, metric sink 'stuck' send: delivered nothing for 0.3 s; gave up"
+    events = result.workspace.history.events(result.record.id, "sink-failed")
+    assert [e["message"] for e in events] == [problem]
+    (writer,) = sink.writers
+    assert writer.closed == []  # not told the run is over while a batch is on its way
+
+
 def test_a_required_sink_that_fails_fails_the_run(run_job, register_plugin, quick_retries):
     register_plugin(SinkPlugin(Sink("flaky", fail=True)), "flaky-plugin")
 

@@ -21,6 +21,7 @@ from expkit.history import History, metric_value
 PUMP_SECONDS = 0.25
 SINK_BATCH = 5000
 RETRY_DELAYS = (0.5, 1.0, 2.0)
+DRAIN_STALL_SECONDS = 300.0  # post-process gives up on a sink that delivers nothing for this long
 
 
 class ChannelReader:
@@ -172,11 +173,24 @@ class SinkWorker:
                 time.sleep(delay)
         return False
 
-    def drain(self, timeout: float = 300) -> None:
-        """Deliver everything in the history, then stop the thread (post-process)."""
+    def drain(self) -> None:
+        """Deliver everything in the history, then stop the thread (post-process).
+
+        Waits as long as the sink makes progress (a million values take MLflow minutes), and
+        gives up on one that delivered nothing for DRAIN_STALL_SECONDS: that is recorded as
+        its failure, rather than the run closing while values are still on their way.
+        """
         self._done.set()
         self.wake.set()
-        self._thread.join(timeout)
+        while True:
+            before = self.delivered
+            self._thread.join(DRAIN_STALL_SECONDS)
+            if not self._thread.is_alive():
+                return
+            if self.delivered == before:
+                break
+        stuck = TimeoutError(f"delivered nothing for {DRAIN_STALL_SECONDS:g} s; gave up")
+        self.error = self.error or PluginError(self.sink.plugin, f"{self.label} send", stuck)
 
     def close(self, state: str) -> None:
         """Tell the sink the run's final state."""

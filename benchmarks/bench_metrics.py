@@ -1,0 +1,328 @@
+"""Metric sink benchmarks, each measured side by side with its peer in the same run.
+
+    python benchmarks/bench_metrics.py [--repeat 7] [--seconds 10] [--values 100000]
+                                       [--log-metric-calls 2000] [--server] [--only PART]
+
+1. What sinks cost the training script (target: under 2 % slower): a script doing ~10 s of
+   CPU work and logging a few thousand values, with no sink, with `mlflow`, and with `mlflow`
+   and `tensorboard` (when that plugin loads). The script times itself (what training feels);
+   `expkit run` is timed too (the sink's set-up and drain at post-process show there).
+   Configurations alternate within each repetition; the median, the best and the range of
+   the script's wall time are reported, with its CPU time (the work it did, whatever else
+   ran on the machine).
+2. Time until N values (default 100,000) are queryable in MLflow (target: expkit at least 20x
+   faster): a script logging them through `run.log()` under `expkit run` with the `mlflow`
+   sink (timed until `expkit run` returns: the MLflow run is FINISHED and holds every value),
+   vs the script calling `mlflow.log_metric` itself, and with MLflow's asynchronous logging
+   (`synchronous=False`, until flushed). Those two are measured on --log-metric-calls values
+   and extrapolated linearly to N: the measured time plus the per-call time of the calls
+   times the calls left (each row says which).
+
+The MLflow store is SQLite, the sink's embedded default; `--server` also runs part 2 against
+a `mlflow server` on a loopback port. Prints a table and the figures as JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+ENV.pop("MLFLOW_TRACKING_URI", None)
+
+WORK = """
+def work(n):  # stands in for a training step: pure CPU, one core
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+"""
+
+TRAIN = f"""
+import json, sys, time
+from expkit import Run
+{WORK}
+run = Run.get_context()
+steps, per_step, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+start, cpu = time.perf_counter(), time.process_time()
+for step in range(steps):
+    work(per_step)
+    run.log("loss", 1.0 / (step + 1), step=step)
+    run.log("acc", step / steps, step=step)
+    run.log("lr", 0.1 * 0.99**step, step=step)
+    run.log("images_per_sec", 1000.0 + step, step=step)
+elapsed = time.perf_counter() - start
+with open(out, "w") as f:
+    json.dump([elapsed, time.process_time() - cpu], f)
+"""
+
+FLOOD = """
+import sys
+from expkit import Run
+run = Run.get_context()
+for i in range(int(sys.argv[1])):
+    run.log("loss", 1.0 / (i + 1), step=i)
+"""
+
+LOG_METRIC = """
+import sys, time
+start = time.perf_counter()
+import mlflow
+n, uri, synchronous = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "sync"
+mlflow.set_tracking_uri(uri)
+mlflow.set_experiment("log-metric")
+with mlflow.start_run():
+    ready = time.perf_counter()
+    for i in range(n):
+        mlflow.log_metric("loss", 1.0 / (i + 1), step=i, synchronous=synchronous)
+    mlflow.flush_async_logging()
+    logged = time.perf_counter()
+print(ready - start, logged - ready)  # set-up; the calls (async: until flushed at the end)
+"""
+
+STEPS = 1000  # x 4 metrics: 4000 values
+
+
+def calibrate(seconds: float) -> int:
+    """Iterations of the script's work() per step so that STEPS of them take `seconds` of CPU
+    (CPU time, not wall time: other load on the machine does not change the script's size)."""
+    namespace: dict = {}
+    exec(WORK, namespace)
+    n, elapsed = 20_000, 0.0
+    while elapsed < 0.5:
+        n *= 2
+        start = time.process_time()
+        namespace["work"](n)
+        elapsed = time.process_time() - start
+    return int(n / elapsed * seconds / STEPS)
+
+
+def new_workspace(folder: Path) -> dict[str, str]:
+    folder.mkdir(parents=True)
+    subprocess.run(
+        [sys.executable, "-m", "expkit", "init", str(folder)], check=True, stdout=subprocess.DEVNULL
+    )
+    return {**ENV, "EXPKIT_WORKSPACE": str(folder / ".expkit")}
+
+
+def expkit_run(folder: Path, env: dict[str, str], script: str, args: list, sinks: list) -> float:
+    """Wall time of `expkit run` on a job of `script` with these sinks."""
+    return expkit_run_cpu(folder, env, script, args, sinks)[0]
+
+
+def expkit_run_cpu(
+    folder: Path, env: dict[str, str], script: str, args: list, sinks: list
+) -> tuple[float, float]:
+    """Wall time of `expkit run` on a job of `script` with these sinks, and the CPU time of
+    its processes (the driver and the script)."""
+    (folder / "train.py").write_text(script)
+    job = {"experiment": "bench", "entry_script": "train.py", "args": args, "metrics": sinks}
+    (folder / "job.yaml").write_text(json.dumps(job))  # JSON is YAML
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "expkit", "run", "job.yaml", "--quiet"],
+        cwd=folder,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, cpu
+
+
+def mlflow_count(db: Path, key: str) -> int:
+    """Points of `key` in the latest run of a SQLite MLflow store."""
+    with sqlite3.connect(db) as store:
+        (run,) = store.execute(
+            "SELECT run_uuid FROM runs ORDER BY start_time DESC LIMIT 1"
+        ).fetchone()
+        return store.execute(
+            "SELECT COUNT(*) FROM metrics WHERE run_uuid = ? AND key = ?", (run, key)
+        ).fetchone()[0]
+
+
+def tensorboard_available() -> bool:
+    from expkit.errors import UserError
+    from expkit.plugins import get_plugins
+
+    try:
+        get_plugins().get("metric_sinks", "tensorboard")
+    except UserError:
+        return False
+    return True
+
+
+# -- 1. what the sinks cost the script ------------------------------------------------------------
+def bench_overhead(folder: Path, repeat: int, seconds: float) -> dict[str, dict[str, float]]:
+    per_step = calibrate(seconds)
+    configs = {"no sink": [], "mlflow": ["mlflow"]}
+    if tensorboard_available():
+        configs["mlflow + tensorboard"] = ["mlflow", "tensorboard"]
+    env = new_workspace(folder)
+    runs: dict[str, list[tuple[float, ...]]] = {name: [] for name in configs}
+    for round_ in range(repeat + 1):  # round 0 warms the caches (and creates mlflow.db)
+        for name, sinks in configs.items():
+            out = folder / "elapsed.json"
+            total, all_cpu = expkit_run_cpu(folder, env, TRAIN, [STEPS, per_step, str(out)], sinks)
+            wall, cpu = json.loads(out.read_text())
+            if round_:
+                runs[name].append((wall, cpu, total, all_cpu - cpu))
+            if sinks:
+                got = mlflow_count(folder / ".expkit" / "mlflow.db", "loss")
+                assert got == STEPS, f"{name}: MLflow holds {got} of {STEPS} loss values"
+    figures = {}
+    for name, rows in runs.items():
+        walls = [row[0] for row in rows]
+        figures[name] = {
+            "script_s": statistics.median(walls),
+            "script_min_s": min(walls),
+            "script_max_s": max(walls),
+            "script_cpu_s": statistics.median(row[1] for row in rows),
+            "expkit_run_s": statistics.median(row[2] for row in rows),
+            "driver_cpu_s": statistics.median(row[3] for row in rows),
+        }
+    return figures
+
+
+# -- 2. time until N values are queryable in MLflow -----------------------------------------------
+def bench_queryable(folder: Path, values: int, calls: int, server: str | None) -> dict[str, float]:
+    env = new_workspace(folder)
+    if server:
+        sinks: list = [{"name": "mlflow", "options": {"tracking_uri": server}}]
+        uri = server
+    else:
+        sinks, uri = ["mlflow"], f"sqlite:///{folder / 'log-metric.db'}"
+    expkit_run(folder, env, "print('warm')\n", [], sinks)  # creates the store: not timed
+    through_expkit = expkit_run(folder, env, FLOOD, [values], sinks)
+    if not server:
+        got = mlflow_count(folder / ".expkit" / "mlflow.db", "loss")
+        assert got == values, f"MLflow holds {got} of {values} values"
+    subprocess.run(  # creates the peer's store: not timed either
+        [sys.executable, "-c", LOG_METRIC, "1", uri, "sync"],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    results = {"expkit run.log() + mlflow sink": through_expkit}
+    for mode, label in (("sync", "mlflow.log_metric"), ("async", "log_metric(synchronous=False)")):
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, "-c", LOG_METRIC, str(calls), uri, mode],
+            env=ENV,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - start
+        logging = float(out.stdout.split()[-1])
+        results[f"{label}, {calls:,} measured"] = wall
+        results[f"{label}, {values:,} extrapolated"] = wall + logging / calls * (values - calls)
+    return results
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "server", "--workers", "1"),
+            *("--backend-store-uri", f"sqlite:///{folder / 'server.db'}"),
+            *("--default-artifact-root", "mlflow-artifacts:/"),
+            *("--artifacts-destination", str(folder / "artifacts")),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ],
+        env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return server, url
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError("mlflow server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--values", type=int, default=100_000)
+    parser.add_argument("--log-metric-calls", type=int, default=2000)
+    parser.add_argument("--server", action="store_true", help="part 2 against mlflow server too")
+    parser.add_argument("--only", choices=["overhead", "queryable"], help="run one part")
+    args = parser.parse_args()
+    figures: dict = {"overhead": {}, "queryable_s": {}}
+    overhead = figures["overhead"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "overhead"):
+            overhead.update(bench_overhead(Path(tmp, "overhead"), args.repeat, args.seconds))
+        if args.only in (None, "queryable"):
+            figures["queryable_s"]["sqlite"] = bench_queryable(
+                Path(tmp, "sqlite"), args.values, args.log_metric_calls, None
+            )
+        if args.server and args.only in (None, "queryable"):
+            server, url = start_server(Path(tmp))
+            try:
+                figures["queryable_s"]["server"] = bench_queryable(
+                    Path(tmp, "server"), args.values, args.log_metric_calls, url
+                )
+            finally:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+
+    if overhead:
+        base = overhead["no sink"]
+        print(
+            f"1. a ~{args.seconds:.0f} s script logging {4 * STEPS} values, {args.repeat} runs each"
+        )
+        print(
+            f"{'sinks':<22} {'script median':>15} {'best':>15} {'range':>14} {'script CPU':>11}"
+            f" {'expkit run':>11} {'driver CPU':>11}"
+        )
+        for name, row in overhead.items():
+            row["median_slower_pct"] = round((row["script_s"] / base["script_s"] - 1) * 100, 2)
+            row["best_slower_pct"] = round(
+                (row["script_min_s"] / base["script_min_s"] - 1) * 100, 2
+            )
+            print(
+                f"{name:<22} {row['script_s']:>6.2f}s {row['median_slower_pct']:>+6.1f}%"
+                f" {row['script_min_s']:>7.2f}s {row['best_slower_pct']:>+6.1f}%"
+                f" {row['script_min_s']:>7.2f}-{row['script_max_s']:<5.2f}s"
+                f" {row['script_cpu_s']:>10.2f}s {row['expkit_run_s']:>10.2f}s"
+                f" {row['driver_cpu_s']:>10.2f}s"
+            )
+    for store, rows in figures["queryable_s"].items():
+        print(f"\n2. time until {args.values:,} values are queryable in MLflow ({store})")
+        ours = rows["expkit run.log() + mlflow sink"]
+        for name, seconds in rows.items():
+            print(f"{name:<52} {seconds:>8.1f}s {seconds / ours:>6.1f}x")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Metric sink and model registry `mlflow`: every run mirrored as an MLflow run, every
+registered model version as an MLflow model version.
+
+    metrics: [mlflow]                     # or {name: mlflow, options: {tracking_uri: ...}}
+    model: {name: pt-dnn, registries: [mlflow]}
+
+The tracking URI comes from the sink's options, else the workspace's config.json
+(`{"mlflow": {"tracking_uri": ...}}`), else `$MLFLOW_TRACKING_URI`, else a SQLite store inside
+the workspace (`mlflow.db`, artifacts in `mlartifacts/`); see `expkit_mlflow.tracking`.
+
+mlflow takes seconds to import, so this module only checks that it is installed: `sink.py`
+and `registry.py` import it when a job uses them, on the sink's own thread or at register.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import expkit
+
+if importlib.util.find_spec("mlflow") is None:
+    raise expkit.PluginUnavailable("mlflow is not installed; pip install 'expkit[mlflow]'")
+
+from expkit_mlflow.registry import MlflowRegistry
+from expkit_mlflow.sink import MlflowSink
+
+
+@expkit.hookimpl
+def expkit_metric_sinks() -> list[expkit.MetricSink]:
+    return [MlflowSink()]
+
+
+@expkit.hookimpl
+def expkit_model_registries() -> list[expkit.ModelRegistry]:
+    return [MlflowRegistry()]

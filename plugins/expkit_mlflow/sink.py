@@ -1,0 +1,142 @@
+"""Metric sink `mlflow`: each expkit run becomes an MLflow run in the experiment of the same name.
+
+It runs on expkit's sink thread, fed from the run history in batches, so the training script
+never waits for MLflow: the only cost to the script is the history it writes anyway.
+
+What goes where:
+- params: the script's arguments as the job spec writes them (at open);
+- tags: the expkit run id, workspace, snapshot and environment hashes and the job's tags (at
+  open); the script's tags, each stage's seconds, the final state and error (at close);
+- metrics: every numeric value with its step and its timestamp, 1000 a `log_batch` call. A
+  value logged without a step takes the metric's next one (0, 1, 2, ... in the order logged,
+  as the TensorBoard sink does): MLflow would give each step 0 and keep only one of equal
+  values logged in the same millisecond. A value logged by rank N > 0 is named
+  `rankN/<name>`. MLflow stores +-inf as +-1.8e308, and refuses some characters in names:
+  those become `_`;
+- values MLflow cannot hold as metrics: a string (or a list) becomes the tag
+  `expkit.metric.<name>` holding the latest value (tags can change, params cannot); table
+  rows (`run.log_row`) become the artifact `metrics/<name>.json`, in `mlflow.log_table`'s
+  layout (columns, data), at close. The run history keeps every one of them;
+- artifacts: the run's logs/ and outputs/ (at close, unless the registry uploaded outputs/);
+- status: completed -> FINISHED, failed -> FAILED, canceled -> KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo
+from expkit_mlflow.tracking import (
+    METRICS_PER_CALL,
+    NAME,
+    RUN_TAG,
+    connect,
+    ensure_run,
+    history_of,
+    log_tags,
+    mlflow_key,
+    outputs_logged,
+    resolve,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+STATUS = {"completed": "FINISHED", "failed": "FAILED", "canceled": "KILLED"}
+NICENESS = 10
+
+
+class MlflowSink(MetricSink):
+    name = NAME
+    description = "each run as an MLflow run: params, tags, metrics, logs and outputs, status"
+
+    def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
+        yield_cpu()
+        tracking = resolve(run, options)
+        client = connect(tracking)
+        mlflow_run_id, _ = ensure_run(client, run, tracking)
+        return MlflowWriter(client, mlflow_run_id, run)
+
+
+def yield_cpu() -> None:
+    """Lower this thread's priority (expkit's thread for this sink; on Linux niceness is per
+    thread): importing mlflow and its SQL writes take CPU seconds, and when the cores are busy
+    the training script's processes should get them first. The sink catches up later."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
+
+
+class MlflowWriter(MetricWriter):
+    def __init__(self, client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> None:
+        self.client, self.mlflow_run_id, self.run = client, mlflow_run_id, run
+        self.tables: dict[str, list[dict[str, Any]]] = {}
+        self._next_step: dict[str, int] = {}  # per metric, for the values logged without one
+        self._batch: list[Metric] | None = None  # the batch being sent, and how far it got:
+        self._numbers: list[Any] = []  # a retried send resumes after the last call that
+        self._texts: dict[str, str] = {}  # succeeded instead of sending it all again
+        self._sent = 0
+
+    def send(self, metrics: list[Metric]) -> None:
+        if metrics is not self._batch:
+            self._batch, self._sent = metrics, 0
+            self._numbers, self._texts = self._split(metrics)
+        for start in range(self._sent, len(self._numbers), METRICS_PER_CALL):
+            chunk = self._numbers[start : start + METRICS_PER_CALL]
+            self.client.log_batch(self.mlflow_run_id, metrics=chunk)
+            self._sent = start + len(chunk)
+        if self._texts:
+            log_tags(self.client, self.mlflow_run_id, self._texts)
+            self._texts = {}
+
+    def _split(self, metrics: list[Metric]) -> tuple[list[Any], dict[str, str]]:
+        """MLflow metrics for the numbers; tags for the strings; rows kept for close."""
+        from mlflow.entities import Metric as MlflowMetric
+
+        numbers, texts = [], {}
+        for m in metrics:
+            key = mlflow_key(m.name if not m.rank else f"rank{m.rank}/{m.name}")
+            if isinstance(m.value, int | float):  # bool included: True is 1
+                if isinstance(m.step, int | float):
+                    step = int(m.step)
+                else:
+                    step = self._next_step.get(key, 0)
+                    self._next_step[key] = step + 1
+                numbers.append(MlflowMetric(key, float(m.value), int(m.timestamp * 1000), step))
+            elif isinstance(m.value, dict):
+                self.tables.setdefault(key, []).append(m.value)
+            else:
+                text = m.value if isinstance(m.value, str) else json.dumps(m.value)
+                texts[f"expkit.metric.{key}"] = text
+        return numbers, texts
+
+    def close(self, state: str) -> None:
+        """Final tags, the tables, logs/ and outputs/, then the status: a reader that sees
+        the run finished finds everything in it."""
+        history = history_of(self.run)
+        run_id = self.run.run_id
+        record = history.run(run_id)
+        tags: dict[str, Any] = {k: v for k, v in history.tags(run_id).items() if k != RUN_TAG}
+        tags.update({"expkit.state": state, "expkit.exit_code": record.exit_code})
+        for stage in history.stages(run_id):
+            if stage.started is not None and stage.ended is not None:
+                tags[f"expkit.stage.{stage.stage}.seconds"] = f"{stage.ended - stage.started:.3f}"
+            if stage.state in ("failed", "canceled") and stage.message:  # the run's error is
+                tags["expkit.error"] = f"{stage.stage}: {stage.message}"  # recorded after this
+        log_tags(self.client, self.mlflow_run_id, tags)
+        for key, rows in self.tables.items():
+            columns = list(dict.fromkeys(c for row in rows for c in row))
+            table = {"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}
+            self.client.log_dict(self.mlflow_run_id, table, f"metrics/{key}.json")
+        logs, outputs = self.run.run_dir / "logs", self.run.run_dir / "outputs"
+        if logs.is_dir() and any(logs.iterdir()):
+            self.client.log_artifacts(self.mlflow_run_id, str(logs), "logs")
+        has_outputs = outputs.is_dir() and any(outputs.iterdir())
+        if has_outputs and not outputs_logged(self.client, self.mlflow_run_id):
+            self.client.log_artifacts(self.mlflow_run_id, str(outputs), "outputs")
+        end = int(time.time() * 1000)
+        self.client.set_terminated(self.mlflow_run_id, STATUS.get(state, "FAILED"), end)

@@ -1,0 +1,215 @@
+"""What the sink and the registry share: the tracking URI, the client, and the MLflow run that
+mirrors an expkit run.
+
+They must agree on all three, because the registry points its model versions at the run the
+sink created. The sink records that run's id as the expkit run's tag `mlflow.run_id` (shown
+by `expkit runs show`), and the registry reads it back; when no sink made one (a job with
+`registries: [mlflow]` and no `metrics: [mlflow]`), the registry makes it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import posixpath
+import re
+import shlex
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from expkit.history import History
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from expkit.capabilities import RunInfo
+    from expkit.job import JobSpec
+
+NAME = "mlflow"
+RUN_TAG = "mlflow.run_id"
+OPTIONS = ("tracking_uri", "artifact_location")
+# MLflow's limits (mlflow.utils.validation): a log_batch call takes at most 1000 metrics and
+# 100 params or tags; longer keys and values are refused, so they are shortened here.
+METRICS_PER_CALL = 1000
+TAGS_PER_CALL = 100
+KEY_LENGTH = 250
+PARAM_LENGTH = 6000
+TAG_LENGTH = 8000
+# MLflow retries a failed HTTP request 7 times with exponential backoff (about 4 minutes). The
+# sink is already retried by expkit (a few seconds), and post-process waits for it at most
+# 300 s: with MLflow's default a dead server would hold the run up instead of being reported.
+# These apply unless the user set them.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+@dataclass
+class Tracking:
+    """Where MLflow data goes."""
+
+    uri: str
+    artifact_root: str | None = None  # where a new experiment keeps its artifacts
+
+
+def workspace_of(run: RunInfo) -> Path:
+    return run.run_dir.parents[1]  # a run lives in <workspace>/runs/<id>
+
+
+def history_of(run: RunInfo) -> History:
+    return History(workspace_of(run) / "history.db")
+
+
+def sink_options(job: JobSpec) -> dict[str, Any]:
+    """The options of the job's `mlflow` metric sink (the registry uses the same server)."""
+    return next((dict(s.options) for s in job.metrics if s.name == NAME), {})
+
+
+def resolve(run: RunInfo, options: dict[str, Any]) -> Tracking:
+    """The tracking URI: the sink's options, the workspace's config.json, MLFLOW_TRACKING_URI,
+    else SQLite in the workspace. The embedded default is a database file rather than
+    MLflow's file store, which mlflow 3 refuses unless told otherwise, with its artifacts
+    next to it (for any other SQLite URI, MLflow's default applies: ./mlruns).
+
+    `artifact_location` (an option, or in config.json) is where a new experiment keeps its
+    artifacts; a server decides that itself unless told."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r}; allowed: {', '.join(OPTIONS)}")
+    workspace = workspace_of(run)
+    root = options.get("artifact_location")
+    if options.get("tracking_uri"):
+        return Tracking(str(options["tracking_uri"]), root)
+    config = json.loads((workspace / "config.json").read_text()).get(NAME) or {}
+    if config.get("tracking_uri"):
+        return Tracking(str(config["tracking_uri"]), root or config.get("artifact_location"))
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return Tracking(os.environ["MLFLOW_TRACKING_URI"], root)
+    root = root or (workspace / "mlartifacts").as_uri()
+    return Tracking(f"sqlite:///{workspace / 'mlflow.db'}", root)
+
+
+def connect(tracking: Tracking) -> MlflowClient:
+    """A client for `tracking` (this is where mlflow is imported)."""
+    for variable, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(variable, value)
+    # Creating or upgrading a SQLite store logs a few INFO lines per run: noise in the terminal.
+    for logger in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking.uri)
+
+
+def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[str, bool]:
+    """The id of the MLflow run mirroring `run`, created (with params and tags) if there is
+    none yet; and whether it was created now. A retried `open` finds the run it made before."""
+    history = history_of(run)
+    existing = history.tags(run.run_id).get(RUN_TAG)
+    if existing:
+        return existing, False
+    record = history.run(run.run_id)
+    tags = {
+        "expkit.run_id": run.run_id,
+        "expkit.experiment": run.experiment,
+        "expkit.workspace": f"{socket.gethostname()}:{workspace_of(run)}",
+        "expkit.snapshot_hash": record.snapshot_hash,
+        "expkit.environment_hash": record.environment_hash,
+        "mlflow.source.name": run.job.entry_script,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": _user(),
+        **run.job.tags,
+    }
+    created = client.create_run(
+        experiment_id(client, run.experiment, tracking),
+        start_time=int(record.created * 1000),
+        tags=clean_tags(tags),
+        run_name=run.run_id,
+    )
+    mlflow_run_id = created.info.run_id
+    log_params(client, mlflow_run_id, job_params(run.job))
+    history.set_tags(run.run_id, {RUN_TAG: mlflow_run_id})
+    return mlflow_run_id, True
+
+
+def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:
+    """The MLflow experiment named like the expkit one, created if needed."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        root = tracking.artifact_root
+        location = f"{root.rstrip('/')}/{name}" if root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as error:  # another run created it meanwhile
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
+    if found.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"MLflow experiment {name!r} is deleted in {tracking.uri}; restore it "
+            f"(`mlflow experiments restore --experiment-id {found.experiment_id}`) or remove it "
+            "for good (`mlflow gc`)"
+        )
+    return found.experiment_id
+
+
+def job_params(job: JobSpec) -> dict[str, str]:
+    """The script's arguments as written in the job spec (`${data.x}` unresolved, so that
+    runs compare); a list of arguments is one param, `args`, the command line."""
+    if isinstance(job.args, list):
+        return {"args": shlex.join(str(a) for a in job.args)} if job.args else {}
+    return {key.lstrip("-"): str(value) for key, value in job.args.items()}
+
+
+def log_params(client: MlflowClient, mlflow_run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(mlflow_key(k), v[:PARAM_LENGTH]) for k, v in params.items()]
+    for i in range(0, len(items), TAGS_PER_CALL):
+        client.log_batch(mlflow_run_id, params=items[i : i + TAGS_PER_CALL])
+
+
+def log_tags(client: MlflowClient, mlflow_run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, v) for k, v in clean_tags(tags).items()]
+    for i in range(0, len(items), TAGS_PER_CALL):
+        client.log_batch(mlflow_run_id, tags=items[i : i + TAGS_PER_CALL])
+
+
+def clean_tags(tags: dict[str, Any]) -> dict[str, str]:
+    """Tags as MLflow takes them: valid keys, string values within its length limit."""
+    return {mlflow_key(k): str(v)[:TAG_LENGTH] for k, v in tags.items() if v is not None}
+
+
+_NOT_ALLOWED = re.compile(r"[^\w./\- :]")
+
+
+@lru_cache(maxsize=4096)
+def mlflow_key(name: str) -> str:
+    """`name` as a valid MLflow metric, param or tag key: characters MLflow refuses become
+    `_`, and a key that would not name one file (`a//b`, `../x`, `/x`) loses its slashes."""
+    key = _NOT_ALLOWED.sub("_", name)[:KEY_LENGTH]
+    if posixpath.normpath(key) != key or key.startswith(("/", "..")) or key == ".":
+        key = "_" + key.replace("/", "_")[: KEY_LENGTH - 1]
+    return key
+
+
+def outputs_logged(client: MlflowClient, mlflow_run_id: str) -> bool:
+    return bool(client.list_artifacts(mlflow_run_id, "outputs"))
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
