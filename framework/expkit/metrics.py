@@ -8,7 +8,9 @@ only falls behind: it catches up from the history, and the rest is flushed at po
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from expkit.history import History, metric_value
 PUMP_SECONDS = 0.25
 SINK_BATCH = 5000
 RETRY_DELAYS = (0.5, 1.0, 2.0)
+SINK_NICENESS = 10  # sink threads give way to the training script when the cores are busy
 DRAIN_STALL_SECONDS = 300.0  # post-process gives up on a sink that delivers nothing for this long
 
 
@@ -133,6 +136,7 @@ class SinkWorker:
         self._thread.start()
 
     def _loop(self) -> None:
+        _yield_cpu()
         if not self._call("open", lambda: self._open()):
             return
         while not self._done.is_set():
@@ -196,3 +200,11 @@ class SinkWorker:
         """Tell the sink the run's final state."""
         if self._writer is not None and self.error is None:
             self._call("close", lambda: self._writer.close(state))
+
+
+def _yield_cpu() -> None:
+    """Lower the calling thread's priority (Linux niceness is per thread): a sink's imports and
+    writes can take CPU seconds, and the training script should get the cores first; the sink
+    catches up later from the history."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SINK_NICENESS)

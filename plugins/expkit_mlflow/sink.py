@@ -23,10 +23,7 @@ What goes where:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +45,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "canceled": "KILLED"}
-NICENESS = 10
 
 
 class MlflowSink(MetricSink):
@@ -56,19 +52,10 @@ class MlflowSink(MetricSink):
     description = "each run as an MLflow run: params, tags, metrics, logs and outputs, status"
 
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
-        yield_cpu()
         tracking = resolve(run, options)
         client = connect(tracking)
         mlflow_run_id, _ = ensure_run(client, run, tracking)
         return MlflowWriter(client, mlflow_run_id, run)
-
-
-def yield_cpu() -> None:
-    """Lower this thread's priority (expkit's thread for this sink; on Linux niceness is per
-    thread): importing mlflow and its SQL writes take CPU seconds, and when the cores are busy
-    the training script's processes should get them first. The sink catches up later."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
 
 
 class MlflowWriter(MetricWriter):
