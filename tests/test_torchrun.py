@@ -71,6 +71,8 @@ RANKS = """
         with open("outputs/allreduce.json", "w") as f:
             json.dump({"sum": total.item()}, f)
     print(f"rank {rank} done", flush=True)
+    del ddp  # no DDP reducer left holding the group's work when it is destroyed
+    dist.barrier()
     dist.destroy_process_group()
 """
 

@@ -111,6 +111,9 @@ class Torchrun(SingleProcess):
         torch.distributed.barrier()
 
     def shutdown(self) -> None:
+        # Every rank done with its collectives before the group goes: a Gloo worker thread
+        # still holding work at interpreter exit aborts the process (SIGABRT, seen in CI).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
