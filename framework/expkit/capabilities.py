@@ -31,6 +31,19 @@ class Capability:
     def check(self, job: JobSpec) -> None:
         """Reject a job this capability can never serve (raise UserError) before any work."""
 
+    def reject_unknown_options(
+        self, options: dict[str, Any], allowed: tuple[str, ...], field: str
+    ) -> None:
+        """For `check`: a UserError naming the first option of `field` that is not `allowed`."""
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            from expkit.errors import UserError
+
+            takes = ", ".join(f"`{name}`" for name in allowed)
+            raise UserError(
+                f"{field}: unknown option {unknown[0]!r} for {self.name} (it takes {takes})"
+            )
+
 
 # -- what flows between the stages -------------------------------------------------------------
 @dataclass

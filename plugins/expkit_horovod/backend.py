@@ -66,12 +66,7 @@ class HorovodBackend(DistributedBackend):
 
     def check(self, job: JobSpec) -> None:
         options, res = job.distributed.options, job.resources
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise UserError(
-                f"distributed.options: unknown option {unknown[0]!r} for horovod "
-                "(it takes `controller` and `args`)"
-            )
+        self.reject_unknown_options(options, OPTIONS, "distributed.options")
         controller = options.get("controller", "gloo")
         if controller not in CONTROLLERS:
             raise UserError(

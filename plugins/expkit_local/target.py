@@ -36,20 +36,14 @@ class LocalTarget(ComputeTarget):
         return slots, gpus
 
     def check(self, job: JobSpec) -> None:
-        options = job.compute.options
-        unknown = set(options) - {"slots", "gpus"}
-        if unknown:
-            raise UserError(
-                f"compute.options: unknown option {sorted(unknown)[0]!r} for the "
-                "local target (it takes `slots` and `gpus`)"
-            )
+        self.reject_unknown_options(job.compute.options, ("slots", "gpus"), "compute.options")
         res = job.resources
         if res.nodes != 1:
             raise UserError(
                 f"resources.nodes: the local target runs on this machine only (nodes: 1), "
                 f"not {res.nodes}; use a cluster compute target for more nodes"
             )
-        slots, gpus = self.capacity(options)
+        slots, gpus = self.capacity(job.compute.options)
         if res.processes_per_node > slots:
             raise UserError(
                 f"resources.processes_per_node: {res.processes_per_node} processes do not fit "

@@ -44,12 +44,7 @@ class Torchrun(DistributedBackend):
 
     def check(self, job: JobSpec) -> None:
         options, res = job.distributed.options, job.resources
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise UserError(
-                f"distributed.options: unknown option {unknown[0]!r} for torchrun "
-                f"(it takes {', '.join(f'`{o}`' for o in OPTIONS)})"
-            )
+        self.reject_unknown_options(options, OPTIONS, "distributed.options")
         node_rank = options.get("node_rank", 0)
         if not isinstance(node_rank, int) or not 0 <= node_rank < res.nodes:
             raise UserError(
