@@ -23,6 +23,9 @@ _EXPORTS = {
     "MetricSink": "expkit.capabilities",
     "ModelRegistry": "expkit.capabilities",
     "Exporter": "expkit.capabilities",
+    "ExportRequest": "expkit.capabilities",
+    "ExportResult": "expkit.capabilities",
+    "JobImporter": "expkit.capabilities",
     "PluginUnavailable": "expkit.errors",
     "UserError": "expkit.errors",
 }
@@ -40,6 +43,9 @@ __all__ = [  # noqa: RUF022 - grouped by what they are for
     "MetricSink",
     "ModelRegistry",
     "Exporter",
+    "ExportRequest",
+    "ExportResult",
+    "JobImporter",
     "PluginUnavailable",
     "UserError",
 ]
@@ -51,6 +57,9 @@ if TYPE_CHECKING:  # pragma: no cover
         DistributedBackend,
         EnvironmentBuilder,
         Exporter,
+        ExportRequest,
+        ExportResult,
+        JobImporter,
         MetricSink,
         ModelRegistry,
     )

@@ -162,6 +162,11 @@ class ComputeTarget(Capability, ABC):
     def release(self, ctx: RunContext, allocation: Allocation) -> None:
         """Give back what `acquire` took; called whatever happened."""
 
+    def dry_run(self, job: JobSpec) -> str | None:
+        """`expkit run JOB --dry-run`: the exact submission this target would make, as text,
+        without contacting anything. None: the lifecycle's own plan is all there is to show."""
+        return None
+
 
 class DistributedBackend(Capability, ABC):
     """Turns one command into the processes of a (possibly distributed) launch."""
@@ -214,23 +219,75 @@ class ModelRegistry(Capability, ABC):
 
 
 @dataclass
-class ExportResult:
-    """What an exporter produced and how it checked it."""
+class ExportRequest:
+    """One export to make: the trained model, how to rebuild it, what it takes, how to check it.
 
-    files: list[Path]
+    Exporters run torch in `python` (the run's environment), not in expkit's own process: the
+    model's code and its packages live there. `expkit.exportkit` has the pieces both built-in
+    exporters use: running a worker module in that interpreter, loading the model, making inputs
+    and comparing outputs.
+    """
+
+    format: str  # the exporter's name, e.g. "onnx"
+    model_dir: Path  # the model's files: the run's outputs/<model.path> or a version's folder
+    load: dict[str, Any]  # job spec `model.load`: file, factory ("module:function"), args
+    input: dict[str, Any]  # job spec `model.input`: shape, dtype, dynamic_axes, examples
+    options: dict[str, Any]  # the export entry's own options (e.g. opset), checked by `check`
+    atol: float  # outputs match when |exported - eager| <= atol + rtol * |eager|, everywhere
+    rtol: float
+    out_dir: Path  # write the exported files here (an empty folder)
+    python: str  # the interpreter with torch and the model's packages
+    code_dir: Path | None = None  # where `load.factory`'s module is found (the run's snapshot)
+    env: dict[str, str] = field(default_factory=dict)  # variables for that interpreter
+    say: Callable[[str], None] = print  # a progress line, shown and recorded
+
+
+@dataclass
+class ExportResult:
+    """What an exporter produced and how it checked it.
+
+    `ok` is False when the export or its parity check failed; `message` then says why in one
+    line. `checks` holds the figures shown and recorded with the export (error figures, the
+    inputs checked, opset, input and output names and shapes, ...); it must be JSON-able.
+    """
+
+    files: list[Path]  # inside the request's out_dir
     checks: dict[str, Any]
     ok: bool
     message: str = ""
 
 
 class Exporter(Capability, ABC):
-    """Writes the trained model in another format and checks it against the original."""
+    """Writes the trained model in another format and checks it against the eager model.
+
+    Selected by `exports: [{format: <name>, options: {...}}]` in a job spec, and by
+    `expkit export RUN_OR_MODEL --format <name>`. Raise UserError from `check` for options the
+    exporter does not take; a failure during `export` is reported as a failed export, not a
+    crash (return ok=False with the reason, or raise).
+    """
 
     kind = "exporter"
 
+    def check_options(self, options: dict[str, Any], field: str) -> None:
+        """Reject options this exporter does not take (UserError naming `field`)."""
+
     @abstractmethod
-    def export(self, model_dir: Path, settings: dict[str, Any], out_dir: Path) -> ExportResult:
-        """Export the model found in `model_dir` into `out_dir`."""
+    def export(self, request: ExportRequest) -> ExportResult:
+        """Export the model of `request` into `request.out_dir` and check it."""
+
+
+class JobImporter(Capability, ABC):
+    """Turns another tool's job definition into an expkit job spec (`expkit import NAME REF`).
+
+    Example: the `azureml` importer turns an `azureml.train.dnn.PyTorch` estimator or a
+    `ScriptRunConfig`, named as `FILE.py:NAME`, into a job spec.
+    """
+
+    kind = "job importer"
+
+    @abstractmethod
+    def import_job(self, ref: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The job spec (as the dict a job.yaml holds) for what `ref` names; UserError if none."""
 
 
 KINDS: dict[str, type[Capability]] = {
@@ -240,4 +297,5 @@ KINDS: dict[str, type[Capability]] = {
     "metric_sinks": MetricSink,
     "model_registries": ModelRegistry,
     "exporters": Exporter,
+    "job_importers": JobImporter,
 }

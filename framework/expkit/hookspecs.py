@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         DistributedBackend,
         EnvironmentBuilder,
         Exporter,
+        JobImporter,
         MetricSink,
         ModelRegistry,
         RunInfo,
@@ -104,9 +105,20 @@ def expkit_model_registries() -> list[ModelRegistry]:
 
 @hookspec
 def expkit_exporters() -> list[Exporter]:
-    """Export formats this plugin supplies, run in post-process.
+    """Export formats this plugin supplies, run in post-process and by `expkit export`.
 
-    Example: `return [OnnxExporter()]`, selected with `exports: [onnx]`.
+    Example: `return [OnnxExporter()]`, selected with `exports: [onnx]`. Each successful
+    export's files are written into the run's outputs and registered with the model version;
+    a failed one is recorded with its reason and not registered.
+    """
+
+
+@hookspec
+def expkit_job_importers() -> list[JobImporter]:
+    """Job importers this plugin supplies: another tool's job definition -> an expkit job spec.
+
+    Example: `return [AzureMLImporter()]`, used by `expkit import azureml train.py:estimator`
+    (also spelled `expkit import-azureml train.py:estimator`).
     """
 
 

@@ -140,6 +140,48 @@ class SinkSpec(_Spec):
 
 
 @dataclass
+class ModelLoad(_Spec):
+    """How exporters rebuild the trained model from its files.
+
+    `file` (inside the model's path) holds a whole module saved with `torch.save(model)` or
+    `torch.jit.save`; with `factory` (`module:function`, importable from the source directory)
+    it holds a state dict, loaded into `function(**args)`.
+    """
+
+    short_form = "file"
+    file: str = "model.pt"
+    factory: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def _check(self) -> None:
+        if self.factory is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.factory):
+            raise _Invalid("factory", "must be `module:function`, e.g. `train:build_model`")
+        if Path(self.file).is_absolute() or ".." in Path(self.file).parts:
+            raise _Invalid("file", "must be a path inside the model's path, e.g. `model.pt`")
+
+
+@dataclass
+class ModelInput(_Spec):
+    """What the model takes: one tensor of `shape` (batch first); `dynamic_axes` may vary.
+
+    `examples` is a .npy file inside the model's path holding real inputs (e.g. validation
+    images as the model sees them), checked besides random ones.
+    """
+
+    shape: list[int] = field(default_factory=list)
+    dtype: Literal["float32", "float64", "float16", "int64", "int32"] = "float32"
+    dynamic_axes: list[int] = field(default_factory=lambda: [0])
+    examples: str | None = None
+
+    def _check(self) -> None:
+        if not self.shape or any(size < 1 for size in self.shape):
+            raise _Invalid("shape", "give the input's shape, e.g. [1, 3, 32, 32]")
+        for axis in self.dynamic_axes:
+            if not 0 <= axis < len(self.shape):
+                raise _Invalid("dynamic_axes", f"axis {axis} is not an axis of {self.shape}")
+
+
+@dataclass
 class ModelSpec(_Spec):
     """The model to register after a successful run (`register_model(model_name, model_path)`)."""
 
@@ -147,11 +189,29 @@ class ModelSpec(_Spec):
     path: str = "outputs/"
     tags: dict[str, str] = field(default_factory=dict)
     registries: list[str] = field(default_factory=list)
+    load: ModelLoad | None = None  # for exports
+    input: ModelInput | None = None  # for exports
 
     def _check(self) -> None:
         parts = Path(self.path).parts
         if not parts or parts[0] != "outputs" or ".." in parts:
             raise _Invalid("path", "must be inside outputs/, e.g. `outputs/` or `outputs/model.pt`")
+
+
+@dataclass
+class ExportSpec(_Spec):
+    """An export format run in post-process; its files join the model version when it passes.
+
+    A failed export (or parity check) is recorded and not registered; `required: true` fails
+    the run instead.
+    """
+
+    short_form = "format"
+    format: str
+    options: dict[str, Any] = field(default_factory=dict)
+    atol: float = field(default=1e-4, metadata=_limits(ge=0))
+    rtol: float = field(default=1e-3, metadata=_limits(ge=0))
+    required: bool = False
 
 
 @dataclass
@@ -169,6 +229,7 @@ class JobSpec(_Spec):
     data: dict[str, DataInput] = field(default_factory=dict)
     metrics: list[SinkSpec] = field(default_factory=list)
     model: ModelSpec | None = None
+    exports: list[ExportSpec] = field(default_factory=list)
     timeout: float | None = field(default=None, metadata=_limits(gt=0))  # seconds of the run stage
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -176,6 +237,18 @@ class JobSpec(_Spec):
         for name in self.data:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
                 raise ValueError(f"data name {name!r} may use letters, digits, _ and - only")
+        if self.exports:
+            missing = [f for f in ("load", "input") if not self.model or not getattr(self.model, f)]
+            if missing:
+                raise _Invalid(
+                    "exports",
+                    f"exports need `model.{missing[0]}` (how to rebuild the model and what it "
+                    "takes), e.g. model: {load: {file: model.pt, factory: train:build_model}, "
+                    "input: {shape: [1, 3, 32, 32]}}",
+                )
+            formats = [e.format for e in self.exports]
+            if len(set(formats)) < len(formats):
+                raise _Invalid("exports", "each format may be listed once")
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,1 @@
+"""Plugin: the `azureml` compute target, model registry and job importer (work in progress)."""

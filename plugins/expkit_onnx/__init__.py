@@ -1,0 +1,1 @@
+"""Plugin: the `onnx` exporter (work in progress)."""

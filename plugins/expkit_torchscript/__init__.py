@@ -1,0 +1,1 @@
+"""Plugin: the `torchscript` exporter (work in progress)."""
