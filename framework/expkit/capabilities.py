@@ -151,6 +151,11 @@ class ComputeTarget(Capability, ABC):
 
     kind = "compute target"
 
+    def prepare(self, ctx: RunContext) -> Environment | None:
+        """Prepare stage, for a target that builds the environment where the job runs (a
+        cluster's image): return that Environment and the local builder is not called."""
+        return None
+
     @abstractmethod
     def acquire(self, ctx: RunContext) -> Allocation:
         """Scale stage: block until the job's resources are held; poll `ctx.canceled()`."""

@@ -254,8 +254,10 @@ class Lifecycle:
             self.warn(warning)
         self.history.update_run(self.run_id, snapshot_hash=snap.hash)
 
-        builder = self.choice.builder
-        env = _plugin_call(builder, "build", builder.build, self.job.environment, self.ctx)
+        builder, compute = self.choice.builder, self.choice.compute
+        env = _plugin_call(compute, "prepare", compute.prepare, self.ctx) or _plugin_call(
+            builder, "build", builder.build, self.job.environment, self.ctx
+        )
         self.ctx.environment = env
         self.say(env.reason)
         self.history.update_run(self.run_id, environment_hash=env.hash)
