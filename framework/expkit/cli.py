@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--all-ranks", action="store_true", help="show every rank's output")
     run.add_argument("--quiet", action="store_true", help="show the script's output only")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would run, and the compute target's exact submission, "
+        "without starting or contacting anything",
+    )
     run.set_defaults(handler=cmd_run)
 
     runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(
@@ -111,6 +117,60 @@ def build_parser() -> argparse.ArgumentParser:
     mdown.add_argument("dest", metavar="DEST", help="folder to write into")
     mdown.set_defaults(handler=cmd_models_download)
 
+    export = commands.add_parser(
+        "export",
+        help="export a run's model or a model version (ONNX, TorchScript, ...)",
+        description="Export the model of RUN (id, number or `latest`) or of a registered "
+        "MODEL[:VERSION] with the exporter FORMAT, check it against the PyTorch model, and "
+        "add the exported files to the run's outputs or to the model version when the check "
+        "passes. The run's job spec says how to load the model (model.load) and what it "
+        "takes (model.input); change or add those with --set.",
+        epilog="example: expkit export pt-dnn:2 --format onnx --option opset=18",
+    )
+    export.add_argument("ref", metavar="RUN_OR_MODEL", help="run id or number, or NAME[:VERSION]")
+    export.add_argument("--format", required=True, help="the exporter, e.g. onnx or torchscript")
+    export.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an exporter option, e.g. --option opset=18",
+    )
+    export.add_argument("--atol", type=float, help="absolute tolerance of the check")
+    export.add_argument("--rtol", type=float, help="relative tolerance of the check")
+    export.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the job spec used, e.g. --set model.input.shape=[1,3,32,32]",
+    )
+    export.set_defaults(handler=_later("expkit.cli_export", "cmd_export"))
+
+    importer = commands.add_parser(
+        "import",
+        help="turn another tool's job (an Azure ML estimator, ...) into a job spec",
+        usage="expkit import FROM REF [-o JOB.yaml] [--experiment NAME] [--set KEY=VALUE]",
+        description="Turn the job definition REF of another tool into an expkit job spec, "
+        "written to -o or printed. FROM names a job importer (`expkit plugins` lists them), "
+        "e.g. `expkit import azureml train_azure.py:estimator -o job.yaml`; "
+        "`expkit import-azureml REF` is the same as `expkit import azureml REF`.",
+    )
+    importer.add_argument("source", metavar="FROM", help="the importer, e.g. azureml")
+    importer.add_argument("ref", metavar="REF", help="what to import, e.g. FILE.py:NAME")
+    importer.add_argument("-o", "--output", metavar="JOB.yaml", help="write the job spec here")
+    importer.add_argument("--experiment", help="the experiment name (default: the importer's)")
+    importer.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a field of the imported job, e.g. --set compute=local",
+    )
+    importer.set_defaults(handler=cmd_import)
+
     plugins = commands.add_parser("plugins", help="installed plugins and what they supply")
     plugins.set_defaults(handler=cmd_plugins)
 
@@ -121,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(argv):  # `import-azureml REF` is `import azureml REF`
+        if not word.startswith("-"):
+            if word.startswith("import-") and len(word) > len("import-"):
+                argv[i : i + 1] = ["import", word.removeprefix("import-")]
+            break
     args = build_parser().parse_args(argv)
     from expkit.errors import PluginError, UserError
 
@@ -160,6 +226,17 @@ def _version() -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _later(module: str, name: str) -> Any:
+    """A command handler imported only when its command runs (start-up stays light)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return handler
+
+
 def _workspace(args: argparse.Namespace, create: bool = False) -> Any:
     from expkit.errors import UserError
     from expkit.workspace import Workspace
@@ -204,6 +281,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from expkit.job import JobSpec
 
     job = JobSpec.from_yaml(args.job, args.overrides)
+    if args.dry_run:
+        return dry_run(args.job, job)
     workspace = _workspace(args, create=True)
     try:
         record = lifecycle.submit(workspace, job)
@@ -218,8 +297,88 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FOR_STATE.get(record.state, 1)
 
 
+def dry_run(source: str, job: Any) -> int:
+    """The plan of `job`, stage by stage, then what its compute target would submit."""
+    import shlex
+
+    from expkit import lifecycle
+    from expkit.errors import UserError
+    from expkit.plugins import get_plugins
+
+    try:
+        choice = lifecycle.choose(job, get_plugins())
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
+
+    def named(capability: Any) -> str:
+        return f"{capability.name} ({capability.plugin})"
+
+    env = job.environment
+    res = job.resources
+    command = ["python", job.entry_script, *job.command_args({k: f"<data {k}>" for k in job.data})]
+    model = job.model
+    plan = [
+        ("prepare", f"snapshot of {job.source_directory}; environment {named(choice.builder)}"
+                    + (f" {' '.join(env.packages)}" if env.packages else "")
+                    + "".join(f"; data {k}" for k in job.data)),
+        ("scale", f"compute {named(choice.compute)}: {res.nodes} node(s) x "
+                  f"{res.processes_per_node} process(es), {res.gpus_per_node} GPU(s) per node"),
+        ("run", f"distributed {named(choice.backend)}: {shlex.join(command)}"),
+        ("post-process", "outputs/ sealed; metrics to "
+                         + (", ".join(named(s) for _, s in choice.sinks) or "the run history")
+                         + "".join(f"; export {named(e)}" for _, e in choice.exporters)),
+        ("register", f"model {model.name} from {model.path}"
+                     + "".join(f"; registry {named(r)}" for r in choice.registries)
+                     if model else "no model named"),
+    ]  # fmt: skip
+    print(f"dry run of {source} (nothing is started)")
+    for stage, text in plan:
+        print(f"  {stage:<13} {text}")
+    submission = choice.compute.dry_run(job)
+    if submission:
+        print(f"\n{choice.compute.kind} {choice.compute.name!r} would submit:\n{submission}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import os
+
+    import yaml
+
+    from expkit.errors import PluginError, UserError
+    from expkit.job import JobSpec, apply_override
+    from expkit.plugins import get_plugins
+
+    importer = get_plugins().get("job_importers", args.source, "FROM")
+    options = {"experiment": args.experiment} if args.experiment else {}
+    try:
+        raw = importer.import_job(args.ref, options)
+    except UserError:
+        raise
+    except Exception as error:
+        hook = f"{importer.kind} {importer.name!r} import_job"
+        raise PluginError(importer.plugin, hook, error) from error
+    for item in args.overrides:
+        apply_override(raw, item)
+    output = Path(args.output) if args.output else None
+    base = (output.parent if output else Path.cwd()).resolve()
+    JobSpec.from_dict(raw, source=args.ref, base_dir=base)  # checked before anything is written
+    folder = raw.get("source_directory")
+    if output and folder and Path(folder).is_absolute():  # the job file moves with its code
+        raw["source_directory"] = os.path.relpath(folder, base)
+    text = f"# imported from {args.ref} by `expkit import {args.source}`\n"
+    text += yaml.safe_dump(raw, sort_keys=False)
+    if output is None:
+        print(text, end="")
+        return 0
+    output.write_text(text, encoding="utf-8")
+    print(f"wrote {output}; run it with: expkit run {output}", file=sys.stderr)
+    return 0
+
+
 def print_summary(workspace: Any, record: Any, console: Any) -> None:
     from expkit.console import format_value, human_seconds, human_size
+    from expkit.exports import describe as describe_export
 
     history = workspace.history
     state_color = {"completed": "32", "failed": "31", "canceled": "33"}.get(record.state, "0")
@@ -237,6 +396,9 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     rows.append(
         ("outputs", f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}")
     )
+    for export in history.exports(record.id):
+        note = "" if export.ok else " (not registered)"
+        rows.append(("export", describe_export(export) + note))
     if record.error:
         rows.append(("error", record.error))
     rows.append(("details", f"expkit runs show {record.id}"))
@@ -270,6 +432,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 def cmd_runs_show(args: argparse.Namespace) -> int:
     from expkit.api import Run
     from expkit.console import format_value, human_seconds, human_size
+    from expkit.exports import describe as describe_export
 
     workspace = _workspace(args)
     record = _run_record(workspace, args.run_id)
@@ -311,6 +474,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         print("\ntags")
         for key, value in tags.items():
             print(f"  {key:<24} {value}")
+    found = history.exports(record.id)
+    if found:
+        print("\nexports")
+        for export in found:
+            print(f"  {describe_export(export)}")
     outputs = history.outputs(record.id)
     if outputs:
         print("\noutputs")
@@ -493,9 +661,25 @@ def cmd_models_show(args: argparse.Namespace) -> int:
         print(f"  {rel:<40} sha256:{digest[:12]}")
     print("lineage")
     for key, value in model.lineage.items():
+        if key == "exports":
+            continue
         if isinstance(value, dict):
             value = ", ".join(f"{k} {format_value(v)}" for k, v in value.items()) or "-"
         print(f"  {key:<17} {value}")
+    found = workspace.history.exports(model=model.name, version=model.version)
+    exported = model.lineage.get("exports", {})
+    if exported or found:
+        print("exports")
+    for name, entry in exported.items():
+        figures = ", ".join(
+            f"{k} {entry['checks'][k]:.2g}"
+            for k in ("max_abs_error", "max_rel_error")
+            if isinstance(entry.get("checks", {}).get(k), int | float)
+        )
+        print(f"  {name:<17} {', '.join(entry.get('files', []))}  ({figures or 'checked'})")
+    for export in found:
+        if not export.ok:
+            print(f"  {export.format:<17} failed, not added: {export.message}")
     if model.tags:
         print("tags")
         for key, value in model.tags.items():

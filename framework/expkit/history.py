@@ -82,6 +82,12 @@ CREATE TABLE IF NOT EXISTS model_files (
     name TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL,
     sha256 TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (name, version, path)
 );
+CREATE TABLE IF NOT EXISTS exports (
+    id INTEGER PRIMARY KEY, run_id TEXT, model TEXT, version INTEGER, format TEXT NOT NULL,
+    ok INTEGER NOT NULL, message TEXT NOT NULL, checks TEXT NOT NULL, files TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS exports_by_run ON exports (run_id);
 """
 
 
@@ -478,6 +484,20 @@ class History:
             sql, args = "SELECT * FROM models WHERE name = ? AND version = ?", [name, version]
         return self.db.execute(sql, args).fetchone()
 
+    def add_model_files(
+        self, name: str, version: int, files: dict[str, tuple[int, str]], lineage: dict[str, Any]
+    ) -> None:
+        """Add files (exports made later) to an existing version, with its updated lineage."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO model_files VALUES (?, ?, ?, ?, ?)",
+                [(name, version, p, digest, size) for p, (size, digest) in files.items()],
+            )
+            db.execute(
+                "UPDATE models SET lineage = ? WHERE name = ? AND version = ?",
+                (json.dumps(lineage), name, version),
+            )
+
     def model_files(self, name: str, version: int) -> dict[str, tuple[int, str]]:
         rows = self.db.execute(
             "SELECT path, size, sha256 FROM model_files WHERE name = ? AND version = ?"
@@ -485,6 +505,67 @@ class History:
             (name, version),
         )
         return {p: (size, digest) for p, size, digest in rows}
+
+    # -- exports ----------------------------------------------------------------------------
+    def add_export(self, export: ExportRecord) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO exports (run_id, model, version, format, ok, message, checks,"
+                " files, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    export.run_id,
+                    export.model,
+                    export.version,
+                    export.format,
+                    int(export.ok),
+                    export.message,
+                    json.dumps(export.checks),
+                    json.dumps(export.files),
+                    export.created or time.time(),
+                ),
+            )
+
+    def exports(
+        self, run_id: str | None = None, model: str | None = None, version: int | None = None
+    ) -> list[ExportRecord]:
+        """Exports of a run (made in its post-process or later), or of a model version."""
+        if model is not None:
+            sql, args = "model = ? AND version = ?", [model, version]
+        else:
+            sql, args = "run_id = ? AND model IS NULL", [run_id]
+        rows = self.db.execute(f"SELECT * FROM exports WHERE {sql} ORDER BY id", args)
+        return [ExportRecord.from_row(row) for row in rows]
+
+
+@dataclass
+class ExportRecord:
+    """One export attempt: what it produced (paths relative to the run's outputs or the model
+    version), how it was checked, and whether it passed."""
+
+    format: str
+    ok: bool
+    message: str
+    checks: dict[str, Any]
+    files: dict[str, tuple[int, str]]
+    run_id: str | None = None
+    model: str | None = None
+    version: int | None = None
+    created: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ExportRecord:
+        files = {p: (size, digest) for p, (size, digest) in json.loads(row["files"]).items()}
+        return cls(
+            format=row["format"],
+            ok=bool(row["ok"]),
+            message=row["message"],
+            checks=json.loads(row["checks"]),
+            files=files,
+            run_id=row["run_id"],
+            model=row["model"],
+            version=row["version"],
+            created=row["created"],
+        )
 
 
 def metric_value(row: sqlite3.Row) -> Any:

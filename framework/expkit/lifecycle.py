@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from expkit import data as data_inputs
-from expkit import snapshot
+from expkit import exports, snapshot
 from expkit.blobs import BlobStore, manifest
 from expkit.capabilities import (
     Allocation,
@@ -39,7 +40,7 @@ from expkit.job import JobSpec
 from expkit.metrics import MetricPump, SinkWorker
 from expkit.plugins import Plugins, get_plugins
 from expkit.procs import stop_run_processes
-from expkit.registry import ModelStore
+from expkit.registry import ModelStore, select_model_files
 from expkit.workspace import Workspace
 
 CANCEL_POLL_SECONDS = 0.5
@@ -55,6 +56,7 @@ class Choice:
     backend: DistributedBackend
     sinks: list[tuple[Any, Any]] = field(default_factory=list)  # (SinkSpec, MetricSink)
     registries: list[Any] = field(default_factory=list)
+    exporters: list[tuple[Any, Any]] = field(default_factory=list)  # (ExportSpec, Exporter)
 
 
 def choose(job: JobSpec, plugins: Plugins) -> Choice:
@@ -70,6 +72,11 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
     for i, name in enumerate(job.model.registries if job.model else []):
         path = f"model.registries.{i}"
         choice.registries.append(plugins.get("model_registries", name, path))
+    for i, spec in enumerate(job.exports):
+        exporter = plugins.get("exporters", spec.format, f"exports.{i}")
+        options = f"exports.{i}.options"
+        _plugin_call(exporter, "check_options", exporter.check_options, spec.options, options)
+        choice.exporters.append((spec, exporter))
     for capability in (choice.builder, choice.compute, choice.backend):
         _plugin_call(capability, "check", capability.check, job)
     return choice
@@ -187,7 +194,7 @@ class Lifecycle:
         try:
             if script_started:
                 with self.stage("post-process"):
-                    self.post_process()
+                    self.post_process(state)
             else:
                 self.history.stage_skipped(self.run_id, "post-process", "the script never started")
             if state == "completed" and self.job.model:
@@ -319,8 +326,8 @@ class Lifecycle:
         message += _describe_exit(code if own is None else own)
         return f"{message}; last output: {lines[-1].strip()}" if lines else message
 
-    # -- post-process: metrics flushed, outputs sealed --------------------------------------
-    def post_process(self) -> None:
+    # -- post-process: metrics flushed, outputs sealed, exports made ------------------------
+    def post_process(self, state: str) -> None:
         if self.pump is not None:
             self.pump.stop()
             if self.pump.reader.bad_lines:
@@ -340,6 +347,37 @@ class Lifecycle:
         required = [w for w in self.sinks if w.required and w.error is not None]
         if required:
             raise StageFailed(f"required {required[0].error}")
+        if self.choice.exporters and state == "completed":
+            self.export()
+        elif self.choice.exporters:
+            self.say(f"exports skipped: the run {state}")
+
+    def export(self) -> None:
+        """Each of the job's exports; a passing one's files join the model's folder in outputs."""
+        assert self.job.model is not None and self.ctx.environment is not None
+        python = self.ctx.environment.python
+        if not Path(python).is_file():  # a remote target's interpreter: export here instead
+            python = sys.executable
+        env = {**self.ctx.environment.env, **self.ctx.script_env}
+        notes, required = [], None
+        for spec, exporter in self.choice.exporters:
+            self.say(f"export {spec.format} ({exporter.plugin})")
+            record = exports.into_run(
+                self.history, self.blobs, self.run_id, self.run_dir, self.job.model, spec,
+                exporter, python, env, self.say,
+            )  # fmt: skip
+            if record.ok:
+                self.say(f"export {exports.describe(record)}")
+                notes.append(f"{spec.format} ok")
+                continue
+            notes.append(f"{spec.format} FAILED")
+            outcome = "the run fails" if spec.required else "not registered"
+            self.warn(f"export {spec.format} failed: {record.message}; {outcome}")
+            if spec.required and required is None:
+                required = f"required export {spec.format} failed: {record.message}"
+        self.stage_note += "; exports: " + ", ".join(notes)
+        if required:
+            raise StageFailed(required)
 
     def seal_outputs(self) -> dict[str, tuple[int, str]]:
         """Move ./outputs into the run, hash every file and keep it read-only in the store."""
@@ -369,16 +407,8 @@ class Lifecycle:
     def register(self) -> None:
         spec = self.job.model
         assert spec is not None
-        prefix = spec.path.removeprefix("outputs").strip("/")  # "", "model.pt" or "sub"
         outputs = self.history.outputs(self.run_id)
-        if prefix in outputs:  # one file
-            files, base = {Path(prefix).name: outputs[prefix]}, str(Path(prefix).parent)
-        else:
-            cut = len(prefix) + 1 if prefix else 0
-            files = {
-                p[cut:]: v for p, v in outputs.items() if p.startswith(prefix + "/") or not prefix
-            }
-            base = prefix
+        files, base = select_model_files(outputs, spec.path)
         if not files:
             raise StageFailed(f"model.path {spec.path!r} matched no file in the run's outputs")
         record = self.history.run(self.run_id)
@@ -395,6 +425,13 @@ class Lifecycle:
             "entry_script": self.job.entry_script,
             "metrics": numbers,
         }
+        prefix = f"{base}/" if base else ""
+        for export in self.history.exports(self.run_id):
+            if export.ok:  # the export's files, wherever model.path points within its folder
+                files.update({p.removeprefix(prefix): v for p, v in export.files.items()})
+                lineage.setdefault("exports", {})[export.format] = exports.lineage_entry(
+                    export, prefix
+                )
         store = ModelStore(self.ws)
         model = store.register(
             spec.name,

@@ -50,6 +50,28 @@ class ModelStore:
             raise UserError(f"model {name!r}: {path} does not exist")
         return self.register(name, manifest(path), path, **kwargs)
 
+    def attach(
+        self,
+        model: ModelVersion,
+        files: dict[str, tuple[int, str]],
+        source: Path,
+        lineage: dict[str, Any],
+    ) -> ModelVersion:
+        """Add new files (a later export) to a version; its existing files never change."""
+        clash = sorted(set(files) & set(model.files))
+        if clash:
+            raise UserError(
+                f"model {model.name}:{model.version} already has {clash[0]}; a version's files "
+                "never change (register a new version to replace it)"
+            )
+        for rel, (_, digest) in files.items():
+            if not self.blobs.path(digest).exists():
+                self.blobs.add_copy(source / rel, digest)
+        self.ws.history.add_model_files(model.name, model.version, files, lineage)
+        for rel, (_, digest) in files.items():
+            self.blobs.link_to(digest, model.path / rel)
+        return self.get(model.name, model.version)
+
     def _lay_out(self, name: str, version: int, files: dict[str, tuple[int, str]]) -> Path:
         folder = self.ws.models_dir / name / str(version)
         if folder.is_dir():
@@ -90,6 +112,20 @@ class ModelStore:
             shutil.copyfile(model.path / rel, target)
             written.append(target)
         return written
+
+
+def select_model_files(
+    outputs: dict[str, tuple[int, str]], model_path: str
+) -> tuple[dict[str, tuple[int, str]], str]:
+    """The files `model.path` names among a run's outputs, relative to the model's folder, and
+    that folder (relative to outputs/): `outputs/` -> all of them, "" ; `outputs/model.pt` ->
+    that file, ""; `outputs/net/` -> the files under net/, "net"."""
+    prefix = model_path.removeprefix("outputs").strip("/")
+    if prefix in outputs:  # one file
+        return {Path(prefix).name: outputs[prefix]}, str(Path(prefix).parent).strip(".")
+    cut = len(prefix) + 1 if prefix else 0
+    files = {p[cut:]: v for p, v in outputs.items() if not prefix or p.startswith(prefix + "/")}
+    return files, prefix
 
 
 def manifest_of_file(path: Path) -> dict[str, tuple[int, str]]:

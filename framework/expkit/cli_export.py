@@ -1,0 +1,146 @@
+"""`expkit export RUN_OR_MODEL[:VERSION] --format F`: export a trained model after the fact.
+
+(Its arguments are declared in `expkit.cli`, which imports this module only when it runs.)
+
+The job spec of the run that trained the model says how to rebuild it and what it takes
+(`model.load`, `model.input`); `--set` fills in or changes those, e.g. for a model registered
+from the Python API. The export runs in the run's own environment, like post-process does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from expkit import exports
+from expkit.capabilities import RunContext
+from expkit.errors import UserError
+from expkit.job import ExportSpec, JobSpec, apply_override
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from expkit.cli import _workspace
+    from expkit.plugins import get_plugins
+    from expkit.registry import ModelStore, parse_model_ref
+
+    workspace = _workspace(args)
+    history = workspace.history
+    plugins = get_plugins()
+    exporter = plugins.get("exporters", args.format, "--format")
+    record = history.find_run(args.ref)
+    version = None
+    if record is None:
+        version = ModelStore(workspace).get(*parse_model_ref(args.ref))
+        run_id = version.lineage.get("run_id")
+        record = history.find_run(run_id) if run_id else None
+    elif record.state != "completed":
+        raise UserError(f"run {record.id} is {record.state}; only a completed run's model exports")
+    what = f"{version.name}:{version.version}" if version else f"run {record.id}"
+
+    job = _job(record, version, args.overrides, what)
+    spec = _export_spec(job, args)
+    exporter.check_options(spec.options, "--option")
+    run_dir = workspace.run_dir(record.id) if record else None
+    python, env = _environment(workspace, job, run_dir)
+    say = _say
+    say(f"export {spec.format} of {what} ({exporter.plugin}), in {python}")
+    if version is not None:
+        code_dir = run_dir / "snapshot" if run_dir and (run_dir / "snapshot").is_dir() else None
+        export = exports.into_version(
+            ModelStore(workspace), version, job.model, spec, exporter, python, code_dir, env, say
+        )
+    else:
+        export = exports.into_run(
+            history, _blobs(workspace), record.id, run_dir, job.model, spec, exporter, python,
+            env, say,
+        )  # fmt: skip
+    _print_export(export, what)
+    return 0 if export.ok else 1
+
+
+def _job(record: Any, version: Any, overrides: list[str], what: str) -> JobSpec:
+    """The job spec of the run behind the export, with `--set` applied."""
+    raw = dict(record.job) if record else {"experiment": "export", "entry_script": "-"}
+    model = raw["model"] = dict(raw.get("model") or {})
+    model.setdefault("name", version.name if version else "model")
+    for item in overrides:
+        apply_override(raw, item)
+    job = JobSpec.from_dict(raw, source=what)
+    assert job.model is not None
+    for name, example in (("load", "model.load.file=model.pt"),
+                          ("input", "model.input.shape=[1,3,32,32]")):  # fmt: skip
+        if getattr(job.model, name) is None:
+            raise UserError(
+                f"{what}: the job spec has no model.{name}, needed to export; "
+                f"give it with --set {example}"
+            )
+    return job
+
+
+def _export_spec(job: JobSpec, args: argparse.Namespace) -> ExportSpec:
+    """The job's own settings for this format, if it lists it, changed by the options given."""
+    spec = next((e for e in job.exports if e.format == args.format), ExportSpec(args.format))
+    options = dict(spec.options)
+    for item in args.option:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option opset=18")
+        apply_override(options, item)
+    return spec.replace(
+        options=options,
+        atol=spec.atol if args.atol is None else args.atol,
+        rtol=spec.rtol if args.rtol is None else args.rtol,
+    )
+
+
+def _environment(workspace: Any, job: JobSpec, run_dir: Path | None) -> tuple[str, dict]:
+    """The run's environment (found in the cache, or built again), as post-process used it."""
+    from expkit.plugins import get_plugins
+
+    builder = get_plugins().get("environment_builders", job.environment.builder, "environment")
+    folder = run_dir or workspace.path
+    ctx = RunContext(
+        run_id="export",
+        job=job,
+        run_dir=folder,
+        work_dir=folder,
+        log_dir=folder,
+        script_env={},
+        say=_say,
+        waiting=lambda text: None,
+        canceled=lambda: False,
+        echo=lambda rank, line: None,
+        workspace_dir=workspace.path,
+        history=workspace.history,
+    )
+    env = builder.build(job.environment, ctx)
+    python = env.python if Path(env.python).is_file() else sys.executable
+    return python, env.env
+
+
+def _blobs(workspace: Any) -> Any:
+    from expkit.blobs import BlobStore
+
+    return BlobStore(workspace.blobs_dir)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _print_export(export: Any, what: str) -> None:
+    print(f"export {exports.describe(export)}")
+    for check in export.checks.get("checked", []):
+        if isinstance(check, dict):
+            mark = "ok" if check.get("ok") else "DIFFERS"
+            print(
+                f"  {check.get('input', '?'):<24} max abs error {check.get('max_abs_error', 0):.3g}"
+                f"  max rel error {check.get('max_rel_error', 0):.3g}  {mark}"
+            )
+    if export.ok:
+        where = f"model {what}" if export.model else f"the outputs of {what}"
+        print(f"added to {where}: {', '.join(sorted(export.files))}")
+    else:
+        print(f"not added to {what}")
