@@ -410,3 +410,37 @@ def test_logs_follow_prints_lines_as_they_come_and_ends_with_the_run(
     assert out.index("waiting for the go file") < out.index("got the go file")
     assert "✓ run" in out
     assert out.index("got the go file") < out.index("▶ post-process")
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(write_job, tmp_path):
+    path = write_job(
+        {"args": {"epochs": 2}, "resources": {"processes_per_node": 2}, "distributed": "torchrun"},
+        script="print('hi')\n",
+    )
+    env = {**os.environ, "EXPKIT_WORKSPACE": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "expkit", "run", str(path), "--dry-run"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"dry run of {path} (nothing is started)"
+    assert "compute local (local): 1 node x 2 processes, 0 GPUs per node" in done.stdout
+    assert "distributed torchrun (torchrun): python train.py --epochs 2" in done.stdout
+    assert not (tmp_path / ".expkit").exists()  # no workspace, no run
+
+
+def test_dry_run_refuses_what_a_run_would_refuse(write_job, tmp_path):
+    path = write_job({"compute": "nowhere"}, script="print('hi')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "expkit", "run", str(path), "--dry-run"],
+        capture_output=True, text=True, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"expkit: error: {path}: compute: no compute target named")
+
+
+def test_import_names_an_unknown_importer(expkit_cli):
+    done = expkit_cli("import-nosuch", "train.py:estimator")
+    assert done.returncode == 2
+    assert "FROM: no job importer named 'nosuch'" in done.stderr

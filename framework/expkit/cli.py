@@ -321,8 +321,9 @@ def dry_run(source: str, job: Any) -> int:
         ("prepare", f"snapshot of {job.source_directory}; environment {named(choice.builder)}"
                     + (f" {' '.join(env.packages)}" if env.packages else "")
                     + "".join(f"; data {k}" for k in job.data)),
-        ("scale", f"compute {named(choice.compute)}: {res.nodes} node(s) x "
-                  f"{res.processes_per_node} process(es), {res.gpus_per_node} GPU(s) per node"),
+        ("scale", f"compute {named(choice.compute)}: {_count(res.nodes, 'node')} x "
+                  f"{_count(res.processes_per_node, 'process')}, "
+                  f"{_count(res.gpus_per_node, 'GPU')} per node"),
         ("run", f"distributed {named(choice.backend)}: {shlex.join(command)}"),
         ("post-process", "outputs/ sealed; metrics to "
                          + (", ".join(named(s) for _, s in choice.sinks) or "the run history")
@@ -338,6 +339,10 @@ def dry_run(source: str, job: Any) -> int:
     if submission:
         print(f"\n{choice.compute.kind} {choice.compute.name!r} would submit:\n{submission}")
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("s") else "s")
 
 
 def cmd_import(args: argparse.Namespace) -> int:

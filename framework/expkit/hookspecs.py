@@ -18,7 +18,8 @@ Two kinds of hooks:
 The lifecycle of one run, and where each hook fires::
 
     expkit run job.yaml
-      expkit_stage_started(stage="prepare")     snapshot, data inputs, EnvironmentBuilder.build
+      expkit_stage_started(stage="prepare")     snapshot, ComputeTarget.prepare (a cluster's own
+                                                environment) or EnvironmentBuilder.build, data
       expkit_stage_finished(stage="prepare")
       expkit_stage_started(stage="scale")       ComputeTarget.acquire
       expkit_stage_finished(stage="scale")
@@ -26,6 +27,7 @@ The lifecycle of one run, and where each hook fires::
                                                 metrics to every MetricSink as they are logged
       expkit_stage_finished(stage="run")
       expkit_stage_started(stage="post-process")  outputs sealed (always), Exporter.export
+                                                (when the script succeeded), per `exports:`
       expkit_stage_finished(stage="post-process")
       expkit_stage_started(stage="register")    local registry, then every ModelRegistry
       expkit_stage_finished(stage="register")
@@ -33,6 +35,9 @@ The lifecycle of one run, and where each hook fires::
 
 A stage that fails skips the stages after it, except post-process, which always runs once
 the run stage has started, so that outputs are kept.
+
+Outside a run: `expkit run JOB --dry-run` calls ComputeTarget.dry_run, `expkit export` calls
+Exporter.export, `expkit import FROM REF` calls JobImporter.import_job.
 """
 
 from __future__ import annotations
