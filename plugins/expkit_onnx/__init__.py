@@ -1,1 +1,29 @@
-"""Plugin: the `onnx` exporter (work in progress)."""
+"""Plugin: the `onnx` exporter (`exports: [onnx]`): torch.onnx.export, checked in ONNX Runtime.
+
+onnx, onnxruntime and onnxscript (which torch's exporter needs) are found without importing
+them, as expkit_horovod does: `expkit plugins` loads every plugin and must stay fast. When one
+is missing the plugin is unavailable, with the install hint as its reason. The export runs in
+the run's environment (`expkit_onnx.worker`), which sees this interpreter's packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import expkit
+
+NEEDS = ("onnx", "onnxruntime", "onnxscript")
+
+missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+if missing:
+    raise expkit.PluginUnavailable(
+        f"onnx export needs onnx, onnxruntime and onnxscript ({', '.join(missing)} missing): "
+        "pip install 'expkit[onnx]'"
+    )
+
+from expkit_onnx.exporter import OnnxExporter  # noqa: E402  (only once they are there)
+
+
+@expkit.hookimpl
+def expkit_exporters() -> list[expkit.Exporter]:
+    return [OnnxExporter()]

@@ -1,1 +1,15 @@
-"""Plugin: the `torchscript` exporter (work in progress)."""
+"""Plugin: the `torchscript` exporter (`exports: [torchscript]`): torch.jit.trace or script.
+
+Nothing to check at import: the export runs in the run's environment (`expkit_torchscript.
+worker`), where torch is, so the plugin loads wherever expkit does, like expkit_torchrun.
+"""
+
+from __future__ import annotations
+
+import expkit
+from expkit_torchscript.exporter import TorchScriptExporter
+
+
+@expkit.hookimpl
+def expkit_exporters() -> list[expkit.Exporter]:
+    return [TorchScriptExporter()]

@@ -1,0 +1,41 @@
+"""The `torchscript` exporter: model.torchscript.pt, reloaded and checked against eager.
+
+    exports:
+      - format: torchscript
+        options: {method: trace}   # trace (default) or script
+
+`trace` records the operations run on one example input: any model that runs, but Python
+control flow is frozen to the branch the example took (the check inputs catch that when they
+take another). `script` compiles the forward's code, control flow included, but only the
+Python that TorchScript understands. torch 2.14 deprecates both in favour of torch.export;
+the format stays useful for C++ (libtorch) deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from expkit import exportkit
+from expkit.capabilities import Exporter, ExportRequest, ExportResult
+from expkit.errors import UserError
+
+OPTIONS = ("method",)
+METHODS = ("trace", "script")
+
+
+class TorchScriptExporter(Exporter):
+    name = "torchscript"
+    description = "model.torchscript.pt via torch.jit.trace or script, checked against eager"
+
+    def check_options(self, options: dict[str, Any], field: str) -> None:
+        self.reject_unknown_options(options, OPTIONS, field)
+        method = options.get("method", METHODS[0])
+        if method not in METHODS:
+            raise UserError(f"{field}.method: must be trace or script, not {method!r}")
+
+    def export(self, request: ExportRequest) -> ExportResult:
+        try:
+            self.check_options(request.options, "options")
+        except UserError as error:
+            return ExportResult([], {}, False, str(error))
+        return exportkit.run_worker(request, "expkit_torchscript.worker")
