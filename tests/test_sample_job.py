@@ -2,12 +2,15 @@
 
 Trains the ResNet-18 on the digits for one epoch (the README's job runs five), twice: the
 first run builds the environment and the data, registers pt-dnn version 1; the second finds
-both in the cache and registers version 2.
+both in the cache and registers version 2, whose model.onnx (exported and checked in
+post-process) is then run in ONNX Runtime on every validation image.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +45,13 @@ def test_the_sample_job_trains_registers_and_hits_the_caches_the_second_time(exp
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc"} <= set(metrics)
     assert metrics["best_val_acc"] > 0.3  # ten classes: chance is 0.1
     assert shown["tags"]["model"] == "resnet18"
-    assert set(shown["outputs"]) == {"model.pt", "classes.json"}
+    assert set(shown["outputs"]) == {
+        "model.pt",
+        "classes.json",
+        "example_inputs.npy",
+        "model.onnx",  # the job's export, checked against ONNX Runtime in post-process
+    }
+    assert "export onnx: model.onnx (max_abs_error" in second.stdout
 
     models = expkit_cli("models", "show", "pt-dnn:2")
     assert models.returncode == 0
@@ -63,3 +72,35 @@ def test_the_sample_job_trains_registers_and_hits_the_caches_the_second_time(exp
         logits = model(torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 10)
     assert classes == [str(d) for d in range(10)]
+
+    # the registered model.onnx gives the PyTorch model's answers on every validation image
+    import numpy as np
+    import onnxruntime
+    from torchvision import datasets
+
+    assert (tmp_path / "model" / "model.onnx").is_file()
+    data = tmp_path / "digits"
+    prepared = subprocess.run(
+        [sys.executable, "prepare_digits.py", "--out", str(data)], cwd=JOB.parent, check=False
+    )
+    assert prepared.returncode == 0
+    sys.path.insert(0, str(JOB.parent))
+    try:
+        from pytorch_train import build_transforms
+    finally:
+        sys.path.remove(str(JOB.parent))
+    val = datasets.ImageFolder(data / "val", build_transforms(32)["val"])
+    images = torch.stack([image for image, _ in val])
+    with torch.no_grad():
+        expected = model(images).numpy()
+    session = onnxruntime.InferenceSession(
+        str(tmp_path / "model" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (name,) = [i.name for i in session.get_inputs()]
+    actual = session.run(None, {name: images.numpy()})[0]  # all of them in one batch
+    assert actual.shape == (len(val), 10)
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-3)  # the job's tolerance
+    assert (actual.argmax(1) == expected.argmax(1)).all()
+
+    lineage = expkit_cli("models", "show", "pt-dnn:2").stdout
+    assert "onnx" in lineage and "model.onnx" in lineage

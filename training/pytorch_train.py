@@ -12,7 +12,9 @@ launcher): each rank trains on its share of the data with gradients averaged, an
 the metrics (averaged over all ranks) and writes the outputs.
 
 Metrics go through expkit's in-script API (a no-op outside expkit); the best epoch's weights
-are saved to OUTPUT_DIR/model.pt with the class names in OUTPUT_DIR/classes.json.
+are saved to OUTPUT_DIR/model.pt (a state dict of `build_model(num_classes)`) with the class
+names in OUTPUT_DIR/classes.json and 16 validation images as the model takes them in
+OUTPUT_DIR/example_inputs.npy (the real inputs an ONNX export is checked on).
 """
 
 from __future__ import annotations
@@ -277,6 +279,13 @@ def mean_over_ranks(
     return total_loss / seen, correct / seen, int(seen)
 
 
+def save_examples(data: datasets.ImageFolder, path: Path, count: int = 16) -> None:
+    """The first `count` validation images as the model sees them (a float32 batch), so that
+    an export is checked on real inputs too (job spec `model.input.examples`)."""
+    batch = torch.stack([data[i][0] for i in range(min(count, len(data)))])
+    np.save(path, batch.numpy().astype(np.float32))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train, log the metrics of every epoch, and save the best epoch's model (rank 0)."""
     args = parse_args(argv)
@@ -344,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(best_state, output_dir / "model.pt")
         (output_dir / "classes.json").write_text(json.dumps(classes) + "\n")
+        save_examples(loaders["val"].dataset, output_dir / "example_inputs.npy")
         print(f"best val acc {best_acc:.4f}; saved {output_dir / 'model.pt'}", flush=True)
     dist.shutdown()
 
