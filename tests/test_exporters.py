@@ -518,3 +518,24 @@ def test_check_inputs_prove_each_dynamic_axis(tmp_path):
     ]
     again = exportkit.check_inputs(req)
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(inputs, again, strict=True))
+
+
+def test_check_parity_names_the_first_input_that_fails(tmp_path):
+    req = make_request("onnx", tmp_path, tmp_path, {}, [1, 4])
+    inputs = exportkit.check_inputs(req)
+    expected = [x * 2 for _, x in inputs]
+
+    def fixed_batch(x):  # what a runtime does with a model whose batch was fixed to 1
+        if len(x) != 1:
+            raise ValueError(f"Got invalid dimensions for input: index 0 got {len(x)}\nmore")
+        return x * 2
+
+    checks, message = exportkit.check_parity(req, expected, fixed_batch, inputs, "onnxruntime")
+    assert message == (
+        "onnxruntime failed on random batch 3: ValueError: Got invalid dimensions for input: "
+        "index 0 got 3"
+    )
+    assert [entry["ok"] for entry in checks["checked"]] == [True, False]
+    assert checks["max_abs_error"] == 0.0  # over the inputs that ran
+    _, message = exportkit.check_parity(req, expected, lambda x: x[:, :2] * 2, inputs, "ort")
+    assert message == "ort gave output shape [1, 2] on random batch 1; the eager model gives [1, 4]"
