@@ -132,13 +132,15 @@ def _say(text: str) -> None:
 
 def _print_export(export: Any, what: str) -> None:
     print(f"export {exports.describe(export)}")
-    for check in export.checks.get("checked", []):
-        if isinstance(check, dict):
-            mark = "ok" if check.get("ok") else "DIFFERS"
-            print(
-                f"  {check.get('input', '?'):<24} max abs error {check.get('max_abs_error', 0):.3g}"
-                f"  max rel error {check.get('max_rel_error', 0):.3g}  {mark}"
-            )
+    checked = [c for c in export.checks.get("checked", []) if isinstance(c, dict)]
+    width = max((len(str(c.get("input", "?"))) for c in checked), default=0)
+    for check in checked:
+        mark = "ok" if check.get("ok") else "DIFFERS"
+        print(
+            f"  {check.get('input', '?'):<{width}}  max abs error "
+            f"{check.get('max_abs_error', 0):.3g}  max rel error "
+            f"{check.get('max_rel_error', 0):.3g}  {mark}"
+        )
     if export.ok:
         where = f"model {what}" if export.model else f"the outputs of {what}"
         print(f"added to {where}: {', '.join(sorted(export.files))}")
