@@ -4,11 +4,17 @@ Stdlib only and never blocking: `log()` appends to an in-memory queue, and a dae
 writes the queue to the run's metric channel (one append-only file per process) every few
 hundred milliseconds. The driver tails that channel while the script runs. Outside expkit
 the same calls do nothing harmful: they are accepted and dropped, with one notice.
+
+On Azure ML (AZUREML_RUN_ID is set in a run's processes) the same calls also go to the Azure
+ML run, through azureml's `Run.get_context()`: azureml is imported, and each call made, on a
+thread of its own, so the script never waits for it; if that fails, one notice, and the
+metrics still reach expkit's channel (the `azureml` compute target brings that back).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +26,9 @@ from typing import Any
 CHANNEL_ENV = "EXPKIT_METRICS_DIR"
 RUN_ID_ENV = "EXPKIT_RUN_ID"
 FLUSH_SECONDS = 0.2
+AZUREML_RUN_ENV = "AZUREML_RUN_ID"  # set by Azure ML in the processes of a run on its compute
+AZUREML_EXIT_SECONDS = 30.0  # at exit, how long to wait for the Azure ML run to take the rest
+AZUREML_MAX_PENDING = 1_000_000  # items waiting for Azure ML beyond this are dropped (counted)
 
 # Environment variables that launchers set for a process's global rank.
 _RANK_VARS = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -37,26 +46,37 @@ def process_rank() -> int:
 class ScriptRun:
     """The run a training script belongs to (`Run.get_context()`)."""
 
-    def __init__(self, run_id: str | None, channel_path: str | None) -> None:
+    def __init__(
+        self,
+        run_id: str | None,
+        channel_path: str | None,
+        azureml: AzureMLForwarder | None = None,
+    ) -> None:
         self.id = run_id
         self.rank = process_rank()
         self._queue: deque[tuple] = deque()
         self._put = self._queue.append
-        self._path = channel_path
+        self._file = None
+        self._azureml = azureml
+        # None when nothing records the calls (the fast check of every call)
+        self._path = channel_path if channel_path or azureml is None else ""
         self._names: dict[str, str] = {}
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._warned = False
         if channel_path:
             self._file = open(channel_path, "ab", buffering=0)  # noqa: SIM115 - lives with the run
+        if azureml is not None:
+            azureml.before_exit = self.flush
+        if self._path is not None:
             self._writer = threading.Thread(target=self._write_loop, name="expkit-metrics")
             self._writer.daemon = True
             self._writer.start()
-            atexit.register(self.flush)
+            atexit.register(self._at_exit)
 
     @property
     def offline(self) -> bool:
-        """True when the script runs outside expkit and nothing is recorded."""
+        """True when the script runs outside expkit (and outside Azure ML): nothing is recorded."""
         return self._path is None
 
     # -- the calls a script makes -------------------------------------------------------
@@ -95,6 +115,11 @@ class ScriptRun:
         if self._path is not None:
             self._drain()
 
+    def _at_exit(self) -> None:
+        self.flush()
+        if self._azureml is not None:
+            self._azureml.close(AZUREML_EXIT_SECONDS)
+
     # -- internals ------------------------------------------------------------------------
     def _drop(self) -> None:
         if not self._warned:
@@ -111,14 +136,14 @@ class ScriptRun:
 
     def _drain(self) -> None:
         with self._lock:
-            queue, lines = self._queue, []
+            queue = self._queue
             while queue:
-                lines.append(self._encode(queue.popleft()))
-                if len(lines) >= 10_000:
-                    self._file.write("".join(lines).encode())
-                    lines = []
-            if lines:
-                self._file.write("".join(lines).encode())
+                pop = queue.popleft
+                items = [pop() for _ in range(min(len(queue), 10_000))]
+                if self._file is not None:
+                    self._file.write("".join(map(self._encode, items)).encode())
+                if self._azureml is not None:
+                    self._azureml.send(items)
 
     def _encode(self, item: tuple) -> str:
         kind, name, value, step, ts = item
@@ -140,6 +165,119 @@ def _step(step: int | None) -> str:
     return "null" if step is None else str(int(step))
 
 
+class AzureMLForwarder:
+    """Sends a script's logged items to the Azure ML run it runs in, on its own thread.
+
+    `connect` (azureml's `Run.get_context()` by default) runs on that thread: importing azureml
+    takes seconds. The script's thread only hands over batches; a failure to connect or to
+    send is one notice on stderr, never an exception in the script.
+    """
+
+    def __init__(self, connect: Any = None) -> None:
+        self._connect = connect or _azureml_run
+        self._pending: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._busy = True  # connecting, until the thread says otherwise
+        self.run: Any = None
+        self.before_exit: Any = None  # the ScriptRun's flush: hands over what is still queued
+        self.dropped = 0
+        self.failed: str | None = None  # why nothing more is sent
+        self._noticed = False
+        self._thread = threading.Thread(target=self._loop, name="expkit-azureml", daemon=True)
+        self._thread.start()
+
+    def send(self, items: list[tuple]) -> None:
+        if self.failed is not None:
+            return
+        room = max(AZUREML_MAX_PENDING - len(self._pending), 0)
+        if room < len(items):
+            self.dropped += len(items) - room
+            items = items[:room]
+        self._pending.extend(items)
+        self._wake.set()
+
+    def close(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) until everything handed over was sent."""
+        deadline = time.monotonic() + timeout
+        while (self._pending or self._busy) and self.failed is None and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                break
+            self._wake.set()
+            time.sleep(0.05)
+        flush = getattr(self.run, "flush", None)
+        if self.failed is None and callable(flush):
+            try:
+                flush(timeout_seconds=max(1, int(deadline - time.monotonic())))
+            except Exception as error:
+                self._notice(f"the Azure ML run did not take the last metrics ({error})")
+        if self.dropped:
+            self._notice(f"{self.dropped} values were not sent to the Azure ML run (too many)")
+
+    def _loop(self) -> None:
+        try:
+            self.run = self._connect()
+        except BaseException as error:  # azureml missing or broken: expkit's channel only
+            self._give_up(f"cannot reach the Azure ML run ({type(error).__name__}: {error})")
+            return
+        if self.run is None:
+            self._give_up("azureml finds no Azure ML run in this process (an offline run)")
+            return
+        # Registered after azureml's own exit handlers, so it runs before them (last in,
+        # first out): what the script logged last is sent while azureml still takes it.
+        atexit.register(self._exit)
+        while True:
+            while self._pending:
+                item = self._pending.popleft()
+                try:
+                    self._send(item)
+                except Exception as error:
+                    self._notice(f"the Azure ML run refused {item[1]!r} ({error})")
+            self._busy = False
+            self._wake.wait()
+            self._wake.clear()
+            self._busy = True
+
+    def _send(self, item: tuple) -> None:
+        kind, name, value, step, _ = item
+        if kind == "m":
+            if step is None:
+                self.run.log(name, value)
+            else:
+                self.run.log(name, value, step=step)
+        elif kind == "r":
+            self.run.log_row(name, **value)
+        elif kind == "t":
+            self.run.set_tags(value)
+
+    def _exit(self) -> None:
+        if callable(self.before_exit):
+            self.before_exit()
+        self.close(AZUREML_EXIT_SECONDS)
+
+    def _give_up(self, why: str) -> None:
+        self._notice(f"{why}; metrics are recorded by expkit only")  # before close() returns
+        self.failed = why
+        self._pending.clear()
+        self._busy = False
+
+    def _notice(self, text: str) -> None:
+        if not self._noticed:  # one line, however many calls fail
+            self._noticed = True
+            # One write, flushed at once: azureml may fork meanwhile (a child would print a
+            # half-written line again).
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"expkit: azureml: {text}\n")
+                sys.stderr.flush()
+
+
+def _azureml_run() -> Any:
+    """azureml's run of this process, or None when azureml finds none (an offline run)."""
+    from azureml.core import Run
+
+    run = Run.get_context()
+    return None if type(run).__name__ == "_OfflineRun" else run
+
+
 _context: ScriptRun | None = None
 _context_lock = threading.Lock()
 
@@ -151,8 +289,21 @@ def get_context() -> ScriptRun:
         with _context_lock:
             if _context is None:
                 folder = os.environ.get(CHANNEL_ENV)
+                azureml = None
+                if os.environ.get(AZUREML_RUN_ENV):
+                    # azureml's import needs this module, which cannot be imported once the
+                    # interpreter shuts down: a script that ends before azureml is imported
+                    # on the forwarder's thread would lose its last metrics otherwise.
+                    import concurrent.futures.thread  # noqa: F401
+
+                    azureml = AzureMLForwarder()
+                if folder and azureml is not None:  # on Azure ML: a folder inside ./logs
+                    try:
+                        os.makedirs(folder, exist_ok=True)
+                    except OSError:
+                        folder = None
                 path = None
                 if folder:
                     path = os.path.join(folder, f"rank-{process_rank()}.{os.getpid()}.jsonl")
-                _context = ScriptRun(os.environ.get(RUN_ID_ENV), path)
+                _context = ScriptRun(os.environ.get(RUN_ID_ENV), path, azureml)
     return _context

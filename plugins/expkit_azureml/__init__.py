@@ -1,1 +1,64 @@
-"""Plugin: the `azureml` compute target, model registry and job importer (work in progress)."""
+"""Plugin: Azure ML (SDK v1) as the compute target `azureml`, the model registry `azureml` and
+the job importer `azureml`.
+
+    compute: {target: azureml, options: {cluster: gpu-cluster, vm_size: STANDARD_NC6s_v3}}
+    model: {name: pt-dnn, registries: [azureml]}
+    expkit import azureml train_azure.py:estimator -o job.yaml
+
+azureml-core takes seconds to import and `expkit plugins` loads every plugin, so this module
+only checks that azureml-core and azureml-train-core are installed; the modules that use them
+import them when a job does. See target.py for how each stage maps onto Azure ML.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+import expkit
+
+INSTALL_HINT = (
+    "azureml-core and azureml-train-core are not installed; pip install 'expkit[azureml]'"
+)
+REQUIRED = ("azureml.core", "azureml.train")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the `azureml` namespace itself is missing
+        return False
+
+
+if not all(_installed(m) for m in REQUIRED):
+    raise expkit.PluginUnavailable(INSTALL_HINT)
+
+from expkit_azureml.importer import AzureMLImporter  # noqa: E402  (only once azureml is there)
+from expkit_azureml.registry import AzureMLRegistry  # noqa: E402
+from expkit_azureml.target import AzureMLTarget  # noqa: E402
+
+if TYPE_CHECKING:
+    from expkit.job import JobSpec
+
+
+@expkit.hookimpl
+def expkit_compute_targets() -> list[expkit.ComputeTarget]:
+    return [AzureMLTarget()]
+
+
+@expkit.hookimpl
+def expkit_model_registries() -> list[expkit.ModelRegistry]:
+    return [AzureMLRegistry()]
+
+
+@expkit.hookimpl
+def expkit_job_importers() -> list[expkit.JobImporter]:
+    return [AzureMLImporter()]
+
+
+def job_from_azureml(config: Any, experiment: str | None = None) -> JobSpec:
+    """The expkit job spec of an `azureml.train.dnn.PyTorch` estimator or a `ScriptRunConfig`
+    built in this process (see `expkit_azureml.importer`)."""
+    from expkit_azureml.importer import job_from_azureml as convert
+
+    return convert(config, experiment)

@@ -1,0 +1,493 @@
+"""An Azure ML job as an expkit job spec: an `azureml.train.dnn.PyTorch` estimator (or another
+azureml.train Estimator) or a `ScriptRunConfig`.
+
+    expkit import azureml train_azure.py:estimator -o job.yaml      # the command
+    from expkit_azureml import job_from_azureml                     # Python, on a built object
+    job = job_from_azureml(estimator)                                # -> expkit JobSpec
+
+`FILE.py` is executed as a module (named `__expkit_import__`, so `if __name__ == "__main__":`
+blocks do not run), in its own folder, with its folder on sys.path; what it prints goes to
+stderr. The calls of azureml that would reach Azure are replaced while it runs, so that the
+seed's own code runs unchanged and offline:
+
+    Workspace.from_config(), Workspace.get(...),   an offline workspace: no credentials, no
+    Workspace(...)                                  network (config.json is read for names only)
+    ComputeTarget(ws, name), AmlCompute(ws, name)  "not found" (ComputeTargetException), so the
+                                                    seed's get-or-create goes on to create it
+    ComputeTarget.create(ws, name, config)         an offline AmlCompute; its provisioning
+                                                    configuration becomes compute.options
+    cluster.wait_for_completion(...)               returns at once
+    Experiment(ws, name)                            offline; its name is the job's experiment
+    experiment.submit(config)                      stops the module: `config` is the job when
+                                                    REF names none (FILE.py alone)
+    Environment.get(ws, name)                       a curated environment, by name
+
+Everything else is the real azureml-core and azureml-train-core, and the estimator is built
+by them, offline. The job spec carries what the job does, not the estimator's framework pins:
+
+    estimator / ScriptRunConfig           expkit job spec
+    source_directory, entry_script|script source_directory (absolute), entry_script
+    script_params | arguments             args ({num_epochs: 30} for --num_epochs 30 pairs)
+    pip_packages (the user's)             environment: {pip: [...]} (or inherit)
+    conda_packages, custom image          compute.options.conda_packages, base_image
+    curated environment                   compute.options.curated_environment
+    compute_target (name)                 compute: azureml, options.cluster (+ provisioning)
+    compute_target='local'                compute: local
+    node_count, MpiConfiguration          resources.nodes, processes_per_node; distributed:
+    PyTorchConfiguration                  horovod (MPI) or torchrun (PyTorchConfiguration)
+    use_gpu / a GPU image                 resources.gpus_per_node: one per process
+    max_run_duration_seconds              timeout
+
+Not carried: framework_version and the estimator's own packages (torch 1.x, horovod 0.18 and
+Python 3.6 for PyTorch 1.4: on Azure expkit installs this interpreter's torch), Python
+versions (expkit uses this interpreter's), data inputs and datasets (a UserError: give them
+as `data:` by hand). Note that the estimator ignores `process_count_per_node` when
+`distributed_training=MpiConfiguration()` is given (the MpiConfiguration's own count, 1 by
+default, is what Azure ML runs): the job spec says what Azure ML would have run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import traceback
+import types
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expkit.capabilities import JobImporter
+from expkit.errors import UserError
+from expkit.job import JobSpec
+
+MODULE_NAME = "__expkit_import__"
+SCRIPT_RUN_CONFIG_DEFAULT_DURATION = 2592000  # ScriptRunConfig's default: 30 days
+DEFAULT_VARIABLES = {"EXAMPLE_ENV_VAR", "NCCL_TREE_THRESHOLD"}  # the SDK's and the estimator's
+MPI_COMMUNICATORS = ("IntelMpi", "OpenMpi", "Mpi")
+WHAT = (
+    "an azureml.train.dnn.PyTorch estimator (or another azureml.train Estimator) "
+    "or a ScriptRunConfig"
+)
+
+
+@dataclass
+class Captured:
+    """What the offline stand-ins saw while FILE.py ran."""
+
+    experiments: list[str] = field(default_factory=list)
+    clusters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    curated: set[str] = field(default_factory=set)
+    submitted: Any = None
+
+
+class _Submitted(Exception):
+    """experiment.submit(config) during an import: the module stops there."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__("submitted")
+        self.config = config
+
+
+class AzureMLImporter(JobImporter):
+    name = "azureml"
+    description = f"{WHAT}, named FILE.py:NAME"
+
+    def import_job(self, ref: str, options: dict[str, Any]) -> dict[str, Any]:
+        self.reject_unknown_options(options, ("experiment",), "options")
+        path, name = parse_ref(ref)
+        namespace, captured = load(path)
+        obj = pick(namespace, captured, name, path, ref)
+        return job_dict(obj, captured, path.parent, options.get("experiment"), default=path.stem)
+
+
+def job_from_azureml(config: Any, experiment: str | None = None) -> JobSpec:
+    """The expkit job spec of an estimator or ScriptRunConfig built in this process (paths
+    relative to the current folder)."""
+    if not is_job_object(config):
+        raise UserError(f"job_from_azureml: {type(config).__name__} is not {WHAT}")
+    raw = job_dict(config, Captured(), Path.cwd(), experiment, default="imported")
+    return JobSpec.from_dict(raw, source=f"<{type(config).__name__}>", base_dir=Path.cwd())
+
+
+# -- finding the object ---------------------------------------------------------------------
+def parse_ref(ref: str) -> tuple[Path, str | None]:
+    file, sep, name = ref.rpartition(":")
+    if not sep or not file.endswith(".py") or not name.isidentifier():
+        file, name = ref, ""
+    if not file.endswith(".py"):
+        raise UserError(f"{ref}: expected FILE.py:NAME, e.g. train_azure.py:estimator")
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"{ref}: no such file {path}")
+    return path, name or None
+
+
+def load(path: Path) -> tuple[dict[str, Any], Captured]:
+    """Run FILE.py offline (see the module's docstring); its globals and what it captured."""
+    try:
+        code = compile(path.read_bytes(), str(path), "exec")
+    except SyntaxError as error:
+        raise UserError(f"{path}, line {error.lineno}: {error.msg}") from None
+    module = types.ModuleType(MODULE_NAME)
+    module.__file__ = str(path)
+    captured = Captured()
+    previous_cwd, previous_module = os.getcwd(), sys.modules.get(MODULE_NAME)
+    sys.modules[MODULE_NAME] = module
+    sys.path.insert(0, str(path.parent))
+    os.chdir(path.parent)
+    try:
+        with quiet(), offline_azureml(captured):
+            exec(code, module.__dict__)
+    except _Submitted as stop:
+        captured.submitted = stop.config
+    except SystemExit as stop:
+        raise UserError(f"{path}: exited (code {stop.code}) while it was imported") from None
+    except Exception as error:
+        raise UserError(failure(path, error)) from None
+    finally:
+        os.chdir(previous_cwd)
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(path.parent))
+        if previous_module is None:
+            sys.modules.pop(MODULE_NAME, None)
+        else:
+            sys.modules[MODULE_NAME] = previous_module
+    return module.__dict__, captured
+
+
+def failure(path: Path, error: Exception) -> str:
+    """`FILE.py, line N: Error: message` for an exception raised while FILE.py ran."""
+    from expkit_azureml.workspace import first_line
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    where = f"{path}, line {frames[-1].lineno}" if frames else str(path)
+    message = first_line(error)
+    if type(error).__name__ == "ComputeTargetException" and "NotFound" in message:
+        return (
+            f"{where}: a compute target is not looked up in Azure during an import; create it "
+            "in `except ComputeTargetException:` as the article does, or pass its name as a "
+            "string (compute_target='gpu-cluster')"
+        )
+    return f"{where}: {type(error).__name__}: {message} (while importing it)"
+
+
+def is_job_object(obj: Any) -> bool:
+    names = {(c.__module__.split(".")[0], c.__name__) for c in type(obj).__mro__}
+    return ("azureml", "ScriptRunConfig") in names or ("azureml", "MMLBaseEstimator") in names
+
+
+def pick(
+    namespace: dict[str, Any], captured: Captured, name: str | None, path: Path, ref: str
+) -> Any:
+    found = sorted(k for k, v in namespace.items() if not k.startswith("_") and is_job_object(v))
+    if name is None:
+        if captured.submitted is not None:
+            return captured.submitted
+        if len(found) == 1:
+            return namespace[found[0]]
+        listed = f"it defines {', '.join(found)}" if found else f"it defines no {WHAT}"
+        raise UserError(f"{ref}: name the object to import as {path.name}:NAME ({listed})")
+    if name not in namespace:
+        listed = f"; it defines {', '.join(found)}" if found else ""
+        hint = " (the module stopped at experiment.submit)" if captured.submitted else ""
+        raise UserError(f"{ref}: {path.name} defines no {name!r}{hint}{listed}")
+    obj = namespace[name]
+    if not is_job_object(obj):
+        raise UserError(f"{ref}: {name} is a {type(obj).__name__}, not {WHAT}")
+    return obj
+
+
+# -- running the user's module offline ------------------------------------------------------
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The module's prints on stderr (stdout may be the job spec), the SDK's warnings off."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def offline_azureml(captured: Captured) -> Iterator[None]:
+    """azureml's Azure-facing calls replaced by offline stand-ins, for the `with` block."""
+    from azureml.core import Environment, Experiment, Workspace
+    from azureml.core.compute import AmlCompute, ComputeTarget
+    from azureml.core.compute.amlcompute import ScaleSettings
+
+    def offline_workspace(
+        subscription_id: str = "", resource_group: str = "", workspace_name: str = ""
+    ) -> Any:
+        workspace = Workspace.__new__(Workspace)
+        workspace._subscription_id = subscription_id or "offline"
+        workspace._resource_group = resource_group or "offline"
+        workspace._workspace_name = workspace_name or "offline"
+        workspace._auth = None
+        return workspace
+
+    def from_config(path: Any = None, auth: Any = None, _logger: Any = None, **_: Any) -> Any:
+        from expkit_azureml.workspace import find_config
+
+        found = find_config([Path(path or ".").resolve()])
+        if found is None:
+            return offline_workspace()
+        import json
+
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(found.read_text(encoding="utf-8"))
+            return offline_workspace(
+                data.get("subscription_id", ""),
+                data.get("resource_group", ""),
+                data.get("workspace_name") or data.get("workspace", ""),
+            )
+        return offline_workspace()
+
+    def workspace_init(self: Any, subscription_id: str = "", resource_group: str = "",
+                       workspace_name: str = "", *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        self.__dict__.update(
+            vars(offline_workspace(subscription_id, resource_group, workspace_name))
+        )
+
+    def workspace_get(name: str, *args: Any, subscription_id: str = "",
+                      resource_group: str = "", **kwargs: Any) -> Any:  # fmt: skip
+        return offline_workspace(subscription_id, resource_group, name)
+
+    def create(workspace: Any, name: str, provisioning_configuration: Any) -> Any:
+        from expkit_azureml.submission import provisioning_settings
+
+        settings = provisioning_settings(provisioning_configuration)
+        captured.clusters[name] = settings
+        cluster = object.__new__(AmlCompute)
+        cluster.__dict__.update(
+            name=name, workspace=workspace, location=None, cluster_location=None,
+            vm_size=settings["vm_size"], vm_priority=settings["vm_priority"],
+            provisioning_state="Succeeded", provisioning_errors=None, status=None,
+            scale_settings=ScaleSettings(settings["min_nodes"], settings["max_nodes"],
+                                         settings["idle_seconds_before_scaledown"]),
+        )  # fmt: skip
+        return cluster
+
+    def experiment_init(self: Any, workspace: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        self._workspace, self._name, self._id = workspace, name, None
+        captured.experiments.append(name)
+
+    def submit(self: Any, config: Any, tags: Any = None, **kwargs: Any) -> Any:
+        raise _Submitted(config)
+
+    def environment_get(workspace: Any, name: str, version: Any = None, label: Any = None) -> Any:
+        captured.curated.add(name)
+        return Environment(name=name)
+
+    def wait(self: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    replacements = [
+        (Workspace, "from_config", staticmethod(from_config)),
+        (Workspace, "get", staticmethod(workspace_get)),
+        (Workspace, "__init__", workspace_init),
+        (ComputeTarget, "_get", staticmethod(lambda workspace, name: None)),  # -> "not found"
+        (ComputeTarget, "create", staticmethod(create)),
+        (AmlCompute, "wait_for_completion", wait),
+        (Experiment, "__init__", experiment_init),
+        (Experiment, "submit", submit),
+        (Environment, "get", staticmethod(environment_get)),
+    ]
+    saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in replacements]
+    try:
+        for owner, name, value in replacements:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in saved:
+            if value is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
+# -- the conversion ---------------------------------------------------------------------------
+@dataclass
+class Software:
+    pip: list[str] = field(default_factory=list)
+    conda: list[str] = field(default_factory=list)
+    base_image: str | None = None
+    curated: str | None = None
+    gpu: bool = False
+    variables: dict[str, str] = field(default_factory=dict)
+
+
+def job_dict(
+    obj: Any, captured: Captured, base: Path, experiment: str | None, default: str
+) -> dict[str, Any]:
+    """The job spec (as a job.yaml's dict) of an estimator or ScriptRunConfig."""
+    from azureml.core.script_run_config import get_run_config_from_script_run
+
+    with quiet():
+        estimator = "MMLBaseEstimator" in {c.__name__ for c in type(obj).__mro__}
+        config = obj._get_script_run_config() if estimator else obj
+        rc = get_run_config_from_script_run(config)
+        software = estimator_software(obj, rc) if estimator else config_software(rc, captured)
+    if not rc.script:
+        raise UserError(f"{type(obj).__name__}: a `command` job is not supported; give a script")
+    if rc.data or rc.data_references or any(not _scalar(a) for a in rc.arguments or []):
+        raise UserError(
+            f"{type(obj).__name__}: Azure ML data inputs (inputs, datasets, data references) "
+            "are not converted; add them to the job as `data:` entries by hand"
+        )
+    name = experiment or (captured.experiments[-1] if captured.experiments else default)
+    raw: dict[str, Any] = {
+        "experiment": re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "imported",
+        "source_directory": str((base / (config.source_directory or ".")).resolve()),
+        "entry_script": rc.script,
+        "args": arguments(rc.arguments or []),
+    }
+    raw["environment"] = {"pip": software.pip} if software.pip else "inherit"
+    raw["compute"] = compute(rc, software, captured)
+    resources, backend = distribution(rc, software.gpu)
+    raw["resources"] = resources
+    raw["distributed"] = backend
+    duration = rc.max_run_duration_seconds
+    if duration and duration != SCRIPT_RUN_CONFIG_DEFAULT_DURATION:
+        raw["timeout"] = duration
+    return raw
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def arguments(values: list[Any]) -> dict[str, Any] | list[Any]:
+    """`--flag value` pairs as a mapping ({num_epochs: 30}); anything else as a list."""
+    pairs: dict[str, Any] = {}
+    if len(values) % 2 == 0:
+        for flag, value in zip(values[::2], values[1::2], strict=True):
+            if (
+                not isinstance(flag, str)
+                or not flag.startswith("--")
+                or isinstance(value, bool)
+                or (isinstance(value, str) and value.startswith("--"))
+            ):
+                return list(values)
+            pairs[flag[2:]] = value
+        return pairs
+    return list(values)
+
+
+def estimator_software(estimator: Any, rc: Any) -> Software:
+    """The user's part of an estimator's environment: what it installs minus its framework's
+    own packages (the scenario file of its framework version) and the SDK's defaults."""
+    env = rc.environment
+    gpu = getattr(estimator, "_framework_processor", "cpu") == "gpu"
+    framework_image, framework = None, None
+    with contextlib.suppress(Exception):
+        framework_image, framework = estimator._load_from_scenario_file()
+    own_pip = set(framework.pip_packages) if framework is not None else set()
+    own_conda = set(framework.conda_packages) if framework is not None else set()
+    software = Software(gpu=gpu)
+    if not env.python.user_managed_dependencies:
+        deps = env.python.conda_dependencies
+        own_pip.add("azureml-defaults")
+        software.pip = [p for p in deps.pip_packages if p not in own_pip]
+        software.conda = [
+            p for p in deps.conda_packages if p not in own_conda and package(p) != "python"
+        ]
+    image = env.docker.base_image
+    if image and image != framework_image and not getattr(estimator, "_use_framework_image", 0):
+        software.base_image = image
+    software.variables = _variables(env, rc)
+    return software
+
+
+def config_software(rc: Any, captured: Captured) -> Software:
+    """The environment of a ScriptRunConfig: curated (by name), or its packages and image."""
+    from azureml.core.environment import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE
+
+    env = rc.environment
+    software = Software(variables=_variables(env, rc))
+    if env.name in captured.curated or str(env.name).startswith("AzureML-"):
+        software.curated = env.name
+        software.gpu = bool(re.search(r"gpu|cuda", env.name, re.I))
+        return software
+    image = env.docker.base_image or ""
+    software.gpu = bool(re.search(r"gpu|cuda", image, re.I))
+    if image not in (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, ""):
+        software.base_image = image
+    if not env.python.user_managed_dependencies:
+        deps = env.python.conda_dependencies
+        software.pip = [p for p in deps.pip_packages if package(p) != "azureml-defaults"]
+        software.conda = [p for p in deps.conda_packages if package(p) != "python"]
+    return software
+
+
+def package(requirement: str) -> str:
+    from expkit_azureml.submission import package_name
+
+    return package_name(requirement.split("=")[0])
+
+
+def _variables(env: Any, rc: Any) -> dict[str, str]:
+    found = {**(env.environment_variables or {}), **(rc.environment_variables or {})}
+    return {k: str(v) for k, v in found.items() if k not in DEFAULT_VARIABLES}
+
+
+def compute(rc: Any, software: Software, captured: Captured) -> Any:
+    target = rc.target if isinstance(rc.target, str) else getattr(rc.target, "name", "local")
+    if target == "local":
+        return "local"  # Azure ML's local run: this machine
+    options: dict[str, Any] = {}
+    if target != "amlcompute":  # a named cluster; "amlcompute" is a run-based one
+        options["cluster"] = target
+    settings = captured.clusters.get(target) or {"vm_size": rc.amlcompute.vm_size}
+    defaults = {"vm_priority": "dedicated", "min_nodes": 0, "idle_seconds_before_scaledown": 1800}
+    for key, value in settings.items():
+        if value not in (None, "") and defaults.get(key, object()) != value:
+            options[key] = value
+    if software.curated:
+        options["curated_environment"] = software.curated
+    if software.base_image:
+        options["base_image"] = software.base_image
+    if software.conda:
+        options["conda_packages"] = software.conda
+    if software.variables:
+        options["environment_variables"] = software.variables
+    return {"target": "azureml", "options": options} if options else "azureml"
+
+
+def distribution(rc: Any, gpu: bool) -> tuple[dict[str, int], str]:
+    """resources and the distributed backend, from what Azure ML would run."""
+    nodes = rc.node_count or 1
+    communicator = str(rc.communicator or "None")
+    if communicator in MPI_COMMUNICATORS:
+        backend, per_node = "horovod", rc.mpi.process_count_per_node or 1
+    elif rc.framework == "PyTorch":
+        total = rc.pytorch.process_count or nodes
+        if total % nodes:
+            raise UserError(
+                f"PyTorchConfiguration: process_count {total} is not a multiple of node_count "
+                f"{nodes}; expkit runs the same number of processes on every node"
+            )
+        backend, per_node = "torchrun", total // nodes
+    elif communicator == "None":
+        backend, per_node = "none", 1
+    else:
+        raise UserError(
+            f"distributed training with {communicator} is not converted; expkit runs horovod "
+            "(MpiConfiguration) and torchrun (PyTorchConfiguration)"
+        )
+    resources = {
+        "nodes": nodes,
+        "processes_per_node": per_node,
+        "gpus_per_node": per_node if gpu else 0,
+    }
+    return resources, backend
