@@ -8,7 +8,8 @@
     if dist.is_main: ...                 # log metrics, write outputs
     dist.shutdown()
 
-Horovod sets HOROVOD_RANK and HOROVOD_SIZE; torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and
+Horovod sets HOROVOD_RANK and HOROVOD_SIZE (mpirun, which Azure ML uses for Horovod, sets
+OMPI_COMM_WORLD_RANK); torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and
 MASTER_ADDR; with neither the script runs as the one and only rank, exactly as before. The
 torch.distributed backend is nccl when CUDA is there and gloo otherwise; on a GPU machine each
 local rank uses GPU LOCAL_RANK of the ones it can see. Standard library and torch only:
@@ -163,6 +164,8 @@ class Horovod(SingleProcess):
 def setup() -> SingleProcess:
     """The launcher this process runs under, from its environment variables, initialized."""
     if "HOROVOD_RANK" in os.environ and "HOROVOD_SIZE" in os.environ:
+        return Horovod()
+    if "OMPI_COMM_WORLD_RANK" in os.environ:  # mpirun, as Azure ML's MpiConfiguration starts it
         return Horovod()
     if all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
         return Torchrun()

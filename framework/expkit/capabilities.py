@@ -150,6 +150,13 @@ class ComputeTarget(Capability, ABC):
     """Where the processes run: acquires resources (scale) and runs processes (run)."""
 
     kind = "compute target"
+    # True for a target whose service starts the ranks itself (Azure ML's MPI or PyTorch
+    # launch): the job's backend is then only a name it reads, not a local launcher.
+    launches_ranks: ClassVar[bool] = False
+
+    def preflight(self, job: JobSpec) -> None:
+        """Before a run is created (not for --dry-run): check what needs contacting the
+        target (credentials, a cluster that must exist); raise UserError naming the problem."""
 
     def prepare(self, ctx: RunContext) -> Environment | None:
         """Prepare stage, for a target that builds the environment where the job runs (a

@@ -315,6 +315,11 @@ def dry_run(source: str, job: Any) -> int:
 
     env = job.environment
     res = job.resources
+    launcher = (
+        named(choice.backend)
+        if choice.backend
+        else (f"{job.distributed.backend} (launched by {choice.compute.name})")
+    )
     command = ["python", job.entry_script, *job.command_args({k: f"<data {k}>" for k in job.data})]
     model = job.model
     plan = [
@@ -324,7 +329,7 @@ def dry_run(source: str, job: Any) -> int:
         ("scale", f"compute {named(choice.compute)}: {_count(res.nodes, 'node')} x "
                   f"{_count(res.processes_per_node, 'process')}, "
                   f"{_count(res.gpus_per_node, 'GPU')} per node"),
-        ("run", f"distributed {named(choice.backend)}: {shlex.join(command)}"),
+        ("run", f"distributed {launcher}: {shlex.join(command)}"),
         ("post-process", "outputs/ sealed; metrics to "
                          + (", ".join(named(s) for _, s in choice.sinks) or "the run history")
                          + "".join(f"; export {named(e)}" for _, e in choice.exporters)),
@@ -346,6 +351,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    import contextlib
     import os
 
     import yaml
@@ -357,7 +363,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     importer = get_plugins().get("job_importers", args.source, "FROM")
     options = {"experiment": args.experiment} if args.experiment else {}
     try:
-        raw = importer.import_job(args.ref, options)
+        with contextlib.redirect_stdout(sys.stderr):  # what the imported code prints, aside
+            raw = importer.import_job(args.ref, options)
     except UserError:
         raise
     except Exception as error:

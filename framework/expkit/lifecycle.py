@@ -29,6 +29,7 @@ from expkit.capabilities import (
     ComputeTarget,
     DistributedBackend,
     EnvironmentBuilder,
+    Process,
     RunContext,
     RunInfo,
 )
@@ -53,7 +54,7 @@ class Choice:
 
     builder: EnvironmentBuilder
     compute: ComputeTarget
-    backend: DistributedBackend
+    backend: DistributedBackend | None  # None: the compute target launches the ranks itself
     sinks: list[tuple[Any, Any]] = field(default_factory=list)  # (SinkSpec, MetricSink)
     registries: list[Any] = field(default_factory=list)
     exporters: list[tuple[Any, Any]] = field(default_factory=list)  # (ExportSpec, Exporter)
@@ -62,10 +63,14 @@ class Choice:
 def choose(job: JobSpec, plugins: Plugins) -> Choice:
     """Find every plugin the job names, or fail with a UserError naming the field."""
     plugins.check_conflicts()
+    compute = plugins.get("compute_targets", job.compute.target, "compute")
+    backend = None
+    if not compute.launches_ranks:
+        backend = plugins.get("distributed_backends", job.distributed.backend, "distributed")
     choice = Choice(
         builder=plugins.get("environment_builders", job.environment.builder, "environment"),
-        compute=plugins.get("compute_targets", job.compute.target, "compute"),
-        backend=plugins.get("distributed_backends", job.distributed.backend, "distributed"),
+        compute=compute,
+        backend=backend,
     )
     for i, spec in enumerate(job.metrics):
         choice.sinks.append((spec, plugins.get("metric_sinks", spec.name, f"metrics.{i}")))
@@ -78,13 +83,15 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         _plugin_call(exporter, "check_options", exporter.check_options, spec.options, options)
         choice.exporters.append((spec, exporter))
     for capability in (choice.builder, choice.compute, choice.backend):
-        _plugin_call(capability, "check", capability.check, job)
+        if capability is not None:
+            _plugin_call(capability, "check", capability.check, job)
     return choice
 
 
 def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     """Record a new run of `job` (state queued) after checking every plugin it names."""
-    choose(job, get_plugins())
+    compute = choose(job, get_plugins()).compute
+    _plugin_call(compute, "preflight", compute.preflight, job)
     return workspace.history.create_run(job.experiment, job.to_dict())
 
 
@@ -295,7 +302,12 @@ class Lifecycle:
         command = [env.python, self.job.entry_script, *self.job.command_args(self.data_paths)]
         self.say("$ " + shlex.join([Path(command[0]).name, *command[1:]]))
         backend = self.choice.backend
-        processes = _plugin_call(backend, "launch", backend.launch, self.ctx, command, allocation)
+        if backend is None:  # the target's service starts the ranks from the job spec
+            processes = [Process(argv=command)]
+        else:
+            processes = _plugin_call(
+                backend, "launch", backend.launch, self.ctx, command, allocation
+            )
         for process in processes:
             process.env = {**env.env, **self.ctx.script_env, **process.env}
         self.pump = MetricPump(self.history, self.run_id, self.run_dir / "metrics")
@@ -316,8 +328,10 @@ class Lifecycle:
         """Why the run stage failed: the rank that failed first (when the backend can tell),
         the exit code, and that rank's last line of output."""
         backend = self.choice.backend
-        rank = _plugin_call(backend, "failed_rank", backend.failed_rank, self.ctx)
-        own = _plugin_call(backend, "failed_exit_code", backend.failed_exit_code, self.ctx)
+        rank = own = None
+        if backend is not None:
+            rank = _plugin_call(backend, "failed_rank", backend.failed_rank, self.ctx)
+            own = _plugin_call(backend, "failed_exit_code", backend.failed_exit_code, self.ctx)
         log = self.ctx.log_dir / f"rank-{0 if rank is None else rank}.log"
         lines = (
             [line for line in _tail(log, LOG_TAIL_LINES) if line.strip()] if log.exists() else []

@@ -77,6 +77,7 @@ class Session:
 class AzureMLTarget(ComputeTarget):
     name = "azureml"
     description = "Azure ML: an AmlCompute cluster, a ScriptRunConfig, Experiment.submit"
+    launches_ranks = True  # MpiConfiguration / PyTorchConfiguration start the ranks there
     poll_seconds = monitor.POLL_SECONDS
     cluster_poll_seconds = 10.0
 
