@@ -1,10 +1,12 @@
 """The in-script API on Azure ML, and the plugin without its optional dependency.
 
-On Azure ML (AZUREML_RUN_ID set), `Run.get_context().log(...)` also goes to the Azure ML run,
-through azureml's `Run.get_context()`, on a thread of its own. A real Azure ML run cannot be
-had here: the forwarding is checked with a recording object in place of azureml's Run (the
-service boundary), and end to end with the real azureml, which here (AZUREML_RUN_ID but no
-service) finds no run; either way the script is never slowed or broken.
+On Azure ML the target sets EXPKIT_FORWARDER=expkit_azureml.forward:AzureMLForwarder and
+uploads that module next to expkit's package, so `Run.get_context().log(...)` also goes to the
+Azure ML run, through azureml's `Run.get_context()`, on a thread of its own. A real Azure ML
+run cannot be had here: the forwarding is checked with a recording object in place of azureml's
+Run (the service boundary), and end to end with the real azureml, in a folder staged as the
+target uploads it, where (AZUREML_RUN_ID but no service) azureml finds no run; either way the
+script is never slowed or broken. The generic EXPKIT_FORWARDER mechanism: test_forwarder.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from expkit.context import AzureMLForwarder, ScriptRun
+from expkit.context import ScriptRun
+from expkit_azureml.forward import FORWARDER, AzureMLForwarder
+from expkit_azureml.target import add_in_script_api
 
 # azureml missing, as in an environment without `expkit[azureml]`
 WITHOUT_AZUREML = """
@@ -48,7 +52,7 @@ def script_run():
     yield make
     for run in made:
         atexit.unregister(run._at_exit)
-        forwarder = run._azureml
+        forwarder = run._forwarder
         forwarder.failed = "the test is over"
         forwarder._pending.clear()
         atexit.unregister(forwarder._exit)
@@ -103,7 +107,8 @@ def test_the_script_logs_to_the_azure_ml_run_and_to_expkits_channel(tmp_path, sc
 
 
 def test_without_expkits_channel_the_calls_still_reach_azure_ml(script_run):
-    """A script submitted to Azure ML without expkit: nothing to write locally, Azure gets it."""
+    """A script given the forwarder but no channel (EXPKIT_METRICS_DIR unset): nothing to
+    write locally, Azure gets it."""
     azure = RecordingRun()
     run = script_run(None, azure)
     run.log("acc", 1.0)
@@ -149,6 +154,7 @@ def test_azureml_that_cannot_be_imported_is_one_notice(tmp_path, capfd, script_r
 
 
 SCRIPT = """
+    import sys
     import time
     from expkit import Run
     run = Run.get_context()
@@ -156,17 +162,23 @@ SCRIPT = """
     for step in range(1000):
         run.log("acc", step / 1000, step=step)
     print(f"logged in {time.perf_counter() - started:.3f}s")
+    print("expkit from", sys.modules["expkit"].__file__)
+    print("forwarder from", sys.modules["expkit_azureml.forward"].__file__)
+    print("pluggy imported:", "pluggy" in sys.modules)
 """
 
 
 def run_script(tmp_path: Path, prelude: str = "", **env: str) -> subprocess.CompletedProcess:
+    """The script in a folder staged as the azureml target uploads it (expkit/ and
+    expkit_azureml/forward.py beside it), with the run's variables on Azure ML."""
+    add_in_script_api(tmp_path)
     script = tmp_path / "train.py"
     script.write_text(prelude + textwrap.dedent(SCRIPT))
     variables = {k: v for k, v in os.environ.items() if not k.startswith(("EXPKIT_", "AZUREML_"))}
     return subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
-        env={**variables, **env},
+        env={**variables, "EXPKIT_FORWARDER": FORWARDER, **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -175,13 +187,18 @@ def run_script(tmp_path: Path, prelude: str = "", **env: str) -> subprocess.Comp
 
 def test_on_azure_ml_the_metric_channel_is_written_inside_logs(tmp_path):
     """What the azureml target sets up: EXPKIT_METRICS_DIR=logs/expkit-metrics, relative to
-    the run's folder on the node. The real azureml here finds no Azure ML run (no service):
-    one notice, the script's output untouched (azureml's offline run would print each value)."""
+    the run's folder on the node, and the forwarder. The real azureml here finds no Azure ML
+    run (no service): one notice, the script's output untouched (azureml's offline run would
+    print each value)."""
     result = run_script(
         tmp_path, AZUREML_RUN_ID="recorded_1", EXPKIT_METRICS_DIR="logs/expkit-metrics"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("logged in ") and "Attempted to log" not in result.stdout
+    # what was uploaded is what the script imported: not the installed plugin, no pluggy
+    assert f"expkit from {tmp_path / 'expkit' / '__init__.py'}" in result.stdout
+    assert f"forwarder from {tmp_path / 'expkit_azureml' / 'forward.py'}" in result.stdout
+    assert "pluggy imported: False" in result.stdout
     assert result.stderr == (
         "expkit: azureml: azureml finds no Azure ML run in this process (an offline run); "
         "metrics are recorded by expkit only\n"
@@ -200,6 +217,23 @@ def test_on_azure_ml_without_azureml_installed_the_script_still_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "cannot reach the Azure ML run (ModuleNotFoundError" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+    (channel,) = (tmp_path / "logs" / "expkit-metrics").glob("rank-0.*.jsonl")
+    assert channel.read_text().count("\n") == 1000
+
+
+def test_the_target_uploads_only_the_forwarder_of_the_plugin(tmp_path):
+    assert add_in_script_api(tmp_path) == []
+    staged = tmp_path / "expkit_azureml"
+    assert sorted(p.name for p in staged.iterdir()) == ["__init__.py", "forward.py"]
+    assert (staged / "__init__.py").read_text() == ""
+    forward = (staged / "forward.py").read_text()
+    imports = {line.split()[1] for line in forward.splitlines() if line.startswith("import ")}
+    imports |= {line.split()[1] for line in forward.splitlines() if line.startswith("from ")}
+    assert all(name.split(".")[0] in sys.stdlib_module_names for name in imports - {"__future__"})
+    module, _, attribute = FORWARDER.partition(":")
+    assert (module, attribute) == ("expkit_azureml.forward", "AzureMLForwarder")
+    # a snapshot with folders of these names keeps its own
+    assert add_in_script_api(tmp_path) == ["expkit", "expkit_azureml"]
 
 
 def test_the_forwarder_imports_azureml_off_the_scripts_thread():

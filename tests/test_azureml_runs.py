@@ -491,7 +491,11 @@ def test_a_job_runs_on_azure_ml_through_every_stage(replayed, run_job, log_serve
         ("prepare", "scale", "run", "post-process", "register"), "completed"
     )
     config, tags, uploaded = target.submitted[0]
-    assert {"train.py", "expkit", ".amlignore"} <= set(uploaded)  # snapshot + in-script API
+    # the snapshot, the in-script API and its forwarder (named by the run's EXPKIT_FORWARDER)
+    assert {"train.py", "expkit", "expkit_azureml", ".amlignore"} <= set(uploaded)
+    assert config.run_config.environment_variables["EXPKIT_FORWARDER"] == (
+        "expkit_azureml.forward:AzureMLForwarder"
+    )
     assert config.script == "train.py" and config.run_config.target == "gpu-cluster"
     assert tags == {"expkit.run_id": result.record.id}
     assert result.run.get_metrics() == {"val_acc": 0.89, "best_val_acc": 0.89}

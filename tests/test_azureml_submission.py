@@ -48,9 +48,11 @@ BY_DESIGN = {
     # a workaround of the estimator for NCCL 2.4 (2019)
     "environment.environmentVariables.NCCL_TREE_THRESHOLD",
     "environment.name",  # default-environment; expkit-<experiment>
-    # expkit's run variables: where the script's metric channel goes
+    # expkit's run variables: where the script's metric channel goes, the in-script API's
+    # forwarder to the Azure ML run
     "environmentVariables",
     "environmentVariables.EXPKIT_METRICS_DIR",
+    "environmentVariables.EXPKIT_FORWARDER",
     "environmentVariables.PYTHONUNBUFFERED",
 }
 # The estimator leaves mpi.nodeCount at MpiConfiguration's default (1; Azure ML reads the
@@ -144,6 +146,9 @@ def check_environment(ours: dict, theirs: dict, user: list[str], gpu: bool) -> N
     )
     assert ("gpu" in theirs["environment"]["docker"]["baseImage"]) is gpu
     assert ours["environmentVariables"]["EXPKIT_METRICS_DIR"] == "logs/expkit-metrics"
+    assert ours["environmentVariables"]["EXPKIT_FORWARDER"] == (
+        "expkit_azureml.forward:AzureMLForwarder"
+    )
     assert ours["environment"]["name"] == "expkit-pytorch-digits"
 
 
@@ -302,6 +307,9 @@ def test_dry_run_prints_the_exact_submission_without_azure(tmp_path, monkeypatch
         "idle_seconds_before_scaledown": 1800,
     }
     assert document["source_directory"]["path"] == str(SOURCE)
+    uploaded = document["source_directory"]["uploaded"]
+    assert "expkit's in-script API as expkit/ (" in uploaded
+    assert "as expkit_azureml/ (2 files: an empty __init__.py and forward.py)" in uploaded
     # the YAML holds exactly what azureml-core serializes for the ScriptRunConfig
     assert document["run_configuration"] == expkit_config(job)
 

@@ -5,10 +5,15 @@ writes the queue to the run's metric channel (one append-only file per process) 
 hundred milliseconds. The driver tails that channel while the script runs. Outside expkit
 the same calls do nothing harmful: they are accepted and dropped, with one notice.
 
-On Azure ML (AZUREML_RUN_ID is set in a run's processes) the same calls also go to the Azure
-ML run, through azureml's `Run.get_context()`: azureml is imported, and each call made, on a
-thread of its own, so the script never waits for it; if that fails, one notice, and the
-metrics still reach expkit's channel (the `azureml` compute target brings that back).
+A compute target whose service keeps runs of its own can name a forwarder, which also sends
+the calls to the service's run (e.g. Azure ML's, see the `azureml` plugin): EXPKIT_FORWARDER
+set to `module:attribute` in the script's environment. get_context() imports that module and
+calls the attribute (a class or factory) with no arguments; the forwarder then gets each batch
+the writer drains, in order, and is given time to send the rest at exit (see `Forwarder`). It
+must hand the batches to a thread of its own and return at once (whatever it needs that is
+slow to import, it imports there). A forwarder that cannot be loaded, or that raises, is one
+notice, and the script goes on recording to expkit's channel only. Without EXPKIT_FORWARDER
+(or with it empty) nothing is imported for it.
 """
 
 from __future__ import annotations
@@ -21,14 +26,13 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 CHANNEL_ENV = "EXPKIT_METRICS_DIR"
 RUN_ID_ENV = "EXPKIT_RUN_ID"
 FLUSH_SECONDS = 0.2
-AZUREML_RUN_ENV = "AZUREML_RUN_ID"  # set by Azure ML in the processes of a run on its compute
-AZUREML_EXIT_SECONDS = 30.0  # at exit, how long to wait for the Azure ML run to take the rest
-AZUREML_MAX_PENDING = 1_000_000  # items waiting for Azure ML beyond this are dropped (counted)
+FORWARDER_ENV = "EXPKIT_FORWARDER"  # `module:attribute` of a forwarder; unset or empty: none
+FORWARDER_EXIT_SECONDS = 30.0  # at exit, how long the forwarder may take to send the rest
 
 # Environment variables that launchers set for a process's global rank.
 _RANK_VARS = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -43,6 +47,25 @@ def process_rank() -> int:
     return 0
 
 
+class Forwarder(Protocol):
+    """Also sends a script's calls elsewhere (a service's own run), named by EXPKIT_FORWARDER.
+
+    Items are tuples `(kind, name, value, step, timestamp)`: kind "m" a metric value (step an
+    int or None), "r" a table row (value: the columns as a dict), "t" tags (value: a dict of
+    strings, name ""); timestamp is time.time() when the script made the call.
+    """
+
+    # Set by the ScriptRun to its flush: a forwarder whose own exit handler runs before the
+    # ScriptRun's calls it first, so that what is still queued is handed over.
+    before_exit: Any
+
+    def send(self, items: list[tuple]) -> None:
+        """Take a batch, in the order logged; called by the writer (or a flush): never blocks."""
+
+    def close(self, timeout: float) -> None:
+        """At exit: wait at most `timeout` seconds until everything handed over was sent."""
+
+
 class ScriptRun:
     """The run a training script belongs to (`Run.get_context()`)."""
 
@@ -50,24 +73,25 @@ class ScriptRun:
         self,
         run_id: str | None,
         channel_path: str | None,
-        azureml: AzureMLForwarder | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.id = run_id
         self.rank = process_rank()
         self._queue: deque[tuple] = deque()
         self._put = self._queue.append
         self._file = None
-        self._azureml = azureml
+        self._forwarder = forwarder
         # None when nothing records the calls (the fast check of every call)
-        self._path = channel_path if channel_path or azureml is None else ""
+        self._path = channel_path if channel_path or forwarder is None else ""
         self._names: dict[str, str] = {}
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._warned = False
         if channel_path:
             self._file = open(channel_path, "ab", buffering=0)  # noqa: SIM115 - lives with the run
-        if azureml is not None:
-            azureml.before_exit = self.flush
+        if forwarder is not None:
+            with contextlib.suppress(AttributeError):  # a forwarder that has no use for it
+                forwarder.before_exit = self.flush
         if self._path is not None:
             self._writer = threading.Thread(target=self._write_loop, name="expkit-metrics")
             self._writer.daemon = True
@@ -76,7 +100,7 @@ class ScriptRun:
 
     @property
     def offline(self) -> bool:
-        """True when the script runs outside expkit (and outside Azure ML): nothing is recorded."""
+        """True when the script runs outside expkit (and has no forwarder): nothing is recorded."""
         return self._path is None
 
     # -- the calls a script makes -------------------------------------------------------
@@ -117,8 +141,12 @@ class ScriptRun:
 
     def _at_exit(self) -> None:
         self.flush()
-        if self._azureml is not None:
-            self._azureml.close(AZUREML_EXIT_SECONDS)
+        forwarder = self._forwarder
+        if forwarder is not None:
+            try:
+                forwarder.close(FORWARDER_EXIT_SECONDS)
+            except Exception as error:
+                self._forwarder_failed(forwarder, error)
 
     # -- internals ------------------------------------------------------------------------
     def _drop(self) -> None:
@@ -128,6 +156,10 @@ class ScriptRun:
                 "expkit: this script is not running under expkit; metrics are not recorded",
                 file=sys.stderr,
             )
+
+    def _forwarder_failed(self, forwarder: Forwarder, error: Exception) -> None:
+        self._forwarder = None
+        _notice(f"the forwarder {type(forwarder).__name__} failed ({_why(error)})")
 
     def _write_loop(self) -> None:
         while True:
@@ -142,8 +174,12 @@ class ScriptRun:
                 items = [pop() for _ in range(min(len(queue), 10_000))]
                 if self._file is not None:
                     self._file.write("".join(map(self._encode, items)).encode())
-                if self._azureml is not None:
-                    self._azureml.send(items)
+                forwarder = self._forwarder
+                if forwarder is not None:
+                    try:
+                        forwarder.send(items)
+                    except Exception as error:  # a broken forwarder: expkit's channel only
+                        self._forwarder_failed(forwarder, error)
 
     def _encode(self, item: tuple) -> str:
         kind, name, value, step, ts = item
@@ -165,117 +201,35 @@ def _step(step: int | None) -> str:
     return "null" if step is None else str(int(step))
 
 
-class AzureMLForwarder:
-    """Sends a script's logged items to the Azure ML run it runs in, on its own thread.
+def load_forwarder(spec: str) -> Forwarder | None:
+    """The forwarder that `spec` (`module:attribute`, EXPKIT_FORWARDER's value) names, made
+    with no arguments; None, after one notice, when it cannot be had."""
+    module_name, _, attribute = (part.strip() for part in spec.partition(":"))
+    try:
+        if not module_name or not attribute:
+            raise ValueError("not module:attribute")
+        import importlib
 
-    `connect` (azureml's `Run.get_context()` by default) runs on that thread: importing azureml
-    takes seconds. The script's thread only hands over batches; a failure to connect or to
-    send is one notice on stderr, never an exception in the script.
-    """
-
-    def __init__(self, connect: Any = None) -> None:
-        self._connect = connect or _azureml_run
-        self._pending: deque[tuple] = deque()
-        self._wake = threading.Event()
-        self._busy = True  # connecting, until the thread says otherwise
-        self.run: Any = None
-        self.before_exit: Any = None  # the ScriptRun's flush: hands over what is still queued
-        self.dropped = 0
-        self.failed: str | None = None  # why nothing more is sent
-        self._noticed = False
-        self._thread = threading.Thread(target=self._loop, name="expkit-azureml", daemon=True)
-        self._thread.start()
-
-    def send(self, items: list[tuple]) -> None:
-        if self.failed is not None:
-            return
-        room = max(AZUREML_MAX_PENDING - len(self._pending), 0)
-        if room < len(items):
-            self.dropped += len(items) - room
-            items = items[:room]
-        self._pending.extend(items)
-        self._wake.set()
-
-    def close(self, timeout: float) -> None:
-        """Wait (at most `timeout` seconds) until everything handed over was sent."""
-        deadline = time.monotonic() + timeout
-        while (self._pending or self._busy) and self.failed is None and self._thread.is_alive():
-            if time.monotonic() > deadline:
-                break
-            self._wake.set()
-            time.sleep(0.05)
-        flush = getattr(self.run, "flush", None)
-        if self.failed is None and callable(flush):
-            try:
-                flush(timeout_seconds=max(1, int(deadline - time.monotonic())))
-            except Exception as error:
-                self._notice(f"the Azure ML run did not take the last metrics ({error})")
-        if self.dropped:
-            self._notice(f"{self.dropped} values were not sent to the Azure ML run (too many)")
-
-    def _loop(self) -> None:
-        try:
-            self.run = self._connect()
-        except BaseException as error:  # azureml missing or broken: expkit's channel only
-            self._give_up(f"cannot reach the Azure ML run ({type(error).__name__}: {error})")
-            return
-        if self.run is None:
-            self._give_up("azureml finds no Azure ML run in this process (an offline run)")
-            return
-        # Registered after azureml's own exit handlers, so it runs before them (last in,
-        # first out): what the script logged last is sent while azureml still takes it.
-        atexit.register(self._exit)
-        while True:
-            while self._pending:
-                item = self._pending.popleft()
-                try:
-                    self._send(item)
-                except Exception as error:
-                    self._notice(f"the Azure ML run refused {item[1]!r} ({error})")
-            self._busy = False
-            self._wake.wait()
-            self._wake.clear()
-            self._busy = True
-
-    def _send(self, item: tuple) -> None:
-        kind, name, value, step, _ = item
-        if kind == "m":
-            if step is None:
-                self.run.log(name, value)
-            else:
-                self.run.log(name, value, step=step)
-        elif kind == "r":
-            self.run.log_row(name, **value)
-        elif kind == "t":
-            self.run.set_tags(value)
-
-    def _exit(self) -> None:
-        if callable(self.before_exit):
-            self.before_exit()
-        self.close(AZUREML_EXIT_SECONDS)
-
-    def _give_up(self, why: str) -> None:
-        self._notice(f"{why}; metrics are recorded by expkit only")  # before close() returns
-        self.failed = why
-        self._pending.clear()
-        self._busy = False
-
-    def _notice(self, text: str) -> None:
-        if not self._noticed:  # one line, however many calls fail
-            self._noticed = True
-            # One write, flushed at once: azureml may fork meanwhile (a child would print a
-            # half-written line again).
-            with contextlib.suppress(Exception):
-                sys.stderr.write(f"expkit: azureml: {text}\n")
-                sys.stderr.flush()
+        factory: Any = importlib.import_module(module_name)
+        for name in attribute.split("."):
+            factory = getattr(factory, name)
+        forwarder = factory()
+        if not all(callable(getattr(forwarder, method, None)) for method in ("send", "close")):
+            raise TypeError(f"{type(forwarder).__name__} has no send() and close()")
+    except (Exception, SystemExit) as error:  # never an exception in the script
+        _notice(f"{FORWARDER_ENV}={spec}: no forwarder ({_why(error)})")
+        return None
+    return forwarder
 
 
-def _azureml_run() -> Any:
-    """azureml's run of this process, or None when azureml finds none (an offline run)."""
-    from azureml.core import Run
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
-    run = Run.get_context()
-    return None if type(run).__name__ == "_OfflineRun" else run
+
+def _notice(text: str) -> None:
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"expkit: {text}; metrics are recorded by expkit only\n")
+        sys.stderr.flush()
 
 
 _context: ScriptRun | None = None
@@ -289,15 +243,13 @@ def get_context() -> ScriptRun:
         with _context_lock:
             if _context is None:
                 folder = os.environ.get(CHANNEL_ENV)
-                azureml = None
-                if os.environ.get(AZUREML_RUN_ENV):
-                    # azureml's import needs this module, which cannot be imported once the
-                    # interpreter shuts down: a script that ends before azureml is imported
-                    # on the forwarder's thread would lose its last metrics otherwise.
-                    import concurrent.futures.thread  # noqa: F401
-
-                    azureml = AzureMLForwarder()
-                if folder and azureml is not None:  # on Azure ML: a folder inside ./logs
+                spec = os.environ.get(FORWARDER_ENV)
+                forwarder = load_forwarder(spec) if spec else None
+                # Locally the driver makes the channel's folder before the script starts. A
+                # target that sets EXPKIT_FORWARDER (even to "", none) has its service start
+                # the script, and the folder is relative to the script's (on Azure ML: inside
+                # ./logs): made here, also when the forwarder could not be loaded.
+                if folder and spec is not None:
                     try:
                         os.makedirs(folder, exist_ok=True)
                     except OSError:
@@ -305,5 +257,5 @@ def get_context() -> ScriptRun:
                 path = None
                 if folder:
                     path = os.path.join(folder, f"rank-{process_rank()}.{os.getpid()}.jsonl")
-                _context = ScriptRun(os.environ.get(RUN_ID_ENV), path, azureml)
+                _context = ScriptRun(os.environ.get(RUN_ID_ENV), path, forwarder)
     return _context

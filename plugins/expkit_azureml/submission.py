@@ -5,9 +5,10 @@ The environment on Azure is the one the job sees here: this interpreter's Python
 torch and torchvision versions (a `pip` environment builds over this interpreter's packages, so
 the script imports them here), the job's pip packages and `azureml-defaults` (Azure ML's run
 agent), on Azure ML's default CPU or GPU image, unless compute.options name a base image or a
-curated environment. Run-specific settings (where expkit's metric channel is written) are the
-run configuration's environment variables, so that the environment's definition, and with it
-Azure ML's image cache, stays the same from run to run.
+curated environment. Run-specific settings (where expkit's metric channel is written, the
+in-script API's forwarder to the Azure ML run) are the run configuration's environment
+variables, so that the environment's definition, and with it Azure ML's image cache, stays the
+same from run to run.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from expkit.context import FORWARDER_ENV
 from expkit.errors import UserError
 from expkit.job import JobSpec
+from expkit_azureml.forward import FORWARDER
 from expkit_azureml.options import AzureOptions
 
 # Where the script's metric channel goes on Azure: inside ./logs, which Azure ML uploads (and
@@ -173,9 +176,12 @@ def distributed_config(job: JobSpec) -> Any:
 
 
 def run_environment_variables(options: AzureOptions) -> dict[str, str]:
-    """What the script's processes get besides the environment's own variables."""
+    """What the script's processes get besides the environment's own variables: where the
+    metric channel goes, and the forwarder that also sends the script's calls to the Azure ML
+    run (compute.options.environment_variables can override either; EXPKIT_FORWARDER: "" none)."""
     return {
         "EXPKIT_METRICS_DIR": METRICS_DIR_ON_AZURE,
+        FORWARDER_ENV: FORWARDER,
         "PYTHONUNBUFFERED": "1",
         **options.environment_variables,
     }

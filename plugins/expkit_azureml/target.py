@@ -28,7 +28,7 @@ import expkit
 from expkit.capabilities import Allocation, ComputeTarget, Environment, Process, RunContext
 from expkit.errors import Canceled, StageFailed, UserError
 from expkit.job import JobSpec
-from expkit_azureml import monitor
+from expkit_azureml import forward, monitor
 from expkit_azureml.cluster import get_or_create, node_counts, wait_until_ready
 from expkit_azureml.options import AzureOptions
 from expkit_azureml.submission import (
@@ -51,6 +51,10 @@ from expkit_azureml.workspace import (
 )
 
 RECORD_FILE = "azureml.json"  # in the run's folder: the Azure ML run it became
+# Uploaded with the snapshot: expkit's package (its in-script API), and of this plugin only
+# forward.py, the forwarder that the run's EXPKIT_FORWARDER names (see add_in_script_api).
+EXPKIT_PACKAGE = Path(expkit.__file__).parent
+FORWARDER_PACKAGE = "expkit_azureml"
 BACKENDS = ("none", "horovod", "torchrun")
 # An .amlignore that ignores nothing: the upload is the expkit snapshot, which already honoured
 # .expkitignore; without it Azure ML would apply the source folder's .gitignore on top.
@@ -293,7 +297,6 @@ class AzureMLTarget(ComputeTarget):
                 "curated": "read from the workspace at submit",
                 "added_pip_packages": list(job.environment.packages),
             }
-        package = Path(expkit.__file__).parent
         document = {
             "workspace": workspace,
             "credentials": auth,
@@ -310,8 +313,10 @@ class AzureMLTarget(ComputeTarget):
                 "path": job.source_directory,
                 "uploaded": (
                     "the run's snapshot of it (.expkitignore honoured), with expkit's in-script "
-                    f"API as expkit/ ({sum(1 for _ in _package_files(package))} files) and an "
-                    ".amlignore that ignores nothing more"
+                    f"API as expkit/ ({sum(1 for _ in _package_files(EXPKIT_PACKAGE))} files), "
+                    f"its forwarder to the Azure ML run as {FORWARDER_PACKAGE}/ (2 files: an "
+                    "empty __init__.py and forward.py) and an .amlignore that ignores nothing "
+                    "more"
                 ),
             },
             "run_configuration": run_configuration,
@@ -342,20 +347,40 @@ def _package_files(package: Path) -> Any:
 
 def stage_source(ctx: RunContext) -> Path:
     """The folder uploaded as the ScriptRunConfig's source directory: the run's working copy
-    of its snapshot, plus expkit's package so that `from expkit import Run` works on Azure
-    (its in-script API is standard library only)."""
+    of its snapshot, plus what the script imports from expkit on Azure (`add_in_script_api`)."""
     source = ctx.work_dir
     source.mkdir(parents=True, exist_ok=True)
-    package = Path(expkit.__file__).parent
-    if (source / "expkit").exists():
-        ctx.say("the snapshot has its own expkit/: expkit's in-script API is not added to it")
-    else:
-        shutil.copytree(
-            package, source / "expkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
+    for folder in add_in_script_api(source):
+        what = "expkit's in-script API" if folder == "expkit" else "the Azure ML forwarder"
+        ctx.say(f"the snapshot has its own {folder}/: {what} is not added to it")
     if not (source / ".amlignore").exists():
         (source / ".amlignore").write_text(AMLIGNORE, encoding="utf-8")
     return source
+
+
+def add_in_script_api(source: Path) -> list[str]:
+    """Add to `source` expkit's package as expkit/, so that `from expkit import Run` works on
+    Azure (its in-script API is standard library only), and the forwarder that the run's
+    EXPKIT_FORWARDER names, as expkit_azureml/ with an empty __init__.py and forward.py (not
+    this plugin, whose __init__ needs expkit's plugin machinery and azureml-train-core). A
+    folder the snapshot has already is left as it is: returns their names."""
+    kept = []
+    if (source / "expkit").exists():
+        kept.append("expkit")
+    else:
+        shutil.copytree(
+            EXPKIT_PACKAGE,
+            source / "expkit",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+    folder = source / FORWARDER_PACKAGE
+    if folder.exists():
+        kept.append(FORWARDER_PACKAGE)
+    else:
+        folder.mkdir()
+        (folder / "__init__.py").write_text("", encoding="utf-8")
+        shutil.copyfile(forward.__file__, folder / "forward.py")
+    return kept
 
 
 # What is downloaded after the run, and where it goes in the working copy: the lifecycle then
