@@ -32,20 +32,14 @@ inside the worker-side functions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-import traceback
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -53,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 from expkit.capabilities import ExportRequest, ExportResult
 
+# Modules only one side uses (tempfile, threading, zipfile, ...) are imported where they are
+# used: every exporter plugin imports this module, and `expkit plugins` loads them all.
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -86,6 +82,8 @@ def run_worker(request: ExportRequest, module: str, timeout: float = 600) -> Exp
     without a result, or runs longer than `timeout` seconds, is a failed export whose message
     says why in one line; the worker and anything it started are gone when this returns.
     """
+    import tempfile
+
     out_dir = Path(request.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="expkit-export-") as tmp:
@@ -145,6 +143,9 @@ def _follow(
 ) -> bool:
     """Pass the worker's progress lines to `say` (on this thread) until it exits; True when
     it ran past `deadline` (it is then still running)."""
+    import queue
+    import threading
+
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:
@@ -273,6 +274,8 @@ def worker_main(export_and_check: Callable[[ExportRequest], ExportResult]) -> No
 
     Run as `python -m your_plugin.worker REQUEST.json` by `run_worker`.
     """
+    import traceback
+
     payload = json.loads(Path(sys.argv[1]).read_text())
     result_file = Path(payload.pop("result_file"))
     progress = open(payload.pop("progress_fd"), "w", buffering=1, encoding="utf-8")  # noqa: SIM115
@@ -383,6 +386,8 @@ def _build(factory: str, args: dict[str, Any], code_dir: Path | None) -> torch.n
 
 def _is_torchscript(file: Path) -> bool:
     """A `torch.jit.save` archive holds constants.pkl and code/; `torch.save` ones do not."""
+    import zipfile
+
     if not zipfile.is_zipfile(file):
         return False
     with zipfile.ZipFile(file) as archive:
@@ -588,6 +593,8 @@ def _worst(values: list[Any]) -> float | str | None:
 
 def sha256(path: Path) -> str:
     """The hex SHA-256 of a file."""
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
