@@ -386,7 +386,9 @@ class Lifecycle:
                 continue
             notes.append(f"{spec.format} FAILED")
             outcome = "the run fails" if spec.required else "not registered"
-            self.warn(f"export {spec.format} failed: {record.message}; {outcome}")
+            log = self.run_dir / "exports" / spec.format / "export.log"
+            more = f" (details: {log})" if log.is_file() else ""
+            self.warn(f"export {spec.format} failed: {record.message}; {outcome}{more}")
             if spec.required and required is None:
                 required = f"required export {spec.format} failed: {record.message}"
         self.stage_note += "; exports: " + ", ".join(notes)
