@@ -99,6 +99,8 @@ def test_a_passing_export_joins_the_outputs_and_the_model_version(copy_plugin, r
     assert entry["files"] == ["model.copy"]
     assert entry["checks"]["max_abs_error"] == 0.0
     assert entry["run_id"] == result.record.id
+    tags = model.lineage_tags()  # what the MLflow and Azure ML registries are given
+    assert tags["expkit.exports"] == "copy" and tags["expkit.run_id"] == result.record.id
     (export,) = result.workspace.history.exports(result.record.id)
     assert export.ok and export.format == "copy"
     assert "export copy: model.copy (max_abs_error 0" in result.output

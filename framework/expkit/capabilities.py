@@ -115,6 +115,21 @@ class ModelVersion:
     lineage: dict[str, Any]
     tags: dict[str, str] = field(default_factory=dict)
 
+    def lineage_tags(self) -> dict[str, str]:
+        """Tags and lineage flattened to string tags, for a registry that takes only tags:
+        `expkit.run_id`, ..., `expkit.metrics.<name>`, `expkit.exports` (the exported
+        formats, e.g. `onnx,torchscript`) and `expkit.version`; the model's own tags last."""
+        tags: dict[str, Any] = {"expkit.version": self.version}
+        for key, value in self.lineage.items():
+            if key == "exports":
+                tags["expkit.exports"] = ",".join(sorted(value))
+            elif isinstance(value, dict):
+                tags.update({f"expkit.{key}.{k}": v for k, v in value.items()})
+            else:
+                tags[f"expkit.{key}"] = value
+        tags.update(self.tags)
+        return {str(k): str(v) for k, v in tags.items() if v is not None}
+
 
 @dataclass
 class RunContext:

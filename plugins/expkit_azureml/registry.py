@@ -24,7 +24,7 @@ class AzureMLRegistry(ModelRegistry):
     description = "each model version also registered in the Azure ML workspace"
 
     def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
-        tags = lineage_tags(model)
+        tags = model.lineage_tags()
         description = f"expkit model {model.name}:{model.version} from run {run.run_id}"
         record_file = run.run_dir / RECORD_FILE
         if record_file.is_file():
@@ -74,16 +74,3 @@ class AzureMLRegistry(ModelRegistry):
             tags=tags,
             description=text,
         )
-
-
-def lineage_tags(model: ModelVersion) -> dict[str, str]:
-    """The model's tags and its lineage as string tags: `expkit.run_id`, ...,
-    `expkit.metrics.<name>`, and `expkit.version`."""
-    tags: dict[str, Any] = {"expkit.version": model.version}
-    for key, value in model.lineage.items():
-        if isinstance(value, dict):
-            tags.update({f"expkit.{key}.{k}": v for k, v in value.items()})
-        else:
-            tags[f"expkit.{key}"] = value
-    tags.update(model.tags)
-    return {str(k): str(v) for k, v in tags.items() if v is not None}

@@ -51,7 +51,7 @@ class MlflowRegistry(ModelRegistry):
                 model.name,
                 f"runs:/{mlflow_run_id}/{path}",
                 run_id=mlflow_run_id,
-                tags=lineage_tags(model),
+                tags=clean_tags(model.lineage_tags()),
                 description=f"expkit model {model.name}:{model.version} from run {run.run_id}",
             )
         except BaseException:
@@ -69,16 +69,3 @@ class MlflowRegistry(ModelRegistry):
                 f"{model.version}; tag expkit.version)"
             )
         return ref
-
-
-def lineage_tags(model: ModelVersion) -> dict[str, str]:
-    """The model's tags and its lineage, flattened: `expkit.run_id`, `expkit.snapshot_hash`,
-    ..., `expkit.metrics.<name>` for the run's final metrics, and `expkit.version`."""
-    tags: dict[str, Any] = {"expkit.version": model.version}
-    for key, value in model.lineage.items():
-        if isinstance(value, dict):
-            tags.update({f"expkit.{key}.{k}": v for k, v in value.items()})
-        else:
-            tags[f"expkit.{key}"] = value
-    tags.update(model.tags)
-    return clean_tags(tags)
