@@ -330,4 +330,4 @@ def test_the_sample_torchrun_job_trains_on_two_ranks_and_registers(expkit_cli, e
     assert shown["tags"]["world_size"] == "2"
     assert shown["metrics"]["train_acc"] > 0.3  # ten classes: chance is 0.1
     assert 0 < shown["metrics"]["best_val_acc"] <= 1  # one epoch on 2 ranks: 19 steps only
-    assert {"model.pt", "classes.json", "example_inputs.npy"} <= set(shown["outputs"])
+    assert set(shown["outputs"]) == {"model.pt", "classes.json", "example_inputs.npy"}
