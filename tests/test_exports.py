@@ -108,9 +108,17 @@ def test_a_passing_export_joins_the_outputs_and_the_model_version(copy_plugin, r
     request = copy_plugin.exporter.requests[0]
     assert request.load == {"file": "model.pt", "factory": None, "args": {}}
     assert request.input["shape"] == [1, 4] and request.input["dynamic_axes"] == [0]
-    assert (request.atol, request.rtol) == (1e-4, 1e-3)
+    assert (request.atol, request.rtol, request.timeout) == (1e-4, 1e-3, 600.0)
     assert request.code_dir == result.run_dir / "snapshot"
     assert request.env["EXPKIT_RUN_ID"] == result.record.id
+
+
+def test_the_export_settings_reach_the_exporter(copy_plugin, run_job):
+    spec = {"format": "copy", "atol": 0.5, "rtol": 0, "timeout": 42}
+    result = run_job(job([spec]), script=SCRIPT)
+    assert result.state == "completed", result.output
+    request = copy_plugin.exporter.requests[0]
+    assert (request.atol, request.rtol, request.timeout) == (0.5, 0.0, 42.0)
 
 
 def test_a_single_file_model_path_still_gets_its_exports(copy_plugin, run_job):

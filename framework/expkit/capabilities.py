@@ -265,6 +265,7 @@ class ExportRequest:
     out_dir: Path  # write the exported files here (an empty folder)
     python: str  # the interpreter with torch and the model's packages
     code_dir: Path | None = None  # where `load.factory`'s module is found (the run's snapshot)
+    timeout: float = 600.0  # seconds the export and its check may take
     env: dict[str, str] = field(default_factory=dict)  # variables for that interpreter
     say: Callable[[str], None] = print  # a progress line, shown and recorded
 

@@ -74,15 +74,18 @@ class ExportFailed(Exception):
 
 
 # -- the exporter's side (expkit's driver process) --------------------------------------------
-def run_worker(request: ExportRequest, module: str, timeout: float = 600) -> ExportResult:
+def run_worker(request: ExportRequest, module: str, timeout: float | None = None) -> ExportResult:
     """Run `python -m <module> REQUEST.json` in `request.python` and return its result.
 
     The worker runs in `request.out_dir` with `request.env` added to this environment, in its
     own session, and its progress lines reach `request.say` as they come. A worker that dies
     without a result, or runs longer than `timeout` seconds, is a failed export whose message
     says why in one line; the worker and anything it started are gone when this returns.
+    `timeout` defaults to the request's (the job's `exports[].timeout`).
     """
     import tempfile
+
+    timeout = request.timeout if timeout is None else timeout
 
     out_dir = Path(request.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

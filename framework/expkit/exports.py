@@ -54,6 +54,7 @@ def make(
         code_dir=code_dir,
         env={**env, "PYTHONDONTWRITEBYTECODE": "1"},  # the snapshot stays as it was taken
         say=say,
+        timeout=spec.timeout,
     )
     try:
         result = exporter.export(request)

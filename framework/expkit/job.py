@@ -212,6 +212,7 @@ class ExportSpec(_Spec):
     atol: float = field(default=1e-4, metadata=_limits(ge=0))
     rtol: float = field(default=1e-3, metadata=_limits(ge=0))
     required: bool = False
+    timeout: float = field(default=600.0, metadata=_limits(gt=0))  # seconds, export and check
 
 
 @dataclass
