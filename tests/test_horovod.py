@@ -373,3 +373,22 @@ def test_the_sample_job_trains_on_two_horovod_ranks_and_registers_the_model(
     assert "rank 1 of 2" in (logs / "rank-1.log").read_text()
     best = expkit_workspace.history.metrics(record.id, "best_val_acc")
     assert len(best) == 1  # logged by rank 0 only
+
+
+def test_horovodrun_pieces_of_several_ranks_on_one_line_go_to_their_ranks():
+    from expkit.capabilities import RankPieces
+    from expkit_horovod.backend import RANK_PIECE
+
+    split = RankPieces(RANK_PIECE)
+    # rank 1's progress piece, then rank 0's line, on one line of horovodrun's output
+    line = b"[1]<stdout>:progress 50%\r[0]<stdout>:hello from rank 0\n"
+    assert split(line) == (0, b"hello from rank 0\n")
+    assert split(b"[1]<stdout>:progress 100%\n") == (1, b"progress 50%\rprogress 100%\n")
+    # a rank's own stderr after its progress piece stays in its log, in that order
+    assert split(b"[1]<stdout>:50%\r[1]<stderr>:warning\n") == (1, b"50%\rwarning\n")
+    # a prefix-like text inside a line is the rank's text, and horovodrun's own lines are its
+    assert split(b"[0]<stdout>:see [1]<stdout>: here\n") == (0, b"see [1]<stdout>: here\n")
+    assert split(b"Process 1 exit with status code 3.\n") == (
+        None,
+        b"Process 1 exit with status code 3.\n",
+    )

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from conftest import error_line
-from expkit.capabilities import Allocation, RunContext
+from expkit.capabilities import Allocation, RankPieces, RunContext
 from expkit.errors import UserError
 from expkit.job import JobSpec
 from expkit.procs import run_processes
-from expkit_torchrun.backend import RankLines
+from expkit_torchrun.backend import PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,7 +294,7 @@ def test_several_nodes_need_an_endpoint_and_gpu_runs_a_gpu_per_rank(expkit_plugi
 
 
 def test_lines_torchrun_tees_in_pieces_are_put_back_together_per_rank():
-    split = RankLines()
+    split = RankPieces(PREFIX)
     assert split(b"[expkit-rank-1]:loss [expkit-rank-0]:epoch 1\n") == (0, b"epoch 1\n")
     assert split(b"[expkit-rank-1]:0.3\n") == (1, b"loss 0.3\n")
     assert split(b"W1127 torch/distributed/elastic ... SIGTERM\n") == (

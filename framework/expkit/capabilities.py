@@ -7,7 +7,9 @@ implement its methods and return an instance from the matching hook in `expkit.h
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,13 +75,39 @@ class Process:
 
     A launcher (horovodrun, torchrun) is one process whose output mixes every rank's lines:
     `split_output` turns one of its lines into (rank, line as the rank wrote it), or (None,
-    line) for the launcher's own lines, so that each rank gets its own log.
+    line) for the launcher's own lines, so that each rank gets its own log (`RankPieces`
+    does it for launchers that prefix each piece with the rank).
     """
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     rank: int = 0
     split_output: Callable[[bytes], tuple[int | None, bytes]] | None = None
+
+
+class RankPieces:
+    """A launcher's output -> (rank, the rank's line) or (None, the launcher's own line).
+
+    Launchers prefix each piece of a rank's output, and a piece is not always a whole line:
+    torchrun prefixes each chunk it reads, horovodrun each piece ending in "\r". Pieces of
+    several ranks can share one launcher line (`[1]:loss [0]:ok\n`), so a rank's pieces
+    without a newline wait for the rest of its line. `prefix` matches one prefix, with the
+    rank as its first group. Use an instance as `Process.split_output`.
+    """
+
+    def __init__(self, prefix: re.Pattern[bytes]) -> None:
+        self.prefix = prefix
+        self.pending: dict[int, bytes] = defaultdict(bytes)
+
+    def __call__(self, line: bytes) -> tuple[int | None, bytes]:
+        pieces = self.prefix.split(line)  # [before, rank, text, rank, text, ...]
+        if pieces[0] or len(pieces) == 1:
+            return None, line  # the launcher's own line
+        ranks, texts = [int(r) for r in pieces[1::2]], pieces[2::2]
+        for rank, text in zip(ranks[:-1], texts[:-1], strict=True):
+            self.pending[rank] += text
+        rank = ranks[-1]
+        return rank, self.pending.pop(rank, b"") + texts[-1]
 
 
 @dataclass

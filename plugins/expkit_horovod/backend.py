@@ -28,27 +28,25 @@ import signal
 import sys
 from pathlib import Path
 
-from expkit.capabilities import Allocation, DistributedBackend, Process, RunContext
+from expkit.capabilities import (
+    Allocation,
+    DistributedBackend,
+    Process,
+    RankPieces,
+    RunContext,
+)
 from expkit.errors import UserError
 from expkit.job import JobSpec
 
 OPTIONS = ("controller", "args")
 CONTROLLERS = ("gloo", "mpi")
-RANK_PREFIX = re.compile(rb"\[(\d+)\]<std(?:out|err)>:")
+# horovodrun prefixes each piece of a rank's output that ends in a newline or in "\r" (progress
+# bars), and the threads forwarding each rank's stdout and stderr write in turn with the
+# others': one launcher line can hold pieces of several ranks, each after a "\r" (RankPieces).
+RANK_PIECE = re.compile(rb"(?:^|(?<=\r))\[(\d+)\]<std(?:out|err)>:")
 # horovodrun's summary of the first rank to fail, else each failed rank's own line.
 FIRST_FAILED = re.compile(r"^Process name: (\d+)\nExit code: (\d+)$", re.M)
 EXITED = re.compile(r"^Process (\d+) exit with status code (\d+)\.$", re.M)
-
-
-def split_output(line: bytes) -> tuple[int | None, bytes]:
-    """One line of horovodrun's output -> (rank, the line as the rank wrote it) or (None, line)."""
-    match = RANK_PREFIX.match(line)
-    if match is None:
-        return None, line
-    rank = int(match[1])
-    # horovodrun also ends a line at "\r" (progress bars) and prefixes what follows it.
-    text = re.sub(rb"\r\[%d\]<std(?:out|err)>:" % rank, b"\r", line[match.end() :])
-    return rank, text
 
 
 def find_horovodrun(python: str) -> str | None:
@@ -109,7 +107,7 @@ class HorovodBackend(DistributedBackend):
             if "OMP_NUM_THREADS" in os.environ or res.processes_per_node == 1
             else {"OMP_NUM_THREADS": "1"}
         )
-        return [Process(argv=argv, env=env, rank=0, split_output=split_output)]
+        return [Process(argv=argv, env=env, rank=0, split_output=RankPieces(RANK_PIECE))]
 
     def _first_failure(self, ctx: RunContext) -> tuple[int, int] | None:
         log = ctx.log_dir / "launcher.log"

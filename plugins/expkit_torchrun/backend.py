@@ -18,9 +18,14 @@ or nccl itself; EXPKIT_DIST_BACKEND tells it which one suits the GPUs the run wa
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
-from expkit.capabilities import Allocation, DistributedBackend, Process, RunContext
+from expkit.capabilities import (
+    Allocation,
+    DistributedBackend,
+    Process,
+    RankPieces,
+    RunContext,
+)
 from expkit.errors import UserError
 from expkit.job import JobSpec
 
@@ -28,6 +33,8 @@ OPTIONS = ("rdzv_endpoint", "node_rank")
 # torchrun prefixes each tee'd chunk with this (`${rank}` is the global rank). It must be
 # something no script prints: torch's own C++ warnings already start with "[rank0]:".
 PREFIX_TEMPLATE = "[expkit-rank-${rank}]:"
+# torchrun tails each rank's output file and prefixes every chunk it reads, not every line:
+# `[expkit-rank-1]:loss [expkit-rank-0]:ok\n` ... `[expkit-rank-1]:0.3\n` (RankPieces).
 PREFIX = re.compile(rb"\[expkit-rank-(\d+)\]:")
 # torchrun tails a rank's stdout and stderr files separately, so lines of the two can swap
 # (a traceback before the line printed just ahead of it); a rank started as `sh -c 'exec
@@ -92,7 +99,7 @@ class Torchrun(DistributedBackend):
         argv += [*MERGED_OUTPUT, python, "-u", *script_and_args]  # -u: what torchrun adds
         # Each local rank uses GPU LOCAL_RANK of the leased CUDA_VISIBLE_DEVICES.
         env = {"EXPKIT_DIST_BACKEND": "nccl" if allocation.gpus else "gloo"}
-        return [Process(argv, env=env, rank=0, split_output=RankLines())]
+        return [Process(argv, env=env, rank=0, split_output=RankPieces(PREFIX))]
 
     def failed_rank(self, ctx: RunContext) -> int | None:
         """The rank of torchrun's "Root Cause (first observed failure)" in launcher.log."""
@@ -121,26 +128,3 @@ def _root_cause(ctx: RunContext) -> dict[str, str]:
     _, found, block = text.rpartition("Root Cause")
     block = block.split("=====")[0]
     return dict(re.findall(r"^\s+(\w+)\s*:\s*(.*)$", block, re.M)) if found else {}
-
-
-class RankLines:
-    """Splits torchrun's output into (rank, line without prefix) or (None, torchrun's line).
-
-    torchrun tails each rank's output file and prefixes every chunk it reads, and a chunk is
-    not always a whole line: a rank that prints "loss " and "0.3\\n" in two writes can show up
-    as `[expkit-rank-1]:loss [expkit-rank-0]:ok\\n` ... `[expkit-rank-1]:0.3\\n`. So the
-    pieces without a newline wait, per rank, for the rest of their line.
-    """
-
-    def __init__(self) -> None:
-        self.pending: dict[int, bytes] = defaultdict(bytes)
-
-    def __call__(self, line: bytes) -> tuple[int | None, bytes]:
-        pieces = PREFIX.split(line)  # [before, rank, text, rank, text, ...]
-        if pieces[0] or len(pieces) == 1:
-            return None, line  # torchrun's own line
-        ranks, texts = [int(r) for r in pieces[1::2]], pieces[2::2]
-        for rank, text in zip(ranks[:-1], texts[:-1], strict=True):
-            self.pending[rank] += text
-        rank = ranks[-1]
-        return rank, self.pending.pop(rank, b"") + texts[-1]
