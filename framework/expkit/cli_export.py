@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from expkit import exports
+from expkit.blobs import BlobStore
 from expkit.capabilities import RunContext
 from expkit.errors import UserError
 from expkit.job import ExportSpec, JobSpec, apply_override
@@ -52,10 +53,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             ModelStore(workspace), version, job.model, spec, exporter, python, code_dir, env, say
         )
     else:
+        blobs = BlobStore(workspace.blobs_dir)
         export = exports.into_run(
-            history, _blobs(workspace), record.id, run_dir, job.model, spec, exporter, python,
-            env, say,
-        )  # fmt: skip
+            history, blobs, record.id, run_dir, job.model, spec, exporter, python, env, say
+        )
     _print_export(export, what)
     return 0 if export.ok else 1
 
@@ -116,14 +117,7 @@ def _environment(workspace: Any, job: JobSpec, run_dir: Path | None) -> tuple[st
         history=workspace.history,
     )
     env = builder.build(job.environment, ctx)
-    python = env.python if Path(env.python).is_file() else sys.executable
-    return python, env.env
-
-
-def _blobs(workspace: Any) -> Any:
-    from expkit.blobs import BlobStore
-
-    return BlobStore(workspace.blobs_dir)
+    return exports.interpreter(env.python), env.env
 
 
 def _say(text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,7 @@ def keep(
     `taken` are the names already in `dest` (the script's own outputs, other exports): an
     export never overwrites one. Returns the files by name relative to `dest`.
     """
-    root = staging.resolve()
-    names = [(staging / path).resolve().relative_to(root).as_posix() for path in result.files]
+    names = _names(result, staging)
     clash = sorted(set(names) & taken)
     if clash:
         raise UserError(f"its file {clash[0]} would replace one already there")
@@ -116,8 +116,7 @@ def into_run(
     staging, sealed = run_dir / "exports" / spec.format, run_dir / "outputs" / base
     if files:
         code_dir = run_dir / "snapshot"
-        args = (exporter, spec, model, sealed, staging, python, code_dir, env, say)
-        result = make(*args)
+        result = make(exporter, spec, model, sealed, staging, python, code_dir, env, say)
     else:
         result = ExportResult([], {}, False, f"model.path {model.path!r} matched no output")
     kept: dict[str, tuple[int, str]] = {}
@@ -156,14 +155,12 @@ def into_version(
     """Export a registered model version; a passing export's files are added to the version
     (its existing files never change). The attempt is recorded either way."""
     staging = store.ws.path / "exports" / f"{version.name}-{version.version}-{spec.format}"
-    args = (exporter, spec, model, version.path, staging, python, code_dir, env, say)
-    result = make(*args)
+    result = make(exporter, spec, model, version.path, staging, python, code_dir, env, say)
     files: dict[str, tuple[int, str]] = {}
     if result.ok:
-        root = staging.resolve()
-        for path in result.files:
-            path = (staging / path).resolve()
-            files[path.relative_to(root).as_posix()] = (path.stat().st_size, hash_file(path))
+        for name in _names(result, staging):
+            path = staging / name
+            files[name] = (path.stat().st_size, hash_file(path))
     record = ExportRecord(
         format=spec.format,
         ok=result.ok,
@@ -185,6 +182,18 @@ def into_version(
             shutil.rmtree(staging, ignore_errors=True)
     store.ws.history.add_export(record)
     return record
+
+
+def interpreter(python: str) -> str:
+    """The environment's interpreter, or this one when it is not on this machine (a remote
+    target's): exports run here."""
+    return python if Path(python).is_file() else sys.executable
+
+
+def _names(result: ExportResult, staging: Path) -> list[str]:
+    """The exported files by name relative to the staging folder they were written in."""
+    root = staging.resolve()
+    return [(staging / path).resolve().relative_to(root).as_posix() for path in result.files]
 
 
 def describe(record: ExportRecord) -> str:

@@ -322,15 +322,12 @@ class JobSpec(_Spec):
         return [m for v in values for m in _DATA_REF.findall(str(v))]
 
     # -- use ----------------------------------------------------------------------------------
-    def command_args(self, data_paths: dict[str, str]) -> list[str]:
-        """The script's command-line arguments, `${data.x}` replaced by the data's path."""
-
-        def text(value: Any) -> str:
-            return _DATA_REF.sub(lambda m: data_paths[m.group(1)], str(value))
-
+    def arguments(self) -> list[Any]:
+        """The script's arguments as given, values keeping their types: `key: value` is
+        `--key value`, `flag: true` the bare flag, false or null leaves it out."""
         if isinstance(self.args, list):
-            return [text(v) for v in self.args]
-        argv: list[str] = []
+            return list(self.args)
+        argv: list[Any] = []
         for key, value in self.args.items():
             flag = key if key.startswith("-") else f"--{key}"
             if value is True:
@@ -338,10 +335,18 @@ class JobSpec(_Spec):
             elif value is False or value is None:
                 continue
             elif isinstance(value, list):
-                argv += [flag, *map(text, value)]
+                argv += [flag, *value]
             else:
-                argv += [flag, text(value)]
+                argv += [flag, value]
         return argv
+
+    def command_args(self, data_paths: dict[str, str]) -> list[str]:
+        """The script's command line, as text, `${data.x}` replaced by the data's path."""
+
+        def path(match: re.Match[str]) -> str:
+            return data_paths[match.group(1)]
+
+        return [_DATA_REF.sub(path, str(value)) for value in self.arguments()]
 
     def to_yaml(self) -> str:
         import yaml

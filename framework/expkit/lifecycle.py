@@ -11,7 +11,6 @@ import os
 import shlex
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -369,9 +368,7 @@ class Lifecycle:
     def export(self) -> None:
         """Each of the job's exports; a passing one's files join the model's folder in outputs."""
         assert self.job.model is not None and self.ctx.environment is not None
-        python = self.ctx.environment.python
-        if not Path(python).is_file():  # a remote target's interpreter: export here instead
-            python = sys.executable
+        python = exports.interpreter(self.ctx.environment.python)
         env = {**self.ctx.environment.env, **self.ctx.script_env}
         notes, required = [], None
         for spec, exporter in self.choice.exporters:

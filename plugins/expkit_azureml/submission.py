@@ -134,20 +134,7 @@ def arguments(job: JobSpec) -> list[Any]:
     (Azure ML passes them as text), `flag: true` is the bare flag, false or null leaves it out."""
     if job.data:
         raise UserError(next(iter(_data_problems(job))))
-    if isinstance(job.args, list):
-        return list(job.args)
-    result: list[Any] = []
-    for key, value in job.args.items():
-        flag = key if key.startswith("-") else f"--{key}"
-        if value is True:
-            result.append(flag)
-        elif value is False or value is None:
-            continue
-        elif isinstance(value, list):
-            result += [flag, *value]
-        else:
-            result += [flag, value]
-    return result
+    return job.arguments()
 
 
 def _data_problems(job: JobSpec) -> list[str]:
