@@ -534,3 +534,21 @@ def test_register_model_applies_the_job_specs_name_rules(trained, name, tmp_path
     assert [r["name"] for r in trained.history.models()] == ["net"]
     assert not (trained.path.parent / "x").exists() and not (tmp_path / "x").exists()
     assert sorted(p.name for p in trained.models_dir.iterdir()) == ["net"]
+
+
+def test_outputs_linked_to_a_folder_inside_the_working_copy_is_sealed(
+    expkit_cli, write_job, expkit_workspace
+):
+    script = """
+        import os
+        os.makedirs("results")
+        open("results/model.pt", "wb").write(b"weights")
+        os.symlink("../train.py", "results/code.py")  # in the run, but not in outputs
+        os.symlink("results", "outputs")
+    """
+    run_script(expkit_cli, write_job, script, model={"name": "m", "path": "outputs/model.pt"})
+
+    history = expkit_workspace.history
+    assert list(history.outputs("test_1")) == ["model.pt"]
+    assert history.output_links("test_1") == {"code.py": "../train.py"}
+    assert (Model(expkit_workspace, "m", 1).path / "model.pt").read_bytes() == b"weights"
