@@ -412,8 +412,15 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
         shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
         rows.append(("metrics", ", ".join(shown)))
     outputs = history.outputs(record.id)
+    links = history.output_links(record.id)
+    note = (
+        f"; {len(links)} link{'s' * (len(links) != 1)} out of the run, not stored" if links else ""
+    )
     rows.append(
-        ("outputs", f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}")
+        (
+            "outputs",
+            f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}{note}",
+        )
     )
     for export in history.exports(record.id):
         note = "" if export.ok else " (not registered)"
