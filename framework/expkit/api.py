@@ -11,7 +11,8 @@ Module-level imports are stdlib only: training scripts import `Run` from here.
 
 from __future__ import annotations
 
-import shutil
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -142,39 +143,93 @@ class Run:
         return self.workspace.history.tags(self.id)
 
     def get_file_names(self) -> list[str]:
-        """The run's files: `outputs/...` and `logs/...`."""
-        names = []
-        for folder in ("logs", "outputs"):
-            root = self.run_dir / folder
-            if root.is_dir():
+        """The run's files: `outputs/...` as recorded when they were sealed, and `logs/...`.
+
+        Links in outputs that point out of the run are recorded, not stored: they are not
+        listed here (see `get_links`)."""
+        names = [f"outputs/{path}" for path in self.workspace.history.outputs(self.id)]
+        logs = self.run_dir / "logs"
+        if logs.is_dir() and not logs.is_symlink():
+            for folder, dirs, files in os.walk(logs, followlinks=False):
+                dirs.sort()
                 names += [
-                    p.relative_to(self.run_dir).as_posix() for p in root.rglob("*") if p.is_file()
+                    (Path(folder) / f).relative_to(self.run_dir).as_posix()
+                    for f in files
+                    if stat.S_ISREG(os.lstat(Path(folder) / f).st_mode)
                 ]
         return sorted(names)
 
-    def download_file(self, name: str, output_file_path: str | Path | None = None) -> Path:
-        """Copy one of the run's files (a name from `get_file_names()`) to `output_file_path`."""
+    def get_links(self) -> dict[str, str]:
+        """Links the script left in outputs/ that point out of it (or to nothing): name ->
+        target. They were recorded, never followed, and are never served as content."""
+        links = self.workspace.history.output_links(self.id)
+        return {("outputs" if p == "." else f"outputs/{p}"): t for p, t in links.items()}
+
+    def download_file(
+        self,
+        name: str,
+        output_file_path: str | Path | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Copy one of the run's files (a name from `get_file_names()`) to `output_file_path`
+        and return where it went.
+
+        A path ending in "/" (or an existing folder) is a folder, created if needed: the file
+        keeps its name there. An output is checked against its recorded sha256 (another
+        stored copy is used if it does not match). Raises UserError when the destination
+        exists (unless `overwrite`), is a folder, or the name is not a file of the run;
+        `downloads.Damaged` when no intact copy is left.
+        """
+        from expkit import downloads
+
+        links = self.get_links()
+        if name.rstrip("/") in links:
+            raise UserError(
+                f"run {self.id}: {name} is a link to {links[name.rstrip('/')]}, out of the run; "
+                "it was recorded, not stored, and is never served"
+            )
         if name not in self.get_file_names():
             raise UserError(
                 f"run {self.id} has no file {name!r}; see `expkit runs files {self.id}`"
             )
-        target = Path(output_file_path or Path(name).name)
-        if target.is_dir():
-            target = target / Path(name).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.run_dir / name, target)
-        return target
+        target = downloads.destination(output_file_path, name)
+        path = downloads.inside_folder(self.run_dir, name)
+        if name.startswith("outputs/"):
+            _, digest = self.workspace.history.outputs(self.id)[name.removeprefix("outputs/")]
+            wanted = downloads.Wanted(
+                name, target, digest, lambda: downloads.candidates(self.workspace, digest, [path])
+            )
+        else:  # a log: not recorded, served as it is (never through a link)
+            wanted = downloads.Wanted(name, target, None, lambda: [path])
+        (written,) = downloads.fetch([wanted], overwrite)
+        return written
 
     def register_model(
         self, model_name: str, model_path: str = "outputs/", tags: dict[str, str] | None = None
     ) -> Model:
-        """Register a file or folder of this run's outputs as the next version of a model."""
-        from expkit.registry import ModelStore
+        """Register a file or folder of this run's recorded outputs as the next version of a
+        model. `model_name` follows the job spec's rules for `model.name`; `model_path` must
+        be inside outputs/. Raises UserError otherwise, or when it names no recorded file."""
+        from expkit.registry import ModelStore, check_model_name, select_model_files
 
-        source = (self.run_dir / model_path).resolve()
-        outputs = (self.run_dir / "outputs").resolve()
-        if not source.is_relative_to(outputs):
+        check_model_name(model_name, "model_name")
+        parts = Path(model_path).parts
+        if not parts or parts[0] != "outputs" or ".." in parts:
             raise UserError(f"model_path {model_path!r} must be inside outputs/")
+        history = self.workspace.history
+        files, base = select_model_files(history.outputs(self.id), Path(model_path).as_posix())
+        if not files:
+            links = self.get_links()
+            named = Path(model_path).as_posix()
+            if named in links:
+                raise UserError(
+                    f"model_path {model_path!r} is a link to {links[named]}, out of the run: "
+                    "recorded, not stored; it cannot be registered"
+                )
+            raise UserError(
+                f"model_path {model_path!r} matched no file in the run's outputs; "
+                f"see `expkit runs files {self.id}`"
+            )
         record = self._record
         lineage = {
             "run_id": self.id,
@@ -183,12 +238,17 @@ class Run:
             "environment_hash": record.environment_hash,
             "metrics": {
                 k: v
-                for k, v in self.workspace.history.latest_metrics(self.id).items()
+                for k, v in history.latest_metrics(self.id).items()
                 if isinstance(v, int | float)
             },
         }
-        version = ModelStore(self.workspace).register_path(
-            model_name, source, run_id=self.id, lineage=lineage, tags=tags or {}
+        version = ModelStore(self.workspace).register(
+            model_name,
+            files,
+            self.run_dir / "outputs" / base,
+            run_id=self.id,
+            lineage=lineage,
+            tags=tags or {},
         )
         return Model._from_version(self.workspace, version)
 
@@ -238,7 +298,12 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.name!r}, version={self.version})"
 
-    def download(self, target_dir: str | Path = ".") -> list[Path]:
+    def download(self, target_dir: str | Path = ".", overwrite: bool = False) -> list[Path]:
+        """Copy this version's files into the folder `target_dir` (created if needed), each
+        checked against its recorded sha256. Raises UserError when a file is already there
+        (unless `overwrite`), `downloads.Damaged` when a file has no intact stored copy."""
         from expkit.registry import ModelStore
 
-        return ModelStore(self.workspace).download(self.name, self.version, Path(target_dir))
+        return ModelStore(self.workspace).download(
+            self.name, self.version, Path(target_dir), overwrite
+        )

@@ -85,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     download = runs.add_parser("download", help="copy one of a run's files")
     download.add_argument("run_id", metavar="RUN")
     download.add_argument("name", metavar="NAME", help="a name from `expkit runs files RUN`")
-    download.add_argument("dest", metavar="DEST", help="file or folder to write")
+    download.add_argument(
+        "dest",
+        metavar="DEST",
+        nargs="?",
+        help="file or folder to write (a folder when it ends in / or exists; default: here)",
+    )
+    download.add_argument("--force", action="store_true", help="replace a file already there")
     download.set_defaults(handler=cmd_runs_download)
 
     metrics = commands.add_parser(
@@ -114,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     mshow.set_defaults(handler=cmd_models_show)
     mdown = models.add_parser("download", help="copy a model version's files")
     mdown.add_argument("ref", metavar="NAME[:VERSION]")
-    mdown.add_argument("dest", metavar="DEST", help="folder to write into")
+    mdown.add_argument("dest", metavar="DEST", help="folder to write into (created if needed)")
+    mdown.add_argument("--force", action="store_true", help="replace files already there")
     mdown.set_defaults(handler=cmd_models_download)
 
     export = commands.add_parser(
@@ -405,8 +412,15 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
         shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
         rows.append(("metrics", ", ".join(shown)))
     outputs = history.outputs(record.id)
+    links = history.output_links(record.id)
+    note = (
+        f"; {len(links)} link{'s' * (len(links) != 1)} out of the run, not stored" if links else ""
+    )
     rows.append(
-        ("outputs", f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}")
+        (
+            "outputs",
+            f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}{note}",
+        )
     )
     for export in history.exports(record.id):
         note = "" if export.ok else " (not registered)"
@@ -455,6 +469,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         details["outputs"] = {
             p: {"size": s, "sha256": d} for p, (s, d) in history.outputs(record.id).items()
         }
+        details["output_links"] = history.output_links(record.id)
         print(json.dumps(details, indent=2, default=str))
         return 0
     print(f"run         {record.id}")
@@ -496,6 +511,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         print("\noutputs")
         for path, (size, digest) in outputs.items():
             print(f"  {path:<40} {human_size(size):>10}  sha256:{digest[:12]}")
+    links = history.output_links(record.id)
+    if links:
+        print("\nlinks in outputs (recorded, not stored)")
+        for path, target in links.items():
+            print(f"  {'outputs' if path == '.' else path} -> {target}")
     for event in history.events(record.id, "warning") + history.events(record.id, "sink-failed"):
         print(f"\nwarning: {event['message']}")
     return 0
@@ -537,8 +557,11 @@ def cmd_runs_files(args: argparse.Namespace) -> int:
     from expkit.api import Run
 
     workspace = _workspace(args)
-    for name in Run(workspace, _run_record(workspace, args.run_id).id).get_file_names():
+    run = Run(workspace, _run_record(workspace, args.run_id).id)
+    for name in run.get_file_names():
         print(name)
+    for name, target in run.get_links().items():
+        print(f"{name} -> {target}  (a link out of the run: recorded, not stored)")
     return 0
 
 
@@ -547,7 +570,7 @@ def cmd_runs_download(args: argparse.Namespace) -> int:
 
     workspace = _workspace(args)
     run = Run(workspace, _run_record(workspace, args.run_id).id)
-    print(run.download_file(args.name, args.dest))
+    print(run.download_file(args.name, args.dest, overwrite=args.force))
     return 0
 
 
@@ -704,7 +727,7 @@ def cmd_models_download(args: argparse.Namespace) -> int:
 
     workspace = _workspace(args)
     name, version = parse_model_ref(args.ref)
-    for path in ModelStore(workspace).download(name, version, Path(args.dest)):
+    for path in ModelStore(workspace).download(name, version, Path(args.dest), args.force):
         print(path)
     return 0
 

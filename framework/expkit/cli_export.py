@@ -47,6 +47,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     python, env = _environment(workspace, job, run_dir)
     say = _say
     say(f"export {spec.format} of {what} ({exporter.plugin}), in {python}")
+    for line in _verify(workspace, version, record, job):
+        say(f"warning: {line}")
     if version is not None:
         code_dir = run_dir / "snapshot" if run_dir and (run_dir / "snapshot").is_dir() else None
         export = exports.into_version(
@@ -118,6 +120,20 @@ def _environment(workspace: Any, job: JobSpec, run_dir: Path | None) -> tuple[st
     )
     env = builder.build(job.environment, ctx)
     return exports.interpreter(env.python), env.env
+
+
+def _verify(workspace: Any, version: Any, record: Any, job: JobSpec) -> list[str]:
+    """The model files the export reads, checked against their recorded sha256 (a damaged
+    one replaced by an intact stored copy); raises `downloads.Damaged` when none is left."""
+    from expkit.registry import ModelStore, select_model_files, verify_folder
+
+    if version is not None:
+        return ModelStore(workspace).verify(version)
+    assert job.model is not None
+    files, base = select_model_files(workspace.history.outputs(record.id), job.model.path)
+    folder = workspace.run_dir(record.id) / "outputs" / base
+    prefix = f"run {record.id}: outputs/" + (f"{base}/" if base else "")
+    return verify_folder(workspace, folder, files, prefix)
 
 
 def _say(text: str) -> None:

@@ -88,6 +88,9 @@ CREATE TABLE IF NOT EXISTS exports (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS exports_by_run ON exports (run_id);
+CREATE TABLE IF NOT EXISTS output_links (
+    run_id TEXT NOT NULL, path TEXT NOT NULL, target TEXT NOT NULL, PRIMARY KEY (run_id, path)
+);
 """
 
 
@@ -340,19 +343,51 @@ class History:
         rows = self.db.execute("SELECT key, value FROM tags WHERE run_id = ?", (run_id,))
         return dict(rows.fetchall())
 
-    def set_outputs(self, run_id: str, manifest: dict[str, tuple[int, str]]) -> None:
+    def set_outputs(
+        self,
+        run_id: str,
+        manifest: dict[str, tuple[int, str]],
+        links: dict[str, str] | None = None,
+    ) -> None:
+        """Record the run's sealed outputs (path -> (size, sha256)), and with `links` the links
+        found in outputs/ that were recorded, not stored (path -> target; "." is outputs/
+        itself). Without `links`, the recorded links stay as they are."""
         with self.transaction() as db:
             db.execute("DELETE FROM outputs WHERE run_id = ?", (run_id,))
             db.executemany(
                 "INSERT INTO outputs VALUES (?, ?, ?, ?)",
                 [(run_id, p, size, digest) for p, (size, digest) in manifest.items()],
             )
+            if links is not None:
+                db.execute("DELETE FROM output_links WHERE run_id = ?", (run_id,))
+                db.executemany(
+                    "INSERT INTO output_links VALUES (?, ?, ?)",
+                    [(run_id, p, target) for p, target in links.items()],
+                )
 
     def outputs(self, run_id: str) -> dict[str, tuple[int, str]]:
         rows = self.db.execute(
             "SELECT path, size, sha256 FROM outputs WHERE run_id = ? ORDER BY path", (run_id,)
         )
         return {p: (size, digest) for p, size, digest in rows}
+
+    def output_links(self, run_id: str) -> dict[str, str]:
+        """The links in the run's outputs that were recorded, not stored: path -> target."""
+        rows = self.db.execute(
+            "SELECT path, target FROM output_links WHERE run_id = ? ORDER BY path", (run_id,)
+        )
+        return dict(rows.fetchall())
+
+    def names_of(self, digest: str) -> list[tuple[str, str, str]]:
+        """Every recorded name of the content `digest`: ("run", run id, path in outputs) and
+        ("model", "name/version", path in the version), to find a surviving copy."""
+        runs = self.db.execute("SELECT run_id, path FROM outputs WHERE sha256 = ?", (digest,))
+        found = [("run", run_id, path) for run_id, path in runs]
+        models = self.db.execute(
+            "SELECT name, version, path FROM model_files WHERE sha256 = ?", (digest,)
+        )
+        found += [("model", f"{name}/{version}", path) for name, version, path in models]
+        return found
 
     # -- metrics ----------------------------------------------------------------------------
     def add_metrics(self, run_id: str, rows: Iterable[tuple]) -> None:

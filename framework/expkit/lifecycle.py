@@ -21,7 +21,8 @@ from typing import Any
 
 from expkit import data as data_inputs
 from expkit import exports, snapshot
-from expkit.blobs import BlobStore, manifest
+from expkit import outputs as run_outputs
+from expkit.blobs import BlobStore
 from expkit.capabilities import (
     Allocation,
     Capability,
@@ -393,28 +394,18 @@ class Lifecycle:
             raise StageFailed(required)
 
     def seal_outputs(self) -> dict[str, tuple[int, str]]:
-        """Move ./outputs into the run, hash every file and keep it read-only in the store."""
-        source, sealed = self.work_dir / "outputs", self.run_dir / "outputs"
-        if source.is_dir() and not sealed.exists():
-            os.replace(source, sealed)
-        sealed.mkdir(exist_ok=True)
-        files = manifest(sealed)
-        for rel, (_, digest) in files.items():
-            self.blobs.adopt(sealed / rel, digest)
-        self.history.set_outputs(self.run_id, files)
-        return files
+        """Move ./outputs into the run, hash every file and keep it read-only in the store;
+        links out of the run are recorded, never followed (see `expkit.outputs`)."""
+        sealed = run_outputs.seal(self.work_dir, self.run_dir / "outputs", self.blobs)
+        for warning in sealed.warnings:
+            self.warn(warning)
+        self.history.set_outputs(self.run_id, sealed.files, sealed.links)
+        return sealed.files
 
     def collect_script_logs(self) -> None:
         """The script's own ./logs folder joins the run's logs (as Azure ML streams it)."""
-        source = self.work_dir / "logs"
-        if not source.is_dir():
-            return
-        for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            target = self.ctx.log_dir / path.relative_to(source)
-            if target.exists():
-                target = target.with_name(f"script-{target.name}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
+        for warning in run_outputs.collect_logs(self.work_dir, self.ctx.log_dir):
+            self.warn(warning)
 
     # -- register: the next version of the job's model ----------------------------------------
     def register(self) -> None:
@@ -423,6 +414,13 @@ class Lifecycle:
         outputs = self.history.outputs(self.run_id)
         files, base = select_model_files(outputs, spec.path)
         if not files:
+            links = self.history.output_links(self.run_id)
+            named = spec.path.removeprefix("outputs").strip("/") or "."
+            if named in links:
+                raise StageFailed(
+                    f"model.path {spec.path!r} is a link to {links[named]}, out of the run: "
+                    "recorded, not stored, so not registered"
+                )
             raise StageFailed(f"model.path {spec.path!r} matched no file in the run's outputs")
         record = self.history.run(self.run_id)
         numbers = {

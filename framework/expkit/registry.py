@@ -7,11 +7,12 @@ lineage (run, snapshot and environment hashes, final metrics) in the run history
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from expkit.blobs import BlobStore, manifest
+from expkit.blobs import BlobStore, copy_private, manifest, stored_mode
 from expkit.capabilities import ModelVersion
 from expkit.errors import UserError
 from expkit.workspace import Workspace
@@ -31,7 +32,11 @@ class ModelStore:
         lineage: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
     ) -> ModelVersion:
-        """Create the next version of `name` from `files` (paths relative to `source`)."""
+        """Create the next version of `name` from `files` (paths relative to `source`).
+
+        Raises UserError when `name` breaks the job spec's rules for `model.name` (it names
+        a folder of the workspace), or when there are no files."""
+        check_model_name(name)
         if not files:
             raise UserError(f"model {name!r}: nothing to register, {source} holds no files")
         for rel, (_, digest) in files.items():
@@ -103,15 +108,93 @@ class ModelStore:
             tags=json.loads(row["tags"]),
         )
 
-    def download(self, name: str, version: int | None, dest: Path) -> list[Path]:
+    def download(
+        self, name: str, version: int | None, dest: Path, overwrite: bool = False
+    ) -> list[Path]:
+        """Copy a version's files into the folder `dest` (created if needed), each checked
+        against its recorded sha256 and rebuilt from any intact stored copy. Nothing is written
+        unless every file can be: raises UserError for a file already there (unless
+        `overwrite`) or a link on the way, `downloads.Damaged` when no intact copy is left."""
+        from expkit import downloads
+
         model = self.get(name, version)
-        written = []
-        for rel in model.files:
-            target = Path(dest) / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(model.path / rel, target)
-            written.append(target)
-        return written
+        dest = Path(dest)
+        if dest.exists() and not dest.is_dir():
+            raise UserError(f"{dest} is a file; `models download` writes into a folder")
+        dest.mkdir(parents=True, exist_ok=True)
+        wanted = []
+        for rel, digest in model.files.items():
+            stored = downloads.inside_folder(model.path, rel)
+            wanted.append(
+                downloads.Wanted(
+                    f"{model.name}:{model.version} {rel}",
+                    downloads.inside_folder(dest, rel),
+                    digest,
+                    lambda d=digest, s=stored: downloads.candidates(self.ws, d, [s]),
+                )
+            )
+        return downloads.fetch(wanted, overwrite, root=dest)
+
+    def verify(self, model: ModelVersion) -> list[str]:
+        """Check a version's files against their recorded sha256 before they are read (an
+        export); a damaged file is replaced by an intact stored copy. Returns what was
+        repaired; raises `downloads.Damaged` when a file has no intact copy left."""
+        files = {rel: (0, digest) for rel, digest in model.files.items()}
+        return verify_folder(self.ws, model.path, files, f"model {model.name}:{model.version} ")
+
+
+def verify_folder(
+    workspace: Workspace, folder: Path, files: dict[str, tuple[int, str]], what: str
+) -> list[str]:
+    """Check that each of `files` in `folder` (a folder of the store: a model version, a
+    run's outputs; `what` prefixes their names in messages) has its recorded sha256; a
+    damaged one is replaced by an intact stored copy. Returns one line per repair; raises
+    `downloads.Damaged` when no copy is intact."""
+    from expkit import downloads
+    from expkit.blobs import hash_file
+
+    repaired = []
+    for rel, (_, digest) in files.items():
+        path = downloads.inside_folder(folder, rel)
+        actual = hash_file(path) if path.is_file() and not path.is_symlink() else "missing"
+        if actual == digest:
+            continue
+        for copy in downloads.candidates(workspace, digest, []):
+            intact = copy != path and copy.is_file() and not copy.is_symlink()
+            if intact and hash_file(copy) == digest:
+                _relink(copy, path)
+                repaired.append(
+                    f"{what}{rel}: did not match its record (sha256 {actual}, recorded "
+                    f"{digest}); replaced by the intact copy {copy}"
+                )
+                break
+        else:
+            raise downloads.Damaged(
+                f"{what}{rel}: the stored file does not match its record (sha256 {actual}, "
+                f"recorded {digest}) and no intact copy is left"
+            )
+    return repaired
+
+
+def _relink(good: Path, path: Path) -> None:
+    """Make the store's name `path` the intact file `good` (a copy across file systems)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.repair.tmp")
+    if tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    try:
+        os.link(good, tmp)
+    except OSError:
+        copy_private(good, tmp, stored_mode(good.stat().st_mode))
+    os.replace(tmp, path)
+
+
+def check_model_name(name: str, field: str = "model.name") -> None:
+    """Refuse a model name the job spec would refuse: it becomes a folder of the workspace
+    (models/<name>/), so `../x` or `a/b` must never reach the file system."""
+    from expkit.job import _NAME, _NAME_RULE
+
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UserError(f"{field} {name!r}: {_NAME_RULE}, at most 100 characters")
 
 
 def select_model_files(

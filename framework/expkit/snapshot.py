@@ -9,11 +9,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from expkit.blobs import BlobStore, hash_file
+from expkit.blobs import BlobStore, copy_private, hash_file
 
 IGNORE_FILE = ".expkitignore"
 ALWAYS_IGNORED = [
@@ -72,28 +74,52 @@ class Ignore:
 
 
 def take(source: Path, dest: Path, blobs: BlobStore) -> Snapshot:
-    """Copy `source` into the blob store and lay it out read-only at `dest`."""
+    """Copy `source` into the blob store and lay it out read-only at `dest`.
+
+    Links are never followed out of `source`: a link to a folder is not followed at all, a
+    link to a file outside `source` (or to nothing) is left out; each is named in a warning
+    (with what to do instead). A link to a file inside `source` is taken as that file's
+    content under the link's name.
+    """
     patterns = list(ALWAYS_IGNORED)
     ignore_file = source / IGNORE_FILE
     if ignore_file.is_file():
         patterns += ignore_file.read_text(encoding="utf-8", errors="replace").splitlines()
     ignore = Ignore(patterns)
     files: dict[str, tuple[int, str]] = {}
+    warnings: list[str] = []
+    root = os.path.realpath(source)
     for folder, dirs, names in os.walk(source, followlinks=False):
         rel_folder = Path(folder).relative_to(source).as_posix()
         prefix = "" if rel_folder == "." else rel_folder + "/"
-        dirs[:] = sorted(d for d in dirs if not ignore.ignored(prefix + d, True))
+        kept = []
+        for name in sorted(dirs):
+            if ignore.ignored(prefix + name, True):
+                continue
+            path = Path(folder) / name
+            if path.is_symlink():
+                warnings.append(_link_warning(prefix + name, path, root, folder=True))
+                continue
+            kept.append(name)
+        dirs[:] = kept
         for name in sorted(names):
             rel = prefix + name
             path = Path(folder) / name
-            if ignore.ignored(rel, False) or not path.is_file():
+            if ignore.ignored(rel, False):
+                continue
+            if path.is_symlink():
+                real = os.path.realpath(path)
+                if not _inside(real, root) or not os.path.isfile(real):
+                    warnings.append(_link_warning(rel, path, root, folder=False))
+                    continue
+            elif not path.is_file():  # a FIFO, a socket: not source code
                 continue
             digest = hash_file(path)
             blobs.add_copy(path, digest)
             blobs.link_to(digest, dest / rel)
             files[rel] = (path.stat().st_size, digest)
     listing = "".join(f"{p}\0{d}\n" for p, (_, d) in sorted(files.items()))
-    snapshot = Snapshot(hashlib.sha256(listing.encode()).hexdigest(), files)
+    snapshot = Snapshot(hashlib.sha256(listing.encode()).hexdigest(), files, warnings)
     if snapshot.size > WARN_BYTES or len(files) > WARN_FILES:
         snapshot.warnings.append(
             f"the source folder holds {len(files)} files, {snapshot.size / 1e6:.0f} MB; "
@@ -102,6 +128,40 @@ def take(source: Path, dest: Path, blobs: BlobStore) -> Snapshot:
     return snapshot
 
 
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _link_warning(rel: str, path: Path, root: str, folder: bool) -> str:
+    """Why a link in the source folder is not in the snapshot, and what to do instead."""
+    target = os.readlink(path)
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        return f"source folder: {rel} is a link to {target}, which does not exist: left out"
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(rel).name).strip("_") or "data"
+    instead = (
+        f"pass it as a `data:` input instead (data: {{{key}: {{source: {real}}}}}, then "
+        f"${{data.{key}}} in args) or list it in {IGNORE_FILE}"
+    )
+    if folder and _inside(real, root):
+        inside = Path(os.path.relpath(real, root)).as_posix()
+        return (
+            f"source folder: {rel}/ is a link to {target}: links to folders are not followed, "
+            f"so the snapshot holds those files under {inside}/ only (use that name)"
+        )
+    kind = f"{rel}/ is a link to the folder" if folder else f"{rel} is a link to"
+    return (
+        f"source folder: {kind} {target}, outside the source folder: not in the snapshot "
+        f"(links are not followed out of it); {instead}"
+    )
+
+
 def working_copy(snapshot_dir: Path, work_dir: Path) -> None:
-    """A writable copy of the snapshot for the script to run in."""
-    shutil.copytree(snapshot_dir, work_dir, copy_function=shutil.copyfile, dirs_exist_ok=True)
+    """A writable copy of the snapshot for the script to run in; each file is readable by
+    whoever could read it in the source folder, and by no one else."""
+    shutil.copytree(snapshot_dir, work_dir, copy_function=_copy_writable, dirs_exist_ok=True)
+
+
+def _copy_writable(source: str, dest: str) -> str:
+    copy_private(Path(source), Path(dest), stat.S_IMODE(os.stat(source).st_mode) | stat.S_IWUSR)
+    return dest

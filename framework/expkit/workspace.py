@@ -60,7 +60,7 @@ class Workspace:
         """Create (or open, if it exists) the workspace `where/.expkit`."""
         where = Path(where)
         folder = where if where.name == FOLDER else where / FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: see the README
         config = folder / CONFIG
         if not config.exists():
             tmp = folder / f".{CONFIG}.tmp"

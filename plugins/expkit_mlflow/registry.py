@@ -19,6 +19,7 @@ from expkit_mlflow.tracking import (
     clean_tags,
     connect,
     ensure_run,
+    log_outputs,
     outputs_logged,
     resolve,
     sink_options,
@@ -39,7 +40,7 @@ class MlflowRegistry(ModelRegistry):
         mlflow_run_id, made_here = ensure_run(client, run, tracking)
         try:
             if not outputs_logged(client, mlflow_run_id):
-                client.log_artifacts(mlflow_run_id, str(run.run_dir / "outputs"), "outputs")
+                log_outputs(client, mlflow_run_id, run)
             try:
                 client.create_registered_model(model.name, description="registered by expkit")
             except MlflowException as error:

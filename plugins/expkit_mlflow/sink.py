@@ -17,7 +17,8 @@ What goes where:
   `expkit.metric.<name>` holding the latest value (tags can change, params cannot); table
   rows (`run.log_row`) become the artifact `metrics/<name>.json`, in `mlflow.log_table`'s
   layout (columns, data), at close. The run history keeps every one of them;
-- artifacts: the run's logs/ and outputs/ (at close, unless the registry uploaded outputs/);
+- artifacts: the run's logs/ and outputs/ (at close, unless the registry uploaded outputs/):
+  the files of the outputs manifest, never a link the script left there;
 - status: completed -> FINISHED, failed -> FAILED, canceled -> KILLED.
 """
 
@@ -35,6 +36,8 @@ from expkit_mlflow.tracking import (
     connect,
     ensure_run,
     history_of,
+    log_logs,
+    log_outputs,
     log_tags,
     mlflow_key,
     outputs_logged,
@@ -119,11 +122,8 @@ class MlflowWriter(MetricWriter):
             columns = list(dict.fromkeys(c for row in rows for c in row))
             table = {"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}
             self.client.log_dict(self.mlflow_run_id, table, f"metrics/{key}.json")
-        logs, outputs = self.run.run_dir / "logs", self.run.run_dir / "outputs"
-        if logs.is_dir() and any(logs.iterdir()):
-            self.client.log_artifacts(self.mlflow_run_id, str(logs), "logs")
-        has_outputs = outputs.is_dir() and any(outputs.iterdir())
-        if has_outputs and not outputs_logged(self.client, self.mlflow_run_id):
-            self.client.log_artifacts(self.mlflow_run_id, str(outputs), "outputs")
+        log_logs(self.client, self.mlflow_run_id, self.run)
+        if not outputs_logged(self.client, self.mlflow_run_id):
+            log_outputs(self.client, self.mlflow_run_id, self.run)
         end = int(time.time() * 1000)
         self.client.set_terminated(self.mlflow_run_id, STATUS.get(state, "FAILED"), end)

@@ -16,7 +16,10 @@ import os
 import posixpath
 import re
 import shlex
+import shutil
 import socket
+import stat
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -206,6 +209,53 @@ def mlflow_key(name: str) -> str:
 
 def outputs_logged(client: MlflowClient, mlflow_run_id: str) -> bool:
     return bool(client.list_artifacts(mlflow_run_id, "outputs"))
+
+
+def log_outputs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
+    """Log the run's sealed outputs as the artifacts `outputs/...`: the files of the run's
+    manifest, exactly (never a link the script left, never a file that is not recorded).
+    Returns whether there was anything to log."""
+    names = list(history_of(run).outputs(run.run_id))
+    return _log_files(client, mlflow_run_id, run.run_dir, "outputs", names)
+
+
+def log_logs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
+    """Log the run's logs/ as artifacts: its regular files only (a link is never followed)."""
+    folder = run.run_dir / "logs"
+    names = []
+    if folder.is_dir() and not folder.is_symlink():
+        for root, dirs, files in os.walk(folder, followlinks=False):
+            dirs.sort()
+            for name in files:
+                path = Path(root) / name
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    names.append(path.relative_to(folder).as_posix())
+    return _log_files(client, mlflow_run_id, run.run_dir, "logs", sorted(names))
+
+
+def _log_files(
+    client: MlflowClient, mlflow_run_id: str, run_dir: Path, folder: str, names: list[str]
+) -> bool:
+    """Log `names` (relative to run_dir/folder) as the artifacts `folder/...`, in one call:
+    they are gathered as hard links (copies across file systems) in a private folder first,
+    so that what MLflow walks holds those files and nothing else."""
+    if not names:
+        return False
+    with tempfile.TemporaryDirectory(prefix=f".mlflow-{folder}-", dir=run_dir) as staging:
+        for name in names:
+            source = run_dir / folder / name
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                continue
+            if not stat.S_ISREG(os.lstat(source).st_mode):
+                continue
+            target = Path(staging) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+        client.log_artifacts(mlflow_run_id, staging, folder)
+    return True
 
 
 def _user() -> str:

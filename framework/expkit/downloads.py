@@ -1,0 +1,253 @@
+"""Serving stored files to the user: checked against their record, written without harm.
+
+Every file a download serves (`runs download`, `models download`, `Run.download_file`,
+`Model.download`) is hashed while it is copied and compared with the sha256 recorded when it
+was sealed. A copy that does not match is skipped for any other stored copy of the same
+content (the blob, another run's outputs, a model version); when none is left, the download
+fails with one line naming the file and both hashes (exit code 1).
+
+At the destination, a download never replaces an existing file unless asked (`--force`,
+`overwrite=True`), never writes through a link (with `--force` the link itself is replaced,
+not what it points to), and never turns a folder into a file. A destination that ends in
+`/`, or is an existing folder, is a folder (created if needed): the file keeps its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from expkit.blobs import stored_mode
+from expkit.errors import UserError
+
+if TYPE_CHECKING:
+    from expkit.workspace import Workspace
+
+CHUNK = 1024 * 1024
+FORCE_HINT = "pass --force (overwrite=True from Python) to replace it"
+
+
+class Damaged(UserError):
+    """A stored file does not match its recorded sha256 and no intact copy is left."""
+
+    exit_code = 1
+
+
+@dataclass
+class Wanted:
+    """One file to serve: its name (for messages), where it goes, its recorded sha256 (None:
+    not recorded, e.g. a log) and the stored copies to try, best first."""
+
+    name: str
+    target: Path
+    digest: str | None
+    copies: Callable[[], Iterable[Path]]
+
+
+def destination(dest: str | Path | None, name: str) -> Path:
+    """Where one file called `name` goes: `dest` itself, or `dest/<name's last part>` when
+    `dest` ends in "/" or is a folder (created if needed); the current folder when None."""
+    base = Path(name).name
+    if dest is None or str(dest) == "":
+        return Path(base)
+    text = os.fspath(dest)
+    folder = Path(text)
+    if text.endswith(("/", os.sep)) or folder.is_dir():
+        _make_folder(folder)
+        return folder / base
+    return folder
+
+
+def fetch(
+    wanted: list[Wanted],
+    overwrite: bool = False,
+    root: Path | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write every file in `wanted` (all checked before any is put in place); returns the
+    paths written. With `root` (the folder a model is downloaded into), no folder between it
+    and a target may be a link. Raises UserError for a destination it must not write, Damaged
+    when a file has no intact stored copy."""
+    warn = warn or _stderr
+    for item in wanted:
+        if root is not None:
+            _check_below(root, item.target)
+        _check_target(item.target, overwrite)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for item in wanted:
+            item.target.parent.mkdir(parents=True, exist_ok=True)
+            staged.append((_stage(item, warn), item.target))
+        for tmp, target in staged:
+            _place(tmp, target, overwrite)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return [target for _, target in staged]
+
+
+def inside_folder(root: Path, rel: str) -> Path:
+    """`root/rel` for a recorded relative path, refusing one that would leave `root`."""
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        raise UserError(f"recorded path {rel!r} is not inside its folder; not served")
+    return root / rel
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{folder} is a file, not a folder; name a folder to write into") from None
+
+
+def _check_below(root: Path, target: Path) -> None:
+    """No folder between `root` and `target` is a link or a file: nothing is written through
+    a link inside the destination."""
+    below = target.parent
+    while below != root and root in below.parents:
+        if below.is_symlink():
+            raise UserError(
+                f"{below} is a link (to {os.readlink(below)}); a download never writes through "
+                "a link: remove it or choose another folder"
+            )
+        if below.exists() and not below.is_dir():
+            raise UserError(f"{below} is a file, not a folder; cannot write {target}")
+        below = below.parent
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse a target that is a folder, an existing file (unless overwriting), or that lies
+    below a link or a file."""
+    if target.is_symlink():
+        if not overwrite:
+            raise UserError(f"{target} exists (a link to {os.readlink(target)}); {FORCE_HINT}")
+        return  # replaced by the download itself: the link goes, what it names stays
+    if target.is_dir():
+        raise UserError(f"{target} is a folder; a download never replaces a folder with a file")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} exists; {FORCE_HINT}")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{parent} is a file, not a folder; cannot write {target}")
+
+
+def _stage(item: Wanted, warn: Callable[[str], None]) -> Path:
+    """A private temporary file next to the target holding an intact copy of `item`."""
+    bad: list[tuple[Path, str]] = []
+    fd, name = _temporary(item.target)
+    tmp = Path(name)
+    with os.fdopen(fd, "r+b") as out:
+        for copy in item.copies():
+            try:
+                digest, mode = _copy_hashing(copy, out)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError, _NotAFile):
+                continue
+            if item.digest is None or digest == item.digest:
+                os.fchmod(out.fileno(), stored_mode(mode) | stat.S_IWUSR)
+                for path, other in bad:
+                    warn(
+                        f"{item.name}: {path} does not match its record (sha256 {other}, "
+                        f"recorded {item.digest}); served from the intact copy {copy}"
+                    )
+                return tmp
+            bad.append((copy, digest))
+    os.unlink(tmp)
+    if bad:
+        raise Damaged(
+            f"{item.name}: the stored file does not match its record (sha256 {bad[0][1]}, "
+            f"recorded {item.digest}) and no intact copy is left; not served"
+        )
+    raise Damaged(f"{item.name}: no stored copy is left (recorded sha256 {item.digest})")
+
+
+class _NotAFile(Exception):
+    """A stored copy that is a link or not a regular file: never served."""
+
+
+def _copy_hashing(source: Path, out: BinaryIO) -> tuple[str, int]:
+    """Copy `source` (never through a link) into the open file `out`, from its start;
+    returns the sha256 of what was copied and the source's mode."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as src:
+        info = os.fstat(src.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise _NotAFile(str(source))
+        out.seek(0)
+        out.truncate()
+        digest = hashlib.sha256()
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+    return digest.hexdigest(), info.st_mode
+
+
+def _temporary(target: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".download", dir=target.parent)
+
+
+def _place(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Put `tmp` at `target`: never over an existing entry unless `overwrite` (then the entry
+    itself is replaced, even a link, never written through), never over a folder."""
+    if overwrite:
+        if target.is_dir() and not target.is_symlink():
+            raise UserError(f"{target} is a folder; a download never replaces a folder with a file")
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)  # fails if anything is there, even a dangling link
+    except FileExistsError:
+        raise UserError(f"{target} exists; {FORCE_HINT}") from None
+    except OSError:  # a file system without hard links
+        if os.path.lexists(target):
+            raise UserError(f"{target} exists; {FORCE_HINT}") from None
+        os.replace(tmp, target)
+
+
+def candidates(workspace: Workspace, digest: str, first: Iterable[Path]) -> Iterator[Path]:
+    """The stored copies of content `digest` to try, best first: `first`, then the blob, then
+    every recorded name of the same content (runs' outputs, model versions)."""
+    from expkit.blobs import BlobStore
+
+    seen: set[Path] = set()
+
+    def fresh(path: Path) -> bool:
+        if path in seen:
+            return False
+        seen.add(path)
+        return True
+
+    for path in first:
+        if fresh(path):
+            yield path
+    blob = BlobStore(workspace.blobs_dir).path(digest)
+    if fresh(blob):
+        yield blob
+    for kind, owner, rel in workspace.history.names_of(digest):
+        if kind == "run":
+            folder = workspace.run_dir(owner) / "outputs"
+        else:
+            folder = workspace.models_dir / owner
+        try:
+            path = inside_folder(folder, rel)
+        except UserError:
+            continue
+        if fresh(path):
+            yield path
+
+
+def _stderr(text: str) -> None:
+    print(f"expkit: warning: {text}", file=sys.stderr, flush=True)

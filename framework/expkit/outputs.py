@@ -1,0 +1,260 @@
+"""Sealing what a script left in ./outputs and ./logs, without ever reaching out of the run.
+
+Design principle 8: post-process never follows a link out of the run, never chmods, moves or
+hard-links a file that lives elsewhere. The rules for ./outputs:
+
+- ./outputs itself a link: to a folder inside the working copy, that folder is sealed; to
+  anything else, the link is recorded (`outputs -> target`) with a warning, never followed,
+  and nothing from it is sealed (its files stay where they are, as they are);
+- a regular file is sealed: hashed, made read-only and stored once. A file with other hard
+  links (which may live outside the run) is copied into the store; it is never chmod-ed;
+- a link to a file or folder inside outputs is sealed as the content it points to
+  (`outputs/best.pt -> checkpoints/epoch_3.pt` becomes the file best.pt with that content);
+- a link out of outputs, or to nothing, is recorded as a link (its name and target) with a
+  warning: never followed, never stored, never served. It is removed from the sealed folder,
+  so that nothing walking the folder later can follow it;
+- anything else (a FIFO, a socket) is left out, with a warning.
+
+The script's ./logs join the run's logs under the same rules: a ./logs that is a link out of
+the working copy is not collected, links out of it are not followed, and a file with other
+hard links is copied, not moved.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from expkit.blobs import BlobStore, hash_file
+
+# Files reached through links to folders (each a second name of a file already there): past
+# this many, further links to folders are recorded as links instead of being expanded.
+LINK_EXPANSION_LIMIT = 100_000
+# Links named in one warning; the rest are counted.
+NAMED_IN_WARNING = 3
+
+
+@dataclass
+class Sealed:
+    """A run's sealed outputs: files (relative path -> (size, sha256)) and links that were
+    recorded, not stored (relative path -> target as the link gave it; "." is outputs/)."""
+
+    files: dict[str, tuple[int, str]]
+    links: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    content: dict[str, str] = field(default_factory=dict)  # name -> regular file holding it
+    links: dict[str, str] = field(default_factory=dict)  # name -> target, recorded only
+    folders: list[str] = field(default_factory=list)  # links to folders: made real folders
+    drop: list[str] = field(default_factory=list)  # entries removed from the sealed folder
+    loops: list[str] = field(default_factory=list)
+    special: list[str] = field(default_factory=list)
+    budget: int = LINK_EXPANSION_LIMIT
+
+
+def seal(work_dir: Path, sealed: Path, blobs: BlobStore) -> Sealed:
+    """Move the script's ./outputs (in `work_dir`) to `sealed`, the run's outputs folder, and
+    make every file in it a read-only blob, by the rules of this module."""
+    warnings: list[str] = []
+    links: dict[str, str] = {}
+    if sealed.is_symlink():  # the script wrote into the run's folder: the link alone goes
+        warnings.append(
+            f"the run's outputs/ was a link to {os.readlink(sealed)} (not made by expkit): "
+            "removed, not followed"
+        )
+        os.unlink(sealed)
+    folder: Path | None = None
+    if sealed.is_dir():
+        folder = sealed
+    else:
+        source = work_dir / "outputs"
+        if source.is_symlink():
+            target = os.readlink(source)
+            real = os.path.realpath(source)
+            work = os.path.realpath(work_dir)
+            if _inside(real, work) and real != work and os.path.isdir(real):
+                folder = Path(real)
+            else:
+                links["."] = target
+                warnings.append(
+                    f"outputs/ is a link to {target}, outside the run: recorded as a link, "
+                    "not followed, and none of its files are sealed (write outputs into "
+                    "./outputs itself)"
+                )
+        elif source.is_dir():
+            folder = source
+    plan = _plan(folder) if folder is not None else _Plan()
+    if folder is not None and folder != sealed:
+        os.replace(folder, sealed)
+    sealed.mkdir(exist_ok=True)
+    files = _apply(plan, sealed, blobs)
+    links.update(plan.links)
+    warnings += _describe(plan)
+    return Sealed(files, links, warnings)
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _plan(root: Path) -> _Plan:
+    """What each entry under `root` (a real folder) becomes, by the module's rules."""
+    real_root = os.path.realpath(root)
+    plan = _Plan()
+
+    def name_of(real: str) -> str:
+        return Path(os.path.relpath(real, real_root)).as_posix()
+
+    def walk(folder: str, prefix: str, through_link: bool, ancestors: tuple[str, ...]) -> None:
+        with os.scandir(folder) as found:
+            entries = sorted(found, key=lambda e: e.name)
+        for entry in entries:
+            rel = prefix + entry.name
+            if through_link:
+                plan.budget -= 1
+            if entry.is_symlink():
+                target = os.readlink(entry.path)
+                real = os.path.realpath(entry.path)
+                on_disk = [] if through_link else [rel]
+                if not _inside(real, real_root) or not os.path.exists(real):
+                    plan.links[rel] = target
+                    plan.drop += on_disk
+                elif os.path.isdir(real):
+                    if real in (*ancestors, folder) or plan.budget <= 0:
+                        plan.links[rel] = target
+                        plan.drop += on_disk
+                        plan.loops.append(rel)
+                    else:
+                        plan.folders.append(rel)
+                        walk(real, rel + "/", True, (*ancestors, folder))
+                elif os.path.isfile(real):
+                    plan.content[rel] = name_of(real)
+                else:
+                    plan.special.append(rel)
+                    plan.drop += on_disk
+            elif entry.is_dir(follow_symlinks=False):
+                walk(entry.path, rel + "/", through_link, (*ancestors, folder))
+            elif entry.is_file(follow_symlinks=False):
+                plan.content[rel] = name_of(entry.path)
+            else:
+                plan.special.append(rel)
+                if not through_link:
+                    plan.drop.append(rel)
+
+    walk(real_root, "", False, ())
+    return plan
+
+
+def _apply(plan: _Plan, sealed: Path, blobs: BlobStore) -> dict[str, tuple[int, str]]:
+    """Carry out `plan` in the sealed folder; returns the manifest."""
+    for rel in plan.drop:
+        path = sealed / rel
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            os.unlink(path)
+    for rel in sorted(plan.folders):  # parents first: a link inside an expanded folder
+        path = sealed / rel
+        if path.is_symlink():
+            os.unlink(path)
+        path.mkdir(parents=True, exist_ok=True)
+    digests: dict[str, tuple[int, str]] = {}
+    for rel, source in plan.content.items():  # the files themselves first
+        if rel == source:
+            path = sealed / rel
+            size, digest = os.lstat(path).st_size, hash_file(path)
+            blobs.adopt(path, digest)
+            digests[rel] = (size, digest)
+    files = {}
+    for rel, source in plan.content.items():
+        if rel != source:  # a link to a file inside outputs: that file's content, stored once
+            if source not in digests:
+                path = sealed / source
+                digests[source] = (os.lstat(path).st_size, hash_file(path))
+            path = sealed / rel
+            if path.is_symlink():
+                os.unlink(path)
+            blobs.link_to(digests[source][1], path)
+        files[rel] = digests[source]
+    return dict(sorted(files.items()))
+
+
+def _describe(plan: _Plan) -> list[str]:
+    """The warnings about what was recorded or left out, a line per kind."""
+    warnings = []
+    outside = [r for r in plan.links if r not in plan.loops]
+    if outside:
+        warnings.append(
+            f"outputs: {_named(outside, plan.links)} point{'s' if len(outside) == 1 else ''} "
+            "out of outputs/ or to nothing: recorded as links, not followed, not stored"
+        )
+    if plan.loops:
+        warnings.append(
+            f"outputs: {_named(plan.loops, plan.links)}: links to folders that loop (or too "
+            "many files reached through links): recorded as links, not followed"
+        )
+    if plan.special:
+        shown = ", ".join(plan.special[:NAMED_IN_WARNING])
+        more = len(plan.special) - NAMED_IN_WARNING
+        warnings.append(
+            f"outputs: {shown}{f' and {more} more' if more > 0 else ''}: not regular files "
+            "(a FIFO, a socket, a device): left out"
+        )
+    return warnings
+
+
+def _named(names: list[str], links: dict[str, str]) -> str:
+    shown = ", ".join(f"{n} -> {links[n]}" for n in names[:NAMED_IN_WARNING])
+    more = len(names) - NAMED_IN_WARNING
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def collect_logs(work_dir: Path, log_dir: Path) -> list[str]:
+    """Move the script's own ./logs files into the run's `log_dir` (as Azure ML streams them);
+    returns warnings about what was not collected. Nothing is moved out of, or changed in, a
+    folder that is not the run's own."""
+    source = work_dir / "logs"
+    if not source.is_symlink() and not source.is_dir():
+        return []
+    work = os.path.realpath(work_dir)
+    root = os.path.realpath(source)
+    if not _inside(root, work) or root == work or not os.path.isdir(root):
+        return [
+            f"logs/ is a link to {os.readlink(source)}, outside the run: its files were not "
+            "collected (write the script's logs into ./logs itself)"
+        ]
+    skipped = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(folder) / name
+            rel = path.relative_to(root)
+            target = log_dir / rel
+            if target.exists() or target.is_symlink():
+                target = target.with_name(f"script-{target.name}")
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                real = os.path.realpath(path)
+                if _inside(real, work) and os.path.isfile(real):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(real, target)
+                else:
+                    skipped.append(f"{rel.as_posix()} -> {os.readlink(path)}")
+            elif stat.S_ISREG(info.st_mode):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if info.st_nlink == 1:
+                    os.replace(path, target)
+                else:  # another name of this file may live outside the run: copy it
+                    shutil.copyfile(path, target)
+    if not skipped:
+        return []
+    shown = ", ".join(skipped[:NAMED_IN_WARNING])
+    more = len(skipped) - NAMED_IN_WARNING
+    return [
+        f"logs: {shown}{f' and {more} more' if more > 0 else ''}: links out of the run, "
+        "not collected"
+    ]
