@@ -91,6 +91,16 @@ CREATE INDEX IF NOT EXISTS exports_by_run ON exports (run_id);
 """
 
 
+# A model version exists only for a run that completed: one that a run's register stage made
+# is hidden by the very transaction that ends the run otherwise (a signal or a kill -9 during
+# register, reaped at the next open; a failing registry plugin), and its number is never given
+# again. Versions registered later from a finished run (the Python API) are not affected.
+VISIBLE = (
+    "NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = models.run_id"
+    " AND runs.state IN ('failed', 'canceled') AND runs.ended >= models.created)"
+)
+
+
 @dataclass
 class RunRecord:
     """One row of the run history."""
@@ -472,16 +482,19 @@ class History:
         return version
 
     def models(self, name: str | None = None) -> list[sqlite3.Row]:
-        sql, args = "SELECT * FROM models", []
+        """The visible model versions (see `VISIBLE`), of `name` or of every model."""
+        sql, args = f"SELECT * FROM models WHERE {VISIBLE}", []
         if name:
-            sql, args = sql + " WHERE name = ?", [name]
+            sql, args = sql + " AND name = ?", [name]
         return self.db.execute(sql + " ORDER BY name, version", args).fetchall()
 
     def model(self, name: str, version: int | None = None) -> sqlite3.Row | None:
+        """Version `version` of model `name` (default: the latest), if it is visible."""
+        sql, args = f"SELECT * FROM models WHERE {VISIBLE} AND name = ?", [name]
         if version is None:
-            sql, args = "SELECT * FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", [name]
+            sql += " ORDER BY version DESC LIMIT 1"
         else:
-            sql, args = "SELECT * FROM models WHERE name = ? AND version = ?", [name, version]
+            sql, args = sql + " AND version = ?", [*args, version]
         return self.db.execute(sql, args).fetchone()
 
     def add_model_files(
