@@ -290,10 +290,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.job}: {error}") from None
     console = Console(ranks="all" if args.all_ranks else "0", quiet=args.quiet)
     try:
-        record = lifecycle.execute(workspace, record.id, console)
+        record = lifecycle.execute(workspace, record.id, console, own_process=True)
     finally:
         console.close()
-    print_summary(workspace, record, console)
+    print_summary(workspace, record, console)  # to nobody, if the terminal has gone
     return EXIT_FOR_STATE.get(record.state, 1)
 
 
