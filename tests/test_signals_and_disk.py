@@ -173,6 +173,12 @@ def state(workspace: Workspace, run_id: str) -> str:
     return workspace.history.run(run_id).state
 
 
+def waits_for_slots(workspace: Workspace, run_id: str) -> bool:
+    """The run is queued in scale (not merely created, which is also state queued)."""
+    record = workspace.history.run(run_id)
+    return record.state == "queued" and record.status is not None
+
+
 def stages(workspace: Workspace, run_id: str) -> dict[str, str]:
     return {s.stage: s.state for s in workspace.history.stages(run_id)}
 
@@ -248,7 +254,7 @@ def test_a_signal_while_queued_cancels_before_the_script_starts(
     holder.wait_for("holding")
     waiter = background("run", str(job))
     waiting = waiter.run_id
-    eventually(lambda: state(expkit_workspace, waiting) == "queued", what="the run queued")
+    eventually(lambda: waits_for_slots(expkit_workspace, waiting), what="the run queued")
     waiter.proc.send_signal(signal.SIGHUP)
     assert waiter.wait(timeout=30) == 130, waiter.output
     assert_ended(expkit_workspace, waiting, "canceled", "terminated by SIGHUP", kept=False)
@@ -293,6 +299,24 @@ def test_a_signal_in_register_cancels_and_leaves_no_model_version(
     assert expkit_cli("models", "show", "net").returncode == 2
 
 
+def test_sigterm_to_a_submitted_run_s_background_driver_cancels_it(
+    expkit_workspace, write_job, tmp_path
+):
+    from expkit import Experiment, JobSpec
+
+    daemon_file = tmp_path / "daemon"
+    job = write_job({"args": [str(daemon_file), str(tmp_path / "never")]}, script=ESCAPE)
+    run = Experiment(expkit_workspace, "test").submit(JobSpec.from_yaml(job))
+    daemon = read_pid(daemon_file)
+    eventually(lambda: run.get_status() == "running", what="the run running")
+    os.kill(expkit_workspace.history.run(run.id).driver_pid, signal.SIGTERM)
+    details = run.wait_for_completion(timeout=30, raise_on_error=False)
+    assert details["state"] == "canceled"
+    assert details["error"] == "terminated by SIGTERM"
+    assert not (run.run_dir / "work").exists()
+    eventually(lambda: not alive(daemon), timeout=10, what="the escaped daemon stopping")
+
+
 # -- the terminal goes away -----------------------------------------------------------------
 def test_a_closed_terminal_cancels_the_run_and_keeps_its_outputs(
     expkit_workspace, write_job, tmp_path
@@ -323,6 +347,33 @@ def test_a_closed_terminal_cancels_the_run_and_keeps_its_outputs(
     assert not alive(script)
 
 
+def test_nohup_keeps_the_run_going_when_the_terminal_closes(expkit_workspace, write_job, tmp_path):
+    """A driver started with SIGHUP ignored (`nohup expkit run ...`) keeps it ignored."""
+    pid_file = tmp_path / "pid"
+    job = write_job({"args": [str(pid_file)]}, script=FOREVER)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "expkit", "run", str(job)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "EXPKIT_WORKSPACE": str(expkit_workspace.path)},
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    try:
+        script = read_pid(pid_file)
+        driver.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert driver.poll() is None and alive(script)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=30) == 130
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    (run_id,) = [r.id for r in expkit_workspace.history.runs()]
+    assert_ended(expkit_workspace, run_id, "canceled", "terminated by SIGTERM")
+
+
 # -- dead drivers ---------------------------------------------------------------------------
 def test_a_waiting_run_notices_that_the_holder_s_driver_died(
     expkit_workspace, background, write_job, tmp_path
@@ -336,7 +387,7 @@ def test_a_waiting_run_notices_that_the_holder_s_driver_died(
     holder.wait_for("holding")
     waiter = background("run", str(job))
     waiting = waiter.run_id
-    eventually(lambda: state(expkit_workspace, waiting) == "queued", what="the run queued")
+    eventually(lambda: waits_for_slots(expkit_workspace, waiting), what="the run queued")
     os.kill(holder.proc.pid, signal.SIGKILL)  # the driver only: its script dies with it
     holder.wait()
     # No other expkit command opens the workspace: the waiting run finds out by itself.

@@ -678,11 +678,17 @@ def _tail(path: Path, count: int) -> list[str]:
 
 def _on_signals(handler: Any) -> Any:
     """Install `handler` (a function, or what an earlier call returned) for the terminating
-    signals; returns what was there, to put back. Only the main thread can do it."""
+    signals; returns what was there, to put back. Only the main thread can do it.
+
+    A signal this process was started ignoring stays ignored: `nohup expkit run ...` goes on
+    when its terminal closes."""
     if threading.current_thread() is not threading.main_thread():
         return None
     if not isinstance(handler, dict):
-        handler = dict.fromkeys(TERMINATING_SIGNALS, handler)
+        handler = {
+            sig: signal.SIG_IGN if signal.getsignal(sig) == signal.SIG_IGN else handler
+            for sig in TERMINATING_SIGNALS
+        }
     return {
         sig: signal.signal(sig, handler.get(sig) or signal.SIG_DFL) for sig in TERMINATING_SIGNALS
     }
