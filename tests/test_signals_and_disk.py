@@ -607,15 +607,22 @@ def test_a_full_disk_fails_the_run_naming_the_disk_and_reading_still_works(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "internal error" not in result.stderr
     assert "Traceback" not in result.stderr
-    (record,) = Workspace(workspace.path).history.runs()
+    history = Workspace(workspace.path).history
+    (record,) = history.runs()
     assert record.state == "failed"
     assert "No space left on device" in (record.error or ""), record.error
-    assert str(small_disk) in record.error or "script exited" in record.error
+    assert str(small_disk) in record.error, record.error
     assert not (workspace.run_dir(record.id) / "work").exists()
-    assert (workspace.run_dir(record.id) / "outputs" / "kept.txt").exists()
+    assert "kept.txt" in history.outputs(record.id)
+    history.close()
+    workspace.history.close()  # no connection left: SQLite's WAL files are gone
 
-    fill(small_disk / "filler.bin")  # still full: reading needs no room
+    fill(small_disk / "filler.bin")  # full again: reading needs no room
     for args in (["runs", "list"], ["runs", "show", record.id], ["runs", "show", "1", "--json"]):
         shown = subprocess.run([*command, *args], capture_output=True, text=True)
         assert shown.returncode == 0, shown.stderr
         assert record.id in shown.stdout
+    refused = subprocess.run([*command, "run", str(job)], capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("expkit: error: No space left on device on "), refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr

@@ -175,6 +175,33 @@ def driver_alive(pid: int | None, start: str | None) -> bool:
     return True
 
 
+# SQLite's codes for "no room": the disk is full, or WAL's shared-memory file cannot grow.
+NO_ROOM_CODES = (13, 4618, 4874)  # SQLITE_FULL, SQLITE_IOERR_SHMOPEN, SQLITE_IOERR_SHMSIZE
+
+
+def no_room(error: BaseException) -> bool:
+    """True when a SQLite error says the disk holding the database is full."""
+    return isinstance(error, sqlite3.OperationalError) and (
+        getattr(error, "sqlite_errorcode", None) in NO_ROOM_CODES or "disk is full" in str(error)
+    )
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection in WAL mode; on a full disk, where WAL cannot set up its shared memory,
+    a read-only one of the database as the last writer left it: reading never needs room,
+    and every write fails with "attempt to write a readonly database"."""
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as error:
+        if not no_room(error) or not Path(path).is_file():
+            raise
+        conn.close()
+        uri = f"{Path(path).resolve().as_uri()}?immutable=1"
+        conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+    return conn
+
+
 class History:
     """Reads and writes the run history database; safe to share between threads."""
 
@@ -188,9 +215,8 @@ class History:
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn = _connect(self.path)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=60000")
             self._local.conn = conn

@@ -37,7 +37,7 @@ from expkit.capabilities import (
 from expkit.console import Console, human_size
 from expkit.context import CHANNEL_ENV, RUN_ID_ENV
 from expkit.errors import Canceled, NoSpace, PluginError, StageFailed, UserError
-from expkit.history import RunRecord
+from expkit.history import RunRecord, no_room
 from expkit.job import JobSpec
 from expkit.metrics import MetricPump, SinkWorker
 from expkit.plugins import Plugins, get_plugins
@@ -201,7 +201,7 @@ class Lifecycle:
             become_subreaper()
         state, error = "completed", None
         allocation: Allocation | None = None
-        script_started = disk_full = False
+        script_started = out_of_room = False
         previous = _on_signals(self._on_signal)
         try:
             self.console.info(f"run {self.run_id} in workspace {self.ws.path}")
@@ -227,8 +227,8 @@ class Lifecycle:
             except (Canceled, KeyboardInterrupt) as stop:
                 state, error = "canceled", _cancel_reason(stop)
             except Exception as failure:
-                if _disk_full(failure):  # first: the record may not be writable yet
-                    state, error, disk_full = "failed", self._no_space(failure), True
+                if disk_full(failure):  # first: the record may not be writable yet
+                    state, error, out_of_room = "failed", self._no_space(failure), True
                 elif isinstance(failure, StageFailed | UserError | PluginError):
                     state, error = "failed", f"{self.current_stage}: {failure}"
                 else:  # a bug: record it, then let the traceback show
@@ -239,7 +239,7 @@ class Lifecycle:
             # The script may have written outputs: keep them whatever happened. A second Ctrl-C
             # now would lose them, so it is ignored until the run is recorded.
             with _ignoring_sigint(self.console):
-                if disk_full:
+                if out_of_room:
                     self.make_room(error)
                 state, error = self.finish(state, error, script_started)
         finally:
@@ -268,7 +268,7 @@ class Lifecycle:
             except (Canceled, KeyboardInterrupt) as stop:  # a signal in register: no version
                 state, error = "canceled", _cancel_reason(stop)
             except Exception as failure:
-                if not _disk_full(failure):
+                if not disk_full(failure):
                     if not isinstance(failure, StageFailed | UserError | PluginError):
                         self.history.finish_run(
                             self.run_id, "failed", f"{self.current_stage}: {failure!r}"
@@ -291,7 +291,7 @@ class Lifecycle:
         try:
             self.history.finish_run(self.run_id, state, error)
         except Exception as failure:
-            if not _disk_full(failure):
+            if not disk_full(failure):
                 raise
             raise NoSpace(
                 f"{self._no_space(failure)}; the run's record could not be finished either "
@@ -345,7 +345,7 @@ class Lifecycle:
     def _no_space(self, failure: BaseException) -> str:
         """ "<stage>: No space left on device on <mount> while <doing>", for the record."""
         stage = self.current_stage
-        where = _mount_point(self.ws.path)
+        where = mount_point(self.ws.path)
         text = f"No space left on device on {where} while {DOING.get(stage, stage)}"
         cause = _first(failure, StageFailed)
         if cause is not None:
@@ -711,24 +711,26 @@ def _first(error: BaseException | None, kind: type) -> BaseException | None:
     return None
 
 
-def _disk_full(error: BaseException) -> bool:
-    """True when `error` (or what it came from) is "no space left" from the OS or SQLite."""
+def disk_full(error: BaseException) -> bool:
+    """True when `error` (or what it came from) is "no space left" from the OS or SQLite.
+
+    A history that could only be opened read-only counts: it was, because the disk is full."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if isinstance(error, sqlite3.OperationalError) and (
-            getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-            or "disk is full" in str(error)
-        ):
+        if no_room(error) or (
+            isinstance(error, sqlite3.OperationalError)
+            and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
+        ):  # read-only: the history was opened on a full disk (see expkit.history)
             return True
         inner = getattr(error, "error", None)
         error = inner if isinstance(inner, BaseException) else error.__cause__ or error.__context__
     return False
 
 
-def _mount_point(path: Path) -> Path:
+def mount_point(path: Path) -> Path:
     """The mount point of the file system holding `path` (the disk a user must free)."""
     path = Path(path).resolve()
     while not os.path.ismount(path) and path != path.parent:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from expkit import data
 from expkit.console import human_size
-from expkit.history import History
+from expkit.history import History, no_room
 from expkit.procs import stop_run_processes
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # The file an environment builder writes into its folder last: a folder without it is a build
 # that did not finish. The build holds an flock on `<folder>.lock` while it works.
 ENV_COMPLETE = ".expkit-complete"
+SQLITE_READONLY = 8  # a history opened read-only because the disk is full
 
 
 def recover(workspace: Workspace, history: History) -> list[str]:
@@ -37,9 +38,9 @@ def recover(workspace: Workspace, history: History) -> list[str]:
     try:
         reaped = history.reap_orphans()
     except sqlite3.OperationalError as error:
-        if "disk is full" not in str(error) and getattr(error, "sqlite_errorcode", 0) != 13:
+        if not (no_room(error) or getattr(error, "sqlite_errorcode", 0) == SQLITE_READONLY):
             raise
-        reaped = []
+        reaped = []  # no room to write: read the records as they are
     for run_id in reaped:
         stop_run_processes(run_id, workspace=workspace.path)
         with contextlib.suppress(OSError, sqlite3.OperationalError):
