@@ -132,11 +132,17 @@ def execute(
     process still below it when the run stage ends is stopped, daemons that cleared their
     environment included.
     """
-    record = workspace.history.run(run_id)
-    job = JobSpec.from_dict(record.job, source=f"run {run_id}")
-    plugins = plugins or get_plugins()
-    lifecycle = Lifecycle(workspace, record, job, choose(job, plugins), plugins, console)
+    early: list[str] = []  # a signal while the plugins load (seconds, for some) is kept
+    previous = _on_signals(lambda signum, frame: early.append(signal.Signals(signum).name))
+    try:
+        record = workspace.history.run(run_id)
+        job = JobSpec.from_dict(record.job, source=f"run {run_id}")
+        plugins = plugins or get_plugins()
+        lifecycle = Lifecycle(workspace, record, job, choose(job, plugins), plugins, console)
+    finally:
+        _on_signals(previous)
     lifecycle.own_process = own_process
+    lifecycle.terminated_by = early[0] if early else None
     return lifecycle.execute()
 
 
