@@ -124,6 +124,8 @@ def test_sigterm_to_the_driver_cancels_the_run(expkit_workspace, forever_run):
     live.proc.send_signal(signal.SIGTERM)
     assert live.wait(timeout=20) == 130
     assert_stopped_and_kept(expkit_workspace, run_id, script, sleep)
+    # A signal is not the user: the record names it (it said "canceled by the user").
+    assert expkit_workspace.history.run(run_id).error == "terminated by SIGTERM"
 
 
 # -- kill -9 --------------------------------------------------------------------------------

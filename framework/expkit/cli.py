@@ -284,7 +284,7 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from expkit import lifecycle
     from expkit.console import Console
-    from expkit.errors import UserError
+    from expkit.errors import NoSpace, UserError
     from expkit.job import JobSpec
 
     job = JobSpec.from_yaml(args.job, args.overrides)
@@ -295,12 +295,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         record = lifecycle.submit(workspace, job)
     except UserError as error:  # a plugin the job names is missing or refuses the job
         raise UserError(f"{args.job}: {error}") from None
+    except Exception as error:
+        if not lifecycle.disk_full(error):
+            raise
+        raise NoSpace(
+            f"No space left on device on {lifecycle.mount_point(workspace.path)}: the run "
+            "cannot be recorded; free some space and run again (reading runs still works)"
+        ) from None
     console = Console(ranks="all" if args.all_ranks else "0", quiet=args.quiet)
     try:
-        record = lifecycle.execute(workspace, record.id, console)
+        record = lifecycle.execute(workspace, record.id, console, own_process=True)
     finally:
         console.close()
-    print_summary(workspace, record, console)
+    print_summary(workspace, record, console)  # to nobody, if the terminal has gone
     return EXIT_FOR_STATE.get(record.state, 1)
 
 

@@ -6,6 +6,7 @@ printed; piped into a file the output is plain lines.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -36,6 +37,7 @@ class Console:
         self._stage_start = 0.0
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
+        self.gone = False  # the stream's reader has gone: nothing more is written
 
     # -- styling ------------------------------------------------------------------------------
     def style(self, text: str, code: str) -> str:
@@ -48,12 +50,28 @@ class Console:
     # -- writing ------------------------------------------------------------------------------
     def _write(self, text: str) -> None:
         with self._lock:
-            if self._status:
-                self.stream.write("\r\033[K")
-            self.stream.write(text)
-            if self._status:
-                self.stream.write(self._status)
-            self.stream.flush()
+            if self.gone:
+                return
+            try:
+                if self._status:
+                    self.stream.write("\r\033[K")
+                self.stream.write(text)
+                if self._status:
+                    self.stream.write(self._status)
+                self.stream.flush()
+            except OSError:  # the terminal or the pipe has gone (a closed SSH session)
+                self._lost()
+
+    def _lost(self) -> None:
+        """Stop writing to a stream whose reader has gone; the run goes on and is recorded.
+
+        The stream's file descriptor is pointed at /dev/null, so that nothing else (Python's
+        own flush at exit included) fails on it."""
+        self.gone = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
 
     def line(self, text: str = "") -> None:
         self._write(text + "\n")
@@ -87,9 +105,12 @@ class Console:
 
     def _set_status(self, text: str) -> None:
         with self._lock:
-            if self._status or text:
-                self.stream.write("\r\033[K" + text)
-                self.stream.flush()
+            if (self._status or text) and not self.gone:
+                try:
+                    self.stream.write("\r\033[K" + text)
+                    self.stream.flush()
+                except OSError:
+                    self._lost()
             self._status = text
 
     def _tick(self) -> None:

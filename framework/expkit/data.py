@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 from expkit.blobs import hash_file
 from expkit.errors import UserError
 from expkit.job import DataInput
+from expkit.procs import die_with_parent
 
 
 def cache_key(item: DataInput, source_dir: Path) -> str:
@@ -43,15 +47,26 @@ def prepare(
         say(f"data {name!r}: cache hit ({key})")
         return dest
     say(f"data {name!r}: cache miss ({key}), running `{item.prepare}`")
-    tmp = cache_dir / f".{name}-{key}.{os.getpid()}.tmp"
+    tmp = cache_dir / temporary_name(f"{name}-{key}")
     shutil.rmtree(tmp, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     argv = shlex.split(item.prepare.replace("{dest}", shlex.quote(str(tmp))))
     if argv and argv[0] in ("python", "python3"):
         argv[0] = python
-    result = subprocess.run(
-        argv, cwd=source_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    # `env` carries the run's marker, and the command dies with its driver: a kill -9 of the
+    # driver leaves nothing running (and the next open removes the temporary folder).
+    try:
+        result = subprocess.run(
+            argv,
+            cwd=source_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    except BaseException:  # canceled (Ctrl-C, a signal): the command is stopped, tmp goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for line in result.stdout.decode("utf-8", errors="replace").splitlines():
         say(f"data {name!r}: {line}")
     if result.returncode != 0:
@@ -63,6 +78,35 @@ def prepare(
         raise UserError(f"data.{name}.prepare: `{item.prepare}` wrote nothing into {{dest}}")
     os.replace(tmp, dest)
     return dest
+
+
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp$")
+
+
+def temporary_name(final: str) -> str:
+    """The name `final` is prepared under: it carries this host's name and this process's
+    pid, so that the next open of the workspace can tell a folder whose builder died (see
+    `remove_stale`); a workspace shared between machines only judges its own host's."""
+    return f".{final}.{_host()}.{os.getpid()}.tmp"
+
+
+def remove_stale(cache_dir: Path) -> list[Path]:
+    """Remove the temporary folders of data prepares (on this host) whose process is gone;
+    returns them."""
+    from expkit.history import process_start
+
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in cache_dir.iterdir():
+            found = TEMPORARY.match(path.name)
+            if found and found["host"] == _host() and process_start(int(found["pid"])) is None:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _host() -> str:
+    return socket.gethostname().split(".")[0] or "host"
 
 
 def place(name: str, origin: Path, mode: str, work_dir: Path) -> Path:

@@ -15,7 +15,8 @@ from expkit.workspace import Workspace
 
 def main(argv: list[str]) -> int:
     workspace_path, run_id = argv
-    record = execute(Workspace(workspace_path), run_id, Console(sys.stdout, ranks="none"))
+    console = Console(sys.stdout, ranks="none")
+    record = execute(Workspace(workspace_path), run_id, console, own_process=True)
     return 0 if record.state == "completed" else 1
 
 

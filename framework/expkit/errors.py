@@ -40,3 +40,9 @@ class StageFailed(Exception):
 
 class Canceled(Exception):
     """The run was canceled (Ctrl-C, SIGTERM or `expkit runs cancel`)."""
+
+
+class NoSpace(UserError):
+    """The disk filled up and not even the run's record could be written: one line, exit 1."""
+
+    exit_code = 1

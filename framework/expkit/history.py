@@ -94,6 +94,16 @@ CREATE TABLE IF NOT EXISTS output_links (
 """
 
 
+# A model version exists only for a run that completed: one that a run's register stage made
+# is hidden by the very transaction that ends the run otherwise (a signal or a kill -9 during
+# register, reaped at the next open; a failing registry plugin), and its number is never given
+# again. Versions registered later from a finished run (the Python API) are not affected.
+VISIBLE = (
+    "NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = models.run_id"
+    " AND runs.state IN ('failed', 'canceled') AND runs.ended >= models.created)"
+)
+
+
 @dataclass
 class RunRecord:
     """One row of the run history."""
@@ -168,6 +178,33 @@ def driver_alive(pid: int | None, start: str | None) -> bool:
     return True
 
 
+# SQLite's codes for "no room": the disk is full, or WAL's shared-memory file cannot grow.
+NO_ROOM_CODES = (13, 4618, 4874)  # SQLITE_FULL, SQLITE_IOERR_SHMOPEN, SQLITE_IOERR_SHMSIZE
+
+
+def no_room(error: BaseException) -> bool:
+    """True when a SQLite error says the disk holding the database is full."""
+    return isinstance(error, sqlite3.OperationalError) and (
+        getattr(error, "sqlite_errorcode", None) in NO_ROOM_CODES or "disk is full" in str(error)
+    )
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection in WAL mode; on a full disk, where WAL cannot set up its shared memory,
+    a read-only one of the database as the last writer left it: reading never needs room,
+    and every write fails with "attempt to write a readonly database"."""
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as error:
+        if not no_room(error) or not Path(path).is_file():
+            raise
+        conn.close()
+        uri = f"{Path(path).resolve().as_uri()}?immutable=1"
+        conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+    return conn
+
+
 class History:
     """Reads and writes the run history database; safe to share between threads."""
 
@@ -181,9 +218,8 @@ class History:
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn = _connect(self.path)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=60000")
             self._local.conn = conn
@@ -507,16 +543,19 @@ class History:
         return version
 
     def models(self, name: str | None = None) -> list[sqlite3.Row]:
-        sql, args = "SELECT * FROM models", []
+        """The visible model versions (see `VISIBLE`), of `name` or of every model."""
+        sql, args = f"SELECT * FROM models WHERE {VISIBLE}", []
         if name:
-            sql, args = sql + " WHERE name = ?", [name]
+            sql, args = sql + " AND name = ?", [name]
         return self.db.execute(sql + " ORDER BY name, version", args).fetchall()
 
     def model(self, name: str, version: int | None = None) -> sqlite3.Row | None:
+        """Version `version` of model `name` (default: the latest), if it is visible."""
+        sql, args = f"SELECT * FROM models WHERE {VISIBLE} AND name = ?", [name]
         if version is None:
-            sql, args = "SELECT * FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", [name]
+            sql += " ORDER BY version DESC LIMIT 1"
         else:
-            sql, args = "SELECT * FROM models WHERE name = ? AND version = ?", [name, version]
+            sql, args = sql + " AND version = ?", [*args, version]
         return self.db.execute(sql, args).fetchone()
 
     def add_model_files(

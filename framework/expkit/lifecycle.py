@@ -7,14 +7,16 @@ script may have started, so that outputs are kept even when it failed or was can
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,17 +37,39 @@ from expkit.capabilities import (
 )
 from expkit.console import Console, human_size
 from expkit.context import CHANNEL_ENV, RUN_ID_ENV
-from expkit.errors import Canceled, PluginError, StageFailed, UserError
-from expkit.history import RunRecord
+from expkit.errors import Canceled, NoSpace, PluginError, StageFailed, UserError
+from expkit.history import RunRecord, no_room
 from expkit.job import JobSpec
 from expkit.metrics import MetricPump, SinkWorker
 from expkit.plugins import Plugins, get_plugins
-from expkit.procs import stop_run_processes
+from expkit.procs import (
+    WORKSPACE_ENV,
+    become_subreaper,
+    run_processes,
+    stop_descendants,
+    stop_run_processes,
+)
+from expkit.recovery import salvage
 from expkit.registry import ModelStore, select_model_files
 from expkit.workspace import Workspace
 
 CANCEL_POLL_SECONDS = 0.5
 LOG_TAIL_LINES = 5
+# Signals that end a run as canceled, as Ctrl-C does: a `kill` or a service manager stopping
+# the driver (SIGTERM), a closed terminal or SSH session (SIGHUP).
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# The stages a terminating signal interrupts at once; in the others (post-process) it is noted
+# and the run finishes its bookkeeping first, so that the outputs are sealed.
+INTERRUPTIBLE_STAGES = ("prepare", "scale", "run", "register")
+# What each stage is doing, for a "No space left on device while ..." reason.
+DOING = {
+    None: "starting the run",
+    "prepare": "preparing the run (snapshot, environment, data)",
+    "scale": "acquiring the run's resources",
+    "run": "running the script",
+    "post-process": "sealing outputs",
+    "register": "registering the model",
+}
 
 
 @dataclass
@@ -96,13 +120,31 @@ def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
 
 
 def execute(
-    workspace: Workspace, run_id: str, console: Console, plugins: Plugins | None = None
+    workspace: Workspace,
+    run_id: str,
+    console: Console,
+    plugins: Plugins | None = None,
+    own_process: bool = False,
 ) -> RunRecord:
-    """Drive a queued run through every stage in this process; returns the final record."""
-    record = workspace.history.run(run_id)
-    job = JobSpec.from_dict(record.job, source=f"run {run_id}")
-    plugins = plugins or get_plugins()
-    return Lifecycle(workspace, record, job, choose(job, plugins), plugins, console).execute()
+    """Drive a queued run through every stage in this process; returns the final record.
+
+    `own_process`: this process drives this one run and nothing else (`expkit run`, the
+    background driver). It then becomes the subreaper of what the script starts, and every
+    process still below it when the run stage ends is stopped, daemons that cleared their
+    environment included.
+    """
+    early: list[str] = []  # a signal while the plugins load (seconds, for some) is kept
+    previous = _on_signals(lambda signum, frame: early.append(signal.Signals(signum).name))
+    try:
+        record = workspace.history.run(run_id)
+        job = JobSpec.from_dict(record.job, source=f"run {run_id}")
+        plugins = plugins or get_plugins()
+        lifecycle = Lifecycle(workspace, record, job, choose(job, plugins), plugins, console)
+    finally:
+        _on_signals(previous)
+    lifecycle.own_process = own_process
+    lifecycle.terminated_by = early[0] if early else None
+    return lifecycle.execute()
 
 
 class Lifecycle:
@@ -135,6 +177,9 @@ class Lifecycle:
         self._last_poll = 0.0
         self.pump: MetricPump | None = None
         self.sinks: list[SinkWorker] = []
+        self.own_process = False
+        self.terminated_by: str | None = None  # the name of the signal that ended the run
+        self._interruptible = False
         self.ctx = RunContext(
             run_id=record.id,
             job=job,
@@ -159,76 +204,167 @@ class Lifecycle:
     # -- the whole run ----------------------------------------------------------------------
     def execute(self) -> RunRecord:
         self.history.claim(self.run_id)
+        if self.own_process:
+            become_subreaper()
         state, error = "completed", None
         allocation: Allocation | None = None
-        script_started = False
-        previous = _on_sigterm(self._sigterm)
-        self.console.info(f"run {self.run_id} in workspace {self.ws.path}")
+        script_started = out_of_room = False
+        previous = _on_signals(self._on_signal)
         try:
+            self.console.info(f"run {self.run_id} in workspace {self.ws.path}")
             try:
-                with self.stage("prepare"):
-                    self.prepare()
-                with self.stage("scale"):
-                    allocation = self.scale()
-                script_started = True
-                with self.stage("run"):
-                    self.run(allocation)
-            finally:
-                if allocation is not None:
-                    _plugin_call(
-                        self.choice.compute,
-                        "release",
-                        self.choice.compute.release,
-                        self.ctx,
-                        allocation,
+                try:
+                    with self.stage("prepare"):
+                        self.prepare()
+                    with self.stage("scale"):
+                        allocation = self.scale()
+                    script_started = True
+                    with self.stage("run"):
+                        self.run(allocation)
+                finally:
+                    if allocation is not None:
+                        _plugin_call(
+                            self.choice.compute,
+                            "release",
+                            self.choice.compute.release,
+                            self.ctx,
+                            allocation,
+                        )
+                    self.stop_processes()
+            except (Canceled, KeyboardInterrupt) as stop:
+                state, error = "canceled", _cancel_reason(stop)
+            except Exception as failure:
+                if disk_full(failure):  # first: the record may not be writable yet
+                    state, error, out_of_room = "failed", self._no_space(failure), True
+                elif isinstance(failure, StageFailed | UserError | PluginError):
+                    state, error = "failed", f"{self.current_stage}: {failure}"
+                else:  # a bug: record it, then let the traceback show
+                    self.history.finish_run(
+                        self.run_id, "failed", f"{self.current_stage}: {failure!r}"
                     )
-                    stop_run_processes(self.run_id, grace=2, workspace=self.ws.path)
-        except (Canceled, KeyboardInterrupt):
-            state, error = "canceled", "canceled by the user"
-        except (StageFailed, UserError, PluginError) as failure:
-            state, error = "failed", f"{self.current_stage}: {failure}"
-        except Exception as failure:  # a bug: record it, then let the traceback show
-            self.history.finish_run(self.run_id, "failed", f"{self.current_stage}: {failure!r}")
-            raise
-        # The script may have written outputs: keep them whatever happened. A second Ctrl-C
-        # now would lose them, so it is ignored until the run is recorded.
-        with _ignoring_sigint(self.console):
-            state, error = self.finish(state, error, script_started)
-        _on_sigterm(previous)
+                    raise
+            # The script may have written outputs: keep them whatever happened. A second Ctrl-C
+            # now would lose them, so it is ignored until the run is recorded.
+            with _ignoring_sigint(self.console):
+                if out_of_room:
+                    self.make_room(error)
+                state, error = self.finish(state, error, script_started)
+        finally:
+            _on_signals(previous)
+            if self.own_process:
+                stop_descendants(grace=2)  # what an export or a late daemon left
         return self.history.run(self.run_id)
 
+    def stop_processes(self) -> None:
+        """Stop what the run started: its processes (found by their environment marker, from
+        the data-prepare command and pip to the script's children), and, when this process
+        drives this run only, every process still below it."""
+        stop_run_processes(self.run_id, grace=2, workspace=self.ws.path)
+        if self.own_process:
+            stop_descendants(grace=2)
+
     def finish(self, state: str, error: str | None, script_started: bool) -> tuple[str, str | None]:
-        try:
-            if script_started:
-                with self.stage("post-process"):
-                    self.post_process(state)
-            else:
-                self.history.stage_skipped(self.run_id, "post-process", "the script never started")
-            if state == "completed" and self.job.model:
-                with self.stage("register"):
-                    self.register()
-            else:
-                reason = "no model named in the job" if state == "completed" else f"run {state}"
-                self.history.stage_skipped(self.run_id, "register", reason)
-        except (StageFailed, UserError, PluginError) as failure:
-            if state == "completed":
-                state, error = "failed", f"{self.current_stage}: {failure}"
-        except Exception as failure:  # a bug or a full disk: record it, then let it show
-            self.history.finish_run(self.run_id, "failed", f"{self.current_stage}: {failure!r}")
-            raise
+        """Post-process and register (as far as the run got), then the run's final record.
+
+        A full disk on the way fails the run: what the run no longer needs is removed and
+        the outputs are sealed again, now that there is room; if there still is none, they
+        are kept unsealed in the run's folder and the record says so."""
+        for attempt in (1, 2):
+            try:
+                state, error = self.wrap_up(state, error, script_started)
+            except (Canceled, KeyboardInterrupt) as stop:  # a signal in register: no version
+                state, error = "canceled", _cancel_reason(stop)
+            except Exception as failure:
+                if not disk_full(failure):
+                    if not isinstance(failure, StageFailed | UserError | PluginError):
+                        self.history.finish_run(
+                            self.run_id, "failed", f"{self.current_stage}: {failure!r}"
+                        )
+                        raise  # a bug: recorded, and its traceback shows
+                    if state == "completed":
+                        state, error = "failed", f"{self.current_stage}: {failure}"
+                    break
+                if not (state == "failed" and error and "No space left" in error):
+                    state, error = "failed", self._no_space(failure)
+                self.make_room(error)
+                if attempt == 1 and script_started:
+                    continue  # seal the outputs, now that there is room
+                with suppress(Exception):  # outputs out of work/ (unsealed), said in the record
+                    salvage(self.ws, self.history, self.run_id)
+            break
+
         for worker in self.sinks:
             worker.close(state)
-        self.history.finish_run(self.run_id, state, error)
+        try:
+            self.history.finish_run(self.run_id, state, error)
+        except Exception as failure:
+            if not disk_full(failure):
+                raise
+            raise NoSpace(
+                f"{self._no_space(failure)}; the run's record could not be finished either "
+                "(free some space: the next expkit command marks the run failed)"
+            ) from None
         for problem in self.plugins.notify(
             "expkit_run_finished", run=self.info, state=state, error=error
         ):
             self._report(problem)
         return state, error
 
+    def wrap_up(
+        self, state: str, error: str | None, script_started: bool
+    ) -> tuple[str, str | None]:
+        """Post-process (when the script may have started) and register (a completed run)."""
+        if script_started:
+            with self.stage("post-process"):
+                self.post_process(state)
+        else:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.history.stage_skipped(self.run_id, "post-process", "the script never started")
+        if self.terminated_by and state == "completed":  # the signal came in post-process
+            state, error = "canceled", f"terminated by {self.terminated_by}"
+            self.say(f"{self.terminated_by}: outputs sealed; the run ends canceled")
+        if state == "completed" and self.job.model:
+            with self.stage("register"):
+                self.register()
+        else:
+            reason = "no model named in the job" if state == "completed" else f"run {state}"
+            self.history.stage_skipped(self.run_id, "register", reason)
+        return state, error
+
+    def make_room(self, error: str | None) -> None:
+        """After "no space left": free what the run no longer needs, so that its outputs can
+        be sealed and its record written. The working copy goes (outputs/ and logs/ stay
+        for post-process), then stages the full disk left open are closed as failed."""
+        if self.work_dir.is_dir():
+            for path in self.work_dir.iterdir():
+                if path.name in ("outputs", "logs") and not path.is_symlink():
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with suppress(OSError):
+                        path.unlink()
+        with suppress(Exception):  # still no room: the final record says it all
+            for stage in self.history.stages(self.run_id):
+                if stage.state == "running":
+                    self.history.stage_finished(self.run_id, stage.stage, "failed", error)
+
+    def _no_space(self, failure: BaseException) -> str:
+        """ "<stage>: No space left on device on <mount> while <doing>", for the record."""
+        stage = self.current_stage
+        where = mount_point(self.ws.path)
+        text = f"No space left on device on {where} while {DOING.get(stage, stage)}"
+        cause = _first(failure, StageFailed)
+        if cause is not None:
+            text += f" ({cause})"
+        return f"{stage}: {text}" if stage else text
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Record a stage's start and end (with its outcome) around its work."""
         self.current_stage, self.stage_note = name, ""
+        if self.terminated_by and name in INTERRUPTIBLE_STAGES:  # it came between two stages
+            raise Canceled(f"terminated by {self.terminated_by}")
         self.history.stage_started(self.run_id, name)
         self.console.stage_started(name)
         for problem in self.plugins.notify("expkit_stage_started", run=self.info, stage=name):
@@ -236,14 +372,16 @@ class Lifecycle:
         started = time.monotonic()
         outcome, message = "completed", None
         try:
+            self._interruptible = name in INTERRUPTIBLE_STAGES
             yield
-        except (Canceled, KeyboardInterrupt):
-            outcome, message = "canceled", "canceled by the user"
+        except (Canceled, KeyboardInterrupt) as stop:
+            outcome, message = "canceled", _cancel_reason(stop)
             raise
         except BaseException as failure:
             outcome, message = "failed", str(failure) or type(failure).__name__
             raise
         finally:
+            self._interruptible = False  # the bookkeeping below is never cut short
             self.history.stage_finished(self.run_id, name, outcome, message or self.stage_note)
             seconds = time.monotonic() - started
             self.console.stage_finished(name, outcome, seconds, message or self.stage_note)
@@ -277,7 +415,7 @@ class Lifecycle:
         self.history.update_run(self.run_id, environment_hash=env.hash)
 
         snapshot.working_copy(self.run_dir / "snapshot", self.work_dir)
-        process_env = {**os.environ, **env.env}
+        process_env = {**os.environ, **env.env, **self._markers()}
         for name, item in self.job.data.items():
             origin = data_inputs.prepare(
                 name, item, source, self.ws.data_dir, env.python, self.say, process_env
@@ -373,6 +511,10 @@ class Lifecycle:
         env = {**self.ctx.environment.env, **self.ctx.script_env}
         notes, required = [], None
         for spec, exporter in self.choice.exporters:
+            if self.terminated_by:
+                self.say(f"export {spec.format} skipped: terminated by {self.terminated_by}")
+                notes.append(f"{spec.format} skipped")
+                continue
             self.say(f"export {spec.format} ({exporter.plugin})")
             record = exports.into_run(
                 self.history, self.blobs, self.run_id, self.run_dir, self.job.model, spec,
@@ -485,9 +627,26 @@ class Lifecycle:
                 self._cancel.set()
         return self._cancel.is_set()
 
-    def _sigterm(self, signum: int, frame: Any) -> None:
+    def _markers(self) -> dict[str, str]:
+        """The environment that marks a process as this run's (see expkit.procs)."""
+        return {RUN_ID_ENV: self.run_id, WORKSPACE_ENV: str(self.ws.path)}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """SIGTERM or SIGHUP: the run ends canceled, "terminated by SIG...". In prepare, scale,
+        run and register the stage stops at once; in post-process (and between stages) the
+        signal is noted, exports in progress are stopped, and the outputs are still sealed."""
+        name = signal.Signals(signum).name
+        first = self.terminated_by is None
+        if first:
+            self.terminated_by = name
         self._cancel.set()
-        raise Canceled("terminated")
+        if self._interruptible:
+            self._interruptible = False
+            raise Canceled(f"terminated by {name}")
+        if first and self.current_stage == "post-process":
+            for pid in run_processes(self.run_id, self.ws.path):  # an exporter: it fails
+                with suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
 
     def _report(self, problem: PluginError) -> None:
         self.warn(str(problem))
@@ -521,10 +680,66 @@ def _tail(path: Path, count: int) -> list[str]:
     return data.splitlines()[-count:]
 
 
-def _on_sigterm(handler: Any) -> Any:
+def _on_signals(handler: Any) -> Any:
+    """Install `handler` (a function, or what an earlier call returned) for the terminating
+    signals; returns what was there, to put back. Only the main thread can do it.
+
+    A signal this process was started ignoring stays ignored: `nohup expkit run ...` goes on
+    when its terminal closes."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, handler or signal.SIG_DFL)
+    if not isinstance(handler, dict):
+        handler = {
+            sig: signal.SIG_IGN if signal.getsignal(sig) == signal.SIG_IGN else handler
+            for sig in TERMINATING_SIGNALS
+        }
+    return {
+        sig: signal.signal(sig, handler.get(sig) or signal.SIG_DFL) for sig in TERMINATING_SIGNALS
+    }
+
+
+def _cancel_reason(stop: BaseException) -> str:
+    """What the record says about a cancel: the signal, or the user (Ctrl-C, runs cancel)."""
+    return str(stop) if isinstance(stop, Canceled) and str(stop) else "canceled by the user"
+
+
+def _first(error: BaseException | None, kind: type) -> BaseException | None:
+    """`error`, or the first exception of `kind` it was raised from or during."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        inner = getattr(error, "error", None)  # a PluginError's own
+        error = inner if isinstance(inner, BaseException) else error.__cause__ or error.__context__
+    return None
+
+
+def disk_full(error: BaseException) -> bool:
+    """True when `error` (or what it came from) is "no space left" from the OS or SQLite.
+
+    A history that could only be opened read-only counts: it was, because the disk is full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if no_room(error) or (
+            isinstance(error, sqlite3.OperationalError)
+            and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
+        ):  # read-only: the history was opened on a full disk (see expkit.history)
+            return True
+        inner = getattr(error, "error", None)
+        error = inner if isinstance(inner, BaseException) else error.__cause__ or error.__context__
+    return False
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding `path` (the disk a user must free)."""
+    path = Path(path).resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
 
 
 @contextmanager

@@ -7,6 +7,7 @@ groups, sessions and daemonizing, so a sweep of /proc finds what a crashed drive
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -70,3 +71,114 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+# -- processes that escape the marker -------------------------------------------------------
+# A script can start a daemon that clears its environment (double fork, setsid, `env -i`): the
+# marker above cannot find it. A driver that is a child subreaper gets such orphans as its own
+# children, so "every descendant of the driver" finds them, whatever their environment.
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not a system with a C library we can load
+    _libc = None
+
+
+def _prctl(option: int, value: int) -> bool:
+    if _libc is None or not hasattr(_libc, "prctl"):
+        return False
+    return _libc.prctl(option, value, 0, 0, 0) == 0
+
+
+def die_with_parent() -> None:
+    """In a child (`preexec_fn`): get SIGKILL when the parent dies (Linux; else nothing).
+
+    Used for every process a driver starts, so that a kill -9 of the driver stops them too.
+    """
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of its descendants (Linux 3.4+).
+
+    Orphans among them are then re-parented here instead of to init, so they stay findable
+    with `descendants()`. Returns False where the system has no such thing.
+    """
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _parents() -> dict[int, tuple[int, bytes]]:
+    """{pid: (parent pid, state letter)} of every process in /proc (Linux; else empty)."""
+    found = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        found[int(entry)] = (int(fields[1]), fields[0])
+    return found
+
+
+def descendants(root: int | None = None) -> list[int]:
+    """Pids of the live (not zombie) descendants of `root` (default: this process)."""
+    root = os.getpid() if root is None else root
+    table = _parents()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if table[pid][1] != b"Z":
+            found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def stop_descendants(grace: float = 2.0) -> list[int]:
+    """SIGTERM every descendant of this process, SIGKILL what is left after `grace` seconds,
+    then reap the zombies this process inherited. Returns the pids that were signalled.
+
+    Only for a process that drives one run and nothing else (`expkit run`, the background
+    driver): there, every descendant left after the run stage belongs to the run.
+    """
+    signalled: list[int] = []
+    deadline = time.monotonic() + grace
+    while True:
+        left = descendants()
+        if not left:
+            break
+        late = time.monotonic() > deadline
+        for pid in left:
+            _signal(pid, signal.SIGKILL if late else signal.SIGTERM)
+            if pid not in signalled:
+                signalled.append(pid)
+        reap_zombies()
+        if late and time.monotonic() > deadline + 5:
+            break  # unkillable (uninterruptible sleep): give up rather than hang
+        time.sleep(0.05)
+    reap_zombies()
+    return signalled
+
+
+def reap_zombies() -> list[int]:
+    """Collect the exit status of this process's children that are zombies and that no
+    `subprocess.Popen` is waiting for (orphans it inherited as a subreaper)."""
+    me = os.getpid()
+    reaped = []
+    for pid, (parent, state) in _parents().items():
+        if parent != me or state != b"Z":
+            continue
+        with contextlib.suppress(ChildProcessError, OSError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                reaped.append(pid)
+    return reaped

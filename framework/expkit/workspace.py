@@ -79,13 +79,11 @@ class Workspace:
         return history
 
     def recover(self, history: History | None = None) -> list[str]:
-        """Mark failed every run whose driver process is gone, and stop what it left running."""
-        from expkit.procs import stop_run_processes
+        """Mark failed every run whose driver process is gone, stop what it left running, keep
+        its outputs and remove its working copy (see expkit.recovery); returns the run ids."""
+        from expkit.recovery import recover
 
-        reaped = (history or self.history).reap_orphans()
-        for run_id in reaped:
-            stop_run_processes(run_id, workspace=self.path)
-        return reaped
+        return recover(self, history or self.history)
 
     def run_dir(self, run_id: str) -> Path:
         return self.path / "runs" / run_id

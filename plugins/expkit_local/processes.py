@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import BinaryIO
 
 from expkit.capabilities import Process, RunContext
 from expkit.errors import Canceled, StageFailed
+from expkit.procs import die_with_parent
 
 STOP_GRACE_SECONDS = 10
 LAUNCHER = -1  # the rank number the console shows a launcher's own lines under
-_PR_SET_PDEATHSIG = 1
-
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # not Linux
-    _libc = None
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL if the driver dies, so a kill -9 leaves nothing behind."""
-    if _libc is not None and hasattr(_libc, "prctl"):
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class ProcessGroup:
@@ -48,7 +37,7 @@ class ProcessGroup:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # a kill -9 of the driver leaves nothing
         )
         self.children.append((process, popen))
         reader = threading.Thread(target=self._stream, args=(popen, process), daemon=True)
@@ -60,21 +49,27 @@ class ProcessGroup:
 
         A launcher's lines are split by rank; its own lines go to `launcher.log`.
         """
-        logs: dict[int | None, BinaryIO] = {}
+        logs: dict[int | None, BinaryIO | None] = {}
         try:
             for line in iter(popen.stdout.readline, b""):
                 rank, text = (
                     process.split_output(line) if process.split_output else (process.rank, line)
                 )
-                log = logs.get(rank)
-                if log is None:
+                if rank not in logs:
                     name = "launcher.log" if rank is None else f"rank-{rank}.log"
-                    log = logs[rank] = open(self.ctx.log_dir / name, "ab", buffering=0)  # noqa: SIM115
-                log.write(text)
+                    logs[rank] = _open_log(self.ctx.log_dir / name)
+                log = logs[rank]
+                if log is not None:
+                    try:
+                        log.write(text)
+                    except OSError:  # a full disk: keep reading, or the script would block
+                        log.close()
+                        logs[rank] = None
                 self.ctx.echo(LAUNCHER if rank is None else rank, text)
         finally:
             for log in logs.values():
-                log.close()
+                if log is not None:
+                    log.close()
 
     def wait(self, timeout: float | None) -> int:
         """The exit code: 0 when all succeed, else the first failure (which stops the rest)."""
@@ -117,6 +112,14 @@ class ProcessGroup:
         self.stop()
         for reader in self.readers:
             reader.join(timeout=5)
+
+
+def _open_log(path: Path) -> BinaryIO | None:
+    """A rank's log, unbuffered; None when it cannot be created (a full disk)."""
+    try:
+        return open(path, "ab", buffering=0)
+    except OSError:
+        return None
 
 
 def _killpg(pgid: int, sig: int) -> None:

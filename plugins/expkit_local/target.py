@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import time
+from pathlib import Path
 
 from expkit.capabilities import Allocation, ComputeTarget, Process, RunContext
 from expkit.errors import Canceled, UserError
@@ -16,6 +17,7 @@ from expkit.job import JobSpec
 from expkit_local.processes import ProcessGroup
 
 POLL_SECONDS = 0.5
+RECOVER_SECONDS = 2.0  # how often a waiting run checks that the holders' drivers are alive
 
 
 def detect_gpus() -> int:
@@ -59,11 +61,15 @@ class LocalTarget(ComputeTarget):
         res = ctx.job.resources
         slots, gpus = self.capacity(ctx.job.compute.options)
         wants = {"process": (res.processes_per_node, slots), "gpu": (res.gpus_per_node, gpus)}
-        said = None
+        said, checked = None, time.monotonic()
         while True:
             leased = ctx.history.lease_slots(ctx.run_id, wants)
             if leased is not None:
                 break
+            if time.monotonic() - checked >= RECOVER_SECONDS:  # a holder's driver may be dead
+                checked = time.monotonic()
+                if self._recover(ctx):
+                    continue
             holders = ctx.history.slot_holders("process") | ctx.history.slot_holders("gpu")
             text = (
                 f"waiting for {res.processes_per_node} process slot(s) and {res.gpus_per_node} "
@@ -84,6 +90,15 @@ class LocalTarget(ComputeTarget):
             gpus=leased["gpu"],
             description=f"slots {leased['process']} of {slots}{gpu_text}",
         )
+
+    def _recover(self, ctx: RunContext) -> list[str]:
+        """Mark failed the runs whose driver died (their slots are freed), as the next open
+        of the workspace would; returns their ids."""
+        if not (Path(ctx.workspace_dir) / "config.json").is_file():
+            return []
+        from expkit.workspace import Workspace
+
+        return Workspace(ctx.workspace_dir).recover(ctx.history)
 
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
         base = dict(os.environ)

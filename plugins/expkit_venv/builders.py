@@ -21,8 +21,10 @@ from pathlib import Path
 from expkit.capabilities import Environment, EnvironmentBuilder, RunContext
 from expkit.errors import UserError
 from expkit.job import EnvironmentSpec
+from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, die_with_parent
+from expkit.recovery import ENV_COMPLETE
 
-COMPLETE = ".expkit-complete"
+COMPLETE = ENV_COMPLETE  # the next open removes a folder without it (expkit.recovery)
 
 
 def _key(payload: dict) -> str:
@@ -98,6 +100,8 @@ class PipBuilder(EnvironmentBuilder):
                 "import sysconfig; print(sysconfig.get_path('purelib'))",
             ],
             text=True,
+            env=_marked(ctx),
+            preexec_fn=die_with_parent,
         ).strip()
         lines = [f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()]
         Path(purelib, "_expkit_parent.pth").write_text("".join(lines))
@@ -123,9 +127,22 @@ class PipBuilder(EnvironmentBuilder):
             )
 
 
+def _marked(ctx: RunContext) -> dict[str, str]:
+    """This environment plus the run's marker, so that the run's clean-up finds the process
+    (and what it starts) wherever it went."""
+    markers = {k: v for k, v in ctx.script_env.items() if k in (RUN_ID_ENV, WORKSPACE_ENV)}
+    return {**os.environ, **markers}
+
+
 def _run(argv: list[str], ctx: RunContext, what: str) -> None:
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=_marked(ctx),
+        preexec_fn=die_with_parent,  # a kill -9 of the driver stops pip too
     )
     last = []
     for line in proc.stdout:

@@ -1,0 +1,106 @@
+"""What the next open of a workspace does about a driver that died (kill -9, a crash, a reboot).
+
+The run is marked failed (`History.reap_orphans`), what it left running is stopped, what its
+script wrote into outputs/ is kept where the user can find it (and said so in the record), its
+working copy is removed, and the temporary folders of cache builds whose builder died go.
+Nothing here needs to write to run on a full disk: a read-only command still answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from expkit import data
+from expkit.console import human_size
+from expkit.history import History, no_room
+from expkit.procs import stop_run_processes
+
+if TYPE_CHECKING:
+    from expkit.workspace import Workspace
+
+# The file an environment builder writes into its folder last: a folder without it is a build
+# that did not finish. The build holds an flock on `<folder>.lock` while it works.
+ENV_COMPLETE = ".expkit-complete"
+SQLITE_READONLY = 8  # a history opened read-only because the disk is full
+
+
+def recover(workspace: Workspace, history: History) -> list[str]:
+    """Mark failed the runs whose driver is gone, stop their processes, keep their outputs,
+    remove their working copies and stale cache builds; returns the reaped run ids.
+
+    A full disk (SQLite cannot write) leaves the records as they are, for a later open."""
+    try:
+        reaped = history.reap_orphans()
+    except sqlite3.OperationalError as error:
+        if not (no_room(error) or getattr(error, "sqlite_errorcode", 0) == SQLITE_READONLY):
+            raise
+        reaped = []  # no room to write: read the records as they are
+    for run_id in reaped:
+        stop_run_processes(run_id, workspace=workspace.path)
+        with contextlib.suppress(OSError, sqlite3.OperationalError):
+            salvage(workspace, history, run_id)
+    remove_stale_builds(workspace)
+    return reaped
+
+
+def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
+    """Keep what a dead driver's script wrote, remove the run's working copy; returns the note
+    added to the record's error (None when there was nothing to say).
+
+    The outputs (a real folder, never a link, which stays where it is) are moved to the run's
+    outputs/ unsealed: not hashed or made read-only, listed in a warning and in the error."""
+    run_dir = workspace.run_dir(run_id)
+    work = run_dir / "work"
+    if not work.is_dir() or work.is_symlink():
+        return None
+    sealed = run_dir / "outputs"
+    source = work / "outputs"
+    if source.is_dir() and not source.is_symlink() and not sealed.exists():
+        os.replace(source, sealed)
+    logs = work / "logs"
+    if logs.is_dir() and not logs.is_symlink() and not (run_dir / "logs" / "script").exists():
+        (run_dir / "logs").mkdir(exist_ok=True)
+        os.replace(logs, run_dir / "logs" / "script")
+    note = None
+    if sealed.is_dir() and not history.outputs(run_id):
+        files = [p for p in sealed.rglob("*") if p.is_file() and not p.is_symlink()]
+        if files:
+            size = sum(p.stat().st_size for p in files)
+            note = (
+                f"its outputs were not sealed: {len(files)} files ({human_size(size)}) are "
+                f"kept as they were in {sealed}"
+            )
+    shutil.rmtree(work, ignore_errors=True)
+    if note:
+        history.add_event(run_id, "warning", note)
+        record = history.run(run_id)
+        history.update_run(run_id, error=f"{record.error}; {note}" if record.error else note)
+    return note
+
+
+def remove_stale_builds(workspace: Workspace) -> list[Path]:
+    """Remove cache folders whose build died: data prepares (their temporary folder names
+    the builder's pid) and environments (no completion mark, and no build holds the lock)."""
+    removed = data.remove_stale(workspace.data_dir)
+    with contextlib.suppress(OSError):
+        for folder in workspace.envs_dir.iterdir():
+            lock = folder.with_name(folder.name + ".lock")
+            if not folder.is_dir() or (folder / ENV_COMPLETE).exists() or not lock.exists():
+                continue
+            fd = os.open(lock, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a build in progress
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+            finally:
+                os.close(fd)
+    return removed
