@@ -242,10 +242,13 @@ def _workspace(args: argparse.Namespace, create: bool = False) -> Any:
     from expkit.workspace import Workspace
 
     try:
-        return Workspace.find(args.workspace)
+        workspace = Workspace.find(args.workspace)
     except UserError:
         if not create or args.workspace:
             raise
+    else:
+        workspace.history  # noqa: B018 - a damaged history.db is named before anything else
+        return workspace
     workspace = Workspace.init(Path.cwd())
     print(
         f"expkit: created workspace {workspace.path} (`expkit init` makes one elsewhere)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input from the user (job spec, flag, name): one line, exit code 2, no traceback."""
@@ -40,3 +42,13 @@ class StageFailed(Exception):
 
 class Canceled(Exception):
     """The run was canceled (Ctrl-C, SIGTERM or `expkit runs cancel`)."""
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` as an error message shows it: relative to the current folder when inside it
+    (`.expkit/history.db`), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
