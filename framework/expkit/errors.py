@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -52,3 +53,18 @@ def shown_path(path: str | Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except (ValueError, OSError):
         return str(path)
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """`text` as part of a one-line message: control characters escaped, cut at `limit`."""
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def quoted(value: Any, limit: int = 80) -> str:
+    """A value as a message quotes it: its repr on one short line, whatever its size."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deep, a number too long to print
+        text = f"<{type(value).__name__}>"
+    return printable(text, limit)

@@ -10,12 +10,23 @@ import glob
 import os
 import time
 
-from expkit.capabilities import Allocation, ComputeTarget, Process, RunContext
+from expkit.capabilities import (
+    Allocation,
+    ComputeTarget,
+    Option,
+    Process,
+    RunContext,
+    declare_options,
+)
 from expkit.errors import Canceled, UserError
 from expkit.job import JobSpec
 from expkit_local.processes import ProcessGroup
 
 POLL_SECONDS = 0.5
+# Bounds of compute.options: slots are leased one row each, so a bound keeps a typo
+# (slots: 100000000) from filling the memory; more GPUs than any machine has is a typo too.
+MAX_SLOTS = 4096
+MAX_GPUS = 256
 
 
 def detect_gpus() -> int:
@@ -29,6 +40,10 @@ def detect_gpus() -> int:
 class LocalTarget(ComputeTarget):
     name = "local"
     description = "processes on this machine"
+    takes = declare_options(
+        slots=Option(int, minimum=1, maximum=MAX_SLOTS),
+        gpus=Option(int, minimum=0, maximum=MAX_GPUS),
+    )
 
     def capacity(self, options: dict) -> tuple[int, int]:
         slots = int(options.get("slots", os.cpu_count() or 1))
@@ -36,7 +51,7 @@ class LocalTarget(ComputeTarget):
         return slots, gpus
 
     def check(self, job: JobSpec) -> None:
-        self.reject_unknown_options(job.compute.options, ("slots", "gpus"), "compute.options")
+        self.check_options(job.compute.options, "compute.options")
         res = job.resources
         if res.nodes != 1:
             raise UserError(
