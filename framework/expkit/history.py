@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import socket
 import sqlite3
@@ -282,7 +281,9 @@ def patiently(call: Callable[..., _T], *args: Any, seconds: float = BUSY_SECONDS
             locked = code in (_SQLITE_BUSY, _SQLITE_LOCKED) or "locked" in str(error)
             if not locked or time.monotonic() > deadline:
                 raise
-        time.sleep(pause * (0.5 + random.random()))
+        import random  # only when waiting: start-up stays light
+
+        time.sleep(pause * (0.5 + random.random()))  # apart, so that they do not retry in step
         pause = min(pause * 2, 0.2)
 
 

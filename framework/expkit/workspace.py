@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from functools import cached_property
 from pathlib import Path
@@ -138,7 +137,7 @@ def write_new_config(config: Path) -> None:
     """Create config.json whole, once: the first of several commands creating the same
     workspace at the same moment wins, and no one reads a half-written file."""
     text = json.dumps({"format": 1, "created": time.time()}, indent=2) + "\n"
-    tmp = config.with_name(f".{config.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = config.with_name(f".{config.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     with open(tmp, "x", encoding="utf-8") as f:
         f.write(text)
     try:
