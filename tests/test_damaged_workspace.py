@@ -272,3 +272,18 @@ def _all_succeed(procs: list[subprocess.Popen], what: str) -> None:
     for p in procs:
         p.stderr.close()
     assert [code for code, _ in errors] == [0] * len(procs), (what, errors)
+
+
+def test_a_workspace_path_the_file_system_refuses_is_one_line(tmp_path: Path) -> None:
+    long_name = "w" * 300
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder\n")
+    cases = [
+        (["--workspace", long_name, "runs", "list"], "--workspace: ", "File name too long"),
+        (["init", long_name], "", "cannot create a workspace (File name too long)"),
+        (["init", str(in_the_way)], "", "cannot create a workspace (Not a directory)"),
+    ]
+    for args, start, reason in cases:
+        line = error_line(expkit_at(tmp_path, *args))
+        assert line.startswith(f"expkit: error: {start}") and line.endswith(reason), line
+    assert in_the_way.read_text() == "not a folder\n"

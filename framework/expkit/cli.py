@@ -258,11 +258,13 @@ def _workspace(args: argparse.Namespace, create: bool = False) -> Any:
 
 
 def _run_record(workspace: Any, ref: str) -> Any:
-    from expkit.errors import UserError
+    from expkit.errors import UserError, quoted
 
     record = workspace.history.find_run(ref)
     if record is None:
-        raise UserError(f"no run {ref!r} in {workspace.path}; `expkit runs list` shows the runs")
+        raise UserError(
+            f"no run {quoted(ref)} in {workspace.path}; `expkit runs list` shows the runs"
+        )
     return record
 
 

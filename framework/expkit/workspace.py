@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from expkit.errors import UserError, shown_path
+from expkit.errors import UserError, printable, shown_path
 from expkit.history import History
 
 FOLDER = ".expkit"
@@ -38,12 +38,16 @@ class Workspace:
         """The workspace named by the flag or env var, else the nearest one above `start`."""
         named = explicit or os.environ.get(ENV)
         if named:
-            folder = _config_folder(Path(named))
+            origin = "--workspace" if explicit else ENV
+            shown = printable(str(named))
+            try:
+                folder = _config_folder(Path(named))
+            except OSError as error:  # a name the file system refuses (too long, ...)
+                raise UserError(f"{origin}: {shown}: {error.strerror or error}") from None
             if folder is None:
-                origin = "--workspace" if explicit else ENV
                 raise UserError(
-                    f"{origin}: {named} is not an expkit workspace; create it with "
-                    f"`expkit init {named}`"
+                    f"{origin}: {shown} is not an expkit workspace; create it with "
+                    f"`expkit init {shown}`"
                 )
             return cls(folder)
         here = (start or Path.cwd()).resolve()
@@ -65,10 +69,16 @@ class Workspace:
         """Create (or open, if it exists) the workspace `where/.expkit`."""
         where = Path(where)
         folder = where if where.name == FOLDER else where / FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        config = folder / CONFIG
-        if not config.exists():
-            write_new_config(config)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / CONFIG
+            if not config.exists():
+                write_new_config(config)
+        except (OSError, ValueError) as error:  # a refused name, a file in the way, no room
+            reason = getattr(error, "strerror", None) or str(error)
+            raise UserError(
+                f"{printable(str(folder))}: cannot create a workspace ({reason})"
+            ) from None
         workspace = cls(folder)
         workspace.history  # noqa: B018 - creates the database
         return workspace
