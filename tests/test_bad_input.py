@@ -86,6 +86,16 @@ CASES: dict[str, tuple[bytes, list[str], str]] = {
         [],
         "job.yaml: data.d.source: 'd\\x00' contains a NUL byte",
     ),
+    "NUL in an argument": (
+        _bytes(BASE + 'args: {name: "a\\0b"}\n'),
+        [],
+        "job.yaml: args: 'a\\x00b' contains a NUL byte",
+    ),
+    "an argument longer than a command line takes": (
+        _bytes(BASE + "args: {notes: " + "n" * 200_000 + "}\n"),
+        [],
+        "job.yaml: args: 'nnnn",
+    ),
     "entry_script longer than a file name may be": (
         _bytes(BASE.replace("train.py", "t" * 300 + ".py")),
         [],

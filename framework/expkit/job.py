@@ -28,6 +28,7 @@ from expkit.errors import JobSpecError, printable, quoted
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _NAME_RULE = "use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
 _DATA_REF = re.compile(r"\$\{data\.([A-Za-z0-9_-]+)\}")
+MAX_ARG_CHARS = 128 * 1024  # bytes of one argument Linux passes to a program (MAX_ARG_STRLEN)
 
 
 class _Invalid(Exception):
@@ -239,6 +240,16 @@ class JobSpec(_Spec):
     tags: dict[str, str] = field(default_factory=dict)
 
     def _check(self) -> None:
+        for arg in self.arguments():
+            text = str(arg)
+            if "\0" in text:
+                raise _Invalid("args", f"{quoted(arg)} contains a NUL byte (a command line cannot)")
+            if len(text) > MAX_ARG_CHARS // 4 and len(text.encode()) > MAX_ARG_CHARS:
+                raise _Invalid(
+                    "args",
+                    f"{quoted(arg)} is longer than one argument of a command line may be "
+                    f"({MAX_ARG_CHARS // 1024} KiB); pass the path of a file that holds it",
+                )
         for name in self.data:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
                 raise ValueError(f"data name {name!r} may use letters, digits, _ and - only")
