@@ -117,8 +117,8 @@ def mutated_specs(draw: st.DrawFn) -> dict[str, Any]:
                 parent.pop(key, None)
             elif action == "add" and isinstance(parent, dict):
                 parent[draw(st.text(max_size=20))] = draw(values)
-            elif isinstance(parent, dict | list):
-                with contextlib.suppress(IndexError):
+            elif isinstance(parent, dict) or (isinstance(parent, list) and isinstance(key, int)):
+                with contextlib.suppress(IndexError):  # an earlier change shortened the list
                     parent[key] = draw(values)
     return spec
 
