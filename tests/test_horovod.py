@@ -291,7 +291,7 @@ def test_more_ranks_than_the_machine_has_slots_is_refused(expkit_cli, write_job)
     ("options", "message"),
     [
         ({"controler": "gloo"}, "distributed.options: unknown option 'controler' for horovod"),
-        ({"controller": "nccl"}, "distributed.options.controller: 'nccl' is not one of gloo, mpi"),
+        ({"controller": "nccl"}, "distributed.options.controller: must be gloo or mpi, not 'nccl'"),
         pytest.param(
             {"controller": "mpi"},
             "distributed.options.controller: mpi needs `mpirun` on PATH",

@@ -7,16 +7,137 @@ implement its methods and return an instance from the matching hook in `expkit.h
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from expkit.job import EnvironmentSpec, JobSpec
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a capability takes (see `Capability.takes`): its type and range, checked
+    before any run starts, so that a wrong value is one line naming the field, not a
+    plugin's crash or a value silently rounded.
+
+    `kind` is int, float (an int is accepted), bool, str, list (of `items`) or dict (names to
+    strings, numbers or booleans). Numbers lie within `minimum`..`maximum`; a str or a list is
+    at most `max_length` long; a str is one of `choices`, or fully matches `pattern`. `text`
+    replaces the generated description in messages ("an ONNX opset number, e.g. 18").
+    """
+
+    kind: type
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] = ()
+    pattern: str | None = None
+    items: type = str
+    max_length: int = 4096
+    text: str = ""
+
+    def describe(self) -> str:
+        """What a value must be, as the message says it: "a whole number from 1 to 4096"."""
+        if self.text:
+            return self.text
+        if self.choices:
+            names = [str(c) for c in self.choices]
+            return " or ".join(names) if len(names) <= 2 else f"one of {', '.join(names)}"
+        base = {
+            int: "a whole number",
+            float: "a number",
+            bool: "true or false",
+            str: "a string",
+            list: f"a list of {_KIND_NAMES.get(self.items, 'values')}",
+            dict: "a mapping of names to values",
+        }.get(self.kind, self.kind.__name__)
+        if self.kind in (int, float):
+            low, high = _number(self.minimum), _number(self.maximum)
+            if low is not None and high is not None:
+                base += f" from {low} to {high}"
+            elif low is not None:
+                base += f" of at least {low}"
+            elif high is not None:
+                base += f" of at most {high}"
+        elif self.pattern and self.kind is str:
+            base += f" like {self.pattern}"
+        return base
+
+    def check(self, value: Any, where: str) -> None:
+        """Raise UserError `where: must be <description>, not <value>` for a bad value."""
+        if not self._fits(value):
+            from expkit.errors import UserError, quoted
+
+            raise UserError(f"{where}: must be {self.describe()}, not {quoted(value)}")
+
+    def _fits(self, value: Any) -> bool:
+        if self.choices:
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if self.kind is int:
+            return _is_int(value) and _within(value, self.minimum, self.maximum)
+        if self.kind is float:
+            if not (_is_int(value) or isinstance(value, float)):
+                return False
+            return math.isfinite(value) and _within(value, self.minimum, self.maximum)
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if self.kind is str:
+            return _is_text(value, self.max_length) and (
+                self.pattern is None or re.fullmatch(self.pattern, value) is not None
+            )
+        if self.kind is list:
+            return (
+                isinstance(value, list)
+                and len(value) <= self.max_length
+                and all(Option(self.items)._fits(item) for item in value)
+            )
+        if self.kind is dict:
+            return (
+                isinstance(value, dict)
+                and len(value) <= self.max_length
+                and all(_is_text(k, 256) for k in value)
+                and all(_is_scalar(v) for v in value.values())
+            )
+        return isinstance(value, self.kind)
+
+
+def declare_options(**options: Option) -> Mapping[str, Option]:
+    """A capability's `takes`, read-only: `takes = declare_options(slots=Option(int, ...))`;
+    `declare_options()` for a capability that takes no options."""
+    return MappingProxyType(options)
+
+
+_KIND_NAMES = {str: "strings", int: "whole numbers", float: "numbers"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value: Any, max_length: int) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= max_length and "\0" not in value
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= 4096 and "\0" not in value
+    return isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _within(value: float, low: float | None, high: float | None) -> bool:
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _number(bound: float | None) -> str | None:
+    if bound is None:
+        return None
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
 class Capability:
@@ -26,6 +147,11 @@ class Capability:
     name: str = ""
     description: str = ""
     plugin: str = ""  # set by the plugin manager: the plugin that returned this object
+    # The options this capability takes, by name, with their types and ranges: checked by
+    # `check_options` before any run (the job's `compute.options` for a compute target,
+    # `distributed.options`, `environment.options`, `metrics[i].options`,
+    # `exports[i].options`). None: the capability checks its options itself.
+    takes: ClassVar[Mapping[str, Option] | None] = None
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.name!r} from {self.plugin or '?'}>"
@@ -33,17 +159,28 @@ class Capability:
     def check(self, job: JobSpec) -> None:
         """Reject a job this capability can never serve (raise UserError) before any work."""
 
+    def check_options(self, options: dict[str, Any], field: str) -> None:
+        """Reject options that `takes` does not name, or whose values are of the wrong type
+        or out of range: a UserError naming the option (`compute.options.slots: ...`)."""
+        if self.takes is None:
+            return
+        self.reject_unknown_options(options, tuple(self.takes), field)
+        for name, value in options.items():
+            self.takes[name].check(value, f"{field}.{name}")
+
     def reject_unknown_options(
         self, options: dict[str, Any], allowed: tuple[str, ...], field: str
     ) -> None:
         """For `check`: a UserError naming the first option of `field` that is not `allowed`."""
-        unknown = sorted(set(options) - set(allowed))
+        unknown = sorted((str(name) for name in set(options) - set(allowed)), key=str)
         if unknown:
-            from expkit.errors import UserError
+            from expkit.errors import UserError, printable
 
             takes = ", ".join(f"`{name}`" for name in allowed)
+            takes = f"it takes {takes}" if allowed else "it takes no options"
             raise UserError(
-                f"{field}: unknown option {unknown[0]!r} for {self.name} (it takes {takes})"
+                f"{field}: unknown option {printable(repr(unknown[0]), 60)} for {self.name} "
+                f"({takes})"
             )
 
 
@@ -317,15 +454,12 @@ class Exporter(Capability, ABC):
     """Writes the trained model in another format and checks it against the eager model.
 
     Selected by `exports: [{format: <name>, options: {...}}]` in a job spec, and by
-    `expkit export RUN_OR_MODEL --format <name>`. Raise UserError from `check` for options the
-    exporter does not take; a failure during `export` is reported as a failed export, not a
+    `expkit export RUN_OR_MODEL --format <name>`. Declare the options it takes in `takes` (or
+    override `check_options`); a failure during `export` is reported as a failed export, not a
     crash (return ok=False with the reason, or raise).
     """
 
     kind = "exporter"
-
-    def check_options(self, options: dict[str, Any], field: str) -> None:
-        """Reject options this exporter does not take (UserError naming `field`)."""
 
     @abstractmethod
     def export(self, request: ExportRequest) -> ExportResult:

@@ -249,10 +249,13 @@ def _workspace(args: argparse.Namespace, create: bool = False) -> Any:
     from expkit.workspace import Workspace
 
     try:
-        return Workspace.find(args.workspace)
+        workspace = Workspace.find(args.workspace)
     except UserError:
         if not create or args.workspace:
             raise
+    else:
+        workspace.history  # noqa: B018 - a damaged history.db is named before anything else
+        return workspace
     workspace = Workspace.init(Path.cwd())
     print(
         f"expkit: created workspace {workspace.path} (`expkit init` makes one elsewhere)",
@@ -262,11 +265,13 @@ def _workspace(args: argparse.Namespace, create: bool = False) -> Any:
 
 
 def _run_record(workspace: Any, ref: str) -> Any:
-    from expkit.errors import UserError
+    from expkit.errors import UserError, quoted
 
     record = workspace.history.find_run(ref)
     if record is None:
-        raise UserError(f"no run {ref!r} in {workspace.path}; `expkit runs list` shows the runs")
+        raise UserError(
+            f"no run {quoted(ref)} in {workspace.path}; `expkit runs list` shows the runs"
+        )
     return record
 
 

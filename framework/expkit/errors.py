@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input from the user (job spec, flag, name): one line, exit code 2, no traceback."""
@@ -46,3 +49,28 @@ class NoSpace(UserError):
     """The disk filled up and not even the run's record could be written: one line, exit 1."""
 
     exit_code = 1
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` as an error message shows it: relative to the current folder when inside it
+    (`.expkit/history.db`), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """`text` as part of a one-line message: control characters escaped, cut at `limit`."""
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def quoted(value: Any, limit: int = 80) -> str:
+    """A value as a message quotes it: its repr on one short line, whatever its size."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deep, a number too long to print
+        text = f"<{type(value).__name__}>"
+    return printable(text, limit)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from expkit.errors import UserError, shown_path
 
 STAGES = ("prepare", "scale", "run", "post-process", "register")
 STAGE_STATE = {
@@ -92,6 +95,9 @@ CREATE TABLE IF NOT EXISTS output_links (
     run_id TEXT NOT NULL, path TEXT NOT NULL, target TEXT NOT NULL, PRIMARY KEY (run_id, path)
 );
 """
+# What SCHEMA creates: when all of it is there, opening the history writes nothing.
+SCHEMA_NAMES = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA))
+BUSY_SECONDS = 60  # how long a command waits for another one's write to end
 
 
 # A model version exists only for a run that completed: one that a run's register stage made
@@ -189,40 +195,205 @@ def no_room(error: BaseException) -> bool:
     )
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """A connection in WAL mode; on a full disk, where WAL cannot set up its shared memory,
-    a read-only one of the database as the last writer left it: reading never needs room,
-    and every write fails with "attempt to write a readonly database"."""
-    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+# -- opening the database -----------------------------------------------------------------------
+# SQLite's primary result codes (sqlite3.h) for a file that cannot serve as the history.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
+_SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 14, 26
+
+
+class DamagedHistory(UserError):
+    """The history database file cannot be used: damaged, not a database, or not openable.
+
+    One line naming the file and what to do (exit 2), instead of SQLite's bare error at
+    whichever query first reads the bad page.
+    """
+
+
+def damage(path: Path, error: sqlite3.Error, no_room: bool = False) -> DamagedHistory | None:
+    """`error` as a DamagedHistory naming `path`, or None for an error of another kind
+    (a busy database, a full disk, a bug in a query), which keeps its own type. On a
+    connection opened read-only because the disk is full (`no_room`), "read-only" is that,
+    not a damaged file."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    if no_room and code == _SQLITE_READONLY:
+        return None
+    shown = shown_path(path)
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return DamagedHistory(
+            f"{shown} is damaged ({error}); move it aside and run `expkit init` for a new, "
+            "empty history (the files of runs and models stay), or restore it from a backup"
+        )
+    if code == _SQLITE_CANTOPEN:
+        return DamagedHistory(
+            f"{shown} cannot be opened ({error}); it must be a file you can read and write, "
+            "in a folder you can write"
+        )
+    if code == _SQLITE_READONLY:
+        return DamagedHistory(
+            f"{shown} cannot be written ({error}); make it and its folder writable"
+        )
+    return None
+
+
+_T = TypeVar("_T")
+
+
+def _guarded(path: Path, call: Callable[..., _T], *args: Any, no_room: bool = False) -> _T:
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        return call(*args)
+    except sqlite3.DatabaseError as error:
+        translated = damage(path, error, no_room)
+        if translated is None:
+            raise
+        raise translated from error
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor whose damaged-file errors name the file: SQLite reads pages as a query needs
+    them, so a truncated or overwritten file may fail at any fetch, not only when opened."""
+
+    def _guarded(self, call: Callable[..., _T], *args: Any) -> _T:
+        conn = self.connection
+        return _guarded(conn.file, call, *args, no_room=conn.no_room)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        return self._guarded(super().execute, sql, parameters)
+
+    def executemany(self, sql: str, rows: Iterable[Any], /) -> _Cursor:
+        return self._guarded(super().executemany, sql, rows)
+
+    def executescript(self, script: str, /) -> _Cursor:
+        return self._guarded(super().executescript, script)
+
+    def fetchone(self) -> Any:
+        return self._guarded(super().fetchone)
+
+    def fetchmany(self, size: int = 1) -> list[Any]:
+        return self._guarded(super().fetchmany, size)
+
+    def fetchall(self) -> list[Any]:
+        return self._guarded(super().fetchall)
+
+    def __next__(self) -> Any:
+        return self._guarded(super().__next__)
+
+
+class _Connection(sqlite3.Connection):
+    """A connection to the history whose every query runs on a `_Cursor`."""
+
+    file: Path
+    no_room = False  # opened read-only (immutable) because the disk is full
+
+    def cursor(self, factory: Any = _Cursor) -> Any:
+        return super().cursor(factory)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, rows: Iterable[Any], /) -> Any:
+        return self.cursor().executemany(sql, rows)
+
+    def executescript(self, script: str, /) -> Any:
+        return self.cursor().executescript(script)
+
+
+def patiently(call: Callable[..., _T], *args: Any, seconds: float = BUSY_SECONDS) -> _T:
+    """`call(*args)`, tried again while another connection holds the lock it needs.
+
+    SQLite's busy timeout does not cover every lock: switching a new database to WAL, or
+    taking the write lock while another command does the same, can fail at once with
+    "database is locked". Many commands opening a new workspace at the same moment hit it.
+    """
+    deadline = time.monotonic() + seconds
+    pause = 0.005
+    while True:
+        try:
+            return call(*args)
+        except sqlite3.OperationalError as error:
+            code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+            locked = code in (_SQLITE_BUSY, _SQLITE_LOCKED) or "locked" in str(error)
+            if not locked or time.monotonic() > deadline:
+                raise
+        import random  # only when waiting: start-up stays light
+
+        time.sleep(pause * (0.5 + random.random()))  # apart, so that they do not retry in step
+        pause = min(pause * 2, 0.2)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to the history database at `path` (WAL, autocommit, Row results).
+
+    Raises DamagedHistory when the file is not a usable database."""
+    conn = _guarded(
+        path,
+        lambda: sqlite3.connect(
+            path, timeout=BUSY_SECONDS, isolation_level=None, factory=_Connection
+        ),
+    )
+    conn.file = path
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000}")
+        patiently(conn.execute, "PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.OperationalError as error:
+        conn.close()
         if not no_room(error) or not Path(path).is_file():
             raise
+        return _read_only(path)
+    except BaseException:
         conn.close()
-        uri = f"{Path(path).resolve().as_uri()}?immutable=1"
-        conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+        raise
+    return conn
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """On a full disk, where WAL cannot set up its shared memory: the database as the last
+    writer left it, read-only. Reading never needs room; every write fails with "attempt to
+    write a readonly database" (SQLITE_READONLY), which callers treat as no room."""
+    uri = f"{Path(path).resolve().as_uri()}?immutable=1"
+    conn = sqlite3.connect(
+        uri, uri=True, timeout=BUSY_SECONDS, isolation_level=None, factory=_Connection
+    )
+    conn.file, conn.no_room = path, True
+    conn.row_factory = sqlite3.Row
     return conn
 
 
 class History:
-    """Reads and writes the run history database; safe to share between threads."""
+    """Reads and writes the run history database; safe to share between threads.
+
+    Raises DamagedHistory (a UserError naming the file) when the file is not a usable
+    database, whether that shows when it is opened or at a later query.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
-        self.db.executescript(SCHEMA)
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        """Create what SCHEMA names and the file lacks, in one write transaction taken
+        patiently: several commands may open a new workspace at the same moment."""
+        db = self.db
+        present = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        if present >= SCHEMA_NAMES:
+            return  # the usual case: a read, no write lock
+
+        def create() -> None:
+            with self.transaction() as db:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+
+        patiently(create)
 
     # -- connections ------------------------------------------------------------------------
     @property
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
+            conn = self._local.conn = connect(self.path)
         return conn
 
     @contextmanager

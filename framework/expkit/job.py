@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
+import math
 import re
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from expkit.errors import JobSpecError
+from expkit.errors import JobSpecError, printable, quoted
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_NAME_RULE = "use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
 _DATA_REF = re.compile(r"\$\{data\.([A-Za-z0-9_-]+)\}")
+MAX_ARG_CHARS = 128 * 1024  # bytes of one argument Linux passes to a program (MAX_ARG_STRLEN)
 
 
 class _Invalid(Exception):
@@ -185,7 +190,7 @@ class ModelInput(_Spec):
 class ModelSpec(_Spec):
     """The model to register after a successful run (`register_model(model_name, model_path)`)."""
 
-    name: str = field(metadata=_limits(pattern=_NAME))
+    name: str = field(metadata=_limits(pattern=NAME))
     path: str = "outputs/"
     tags: dict[str, str] = field(default_factory=dict)
     registries: list[str] = field(default_factory=list)
@@ -219,7 +224,7 @@ class ExportSpec(_Spec):
 class JobSpec(_Spec):
     """Everything one run needs; `expkit run job.yaml` and `Experiment.submit(job)` take it."""
 
-    experiment: str = field(metadata=_limits(pattern=_NAME))
+    experiment: str = field(metadata=_limits(pattern=NAME))
     entry_script: str
     source_directory: str = "."  # relative to the job file
     args: dict[str, Any] | list[Any] = field(default_factory=dict)  # script_params
@@ -235,6 +240,16 @@ class JobSpec(_Spec):
     tags: dict[str, str] = field(default_factory=dict)
 
     def _check(self) -> None:
+        for arg in self.arguments():
+            text = str(arg)
+            if "\0" in text:
+                raise _Invalid("args", f"{quoted(arg)} contains a NUL byte (a command line cannot)")
+            if len(text) > MAX_ARG_CHARS // 4 and len(text.encode()) > MAX_ARG_CHARS:
+                raise _Invalid(
+                    "args",
+                    f"{quoted(arg)} is longer than one argument of a command line may be "
+                    f"({MAX_ARG_CHARS // 1024} KiB); pass the path of a file that holds it",
+                )
         for name in self.data:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
                 raise ValueError(f"data name {name!r} may use letters, digits, _ and - only")
@@ -254,24 +269,30 @@ class JobSpec(_Spec):
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: typing.Sequence[str] = ()) -> JobSpec:
-        """Load, apply `--set key=value` overrides, validate and resolve paths."""
-        import yaml
+        """Load, apply `--set key=value` overrides, validate and resolve paths.
 
+        Raises JobSpecError (one line per problem, naming the file and the field) for a file
+        that cannot be read, is not UTF-8 YAML, nests deeper than MAX_DEPTH or expands
+        (through aliases) to more than MAX_VALUES values, and for any invalid field."""
         path = Path(path)
-        source = str(path)
+        source = printable(str(path))
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except FileNotFoundError:
             raise JobSpecError(source, "", "no such file") from None
         except OSError as error:
             raise JobSpecError(source, "", error.strerror or str(error)) from None
+        except ValueError:  # a NUL byte in the path
+            raise JobSpecError(source, "", "a path cannot contain a NUL byte") from None
         try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"line {mark.line + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or str(error)
-            raise JobSpecError(source, where, f"not valid YAML: {problem}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            byte = data[error.start : error.start + 1].hex()
+            line = data.count(b"\n", 0, error.start) + 1
+            raise JobSpecError(
+                source, f"line {line}", f"not UTF-8 text (byte 0x{byte}); save it as UTF-8"
+            ) from None
+        raw = load_yaml(text, source)
         if not isinstance(raw, dict):
             raise JobSpecError(source, "", "a job spec is a YAML mapping (key: value lines)")
         for item in overrides:
@@ -295,21 +316,27 @@ class JobSpec(_Spec):
         return job.resolved(base_dir, source) if base_dir is not None else job
 
     def resolved(self, base_dir: Path | str = ".", source: str = "<job>") -> JobSpec:
-        """A copy with absolute paths, checked against the files on disk."""
+        """A copy with absolute paths, checked against the files on disk; a path the file
+        system refuses (too long, a NUL byte, a loop of links) is a JobSpecError naming it."""
         base = Path(base_dir)
-        folder = (base / self.source_directory).resolve()
-        if not folder.is_dir():
-            raise JobSpecError(source, "source_directory", f"folder {folder} does not exist")
-        if not (folder / self.entry_script).is_file():
-            raise JobSpecError(
-                source, "entry_script", f"{self.entry_script!r} is not a file in {folder}"
-            )
+        with _path_field(source, "source_directory"):
+            folder = (base / self.source_directory).resolve()
+            if not folder.is_dir():
+                raise JobSpecError(source, "source_directory", f"folder {folder} does not exist")
+        with _path_field(source, "entry_script"):
+            if not (folder / self.entry_script).is_file():
+                raise JobSpecError(
+                    source, "entry_script", f"{self.entry_script!r} is not a file in {folder}"
+                )
         data = {}
         for name, item in self.data.items():
             if item.source:
-                origin = (base / item.source).resolve()
-                if not origin.exists() and not item.prepare:
-                    raise JobSpecError(source, f"data.{name}.source", f"{origin} does not exist")
+                with _path_field(source, f"data.{name}.source"):
+                    origin = (base / item.source).resolve()
+                    if not origin.exists() and not item.prepare:
+                        raise JobSpecError(
+                            source, f"data.{name}.source", f"{origin} does not exist"
+                        )
                 item = item.replace(source=str(origin))
             data[name] = item
         for name in self.referenced_data():
@@ -354,6 +381,37 @@ class JobSpec(_Spec):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# -- reading ---------------------------------------------------------------------------------
+def load_yaml(text: str, source: str) -> Any:
+    """The data of a job spec's YAML text; a JobSpecError naming `source` and the line when
+    it is not YAML or passes the bounds of `expkit.bounded_yaml` (depth, aliases, size)."""
+    import yaml
+
+    from expkit import bounded_yaml
+
+    try:
+        return bounded_yaml.load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise JobSpecError(source, where, f"not valid YAML: {printable(problem)}") from None
+
+
+@contextmanager
+def _path_field(source: str, field: str) -> Iterator[None]:
+    """Errors from looking a path up on disk, as a JobSpecError naming the field."""
+    try:
+        yield
+    except ValueError:  # "embedded null byte"
+        raise JobSpecError(source, field, "a path cannot contain a NUL byte") from None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno == errno.ENAMETOOLONG:
+            reason += " (the file system allows 255 bytes per name)"
+        raise JobSpecError(source, field, reason) from None
+
+
 # -- validation ------------------------------------------------------------------------------
 _HINTS: dict[type, dict[str, Any]] = {}
 
@@ -388,8 +446,10 @@ def _convert_one(value: Any, annotation: Any, path: str, problems: list[_Invalid
                 return _convert_one(value, option, path, problems)
         raise _Invalid(path, f"must be {' or '.join(_describe(o) for o in options)}")
     if origin is Literal:
-        if value not in args:
-            raise _Invalid(path, f"must be one of {', '.join(map(repr, args))}, not {value!r}")
+        if not isinstance(value, str | int | float | bool | None) or value not in args:
+            raise _Invalid(
+                path, f"must be one of {', '.join(map(repr, args))}, not {quoted(value)}"
+            )
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -398,7 +458,10 @@ def _convert_one(value: Any, annotation: Any, path: str, problems: list[_Invalid
     if origin is dict:
         if not isinstance(value, dict):
             raise _Invalid(path, f"must be a mapping, not {_kind(value)}")
-        return {str(k): _convert(v, args[1], f"{path}.{k}", problems) for k, v in value.items()}
+        return {
+            str(k): _convert(v, args[1], f"{path}.{printable(str(k), 60)}", problems)
+            for k, v in value.items()
+        }
     if isinstance(annotation, type) and issubclass(annotation, _Spec):
         return _convert_spec(value, annotation, path, problems)
     return _scalar(value, annotation, path)
@@ -413,9 +476,10 @@ def _convert_spec(value: Any, cls: type[_Spec], path: str, problems: list[_Inval
     before = len(problems)  # an unknown field, too, skips the checks that would follow from it
     for key in value:
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), fields, n=1)
+            name = printable(str(key), 60)
+            hint = difflib.get_close_matches(name, fields, n=1)
             reason = "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            problems.append(_Invalid(f"{prefix}{key}", f"{reason}; allowed: {', '.join(fields)}"))
+            problems.append(_Invalid(f"{prefix}{name}", f"{reason}; allowed: {', '.join(fields)}"))
     converted = {}
     for name, spec in fields.items():
         where = f"{prefix}{name}"
@@ -446,24 +510,32 @@ def _apply_rules(value: Any, rules: dict[str, Any], path: str, problems: list[_I
     if "gt" in rules and value <= rules["gt"]:
         problems.append(_Invalid(path, f"must be more than {rules['gt']}, not {value}"))
     if "pattern" in rules and not rules["pattern"].fullmatch(value):
-        problems.append(_Invalid(path, f"{value!r}: {_NAME_RULE}"))
+        problems.append(_Invalid(path, f"{value!r}: {NAME_RULE}"))
 
 
 def _scalar(value: Any, annotation: Any, path: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise _Invalid(path, f"must be true or false, not {value!r}")
+        raise _Invalid(path, f"must be true or false, not {quoted(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise _Invalid(path, f"must be a whole number, not {value!r}")
+        raise _Invalid(path, f"must be a whole number, not {quoted(value)}")
     if annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise _Invalid(path, f"must be a number, not {value!r}")
+            try:
+                number = float(value)
+            except OverflowError:
+                raise _Invalid(path, f"{quoted(value)} is too large") from None
+            if not math.isfinite(number):
+                raise _Invalid(path, f"must be a finite number, not {value}")
+            return number
+        raise _Invalid(path, f"must be a number, not {quoted(value)}")
     if annotation is str:
         if isinstance(value, str):
+            if "\0" in value:
+                raise _Invalid(path, f"{quoted(value)} contains a NUL byte")
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)  # `experiment: 2024`, `tags: {version: 2}`
@@ -473,7 +545,7 @@ def _scalar(value: Any, annotation: Any, path: str) -> Any:
 
 def _kind(value: Any) -> str:
     names = {dict: "a mapping", list: "a list", str: "a string", type(None): "empty"}
-    return names.get(type(value), repr(value))
+    return names.get(type(value)) or quoted(value)
 
 
 def _describe(annotation: Any) -> str:
@@ -488,14 +560,23 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one `key.path=value` to the raw spec; the value is read as YAML (`2` is a number)."""
     import yaml
 
+    from expkit import bounded_yaml
+
     key, sep, text = item.partition("=")
+    shown = printable(key, 60)
     if not sep or not key:
-        raise JobSpecError("--set", item, "expected KEY=VALUE, e.g. --set args.num_epochs=2")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
+        raise JobSpecError(
+            "--set", printable(item, 60), "expected KEY=VALUE, e.g. --set args.num_epochs=2"
+        )
     parts = key.split(".")
+    if not all(parts):
+        raise JobSpecError("--set", shown, "a field name is empty (KEY is name.name...)")
+    try:
+        value = bounded_yaml.load(text) if text else ""
+    except yaml.YAMLError as error:
+        if isinstance(error, bounded_yaml.BoundError):
+            raise JobSpecError("--set", shown, f"{error.problem}") from None
+        value = text
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -504,7 +585,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         elif isinstance(child, str) and part in _SHORT_FIELDS:
             child = node[part] = {_SHORT_FIELDS[part]: child}
         if not isinstance(child, dict):
-            raise JobSpecError("--set", ".".join(parts[: i + 1]), "is not a mapping")
+            raise JobSpecError("--set", printable(".".join(parts[: i + 1]), 60), "is not a mapping")
         node = child
     last = parts[-1]
     if parts[0] == "args" and len(parts) == 2:  # args.x also matches an existing `--x` key

@@ -97,7 +97,11 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         backend=backend,
     )
     for i, spec in enumerate(job.metrics):
-        choice.sinks.append((spec, plugins.get("metric_sinks", spec.name, f"metrics.{i}")))
+        sink = plugins.get("metric_sinks", spec.name, f"metrics.{i}")
+        _plugin_call(
+            sink, "check_options", sink.check_options, spec.options, f"metrics.{i}.options"
+        )
+        choice.sinks.append((spec, sink))
     for i, name in enumerate(job.model.registries if job.model else []):
         path = f"model.registries.{i}"
         choice.registries.append(plugins.get("model_registries", name, path))
@@ -106,8 +110,14 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         options = f"exports.{i}.options"
         _plugin_call(exporter, "check_options", exporter.check_options, spec.options, options)
         choice.exporters.append((spec, exporter))
-    for capability in (choice.builder, choice.compute, choice.backend):
+    checked = (
+        (choice.builder, job.environment.options, "environment.options"),
+        (choice.compute, job.compute.options, "compute.options"),
+        (choice.backend, job.distributed.options, "distributed.options"),
+    )
+    for capability, values, where in checked:  # types and ranges first, then the whole job
         if capability is not None:
+            _plugin_call(capability, "check_options", capability.check_options, values, where)
             _plugin_call(capability, "check", capability.check, job)
     return choice
 

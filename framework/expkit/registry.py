@@ -191,10 +191,10 @@ def _relink(good: Path, path: Path) -> None:
 def check_model_name(name: str, field: str = "model.name") -> None:
     """Refuse a model name the job spec would refuse: it becomes a folder of the workspace
     (models/<name>/), so `../x` or `a/b` must never reach the file system."""
-    from expkit.job import _NAME, _NAME_RULE
+    from expkit.job import NAME, NAME_RULE
 
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise UserError(f"{field} {name!r}: {_NAME_RULE}, at most 100 characters")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise UserError(f"{field} {name!r}: {NAME_RULE}, at most 100 characters")
 
 
 def select_model_files(

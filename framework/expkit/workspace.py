@@ -11,8 +11,9 @@ import os
 import time
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from expkit.errors import UserError
+from expkit.errors import UserError, printable, shown_path
 from expkit.history import History
 
 FOLDER = ".expkit"
@@ -21,11 +22,15 @@ ENV = "EXPKIT_WORKSPACE"
 
 
 class Workspace:
-    """An opened workspace folder."""
+    """An opened workspace folder.
+
+    Raises UserError (naming the file and what to do) when its config.json cannot be read
+    as a JSON object; a damaged history.db shows when `history` is first used.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
-        self.config = json.loads((self.path / CONFIG).read_text())
+        self.config = read_config(self.path / CONFIG)
 
     # -- finding and creating -------------------------------------------------------------------
     @classmethod
@@ -33,12 +38,16 @@ class Workspace:
         """The workspace named by the flag or env var, else the nearest one above `start`."""
         named = explicit or os.environ.get(ENV)
         if named:
-            folder = _config_folder(Path(named))
+            origin = "--workspace" if explicit else ENV
+            shown = printable(str(named))
+            try:
+                folder = _config_folder(Path(named))
+            except OSError as error:  # a name the file system refuses (too long, ...)
+                raise UserError(f"{origin}: {shown}: {error.strerror or error}") from None
             if folder is None:
-                origin = "--workspace" if explicit else ENV
                 raise UserError(
-                    f"{origin}: {named} is not an expkit workspace; create it with "
-                    f"`expkit init {named}`"
+                    f"{origin}: {shown} is not an expkit workspace; create it with "
+                    f"`expkit init {shown}`"
                 )
             return cls(folder)
         here = (start or Path.cwd()).resolve()
@@ -60,12 +69,16 @@ class Workspace:
         """Create (or open, if it exists) the workspace `where/.expkit`."""
         where = Path(where)
         folder = where if where.name == FOLDER else where / FOLDER
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: see the README
-        config = folder / CONFIG
-        if not config.exists():
-            tmp = folder / f".{CONFIG}.tmp"
-            tmp.write_text(json.dumps({"format": 1, "created": time.time()}, indent=2) + "\n")
-            tmp.replace(config)
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: see the README
+            config = folder / CONFIG
+            if not config.exists():
+                write_new_config(config)
+        except (OSError, ValueError) as error:  # a refused name, a file in the way, no room
+            reason = getattr(error, "strerror", None) or str(error)
+            raise UserError(
+                f"{printable(str(folder))}: cannot create a workspace ({reason})"
+            ) from None
         workspace = cls(folder)
         workspace.history  # noqa: B018 - creates the database
         return workspace
@@ -106,6 +119,44 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.path)!r})"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The workspace's settings; a UserError naming the file when it is not a JSON object."""
+    advice = "move it aside and run `expkit init` for a new one, or restore it from a backup"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(f"{shown_path(path)} cannot be read ({reason}); {advice}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserError(f"{shown_path(path)} is damaged (not JSON: {reason}); {advice}") from None
+    if not isinstance(config, dict):
+        kinds = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+        kind = kinds.get(type(config), "a number")
+        raise UserError(
+            f"{shown_path(path)} is damaged (it holds {kind}, not a JSON object); {advice}"
+        )
+    return config
+
+
+def write_new_config(config: Path) -> None:
+    """Create config.json whole, once: the first of several commands creating the same
+    workspace at the same moment wins, and no one reads a half-written file."""
+    text = json.dumps({"format": 1, "created": time.time()}, indent=2) + "\n"
+    tmp = config.with_name(f".{config.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    with open(tmp, "x", encoding="utf-8") as f:
+        f.write(text)
+    try:
+        os.link(tmp, config)  # atomic, and never replaces a config another command made
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links
+        if not config.exists():
+            os.replace(tmp, config)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _config_folder(path: Path) -> Path | None:

@@ -31,14 +31,15 @@ from pathlib import Path
 from expkit.capabilities import (
     Allocation,
     DistributedBackend,
+    Option,
     Process,
     RankPieces,
     RunContext,
+    declare_options,
 )
 from expkit.errors import UserError
 from expkit.job import JobSpec
 
-OPTIONS = ("controller", "args")
 CONTROLLERS = ("gloo", "mpi")
 # horovodrun prefixes each piece of a rank's output that ends in a newline or in "\r" (progress
 # bars), and the threads forwarding each rank's stdout and stderr write in turn with the
@@ -61,23 +62,20 @@ def find_horovodrun(python: str) -> str | None:
 class HorovodBackend(DistributedBackend):
     name = "horovod"
     description = "horovodrun: Gloo (or MPI) controller, one rank per slot"
+    takes = declare_options(
+        controller=Option(str, choices=CONTROLLERS),
+        args=Option(list, items=str, max_length=256, text="a list of horovodrun flags"),
+    )
 
     def check(self, job: JobSpec) -> None:
         options, res = job.distributed.options, job.resources
-        self.reject_unknown_options(options, OPTIONS, "distributed.options")
+        self.check_options(options, "distributed.options")
         controller = options.get("controller", "gloo")
-        if controller not in CONTROLLERS:
-            raise UserError(
-                f"distributed.options.controller: {controller!r} is not one of gloo, mpi"
-            )
         if controller == "mpi" and shutil.which("mpirun") is None:
             raise UserError(
                 "distributed.options.controller: mpi needs `mpirun` on PATH, and this machine "
                 "has none; leave the option out to use gloo"
             )
-        extra = options.get("args", [])
-        if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
-            raise UserError("distributed.options.args: must be a list of horovodrun flags")
         if 0 < res.gpus_per_node < res.processes_per_node:
             raise UserError(
                 f"resources.gpus_per_node: each of the {res.processes_per_node} processes per "

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from expkit.capabilities import Allocation, DistributedBackend, Process, RunContext
+from expkit.capabilities import (
+    Allocation,
+    DistributedBackend,
+    Process,
+    RunContext,
+    declare_options,
+)
 from expkit.errors import UserError
 from expkit.job import JobSpec
 
@@ -10,6 +16,7 @@ from expkit.job import JobSpec
 class SingleProcess(DistributedBackend):
     name = "none"
     description = "one process, no distribution"
+    takes = declare_options()
 
     def check(self, job: JobSpec) -> None:
         processes = job.resources.processes

@@ -11,13 +11,24 @@ import os
 import time
 from pathlib import Path
 
-from expkit.capabilities import Allocation, ComputeTarget, Process, RunContext
+from expkit.capabilities import (
+    Allocation,
+    ComputeTarget,
+    Option,
+    Process,
+    RunContext,
+    declare_options,
+)
 from expkit.errors import Canceled, UserError
 from expkit.job import JobSpec
 from expkit_local.processes import ProcessGroup
 
 POLL_SECONDS = 0.5
 RECOVER_SECONDS = 2.0  # how often a waiting run checks that the holders' drivers are alive
+# Bounds of compute.options: slots are leased one row each, so a bound keeps a typo
+# (slots: 100000000) from filling the memory; more GPUs than any machine has is a typo too.
+MAX_SLOTS = 4096
+MAX_GPUS = 256
 
 
 def detect_gpus() -> int:
@@ -31,6 +42,10 @@ def detect_gpus() -> int:
 class LocalTarget(ComputeTarget):
     name = "local"
     description = "processes on this machine"
+    takes = declare_options(
+        slots=Option(int, minimum=1, maximum=MAX_SLOTS),
+        gpus=Option(int, minimum=0, maximum=MAX_GPUS),
+    )
 
     def capacity(self, options: dict) -> tuple[int, int]:
         slots = int(options.get("slots", os.cpu_count() or 1))
@@ -38,7 +53,7 @@ class LocalTarget(ComputeTarget):
         return slots, gpus
 
     def check(self, job: JobSpec) -> None:
-        self.reject_unknown_options(job.compute.options, ("slots", "gpus"), "compute.options")
+        self.check_options(job.compute.options, "compute.options")
         res = job.resources
         if res.nodes != 1:
             raise UserError(

@@ -28,7 +28,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo
+from expkit.capabilities import Metric, MetricSink, MetricWriter, Option, RunInfo, declare_options
 from expkit_mlflow.tracking import (
     METRICS_PER_CALL,
     NAME,
@@ -53,6 +53,7 @@ STATUS = {"completed": "FINISHED", "failed": "FAILED", "canceled": "KILLED"}
 class MlflowSink(MetricSink):
     name = NAME
     description = "each run as an MLflow run: params, tags, metrics, logs and outputs, status"
+    takes = declare_options(tracking_uri=Option(str), artifact_location=Option(str))
 
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
         tracking = resolve(run, options)

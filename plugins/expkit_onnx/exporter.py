@@ -12,31 +12,29 @@ of `expkit.exportkit.check_inputs`, compared with the eager model.
 
 from __future__ import annotations
 
-from typing import Any
-
 from expkit import exportkit
-from expkit.capabilities import Exporter, ExportRequest, ExportResult
+from expkit.capabilities import Exporter, ExportRequest, ExportResult, Option, declare_options
 from expkit.errors import UserError
 
-OPTIONS = ("opset",)
 # torch's ONNX functions (torchlib) are written for opset 18, so 18 needs no version
 # conversion (a lower one may silently stay 18: the worker checks), and every ONNX Runtime
 # since 1.14 runs it, as do most other runtimes. Ask for a newer one for newer operators.
 DEFAULT_OPSET = 18
 MIN_OPSET = 7
+MAX_OPSET = 99  # far above any opset yet (23 in 2025): a bound for typos, not a support claim
 
 
 class OnnxExporter(Exporter):
     name = "onnx"
     description = "model.onnx via torch.onnx.export (dynamo), checked in onnxruntime"
-
-    def check_options(self, options: dict[str, Any], field: str) -> None:
-        self.reject_unknown_options(options, OPTIONS, field)
-        opset = options.get("opset", DEFAULT_OPSET)
-        if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-            raise UserError(
-                f"{field}.opset: must be an ONNX opset number, e.g. {DEFAULT_OPSET}, not {opset!r}"
-            )
+    takes = declare_options(
+        opset=Option(
+            int,
+            minimum=MIN_OPSET,
+            maximum=MAX_OPSET,
+            text=f"an ONNX opset number from {MIN_OPSET} to {MAX_OPSET}, e.g. {DEFAULT_OPSET}",
+        )
+    )
 
     def export(self, request: ExportRequest) -> ExportResult:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo
+from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, declare_options
 
 FOLDER = "tensorboard"  # inside the run folder
 
@@ -23,6 +23,7 @@ def is_number(value: Any) -> bool:
 class TensorBoardSink(MetricSink):
     name = "tensorboard"
     description = "TensorBoard event files in the run folder (tensorboard --logdir RUN/tensorboard)"
+    takes = declare_options()
 
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
         return TensorBoardWriter(run)

@@ -22,14 +22,15 @@ import re
 from expkit.capabilities import (
     Allocation,
     DistributedBackend,
+    Option,
     Process,
     RankPieces,
     RunContext,
+    declare_options,
 )
 from expkit.errors import UserError
 from expkit.job import JobSpec
 
-OPTIONS = ("rdzv_endpoint", "node_rank")
 # torchrun prefixes each tee'd chunk with this (`${rank}` is the global rank). It must be
 # something no script prints: torch's own C++ warnings already start with "[rank0]:".
 PREFIX_TEMPLATE = "[expkit-rank-${rank}]:"
@@ -48,10 +49,14 @@ SHUTDOWN_TIMEOUT = 5
 class Torchrun(DistributedBackend):
     name = "torchrun"
     description = "python -m torch.distributed.run: gloo on CPU, nccl on GPU"
+    takes = declare_options(
+        rdzv_endpoint=Option(str, pattern=r"[^\s:]+:\d{1,5}", text="host:port, e.g. node0:29400"),
+        node_rank=Option(int, minimum=0, text="a whole number from 0 to resources.nodes - 1"),
+    )
 
     def check(self, job: JobSpec) -> None:
         options, res = job.distributed.options, job.resources
-        self.reject_unknown_options(options, OPTIONS, "distributed.options")
+        self.check_options(options, "distributed.options")
         node_rank = options.get("node_rank", 0)
         if not isinstance(node_rank, int) or not 0 <= node_rank < res.nodes:
             raise UserError(

@@ -13,25 +13,17 @@ the format stays useful for C++ (libtorch) deployment.
 
 from __future__ import annotations
 
-from typing import Any
-
 from expkit import exportkit
-from expkit.capabilities import Exporter, ExportRequest, ExportResult
+from expkit.capabilities import Exporter, ExportRequest, ExportResult, Option, declare_options
 from expkit.errors import UserError
 
-OPTIONS = ("method",)
 METHODS = ("trace", "script")
 
 
 class TorchScriptExporter(Exporter):
     name = "torchscript"
     description = "model.torchscript.pt via torch.jit.trace or script, checked against eager"
-
-    def check_options(self, options: dict[str, Any], field: str) -> None:
-        self.reject_unknown_options(options, OPTIONS, field)
-        method = options.get("method", METHODS[0])
-        if method not in METHODS:
-            raise UserError(f"{field}.method: must be trace or script, not {method!r}")
+    takes = declare_options(method=Option(str, choices=METHODS))
 
     def export(self, request: ExportRequest) -> ExportResult:
         try:

@@ -18,7 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from expkit.capabilities import Environment, EnvironmentBuilder, RunContext
+from expkit.capabilities import (
+    Environment,
+    EnvironmentBuilder,
+    Option,
+    RunContext,
+    declare_options,
+)
 from expkit.errors import UserError
 from expkit.job import EnvironmentSpec
 from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, die_with_parent
@@ -34,6 +40,7 @@ def _key(payload: dict) -> str:
 class InheritBuilder(EnvironmentBuilder):
     name = "inherit"
     description = "the interpreter expkit runs in, as it is"
+    takes = declare_options()
 
     def build(self, spec: EnvironmentSpec, ctx: RunContext) -> Environment:
         if spec.packages:
@@ -50,6 +57,11 @@ class InheritBuilder(EnvironmentBuilder):
 class PipBuilder(EnvironmentBuilder):
     name = "pip"
     description = "a virtual environment over this interpreter's packages, plus pip packages"
+    takes = declare_options(
+        index_url=Option(
+            str, pattern=r"\S+", text="a package index URL, e.g. https://pypi.org/simple"
+        )
+    )
 
     def build(self, spec: EnvironmentSpec, ctx: RunContext) -> Environment:
         inputs = {
