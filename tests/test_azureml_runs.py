@@ -619,11 +619,13 @@ def test_registering_a_local_run_in_azure_ml_needs_the_workspaces_config(
     register_plugin, run_job, tmp_path, monkeypatch
 ):
     """A run that did not run on Azure ML uploads its model; without a config.json that is
-    one line, and the register stage fails (the model stays registered here)."""
+    one line, and the register stage fails; the run failed, so the version made here is not
+    kept either (a model version exists only for a completed run)."""
     monkeypatch.chdir(tmp_path)
     job = {"model": {"name": "m", "path": "outputs/", "registries": ["azureml"]}}
     script = "import os\nos.makedirs('outputs')\nopen('outputs/w.txt', 'w').write('w')\n"
     result = run_job(job, script=script)
     assert result.state == "failed"
     assert result.record.error.startswith("register: no Azure ML config.json in ")
-    assert result.workspace.history.model("m")["version"] == 1
+    assert result.record.error.endswith("; m:1 is not kept, as the run failed")
+    assert result.workspace.history.model("m") is None

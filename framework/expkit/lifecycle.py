@@ -607,7 +607,13 @@ class Lifecycle:
         self.stage_note = f"model {model.name} version {model.version}"
         self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
         for registry in self.choice.registries:
-            ref = _plugin_call(registry, "register", registry.register, model, self.info, {})
+            try:
+                ref = _plugin_call(registry, "register", registry.register, model, self.info, {})
+            except (StageFailed, UserError, PluginError) as failure:
+                # The run fails, so the version made above is not kept (see history.VISIBLE).
+                raise StageFailed(
+                    f"{failure}; {model.name}:{model.version} is not kept, as the run failed"
+                ) from failure
             self.say(f"{registry.kind} {registry.name!r}: {ref}")
 
     # -- what plugins and stages call back ----------------------------------------------------
