@@ -626,3 +626,64 @@ def test_a_full_disk_fails_the_run_naming_the_disk_and_reading_still_works(
     assert refused.returncode == 1
     assert refused.stderr.startswith("expkit: error: No space left on device on "), refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+# -- more signals after the first -----------------------------------------------------------
+@pytest.mark.parametrize("gap", [0.0, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT"])  # fmt: skip
+def test_signals_after_the_first_are_noted_not_fatal(
+    expkit_workspace, background, write_job, tmp_path, gap, second
+):
+    """An operator who presses Ctrl-C twice, or a service manager that sends SIGTERM again,
+    still gets exit 130 and a run recorded canceled for the first signal's reason."""
+    pid_file = tmp_path / "pid"
+    live = background("run", str(write_job({"args": [str(pid_file)]}, script=FOREVER)))
+    live.wait_for("tick")
+    script = read_pid(pid_file)
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(gap)
+    if live.proc.poll() is None:
+        live.proc.send_signal(second)
+    assert live.wait(timeout=30) == 130, live.output
+    # Two signals pending at once are handled in signal-number order: no "first" to name.
+    reason = "terminated by SIGTERM" if gap else ""
+    assert_ended(expkit_workspace, live.run_id, "canceled", reason)
+    assert not alive(script)
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.1, 0.3])
+def test_ctrl_c_then_sigterm_is_recorded_as_ctrl_c(
+    expkit_workspace, background, write_job, tmp_path, gap
+):
+    pid_file = tmp_path / "pid"
+    live = background("run", str(write_job({"args": [str(pid_file)]}, script=FOREVER)))
+    live.wait_for("tick")
+    read_pid(pid_file)
+    live.proc.send_signal(signal.SIGINT)
+    time.sleep(gap)
+    if live.proc.poll() is None:
+        live.proc.send_signal(signal.SIGTERM)
+    assert live.wait(timeout=30) == 130, live.output
+    reason = "canceled by the user" if gap else ""  # pending together: number order
+    assert_ended(expkit_workspace, live.run_id, "canceled", reason)
+
+
+def test_a_second_signal_while_preparing_data_is_not_fatal(
+    expkit_workspace, background, write_job, tmp_path
+):
+    pid_file = tmp_path / "prepare-pid"
+    job = write_job(
+        {"data": {"set": {"prepare": f"python prep.py {{dest}} {pid_file}"}}},
+        script="print('never')\n",
+        files={"prep.py": SLOW_PREPARE},
+    )
+    live = background("run", str(job))
+    prepare = read_pid(pid_file)
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    if live.proc.poll() is None:
+        live.proc.send_signal(signal.SIGTERM)
+    assert live.wait(timeout=30) == 130, live.output
+    assert_ended(expkit_workspace, live.run_id, "canceled", "terminated by SIGTERM", kept=False)
+    eventually(lambda: not alive(prepare), timeout=10, what="the prepare command stopping")
