@@ -76,7 +76,8 @@ GATE_PLUGIN = """
     from pathlib import Path
 
     import expkit
-    from expkit.capabilities import MetricSink, MetricWriter, ModelRegistry
+    from expkit import exportkit
+    from expkit.capabilities import Exporter, MetricSink, MetricWriter, ModelRegistry
 
 
     def gate(which):
@@ -115,6 +116,46 @@ GATE_PLUGIN = """
     @expkit.hookimpl
     def expkit_model_registries():
         return [Registry()]
+
+
+    class SlowExporter(Exporter):
+        # Its worker (gate_worker) holds until the gate opens, then writes model.slow.
+
+        name = "slow"
+
+        def export(self, request):
+            return exportkit.run_worker(request, "gate_worker")
+
+
+    @expkit.hookimpl
+    def expkit_exporters():
+        return [SlowExporter()]
+"""
+
+# The slow exporter's worker: its pid to `$EXPKIT_TEST_GATE.worker`, then the gate, then a file.
+GATE_WORKER = """
+    import os
+    import time
+    from pathlib import Path
+
+    from expkit import exportkit
+    from expkit.capabilities import ExportResult
+
+
+    def export(request):
+        base = os.environ["EXPKIT_TEST_GATE"]
+        Path(f"{base}.worker.tmp").write_text(str(os.getpid()))
+        os.replace(f"{base}.worker.tmp", f"{base}.worker")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(base + ".go") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        path = Path(request.out_dir) / "model.slow"
+        path.write_text("exported")
+        return ExportResult([path], {}, True, "")
+
+
+    if __name__ == "__main__":
+        exportkit.worker_main(export)
 """
 
 # Holds its slot until `<arg>.end` exists.
@@ -162,6 +203,7 @@ def install_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gate-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[expkit]\ngate = gate_plugin\n")
     (site / "gate_plugin.py").write_text(textwrap.dedent(GATE_PLUGIN))
+    (site / "gate_worker.py").write_text(textwrap.dedent(GATE_WORKER))
     paths = [str(site), os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
     gate = tmp_path / "gate"
@@ -687,3 +729,66 @@ def test_a_second_signal_while_preparing_data_is_not_fatal(
     assert live.wait(timeout=30) == 130, live.output
     assert_ended(expkit_workspace, live.run_id, "canceled", "terminated by SIGTERM", kept=False)
     eventually(lambda: not alive(prepare), timeout=10, what="the prepare command stopping")
+
+
+# -- export workers die with their driver -----------------------------------------------------
+SLOW_EXPORT = {
+    "model": {"name": "net", "load": {"file": "kept.txt"}, "input": {"shape": [1, 4]}},
+    "exports": ["slow"],
+}
+
+
+def test_kill_9_in_an_export_stops_the_worker_and_nothing_is_written_later(
+    expkit_workspace, expkit_cli, background, write_job, tmp_path, monkeypatch
+):
+    gate = install_gate(tmp_path, monkeypatch)
+    live = background("run", str(write_job(SLOW_EXPORT, script=QUICK)))
+    run_id = live.run_id
+    worker = read_pid(Path(f"{gate}.worker"))
+    os.kill(live.proc.pid, signal.SIGKILL)
+    live.wait()
+    eventually(lambda: not alive(worker), timeout=10, what="the export worker dying with it")
+    Path(f"{gate}.go").touch()  # what would make a surviving worker write its file
+
+    assert expkit_cli("runs", "list").returncode == 0  # the next open
+    assert state(expkit_workspace, run_id) == "failed"
+    exports = expkit_workspace.run_dir(run_id) / "exports"
+    left = sorted(p.relative_to(exports).as_posix() for p in exports.rglob("*"))
+    assert left in ([], ["slow"], ["slow", "slow/export.log"]), left
+
+
+def test_sigterm_to_expkit_export_stops_the_worker_and_keeps_nothing(
+    expkit_workspace, expkit_cli, background, write_job, tmp_path, monkeypatch
+):
+    gate = install_gate(tmp_path, monkeypatch)
+    job = write_job({"model": SLOW_EXPORT["model"]}, script=QUICK)
+    assert expkit_cli("run", str(job)).returncode == 0
+    live = background("export", "net:1", "--format", "slow")
+    worker = read_pid(Path(f"{gate}.worker"))
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    if live.proc.poll() is None:
+        live.proc.send_signal(signal.SIGTERM)  # a second one is not fatal either
+    assert live.wait(timeout=30) == 130, live.output
+    eventually(lambda: not alive(worker), timeout=10, what="the export worker stopping")
+    Path(f"{gate}.go").touch()
+    time.sleep(0.5)
+    assert not (expkit_workspace.path / "exports" / "net-1-slow").exists()
+    assert expkit_workspace.history.exports(expkit_workspace.history.runs()[0].id) == []
+    assert "slow" not in expkit_cli("models", "show", "net:1").stdout
+
+
+def test_an_export_stopped_by_sigterm_is_recorded_as_stopped_not_failed(
+    expkit_workspace, background, write_job, tmp_path, monkeypatch
+):
+    gate = install_gate(tmp_path, monkeypatch)
+    live = background("run", str(write_job(SLOW_EXPORT, script=QUICK)))
+    worker = read_pid(Path(f"{gate}.worker"))
+    live.proc.send_signal(signal.SIGTERM)
+    assert live.wait(timeout=30) == 130, live.output
+    assert not alive(worker)
+    assert_ended(expkit_workspace, live.run_id, "canceled", "terminated by SIGTERM")
+    (export,) = expkit_workspace.history.exports(live.run_id)
+    assert not export.ok and export.message == "stopped: terminated by SIGTERM", export
+    assert "FAILED" not in live.output and "export slow failed" not in live.output
+    assert "exports: slow stopped" in live.output

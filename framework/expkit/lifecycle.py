@@ -540,11 +540,15 @@ class Lifecycle:
             self.say(f"export {spec.format} ({exporter.plugin})")
             record = exports.into_run(
                 self.history, self.blobs, self.run_id, self.run_dir, self.job.model, spec,
-                exporter, python, env, self.say,
+                exporter, python, env, self.say, self._stopped_by,
             )  # fmt: skip
             if record.ok:
                 self.say(f"export {exports.describe(record)}")
                 notes.append(f"{spec.format} ok")
+                continue
+            if self.terminated_by:  # stopped by the signal, not a failure of the exporter
+                self.say(f"export {spec.format} {record.message}")
+                notes.append(f"{spec.format} stopped")
                 continue
             notes.append(f"{spec.format} FAILED")
             outcome = "the run fails" if spec.required else "not registered"
@@ -665,6 +669,10 @@ class Lifecycle:
         if self.terminated_by in (None, "SIGINT"):
             return "canceled by the user"
         return f"terminated by {self.terminated_by}"
+
+    def _stopped_by(self) -> str | None:
+        """Why the run is being stopped (a signal came), or None."""
+        return self.stop_reason() if self.terminated_by else None
 
     def _canceled_because(self, stop: BaseException) -> str:
         """The reason a cancel is recorded with: the first signal's, else the exception's."""

@@ -50,12 +50,16 @@ def recover(workspace: Workspace, history: History) -> list[str]:
 
 
 def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
-    """Keep what a dead driver's script wrote, remove the run's working copy; returns the note
-    added to the record's error (None when there was nothing to say).
+    """Keep what a dead driver's script wrote, remove the run's working copy (and what an
+    export worker it ran left); returns the note added to the record's error (None when
+    there was nothing to say).
 
     The outputs (a real folder, never a link, which stays where it is) are moved to the run's
     outputs/ unsealed: not hashed or made read-only, listed in a warning and in the error."""
     run_dir = workspace.run_dir(run_id)
+    for folder in run_dir.glob("exports/*/.expkit-worker-*"):  # an export worker's request
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
     work = run_dir / "work"
     if not work.is_dir() or work.is_symlink():
         return None
