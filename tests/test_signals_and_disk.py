@@ -454,7 +454,7 @@ def test_kill_9_while_preparing_data_stops_the_prepare_command_and_cleans_the_ca
     prepare = read_pid(pid_file)
     run_id = live.run_id
     eventually(lambda: any(expkit_workspace.data_dir.glob(".*.tmp")), what="the temporary folder")
-    assert run_processes(run_id, expkit_workspace.path) == [prepare]  # it carries the marker
+    assert prepare in run_processes(run_id, expkit_workspace.path)  # it carries the marker
     os.kill(live.proc.pid, signal.SIGKILL)
     live.wait()
     eventually(lambda: not alive(prepare), timeout=10, what="the prepare command dying with it")
@@ -792,3 +792,48 @@ def test_an_export_stopped_by_sigterm_is_recorded_as_stopped_not_failed(
     assert not export.ok and export.message == "stopped: terminated by SIGTERM", export
     assert "FAILED" not in live.output and "export slow failed" not in live.output
     assert "exports: slow stopped" in live.output
+
+
+# A data-prepare command that starts a worker (as multiprocessing or a shell pipeline does):
+# the worker's pid goes next to `{dest}` (argument 2), then both sleep.
+PREPARE_WITH_WORKER = """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with open(sys.argv[2] + ".tmp", "w") as f:
+        f.write(str(worker.pid))
+    os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+    os.makedirs(sys.argv[1], exist_ok=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("how", ["python", "sh"])
+def test_kill_9_while_preparing_data_stops_what_the_prepare_command_started(
+    expkit_workspace, background, write_job, tmp_path, how
+):
+    """Without the next expkit command: the processes die with the driver."""
+    pid_file = tmp_path / "worker-pid"
+    command = f"python prep.py {{dest}} {pid_file}"
+    if how == "sh":
+        command = f"sh -c '{sys.executable} prep.py \"$0\" {pid_file}; true' {{dest}}"
+    job = write_job(
+        {"data": {"set": {"prepare": command}}},
+        script="print('never')\n",
+        files={"prep.py": PREPARE_WITH_WORKER},
+    )
+    live = background("run", str(job))
+    worker = read_pid(pid_file)
+    run_id = live.run_id
+    assert worker in run_processes(run_id, expkit_workspace.path)
+    os.kill(live.proc.pid, signal.SIGKILL)
+    live.wait()
+    eventually(lambda: not alive(worker), timeout=10, what="the prepare's worker dying too")
+    eventually(
+        lambda: run_processes(run_id, expkit_workspace.path) == [],
+        timeout=10,
+        what="every process of the prepare gone",
+    )
