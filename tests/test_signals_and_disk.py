@@ -339,6 +339,10 @@ def test_a_signal_in_register_cancels_and_leaves_no_model_version(
     assert stages(expkit_workspace, live.run_id)["register"] == "canceled"
     assert "no models yet" in expkit_cli("models", "list").stdout
     assert expkit_cli("models", "show", "net").returncode == 2
+    # Nothing claims the version exists: no "registered" line, and no folder left for it.
+    assert "registered net:1" not in live.output, live.output
+    assert "net:1 not kept: the run canceled" in live.output, live.output
+    assert not (expkit_workspace.models_dir / "net" / "1").exists()
 
 
 def test_sigterm_to_a_submitted_run_s_background_driver_cancels_it(

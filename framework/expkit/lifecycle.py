@@ -315,6 +315,8 @@ class Lifecycle:
                     salvage(self.ws, self.history, self.run_id)
             break
 
+        if state != "completed":
+            self.withdraw_versions(state)
         for worker in self.sinks:
             worker.close(state)
         try:
@@ -621,7 +623,6 @@ class Lifecycle:
             {**self.job.tags, **spec.tags},
         )
         self.stage_note = f"model {model.name} version {model.version}"
-        self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
         for registry in self.choice.registries:
             try:
                 ref = _plugin_call(registry, "register", registry.register, model, self.info, {})
@@ -631,6 +632,25 @@ class Lifecycle:
                     f"{failure}; {model.name}:{model.version} is not kept, as the run failed"
                 ) from failure
             self.say(f"{registry.kind} {registry.name!r}: {ref}")
+        # Said once every registry has it: a signal before this withdraws the version.
+        self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
+
+    def withdraw_versions(self, state: str) -> None:
+        """A run that does not complete keeps no model version (history.VISIBLE hides the
+        rows): remove the folders its register stage laid out, and say so. Only this run's
+        versions' folders, never a link."""
+        try:
+            rows = self.history.db.execute(
+                "SELECT name, version FROM models WHERE run_id = ?", (self.run_id,)
+            ).fetchall()
+        except sqlite3.Error:
+            return
+        for name, version in rows:
+            base = self.ws.models_dir / name
+            for folder in (base / str(version), base / f".{version}.tmp"):
+                if folder.is_dir() and not folder.is_symlink():
+                    shutil.rmtree(folder, ignore_errors=True)
+            self.say(f"{name}:{version} not kept: the run {state}")
 
     # -- what plugins and stages call back ----------------------------------------------------
     def say(self, text: str) -> None:
