@@ -841,3 +841,44 @@ def test_kill_9_while_preparing_data_stops_what_the_prepare_command_started(
         timeout=10,
         what="every process of the prepare gone",
     )
+
+
+FILLS_THE_DISK_IN_OUTPUTS = """
+    import os
+
+    os.makedirs("outputs", exist_ok=True)
+    with open("outputs/kept.txt", "w") as f:
+        f.write("epoch 1 done\\n")
+    with open("outputs/big.bin", "wb") as f:
+        try:
+            while True:
+                f.write(b"\\0" * 65536)
+                f.flush()
+        except OSError as error:
+            print("disk full:", error, flush=True)
+"""
+
+
+def test_an_output_that_fills_the_disk_still_gets_the_run_recorded(
+    small_disk, write_job, monkeypatch
+):
+    """The outputs are kept, so the room freed by removing the working copy is not enough:
+    the run's record must still be finished, failed, naming the disk and the kept file."""
+    workspace = Workspace.init(small_disk)
+    monkeypatch.setenv("EXPKIT_WORKSPACE", str(workspace.path))
+    job = write_job({}, script=FILLS_THE_DISK_IN_OUTPUTS)
+    command = [sys.executable, "-m", "expkit"]
+    result = subprocess.run([*command, "run", str(job)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    history = Workspace(workspace.path).history
+    (record,) = history.runs()
+    assert record.state == "failed", record  # now, not after someone frees space
+    assert "No space left on device" in (record.error or ""), record.error
+    kept = "kept.txt" in history.outputs(record.id) or str(
+        workspace.run_dir(record.id) / "outputs"
+    ) in (record.error or "")
+    assert kept, record.error
+    assert (workspace.run_dir(record.id) / "outputs" / "kept.txt").read_text() == "epoch 1 done\n"
+    assert not (workspace.run_dir(record.id) / "work").exists()
+    history.close()

@@ -49,11 +49,15 @@ from expkit.procs import (
     stop_descendants,
     stop_run_processes,
 )
-from expkit.recovery import salvage
+from expkit.recovery import RESERVE_NAME, salvage
 from expkit.registry import ModelStore, select_model_files
 from expkit.workspace import Workspace
 
 CANCEL_POLL_SECONDS = 0.5
+# Room set aside on the workspace's disk while a run goes (a file in the run's folder, see
+# `Lifecycle.reserve_room`): when the disk fills, it is freed so that the run's record can
+# be finished, however full the script left the disk (its outputs are kept).
+RESERVE_BYTES = 1 << 20
 LOG_TAIL_LINES = 5
 # Signals that end a run as canceled: Ctrl-C (SIGINT), a `kill` or a service manager stopping
 # the driver (SIGTERM), a closed terminal or SSH session (SIGHUP). The first one names the
@@ -223,6 +227,7 @@ class Lifecycle:
         previous = installed if previous is None else previous
         try:
             self.history.claim(self.run_id)
+            self.reserve_room()
             if self.own_process:
                 become_subreaper()
             state, error = "completed", None
@@ -266,6 +271,7 @@ class Lifecycle:
                 self.make_room(error)
             state, error = self.finish(state, error, script_started)
         finally:
+            self.release_room()
             if self.own_process:
                 stop_descendants(grace=2)  # what an export or a late daemon left
                 # This process drives this run only: what is left is printing the summary
@@ -355,10 +361,32 @@ class Lifecycle:
             self.history.stage_skipped(self.run_id, "register", reason)
         return state, error
 
+    def reserve_room(self) -> None:
+        """Set aside RESERVE_BYTES in the run's folder (nothing when the disk is already too
+        full: the run then fails on its own, by name). Freed by `make_room`."""
+        path = self.run_dir / RESERVE_NAME
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):  # no room, or no fallocate: no reserve
+            with suppress(OSError):
+                path.unlink()
+
+    def release_room(self) -> None:
+        """Free the room `reserve_room` set aside."""
+        with suppress(OSError):
+            (self.run_dir / RESERVE_NAME).unlink()
+
     def make_room(self, error: str | None) -> None:
         """After "no space left": free what the run no longer needs, so that its outputs can
-        be sealed and its record written. The working copy goes (outputs/ and logs/ stay
-        for post-process), then stages the full disk left open are closed as failed."""
+        be sealed and its record written. The room set aside goes, and the working copy
+        (outputs/ and logs/ stay for post-process), then stages the full disk left open are
+        closed as failed."""
+        self.release_room()
         if self.work_dir.is_dir():
             for path in self.work_dir.iterdir():
                 if path.name in ("outputs", "logs") and not path.is_symlink():
