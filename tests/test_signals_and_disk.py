@@ -488,13 +488,14 @@ def test_kill_9_while_pip_installs_stops_pip_and_removes_the_unfinished_environm
         eventually(
             lambda: run_processes(run_id, expkit_workspace.path), what="pip carrying the marker"
         )
-        pip = run_processes(run_id, expkit_workspace.path)
         server.accept()  # pip is waiting for an answer
+        pip = run_processes(run_id, expkit_workspace.path)
         os.kill(live.proc.pid, signal.SIGKILL)
         live.wait()
-        assert expkit_cli("runs", "list").returncode == 0  # the next open
+        # pip and the pip it started in the new environment die with the driver
         eventually(lambda: not any(map(alive, pip)), timeout=10, what="pip stopping")
         assert run_processes(run_id, expkit_workspace.path) == []
+        assert expkit_cli("runs", "list").returncode == 0  # the next open
         assert state(expkit_workspace, run_id) == "failed"
         envs = [p for p in expkit_workspace.envs_dir.iterdir() if p.is_dir()]
         assert envs == [], envs
