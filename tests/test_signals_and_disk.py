@@ -883,3 +883,38 @@ def test_an_output_that_fills_the_disk_still_gets_the_run_recorded(
     assert (workspace.run_dir(record.id) / "outputs" / "kept.txt").read_text() == "epoch 1 done\n"
     assert not (workspace.run_dir(record.id) / "work").exists()
     history.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_kill_9_during_a_real_torchscript_export_writes_nothing_afterwards(
+    expkit_workspace, expkit_cli, background, write_job
+):
+    """The real exporter's worker (torch) dies with the driver: no model.torchscript.pt
+    appears in the failed run's exports seconds later, and no request file is left."""
+    pytest.importorskip("torch")
+    from test_export_e2e import NET, TRAIN, spec
+
+    live = background(
+        "run", str(write_job(spec(["torchscript"]), script=TRAIN, files={"net.py": NET}))
+    )
+    run_id = live.run_id
+
+    def worker() -> list[int]:
+        found = []
+        for pid in run_processes(run_id, expkit_workspace.path):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"expkit_torchscript.worker" in f.read():
+                    found.append(pid)
+        return found
+
+    eventually(worker, timeout=120, what="the torchscript worker starting")
+    (pid,) = worker()
+    os.kill(live.proc.pid, signal.SIGKILL)
+    live.wait()
+    eventually(lambda: not alive(pid), timeout=10, what="the worker dying with the driver")
+    time.sleep(3)  # what a surviving worker would have needed to write its file
+    exports = expkit_workspace.run_dir(run_id) / "exports"
+    assert not list(exports.rglob("*.pt")), list(exports.rglob("*"))
+    assert expkit_cli("runs", "list").returncode == 0  # the next open
+    assert state(expkit_workspace, run_id) == "failed"
+    assert not list(exports.rglob(".expkit-worker-*")), list(exports.rglob("*"))
