@@ -110,12 +110,24 @@ GATE_PLUGIN = """
 
     @expkit.hookimpl
     def expkit_metric_sinks():
-        return [Sink()]
+        return [Sink(), CheckSink()]
 
 
     @expkit.hookimpl
     def expkit_model_registries():
         return [Registry()]
+
+
+    class CheckSink(MetricSink):
+        # Its option check (before the run is recorded) holds at the gate.
+
+        name = "gate-check"
+
+        def check_options(self, options, field):
+            gate("check")
+
+        def open(self, run, options):
+            return Writer()
 
 
     class SlowExporter(Exporter):
@@ -918,3 +930,18 @@ def test_kill_9_during_a_real_torchscript_export_writes_nothing_afterwards(
     assert expkit_cli("runs", "list").returncode == 0  # the next open
     assert state(expkit_workspace, run_id) == "failed"
     assert not list(exports.rglob(".expkit-worker-*")), list(exports.rglob("*"))
+
+
+def test_a_signal_before_the_run_is_recorded_cancels_it_without_killing_the_driver(
+    expkit_workspace, background, write_job, tmp_path, monkeypatch
+):
+    """`expkit run` checks the plugins before it records the run (seconds, for some)."""
+    gate = install_gate(tmp_path, monkeypatch)
+    live = background("run", str(write_job({"metrics": ["gate-check"]}, script=QUICK)))
+    eventually(lambda: Path(f"{gate}.check").exists(), what="the plugins being checked")
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    Path(f"{gate}.go").touch()
+    assert live.wait(timeout=30) == 130, live.output
+    (record,) = expkit_workspace.history.runs()
+    assert_ended(expkit_workspace, record.id, "canceled", "terminated by SIGTERM", kept=False)

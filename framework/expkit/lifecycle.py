@@ -134,22 +134,31 @@ def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     return workspace.history.create_run(job.experiment, job.to_dict())
 
 
+def note_signals(early: list[str]) -> Any:
+    """From now on a terminating signal is only noted (its name appended to `early`), for
+    `execute(..., early=early)` to end the run canceled with it: `expkit run` calls this
+    before it records the run, so that a signal while the plugins are checked is not fatal.
+    Returns the handlers that were there."""
+    return _on_signals(lambda signum, frame: early.append(signal.Signals(signum).name))
+
+
 def execute(
     workspace: Workspace,
     run_id: str,
     console: Console,
     plugins: Plugins | None = None,
     own_process: bool = False,
+    early: list[str] | None = None,
 ) -> RunRecord:
     """Drive a queued run through every stage in this process; returns the final record.
 
     `own_process`: this process drives this one run and nothing else (`expkit run`, the
     background driver). It then becomes the subreaper of what the script starts, and every
     process still below it when the run stage ends is stopped, daemons that cleared their
-    environment included.
+    environment included. `early`: the signals `note_signals` noted before this call.
     """
-    early: list[str] = []  # a signal while the plugins load (seconds, for some) is kept
-    previous = _on_signals(lambda signum, frame: early.append(signal.Signals(signum).name))
+    early = [] if early is None else early  # a signal while the plugins load is kept
+    previous = note_signals(early)
     try:
         record = workspace.history.run(run_id)
         job = JobSpec.from_dict(record.job, source=f"run {run_id}")
