@@ -552,3 +552,56 @@ def test_outputs_linked_to_a_folder_inside_the_working_copy_is_sealed(
     assert list(history.outputs("test_1")) == ["model.pt"]
     assert history.output_links("test_1") == {"code.py": "../train.py"}
     assert (Model(expkit_workspace, "m", 1).path / "model.pt").read_bytes() == b"weights"
+
+
+# -- the run's own folders, replaced by the script -----------------------------------------------
+def test_a_script_that_turns_its_working_folder_into_a_link_moves_nothing(
+    expkit_cli, write_job, expkit_workspace, tmp_path
+):
+    victim = tmp_path / "victim"
+    (victim / "outputs").mkdir(parents=True)
+    (victim / "outputs" / "precious.txt").write_text("precious")
+    (victim / "logs").mkdir()
+    (victim / "logs" / "mine.log").write_text("the user's log")
+    before = snapshot_of(victim)
+    script = f"""
+        import os
+        here = os.getcwd()
+        os.makedirs("outputs")
+        open("outputs/mine.txt", "w").write("mine")
+        os.rename(here, here + ".moved")
+        os.symlink({str(victim)!r}, here)
+    """
+    out = run_script(expkit_cli, write_job, script)
+
+    assert snapshot_of(victim) == before
+    assert "work/ was replaced by a link" in out
+    run_dir = expkit_workspace.run_dir("test_1")
+    assert not (run_dir / "work").is_symlink()
+    assert expkit_workspace.history.outputs("test_1") == {}
+    assert not list((run_dir / "logs").rglob("mine.log"))
+
+
+def test_a_script_that_swaps_the_runs_logs_for_a_link_writes_nothing_there(
+    expkit_cli, write_job, expkit_workspace, tmp_path
+):
+    victim = tmp_path / "victim2"
+    victim.mkdir()
+    (victim / "rank-0.log").write_text("the user's rank log\n")
+    before = snapshot_of(victim)
+    script = f"""
+        import os
+        print("before swap", flush=True)
+        os.rename("../logs", "../logs.old")
+        os.symlink({str(victim)!r}, "../logs")
+        os.makedirs("logs")
+        open("logs/extra.log", "w").write("extra")
+        print("after swap", flush=True)
+    """
+    out = run_script(expkit_cli, write_job, script)
+
+    assert snapshot_of(victim) == before
+    assert "logs/ was replaced by a link" in out
+    assert not (expkit_workspace.run_dir("test_1") / "logs").is_symlink()
+    shown = expkit_cli("runs", "logs", "test_1")
+    assert "the user's rank log" not in shown.stdout

@@ -345,7 +345,7 @@ class Lifecycle:
         """After "no space left": free what the run no longer needs, so that its outputs can
         be sealed and its record written. The working copy goes (outputs/ and logs/ stay
         for post-process), then stages the full disk left open are closed as failed."""
-        if self.work_dir.is_dir():
+        if self.work_dir.is_dir() and not self.work_dir.is_symlink():
             for path in self.work_dir.iterdir():
                 if path.name in ("outputs", "logs") and not path.is_symlink():
                     continue
@@ -499,6 +499,8 @@ class Lifecycle:
             if worker.error is not None:
                 self.warn(str(worker.error))
                 self.history.add_event(self.run_id, "sink-failed", str(worker.error))
+        for warning in run_outputs.own_folders(self.run_dir):  # never through a link
+            self.warn(warning)
         outputs = self.seal_outputs()
         self.collect_script_logs()
         shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -27,6 +27,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from expkit.blobs import BlobStore, hash_file
 
@@ -56,6 +57,61 @@ class _Plan:
     loops: list[str] = field(default_factory=list)
     special: list[str] = field(default_factory=list)
     budget: int = LINK_EXPANSION_LIMIT
+
+
+RUN_FOLDERS = ("work", "outputs", "logs")
+
+
+def own_folders(run_dir: Path) -> list[str]:
+    """Make sure the run's work/, outputs/ and logs/ are its own real folders (or absent)
+    before anything is collected from or moved into them; returns warnings.
+
+    A script may replace them (they are its cwd and ../outputs, ../logs): a link is removed
+    (the link alone: its target is never followed, moved or changed), and anything else that
+    is not a folder is renamed aside in the run's folder (kept, not lost). A working folder
+    the script renamed away (e.g. work.moved) is left where it is, never followed."""
+    warnings = []
+    for name in RUN_FOLDERS:
+        path = run_dir / name
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            target = os.readlink(path)
+            os.unlink(path)
+            warnings.append(
+                f"the run's {name}/ was replaced by a link to {escaped(target)} (by the script): "
+                "the link was removed, nothing was collected or moved through it"
+            )
+            continue
+        aside = run_dir / f"{name}.not-a-folder"
+        os.replace(path, aside)
+        warnings.append(
+            f"the run's {name}/ was replaced by something that is not a folder (by the "
+            f"script): kept as {aside}, nothing was collected from it"
+        )
+    return warnings
+
+
+def escaped(name: str | bytes) -> str:
+    """`name` as one printable line: a name that is not UTF-8 or holds a control character
+    (a newline) is shown escaped, the way Python writes a string literal's inside."""
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if name.isprintable() and not _has_surrogates(name):
+        return name
+    return repr(name.encode("utf-8", "surrogateescape"))[2:-1]
+
+
+def _has_surrogates(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def seal(work_dir: Path, sealed: Path, blobs: BlobStore) -> Sealed:
@@ -211,6 +267,27 @@ def _named(names: list[str], links: dict[str, str]) -> str:
     shown = ", ".join(f"{n} -> {links[n]}" for n in names[:NAMED_IN_WARNING])
     more = len(names) - NAMED_IN_WARNING
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def open_own_log(run_dir: Path, name: str) -> BinaryIO | None:
+    """The run's log `name`, open for reading, when it is a regular file in the run's own
+    logs/ folder; None otherwise (missing, or reached only through a link: a script may have
+    replaced logs/ or a log with a link to a file of the user's, never shown as the run's)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        folder = os.open(run_dir / "logs", flags | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=folder)
+    except OSError:
+        return None
+    finally:
+        os.close(folder)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
 
 
 def collect_logs(work_dir: Path, log_dir: Path) -> list[str]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from expkit import data
 from expkit.console import human_size
 from expkit.history import History, no_room
+from expkit.outputs import own_folders
 from expkit.procs import stop_run_processes
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
     The outputs (a real folder, never a link, which stays where it is) are moved to the run's
     outputs/ unsealed: not hashed or made read-only, listed in a warning and in the error."""
     run_dir = workspace.run_dir(run_id)
+    for warning in own_folders(run_dir):  # links the script made: removed, never followed
+        history.add_event(run_id, "warning", warning)
     work = run_dir / "work"
     if not work.is_dir() or work.is_symlink():
         return None
