@@ -544,13 +544,15 @@ def cmd_runs_logs(args: argparse.Namespace) -> int:
     if args.follow:
         follow(workspace, record.id, Console(), rank=args.rank)
         return 0
-    log = run_dir / "logs" / f"rank-{args.rank}.log"
-    if not log.exists():
+    from expkit.outputs import open_own_log
+
+    log = open_own_log(run_dir, f"rank-{args.rank}.log")
+    if log is None:
         if record.finished or args.rank != 0:
             raise UserError(f"run {record.id} has no output for rank {args.rank}")
         return 0
-    with open(log, "rb") as f:
-        sys.stdout.buffer.write(f.read())
+    with log:
+        sys.stdout.buffer.write(log.read())
     return 0
 
 
