@@ -737,11 +737,12 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
 
 def cmd_models_download(args: argparse.Namespace) -> int:
-    from expkit.registry import ModelStore, parse_model_ref
+    from expkit.api import Model
+    from expkit.registry import parse_model_ref
 
     workspace = _workspace(args)
     name, version = parse_model_ref(args.ref)
-    for path in ModelStore(workspace).download(name, version, Path(args.dest), args.force):
+    for path in Model(workspace, name, version).download(Path(args.dest), args.force):
         print(path)
     return 0
 
