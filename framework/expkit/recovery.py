@@ -91,6 +91,7 @@ def remove_stale_builds(workspace: Workspace) -> list[Path]:
     """Remove cache folders whose build died: data prepares (their temporary folder names
     the builder's pid) and environments (no completion mark, and no build holds the lock)."""
     removed = data.remove_stale(workspace.data_dir)
+    removed += remove_stale_blob_copies(workspace)
     with contextlib.suppress(OSError):
         for folder in workspace.envs_dir.iterdir():
             lock = folder.with_name(folder.name + ".lock")
@@ -107,3 +108,11 @@ def remove_stale_builds(workspace: Workspace) -> list[Path]:
             finally:
                 os.close(fd)
     return removed
+
+
+def remove_stale_blob_copies(workspace: Workspace) -> list[Path]:
+    """Remove the store's temporary copies whose process died (a kill -9 half-way through
+    copying a file into the store): left, a big one keeps a full disk full."""
+    from expkit.blobs import remove_stale_tmp
+
+    return remove_stale_tmp(workspace.blobs_dir)
