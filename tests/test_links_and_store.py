@@ -777,3 +777,36 @@ def test_sigterm_during_a_download_leaves_no_temporary_file(expkit_cli, write_jo
         proc.send_signal(sig)
         proc.wait(timeout=60)
         assert not list(dest.glob(".*download*")), sig
+
+
+# -- names that are not UTF-8, ./outputs as a file ------------------------------------------------
+def test_an_output_whose_name_is_not_utf8_is_named_and_kept(
+    expkit_cli, write_job, expkit_workspace
+):
+    script = """
+        import os
+        os.makedirs("outputs")
+        open(b"outputs/bad\\xff\\xfename.txt", "wb").write(b"kept")
+        open("outputs/good.txt", "w").write("good")
+    """
+    out = run_script(expkit_cli, write_job, script)
+
+    assert list(expkit_workspace.history.outputs("test_1")) == ["good.txt"]
+    assert "bad\\xff\\xfename.txt" in out and "not UTF-8" in out
+    sealed = expkit_workspace.run_dir("test_1") / "outputs"
+    assert (os.fsencode(sealed) + b"/bad\xff\xfename.txt") in [
+        os.fsencode(p) for p in sealed.iterdir()
+    ]
+    assert not (expkit_workspace.run_dir("test_1") / "work").exists()
+
+
+def test_a_source_file_whose_name_is_not_utf8_is_named_not_an_internal_error(expkit_cli, write_job):
+    job = write_job({}, script="print('ok')\n")
+    source = job.parent / "src"
+    with open(os.fsencode(source) + b"/bad\xff.txt", "wb") as f:
+        f.write(b"x")
+
+    result = expkit_cli("run", str(job))
+    out = result.stdout + result.stderr
+    assert "internal error" not in out
+    assert "bad\\xff.txt" in out

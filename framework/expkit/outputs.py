@@ -56,6 +56,7 @@ class _Plan:
     drop: list[str] = field(default_factory=list)  # entries removed from the sealed folder
     loops: list[str] = field(default_factory=list)
     special: list[str] = field(default_factory=list)
+    unnamed: list[str] = field(default_factory=list)  # names that are not UTF-8: left as they are
     budget: int = LINK_EXPANSION_LIMIT
 
 
@@ -131,7 +132,7 @@ def seal(work_dir: Path, sealed: Path, blobs: BlobStore) -> Sealed:
     else:
         source = work_dir / "outputs"
         if source.is_symlink():
-            target = os.readlink(source)
+            target = escaped(os.readlink(source))
             real = os.path.realpath(source)
             work = os.path.realpath(work_dir)
             if _inside(real, work) and real != work and os.path.isdir(real):
@@ -151,7 +152,7 @@ def seal(work_dir: Path, sealed: Path, blobs: BlobStore) -> Sealed:
     sealed.mkdir(exist_ok=True)
     files = _apply(plan, sealed, blobs)
     links.update(plan.links)
-    warnings += _describe(plan)
+    warnings += _describe(plan, sealed)
     return Sealed(files, links, warnings)
 
 
@@ -174,8 +175,13 @@ def _plan(root: Path) -> _Plan:
             rel = prefix + entry.name
             if through_link:
                 plan.budget -= 1
+            if _has_surrogates(entry.name):  # cannot be recorded as it is: kept on disk only
+                plan.unnamed.append(rel)
+                if entry.is_symlink() and not through_link:
+                    plan.drop.append(rel)  # a link is never left to be followed later
+                continue
             if entry.is_symlink():
-                target = os.readlink(entry.path)
+                target = escaped(os.readlink(entry.path))
                 real = os.path.realpath(entry.path)
                 on_disk = [] if through_link else [rel]
                 if not _inside(real, real_root) or not os.path.exists(real):
@@ -239,9 +245,16 @@ def _apply(plan: _Plan, sealed: Path, blobs: BlobStore) -> dict[str, tuple[int, 
     return dict(sorted(files.items()))
 
 
-def _describe(plan: _Plan) -> list[str]:
+def _describe(plan: _Plan, sealed: Path | None = None) -> list[str]:
     """The warnings about what was recorded or left out, a line per kind."""
     warnings = []
+    if plan.unnamed:
+        shown = ", ".join(escaped(n) for n in plan.unnamed[:NAMED_IN_WARNING])
+        more = len(plan.unnamed) - NAMED_IN_WARNING
+        warnings.append(
+            f"outputs: {shown}{f' and {more} more' if more > 0 else ''}: names that are not "
+            f"UTF-8 cannot be recorded: left out of the manifest, kept as they are in {sealed}"
+        )
     outside = [r for r in plan.links if r not in plan.loops]
     if outside:
         warnings.append(
@@ -254,7 +267,7 @@ def _describe(plan: _Plan) -> list[str]:
             "many files reached through links): recorded as links, not followed"
         )
     if plan.special:
-        shown = ", ".join(plan.special[:NAMED_IN_WARNING])
+        shown = ", ".join(escaped(n) for n in plan.special[:NAMED_IN_WARNING])
         more = len(plan.special) - NAMED_IN_WARNING
         warnings.append(
             f"outputs: {shown}{f' and {more} more' if more > 0 else ''}: not regular files "
@@ -264,7 +277,7 @@ def _describe(plan: _Plan) -> list[str]:
 
 
 def _named(names: list[str], links: dict[str, str]) -> str:
-    shown = ", ".join(f"{n} -> {links[n]}" for n in names[:NAMED_IN_WARNING])
+    shown = ", ".join(f"{escaped(n)} -> {escaped(links[n])}" for n in names[:NAMED_IN_WARNING])
     more = len(names) - NAMED_IN_WARNING
     return shown + (f" and {more} more" if more > 0 else "")
 
