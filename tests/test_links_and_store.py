@@ -810,3 +810,12 @@ def test_a_source_file_whose_name_is_not_utf8_is_named_not_an_internal_error(exp
     out = result.stdout + result.stderr
     assert "internal error" not in out
     assert "bad\\xff.txt" in out
+
+
+def test_outputs_written_as_a_file_is_sealed_not_lost(expkit_cli, write_job, expkit_workspace):
+    out = run_script(expkit_cli, write_job, "open('outputs', 'w').write('the result')\n")
+
+    assert "./outputs was a file" in out
+    assert list(expkit_workspace.history.outputs("test_1")) == ["outputs"]
+    sealed = expkit_workspace.run_dir("test_1") / "outputs" / "outputs"
+    assert sealed.read_text() == "the result"

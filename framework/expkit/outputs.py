@@ -146,6 +146,16 @@ def seal(work_dir: Path, sealed: Path, blobs: BlobStore) -> Sealed:
                 )
         elif source.is_dir():
             folder = source
+        elif source.exists() and stat.S_ISREG(os.lstat(source).st_mode):  # a file: kept
+            sealed.mkdir(exist_ok=True)
+            os.replace(source, sealed / "outputs")
+            folder = sealed
+            warnings.append(
+                "./outputs was a file, not a folder: sealed as outputs/outputs (write outputs "
+                "into the folder ./outputs)"
+            )
+        elif source.exists():
+            warnings.append("./outputs is not a folder (a FIFO, a socket): nothing to seal")
     plan = _plan(folder) if folder is not None else _Plan()
     if folder is not None and folder != sealed:
         os.replace(folder, sealed)
