@@ -819,3 +819,25 @@ def test_outputs_written_as_a_file_is_sealed_not_lost(expkit_cli, write_job, exp
     assert list(expkit_workspace.history.outputs("test_1")) == ["outputs"]
     sealed = expkit_workspace.run_dir("test_1") / "outputs" / "outputs"
     assert sealed.read_text() == "the result"
+
+
+def test_runs_files_shows_each_name_on_one_line_and_links_unambiguously(
+    expkit_cli, write_job, tmp_path
+):
+    fifo_job = write_job({}, script="""
+        import os
+        os.makedirs("outputs")
+        open("outputs/two\\nlines.txt", "w").write("x")
+        open("outputs/a -> b", "w").write("x")
+        os.symlink("/etc/passwd", "outputs/c")
+    """)  # fmt: skip
+    os.mkfifo(fifo_job.parent / "src" / "pipe")
+    result = expkit_cli("run", str(fifo_job))
+    assert result.returncode == 0, result.stderr
+    assert "pipe is not a regular file" in result.stdout + result.stderr
+
+    lines = ok(expkit_cli("runs", "files", "test_1")).splitlines()
+    assert "outputs/two\\nlines.txt" in lines
+    assert "'outputs/a -> b'" in lines
+    links = [line for line in lines if " -> " in line and not line.startswith("'")]
+    assert links == ["outputs/c -> /etc/passwd  (a link out of the run: recorded, not stored)"]

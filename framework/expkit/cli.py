@@ -569,13 +569,20 @@ def cmd_runs_cancel(args: argparse.Namespace) -> int:
 
 def cmd_runs_files(args: argparse.Namespace) -> int:
     from expkit.api import Run
+    from expkit.outputs import escaped
+
+    def shown(name: str) -> str:
+        # One line per entry, and a file's line never reads as a link's: a name that is not
+        # printable is escaped, one holding " -> " is quoted (as Python writes a string).
+        text = escaped(name)
+        return repr(name) if text == name and " -> " in name else text
 
     workspace = _workspace(args)
     run = Run(workspace, _run_record(workspace, args.run_id).id)
     for name in run.get_file_names():
-        print(name)
+        print(shown(name))
     for name, target in run.get_links().items():
-        print(f"{name} -> {target}  (a link out of the run: recorded, not stored)")
+        print(f"{shown(name)} -> {escaped(target)}  (a link out of the run: recorded, not stored)")
     return 0
 
 
