@@ -841,3 +841,22 @@ def test_runs_files_shows_each_name_on_one_line_and_links_unambiguously(
     assert "'outputs/a -> b'" in lines
     links = [line for line in lines if " -> " in line and not line.startswith("'")]
     assert links == ["outputs/c -> /etc/passwd  (a link out of the run: recorded, not stored)"]
+
+
+def test_a_failed_runs_reason_never_quotes_a_file_reached_through_a_link(
+    expkit_cli, write_job, expkit_workspace, tmp_path
+):
+    victim = tmp_path / "victim3"
+    victim.mkdir()
+    (victim / "rank-0.log").write_text("the user's secret line\n")
+    script = f"""
+        import os, sys
+        os.rename("../logs", "../logs.old")
+        os.symlink({str(victim)!r}, "../logs")
+        sys.exit(3)
+    """
+    result = expkit_cli("run", str(write_job({}, script=script)))
+    assert result.returncode != 0
+    record = expkit_workspace.history.run("test_1")
+    assert record.state == "failed" and "secret" not in (record.error or "")
+    assert "secret" not in result.stdout + result.stderr
