@@ -674,6 +674,9 @@ def test_a_dangling_link_as_model_folder_is_one_line(trained, expkit_cli, tmp_pa
     with pytest.raises(UserError, match="does not exist"):
         Model(trained, "net", 1).download(dest)
     assert dest.is_symlink() and not (tmp_path / "nowhere").exists()
+    too_long = tmp_path / ("x" * 300)
+    refused = expkit_cli("runs", "download", "test_1", "outputs/model.pt", str(too_long))
+    assert refused.returncode == 2 and "File name too long" in error_line(refused)
 
 
 @pytest.fixture

@@ -60,7 +60,11 @@ def destination(dest: str | Path | None, name: str) -> Path:
         return Path(base)
     text = os.fspath(dest)
     folder = Path(text)
-    if text.endswith(("/", os.sep)) or folder.is_dir():
+    try:
+        is_folder = text.endswith(("/", os.sep)) or folder.is_dir()
+    except OSError as error:  # a name too long, a folder that cannot be searched
+        raise destination_error(error, folder) from None
+    if is_folder:
         _make_folder(folder)
         return folder / base
     return folder
@@ -89,8 +93,8 @@ def fetch(
     warn = warn or _stderr
     for item in wanted:
         if root is not None:
-            _check_below(root, item.target)
-        _check_target(item.target, overwrite)
+            _at_destination(_check_below, item.target, root, item.target)
+        _at_destination(_check_target, item.target, item.target, overwrite)
     staged: list[tuple[Path, Path]] = []
     temporary: list[Path] = []  # every temporary file made, removed whatever happens
     try:
