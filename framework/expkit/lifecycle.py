@@ -345,7 +345,7 @@ class Lifecycle:
         """After "no space left": free what the run no longer needs, so that its outputs can
         be sealed and its record written. The working copy goes (outputs/ and logs/ stay
         for post-process), then stages the full disk left open are closed as failed."""
-        if self.work_dir.is_dir():
+        if self.work_dir.is_dir() and not self.work_dir.is_symlink():
             for path in self.work_dir.iterdir():
                 if path.name in ("outputs", "logs") and not path.is_symlink():
                     continue
@@ -480,10 +480,8 @@ class Lifecycle:
         if backend is not None:
             rank = _plugin_call(backend, "failed_rank", backend.failed_rank, self.ctx)
             own = _plugin_call(backend, "failed_exit_code", backend.failed_exit_code, self.ctx)
-        log = self.ctx.log_dir / f"rank-{0 if rank is None else rank}.log"
-        lines = (
-            [line for line in _tail(log, LOG_TAIL_LINES) if line.strip()] if log.exists() else []
-        )
+        name = f"rank-{0 if rank is None else rank}.log"
+        lines = [line for line in _tail(self.run_dir, name, LOG_TAIL_LINES) if line.strip()]
         message = f"rank {rank}: " if rank is not None else ""
         message += _describe_exit(code if own is None else own)
         return f"{message}; last output: {lines[-1].strip()}" if lines else message
@@ -499,6 +497,8 @@ class Lifecycle:
             if worker.error is not None:
                 self.warn(str(worker.error))
                 self.history.add_event(self.run_id, "sink-failed", str(worker.error))
+        for warning in run_outputs.own_folders(self.run_dir):  # never through a link
+            self.warn(warning)
         outputs = self.seal_outputs()
         self.collect_script_logs()
         shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -688,8 +688,13 @@ def _describe_exit(code: int) -> str:
     return f"the script exited with code {code}"
 
 
-def _tail(path: Path, count: int) -> list[str]:
-    with open(path, "rb") as f:
+def _tail(run_dir: Path, name: str, count: int) -> list[str]:
+    """The last `count` lines of the run's log `name`, read only from the run's own logs/
+    folder (never through a link a script put there); none when there is no such log."""
+    f = run_outputs.open_own_log(run_dir, name)
+    if f is None:
+        return []
+    with f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 8192))
         data = f.read().decode("utf-8", errors="replace")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from expkit import data
 from expkit.console import human_size
 from expkit.history import History, no_room
+from expkit.outputs import own_folders
 from expkit.procs import stop_run_processes
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
     The outputs (a real folder, never a link, which stays where it is) are moved to the run's
     outputs/ unsealed: not hashed or made read-only, listed in a warning and in the error."""
     run_dir = workspace.run_dir(run_id)
+    for warning in own_folders(run_dir):  # links the script made: removed, never followed
+        history.add_event(run_id, "warning", warning)
     work = run_dir / "work"
     if not work.is_dir() or work.is_symlink():
         return None
@@ -88,6 +91,7 @@ def remove_stale_builds(workspace: Workspace) -> list[Path]:
     """Remove cache folders whose build died: data prepares (their temporary folder names
     the builder's pid) and environments (no completion mark, and no build holds the lock)."""
     removed = data.remove_stale(workspace.data_dir)
+    removed += remove_stale_blob_copies(workspace)
     with contextlib.suppress(OSError):
         for folder in workspace.envs_dir.iterdir():
             lock = folder.with_name(folder.name + ".lock")
@@ -104,3 +108,11 @@ def remove_stale_builds(workspace: Workspace) -> list[Path]:
             finally:
                 os.close(fd)
     return removed
+
+
+def remove_stale_blob_copies(workspace: Workspace) -> list[Path]:
+    """Remove the store's temporary copies whose process died (a kill -9 half-way through
+    copying a file into the store): left, a big one keeps a full disk full."""
+    from expkit.blobs import remove_stale_tmp
+
+    return remove_stale_tmp(workspace.blobs_dir)
