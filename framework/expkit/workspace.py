@@ -87,9 +87,27 @@ class Workspace:
     @cached_property
     def history(self) -> History:
         """The run history; opening it marks runs whose driver died as failed."""
-        history = History(self.path / "history.db")
+        history = History(
+            self.path / "history.db",
+            run_taken=lambda run_id: os.path.lexists(self.run_dir(run_id)),
+            model_taken=lambda name, version: os.path.lexists(
+                self.models_dir / name / str(version)
+            ),
+            has_records=self._has_records,
+        )
         self.recover(history)
         return history
+
+    def _has_records(self) -> bool:
+        """Whether runs/ or models/ hold anything (a workspace that has been used)."""
+        for folder in (self.path / "runs", self.models_dir):
+            try:
+                with os.scandir(folder) as entries:
+                    if any(True for _ in entries):
+                        return True
+            except OSError:
+                continue
+        return False
 
     def recover(self, history: History | None = None) -> list[str]:
         """Mark failed every run whose driver process is gone, stop what it left running, keep
