@@ -435,3 +435,48 @@ def test_a_history_that_is_not_a_regular_file_is_one_line(project: Path, kind: s
         line = error_line(result)
         assert result.returncode == 2
         assert line.startswith("expkit: error: .expkit/history.db is ") and expected in line
+
+
+def _config_fifo(config: Path) -> None:
+    config.unlink()
+    os.mkfifo(config)
+
+
+def _config_link(target: str):
+    def make(config: Path) -> None:
+        config.unlink()
+        config.symlink_to(target)
+
+    return make
+
+
+def _config_folder(config: Path) -> None:
+    config.unlink()
+    config.mkdir()
+
+
+def _config_huge(config: Path) -> None:
+    config.write_text('{"format": 1, "pad": "' + "x" * (2 * 1024 * 1024) + '"}')
+
+
+CONFIG_KINDS = {
+    "a FIFO": (_config_fifo, "is damaged (it is a FIFO)"),
+    "a link to /dev/zero": (_config_link("/dev/zero"), "is damaged (it is a device)"),
+    "a link to /dev/null": (_config_link("/dev/null"), "is damaged (it is a device)"),
+    "a folder": (_config_folder, "cannot be read (Is a directory)"),
+    "2 MiB": (_config_huge, "more than a workspace's config may be: 1024 KiB"),
+}
+
+
+@pytest.mark.parametrize("kind", CONFIG_KINDS)
+def test_a_config_that_is_not_a_small_regular_file_is_named(project: Path, kind: str) -> None:
+    """`expkit init` hung on a FIFO or /dev/zero; `runs list` said "no expkit workspace"
+    for a folder, a FIFO or a link to /dev/null instead of naming the damaged file."""
+    make, expected = CONFIG_KINDS[kind]
+    make(project / ".expkit" / "config.json")
+    for args in (["init"], ["runs", "list"], ["run", "job.yaml"]):
+        result = expkit_at(project, *args, timeout=60)
+        line = error_line(result)
+        assert result.returncode == 2, (args, result.stderr)
+        assert line.startswith("expkit: error: .expkit/config.json "), line
+        assert expected in line, line

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,7 @@ from expkit.history import History
 FOLDER = ".expkit"
 CONFIG = "config.json"
 ENV = "EXPKIT_WORKSPACE"
+MAX_CONFIG_BYTES = 1024 * 1024  # config.json holds a few settings
 
 
 class Workspace:
@@ -52,7 +54,7 @@ class Workspace:
             return cls(folder)
         here = (start or Path.cwd()).resolve()
         for folder in (here, *here.parents):
-            if (folder / FOLDER / CONFIG).is_file():
+            if os.path.lexists(folder / FOLDER / CONFIG):  # a damaged one is named, not skipped
                 return cls(folder / FOLDER)
         raise UserError(
             f"no expkit workspace in {here} or its parents; create one with `expkit init` "
@@ -72,7 +74,7 @@ class Workspace:
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: see the README
             config = folder / CONFIG
-            if not config.exists():
+            if not os.path.lexists(config):
                 write_new_config(config)
         except (OSError, ValueError) as error:  # a refused name, a file in the way, no room
             reason = getattr(error, "strerror", None) or str(error)
@@ -140,10 +142,28 @@ class Workspace:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """The workspace's settings; a UserError naming the file when it is not a JSON object."""
+    """The workspace's settings; a UserError naming the file when it is not a regular file
+    of at most MAX_CONFIG_BYTES holding a JSON object (never opens a FIFO or a device)."""
     advice = "move it aside and run `expkit init` for a new one, or restore it from a backup"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        info = os.stat(path)  # before opening: a FIFO blocks, /dev/zero never ends
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):  # a folder:
+            kind = "not a regular file"  # "cannot be read (Is a directory)" below
+            if stat.S_ISFIFO(info.st_mode):
+                kind = "a FIFO"
+            elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+                kind = "a device"
+            raise UserError(f"{shown_path(path)} is damaged (it is {kind}); {advice}")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise UserError(
+                f"{shown_path(path)} is damaged ({info.st_size} bytes, more than a workspace's "
+                f"config may be: {MAX_CONFIG_BYTES // 1024} KiB); {advice}"
+            )
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise UserError(f"{shown_path(path)} is damaged (it keeps growing); {advice}")
+        config = json.loads(data.decode("utf-8"))
     except OSError as error:
         reason = error.strerror or str(error)
         raise UserError(f"{shown_path(path)} cannot be read ({reason}); {advice}") from None
@@ -179,6 +199,6 @@ def write_new_config(config: Path) -> None:
 
 def _config_folder(path: Path) -> Path | None:
     for folder in (path, path / FOLDER):
-        if (folder / CONFIG).is_file():
+        if os.path.lexists(folder / CONFIG):  # of any kind: a damaged config is named
             return folder
     return None
