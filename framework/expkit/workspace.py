@@ -6,6 +6,7 @@ folder or one of its parents; `expkit init` creates one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -54,7 +55,7 @@ class Workspace:
             return cls(folder)
         here = (start or Path.cwd()).resolve()
         for folder in (here, *here.parents):
-            if os.path.lexists(folder / FOLDER / CONFIG):  # a damaged one is named, not skipped
+            if _entry_exists(folder / FOLDER / CONFIG):  # a damaged one is named, not skipped
                 return cls(folder / FOLDER)
         raise UserError(
             f"no expkit workspace in {here} or its parents; create one with `expkit init` "
@@ -199,6 +200,18 @@ def write_new_config(config: Path) -> None:
 
 def _config_folder(path: Path) -> Path | None:
     for folder in (path, path / FOLDER):
-        if os.path.lexists(folder / CONFIG):  # of any kind: a damaged config is named
+        if _entry_exists(folder / CONFIG):  # of any kind: a damaged config is named
             return folder
     return None
+
+
+def _entry_exists(path: Path) -> bool:
+    """Whether there is an entry of any kind at `path` (a dangling link too); OSError for a
+    name the file system refuses (too long, ...)."""
+    try:
+        os.lstat(path)
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # as Path.is_file
+            return False
+        raise
+    return True
