@@ -124,9 +124,31 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
 
 def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     """Record a new run of `job` (state queued) after checking every plugin it names."""
+    check_data_sources(workspace, job)
     compute = choose(job, get_plugins()).compute
     _plugin_call(compute, "preflight", compute.preflight, job)
     return workspace.history.create_run(job.experiment, job.to_dict())
+
+
+def check_data_sources(workspace: Workspace, job: JobSpec) -> None:
+    """Raise UserError for a data `source` that holds the workspace or lies inside it:
+    copying or linking it into a run (itself inside the workspace) would copy the workspace
+    into itself, or hand the script the workspace's own files."""
+    home = workspace.path.resolve()
+    for name, item in job.data.items():
+        if not item.source or item.prepare:
+            continue
+        origin = Path(item.source).resolve()
+        if home == origin or home.is_relative_to(origin):
+            what = "holds the workspace"
+        elif origin.is_relative_to(home):
+            what = "is inside the workspace"
+        else:
+            continue
+        raise UserError(
+            f"data.{name}.source: {origin} {what} {home}; name a folder of the data alone "
+            "(or keep the workspace elsewhere with --workspace)"
+        )
 
 
 def execute(
