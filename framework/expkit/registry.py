@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from expkit.blobs import BlobStore, copy_private, manifest, stored_mode
+from expkit.blobs import BlobStore, copy_private, manifest, short_temporary_name, stored_mode
 from expkit.capabilities import ModelVersion
 from expkit.errors import UserError
 from expkit.workspace import Workspace
@@ -210,14 +210,16 @@ def _move_aside(folder: Path) -> None:
 
 def _relink(good: Path, path: Path) -> None:
     """Make the store's name `path` the intact file `good` (a copy across file systems)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.repair.tmp")
-    if tmp.exists() or tmp.is_symlink():
-        tmp.unlink()
+    tmp = path.with_name(short_temporary_name())  # a name built from path's may be too long
     try:
-        os.link(good, tmp)
-    except OSError:
-        copy_private(good, tmp, stored_mode(good.stat().st_mode))
-    os.replace(tmp, path)
+        try:
+            os.link(good, tmp)
+        except OSError:
+            copy_private(good, tmp, stored_mode(good.stat().st_mode))
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            tmp.unlink()
 
 
 def check_model_name(name: str, field: str = "model.name") -> None:
