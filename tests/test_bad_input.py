@@ -4,6 +4,7 @@ blow-up). Driven through the real `expkit run --dry-run` and `expkit run`."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,72 @@ CASES: dict[str, tuple[bytes, list[str], str]] = {
         ["compute.options.slots=abc"],
         "compute.options.slots: must be a whole number from 1 to 4096, not 'abc'",
     ),
+    "alias amplification of text": (
+        _bytes(BASE + f'args:\n  a: &s "{"x" * 10_000}"\n  b: [{", ".join(["*s"] * 50_000)}]\n'),
+        [],
+        "not valid YAML: expands to more than 4 MiB of text through aliases",
+    ),
+    "a command line too long for exec": (
+        _bytes(BASE + f'args:\n  a: &s "{"x" * 10_000}"\n  b: [{", ".join(["*s"] * 300)}]\n'),
+        [],
+        "job.yaml: args: the script's command line would be 2939 KiB, more than 1024 KiB",
+    ),
+    "200,000 plain values": (
+        _bytes(BASE + "args: [" + ",".join(["a"] * 200_000) + "]\n"),
+        [],
+        "job.yaml: line 3: not valid YAML: holds more than 100000 values",
+    ),
+    "a job file over 1 MiB": (
+        _bytes(BASE + "# " + "x" * (1024 * 1024) + "\n"),
+        [],
+        "job.yaml: is 1048624 bytes; a job spec may be at most 1024 KiB",
+    ),
+    "a mapping in args": (
+        _bytes(BASE + "args: {x: {y: 1}}\n"),
+        [],
+        "job.yaml: args.x: must be a string, a number, true/false or a list of those, "
+        "not a mapping",
+    ),
+    "a list of lists in args": (
+        _bytes(BASE + "args: [[1, 2]]\n"),
+        [],
+        "job.yaml: args.0: must be a string, a number, true/false or a list of those",
+    ),
+    "binary in args": (
+        _bytes(BASE + "args: {a: !!binary aGk=}\n"),
+        [],
+        "job.yaml: args.a: must be a string, a number, true/false or a list of those, not bytes",
+    ),
+    "--set a mapping in args": (
+        _bytes(BASE),
+        ["args.x={y: 1}"],
+        "job.yaml: args.x: must be a string, a number, true/false or a list of those",
+    ),
+    "an absolute entry_script": (
+        _bytes("experiment: bad-input\nentry_script: /tmp/train.py\n"),
+        [],
+        "job.yaml: entry_script: '/tmp/train.py' must be a path inside source_directory",
+    ),
+    "an entry_script outside source_directory": (
+        _bytes("experiment: bad-input\nentry_script: ../train.py\nsource_directory: src\n"),
+        [],
+        "job.yaml: entry_script: '../train.py' must be a path inside source_directory",
+    ),
+    "a key given twice": (
+        _bytes(BASE + "args: {x: 1}\nargs: {y: 2}\n"),
+        [],
+        "job.yaml: line 4: not valid YAML: the key 'args' is given twice",
+    ),
+    "an empty package name": (
+        _bytes(BASE + "environment: {pip: ['']}\n"),
+        [],
+        "job.yaml: environment.packages.0: is empty",
+    ),
+    "a registry listed twice": (
+        _bytes(BASE + "model: {name: m, registries: [local, local]}\n"),
+        [],
+        "job.yaml: model.registries: each registry may be listed once",
+    ),
     "--set a thousand levels": (
         _bytes(BASE),
         ["args.x=" + "[" * 1000 + "]" * 1000],
@@ -250,3 +317,41 @@ def test_declared_options_in_range_pass(tmp_path: Path) -> None:
     _project(tmp_path, _bytes(spec))
     result = _expkit(tmp_path, "run", "--dry-run", "job.yaml")
     assert result.returncode == 0, result.stderr
+
+
+def test_a_job_file_that_is_not_a_regular_file_is_one_line(tmp_path: Path) -> None:
+    """/dev/zero reached 4 GB of memory; /dev/urandom and a FIFO hung."""
+    _project(tmp_path, _bytes(BASE))
+    os.mkfifo(tmp_path / "fifo.yaml")
+    cases = {
+        "/dev/zero": "/dev/zero: is a device; a job spec is a YAML file",
+        "/dev/urandom": "/dev/urandom: is a device; a job spec is a YAML file",
+        "fifo.yaml": "fifo.yaml: is a FIFO; a job spec is a YAML file",
+        "src": "src: is a folder; a job spec is a YAML file",
+    }
+    for name, expected in cases.items():
+        assert _one_line(_expkit(tmp_path, "run", "--dry-run", name)).endswith(expected)
+
+
+def test_args_that_are_nan_or_infinite_reach_the_script_as_text(tmp_path: Path) -> None:
+    """args are text for the script: `.nan` and `.inf` are passed as Python writes them."""
+    _project(tmp_path, _bytes(BASE))
+    result = _expkit(
+        tmp_path, "run", "--dry-run", "job.yaml", "--set", "args.a=.nan", "--set", "args.b=.inf"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train.py --a nan --b inf" in result.stdout
+
+
+def test_a_data_source_holding_the_workspace_is_refused(tmp_path: Path) -> None:
+    """`source: .` with `mode: copy` copied the workspace into itself: RecursionError, and
+    work/ left with hundreds of nested entries."""
+    _project(tmp_path, _bytes(BASE))
+    workspace = Workspace.init(tmp_path / "ws")
+    for source in (".", "ws", "ws/.expkit"):
+        sets = ["--set", f"data.d.source={source}", "--set", "data.d.mode=copy"]
+        line = _one_line(_expkit(tmp_path, "run", "job.yaml", *sets))
+        assert line.startswith("expkit: error: job.yaml: data.d.source: "), line
+        assert "the workspace" in line
+    assert workspace.history.runs() == []
+    assert not (workspace.path / "runs").exists()

@@ -287,3 +287,196 @@ def test_a_workspace_path_the_file_system_refuses_is_one_line(tmp_path: Path) ->
         line = error_line(expkit_at(tmp_path, *args))
         assert line.startswith(f"expkit: error: {start}") and line.endswith(reason), line
     assert in_the_way.read_text() == "not a folder\n"
+
+
+# -- a history that is not expkit's, or that lost rows ---------------------------------------
+MODEL_SCRIPT = """\
+import os, sys
+os.makedirs("outputs", exist_ok=True)
+with open(os.path.join("outputs", sys.argv[1] + ".txt"), "w") as f:
+    f.write(sys.argv[1])
+"""
+
+
+@pytest.fixture
+def used(tmp_path: Path) -> Path:
+    """A folder whose workspace holds a real run (runs/<id>/) that registered model m:1."""
+    (tmp_path / "train.py").write_text(MODEL_SCRIPT)
+    (tmp_path / "job.yaml").write_text(
+        "experiment: demo\nentry_script: train.py\nargs: [old]\nmodel: {name: m}\n"
+    )
+    assert expkit_at(tmp_path, "init").returncode == 0
+    result = expkit_at(tmp_path, "run", "job.yaml")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / ".expkit" / "models" / "m" / "1" / "old.txt").is_file()
+    return tmp_path
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _empty_file(db: Path) -> None:
+    db.write_bytes(b"")
+
+
+def _unrelated_table(db: Path) -> None:
+    db.unlink()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE x (a)")
+
+
+def _another_programs_runs(db: Path) -> None:
+    """Another tool's database (MLflow's has `experiments` and a `runs` of its own)."""
+    db.unlink()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE experiments (experiment_id INTEGER, name TEXT)")
+        conn.execute("CREATE TABLE runs (run_uuid TEXT, status TEXT)")
+
+
+def _another_programs_application_id(db: Path) -> None:
+    db.unlink()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA application_id=1234")
+
+
+FOREIGN = {
+    "empty file": (_empty_file, "is empty, but the workspace holds runs or models"),
+    "unrelated table": (_unrelated_table, "is not an expkit history (it is a SQLite database"),
+    "another program's runs table": (_another_programs_runs, "with tables experiments"),
+    "another application_id": (_another_programs_application_id, "application_id 1234"),
+}
+
+
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_a_database_that_is_not_the_workspaces_history_is_refused(used: Path, kind: str) -> None:
+    """An empty file or another program's SQLite database was taken as a new history and
+    written to; the next run reused run id demo_1's folder (FileExistsError), or failed
+    with "no such column: experiment"."""
+    ws = used / ".expkit"
+    for side in ("history.db-wal", "history.db-shm"):
+        (ws / side).unlink(missing_ok=True)
+    make, expected = FOREIGN[kind]
+    make(ws / "history.db")
+    before, content = _listing(ws), (ws / "history.db").read_bytes()
+    for args in (["runs", "list"], ["run", "job.yaml"], ["models", "list"]):
+        result = expkit_at(used, *args)
+        line = error_line(result)
+        assert result.returncode == 2, (args, result.stderr)
+        assert line.startswith("expkit: error: .expkit/history.db "), line
+        assert expected in line and "expkit init" in line, line
+    assert (ws / "history.db").read_bytes() == content
+    assert _listing(ws) == before
+
+
+def test_an_older_workspaces_history_is_marked_as_expkits(used: Path) -> None:
+    """A history written before the application_id mark (0) is expkit's: kept and marked."""
+    db = used / ".expkit" / "history.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA application_id=0")
+    result = expkit_at(used, "runs", "list")
+    assert result.returncode == 0 and "demo_1" in result.stdout, result.stderr
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] != 0
+
+
+def test_a_history_that_lost_its_rows_never_reuses_a_folder(used: Path) -> None:
+    """Following the advice (move the history aside, `expkit init`) gave the next run the
+    id demo_1 again (its folder still held the old run) and registered m:1 in a folder that
+    still held the old model's files."""
+    ws = used / ".expkit"
+    (ws / "history.db").rename(used / "history.db.old")
+    for side in ("history.db-wal", "history.db-shm"):
+        (ws / side).unlink(missing_ok=True)
+    old_run = _listing(ws / "runs" / "demo_1")
+    assert expkit_at(used, "init").returncode == 0
+    result = expkit_at(used, "run", "job.yaml", "--set", "args=[new]")
+    assert result.returncode == 0, result.stderr
+    assert _listing(ws / "runs" / "demo_1") == old_run
+    assert sorted(os.listdir(ws / "models" / "m")) == ["1", "2"]
+    assert os.listdir(ws / "models" / "m" / "1") == ["old.txt"]
+    assert os.listdir(ws / "models" / "m" / "2") == ["new.txt"]
+    shown = expkit_at(used, "models", "show", "m")
+    assert shown.returncode == 0 and "models/m/2" in shown.stdout, shown.stdout
+    listed = expkit_at(used, "runs", "list")
+    assert "demo_2" in listed.stdout and "demo_1" not in listed.stdout
+
+
+def test_a_version_folder_holding_other_files_is_moved_aside(used: Path) -> None:
+    """A version's folder never shows files its record does not name."""
+    folder = used / ".expkit" / "models" / "m" / "1"
+    (folder / "stray.txt").write_text("not m:1's\n")
+    shown = expkit_at(used, "models", "show", "m:1")
+    assert shown.returncode == 0, shown.stderr
+    assert os.listdir(folder) == ["old.txt"]
+    assert (folder.parent / "1.unrecorded" / "stray.txt").read_text() == "not m:1's\n"
+
+
+def _fifo(db: Path) -> None:
+    db.unlink()
+    os.mkfifo(db)
+
+
+def _link_to_dev_null(db: Path) -> None:
+    db.unlink()
+    db.symlink_to("/dev/null")
+
+
+NOT_FILES = {"a FIFO": (_fifo, "is a FIFO"), "a link to /dev/null": (_link_to_dev_null, "device")}
+
+
+@pytest.mark.parametrize("kind", NOT_FILES)
+def test_a_history_that_is_not_a_regular_file_is_one_line(project: Path, kind: str) -> None:
+    """Was `internal error: OperationalError: disk I/O error` (or a hang on the FIFO)."""
+    make, expected = NOT_FILES[kind]
+    make(project / ".expkit" / "history.db")
+    for args in (["runs", "list"], ["run", "job.yaml"]):
+        result = expkit_at(project, *args, timeout=60)
+        line = error_line(result)
+        assert result.returncode == 2
+        assert line.startswith("expkit: error: .expkit/history.db is ") and expected in line
+
+
+def _config_fifo(config: Path) -> None:
+    config.unlink()
+    os.mkfifo(config)
+
+
+def _config_link(target: str):
+    def make(config: Path) -> None:
+        config.unlink()
+        config.symlink_to(target)
+
+    return make
+
+
+def _config_folder(config: Path) -> None:
+    config.unlink()
+    config.mkdir()
+
+
+def _config_huge(config: Path) -> None:
+    config.write_text('{"format": 1, "pad": "' + "x" * (2 * 1024 * 1024) + '"}')
+
+
+CONFIG_KINDS = {
+    "a FIFO": (_config_fifo, "is damaged (it is a FIFO)"),
+    "a link to /dev/zero": (_config_link("/dev/zero"), "is damaged (it is a device)"),
+    "a link to /dev/null": (_config_link("/dev/null"), "is damaged (it is a device)"),
+    "a folder": (_config_folder, "cannot be read (Is a directory)"),
+    "2 MiB": (_config_huge, "more than a workspace's config may be: 1024 KiB"),
+}
+
+
+@pytest.mark.parametrize("kind", CONFIG_KINDS)
+def test_a_config_that_is_not_a_small_regular_file_is_named(project: Path, kind: str) -> None:
+    """`expkit init` hung on a FIFO or /dev/zero; `runs list` said "no expkit workspace"
+    for a folder, a FIFO or a link to /dev/null instead of naming the damaged file."""
+    make, expected = CONFIG_KINDS[kind]
+    make(project / ".expkit" / "config.json")
+    for args in (["init"], ["runs", "list"], ["run", "job.yaml"]):
+        result = expkit_at(project, *args, timeout=60)
+        line = error_line(result)
+        assert result.returncode == 2, (args, result.stderr)
+        assert line.startswith("expkit: error: .expkit/config.json "), line
+        assert expected in line, line

@@ -552,3 +552,314 @@ def test_outputs_linked_to_a_folder_inside_the_working_copy_is_sealed(
     assert list(history.outputs("test_1")) == ["model.pt"]
     assert history.output_links("test_1") == {"code.py": "../train.py"}
     assert (Model(expkit_workspace, "m", 1).path / "model.pt").read_bytes() == b"weights"
+
+
+# -- the run's own folders, replaced by the script -----------------------------------------------
+def test_a_script_that_turns_its_working_folder_into_a_link_moves_nothing(
+    expkit_cli, write_job, expkit_workspace, tmp_path
+):
+    victim = tmp_path / "victim"
+    (victim / "outputs").mkdir(parents=True)
+    (victim / "outputs" / "precious.txt").write_text("precious")
+    (victim / "logs").mkdir()
+    (victim / "logs" / "mine.log").write_text("the user's log")
+    before = snapshot_of(victim)
+    script = f"""
+        import os
+        here = os.getcwd()
+        os.makedirs("outputs")
+        open("outputs/mine.txt", "w").write("mine")
+        os.rename(here, here + ".moved")
+        os.symlink({str(victim)!r}, here)
+    """
+    out = run_script(expkit_cli, write_job, script)
+
+    assert snapshot_of(victim) == before
+    assert "work/ was replaced by a link" in out
+    run_dir = expkit_workspace.run_dir("test_1")
+    assert not (run_dir / "work").is_symlink()
+    assert expkit_workspace.history.outputs("test_1") == {}
+    assert not list((run_dir / "logs").rglob("mine.log"))
+
+
+def test_a_script_that_swaps_the_runs_logs_for_a_link_writes_nothing_there(
+    expkit_cli, write_job, expkit_workspace, tmp_path
+):
+    victim = tmp_path / "victim2"
+    victim.mkdir()
+    (victim / "rank-0.log").write_text("the user's rank log\n")
+    before = snapshot_of(victim)
+    script = f"""
+        import os
+        print("before swap", flush=True)
+        os.rename("../logs", "../logs.old")
+        os.symlink({str(victim)!r}, "../logs")
+        os.makedirs("logs")
+        open("logs/extra.log", "w").write("extra")
+        print("after swap", flush=True)
+    """
+    out = run_script(expkit_cli, write_job, script)
+
+    assert snapshot_of(victim) == before
+    assert "logs/ was replaced by a link" in out
+    assert not (expkit_workspace.run_dir("test_1") / "logs").is_symlink()
+    shown = expkit_cli("runs", "logs", "test_1")
+    assert "the user's rank log" not in shown.stdout
+
+
+# -- downloads: special destinations, long names, damaged copies, failing destinations ----------
+def test_force_never_replaces_a_fifo_or_a_socket(trained, expkit_cli, tmp_path):
+    import socket
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    sock = tmp_path / "sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    try:
+        for dest in (fifo, sock):
+            refused = expkit_cli(
+                "runs", "download", "test_1", "outputs/model.pt", str(dest), "--force"
+            )
+            assert refused.returncode == 2, refused.stderr
+            assert str(dest) in error_line(refused)
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISSOCK(os.lstat(sock).st_mode)
+    finally:
+        server.close()
+    assert not list(tmp_path.glob(".*download*"))
+
+
+def test_long_file_names_seal_and_download(expkit_cli, write_job, expkit_workspace, tmp_path):
+    name = "m" * 250 + ".pt"  # 253 bytes: legal, but no room for a longer temporary name
+    other = "n" * 251 + ".pt"
+    script = f"""
+        import os
+        os.makedirs("outputs")
+        open("outputs/{name}", "wb").write(b"weights")
+        os.link("outputs/{name}", "outputs/{other}")  # two names: sealed by linking
+    """
+    run_script(expkit_cli, write_job, script, model={"name": "long", "path": "outputs/"})
+
+    assert set(expkit_workspace.history.outputs("test_1")) == {name, other}
+    ok(expkit_cli("runs", "download", "test_1", f"outputs/{name}", f"{tmp_path}/got/"))
+    assert (tmp_path / "got" / name).read_bytes() == b"weights"
+    ok(expkit_cli("models", "download", "long:1", str(tmp_path / "model")))
+    assert (tmp_path / "model" / other).read_bytes() == b"weights"
+
+
+def test_a_stored_copy_replaced_by_a_fifo_is_skipped_not_waited_on(trained, expkit_cli, tmp_path):
+    sealed = trained.run_dir("test_1") / "outputs" / "model.pt"
+    sealed.unlink()
+    os.mkfifo(sealed)  # nobody ever writes to it: opening it for reading would block
+
+    dest = tmp_path / "got.pt"
+    result = expkit_cli("runs", "download", "test_1", "outputs/model.pt", str(dest), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert dest.read_bytes() == b"good weights"
+    version = trained.models_dir / "net" / "1" / "model.pt"
+    version.unlink()
+    os.mkfifo(version)
+    result = expkit_cli("models", "download", "net:1", str(tmp_path / "model"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "model" / "model.pt").read_bytes() == b"good weights"
+    assert not list(tmp_path.rglob("*.download"))
+
+
+def test_a_dangling_link_as_model_folder_is_one_line(trained, expkit_cli, tmp_path):
+    dest = tmp_path / "dangling"
+    dest.symlink_to(tmp_path / "nowhere")
+
+    refused = expkit_cli("models", "download", "net:1", str(dest))
+    assert refused.returncode == 2 and str(dest) in error_line(refused)
+    with pytest.raises(UserError, match="does not exist"):
+        Model(trained, "net", 1).download(dest)
+    assert dest.is_symlink() and not (tmp_path / "nowhere").exists()
+    too_long = tmp_path / ("x" * 300)
+    refused = expkit_cli("runs", "download", "test_1", "outputs/model.pt", str(too_long))
+    assert refused.returncode == 2 and "File name too long" in error_line(refused)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only) and the same, mounted read-only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    import subprocess
+
+    full, ro = tmp_path / "small", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+    yield full, ro
+    subprocess.run(["umount", str(full)])
+    subprocess.run(["umount", str(ro)])
+
+
+def test_a_full_or_read_only_destination_is_one_line_and_leaves_nothing(
+    expkit_cli, write_job, expkit_workspace, small_disk
+):
+    full, ro = small_disk
+    script = """
+        import os
+        os.makedirs("outputs")
+        open("outputs/big.bin", "wb").write(os.urandom(3 * 1024 * 1024))
+    """
+    run_script(expkit_cli, write_job, script, model={"name": "big", "path": "outputs/"})
+
+    result = expkit_cli("runs", "download", "test_1", "outputs/big.bin", f"{full}/")
+    assert result.returncode == 1 and str(full) in error_line(result)
+    assert "No space left" in error_line(result)
+    result = expkit_cli("models", "download", "big:1", str(full / "model"))
+    assert result.returncode == 1 and "No space left" in error_line(result)
+    assert not [p for p in full.rglob("*") if p.is_file()]
+    for args in (("runs", "download", "test_1", "outputs/big.bin", f"{ro}/x/"),
+                 ("models", "download", "big:1", str(ro / "model"))):  # fmt: skip
+        result = expkit_cli(*args)
+        assert result.returncode == 2 and str(ro) in error_line(result)
+
+
+def test_a_full_disk_never_leaves_a_partial_copy_in_the_store(small_disk, tmp_path):
+    full, _ = small_disk
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    store = BlobStore(full / "blobs")
+
+    with pytest.raises(OSError, match="No space left"):
+        store.add_copy(big, sha256(big.read_bytes()))
+    assert not [p for p in full.rglob("*") if p.is_file()]  # the disk is as free as before
+
+
+def test_the_next_open_removes_copies_into_the_store_whose_process_died(
+    expkit_workspace, expkit_cli
+):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    digest = "80" + "0" * 62
+    folder = expkit_workspace.blobs_dir / "80"
+    folder.mkdir(parents=True, exist_ok=True)
+    stale = folder / f".{digest}.{dead.stdout.strip()}.tmp"
+    stale.write_bytes(b"x" * 1024)
+    os.utime(stale, (0, 0))  # written long ago
+    mine = folder / f".{digest}.{os.getpid()}.tmp"  # a copy in progress: kept
+    mine.write_bytes(b"y")
+
+    ok(expkit_cli("runs", "list"))
+    assert not stale.exists() and mine.exists()
+
+
+def test_sigterm_during_a_download_leaves_no_temporary_file(expkit_cli, write_job, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = """
+        import os
+        os.makedirs("outputs")
+        with open("outputs/big.bin", "wb") as f:
+            for _ in range(64):
+                f.write(os.urandom(8 * 1024 * 1024))
+    """
+    run_script(expkit_cli, write_job, script)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "expkit", "runs", "download", "test_1", "outputs/big.bin",
+             f"{dest}/", "--force"],
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not list(dest.glob(".*.download")) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        assert not list(dest.glob(".*download*")), sig
+
+
+# -- names that are not UTF-8, ./outputs as a file ------------------------------------------------
+def test_an_output_whose_name_is_not_utf8_is_named_and_kept(
+    expkit_cli, write_job, expkit_workspace
+):
+    script = """
+        import os
+        os.makedirs("outputs")
+        open(b"outputs/bad\\xff\\xfename.txt", "wb").write(b"kept")
+        open("outputs/good.txt", "w").write("good")
+    """
+    out = run_script(expkit_cli, write_job, script)
+
+    assert list(expkit_workspace.history.outputs("test_1")) == ["good.txt"]
+    assert "bad\\xff\\xfename.txt" in out and "not UTF-8" in out
+    sealed = expkit_workspace.run_dir("test_1") / "outputs"
+    assert (os.fsencode(sealed) + b"/bad\xff\xfename.txt") in [
+        os.fsencode(p) for p in sealed.iterdir()
+    ]
+    assert not (expkit_workspace.run_dir("test_1") / "work").exists()
+
+
+def test_a_source_file_whose_name_is_not_utf8_is_named_not_an_internal_error(expkit_cli, write_job):
+    job = write_job({}, script="print('ok')\n")
+    source = job.parent / "src"
+    with open(os.fsencode(source) + b"/bad\xff.txt", "wb") as f:
+        f.write(b"x")
+
+    result = expkit_cli("run", str(job))
+    out = result.stdout + result.stderr
+    assert "internal error" not in out
+    assert "bad\\xff.txt" in out
+
+
+def test_outputs_written_as_a_file_is_sealed_not_lost(expkit_cli, write_job, expkit_workspace):
+    out = run_script(expkit_cli, write_job, "open('outputs', 'w').write('the result')\n")
+
+    assert "./outputs was a file" in out
+    assert list(expkit_workspace.history.outputs("test_1")) == ["outputs"]
+    sealed = expkit_workspace.run_dir("test_1") / "outputs" / "outputs"
+    assert sealed.read_text() == "the result"
+
+
+def test_runs_files_shows_each_name_on_one_line_and_links_unambiguously(
+    expkit_cli, write_job, tmp_path
+):
+    fifo_job = write_job({}, script="""
+        import os
+        os.makedirs("outputs")
+        open("outputs/two\\nlines.txt", "w").write("x")
+        open("outputs/a -> b", "w").write("x")
+        os.symlink("/etc/passwd", "outputs/c")
+    """)  # fmt: skip
+    os.mkfifo(fifo_job.parent / "src" / "pipe")
+    result = expkit_cli("run", str(fifo_job))
+    assert result.returncode == 0, result.stderr
+    assert "pipe is not a regular file" in result.stdout + result.stderr
+
+    lines = ok(expkit_cli("runs", "files", "test_1")).splitlines()
+    assert "outputs/two\\nlines.txt" in lines
+    assert "'outputs/a -> b'" in lines
+    links = [line for line in lines if " -> " in line and not line.startswith("'")]
+    assert links == ["outputs/c -> /etc/passwd  (a link out of the run: recorded, not stored)"]
+
+
+def test_a_failed_runs_reason_never_quotes_a_file_reached_through_a_link(
+    expkit_cli, write_job, expkit_workspace, tmp_path
+):
+    victim = tmp_path / "victim3"
+    victim.mkdir()
+    (victim / "rank-0.log").write_text("the user's secret line\n")
+    script = f"""
+        import os, sys
+        os.rename("../logs", "../logs.old")
+        os.symlink({str(victim)!r}, "../logs")
+        sys.exit(3)
+    """
+    result = expkit_cli("run", str(write_job({}, script=script)))
+    assert result.returncode != 0
+    record = expkit_workspace.history.run("test_1")
+    assert record.state == "failed" and "secret" not in (record.error or "")
+    assert "secret" not in result.stdout + result.stderr

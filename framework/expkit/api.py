@@ -301,9 +301,14 @@ class Model:
     def download(self, target_dir: str | Path = ".", overwrite: bool = False) -> list[Path]:
         """Copy this version's files into the folder `target_dir` (created if needed), each
         checked against its recorded sha256. Raises UserError when a file is already there
-        (unless `overwrite`), `downloads.Damaged` when a file has no intact stored copy."""
+        (unless `overwrite`), `target_dir` is a link to nothing or cannot be written,
+        `downloads.Damaged` when a file has no intact stored copy."""
+        from expkit import downloads
         from expkit.registry import ModelStore
 
-        return ModelStore(self.workspace).download(
-            self.name, self.version, Path(target_dir), overwrite
-        )
+        folder = Path(target_dir)
+        downloads.check_folder(folder)
+        try:
+            return ModelStore(self.workspace).download(self.name, self.version, folder, overwrite)
+        except OSError as error:  # making the folder (read-only, full): one line, no traceback
+            raise downloads.destination_error(error, folder) from None

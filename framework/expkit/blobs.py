@@ -13,11 +13,17 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 import stat
+import time
 from pathlib import Path
 
 READ_ONLY = 0o444
+TMP_SUFFIX = ".tmp"
+STALE_TMP_SECONDS = 60
+# A blob being copied in (`.<sha256>.<pid>.tmp`) in its folder of the store.
+_BLOB_TMP = re.compile(r"^\.[0-9a-f]{64}\.(?P<pid>\d+)\.tmp$")
 # A hard link failed for a reason that a copy gets around (another file system, a file system
 # without hard links, too many links to one file).
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
@@ -121,9 +127,13 @@ class BlobStore:
 
     def _copy_in(self, file: Path, blob: Path, mode: int) -> None:
         blob.parent.mkdir(parents=True, exist_ok=True)
-        tmp = blob.with_name(f".{blob.name}.{os.getpid()}.tmp")
-        copy_private(file, tmp, stored_mode(mode))
-        os.replace(tmp, blob)
+        tmp = blob.with_name(f".{blob.name}.{os.getpid()}{TMP_SUFFIX}")
+        try:
+            copy_private(file, tmp, stored_mode(mode))
+            os.replace(tmp, blob)
+        finally:  # a full disk or a signal half-way: the partial copy never stays
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     @staticmethod
     def _tighten(blob: Path, mode: int) -> None:
@@ -141,21 +151,67 @@ def copy_private(source: Path, dest: Path, mode: int) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(dest)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-        shutil.copyfileobj(src, out, 1024 * 1024)
-    os.chmod(dest, mode)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+        os.chmod(dest, mode)
+    except BaseException:  # a full disk, a signal: no partial copy is left (dest is ours)
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
 
 
 def _replace_with(blob: Path, file: Path) -> None:
     """Make `file` a name of `blob` (a copy of it across file systems), atomically. Only the
     name `file` changes: the inode it named before, and that inode's other names, do not."""
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.link.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    tmp = file.with_name(short_temporary_name())  # never built from a name that may be long
     try:
-        os.link(blob, tmp)
-    except OSError as error:
-        if error.errno not in _NO_LINK:
-            raise
-        copy_private(blob, tmp, stored_mode(blob.stat().st_mode))
-    os.replace(tmp, file)
+        try:
+            os.link(blob, tmp)
+        except OSError as error:
+            if error.errno not in _NO_LINK:
+                raise
+            copy_private(blob, tmp, stored_mode(blob.stat().st_mode))
+        os.replace(tmp, file)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def short_temporary_name() -> str:
+    """A fresh name for a temporary file next to another, short whatever that file's name
+    (a name built from it could exceed the file system's 255 bytes)."""
+    return f".expkit-{os.getpid()}-{os.urandom(6).hex()}{TMP_SUFFIX}"
+
+
+def remove_stale_tmp(root: Path) -> list[Path]:
+    """Remove the temporary files of blob copies whose process is gone (a kill -9 or a crash
+    half-way through a copy into the store): left, they keep a full disk full. Returns them."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for folder in Path(root).iterdir():
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                found = _BLOB_TMP.match(path.name)
+                if found and not _alive(int(found["pid"])) and _idle(path):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                        removed.append(path)
+    return removed
+
+
+def _idle(path: Path) -> bool:
+    """Not written for a minute: not a copy in progress by a process of another machine
+    sharing the workspace (whose pid means nothing here)."""
+    return time.time() - os.lstat(path).st_mtime > STALE_TMP_SECONDS
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -14,10 +14,11 @@ from typing import Any
 import yaml
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 MAX_DEPTH = 100  # lists and mappings inside each other, aliases followed
 MAX_VALUES = 100_000  # values of the whole document, each alias counted as what it repeats
+MAX_CHARS = 4 * 1024 * 1024  # characters of its scalars, each alias counted as what it repeats
 
 
 class BoundError(ComposerError):
@@ -26,16 +27,22 @@ class BoundError(ComposerError):
 
 class BoundedLoader(yaml.SafeLoader):
     """A SafeLoader that refuses documents deeper than MAX_DEPTH, larger than MAX_VALUES
-    once aliases are expanded, or containing themselves; and scalars Python cannot hold."""
+    values or MAX_CHARS characters once aliases are expanded, or containing themselves;
+    duplicate keys in a mapping; and scalars Python cannot hold."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent: Node | None, index: Any) -> Node:
         if self._depth >= MAX_DEPTH:  # before PyYAML's recursive composer overflows
             mark = self.peek_event().start_mark
             raise BoundError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+        self._nodes += 1
+        if self._nodes > MAX_VALUES:  # as it is read: stops parsing a huge file early
+            mark = self.peek_event().start_mark
+            raise BoundError(None, None, f"holds more than {MAX_VALUES} values", mark)
         self._depth += 1
         try:
             return super().compose_node(parent, index)
@@ -47,6 +54,24 @@ class BoundedLoader(yaml.SafeLoader):
         if node is not None:
             _check_expansion(node)
         return node
+
+    def construct_mapping(self, node: Node, deep: bool = False) -> dict[Any, Any]:
+        """A mapping; a key given twice is an error at its second line (PyYAML keeps the
+        last silently), except keys that a merge (`<<: *base`) brings in."""
+        if isinstance(node, MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                    key_node, ScalarNode
+                ):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
     def construct_object(self, node: Node, deep: bool = False) -> Any:
         try:
@@ -72,9 +97,10 @@ def _children(node: Node) -> list[Node]:
 
 
 def _check_expansion(root: Node) -> None:
-    """Depth and value count of the document with every alias expanded, computed once per
-    node (so in time linear in the file); raises BoundError at the first bound passed."""
-    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth), capped
+    """Depth, value count and characters of the document with every alias expanded,
+    computed once per node (so in time linear in the file); raises BoundError at the first
+    bound passed."""
+    sizes: dict[int, tuple[int, int, int]] = {}  # id(node) -> (values, depth, chars), capped
     on_path: set[int] = set()
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
@@ -83,8 +109,10 @@ def _check_expansion(root: Node) -> None:
         if finished:
             on_path.discard(key)
             children = [sizes[id(child)] for child in _children(node)]
-            values = min(1 + sum(v for v, _ in children), MAX_VALUES + 1)
-            depth = 1 + max((d for _, d in children), default=0)
+            values = min(1 + sum(v for v, _, _ in children), MAX_VALUES + 1)
+            depth = 1 + max((d for _, d, _ in children), default=0)
+            own = len(node.value) if isinstance(node.value, str) else 0
+            chars = min(own + sum(c for _, _, c in children), MAX_CHARS + 1)
             if values > MAX_VALUES:
                 raise BoundError(
                     None,
@@ -92,11 +120,19 @@ def _check_expansion(root: Node) -> None:
                     f"expands to more than {MAX_VALUES} values through aliases (*name)",
                     node.start_mark,
                 )
+            if chars > MAX_CHARS:
+                raise BoundError(
+                    None,
+                    None,
+                    f"expands to more than {MAX_CHARS // (1024 * 1024)} MiB of text through "
+                    "aliases (*name)",
+                    node.start_mark,
+                )
             if depth > MAX_DEPTH:
                 raise BoundError(
                     None, None, f"nested more than {MAX_DEPTH} levels deep", node.start_mark
                 )
-            sizes[key] = (values, depth)
+            sizes[key] = (values, depth, chars)
             continue
         if key in sizes:
             continue

@@ -546,13 +546,15 @@ def cmd_runs_logs(args: argparse.Namespace) -> int:
     if args.follow:
         follow(workspace, record.id, Console(), rank=args.rank)
         return 0
-    log = run_dir / "logs" / f"rank-{args.rank}.log"
-    if not log.exists():
+    from expkit.outputs import open_own_log
+
+    log = open_own_log(run_dir, f"rank-{args.rank}.log")
+    if log is None:
         if record.finished or args.rank != 0:
             raise UserError(f"run {record.id} has no output for rank {args.rank}")
         return 0
-    with open(log, "rb") as f:
-        sys.stdout.buffer.write(f.read())
+    with log:
+        sys.stdout.buffer.write(log.read())
     return 0
 
 
@@ -569,13 +571,20 @@ def cmd_runs_cancel(args: argparse.Namespace) -> int:
 
 def cmd_runs_files(args: argparse.Namespace) -> int:
     from expkit.api import Run
+    from expkit.outputs import escaped
+
+    def shown(name: str) -> str:
+        # One line per entry, and a file's line never reads as a link's: a name that is not
+        # printable is escaped, one holding " -> " is quoted (as Python writes a string).
+        text = escaped(name)
+        return repr(name) if text == name and " -> " in name else text
 
     workspace = _workspace(args)
     run = Run(workspace, _run_record(workspace, args.run_id).id)
     for name in run.get_file_names():
-        print(name)
+        print(shown(name))
     for name, target in run.get_links().items():
-        print(f"{name} -> {target}  (a link out of the run: recorded, not stored)")
+        print(f"{shown(name)} -> {escaped(target)}  (a link out of the run: recorded, not stored)")
     return 0
 
 
@@ -737,11 +746,12 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
 
 def cmd_models_download(args: argparse.Namespace) -> int:
-    from expkit.registry import ModelStore, parse_model_ref
+    from expkit.api import Model
+    from expkit.registry import parse_model_ref
 
     workspace = _workspace(args)
     name, version = parse_model_ref(args.ref)
-    for path in ModelStore(workspace).download(name, version, Path(args.dest), args.force):
+    for path in Model(workspace, name, version).download(Path(args.dest), args.force):
         print(path)
     return 0
 

@@ -15,6 +15,7 @@ not what it points to), and never turns a folder into a file. A destination that
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -59,10 +60,24 @@ def destination(dest: str | Path | None, name: str) -> Path:
         return Path(base)
     text = os.fspath(dest)
     folder = Path(text)
-    if text.endswith(("/", os.sep)) or folder.is_dir():
+    try:
+        is_folder = text.endswith(("/", os.sep)) or folder.is_dir()
+    except OSError as error:  # a name too long, a folder that cannot be searched
+        raise destination_error(error, folder) from None
+    if is_folder:
         _make_folder(folder)
         return folder / base
     return folder
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a folder destination that is a link to nothing (it cannot be made a folder,
+    and a download never writes through a link to create what it names)."""
+    if folder.is_symlink() and not folder.exists():
+        raise UserError(
+            f"{folder} is a link to {os.readlink(folder)}, which does not exist; name an "
+            "existing folder or a new path"
+        )
 
 
 def fetch(
@@ -78,20 +93,71 @@ def fetch(
     warn = warn or _stderr
     for item in wanted:
         if root is not None:
-            _check_below(root, item.target)
-        _check_target(item.target, overwrite)
+            _at_destination(_check_below, item.target, root, item.target)
+        _at_destination(_check_target, item.target, item.target, overwrite)
     staged: list[tuple[Path, Path]] = []
+    temporary: list[Path] = []  # every temporary file made, removed whatever happens
     try:
-        for item in wanted:
-            item.target.parent.mkdir(parents=True, exist_ok=True)
-            staged.append((_stage(item, warn), item.target))
-        for tmp, target in staged:
-            _place(tmp, target, overwrite)
+        with _signals_interrupt():
+            for item in wanted:
+                _at_destination(item.target.parent.mkdir, item.target.parent, parents=True,
+                                exist_ok=True)  # fmt: skip
+                staged.append((_stage(item, warn, temporary), item.target))
+            for tmp, target in staged:
+                _at_destination(_place, target, tmp, target, overwrite)
     finally:
-        for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
+        for tmp in temporary:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
     return [target for _, target in staged]
+
+
+def destination_error(error: OSError, where: Path) -> UserError:
+    """One line for an OSError at a download's destination `where`: exit code 1 for a full
+    disk (or quota), which freeing space fixes, 2 for anything else (a read-only or
+    forbidden folder, a name too long), which another destination fixes."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        failure = UserError(f"{where}: cannot write the download ({reason}); free some space")
+        failure.exit_code = 1
+        return failure
+    return UserError(f"{where}: cannot write the download ({reason}); choose another destination")
+
+
+def _at_destination(call: Callable[..., object], where: Path, *args: object, **kw: object) -> None:
+    try:
+        call(*args, **kw)
+    except OSError as error:
+        raise destination_error(error, where) from None
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a download: stop like Ctrl-C, removing temporary files."""
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While a download writes, SIGTERM and SIGHUP stop it the way Ctrl-C does (exit 130,
+    temporary files removed) instead of killing the process where it stands."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped()
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def inside_folder(root: Path, rel: str) -> Path:
@@ -107,6 +173,8 @@ def _make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise UserError(f"{folder} is a file, not a folder; name a folder to write into") from None
+    except OSError as error:
+        raise destination_error(error, folder) from None
 
 
 def _check_below(root: Path, target: Path) -> None:
@@ -125,8 +193,10 @@ def _check_below(root: Path, target: Path) -> None:
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
-    """Refuse a target that is a folder, an existing file (unless overwriting), or that lies
-    below a link or a file."""
+    """Refuse a target that is a folder, an existing file (unless overwriting), anything but
+    a file or a link (a FIFO, a socket, a device such as /dev/null: never replaced, even with
+    --force), or that lies below a link or a file."""
+    _refuse_special(target)
     if target.is_symlink():
         if not overwrite:
             raise UserError(f"{target} exists (a link to {os.readlink(target)}); {FORCE_HINT}")
@@ -142,16 +212,46 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise UserError(f"{parent} is a file, not a folder; cannot write {target}")
 
 
-def _stage(item: Wanted, warn: Callable[[str], None]) -> Path:
-    """A private temporary file next to the target holding an intact copy of `item`."""
+def _refuse_special(target: Path) -> None:
+    try:
+        info = os.lstat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    kind = _special_kind(info.st_mode)
+    if kind:
+        raise UserError(
+            f"{target} is {kind}; a download replaces only a file or a link (even with "
+            "--force): choose another destination"
+        )
+
+
+def _special_kind(mode: int) -> str | None:
+    """What a destination that is neither a file, a link nor a folder is, in words."""
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _stage(item: Wanted, warn: Callable[[str], None], temporary: list[Path]) -> Path:
+    """A private temporary file next to the target holding an intact copy of `item`; its
+    name is added to `temporary` as soon as it exists (the caller removes it)."""
     bad: list[tuple[Path, str]] = []
-    fd, name = _temporary(item.target)
+    fd, name = _at_destination_value(_temporary, item.target.parent, item.target)
     tmp = Path(name)
+    temporary.append(tmp)
     with os.fdopen(fd, "r+b") as out:
         for copy in item.copies():
             try:
                 digest, mode = _copy_hashing(copy, out)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError, _NotAFile):
+            except _WriteFailed as failed:
+                raise destination_error(failed.error, item.target) from None
+            except (OSError, _NotAFile):  # this copy cannot be read: try the next one
                 continue
             if item.digest is None or digest == item.digest:
                 os.fchmod(out.fileno(), stored_mode(mode) | stat.S_IWUSR)
@@ -178,25 +278,56 @@ class _NotAFile(Exception):
 def _copy_hashing(source: Path, out: BinaryIO) -> tuple[str, int]:
     """Copy `source` (never through a link) into the open file `out`, from its start;
     returns the sha256 of what was copied and the source's mode."""
-    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    # O_NONBLOCK: a FIFO put in place of a stored copy does not block the open (it is then
+    # refused as not a regular file); reads of a regular file ignore the flag.
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as src:
         info = os.fstat(src.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise _NotAFile(str(source))
-        out.seek(0)
-        out.truncate()
         digest = hashlib.sha256()
-        while chunk := src.read(CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
-        out.flush()
+        try:
+            out.seek(0)
+            out.truncate()
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                _write(out, chunk)
+            out.flush()
+        except _WriteFailed:
+            raise
+        except OSError as error:  # flush or truncate: the destination
+            raise _WriteFailed(error) from None
     return digest.hexdigest(), info.st_mode
 
 
+class _WriteFailed(Exception):
+    """Writing the destination failed (a full disk): not the stored copy's fault."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _write(out: BinaryIO, chunk: bytes) -> None:
+    try:
+        out.write(chunk)
+    except OSError as error:
+        raise _WriteFailed(error) from None
+
+
 def _temporary(target: Path) -> tuple[int, str]:
+    """A new private file in the target's folder, under a short name (never built from the
+    target's, which may already be as long as a name can be)."""
     import tempfile
 
-    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".download", dir=target.parent)
+    return tempfile.mkstemp(prefix=f".expkit-{os.getpid()}-", suffix=".download", dir=target.parent)
+
+
+def _at_destination_value(call: Callable[[Path], tuple[int, str]], where: Path, arg: Path):
+    try:
+        return call(arg)
+    except OSError as error:
+        raise destination_error(error, where) from None
 
 
 def _place(tmp: Path, target: Path, overwrite: bool) -> None:
@@ -205,6 +336,7 @@ def _place(tmp: Path, target: Path, overwrite: bool) -> None:
     if overwrite:
         if target.is_dir() and not target.is_symlink():
             raise UserError(f"{target} is a folder; a download never replaces a folder with a file")
+        _refuse_special(target)  # checked again just before: never a device, FIFO, socket
         os.replace(tmp, target)
         return
     try:

@@ -55,8 +55,8 @@ def shown_path(path: str | Path) -> str:
     """`path` as an error message shows it: relative to the current folder when inside it
     (`.expkit/history.db`), else absolute."""
     path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    try:  # the folder resolved, not a link's target: `.expkit/history.db`, not `/dev/null`
+        return str((path.parent.resolve() / path.name).relative_to(Path.cwd().resolve()))
     except (ValueError, OSError):
         return str(path)
 

@@ -196,6 +196,70 @@ def no_room(error: BaseException) -> bool:
 
 
 # -- opening the database -----------------------------------------------------------------------
+# Marks expkit's history in the SQLite header (PRAGMA application_id): "EXKT". A database with
+# expkit's tables and 0 there is an older expkit workspace's, marked when next opened.
+APPLICATION_ID = 0x45584B54
+
+
+def _check_regular_file(path: Path) -> int | None:
+    """The size of the file at `path` in bytes, None when there is none; DamagedHistory when
+    it is not a regular file (a FIFO, a device, a link to /dev/null), found without opening
+    it (opening a FIFO blocks)."""
+    import stat
+
+    try:
+        mode = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DamagedHistory(
+                f"{shown_path(path)} is a link to a missing file; remove the link, then restore "
+                "history.db from a backup or run `expkit init` for a new, empty history"
+            ) from None
+        return None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise DamagedHistory(f"{shown_path(path)} cannot be opened ({reason})") from None
+    if stat.S_ISREG(mode.st_mode):
+        return mode.st_size
+    if stat.S_ISDIR(mode.st_mode):
+        return None  # SQLite says "unable to open": named as before
+    fifo = stat.S_ISFIFO(mode.st_mode)
+    device = stat.S_ISCHR(mode.st_mode) or stat.S_ISBLK(mode.st_mode)
+    kind = "a FIFO" if fifo else "a device" if device else "not a regular file"
+    raise DamagedHistory(
+        f"{shown_path(path)} is {kind}, not a database file; move it aside and run "
+        "`expkit init` for a new, empty history, or restore it from a backup"
+    )
+
+
+def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise DamagedHistory unless the database is expkit's history, an older expkit
+    history (its tables, application_id 0) or a new, empty one."""
+    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+    if app_id not in (0, APPLICATION_ID):
+        raise _not_ours(path, f"application_id {app_id}")
+    if app_id == APPLICATION_ID:
+        return
+    present = {
+        name
+        for (name,) in conn.execute("SELECT name FROM sqlite_master")
+        if not name.startswith("sqlite_")
+    }
+    others = sorted(present - SCHEMA_NAMES)
+    if others:
+        raise _not_ours(path, "tables " + ", ".join(others[:5]))
+    if present and "runs" not in present:
+        raise _not_ours(path, "no runs table")
+
+
+def _not_ours(path: Path, what: str) -> DamagedHistory:
+    return DamagedHistory(
+        f"{shown_path(path)} is not an expkit history (it is a SQLite database with {what}); "
+        "it was left as it is: restore expkit's history.db from a backup, or move this one "
+        "aside and run `expkit init` for a new, empty history"
+    )
+
+
 # SQLite's primary result codes (sqlite3.h) for a file that cannot serve as the history.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
 _SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 14, 26
@@ -221,7 +285,8 @@ def damage(path: Path, error: sqlite3.Error, no_room: bool = False) -> DamagedHi
     if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return DamagedHistory(
             f"{shown} is damaged ({error}); move it aside and run `expkit init` for a new, "
-            "empty history (the files of runs and models stay), or restore it from a backup"
+            "empty history (the files of runs and models stay, and new ones never reuse "
+            "their folders), or restore it from a backup"
         )
     if code == _SQLITE_CANTOPEN:
         return DamagedHistory(
@@ -334,6 +399,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     try:
         conn.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000}")
+        _check_ours(conn, path)  # before anything writes: another program's file stays as it is
         patiently(conn.execute, "PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.OperationalError as error:
@@ -367,26 +433,70 @@ class History:
     database, whether that shows when it is opened or at a later query.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._local = threading.local()
-        self._create_schema()
+    def __init__(
+        self,
+        path: Path,
+        *,
+        run_taken: Callable[[str], bool] | None = None,
+        model_taken: Callable[[str, int], bool] | None = None,
+        has_records: Callable[[], bool] | None = None,
+    ) -> None:
+        """Open (creating if needed) the history at `path`.
 
-    def _create_schema(self) -> None:
+        `run_taken(run_id)` and `model_taken(name, version)` say whether a folder of that
+        run or model version already exists: new ids skip those, so that a history that lost
+        rows never lays a new run or version over an old one's files. `has_records()` says
+        whether the workspace holds runs or models: an empty database file there is a lost
+        history, refused, not a new one. Raises DamagedHistory."""
+        self.path = Path(path)
+        self._run_taken = run_taken or (lambda run_id: False)
+        self._model_taken = model_taken or (lambda name, version: False)
+        self._has_records = has_records or (lambda: False)
+        self._local = threading.local()
+        size = _check_regular_file(self.path)
+        if size == 0 and self._has_records():  # before SQLite writes a header into it
+            raise self._lost()
+        self._create_schema(size is not None)
+
+    def _create_schema(self, existed: bool = True) -> None:
         """Create what SCHEMA names and the file lacks, in one write transaction taken
-        patiently: several commands may open a new workspace at the same moment."""
+        patiently: several commands may open a new workspace at the same moment. Refuses
+        (DamagedHistory) a database of another program, or an empty one where runs exist."""
         db = self.db
-        present = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
-        if present >= SCHEMA_NAMES:
+        present = {
+            name
+            for (name,) in db.execute("SELECT name FROM sqlite_master")
+            if not name.startswith("sqlite_")
+        }
+        (app_id,) = db.execute("PRAGMA application_id").fetchone()
+        if present >= SCHEMA_NAMES and app_id == APPLICATION_ID:
             return  # the usual case: a read, no write lock
+        self._check_empty(present, app_id, existed)
 
         def create() -> None:
             with self.transaction() as db:
+                (now,) = db.execute("PRAGMA application_id").fetchone()
+                if now not in (0, APPLICATION_ID):  # another program's, since the check
+                    raise _not_ours(self.path, f"application_id {now}")
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
 
         patiently(create)
+
+    def _check_empty(self, present: set[str], app_id: int, existed: bool) -> None:
+        """Raise DamagedHistory for a database with no tables in a workspace with runs."""
+        if not present and app_id == 0 and existed and self._has_records():
+            raise self._lost()
+
+    def _lost(self) -> DamagedHistory:
+        return DamagedHistory(
+            f"{shown_path(self.path)} is empty, but the workspace holds runs or models: "
+            "its history is lost; restore history.db from a backup, or move it aside and "
+            "run `expkit init` for a new, empty history (the files of the old runs and "
+            "models stay, and new ones never reuse their folders)"
+        )
 
     # -- connections ------------------------------------------------------------------------
     @property
@@ -416,9 +526,12 @@ class History:
 
     # -- runs -------------------------------------------------------------------------------
     def create_run(self, experiment: str, job: dict[str, Any]) -> RunRecord:
-        """A new run in state `queued`, owned by this process until a driver claims it."""
+        """A new run in state `queued`, owned by this process until a driver claims it; its
+        number is past every recorded one and every run folder found (`run_taken`)."""
         with self.transaction() as db:
             (number,) = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM runs").fetchone()
+            while self._run_taken(f"{experiment}_{number}"):  # a run the history lost
+                number += 1
             run_id = f"{experiment}_{number}"
             pid = os.getpid()
             db.execute(
@@ -698,11 +811,14 @@ class History:
         tags: dict[str, str],
         files: dict[str, tuple[int, str]],
     ) -> int:
-        """Insert the next version of `name` with its files; returns the version number."""
+        """Insert the next version of `name` with its files; returns the version number,
+        never one whose folder exists already (`model_taken`)."""
         with self.transaction() as db:
             (version,) = db.execute(
                 "SELECT COALESCE(MAX(version), 0) + 1 FROM models WHERE name = ?", (name,)
             ).fetchone()
+            while self._model_taken(name, version):  # a version the history lost
+                version += 1
             db.execute(
                 "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?)",
                 (name, version, run_id, time.time(), json.dumps(lineage), json.dumps(tags)),

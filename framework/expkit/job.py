@@ -11,9 +11,11 @@ the field path and the reason, refuses unknown fields, and costs nothing at impo
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import errno
 import math
+import os
 import re
 import types
 import typing
@@ -29,6 +31,9 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 NAME_RULE = "use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
 _DATA_REF = re.compile(r"\$\{data\.([A-Za-z0-9_-]+)\}")
 MAX_ARG_CHARS = 128 * 1024  # bytes of one argument Linux passes to a program (MAX_ARG_STRLEN)
+MAX_COMMAND_BYTES = 1024 * 1024  # the script's whole command line (Linux allows about 2 MiB
+# for arguments and environment together)
+MAX_JOB_BYTES = 1024 * 1024  # a job spec file
 
 
 class _Invalid(Exception):
@@ -81,6 +86,11 @@ class EnvironmentSpec(_Spec):
             if key not in ("packages", "options"):  # {pip: [...]} means builder pip
                 return {"builder": key, "packages": packages}
         return value
+
+    def _check(self) -> None:
+        for i, package in enumerate(self.packages):
+            if not package.strip():
+                raise _Invalid(f"packages.{i}", "is empty; name a package, e.g. `pillow`")
 
 
 @dataclass
@@ -198,6 +208,8 @@ class ModelSpec(_Spec):
     input: ModelInput | None = None  # for exports
 
     def _check(self) -> None:
+        if len(set(self.registries)) < len(self.registries):
+            raise _Invalid("registries", "each registry may be listed once")
         parts = Path(self.path).parts
         if not parts or parts[0] != "outputs" or ".." in parts:
             raise _Invalid("path", "must be inside outputs/, e.g. `outputs/` or `outputs/model.pt`")
@@ -240,8 +252,11 @@ class JobSpec(_Spec):
     tags: dict[str, str] = field(default_factory=dict)
 
     def _check(self) -> None:
+        _check_args_values(self.args)
+        total = 0
         for arg in self.arguments():
             text = str(arg)
+            total += len(text) + 1
             if "\0" in text:
                 raise _Invalid("args", f"{quoted(arg)} contains a NUL byte (a command line cannot)")
             if len(text) > MAX_ARG_CHARS // 4 and len(text.encode()) > MAX_ARG_CHARS:
@@ -249,6 +264,15 @@ class JobSpec(_Spec):
                     "args",
                     f"{quoted(arg)} is longer than one argument of a command line may be "
                     f"({MAX_ARG_CHARS // 1024} KiB); pass the path of a file that holds it",
+                )
+        if total > MAX_COMMAND_BYTES // 4:  # characters; count bytes only when it may matter
+            size = sum(len(str(arg).encode()) + 1 for arg in self.arguments())
+            if size > MAX_COMMAND_BYTES:
+                raise _Invalid(
+                    "args",
+                    f"the script's command line would be {size // 1024} KiB, more than "
+                    f"{MAX_COMMAND_BYTES // 1024} KiB; pass the path of a file that holds "
+                    "the values",
                 )
         for name in self.data:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -277,7 +301,7 @@ class JobSpec(_Spec):
         path = Path(path)
         source = printable(str(path))
         try:
-            data = path.read_bytes()
+            data = _read_job_file(path, source)
         except FileNotFoundError:
             raise JobSpecError(source, "", "no such file") from None
         except OSError as error:
@@ -324,6 +348,14 @@ class JobSpec(_Spec):
             if not folder.is_dir():
                 raise JobSpecError(source, "source_directory", f"folder {folder} does not exist")
         with _path_field(source, "entry_script"):
+            script = os.path.normpath(self.entry_script)
+            if os.path.isabs(script) or script == ".." or script.startswith("../"):
+                raise JobSpecError(
+                    source,
+                    "entry_script",
+                    f"{self.entry_script!r} must be a path inside source_directory ({folder}), "
+                    "relative to it, e.g. `train.py`: only that folder is in the run's snapshot",
+                )
             if not (folder / self.entry_script).is_file():
                 raise JobSpecError(
                     source, "entry_script", f"{self.entry_script!r} is not a file in {folder}"
@@ -381,7 +413,50 @@ class JobSpec(_Spec):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+_SCALARS = (str, int, float, bool, type(None), datetime.date)
+
+
+def _check_args_values(args: dict[str, Any] | list[Any]) -> None:
+    """Each value of `args` is a scalar or a list of scalars: anything else (a mapping, a
+    list of lists, `!!binary` bytes) would reach the script as a Python repr."""
+    items = args.items() if isinstance(args, dict) else enumerate(args)
+    for key, value in items:
+        where = f"args.{printable(str(key), 60)}"
+        values = value if isinstance(value, list) and isinstance(args, dict) else [value]
+        for item in values:
+            if not isinstance(item, _SCALARS):
+                kind = _kind(item) if isinstance(item, dict | list) else type(item).__name__
+                raise _Invalid(
+                    where,
+                    f"must be a string, a number, true/false or a list of those, not {kind}"
+                    " (the script gets text: quote it, or pass a file's path)",
+                )
+
+
 # -- reading ---------------------------------------------------------------------------------
+def _read_job_file(path: Path, source: str) -> bytes:
+    """The bytes of a job file: a regular file of at most MAX_JOB_BYTES, checked before it
+    is opened (a FIFO would block, /dev/zero never ends); a JobSpecError otherwise."""
+    import stat
+
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        if stat.S_ISFIFO(info.st_mode):
+            kind = "a FIFO"
+        elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+            kind = "a device"
+        raise JobSpecError(source, "", f"is {kind}; a job spec is a YAML file")
+    limit = f"a job spec may be at most {MAX_JOB_BYTES // 1024} KiB"
+    if info.st_size > MAX_JOB_BYTES:
+        raise JobSpecError(source, "", f"is {info.st_size} bytes; {limit}")
+    with open(path, "rb") as f:
+        data = f.read(MAX_JOB_BYTES + 1)
+    if len(data) > MAX_JOB_BYTES:
+        raise JobSpecError(source, "", f"grew past the limit while read; {limit}")
+    return data
+
+
 def load_yaml(text: str, source: str) -> Any:
     """The data of a job spec's YAML text; a JobSpecError naming `source` and the line when
     it is not YAML or passes the bounds of `expkit.bounded_yaml` (depth, aliases, size)."""

@@ -129,6 +129,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
 
 def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     """Record a new run of `job` (state queued) after checking every plugin it names."""
+    check_data_sources(workspace, job)
     compute = choose(job, get_plugins()).compute
     _plugin_call(compute, "preflight", compute.preflight, job)
     return workspace.history.create_run(job.experiment, job.to_dict())
@@ -140,6 +141,27 @@ def note_signals(early: list[str]) -> Any:
     before it records the run, so that a signal while the plugins are checked is not fatal.
     Returns the handlers that were there."""
     return _on_signals(lambda signum, frame: early.append(signal.Signals(signum).name))
+
+
+def check_data_sources(workspace: Workspace, job: JobSpec) -> None:
+    """Raise UserError for a data `source` that holds the workspace or lies inside it:
+    copying or linking it into a run (itself inside the workspace) would copy the workspace
+    into itself, or hand the script the workspace's own files."""
+    home = workspace.path.resolve()
+    for name, item in job.data.items():
+        if not item.source or item.prepare:
+            continue
+        origin = Path(item.source).resolve()
+        if home == origin or home.is_relative_to(origin):
+            what = "holds the workspace"
+        elif origin.is_relative_to(home):
+            what = "is inside the workspace"
+        else:
+            continue
+        raise UserError(
+            f"data.{name}.source: {origin} {what} {home}; name a folder of the data alone "
+            "(or keep the workspace elsewhere with --workspace)"
+        )
 
 
 def execute(
@@ -396,7 +418,7 @@ class Lifecycle:
         (outputs/ and logs/ stay for post-process), then stages the full disk left open are
         closed as failed."""
         self.release_room()
-        if self.work_dir.is_dir():
+        if self.work_dir.is_dir() and not self.work_dir.is_symlink():
             for path in self.work_dir.iterdir():
                 if path.name in ("outputs", "logs") and not path.is_symlink():
                     continue
@@ -531,10 +553,8 @@ class Lifecycle:
         if backend is not None:
             rank = _plugin_call(backend, "failed_rank", backend.failed_rank, self.ctx)
             own = _plugin_call(backend, "failed_exit_code", backend.failed_exit_code, self.ctx)
-        log = self.ctx.log_dir / f"rank-{0 if rank is None else rank}.log"
-        lines = (
-            [line for line in _tail(log, LOG_TAIL_LINES) if line.strip()] if log.exists() else []
-        )
+        name = f"rank-{0 if rank is None else rank}.log"
+        lines = [line for line in _tail(self.run_dir, name, LOG_TAIL_LINES) if line.strip()]
         message = f"rank {rank}: " if rank is not None else ""
         message += _describe_exit(code if own is None else own)
         return f"{message}; last output: {lines[-1].strip()}" if lines else message
@@ -550,6 +570,8 @@ class Lifecycle:
             if worker.error is not None:
                 self.warn(str(worker.error))
                 self.history.add_event(self.run_id, "sink-failed", str(worker.error))
+        for warning in run_outputs.own_folders(self.run_dir):  # never through a link
+            self.warn(warning)
         outputs = self.seal_outputs()
         self.collect_script_logs()
         shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -789,8 +811,13 @@ def _describe_exit(code: int) -> str:
     return f"the script exited with code {code}"
 
 
-def _tail(path: Path, count: int) -> list[str]:
-    with open(path, "rb") as f:
+def _tail(run_dir: Path, name: str, count: int) -> list[str]:
+    """The last `count` lines of the run's log `name`, read only from the run's own logs/
+    folder (never through a link a script put there); none when there is no such log."""
+    f = run_outputs.open_own_log(run_dir, name)
+    if f is None:
+        return []
+    with f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 8192))
         data = f.read().decode("utf-8", errors="replace")

@@ -27,6 +27,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from expkit.blobs import BlobStore, hash_file
 
@@ -55,7 +56,63 @@ class _Plan:
     drop: list[str] = field(default_factory=list)  # entries removed from the sealed folder
     loops: list[str] = field(default_factory=list)
     special: list[str] = field(default_factory=list)
+    unnamed: list[str] = field(default_factory=list)  # names that are not UTF-8: left as they are
     budget: int = LINK_EXPANSION_LIMIT
+
+
+RUN_FOLDERS = ("work", "outputs", "logs")
+
+
+def own_folders(run_dir: Path) -> list[str]:
+    """Make sure the run's work/, outputs/ and logs/ are its own real folders (or absent)
+    before anything is collected from or moved into them; returns warnings.
+
+    A script may replace them (they are its cwd and ../outputs, ../logs): a link is removed
+    (the link alone: its target is never followed, moved or changed), and anything else that
+    is not a folder is renamed aside in the run's folder (kept, not lost). A working folder
+    the script renamed away (e.g. work.moved) is left where it is, never followed."""
+    warnings = []
+    for name in RUN_FOLDERS:
+        path = run_dir / name
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            target = os.readlink(path)
+            os.unlink(path)
+            warnings.append(
+                f"the run's {name}/ was replaced by a link to {escaped(target)} (by the script): "
+                "the link was removed, nothing was collected or moved through it"
+            )
+            continue
+        aside = run_dir / f"{name}.not-a-folder"
+        os.replace(path, aside)
+        warnings.append(
+            f"the run's {name}/ was replaced by something that is not a folder (by the "
+            f"script): kept as {aside}, nothing was collected from it"
+        )
+    return warnings
+
+
+def escaped(name: str | bytes) -> str:
+    """`name` as one printable line: a name that is not UTF-8 or holds a control character
+    (a newline) is shown escaped, the way Python writes a string literal's inside."""
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if name.isprintable() and not _has_surrogates(name):
+        return name
+    return repr(name.encode("utf-8", "surrogateescape"))[2:-1]
+
+
+def _has_surrogates(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def seal(work_dir: Path, sealed: Path, blobs: BlobStore) -> Sealed:
@@ -75,7 +132,7 @@ def seal(work_dir: Path, sealed: Path, blobs: BlobStore) -> Sealed:
     else:
         source = work_dir / "outputs"
         if source.is_symlink():
-            target = os.readlink(source)
+            target = escaped(os.readlink(source))
             real = os.path.realpath(source)
             work = os.path.realpath(work_dir)
             if _inside(real, work) and real != work and os.path.isdir(real):
@@ -89,13 +146,23 @@ def seal(work_dir: Path, sealed: Path, blobs: BlobStore) -> Sealed:
                 )
         elif source.is_dir():
             folder = source
+        elif source.exists() and stat.S_ISREG(os.lstat(source).st_mode):  # a file: kept
+            sealed.mkdir(exist_ok=True)
+            os.replace(source, sealed / "outputs")
+            folder = sealed
+            warnings.append(
+                "./outputs was a file, not a folder: sealed as outputs/outputs (write outputs "
+                "into the folder ./outputs)"
+            )
+        elif source.exists():
+            warnings.append("./outputs is not a folder (a FIFO, a socket): nothing to seal")
     plan = _plan(folder) if folder is not None else _Plan()
     if folder is not None and folder != sealed:
         os.replace(folder, sealed)
     sealed.mkdir(exist_ok=True)
     files = _apply(plan, sealed, blobs)
     links.update(plan.links)
-    warnings += _describe(plan)
+    warnings += _describe(plan, sealed)
     return Sealed(files, links, warnings)
 
 
@@ -118,8 +185,13 @@ def _plan(root: Path) -> _Plan:
             rel = prefix + entry.name
             if through_link:
                 plan.budget -= 1
+            if _has_surrogates(entry.name):  # cannot be recorded as it is: kept on disk only
+                plan.unnamed.append(rel)
+                if entry.is_symlink() and not through_link:
+                    plan.drop.append(rel)  # a link is never left to be followed later
+                continue
             if entry.is_symlink():
-                target = os.readlink(entry.path)
+                target = escaped(os.readlink(entry.path))
                 real = os.path.realpath(entry.path)
                 on_disk = [] if through_link else [rel]
                 if not _inside(real, real_root) or not os.path.exists(real):
@@ -183,9 +255,16 @@ def _apply(plan: _Plan, sealed: Path, blobs: BlobStore) -> dict[str, tuple[int, 
     return dict(sorted(files.items()))
 
 
-def _describe(plan: _Plan) -> list[str]:
+def _describe(plan: _Plan, sealed: Path | None = None) -> list[str]:
     """The warnings about what was recorded or left out, a line per kind."""
     warnings = []
+    if plan.unnamed:
+        shown = ", ".join(escaped(n) for n in plan.unnamed[:NAMED_IN_WARNING])
+        more = len(plan.unnamed) - NAMED_IN_WARNING
+        warnings.append(
+            f"outputs: {shown}{f' and {more} more' if more > 0 else ''}: names that are not "
+            f"UTF-8 cannot be recorded: left out of the manifest, kept as they are in {sealed}"
+        )
     outside = [r for r in plan.links if r not in plan.loops]
     if outside:
         warnings.append(
@@ -198,7 +277,7 @@ def _describe(plan: _Plan) -> list[str]:
             "many files reached through links): recorded as links, not followed"
         )
     if plan.special:
-        shown = ", ".join(plan.special[:NAMED_IN_WARNING])
+        shown = ", ".join(escaped(n) for n in plan.special[:NAMED_IN_WARNING])
         more = len(plan.special) - NAMED_IN_WARNING
         warnings.append(
             f"outputs: {shown}{f' and {more} more' if more > 0 else ''}: not regular files "
@@ -208,9 +287,30 @@ def _describe(plan: _Plan) -> list[str]:
 
 
 def _named(names: list[str], links: dict[str, str]) -> str:
-    shown = ", ".join(f"{n} -> {links[n]}" for n in names[:NAMED_IN_WARNING])
+    shown = ", ".join(f"{escaped(n)} -> {escaped(links[n])}" for n in names[:NAMED_IN_WARNING])
     more = len(names) - NAMED_IN_WARNING
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def open_own_log(run_dir: Path, name: str) -> BinaryIO | None:
+    """The run's log `name`, open for reading, when it is a regular file in the run's own
+    logs/ folder; None otherwise (missing, or reached only through a link: a script may have
+    replaced logs/ or a log with a link to a file of the user's, never shown as the run's)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        folder = os.open(run_dir / "logs", flags | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=folder)
+    except OSError:
+        return None
+    finally:
+        os.close(folder)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
 
 
 def collect_logs(work_dir: Path, log_dir: Path) -> list[str]:

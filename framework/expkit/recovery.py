@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from expkit import data
 from expkit.console import human_size
 from expkit.history import History, no_room
+from expkit.outputs import own_folders
 from expkit.procs import stop_run_processes
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
     run_dir = workspace.run_dir(run_id)
     with contextlib.suppress(OSError):  # the room its driver set aside for its record
         (run_dir / RESERVE_NAME).unlink()
+    for warning in own_folders(run_dir):  # links the script made: removed, never followed
+        history.add_event(run_id, "warning", warning)
     for folder in run_dir.glob("exports/*/.expkit-worker-*"):  # an export worker's request
         if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
@@ -96,6 +99,7 @@ def remove_stale_builds(workspace: Workspace) -> list[Path]:
     """Remove cache folders whose build died: data prepares (their temporary folder names
     the builder's pid) and environments (no completion mark, and no build holds the lock)."""
     removed = data.remove_stale(workspace.data_dir)
+    removed += remove_stale_blob_copies(workspace)
     with contextlib.suppress(OSError):
         for folder in workspace.envs_dir.iterdir():
             lock = folder.with_name(folder.name + ".lock")
@@ -112,3 +116,11 @@ def remove_stale_builds(workspace: Workspace) -> list[Path]:
             finally:
                 os.close(fd)
     return removed
+
+
+def remove_stale_blob_copies(workspace: Workspace) -> list[Path]:
+    """Remove the store's temporary copies whose process died (a kill -9 half-way through
+    copying a file into the store): left, a big one keeps a full disk full."""
+    from expkit.blobs import remove_stale_tmp
+
+    return remove_stale_tmp(workspace.blobs_dir)

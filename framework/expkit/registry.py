@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from expkit.blobs import BlobStore, copy_private, manifest, stored_mode
+from expkit.blobs import BlobStore, copy_private, manifest, short_temporary_name, stored_mode
 from expkit.capabilities import ModelVersion
 from expkit.errors import UserError
 from expkit.workspace import Workspace
@@ -78,15 +78,37 @@ class ModelStore:
         return self.get(model.name, model.version)
 
     def _lay_out(self, name: str, version: int, files: dict[str, tuple[int, str]]) -> Path:
+        """The folder `models/<name>/<version>/` holding the recorded `files`: kept when it
+        holds them, completed when some are missing (a crash), and moved aside to
+        `<version>.unrecorded[.n]` when it holds a file the record does not name (files of a
+        version the history lost): a version's folder never shows files not its own."""
         folder = self.ws.models_dir / name / str(version)
-        if folder.is_dir():
-            return folder
+        if folder.is_dir() and not folder.is_symlink():
+            if self._matches(folder, files):
+                for rel, (_, digest) in files.items():
+                    if not os.path.lexists(folder / rel):
+                        self.blobs.link_to(digest, folder / rel)
+                return folder
+            _move_aside(folder)
+        elif os.path.lexists(folder):
+            _move_aside(folder)
         tmp = folder.with_name(f".{version}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         for rel, (_, digest) in files.items():
             self.blobs.link_to(digest, tmp / rel)
         tmp.replace(folder)
         return folder
+
+    @staticmethod
+    def _matches(folder: Path, files: dict[str, tuple[int, str]]) -> bool:
+        """Whether every file in `folder` is one of `files` by name (their content is
+        checked, and repaired, by `verify`: see downloads)."""
+        for path in folder.rglob("*"):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            if path.relative_to(folder).as_posix() not in files:
+                return False
+        return True
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
         row = self.ws.history.model(name, version)
@@ -176,16 +198,28 @@ def verify_folder(
     return repaired
 
 
+def _move_aside(folder: Path) -> None:
+    """Rename `folder` to a free `<name>.unrecorded[.n]` next to it (nothing is deleted)."""
+    for n in range(1000):
+        aside = folder.with_name(f"{folder.name}.unrecorded" + (f".{n}" if n else ""))
+        if not os.path.lexists(aside):
+            folder.rename(aside)
+            return
+    raise UserError(f"{folder}: holds files of no recorded version; move it away")
+
+
 def _relink(good: Path, path: Path) -> None:
     """Make the store's name `path` the intact file `good` (a copy across file systems)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.repair.tmp")
-    if tmp.exists() or tmp.is_symlink():
-        tmp.unlink()
+    tmp = path.with_name(short_temporary_name())  # a name built from path's may be too long
     try:
-        os.link(good, tmp)
-    except OSError:
-        copy_private(good, tmp, stored_mode(good.stat().st_mode))
-    os.replace(tmp, path)
+        try:
+            os.link(good, tmp)
+        except OSError:
+            copy_private(good, tmp, stored_mode(good.stat().st_mode))
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            tmp.unlink()
 
 
 def check_model_name(name: str, field: str = "model.name") -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from expkit.blobs import BlobStore, copy_private, hash_file
+from expkit.outputs import escaped
 
 IGNORE_FILE = ".expkitignore"
 ALWAYS_IGNORED = [
@@ -94,6 +95,9 @@ def take(source: Path, dest: Path, blobs: BlobStore) -> Snapshot:
         prefix = "" if rel_folder == "." else rel_folder + "/"
         kept = []
         for name in sorted(dirs):
+            if _not_utf8(name):
+                warnings.append(_unnamed(prefix + name, folder=True))
+                continue
             if ignore.ignored(prefix + name, True):
                 continue
             path = Path(folder) / name
@@ -105,6 +109,9 @@ def take(source: Path, dest: Path, blobs: BlobStore) -> Snapshot:
         for name in sorted(names):
             rel = prefix + name
             path = Path(folder) / name
+            if _not_utf8(name):
+                warnings.append(_unnamed(rel, folder=False))
+                continue
             if ignore.ignored(rel, False):
                 continue
             if path.is_symlink():
@@ -112,7 +119,11 @@ def take(source: Path, dest: Path, blobs: BlobStore) -> Snapshot:
                 if not _inside(real, root) or not os.path.isfile(real):
                     warnings.append(_link_warning(rel, path, root, folder=False))
                     continue
-            elif not path.is_file():  # a FIFO, a socket: not source code
+            elif not path.is_file():  # a FIFO, a socket: not source code (and never read)
+                warnings.append(
+                    f"source folder: {escaped(rel)} is not a regular file (a FIFO, a socket, "
+                    f"a device): not in the snapshot; list it in {IGNORE_FILE} to silence this"
+                )
                 continue
             digest = hash_file(path)
             blobs.add_copy(path, digest)
@@ -126,6 +137,23 @@ def take(source: Path, dest: Path, blobs: BlobStore) -> Snapshot:
             f"list data and other large files in {IGNORE_FILE} and pass them as `data:` inputs"
         )
     return snapshot
+
+
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unnamed(rel: str, folder: bool) -> str:
+    """Why a name that is not UTF-8 is not in the snapshot (it cannot be recorded)."""
+    what = f"{escaped(rel)}/ (a folder)" if folder else escaped(rel)
+    return (
+        f"source folder: {what}: the name is not UTF-8 and cannot be recorded: not in the "
+        "snapshot; rename it if the script needs it"
+    )
 
 
 def _inside(real: str, root: str) -> bool:

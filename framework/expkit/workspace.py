@@ -6,8 +6,10 @@ folder or one of its parents; `expkit init` creates one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +21,7 @@ from expkit.history import History
 FOLDER = ".expkit"
 CONFIG = "config.json"
 ENV = "EXPKIT_WORKSPACE"
+MAX_CONFIG_BYTES = 1024 * 1024  # config.json holds a few settings
 
 
 class Workspace:
@@ -52,7 +55,7 @@ class Workspace:
             return cls(folder)
         here = (start or Path.cwd()).resolve()
         for folder in (here, *here.parents):
-            if (folder / FOLDER / CONFIG).is_file():
+            if _entry_exists(folder / FOLDER / CONFIG):  # a damaged one is named, not skipped
                 return cls(folder / FOLDER)
         raise UserError(
             f"no expkit workspace in {here} or its parents; create one with `expkit init` "
@@ -72,7 +75,7 @@ class Workspace:
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: see the README
             config = folder / CONFIG
-            if not config.exists():
+            if not os.path.lexists(config):
                 write_new_config(config)
         except (OSError, ValueError) as error:  # a refused name, a file in the way, no room
             reason = getattr(error, "strerror", None) or str(error)
@@ -87,9 +90,27 @@ class Workspace:
     @cached_property
     def history(self) -> History:
         """The run history; opening it marks runs whose driver died as failed."""
-        history = History(self.path / "history.db")
+        history = History(
+            self.path / "history.db",
+            run_taken=lambda run_id: os.path.lexists(self.run_dir(run_id)),
+            model_taken=lambda name, version: os.path.lexists(
+                self.models_dir / name / str(version)
+            ),
+            has_records=self._has_records,
+        )
         self.recover(history)
         return history
+
+    def _has_records(self) -> bool:
+        """Whether runs/ or models/ hold anything (a workspace that has been used)."""
+        for folder in (self.path / "runs", self.models_dir):
+            try:
+                with os.scandir(folder) as entries:
+                    if any(True for _ in entries):
+                        return True
+            except OSError:
+                continue
+        return False
 
     def recover(self, history: History | None = None) -> list[str]:
         """Mark failed every run whose driver process is gone, stop what it left running, keep
@@ -122,10 +143,28 @@ class Workspace:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """The workspace's settings; a UserError naming the file when it is not a JSON object."""
+    """The workspace's settings; a UserError naming the file when it is not a regular file
+    of at most MAX_CONFIG_BYTES holding a JSON object (never opens a FIFO or a device)."""
     advice = "move it aside and run `expkit init` for a new one, or restore it from a backup"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        info = os.stat(path)  # before opening: a FIFO blocks, /dev/zero never ends
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):  # a folder:
+            kind = "not a regular file"  # "cannot be read (Is a directory)" below
+            if stat.S_ISFIFO(info.st_mode):
+                kind = "a FIFO"
+            elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+                kind = "a device"
+            raise UserError(f"{shown_path(path)} is damaged (it is {kind}); {advice}")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise UserError(
+                f"{shown_path(path)} is damaged ({info.st_size} bytes, more than a workspace's "
+                f"config may be: {MAX_CONFIG_BYTES // 1024} KiB); {advice}"
+            )
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise UserError(f"{shown_path(path)} is damaged (it keeps growing); {advice}")
+        config = json.loads(data.decode("utf-8"))
     except OSError as error:
         reason = error.strerror or str(error)
         raise UserError(f"{shown_path(path)} cannot be read ({reason}); {advice}") from None
@@ -161,6 +200,18 @@ def write_new_config(config: Path) -> None:
 
 def _config_folder(path: Path) -> Path | None:
     for folder in (path, path / FOLDER):
-        if (folder / CONFIG).is_file():
+        if _entry_exists(folder / CONFIG):  # of any kind: a damaged config is named
             return folder
     return None
+
+
+def _entry_exists(path: Path) -> bool:
+    """Whether there is an entry of any kind at `path` (a dangling link too); OSError for a
+    name the file system refuses (too long, ...)."""
+    try:
+        os.lstat(path)
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # as Path.is_file
+            return False
+        raise
+    return True

@@ -26,9 +26,11 @@ class ProcessGroup:
         self.ctx, self.base_env = ctx, base_env
         self.children: list[tuple[Process, subprocess.Popen]] = []
         self.readers: list[threading.Thread] = []
+        self._log_dir: int | None = None  # the run's logs folder, opened once (see _open_log)
 
     def start(self, process: Process) -> None:
-        self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
+        if self._log_dir is None:
+            self._log_dir = _open_folder(self.ctx.log_dir)
         popen = subprocess.Popen(
             process.argv,
             cwd=self.ctx.work_dir,
@@ -57,7 +59,7 @@ class ProcessGroup:
                 )
                 if rank not in logs:
                     name = "launcher.log" if rank is None else f"rank-{rank}.log"
-                    logs[rank] = _open_log(self.ctx.log_dir / name)
+                    logs[rank] = _open_log(self._log_dir, name)
                 log = logs[rank]
                 if log is not None:
                     try:
@@ -112,14 +114,34 @@ class ProcessGroup:
         self.stop()
         for reader in self.readers:
             reader.join(timeout=5)
+        if self._log_dir is not None:
+            os.close(self._log_dir)
+            self._log_dir = None
 
 
-def _open_log(path: Path) -> BinaryIO | None:
-    """A rank's log, unbuffered; None when it cannot be created (a full disk)."""
+def _open_folder(path: Path) -> int | None:
+    """The run's logs folder, created if needed and opened once, never through a link: a
+    script that later swaps ../logs for a link to a folder of the user's does not redirect
+    what is written (the logs are opened relative to this descriptor). None when it cannot
+    be created (a full disk)."""
     try:
-        return open(path, "ab", buffering=0)
+        path.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
+
+
+def _open_log(folder: int | None, name: str) -> BinaryIO | None:
+    """A rank's log in the run's logs `folder` (a descriptor), opened once, appended to,
+    unbuffered, never through a link; None when it cannot be created (a full disk)."""
+    if folder is None:
+        return None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o644, dir_fd=folder)
+    except OSError:
+        return None
+    return os.fdopen(fd, "ab", buffering=0)
 
 
 def _killpg(pgid: int, sig: int) -> None:
