@@ -76,7 +76,8 @@ GATE_PLUGIN = """
     from pathlib import Path
 
     import expkit
-    from expkit.capabilities import MetricSink, MetricWriter, ModelRegistry
+    from expkit import exportkit
+    from expkit.capabilities import Exporter, MetricSink, MetricWriter, ModelRegistry
 
 
     def gate(which):
@@ -109,12 +110,64 @@ GATE_PLUGIN = """
 
     @expkit.hookimpl
     def expkit_metric_sinks():
-        return [Sink()]
+        return [Sink(), CheckSink()]
 
 
     @expkit.hookimpl
     def expkit_model_registries():
         return [Registry()]
+
+
+    class CheckSink(MetricSink):
+        # Its option check (before the run is recorded) holds at the gate.
+
+        name = "gate-check"
+
+        def check_options(self, options, field):
+            gate("check")
+
+        def open(self, run, options):
+            return Writer()
+
+
+    class SlowExporter(Exporter):
+        # Its worker (gate_worker) holds until the gate opens, then writes model.slow.
+
+        name = "slow"
+
+        def export(self, request):
+            return exportkit.run_worker(request, "gate_worker")
+
+
+    @expkit.hookimpl
+    def expkit_exporters():
+        return [SlowExporter()]
+"""
+
+# The slow exporter's worker: its pid to `$EXPKIT_TEST_GATE.worker`, then the gate, then a file.
+GATE_WORKER = """
+    import os
+    import time
+    from pathlib import Path
+
+    from expkit import exportkit
+    from expkit.capabilities import ExportResult
+
+
+    def export(request):
+        base = os.environ["EXPKIT_TEST_GATE"]
+        Path(f"{base}.worker.tmp").write_text(str(os.getpid()))
+        os.replace(f"{base}.worker.tmp", f"{base}.worker")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(base + ".go") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        path = Path(request.out_dir) / "model.slow"
+        path.write_text("exported")
+        return ExportResult([path], {}, True, "")
+
+
+    if __name__ == "__main__":
+        exportkit.worker_main(export)
 """
 
 # Holds its slot until `<arg>.end` exists.
@@ -162,6 +215,7 @@ def install_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gate-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[expkit]\ngate = gate_plugin\n")
     (site / "gate_plugin.py").write_text(textwrap.dedent(GATE_PLUGIN))
+    (site / "gate_worker.py").write_text(textwrap.dedent(GATE_WORKER))
     paths = [str(site), os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
     gate = tmp_path / "gate"
@@ -297,6 +351,10 @@ def test_a_signal_in_register_cancels_and_leaves_no_model_version(
     assert stages(expkit_workspace, live.run_id)["register"] == "canceled"
     assert "no models yet" in expkit_cli("models", "list").stdout
     assert expkit_cli("models", "show", "net").returncode == 2
+    # Nothing claims the version exists: no "registered" line, and no folder left for it.
+    assert "registered net:1" not in live.output, live.output
+    assert "net:1 not kept: the run canceled" in live.output, live.output
+    assert not (expkit_workspace.models_dir / "net" / "1").exists()
 
 
 def test_sigterm_to_a_submitted_run_s_background_driver_cancels_it(
@@ -412,7 +470,7 @@ def test_kill_9_while_preparing_data_stops_the_prepare_command_and_cleans_the_ca
     prepare = read_pid(pid_file)
     run_id = live.run_id
     eventually(lambda: any(expkit_workspace.data_dir.glob(".*.tmp")), what="the temporary folder")
-    assert run_processes(run_id, expkit_workspace.path) == [prepare]  # it carries the marker
+    assert prepare in run_processes(run_id, expkit_workspace.path)  # it carries the marker
     os.kill(live.proc.pid, signal.SIGKILL)
     live.wait()
     eventually(lambda: not alive(prepare), timeout=10, what="the prepare command dying with it")
@@ -442,13 +500,14 @@ def test_kill_9_while_pip_installs_stops_pip_and_removes_the_unfinished_environm
         eventually(
             lambda: run_processes(run_id, expkit_workspace.path), what="pip carrying the marker"
         )
-        pip = run_processes(run_id, expkit_workspace.path)
         server.accept()  # pip is waiting for an answer
+        pip = run_processes(run_id, expkit_workspace.path)
         os.kill(live.proc.pid, signal.SIGKILL)
         live.wait()
-        assert expkit_cli("runs", "list").returncode == 0  # the next open
+        # pip and the pip it started in the new environment die with the driver
         eventually(lambda: not any(map(alive, pip)), timeout=10, what="pip stopping")
         assert run_processes(run_id, expkit_workspace.path) == []
+        assert expkit_cli("runs", "list").returncode == 0  # the next open
         assert state(expkit_workspace, run_id) == "failed"
         envs = [p for p in expkit_workspace.envs_dir.iterdir() if p.is_dir()]
         assert envs == [], envs
@@ -626,3 +685,263 @@ def test_a_full_disk_fails_the_run_naming_the_disk_and_reading_still_works(
     assert refused.returncode == 1
     assert refused.stderr.startswith("expkit: error: No space left on device on "), refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+# -- more signals after the first -----------------------------------------------------------
+@pytest.mark.parametrize("gap", [0.0, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT"])  # fmt: skip
+def test_signals_after_the_first_are_noted_not_fatal(
+    expkit_workspace, background, write_job, tmp_path, gap, second
+):
+    """An operator who presses Ctrl-C twice, or a service manager that sends SIGTERM again,
+    still gets exit 130 and a run recorded canceled for the first signal's reason."""
+    pid_file = tmp_path / "pid"
+    live = background("run", str(write_job({"args": [str(pid_file)]}, script=FOREVER)))
+    live.wait_for("tick")
+    script = read_pid(pid_file)
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(gap)
+    if live.proc.poll() is None:
+        live.proc.send_signal(second)
+    assert live.wait(timeout=30) == 130, live.output
+    # Two signals pending at once are handled in signal-number order: no "first" to name.
+    reason = "terminated by SIGTERM" if gap else ""
+    assert_ended(expkit_workspace, live.run_id, "canceled", reason)
+    assert not alive(script)
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.1, 0.3])
+def test_ctrl_c_then_sigterm_is_recorded_as_ctrl_c(
+    expkit_workspace, background, write_job, tmp_path, gap
+):
+    pid_file = tmp_path / "pid"
+    live = background("run", str(write_job({"args": [str(pid_file)]}, script=FOREVER)))
+    live.wait_for("tick")
+    read_pid(pid_file)
+    live.proc.send_signal(signal.SIGINT)
+    time.sleep(gap)
+    if live.proc.poll() is None:
+        live.proc.send_signal(signal.SIGTERM)
+    assert live.wait(timeout=30) == 130, live.output
+    reason = "canceled by the user" if gap else ""  # pending together: number order
+    assert_ended(expkit_workspace, live.run_id, "canceled", reason)
+
+
+def test_a_second_signal_while_preparing_data_is_not_fatal(
+    expkit_workspace, background, write_job, tmp_path
+):
+    pid_file = tmp_path / "prepare-pid"
+    job = write_job(
+        {"data": {"set": {"prepare": f"python prep.py {{dest}} {pid_file}"}}},
+        script="print('never')\n",
+        files={"prep.py": SLOW_PREPARE},
+    )
+    live = background("run", str(job))
+    prepare = read_pid(pid_file)
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    if live.proc.poll() is None:
+        live.proc.send_signal(signal.SIGTERM)
+    assert live.wait(timeout=30) == 130, live.output
+    assert_ended(expkit_workspace, live.run_id, "canceled", "terminated by SIGTERM", kept=False)
+    eventually(lambda: not alive(prepare), timeout=10, what="the prepare command stopping")
+
+
+# -- export workers die with their driver -----------------------------------------------------
+SLOW_EXPORT = {
+    "model": {"name": "net", "load": {"file": "kept.txt"}, "input": {"shape": [1, 4]}},
+    "exports": ["slow"],
+}
+
+
+def test_kill_9_in_an_export_stops_the_worker_and_nothing_is_written_later(
+    expkit_workspace, expkit_cli, background, write_job, tmp_path, monkeypatch
+):
+    gate = install_gate(tmp_path, monkeypatch)
+    live = background("run", str(write_job(SLOW_EXPORT, script=QUICK)))
+    run_id = live.run_id
+    worker = read_pid(Path(f"{gate}.worker"))
+    os.kill(live.proc.pid, signal.SIGKILL)
+    live.wait()
+    eventually(lambda: not alive(worker), timeout=10, what="the export worker dying with it")
+    Path(f"{gate}.go").touch()  # what would make a surviving worker write its file
+
+    assert expkit_cli("runs", "list").returncode == 0  # the next open
+    assert state(expkit_workspace, run_id) == "failed"
+    exports = expkit_workspace.run_dir(run_id) / "exports"
+    left = sorted(p.relative_to(exports).as_posix() for p in exports.rglob("*"))
+    assert left in ([], ["slow"], ["slow", "slow/export.log"]), left
+
+
+def test_sigterm_to_expkit_export_stops_the_worker_and_keeps_nothing(
+    expkit_workspace, expkit_cli, background, write_job, tmp_path, monkeypatch
+):
+    gate = install_gate(tmp_path, monkeypatch)
+    job = write_job({"model": SLOW_EXPORT["model"]}, script=QUICK)
+    assert expkit_cli("run", str(job)).returncode == 0
+    live = background("export", "net:1", "--format", "slow")
+    worker = read_pid(Path(f"{gate}.worker"))
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    if live.proc.poll() is None:
+        live.proc.send_signal(signal.SIGTERM)  # a second one is not fatal either
+    assert live.wait(timeout=30) == 130, live.output
+    eventually(lambda: not alive(worker), timeout=10, what="the export worker stopping")
+    Path(f"{gate}.go").touch()
+    time.sleep(0.5)
+    assert not (expkit_workspace.path / "exports" / "net-1-slow").exists()
+    assert expkit_workspace.history.exports(expkit_workspace.history.runs()[0].id) == []
+    assert "slow" not in expkit_cli("models", "show", "net:1").stdout
+
+
+def test_an_export_stopped_by_sigterm_is_recorded_as_stopped_not_failed(
+    expkit_workspace, background, write_job, tmp_path, monkeypatch
+):
+    gate = install_gate(tmp_path, monkeypatch)
+    live = background("run", str(write_job(SLOW_EXPORT, script=QUICK)))
+    worker = read_pid(Path(f"{gate}.worker"))
+    live.proc.send_signal(signal.SIGTERM)
+    assert live.wait(timeout=30) == 130, live.output
+    assert not alive(worker)
+    assert_ended(expkit_workspace, live.run_id, "canceled", "terminated by SIGTERM")
+    (export,) = expkit_workspace.history.exports(live.run_id)
+    assert not export.ok and export.message == "stopped: terminated by SIGTERM", export
+    assert "FAILED" not in live.output and "export slow failed" not in live.output
+    assert "exports: slow stopped" in live.output
+
+
+# A data-prepare command that starts a worker (as multiprocessing or a shell pipeline does):
+# the worker's pid goes next to `{dest}` (argument 2), then both sleep.
+PREPARE_WITH_WORKER = """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with open(sys.argv[2] + ".tmp", "w") as f:
+        f.write(str(worker.pid))
+    os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+    os.makedirs(sys.argv[1], exist_ok=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("how", ["python", "sh"])
+def test_kill_9_while_preparing_data_stops_what_the_prepare_command_started(
+    expkit_workspace, background, write_job, tmp_path, how
+):
+    """Without the next expkit command: the processes die with the driver."""
+    pid_file = tmp_path / "worker-pid"
+    command = f"python prep.py {{dest}} {pid_file}"
+    if how == "sh":
+        command = f"sh -c '{sys.executable} prep.py \"$0\" {pid_file}; true' {{dest}}"
+    job = write_job(
+        {"data": {"set": {"prepare": command}}},
+        script="print('never')\n",
+        files={"prep.py": PREPARE_WITH_WORKER},
+    )
+    live = background("run", str(job))
+    worker = read_pid(pid_file)
+    run_id = live.run_id
+    assert worker in run_processes(run_id, expkit_workspace.path)
+    os.kill(live.proc.pid, signal.SIGKILL)
+    live.wait()
+    eventually(lambda: not alive(worker), timeout=10, what="the prepare's worker dying too")
+    eventually(
+        lambda: run_processes(run_id, expkit_workspace.path) == [],
+        timeout=10,
+        what="every process of the prepare gone",
+    )
+
+
+FILLS_THE_DISK_IN_OUTPUTS = """
+    import os
+
+    os.makedirs("outputs", exist_ok=True)
+    with open("outputs/kept.txt", "w") as f:
+        f.write("epoch 1 done\\n")
+    with open("outputs/big.bin", "wb") as f:
+        try:
+            while True:
+                f.write(b"\\0" * 65536)
+                f.flush()
+        except OSError as error:
+            print("disk full:", error, flush=True)
+"""
+
+
+def test_an_output_that_fills_the_disk_still_gets_the_run_recorded(
+    small_disk, write_job, monkeypatch
+):
+    """The outputs are kept, so the room freed by removing the working copy is not enough:
+    the run's record must still be finished, failed, naming the disk and the kept file."""
+    workspace = Workspace.init(small_disk)
+    monkeypatch.setenv("EXPKIT_WORKSPACE", str(workspace.path))
+    job = write_job({}, script=FILLS_THE_DISK_IN_OUTPUTS)
+    command = [sys.executable, "-m", "expkit"]
+    result = subprocess.run([*command, "run", str(job)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    history = Workspace(workspace.path).history
+    (record,) = history.runs()
+    assert record.state == "failed", record  # now, not after someone frees space
+    assert "No space left on device" in (record.error or ""), record.error
+    kept = "kept.txt" in history.outputs(record.id) or str(
+        workspace.run_dir(record.id) / "outputs"
+    ) in (record.error or "")
+    assert kept, record.error
+    assert (workspace.run_dir(record.id) / "outputs" / "kept.txt").read_text() == "epoch 1 done\n"
+    assert not (workspace.run_dir(record.id) / "work").exists()
+    history.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_kill_9_during_a_real_torchscript_export_writes_nothing_afterwards(
+    expkit_workspace, expkit_cli, background, write_job
+):
+    """The real exporter's worker (torch) dies with the driver: no model.torchscript.pt
+    appears in the failed run's exports seconds later, and no request file is left."""
+    pytest.importorskip("torch")
+    from test_export_e2e import NET, TRAIN, spec
+
+    live = background(
+        "run", str(write_job(spec(["torchscript"]), script=TRAIN, files={"net.py": NET}))
+    )
+    run_id = live.run_id
+
+    def worker() -> list[int]:
+        found = []
+        for pid in run_processes(run_id, expkit_workspace.path):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"expkit_torchscript.worker" in f.read():
+                    found.append(pid)
+        return found
+
+    eventually(worker, timeout=120, what="the torchscript worker starting")
+    (pid,) = worker()
+    os.kill(live.proc.pid, signal.SIGKILL)
+    live.wait()
+    eventually(lambda: not alive(pid), timeout=10, what="the worker dying with the driver")
+    time.sleep(3)  # what a surviving worker would have needed to write its file
+    exports = expkit_workspace.run_dir(run_id) / "exports"
+    assert not list(exports.rglob("*.pt")), list(exports.rglob("*"))
+    assert expkit_cli("runs", "list").returncode == 0  # the next open
+    assert state(expkit_workspace, run_id) == "failed"
+    assert not list(exports.rglob(".expkit-worker-*")), list(exports.rglob("*"))
+
+
+def test_a_signal_before_the_run_is_recorded_cancels_it_without_killing_the_driver(
+    expkit_workspace, background, write_job, tmp_path, monkeypatch
+):
+    """`expkit run` checks the plugins before it records the run (seconds, for some)."""
+    gate = install_gate(tmp_path, monkeypatch)
+    live = background("run", str(write_job({"metrics": ["gate-check"]}, script=QUICK)))
+    eventually(lambda: Path(f"{gate}.check").exists(), what="the plugins being checked")
+    live.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    Path(f"{gate}.go").touch()
+    assert live.wait(timeout=30) == 130, live.output
+    (record,) = expkit_workspace.history.runs()
+    assert_ended(expkit_workspace, record.id, "canceled", "terminated by SIGTERM", kept=False)

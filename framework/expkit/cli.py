@@ -296,6 +296,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(args.job, job)
     workspace = _workspace(args, create=True)
+    early: list[str] = []  # a signal from now on cancels the run once it is recorded
+    lifecycle.note_signals(early)
     try:
         record = lifecycle.submit(workspace, job)
     except UserError as error:  # a plugin the job names is missing or refuses the job
@@ -309,7 +311,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ) from None
     console = Console(ranks="all" if args.all_ranks else "0", quiet=args.quiet)
     try:
-        record = lifecycle.execute(workspace, record.id, console, own_process=True)
+        record = lifecycle.execute(workspace, record.id, console, own_process=True, early=early)
     finally:
         console.close()
     print_summary(workspace, record, console)  # to nobody, if the terminal has gone

@@ -22,6 +22,15 @@ from expkit.job import ExportSpec, JobSpec, apply_override
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's model or a model version; SIGTERM and SIGHUP stop it as Ctrl-C does
+    (the worker stopped, its files removed, nothing recorded, exit 130)."""
+    from expkit.interrupts import like_ctrl_c
+
+    with like_ctrl_c():
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from expkit.cli import _workspace
     from expkit.plugins import get_plugins
     from expkit.registry import ModelStore, parse_model_ref

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,31 +54,44 @@ def prepare(
     argv = shlex.split(item.prepare.replace("{dest}", shlex.quote(str(tmp))))
     if argv and argv[0] in ("python", "python3"):
         argv[0] = python
-    # `env` carries the run's marker, and the command dies with its driver: a kill -9 of the
-    # driver leaves nothing running (and the next open removes the temporary folder).
+    # `env` carries the run's marker, and the command runs under `expkit.guard`: it and
+    # whatever it starts die with the driver, so a kill -9 of the driver leaves nothing
+    # running (and the next open removes the temporary folder).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "expkit.guard", *argv],
+        cwd=source_dir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
+    )
     try:
-        result = subprocess.run(
-            argv,
-            cwd=source_dir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-    except BaseException:  # canceled (Ctrl-C, a signal): the command is stopped, tmp goes
+        output, _ = proc.communicate()
+    except BaseException:  # canceled (Ctrl-C, a signal): the command's tree stops, tmp goes
+        _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for line in result.stdout.decode("utf-8", errors="replace").splitlines():
+    for line in output.decode("utf-8", errors="replace").splitlines():
         say(f"data {name!r}: {line}")
-    if result.returncode != 0:
+    if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"data.{name}.prepare: `{item.prepare}` exited with code {result.returncode}"
-        )
+        raise UserError(f"data.{name}.prepare: `{item.prepare}` exited with code {proc.returncode}")
     if not tmp.exists():
         raise UserError(f"data.{name}.prepare: `{item.prepare}` wrote nothing into {{dest}}")
     os.replace(tmp, dest)
     return dest
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ask the guard to stop the command's tree (it needs a moment), then make sure."""
+    with contextlib.suppress(OSError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp$")

@@ -82,59 +82,77 @@ def run_worker(request: ExportRequest, module: str, timeout: float | None = None
     without a result, or runs longer than `timeout` seconds, is a failed export whose message
     says why in one line; the worker and anything it started are gone when this returns.
     `timeout` defaults to the request's (the job's `exports[].timeout`).
+
+    The worker dies with this process (a kill -9 of the driver stops it before it writes
+    into a run that has ended), and its request and result files live in a hidden folder
+    of `out_dir`, removed when this returns: nothing is left in the system's temporary
+    folder, even when this process is killed.
     """
+    import shutil
     import tempfile
 
     timeout = request.timeout if timeout is None else timeout
 
     out_dir = Path(request.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="expkit-export-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        read_end, write_end = os.pipe()  # progress lines, apart from the worker's own output
-        payload = {
-            f.name: _jsonable(getattr(request, f.name)) for f in fields(request) if f.name != "say"
-        }
-        payload |= {"result_file": str(result_file), "progress_fd": write_end}
-        request_file = Path(tmp) / "request.json"
-        request_file.write_text(json.dumps(payload))
-        log_path = out_dir / LOG_NAME
-        env = {**os.environ, **request.env, "PYTHONUNBUFFERED": "1"}
-        started = time.monotonic()
-        try:
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [request.python, "-m", module, str(request_file)],
-                    cwd=out_dir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(write_end,),
-                    start_new_session=True,
-                )
-        except OSError as error:
-            os.close(read_end)
-            os.close(write_end)
-            return ExportResult([], {}, False, f"cannot start {request.python}: {error}")
+    tmp = tempfile.mkdtemp(prefix=".expkit-worker-", dir=out_dir)
+    try:
+        return _run_worker(request, module, timeout, out_dir, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_worker(
+    request: ExportRequest, module: str, timeout: float, out_dir: Path, tmp: str
+) -> ExportResult:
+    from expkit.procs import die_with_parent
+
+    result_file = Path(tmp) / "result.json"
+    read_end, write_end = os.pipe()  # progress lines, apart from the worker's own output
+    payload = {
+        f.name: _jsonable(getattr(request, f.name)) for f in fields(request) if f.name != "say"
+    }
+    payload |= {"result_file": str(result_file), "progress_fd": write_end}
+    request_file = Path(tmp) / "request.json"
+    request_file.write_text(json.dumps(payload))
+    log_path = out_dir / LOG_NAME
+    env = {**os.environ, **request.env, "PYTHONUNBUFFERED": "1"}
+    started = time.monotonic()
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [request.python, "-m", module, str(request_file)],
+                cwd=out_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write_end,),
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+    except OSError as error:
+        os.close(read_end)
         os.close(write_end)
-        try:
-            timed_out = _follow(proc, read_end, request.say, started + timeout)
-        finally:
-            _stop_group(proc)
-        seconds = time.monotonic() - started
-        if timed_out:
-            message = f"the export worker ran past its time limit ({timeout:g} s) and was stopped"
-            return ExportResult(_files_in(out_dir), {}, False, message)
-        try:
-            data = json.loads(result_file.read_text())
-        except (OSError, ValueError):
-            message = f"the export worker {_describe_exit(proc.returncode)} without a result"
-            if proc.returncode == -signal.SIGKILL:
-                message += " (out of memory?)"  # what the kernel's OOM killer sends
-            elif last := last_error_line(log_path):
-                message += f": {last}"
-            return ExportResult(_files_in(out_dir), {}, False, one_line(message))
+        return ExportResult([], {}, False, f"cannot start {request.python}: {error}")
+    os.close(write_end)
+    try:
+        timed_out = _follow(proc, read_end, request.say, started + timeout)
+    finally:
+        _stop_group(proc)
+    seconds = time.monotonic() - started
+    if timed_out:
+        message = f"the export worker ran past its time limit ({timeout:g} s) and was stopped"
+        return ExportResult(_files_in(out_dir), {}, False, message)
+    try:
+        data = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        message = f"the export worker {_describe_exit(proc.returncode)} without a result"
+        if proc.returncode == -signal.SIGKILL:
+            message += " (out of memory?)"  # what the kernel's OOM killer sends
+        elif last := last_error_line(log_path):
+            message += f": {last}"
+        return ExportResult(_files_in(out_dir), {}, False, one_line(message))
     files = [out_dir / name for name in data.get("files", [])]
     checks = data.get("checks", {})
     checks.setdefault("seconds", round(seconds, 2))

@@ -63,6 +63,9 @@ def make(
         raise
     except Exception as error:
         return ExportResult([], {}, False, f"{type(error).__name__}: {error}")
+    except BaseException:  # stopped (Ctrl-C, SIGTERM): nothing half-written is left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if not isinstance(result, ExportResult):
         return ExportResult([], {}, False, f"export returned {result!r}, not an ExportResult")
     for path in result.files:
@@ -108,9 +111,13 @@ def into_run(
     python: str,
     env: dict[str, str],
     say: Callable[[str], None],
+    stopped: Callable[[], str | None] = lambda: None,
 ) -> ExportRecord:
     """Export a run's model; a passing export's files join the model's folder in the run's
-    outputs (and its outputs manifest). The attempt is recorded either way."""
+    outputs (and its outputs manifest). The attempt is recorded either way.
+
+    `stopped()`: why the run is being stopped (a signal), or None; an export that did not
+    pass while it was is recorded as "stopped: <why>", not as a failure of the exporter."""
     outputs = history.outputs(run_id)
     files, base = select_model_files(outputs, model.path)
     staging, sealed = run_dir / "exports" / spec.format, run_dir / "outputs" / base
@@ -119,6 +126,9 @@ def into_run(
         result = make(exporter, spec, model, sealed, staging, python, code_dir, env, say)
     else:
         result = ExportResult([], {}, False, f"model.path {model.path!r} matched no output")
+    why = None if result.ok else stopped()
+    if why:
+        result = ExportResult([], result.checks, False, f"stopped: {why}")
     kept: dict[str, tuple[int, str]] = {}
     if result.ok:
         taken = {p.removeprefix(f"{base}/") if base else p for p in outputs}

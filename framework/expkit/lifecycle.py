@@ -49,15 +49,20 @@ from expkit.procs import (
     stop_descendants,
     stop_run_processes,
 )
-from expkit.recovery import salvage
+from expkit.recovery import RESERVE_NAME, salvage
 from expkit.registry import ModelStore, select_model_files
 from expkit.workspace import Workspace
 
 CANCEL_POLL_SECONDS = 0.5
+# Room set aside on the workspace's disk while a run goes (a file in the run's folder, see
+# `Lifecycle.reserve_room`): when the disk fills, it is freed so that the run's record can
+# be finished, however full the script left the disk (its outputs are kept).
+RESERVE_BYTES = 1 << 20
 LOG_TAIL_LINES = 5
-# Signals that end a run as canceled, as Ctrl-C does: a `kill` or a service manager stopping
-# the driver (SIGTERM), a closed terminal or SSH session (SIGHUP).
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Signals that end a run as canceled: Ctrl-C (SIGINT), a `kill` or a service manager stopping
+# the driver (SIGTERM), a closed terminal or SSH session (SIGHUP). The first one names the
+# reason; any number after it are noted, never fatal, until the run is recorded.
+TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # The stages a terminating signal interrupts at once; in the others (post-process) it is noted
 # and the run finishes its bookkeeping first, so that the outputs are sealed.
 INTERRUPTIBLE_STAGES = ("prepare", "scale", "run", "register")
@@ -130,6 +135,14 @@ def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     return workspace.history.create_run(job.experiment, job.to_dict())
 
 
+def note_signals(early: list[str]) -> Any:
+    """From now on a terminating signal is only noted (its name appended to `early`), for
+    `execute(..., early=early)` to end the run canceled with it: `expkit run` calls this
+    before it records the run, so that a signal while the plugins are checked is not fatal.
+    Returns the handlers that were there."""
+    return _on_signals(lambda signum, frame: early.append(signal.Signals(signum).name))
+
+
 def check_data_sources(workspace: Workspace, job: JobSpec) -> None:
     """Raise UserError for a data `source` that holds the workspace or lies inside it:
     copying or linking it into a run (itself inside the workspace) would copy the workspace
@@ -157,26 +170,30 @@ def execute(
     console: Console,
     plugins: Plugins | None = None,
     own_process: bool = False,
+    early: list[str] | None = None,
 ) -> RunRecord:
     """Drive a queued run through every stage in this process; returns the final record.
 
     `own_process`: this process drives this one run and nothing else (`expkit run`, the
     background driver). It then becomes the subreaper of what the script starts, and every
     process still below it when the run stage ends is stopped, daemons that cleared their
-    environment included.
+    environment included. `early`: the signals `note_signals` noted before this call.
     """
-    early: list[str] = []  # a signal while the plugins load (seconds, for some) is kept
-    previous = _on_signals(lambda signum, frame: early.append(signal.Signals(signum).name))
+    early = [] if early is None else early  # a signal while the plugins load is kept
+    previous = note_signals(early)
     try:
         record = workspace.history.run(run_id)
         job = JobSpec.from_dict(record.job, source=f"run {run_id}")
         plugins = plugins or get_plugins()
         lifecycle = Lifecycle(workspace, record, job, choose(job, plugins), plugins, console)
-    finally:
+    except BaseException:
         _on_signals(previous)
+        raise
     lifecycle.own_process = own_process
     lifecycle.terminated_by = early[0] if early else None
-    return lifecycle.execute()
+    # The run's own handler replaces the early one with no gap in between, and puts back
+    # `previous` when the run is recorded.
+    return lifecycle.execute(previous)
 
 
 class Lifecycle:
@@ -234,15 +251,19 @@ class Lifecycle:
         )
 
     # -- the whole run ----------------------------------------------------------------------
-    def execute(self) -> RunRecord:
-        self.history.claim(self.run_id)
-        if self.own_process:
-            become_subreaper()
-        state, error = "completed", None
-        allocation: Allocation | None = None
-        script_started = out_of_room = False
-        previous = _on_signals(self._on_signal)
+    def execute(self, previous: Any = None) -> RunRecord:
+        """Every stage, then the final record. `previous`: the signal handlers to put back
+        at the end (default: those found now)."""
+        installed = _on_signals(self._on_signal)
+        previous = installed if previous is None else previous
         try:
+            self.history.claim(self.run_id)
+            self.reserve_room()
+            if self.own_process:
+                become_subreaper()
+            state, error = "completed", None
+            allocation: Allocation | None = None
+            script_started = out_of_room = False
             self.console.info(f"run {self.run_id} in workspace {self.ws.path}")
             try:
                 try:
@@ -264,7 +285,7 @@ class Lifecycle:
                         )
                     self.stop_processes()
             except (Canceled, KeyboardInterrupt) as stop:
-                state, error = "canceled", _cancel_reason(stop)
+                state, error = "canceled", self._canceled_because(stop)
             except Exception as failure:
                 if disk_full(failure):  # first: the record may not be writable yet
                     state, error, out_of_room = "failed", self._no_space(failure), True
@@ -275,16 +296,22 @@ class Lifecycle:
                         self.run_id, "failed", f"{self.current_stage}: {failure!r}"
                     )
                     raise
-            # The script may have written outputs: keep them whatever happened. A second Ctrl-C
-            # now would lose them, so it is ignored until the run is recorded.
-            with _ignoring_sigint(self.console):
-                if out_of_room:
-                    self.make_room(error)
-                state, error = self.finish(state, error, script_started)
+            # The script may have written outputs: keep them whatever happened. A signal now
+            # (see _on_signal) is noted, never fatal, until the run is recorded.
+            if out_of_room:
+                self.make_room(error)
+            state, error = self.finish(state, error, script_started)
         finally:
-            _on_signals(previous)
+            self.release_room()
             if self.own_process:
                 stop_descendants(grace=2)  # what an export or a late daemon left
+                # This process drives this run only: what is left is printing the summary
+                # and exiting with the recorded state's code, which a late signal must not
+                # turn into "killed by SIGTERM". Ignored, not handled: Python puts back the
+                # default action of its handled signals while it exits.
+                _on_signals({sig: signal.SIG_IGN for sig in TERMINATING_SIGNALS})
+            else:
+                _on_signals(previous)
         return self.history.run(self.run_id)
 
     def stop_processes(self) -> None:
@@ -305,7 +332,7 @@ class Lifecycle:
             try:
                 state, error = self.wrap_up(state, error, script_started)
             except (Canceled, KeyboardInterrupt) as stop:  # a signal in register: no version
-                state, error = "canceled", _cancel_reason(stop)
+                state, error = "canceled", self._canceled_because(stop)
             except Exception as failure:
                 if not disk_full(failure):
                     if not isinstance(failure, StageFailed | UserError | PluginError):
@@ -325,6 +352,8 @@ class Lifecycle:
                     salvage(self.ws, self.history, self.run_id)
             break
 
+        if state != "completed":
+            self.withdraw_versions(state)
         for worker in self.sinks:
             worker.close(state)
         try:
@@ -353,7 +382,7 @@ class Lifecycle:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.history.stage_skipped(self.run_id, "post-process", "the script never started")
         if self.terminated_by and state == "completed":  # the signal came in post-process
-            state, error = "canceled", f"terminated by {self.terminated_by}"
+            state, error = "canceled", self.stop_reason()
             self.say(f"{self.terminated_by}: outputs sealed; the run ends canceled")
         if state == "completed" and self.job.model:
             with self.stage("register"):
@@ -363,10 +392,32 @@ class Lifecycle:
             self.history.stage_skipped(self.run_id, "register", reason)
         return state, error
 
+    def reserve_room(self) -> None:
+        """Set aside RESERVE_BYTES in the run's folder (nothing when the disk is already too
+        full: the run then fails on its own, by name). Freed by `make_room`."""
+        path = self.run_dir / RESERVE_NAME
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):  # no room, or no fallocate: no reserve
+            with suppress(OSError):
+                path.unlink()
+
+    def release_room(self) -> None:
+        """Free the room `reserve_room` set aside."""
+        with suppress(OSError):
+            (self.run_dir / RESERVE_NAME).unlink()
+
     def make_room(self, error: str | None) -> None:
         """After "no space left": free what the run no longer needs, so that its outputs can
-        be sealed and its record written. The working copy goes (outputs/ and logs/ stay
-        for post-process), then stages the full disk left open are closed as failed."""
+        be sealed and its record written. The room set aside goes, and the working copy
+        (outputs/ and logs/ stay for post-process), then stages the full disk left open are
+        closed as failed."""
+        self.release_room()
         if self.work_dir.is_dir() and not self.work_dir.is_symlink():
             for path in self.work_dir.iterdir():
                 if path.name in ("outputs", "logs") and not path.is_symlink():
@@ -396,7 +447,7 @@ class Lifecycle:
         """Record a stage's start and end (with its outcome) around its work."""
         self.current_stage, self.stage_note = name, ""
         if self.terminated_by and name in INTERRUPTIBLE_STAGES:  # it came between two stages
-            raise Canceled(f"terminated by {self.terminated_by}")
+            raise Canceled(self.stop_reason())
         self.history.stage_started(self.run_id, name)
         self.console.stage_started(name)
         for problem in self.plugins.notify("expkit_stage_started", run=self.info, stage=name):
@@ -544,17 +595,21 @@ class Lifecycle:
         notes, required = [], None
         for spec, exporter in self.choice.exporters:
             if self.terminated_by:
-                self.say(f"export {spec.format} skipped: terminated by {self.terminated_by}")
+                self.say(f"export {spec.format} skipped: {self.stop_reason()}")
                 notes.append(f"{spec.format} skipped")
                 continue
             self.say(f"export {spec.format} ({exporter.plugin})")
             record = exports.into_run(
                 self.history, self.blobs, self.run_id, self.run_dir, self.job.model, spec,
-                exporter, python, env, self.say,
+                exporter, python, env, self.say, self._stopped_by,
             )  # fmt: skip
             if record.ok:
                 self.say(f"export {exports.describe(record)}")
                 notes.append(f"{spec.format} ok")
+                continue
+            if self.terminated_by:  # stopped by the signal, not a failure of the exporter
+                self.say(f"export {spec.format} {record.message}")
+                notes.append(f"{spec.format} stopped")
                 continue
             notes.append(f"{spec.format} FAILED")
             outcome = "the run fails" if spec.required else "not registered"
@@ -627,7 +682,6 @@ class Lifecycle:
             {**self.job.tags, **spec.tags},
         )
         self.stage_note = f"model {model.name} version {model.version}"
-        self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
         for registry in self.choice.registries:
             try:
                 ref = _plugin_call(registry, "register", registry.register, model, self.info, {})
@@ -637,6 +691,25 @@ class Lifecycle:
                     f"{failure}; {model.name}:{model.version} is not kept, as the run failed"
                 ) from failure
             self.say(f"{registry.kind} {registry.name!r}: {ref}")
+        # Said once every registry has it: a signal before this withdraws the version.
+        self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
+
+    def withdraw_versions(self, state: str) -> None:
+        """A run that does not complete keeps no model version (history.VISIBLE hides the
+        rows): remove the folders its register stage laid out, and say so. Only this run's
+        versions' folders, never a link."""
+        try:
+            rows = self.history.db.execute(
+                "SELECT name, version FROM models WHERE run_id = ?", (self.run_id,)
+            ).fetchall()
+        except sqlite3.Error:
+            return
+        for name, version in rows:
+            base = self.ws.models_dir / name
+            for folder in (base / str(version), base / f".{version}.tmp"):
+                if folder.is_dir() and not folder.is_symlink():
+                    shutil.rmtree(folder, ignore_errors=True)
+            self.say(f"{name}:{version} not kept: the run {state}")
 
     # -- what plugins and stages call back ----------------------------------------------------
     def say(self, text: str) -> None:
@@ -669,25 +742,53 @@ class Lifecycle:
         """The environment that marks a process as this run's (see expkit.procs)."""
         return {RUN_ID_ENV: self.run_id, WORKSPACE_ENV: str(self.ws.path)}
 
+    def stop_reason(self) -> str:
+        """What the record says about the signal that stopped the run: Ctrl-C (SIGINT) is
+        "canceled by the user", the others "terminated by SIGTERM" (or SIGHUP)."""
+        if self.terminated_by in (None, "SIGINT"):
+            return "canceled by the user"
+        return f"terminated by {self.terminated_by}"
+
+    def _stopped_by(self) -> str | None:
+        """Why the run is being stopped (a signal came), or None."""
+        return self.stop_reason() if self.terminated_by else None
+
+    def _canceled_because(self, stop: BaseException) -> str:
+        """The reason a cancel is recorded with: the first signal's, else the exception's."""
+        return self.stop_reason() if self.terminated_by else _cancel_reason(stop)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
-        """SIGTERM or SIGHUP: the run ends canceled, "terminated by SIG...". In prepare, scale,
-        run and register the stage stops at once; in post-process (and between stages) the
-        signal is noted, exports in progress are stopped, and the outputs are still sealed."""
+        """Ctrl-C, SIGTERM or SIGHUP: the run ends canceled, for the first signal's reason.
+        In prepare, scale, run and register the stage stops at once; in post-process (and
+        between stages) the signal is noted, exports in progress are stopped, and the outputs
+        are still sealed. Every later signal is only noted: it must not cut short the
+        bookkeeping that keeps the outputs and records the run."""
         name = signal.Signals(signum).name
         first = self.terminated_by is None
-        if first:
-            self.terminated_by = name
         self._cancel.set()
+        if not first:
+            _note(f"{name}: the run is being saved and recorded; it takes a moment")
+            return
+        self.terminated_by = name
         if self._interruptible:
             self._interruptible = False
-            raise Canceled(f"terminated by {name}")
-        if first and self.current_stage == "post-process":
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Canceled(self.stop_reason())
+        if self.current_stage == "post-process":
             for pid in run_processes(self.run_id, self.ws.path):  # an exporter: it fails
                 with suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
 
     def _report(self, problem: PluginError) -> None:
         self.warn(str(problem))
+
+
+def _note(text: str) -> None:
+    """One line on stderr from a signal handler: no lock (the console may hold its own while
+    the signal comes), and nothing raised when the terminal has gone."""
+    with suppress(OSError):
+        os.write(2, f"expkit: {text}\n".encode(errors="replace"))
 
 
 def _plugin_call(capability: Capability, method: str, function: Any, *args: Any) -> Any:
@@ -783,19 +884,3 @@ def mount_point(path: Path) -> Path:
     while not os.path.ismount(path) and path != path.parent:
         path = path.parent
     return path
-
-
-@contextmanager
-def _ignoring_sigint(console: Console) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        console.warn("saving the run's outputs and record; it takes a moment")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -92,12 +92,14 @@ def _prctl(option: int, value: int) -> bool:
     return _libc.prctl(option, value, 0, 0, 0) == 0
 
 
-def die_with_parent() -> None:
-    """In a child (`preexec_fn`): get SIGKILL when the parent dies (Linux; else nothing).
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """In a child (`preexec_fn`): get `sig` when the parent dies (Linux; else nothing).
 
     Used for every process a driver starts, so that a kill -9 of the driver stops them too.
+    Only that process: what it starts in turn does not inherit it (see `expkit.guard`).
+    Returns False where the system has no such thing.
     """
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    return _prctl(_PR_SET_PDEATHSIG, sig)
 
 
 def become_subreaper() -> bool:

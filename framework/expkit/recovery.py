@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 # The file an environment builder writes into its folder last: a folder without it is a build
 # that did not finish. The build holds an flock on `<folder>.lock` while it works.
 ENV_COMPLETE = ".expkit-complete"
-SQLITE_READONLY = 8  # a history opened read-only because the disk is full
+SQLITE_READONLY = 8
+# The room a driver sets aside in its run's folder for the run's record (expkit.lifecycle).
+RESERVE_NAME = ".room-for-the-record"  # a history opened read-only because the disk is full
 
 
 def recover(workspace: Workspace, history: History) -> list[str]:
@@ -51,14 +53,20 @@ def recover(workspace: Workspace, history: History) -> list[str]:
 
 
 def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
-    """Keep what a dead driver's script wrote, remove the run's working copy; returns the note
-    added to the record's error (None when there was nothing to say).
+    """Keep what a dead driver's script wrote, remove the run's working copy (and what an
+    export worker it ran left); returns the note added to the record's error (None when
+    there was nothing to say).
 
     The outputs (a real folder, never a link, which stays where it is) are moved to the run's
     outputs/ unsealed: not hashed or made read-only, listed in a warning and in the error."""
     run_dir = workspace.run_dir(run_id)
+    with contextlib.suppress(OSError):  # the room its driver set aside for its record
+        (run_dir / RESERVE_NAME).unlink()
     for warning in own_folders(run_dir):  # links the script made: removed, never followed
         history.add_event(run_id, "warning", warning)
+    for folder in run_dir.glob("exports/*/.expkit-worker-*"):  # an export worker's request
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
     work = run_dir / "work"
     if not work.is_dir() or work.is_symlink():
         return None

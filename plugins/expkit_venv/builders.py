@@ -147,8 +147,10 @@ def _marked(ctx: RunContext) -> dict[str, str]:
 
 
 def _run(argv: list[str], ctx: RunContext, what: str) -> None:
+    # Under expkit.guard: pip's own children (`pip --python` runs pip again in the new
+    # environment) die with the driver too, not only pip.
     proc = subprocess.Popen(
-        argv,
+        [sys.executable, "-m", "expkit.guard", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
