@@ -129,8 +129,8 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
 
 def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     """Record a new run of `job` (state queued) after checking every plugin it names."""
+    compute = choose(job, get_plugins()).compute  # first: a target may refuse data outright
     check_data_sources(workspace, job)
-    compute = choose(job, get_plugins()).compute
     _plugin_call(compute, "preflight", compute.preflight, job)
     return workspace.history.create_run(job.experiment, job.to_dict())
 
