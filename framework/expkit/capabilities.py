@@ -31,6 +31,9 @@ class Option:
     strings, numbers or booleans). Numbers lie within `minimum`..`maximum`; a str or a list is
     at most `max_length` long; a str is one of `choices`, or fully matches `pattern`. `text`
     replaces the generated description in messages ("an ONNX opset number, e.g. 18").
+    `default` is the value a job that leaves the option out gets (None: the capability
+    decides, e.g. this machine's CPU count), and `help` is the one line `expkit plugins NAME`
+    shows for it.
     """
 
     kind: type
@@ -41,6 +44,8 @@ class Option:
     items: type = str
     max_length: int = 4096
     text: str = ""
+    default: Any = None
+    help: str = ""
 
     def describe(self) -> str:
         """What a value must be, as the message says it: "a whole number from 1 to 4096"."""
