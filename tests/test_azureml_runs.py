@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from expkit.capabilities import RunContext
+from expkit import services
 from expkit.errors import StageFailed
 from expkit.job import JobSpec
 
@@ -206,19 +206,15 @@ def make_ctx(expkit_workspace):
         run_dir = expkit_workspace.run_dir(record.id)
         for folder in ("metrics", "logs", "work"):
             (run_dir / folder).mkdir(parents=True)
-        ctx = RunContext(
-            run_id=record.id,
-            job=job,
-            run_dir=run_dir,
-            work_dir=run_dir / "work",
-            log_dir=run_dir / "logs",
+        ctx = services.run_context(
+            expkit_workspace,
+            record.id,
+            job,
             script_env={},
             say=lambda text: ctx.said.append(text),
             waiting=lambda text: None,
             canceled=canceled,
             echo=lambda rank, line: ctx.echoed.append((rank, line)),
-            workspace_dir=expkit_workspace.path,
-            history=expkit_workspace.history,
         )
         ctx.said, ctx.echoed = [], []  # type: ignore[attr-defined]
         return ctx
@@ -254,7 +250,9 @@ def test_every_documented_azure_ml_status_has_an_expkit_state(status, state):
     assert monitor.describe(status).startswith(f"azureml {status} ({state}): ")
 
 
-def test_a_completed_run_is_followed_state_by_state_with_its_log_live(log_server, make_ctx):
+def test_a_completed_run_is_followed_state_by_state_with_its_log_live(
+    log_server, make_ctx, expkit_workspace
+):
     ctx = make_ctx()
     run = RecordedRun(log_server, COMPLETED)
     status, follower = follow(run, ctx)
@@ -272,7 +270,7 @@ def test_a_completed_run_is_followed_state_by_state_with_its_log_live(log_server
     assert "Best val Acc: 0.890000" in lines
     assert all(rank == 0 for rank, _ in ctx.echoed)
     assert not (ctx.log_dir / "rank-1.log").exists()  # the image build log is not a rank's
-    assert ctx.history.run(ctx.run_id).status == "azureml Completed"
+    assert expkit_workspace.history.run(ctx.run_id).status == "azureml Completed"
     assert run.cancel_calls == 0
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import alive, read_only
 from expkit.history import STAGES
+from expkit.leases import Leases
 from expkit.procs import run_processes
 from expkit.workspace import Workspace
 
@@ -293,9 +294,10 @@ HOLDERS_SCRIPT = (
     WRITE_JSON
     + """
 import os, sys
+from expkit.leases import Leases
 from expkit.workspace import Workspace
 history = Workspace(os.environ["EXPKIT_WORKSPACE"]).history
-save("seen.json", history.slot_holders("process"))
+save("seen.json", Leases(history).holders("process"))
 sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 """
 )
@@ -316,7 +318,7 @@ def test_slots_are_held_during_the_run_and_released_after_success_or_failure(run
     # The only slot came back both times, so the third run got it without waiting.
     assert after.state == "completed", after.output
     assert seen(after) == {after.record.id: 1}
-    assert history.slot_holders("process") == {}
+    assert Leases(history).holders("process") == {}
 
 
 # -- run ------------------------------------------------------------------------------------------

@@ -199,8 +199,8 @@ class Writer(MetricWriter):
         self.batches.append(list(metrics))
         self.finished_at.append(time.time())
 
-    def close(self, state: str) -> None:
-        self.closed.append(state)
+    def close(self, outcome) -> None:
+        self.closed.append(outcome.state)
 
 
 class Sink(expkit.MetricSink):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from expkit.job import EnvironmentSpec, JobSpec
+    from expkit.leases import RunLeases
 
 
 @dataclass(frozen=True)
@@ -252,14 +253,62 @@ class RankPieces:
         return rank, self.pending.pop(rank, b"") + texts[-1]
 
 
+def _no_tags() -> dict[str, str]:
+    return {}
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+def _no_config(section: str) -> dict[str, Any]:
+    return {}
+
+
 @dataclass
 class RunInfo:
-    """What a metric sink or registry is told about the run it serves."""
+    """What a metric sink, a model registry or an event hook is told about the run it serves.
+
+    The hashes are known once prepare has taken the snapshot and built the environment (a
+    sink opens in the run stage, a registry registers after it). `workspace_dir` is the
+    workspace's folder, for a plugin that keeps its own store next to the runs (the `mlflow`
+    plugin's default `mlflow.db`); the run history in it is expkit's own: read and write what
+    the run records through `tags`, `set_tags`, `outputs` and the `RunOutcome` a writer
+    gets at close. `outputs()` is the sealed outputs manifest once post-process has run,
+    {path relative to outputs/: (size in bytes, sha256)}: the files a plugin may copy from
+    `run_dir/outputs`, never a link the script left there.
+    """
 
     run_id: str
     experiment: str
     run_dir: Path
     job: JobSpec
+    created: float = 0.0  # when the run was recorded, seconds since the epoch
+    snapshot_hash: str | None = None
+    environment_hash: str | None = None
+    workspace_dir: Path = Path()
+    tags: Callable[[], dict[str, str]] = _no_tags  # the run's tags as recorded now
+    set_tags: Callable[[dict[str, str]], None] = _ignore  # add or replace tags of the run
+    outputs: Callable[[], dict[str, tuple[int, str]]] = dict
+    # The workspace config.json's section named `section` (e.g. the plugin's name), {} if none.
+    plugin_config: Callable[[str], dict[str, Any]] = _no_config
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended, as a metric writer is told at close (`MetricWriter.close`).
+
+    `stage_seconds` holds each stage that ran ({"prepare": 1.2, "run": 30.5, ...});
+    `stage_failure` is "<stage>: <reason>" of the stage that failed or was canceled, if one
+    did (`error` is the run's reason as its record says it); `tags` are the run's
+    tags (the job's and the script's) as recorded at the end.
+    """
+
+    state: str  # completed, failed or canceled
+    error: str | None = None  # why, when the run did not complete: "<stage>: <reason>"
+    exit_code: int | None = None  # the script's (negative: the signal that killed it)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_failure: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -303,7 +352,21 @@ class ModelVersion:
 
 @dataclass
 class RunContext:
-    """What the lifecycle hands to compute targets, backends and builders during one run."""
+    """What the lifecycle hands to compute targets, backends and builders during one run.
+
+    Folders: `run_dir` is the run's own folder; the script runs in `work_dir` (a copy of the
+    snapshot, with the data placed); each rank's output belongs in `log_dir/rank-N.log`.
+    Callbacks: `say` a progress line of the stage (shown and recorded); `waiting` says the
+    run waits for resources ("queued" with that reason; None when it no longer waits);
+    `status` sets the short status `expkit runs` shows (a service's own state, e.g.
+    "azureml Running"; None clears it); `canceled` is polled while blocking (then raise
+    expkit.errors.Canceled); `echo` shows one output line of a rank in the terminal;
+    `set_tags` records tags on the run. Services: `leases` (slots and GPUs of this machine,
+    shared with concurrent runs, see expkit.leases); `cache_dir`, the workspace's folder of
+    built environments, kept across runs (a builder keeps each in a subfolder named by its
+    hash); `plugin_config(section)`, the workspace config.json's section (e.g. the plugin's
+    name), {} if none.
+    """
 
     run_id: str
     job: JobSpec
@@ -311,13 +374,16 @@ class RunContext:
     work_dir: Path
     log_dir: Path
     script_env: dict[str, str]
-    say: Callable[[str], None]  # a progress line of the current stage, shown and recorded
-    waiting: Callable[[str | None], None]  # "waiting for ..." (None: no longer waiting)
-    canceled: Callable[[], bool]  # poll this while blocking; raise expkit.errors.Canceled
-    echo: Callable[[int, bytes], None]  # one output line of a rank, for the terminal
-    workspace_dir: Path = Path()
+    say: Callable[[str], None]
+    waiting: Callable[[str | None], None]
+    canceled: Callable[[], bool]
+    echo: Callable[[int, bytes], None]
+    status: Callable[[str | None], None] = _ignore
+    set_tags: Callable[[dict[str, str]], None] = _ignore
+    leases: RunLeases | None = None
+    cache_dir: Path = Path()
+    plugin_config: Callable[[str], dict[str, Any]] = _no_config
     environment: Environment | None = None
-    history: Any = None  # the workspace's run history (expkit.history.History)
 
 
 # -- the capabilities --------------------------------------------------------------------------
@@ -391,8 +457,10 @@ class MetricWriter(ABC):
     def send(self, metrics: list[Metric]) -> None:
         """Deliver a batch; may be slow (it runs on a background thread) and may raise."""
 
-    def close(self, state: str) -> None:  # noqa: B027
-        """The run ended in `state`; flush and close."""
+    def close(self, outcome: RunOutcome) -> None:  # noqa: B027
+        """The run ended (`outcome.state`, its error, exit code, stage times, tags, outputs):
+        send what is left and close. Called after post-process, before the run's record is
+        final, so that a required sink's failure here still fails the run."""
 
 
 class MetricSink(Capability, ABC):

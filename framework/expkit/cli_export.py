@@ -124,8 +124,7 @@ def _environment(workspace: Any, job: JobSpec, run_dir: Path | None) -> tuple[st
         waiting=lambda text: None,
         canceled=lambda: False,
         echo=lambda rank, line: None,
-        workspace_dir=workspace.path,
-        history=workspace.history,
+        cache_dir=workspace.envs_dir,
     )
     env = builder.build(job.environment, ctx)
     return exports.interpreter(env.python), env.env

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from expkit import data as data_inputs
-from expkit import exports, snapshot
+from expkit import exports, services, snapshot
 from expkit import outputs as run_outputs
 from expkit.blobs import BlobStore
 from expkit.capabilities import (
@@ -32,8 +32,6 @@ from expkit.capabilities import (
     DistributedBackend,
     EnvironmentBuilder,
     Process,
-    RunContext,
-    RunInfo,
 )
 from expkit.console import Console, human_size
 from expkit.context import CHANNEL_ENV, RUN_ID_ENV
@@ -218,7 +216,7 @@ class Lifecycle:
         self.run_dir = ws.run_dir(record.id)
         self.work_dir = self.run_dir / "work"
         self.blobs = BlobStore(ws.blobs_dir)
-        self.info = RunInfo(record.id, job.experiment, self.run_dir, job)
+        self.info = services.run_info(ws, record.id, job)
         self.data_paths: dict[str, str] = {}
         self.stage_note = ""
         self.current_stage: str | None = None
@@ -229,12 +227,10 @@ class Lifecycle:
         self.own_process = False
         self.terminated_by: str | None = None  # the name of the signal that ended the run
         self._interruptible = False
-        self.ctx = RunContext(
-            run_id=record.id,
-            job=job,
-            run_dir=self.run_dir,
-            work_dir=self.work_dir,
-            log_dir=self.run_dir / "logs",
+        self.ctx = services.run_context(
+            ws,
+            record.id,
+            job,
             script_env={
                 RUN_ID_ENV: record.id,
                 CHANNEL_ENV: str(self.run_dir / "metrics"),
@@ -246,8 +242,6 @@ class Lifecycle:
             waiting=self.waiting,
             canceled=self.canceled,
             echo=console.output,
-            workspace_dir=ws.path,
-            history=ws.history,
         )
 
     # -- the whole run ----------------------------------------------------------------------
@@ -354,8 +348,10 @@ class Lifecycle:
 
         if state != "completed":
             self.withdraw_versions(state)
-        for worker in self.sinks:
-            worker.close(state)
+        if self.sinks:
+            outcome = services.run_outcome(self.ws, self.run_id, state, error)
+            for worker in self.sinks:
+                worker.close(outcome)
         try:
             self.history.finish_run(self.run_id, state, error)
         except Exception as failure:
@@ -488,6 +484,7 @@ class Lifecycle:
         for warning in snap.warnings:
             self.warn(warning)
         self.history.update_run(self.run_id, snapshot_hash=snap.hash)
+        self.info.snapshot_hash = snap.hash
 
         builder, compute = self.choice.builder, self.choice.compute
         env = _plugin_call(compute, "prepare", compute.prepare, self.ctx) or _plugin_call(
@@ -496,6 +493,7 @@ class Lifecycle:
         self.ctx.environment = env
         self.say(env.reason)
         self.history.update_run(self.run_id, environment_hash=env.hash)
+        self.info.environment_hash = env.hash
 
         snapshot.working_copy(self.run_dir / "snapshot", self.work_dir)
         process_env = {**os.environ, **env.env, **self._markers()}

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo
+from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
 from expkit.errors import PluginError
 from expkit.history import History, metric_value
 
@@ -196,10 +196,10 @@ class SinkWorker:
         stuck = TimeoutError(f"delivered nothing for {DRAIN_STALL_SECONDS:g} s; gave up")
         self.error = self.error or PluginError(self.sink.plugin, f"{self.label} send", stuck)
 
-    def close(self, state: str) -> None:
-        """Tell the sink the run's final state."""
+    def close(self, outcome: RunOutcome) -> None:
+        """Tell the sink how the run ended."""
         if self._writer is not None and self.error is None:
-            self._call("close", lambda: self._writer.close(state))
+            self._call("close", lambda: self._writer.close(outcome))
 
 
 def _yield_cpu() -> None:

@@ -179,8 +179,7 @@ class Follower:
         if not self.statuses or self.statuses[-1] != status:
             self.statuses.append(status)
             self.ctx.say(describe(status))
-            if self.ctx.history is not None:
-                self.ctx.history.update_run(self.ctx.run_id, status=f"azureml {status}")
+            self.ctx.status(f"azureml {status}")
         self.details = self.run.get_details() or {}
         self.stream(self.details.get("logFiles") or {})
         return status

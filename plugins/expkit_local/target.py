@@ -1,7 +1,8 @@
 """The `local` compute target: processes on this machine, with leased slots and GPUs.
 
-Slots and GPUs are leased in the workspace database, so concurrent `expkit run`s on one
-machine never oversubscribe it: a run that does not fit waits in state `queued`.
+Slots and GPUs are leased through the run's `leases` service (see expkit.leases), so
+concurrent `expkit run`s on one machine never oversubscribe it: a run that does not fit waits
+in state `queued`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import time
-from pathlib import Path
 
 from expkit.capabilities import (
     Allocation,
@@ -76,16 +76,19 @@ class LocalTarget(ComputeTarget):
         res = ctx.job.resources
         slots, gpus = self.capacity(ctx.job.compute.options)
         wants = {"process": (res.processes_per_node, slots), "gpu": (res.gpus_per_node, gpus)}
+        leases = ctx.leases
+        if leases is None:
+            raise RuntimeError("the local target needs the run's leases (RunContext.leases)")
         said, checked = None, time.monotonic()
         while True:
-            leased = ctx.history.lease_slots(ctx.run_id, wants)
+            leased = leases.take(wants)
             if leased is not None:
                 break
             if time.monotonic() - checked >= RECOVER_SECONDS:  # a holder's driver may be dead
                 checked = time.monotonic()
-                if self._recover(ctx):
+                if leases.recover():
                     continue
-            holders = ctx.history.slot_holders("process") | ctx.history.slot_holders("gpu")
+            holders = leases.holders("process", "gpu")
             text = (
                 f"waiting for {res.processes_per_node} process slot(s) and {res.gpus_per_node} "
                 f"GPU(s); held by {', '.join(sorted(holders)) or 'nobody'}"
@@ -106,15 +109,6 @@ class LocalTarget(ComputeTarget):
             description=f"slots {leased['process']} of {slots}{gpu_text}",
         )
 
-    def _recover(self, ctx: RunContext) -> list[str]:
-        """Mark failed the runs whose driver died (their slots are freed), as the next open
-        of the workspace would; returns their ids."""
-        if not (Path(ctx.workspace_dir) / "config.json").is_file():
-            return []
-        from expkit.workspace import Workspace
-
-        return Workspace(ctx.workspace_dir).recover(ctx.history)
-
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
         base = dict(os.environ)
         base["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, allocation.gpus))
@@ -125,4 +119,5 @@ class LocalTarget(ComputeTarget):
             return group.wait(ctx.job.timeout)
 
     def release(self, ctx: RunContext, allocation: Allocation) -> None:
-        ctx.history.release_slots(ctx.run_id)
+        if ctx.leases is not None:
+            ctx.leases.release()

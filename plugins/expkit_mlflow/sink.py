@@ -28,14 +28,21 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from expkit.capabilities import Metric, MetricSink, MetricWriter, Option, RunInfo, declare_options
+from expkit.capabilities import (
+    Metric,
+    MetricSink,
+    MetricWriter,
+    Option,
+    RunInfo,
+    RunOutcome,
+    declare_options,
+)
 from expkit_mlflow.tracking import (
     METRICS_PER_CALL,
     NAME,
     RUN_TAG,
     connect,
     ensure_run,
-    history_of,
     log_logs,
     log_outputs,
     log_tags,
@@ -105,19 +112,15 @@ class MlflowWriter(MetricWriter):
                 texts[f"expkit.metric.{key}"] = text
         return numbers, texts
 
-    def close(self, state: str) -> None:
+    def close(self, outcome: RunOutcome) -> None:
         """Final tags, the tables, logs/ and outputs/, then the status: a reader that sees
         the run finished finds everything in it."""
-        history = history_of(self.run)
-        run_id = self.run.run_id
-        record = history.run(run_id)
-        tags: dict[str, Any] = {k: v for k, v in history.tags(run_id).items() if k != RUN_TAG}
-        tags.update({"expkit.state": state, "expkit.exit_code": record.exit_code})
-        for stage in history.stages(run_id):
-            if stage.started is not None and stage.ended is not None:
-                tags[f"expkit.stage.{stage.stage}.seconds"] = f"{stage.ended - stage.started:.3f}"
-            if stage.state in ("failed", "canceled") and stage.message:  # the run's error is
-                tags["expkit.error"] = f"{stage.stage}: {stage.message}"  # recorded after this
+        tags: dict[str, Any] = {k: v for k, v in outcome.tags.items() if k != RUN_TAG}
+        tags.update({"expkit.state": outcome.state, "expkit.exit_code": outcome.exit_code})
+        for stage, seconds in outcome.stage_seconds.items():
+            tags[f"expkit.stage.{stage}.seconds"] = f"{seconds:.3f}"
+        if outcome.stage_failure:
+            tags["expkit.error"] = outcome.stage_failure
         log_tags(self.client, self.mlflow_run_id, tags)
         for key, rows in self.tables.items():
             columns = list(dict.fromkeys(c for row in rows for c in row))
@@ -127,4 +130,4 @@ class MlflowWriter(MetricWriter):
         if not outputs_logged(self.client, self.mlflow_run_id):
             log_outputs(self.client, self.mlflow_run_id, self.run)
         end = int(time.time() * 1000)
-        self.client.set_terminated(self.mlflow_run_id, STATUS.get(state, "FAILED"), end)
+        self.client.set_terminated(self.mlflow_run_id, STATUS.get(outcome.state, "FAILED"), end)

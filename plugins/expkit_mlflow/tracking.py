@@ -10,7 +10,6 @@ by `expkit runs show`), and the registry reads it back; when no sink made one (a
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
 import posixpath
@@ -24,8 +23,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from expkit.history import History
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -62,14 +59,6 @@ class Tracking:
     artifact_root: str | None = None  # where a new experiment keeps its artifacts
 
 
-def workspace_of(run: RunInfo) -> Path:
-    return run.run_dir.parents[1]  # a run lives in <workspace>/runs/<id>
-
-
-def history_of(run: RunInfo) -> History:
-    return History(workspace_of(run) / "history.db")
-
-
 def sink_options(job: JobSpec) -> dict[str, Any]:
     """The options of the job's `mlflow` metric sink (the registry uses the same server)."""
     return next((dict(s.options) for s in job.metrics if s.name == NAME), {})
@@ -86,11 +75,11 @@ def resolve(run: RunInfo, options: dict[str, Any]) -> Tracking:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r}; allowed: {', '.join(OPTIONS)}")
-    workspace = workspace_of(run)
+    workspace = run.workspace_dir
     root = options.get("artifact_location")
     if options.get("tracking_uri"):
         return Tracking(str(options["tracking_uri"]), root)
-    config = json.loads((workspace / "config.json").read_text()).get(NAME) or {}
+    config = run.plugin_config(NAME)
     if config.get("tracking_uri"):
         return Tracking(str(config["tracking_uri"]), root or config.get("artifact_location"))
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -114,17 +103,15 @@ def connect(tracking: Tracking) -> MlflowClient:
 def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[str, bool]:
     """The id of the MLflow run mirroring `run`, created (with params and tags) if there is
     none yet; and whether it was created now. A retried `open` finds the run it made before."""
-    history = history_of(run)
-    existing = history.tags(run.run_id).get(RUN_TAG)
+    existing = run.tags().get(RUN_TAG)
     if existing:
         return existing, False
-    record = history.run(run.run_id)
     tags = {
         "expkit.run_id": run.run_id,
         "expkit.experiment": run.experiment,
-        "expkit.workspace": f"{socket.gethostname()}:{workspace_of(run)}",
-        "expkit.snapshot_hash": record.snapshot_hash,
-        "expkit.environment_hash": record.environment_hash,
+        "expkit.workspace": f"{socket.gethostname()}:{run.workspace_dir}",
+        "expkit.snapshot_hash": run.snapshot_hash,
+        "expkit.environment_hash": run.environment_hash,
         "mlflow.source.name": run.job.entry_script,
         "mlflow.source.type": "LOCAL",
         "mlflow.user": _user(),
@@ -132,13 +119,13 @@ def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[
     }
     created = client.create_run(
         experiment_id(client, run.experiment, tracking),
-        start_time=int(record.created * 1000),
+        start_time=int(run.created * 1000),
         tags=clean_tags(tags),
         run_name=run.run_id,
     )
     mlflow_run_id = created.info.run_id
     log_params(client, mlflow_run_id, job_params(run.job))
-    history.set_tags(run.run_id, {RUN_TAG: mlflow_run_id})
+    run.set_tags({RUN_TAG: mlflow_run_id})
     return mlflow_run_id, True
 
 
@@ -215,7 +202,7 @@ def log_outputs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
     """Log the run's sealed outputs as the artifacts `outputs/...`: the files of the run's
     manifest, exactly (never a link the script left, never a file that is not recorded).
     Returns whether there was anything to log."""
-    names = list(history_of(run).outputs(run.run_id))
+    names = list(run.outputs())
     return _log_files(client, mlflow_run_id, run.run_dir, "outputs", names)
 
 

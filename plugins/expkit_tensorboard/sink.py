@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, declare_options
+from expkit.capabilities import (
+    Metric,
+    MetricSink,
+    MetricWriter,
+    RunInfo,
+    RunOutcome,
+    declare_options,
+)
 
 FOLDER = "tensorboard"  # inside the run folder
 
@@ -52,5 +59,5 @@ class TensorBoardWriter(MetricWriter):
             self.writer.add_scalar(tag, metric.value, step, wall_time=metric.timestamp)
         self.writer.flush()  # so that a running `tensorboard` shows the curves as they come
 
-    def close(self, state: str) -> None:
+    def close(self, outcome: RunOutcome) -> None:
         self.writer.close()

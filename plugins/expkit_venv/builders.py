@@ -72,7 +72,7 @@ class PipBuilder(EnvironmentBuilder):
             "options": spec.options,
         }
         key = f"pip-{_key(inputs)}"
-        folder = ctx.workspace_dir / "envs" / key
+        folder = ctx.cache_dir / key
         folder.parent.mkdir(parents=True, exist_ok=True)
         python = folder / "bin" / "python"
         env = {
