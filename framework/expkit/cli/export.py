@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from expkit.job import ExportSpec, JobSpec
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `export` with its arguments."""
     export = commands.add_parser(
         "export",

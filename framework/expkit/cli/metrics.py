@@ -11,7 +11,7 @@ from typing import Any
 from expkit.cli.common import open_workspace, print_table, run_record, when
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `metrics` with its arguments."""
     metrics = commands.add_parser(
         "metrics",

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from expkit.cli.common import open_workspace, print_table, when
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `models` and its actions (list, show, download)."""
     models = commands.add_parser("models", help="registered models").add_subparsers(
         dest="models_command", metavar="ACTION", required=True

@@ -4,12 +4,16 @@ with the options each takes."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expkit.cli.common import print_table
 
+if TYPE_CHECKING:
+    from expkit.capabilities import Capability
+    from expkit.plugins import PluginInfo, Plugins
 
-def add_parser(commands: Any) -> None:
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `plugins` with its optional NAME."""
     plugins = commands.add_parser(
         "plugins",
@@ -44,18 +48,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 2 if plugins.conflicts else 0
 
 
-def _supplied(plugins: Any) -> dict[str, list[Any]]:
+def _supplied(plugins: Plugins) -> dict[str, list[Capability]]:
     """Each plugin's capabilities, by plugin name, in the order of the capability kinds."""
     from expkit.capabilities import KINDS
 
-    supplied: dict[str, list[Any]] = {}
+    supplied: dict[str, list[Capability]] = {}
     for kind in KINDS:
         for capability in plugins.all(kind).values():
             supplied.setdefault(capability.plugin, []).append(capability)
     return supplied
 
 
-def _heading(info: Any) -> None:
+def _heading(info: PluginInfo) -> None:
     """A plugin's first lines: name, distribution and version, status, hooks."""
     origin = f"{info.distribution} {info.version}".strip() or "registered in-process"
     if info.error and info.hooks:
@@ -67,7 +71,7 @@ def _heading(info: Any) -> None:
         print(f"    hooks:    {', '.join(info.hooks)}")
 
 
-def _show(plugins: Any, name: str, capabilities: list[Any]) -> None:
+def _show(plugins: Plugins, name: str, capabilities: list[Capability]) -> None:
     """One plugin: its heading, then each capability with its options as a table."""
     from expkit.errors import UserError, quoted
 

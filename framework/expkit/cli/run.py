@@ -13,7 +13,7 @@ from expkit.cli.common import open_workspace
 EXIT_FOR_STATE = {"completed": 0, "failed": 1, "canceled": 130}
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `run` and `import` with their arguments."""
     run = commands.add_parser(
         "run",

@@ -6,14 +6,13 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
 
 from expkit.cli.common import open_workspace, print_table, run_record, when
 
 RUN_HELP = "run id, run number, or `latest`"
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `runs` and its actions (list, show, logs, cancel, files, download)."""
     runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(
         dest="runs_command", metavar="ACTION", required=True

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `init` with its argument."""
     init = commands.add_parser("init", help="create a workspace (.expkit/) in a folder")
     init.add_argument("path", nargs="?", default=".", help="the folder (default: here)")
