@@ -143,6 +143,113 @@ def test_expkit_plugins_shows_the_builtin_plugins(expkit_cli):
     assert "hooks:    expkit_environment_builders" in result.stdout
 
 
+# -- expkit plugins NAME: one plugin and its options ---------------------------------------------
+def option_rows(out: str) -> dict[str, list[str]]:
+    """The option tables of `expkit plugins NAME`: each option's cells (type, default, help)."""
+    rows: dict[str, list[str]] = {}
+    header = None
+    for line in out.splitlines():
+        if line.strip().startswith("OPTION "):
+            header = [line.index(h) for h in ("OPTION", "TYPE/RANGE", "DEFAULT", "HELP")]
+        elif header and line.startswith("    ") and line.strip():
+            cells = [line[a:b].strip() for a, b in zip(header, [*header[1:], None], strict=True)]
+            rows[cells[0]] = cells[1:]
+        else:
+            header = None
+    return rows
+
+
+def test_expkit_plugins_name_shows_a_builtin_plugins_capabilities_and_options(expkit_cli):
+    from expkit_local.target import MAX_GPUS, MAX_SLOTS
+
+    local = expkit_cli("plugins", "local")
+    onnx = expkit_cli("plugins", "onnx")
+
+    assert local.returncode == 0, local.stderr
+    assert plugin_line(local.stdout, "local").endswith("loaded")
+    assert "compute target 'local': processes on this machine" in local.stdout
+    assert "distributed backend 'none': one process, no distribution" in local.stdout
+    assert "takes no options" in local.stdout  # the backend `none`
+    rows = option_rows(local.stdout)
+    assert rows["slots"][0] == f"a whole number from 1 to {MAX_SLOTS}"
+    assert rows["gpus"][0] == f"a whole number from 0 to {MAX_GPUS}"
+    assert "venv" not in local.stdout  # one plugin only
+    assert onnx.returncode == 0, onnx.stderr
+    assert "exporter 'onnx'" in onnx.stdout
+    assert "ONNX opset number" in option_rows(onnx.stdout)["opset"][0]
+
+
+def test_expkit_plugins_name_shows_each_options_default_and_help(site, expkit_cli):
+    site.install(
+        "expkit-tuned",
+        {
+            "tuned": """
+                import expkit
+                from expkit.capabilities import Option, declare_options
+
+                class Sink(expkit.MetricSink):
+                    name = "tuned-sink"
+                    description = "metrics to a tuned server"
+                    takes = declare_options(
+                        url=Option(str, default="http://localhost:9", help="where to send"),
+                        batch=Option(int, minimum=1, maximum=64, default=8),
+                        verbose=Option(bool, default=False, help="say more"),
+                        tags=Option(list, help="extra tags"),
+                    )
+
+                    def open(self, run, options):
+                        raise NotImplementedError
+
+                class Free(Sink):
+                    name = "free-sink"
+                    description = ""
+                    takes = None
+
+                @expkit.hookimpl
+                def expkit_metric_sinks():
+                    return [Sink(), Free()]
+            """
+        },
+    )
+
+    result = expkit_cli("plugins", "tuned", env=site.env)
+
+    assert result.returncode == 0, result.stderr
+    assert plugin_line(result.stdout, "tuned") == "tuned  (expkit-tuned 1.0)  loaded"
+    assert "metric sink 'tuned-sink': metrics to a tuned server" in result.stdout
+    assert option_rows(result.stdout) == {
+        "url": ["a string", "http://localhost:9", "where to send"],
+        "batch": ["a whole number from 1 to 64", "8", "-"],
+        "verbose": ["true or false", "false", "say more"],
+        "tags": ["a list of strings", "-", "extra tags"],
+    }
+    assert "metric sink 'free-sink': -" in result.stdout
+    assert "options: not declared (the plugin checks them itself)" in result.stdout
+
+
+def test_expkit_plugins_name_of_a_plugin_that_did_not_load_says_why(site, expkit_cli):
+    site.install("expkit-broken", BROKEN_PLUGINS)
+
+    result = expkit_cli("plugins", "needs-foo", env=site.env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        "needs-foo  (expkit-broken 1.0)  not loaded: install it with pip install foo"
+    )
+
+
+def test_expkit_plugins_with_an_unknown_name_is_one_line_naming_the_known_ones(expkit_cli):
+    result = expkit_cli("plugins", "lcoal")
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    line = error_line(result)
+    assert line.startswith("expkit: error: no plugin named 'lcoal' (did you mean 'local'?); ")
+    known = line.split("known plugins: ")[1].split(", ")
+    assert {"local", "venv", "onnx"} <= set(known)
+    assert known == sorted(known)
+
+
 # -- plugins that cannot load --------------------------------------------------------------------
 BROKEN_PLUGINS = {
     "needs-torch-xyz": "import torch_xyz_not_installed\n",

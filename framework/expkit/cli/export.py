@@ -1,10 +1,9 @@
 """`expkit export RUN_OR_MODEL[:VERSION] --format F`: export a trained model after the fact.
 
-(Its arguments are declared in `expkit.cli`, which imports this module only when it runs.)
-
 The job spec of the run that trained the model says how to rebuild it and what it takes
 (`model.load`, `model.input`); `--set` fills in or changes those, e.g. for a model registered
 from the Python API. The export runs in the run's own environment, like post-process does.
+What it needs (the exporters, the job spec, the stores) is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -12,13 +11,46 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from expkit import exports
-from expkit.blobs import BlobStore
-from expkit.capabilities import RunContext
-from expkit.errors import UserError
-from expkit.job import ExportSpec, JobSpec, apply_override
+from expkit.cli.common import open_workspace
+
+if TYPE_CHECKING:
+    from expkit.job import ExportSpec, JobSpec
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register `export` with its arguments."""
+    export = commands.add_parser(
+        "export",
+        help="export a run's model or a model version (ONNX, TorchScript, ...)",
+        description="Export the model of RUN (id, number or `latest`) or of a registered "
+        "MODEL[:VERSION] with the exporter FORMAT, check it against the PyTorch model, and "
+        "add the exported files to the run's outputs or to the model version when the check "
+        "passes. The run's job spec says how to load the model (model.load) and what it "
+        "takes (model.input); change or add those with --set.",
+        epilog="example: expkit export pt-dnn:2 --format onnx --option opset=18",
+    )
+    export.add_argument("ref", metavar="RUN_OR_MODEL", help="run id or number, or NAME[:VERSION]")
+    export.add_argument("--format", required=True, help="the exporter, e.g. onnx or torchscript")
+    export.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an exporter option, e.g. --option opset=18",
+    )
+    export.add_argument("--atol", type=float, help="absolute tolerance of the check")
+    export.add_argument("--rtol", type=float, help="relative tolerance of the check")
+    export.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the job spec used, e.g. --set model.input.shape=[1,3,32,32]",
+    )
+    export.set_defaults(handler=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -31,11 +63,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from expkit.cli import _workspace
+    from expkit import exports
+    from expkit.blobs import BlobStore
+    from expkit.errors import UserError
     from expkit.plugins import get_plugins
     from expkit.registry import ModelStore, parse_model_ref
 
-    workspace = _workspace(args)
+    workspace = open_workspace(args)
     history = workspace.history
     plugins = get_plugins()
     exporter = plugins.get("exporters", args.format, "--format")
@@ -74,6 +108,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _job(record: Any, version: Any, overrides: list[str], what: str) -> JobSpec:
     """The job spec of the run behind the export, with `--set` applied."""
+    from expkit.errors import UserError
+    from expkit.job import JobSpec, apply_override
+
     raw = dict(record.job) if record else {"experiment": "export", "entry_script": "-"}
     model = raw["model"] = dict(raw.get("model") or {})
     model.setdefault("name", version.name if version else "model")
@@ -93,6 +130,9 @@ def _job(record: Any, version: Any, overrides: list[str], what: str) -> JobSpec:
 
 def _export_spec(job: JobSpec, args: argparse.Namespace) -> ExportSpec:
     """The job's own settings for this format, if it lists it, changed by the options given."""
+    from expkit.errors import UserError
+    from expkit.job import ExportSpec, apply_override
+
     spec = next((e for e in job.exports if e.format == args.format), ExportSpec(args.format))
     options = dict(spec.options)
     for item in args.option:
@@ -109,6 +149,8 @@ def _export_spec(job: JobSpec, args: argparse.Namespace) -> ExportSpec:
 
 def _environment(workspace: Any, job: JobSpec, run_dir: Path | None) -> tuple[str, dict]:
     """The run's environment (found in the cache, or built again), as post-process used it."""
+    from expkit import exports
+    from expkit.capabilities import RunContext
     from expkit.plugins import get_plugins
 
     builder = get_plugins().get("environment_builders", job.environment.builder, "environment")
@@ -149,6 +191,8 @@ def _say(text: str) -> None:
 
 
 def _print_export(export: Any, what: str) -> None:
+    from expkit import exports
+
     print(f"export {exports.describe(export)}")
     checked = [c for c in export.checks.get("checked", []) if isinstance(c, dict)]
     width = max((len(str(c.get("input", "?"))) for c in checked), default=0)

@@ -1,0 +1,85 @@
+"""What the command groups share: the global options, finding the workspace and a run, and
+printing times and tables.
+
+Light on purpose (argparse and the standard library): every command module imports it at
+start-up, and the workspace and history are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+WORKSPACE_HELP = (
+    "the workspace folder (default: $EXPKIT_WORKSPACE, else the nearest .expkit/ above the "
+    "current folder)"
+)
+DEBUG_HELP = "show tracebacks and trace hooks"
+
+
+def add_global_options(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """Add `--workspace PATH` and `--debug` to `parser`, in their own help group.
+
+    `default` is their default: None at the top level; SUPPRESS on a subcommand, so that a
+    value given after the subcommand replaces the one given before it (the later one wins),
+    and one not given there leaves the top-level value as it is.
+    """
+    group = parser.add_argument_group("global options")
+    group.add_argument("--workspace", metavar="PATH", default=default, help=WORKSPACE_HELP)
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if default is None else default,
+        help=DEBUG_HELP,
+    )
+
+
+def open_workspace(args: argparse.Namespace, create: bool = False) -> Any:
+    """The workspace `--workspace` names, or the one found from here; with `create`, one is
+    made in the current folder when none is found (and none was named). Raises UserError
+    when there is none, or when its history cannot be opened."""
+    from expkit.errors import UserError
+    from expkit.workspace import Workspace
+
+    try:
+        workspace = Workspace.find(args.workspace)
+    except UserError:
+        if not create or args.workspace:
+            raise
+    else:
+        workspace.history  # noqa: B018 - a damaged history.db is named before anything else
+        return workspace
+    workspace = Workspace.init(Path.cwd())
+    print(
+        f"expkit: created workspace {workspace.path} (`expkit init` makes one elsewhere)",
+        file=sys.stderr,
+    )
+    return workspace
+
+
+def run_record(workspace: Any, ref: str) -> Any:
+    """The run `ref` names (id, number or `latest`); UserError when there is none."""
+    from expkit.errors import UserError, quoted
+
+    record = workspace.history.find_run(ref)
+    if record is None:
+        raise UserError(
+            f"no run {quoted(ref)} in {workspace.path}; `expkit runs list` shows the runs"
+        )
+    return record
+
+
+def when(ts: float | None) -> str:
+    """A timestamp (seconds since the epoch) as local time, or "-" for none."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def print_table(headers: list[str], rows: list[list[str]], indent: str = "") -> None:
+    """Print `rows` under `headers` in left-aligned columns two spaces apart."""
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        cells = "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False))
+        print((indent + cells).rstrip())

@@ -1,0 +1,110 @@
+"""The `expkit` command's entry point: the top-level parser, then each command group's.
+
+Each module of `expkit.cli` declares its subcommands next to their handlers
+(`add_parser(commands)`); this one only puts them together, parses, and turns what a handler
+raises into one line and an exit code: 0 done, 1 the run failed (or an internal error), 2 bad
+input, 130 canceled. Start-up stays light: argparse only; each handler imports what it needs
+when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+from expkit.cli import export, metrics, models, plugins, run, runs, workspace
+from expkit.cli.common import add_global_options
+
+# In the order `expkit --help` lists them.
+GROUPS = (run, runs, metrics, models, export, plugins, workspace)
+GLOBAL_VALUED = ("--workspace",)  # global options that take a value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `expkit` parser: the global options, then every group's subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="expkit",
+        description="Run PyTorch training jobs through prepare -> scale -> run -> post-process "
+        "-> register, recorded in a workspace.",
+        epilog="Start with `expkit run training/job.yaml`. Every command takes --help; the "
+        "global options may also follow the command.",
+    )
+    add_global_options(parser)
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in GROUPS:
+        group.add_parser(commands)
+    for _, subcommand, _ in subcommands(parser):  # they may follow the command too
+        add_global_options(subcommand, argparse.SUPPRESS)
+    return parser
+
+
+def subcommands(
+    parser: argparse.ArgumentParser, prefix: str = "expkit"
+) -> Iterator[tuple[str, argparse.ArgumentParser, str]]:
+    """Every subcommand below `parser`, depth first: (its command line, e.g. "expkit runs
+    list", its parser, the help line its parent lists it with; "" when it has none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub, helps.get(name, "")
+                yield from subcommands(sub, f"{prefix} {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `expkit` command with `argv` (default: sys.argv[1:]); return its exit code."""
+    argv = _expand_import_alias(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    from expkit.errors import PluginError, UserError
+
+    if args.debug:
+        import os
+
+        os.environ.setdefault("EXPKIT_TRACE", "1")
+    try:
+        return args.handler(args) or 0
+    except UserError as error:
+        print(f"expkit: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except PluginError as error:
+        if args.debug:
+            raise
+        print(f"expkit: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as error:
+        if args.debug:
+            raise
+        print(
+            f"expkit: internal error: {type(error).__name__}: {error} (rerun with --debug "
+            "for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _expand_import_alias(argv: list[str]) -> list[str]:
+    """`expkit import-azureml REF` is `expkit import azureml REF`: the command word (the
+    first word that is neither an option nor a global option's value) is split."""
+    skip = False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+        elif word in GLOBAL_VALUED:
+            skip = True
+        elif not word.startswith("-"):
+            if word.startswith("import-") and len(word) > len("import-"):
+                argv[i : i + 1] = ["import", word.removeprefix("import-")]
+            break
+    return argv
+
+
+def _version() -> str:
+    from expkit import __version__
+
+    return f"expkit {__version__}"

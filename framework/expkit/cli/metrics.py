@@ -1,0 +1,128 @@
+"""`expkit metrics RUN [RUN ...] [NAME] [--plot FILE]`: one run's metrics, several side by
+side, or their curves in a picture."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from expkit.cli.common import open_workspace, print_table, run_record, when
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register `metrics` with its arguments."""
+    metrics = commands.add_parser(
+        "metrics",
+        help="a run's metrics, or several runs side by side (--plot: a picture)",
+        usage="expkit metrics RUN [RUN ...] [NAME] [--plot FILE.png]",
+        description="One RUN: every logged value with its step. Several: the latest value of "
+        "each metric, one column per run. NAME (a last argument that is not a run) keeps "
+        "that metric only. --plot draws the numeric metrics' curves instead, one subplot per "
+        "metric, the runs overlaid.",
+    )
+    metrics.add_argument(
+        "refs", nargs="+", metavar="RUN", help="run id, run number, or `latest`; then NAME"
+    )
+    metrics.add_argument("--plot", metavar="FILE", help="write a picture (.png, .svg, .pdf)")
+    metrics.set_defaults(handler=cmd_metrics)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """One run's metrics with their steps, several runs' latest values side by side, or
+    (--plot) their curves in a picture; UserError for an unknown run or nothing to plot."""
+    from expkit.console import format_value
+    from expkit.history import metric_value
+
+    workspace = open_workspace(args)
+    records, name = _metric_refs(workspace, args.refs)
+    if args.plot:
+        return _plot_metrics(workspace, records, name, Path(args.plot))
+    if len(records) > 1:
+        return _compare_metrics(workspace, records, name)
+    record = records[0]
+    rows = workspace.history.metrics(record.id, name)
+    if not rows:
+        print(f"run {record.id} has no metrics" + _named(name))
+        return 0
+    table = [
+        [
+            r["name"],
+            "-" if r["step"] is None else str(r["step"]),
+            format_value(metric_value(r)),
+            when(r["ts"]),
+        ]
+        for r in rows
+    ]
+    print_table(["METRIC", "STEP", "VALUE", "TIME"], table)
+    return 0
+
+
+def _metric_refs(workspace: Any, refs: list[str]) -> tuple[list[Any], str | None]:
+    """`RUN [RUN ...] [NAME]`: the runs, and the metric name if the last word is not a run."""
+    records: dict[str, Any] = {}
+    for i, ref in enumerate(refs):
+        record = workspace.history.find_run(ref)
+        if record is None and 0 < i == len(refs) - 1:
+            return list(records.values()), ref
+        record = record or run_record(workspace, ref)  # raises: no such run
+        records.setdefault(record.id, record)
+    return list(records.values()), None
+
+
+def _named(name: str | None) -> str:
+    """' named NAME', and a hint when NAME looks like a mistyped run (`metrics 1 7`)."""
+    if name is None:
+        return ""
+    looks_like_run = name == "latest" or name.isdigit() or re.fullmatch(r".+_\d+", name)
+    return f" named {name!r}" + (f" (and there is no run {name!r})" if looks_like_run else "")
+
+
+def _compare_metrics(workspace: Any, records: list[Any], name: str | None) -> int:
+    """Runs side by side: a row per metric, each run's latest value."""
+    from expkit.console import format_value
+
+    def cell(value: Any) -> str:
+        if isinstance(value, dict):  # a table row (log_row): its columns
+            return " ".join(f"{k}={format_value(v)}" for k, v in value.items())
+        return format_value(value)
+
+    latest = {r.id: workspace.history.latest_metrics(r.id) for r in records}
+    names = dict.fromkeys(n for values in latest.values() for n in values if name in (None, n))
+    if not names:
+        print(f"runs {', '.join(latest)} have no metrics" + _named(name))
+        return 0
+    rows = [[n, *(cell(v[n]) if n in v else "-" for v in latest.values())] for n in names]
+    print_table(["METRIC", *latest], rows)
+    return 0
+
+
+def _plot_metrics(workspace: Any, records: list[Any], name: str | None, path: Path) -> int:
+    """The runs' numeric metric curves in one picture; says what it drew."""
+    from expkit import plot
+    from expkit.errors import UserError
+
+    plot.check_file(path)  # before reading what may be millions of values
+    runs, skipped = {}, {}
+    for record in records:
+        runs[record.id], not_numeric = plot.curves(workspace.history, record.id, name)
+        skipped.update(dict.fromkeys(not_numeric))
+    empty = [run for run, curves in runs.items() if not curves]
+    runs = {run: curves for run, curves in runs.items() if curves}
+    if not runs:
+        what = f"numeric metric {name!r}" if name else "numeric metrics"
+        why = f" (not numeric: {', '.join(skipped)})" if skipped else ""
+        plural = "s" if len(records) > 1 else ""
+        ids = ", ".join(r.id for r in records)
+        raise UserError(f"nothing to plot: no {what} in run{plural} {ids}{why}")
+    plot.plot_runs(runs, path)
+    names = list(dict.fromkeys(n for curves in runs.values() for n in curves))
+    print(f"wrote {path}")
+    print(f"  runs     {', '.join(runs)}")
+    print(f"  metrics  {', '.join(names)}")
+    if empty:
+        print(f"  no numeric metrics in {', '.join(empty)}: not shown")
+    if skipped:
+        print(f"  not numeric, not plotted: {', '.join(skipped)}")
+    return 0

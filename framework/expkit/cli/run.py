@@ -1,0 +1,230 @@
+"""`expkit run JOB` (and `--dry-run`) and `expkit import FROM REF`: the commands that run
+a job spec or write one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from expkit.cli.common import open_workspace
+
+EXIT_FOR_STATE = {"completed": 0, "failed": 1, "canceled": 130}
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register `run` and `import` with their arguments."""
+    run = commands.add_parser(
+        "run",
+        help="run a job spec through the whole lifecycle",
+        description="Run JOB (a YAML job spec) in the workspace, showing "
+        "stage progress and the script's output live. Ctrl-C stops the "
+        "script, keeps its outputs and marks the run canceled.",
+    )
+    run.add_argument("job", metavar="JOB", help="the job spec, e.g. training/job.yaml")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set args.num_epochs=2 --set compute=local",
+    )
+    run.add_argument("--all-ranks", action="store_true", help="show every rank's output")
+    run.add_argument("--quiet", action="store_true", help="show the script's output only")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would run, and the compute target's exact submission, "
+        "without starting or contacting anything",
+    )
+    run.set_defaults(handler=cmd_run)
+
+    importer = commands.add_parser(
+        "import",
+        help="turn another tool's job (an Azure ML estimator, ...) into a job spec",
+        usage="expkit import FROM REF [-o JOB.yaml] [--experiment NAME] [--set KEY=VALUE]",
+        description="Turn the job definition REF of another tool into an expkit job spec, "
+        "written to -o or printed. FROM names a job importer (`expkit plugins` lists them), "
+        "e.g. `expkit import azureml train_azure.py:estimator -o job.yaml`; "
+        "`expkit import-azureml REF` is the same as `expkit import azureml REF`.",
+    )
+    importer.add_argument("source", metavar="FROM", help="the importer, e.g. azureml")
+    importer.add_argument("ref", metavar="REF", help="what to import, e.g. FILE.py:NAME")
+    importer.add_argument("-o", "--output", metavar="JOB.yaml", help="write the job spec here")
+    importer.add_argument("--experiment", help="the experiment name (default: the importer's)")
+    importer.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a field of the imported job, e.g. --set compute=local",
+    )
+    importer.set_defaults(handler=cmd_import)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the job spec through the lifecycle in the workspace (made here if there is none),
+    showing it live; the exit code is the run's state (0 completed, 1 failed, 130 canceled).
+    With --dry-run, print the plan instead (`dry_run`)."""
+    from expkit import lifecycle
+    from expkit.console import Console
+    from expkit.errors import NoSpace, UserError
+    from expkit.job import JobSpec
+
+    job = JobSpec.from_yaml(args.job, args.overrides)
+    if args.dry_run:
+        return dry_run(args.job, job)
+    workspace = open_workspace(args, create=True)
+    early: list[str] = []  # a signal from now on cancels the run once it is recorded
+    lifecycle.note_signals(early)
+    try:
+        record = lifecycle.submit(workspace, job)
+    except UserError as error:  # a plugin the job names is missing or refuses the job
+        raise UserError(f"{args.job}: {error}") from None
+    except Exception as error:
+        if not lifecycle.disk_full(error):
+            raise
+        raise NoSpace(
+            f"No space left on device on {lifecycle.mount_point(workspace.path)}: the run "
+            "cannot be recorded; free some space and run again (reading runs still works)"
+        ) from None
+    console = Console(ranks="all" if args.all_ranks else "0", quiet=args.quiet)
+    try:
+        record = lifecycle.execute(workspace, record.id, console, own_process=True, early=early)
+    finally:
+        console.close()
+    print_summary(workspace, record, console)  # to nobody, if the terminal has gone
+    return EXIT_FOR_STATE.get(record.state, 1)
+
+
+def dry_run(source: str, job: Any) -> int:
+    """The plan of `job`, stage by stage, then what its compute target would submit."""
+    import shlex
+
+    from expkit import lifecycle
+    from expkit.errors import UserError
+    from expkit.plugins import get_plugins
+
+    try:
+        choice = lifecycle.choose(job, get_plugins())
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
+
+    def named(capability: Any) -> str:
+        return f"{capability.name} ({capability.plugin})"
+
+    env = job.environment
+    res = job.resources
+    launcher = (
+        named(choice.backend)
+        if choice.backend
+        else (f"{job.distributed.backend} (launched by {choice.compute.name})")
+    )
+    command = ["python", job.entry_script, *job.command_args({k: f"<data {k}>" for k in job.data})]
+    model = job.model
+    plan = [
+        ("prepare", f"snapshot of {job.source_directory}; environment {named(choice.builder)}"
+                    + (f" {' '.join(env.packages)}" if env.packages else "")
+                    + "".join(f"; data {k}" for k in job.data)),
+        ("scale", f"compute {named(choice.compute)}: {_count(res.nodes, 'node')} x "
+                  f"{_count(res.processes_per_node, 'process')}, "
+                  f"{_count(res.gpus_per_node, 'GPU')} per node"),
+        ("run", f"distributed {launcher}: {shlex.join(command)}"),
+        ("post-process", "outputs/ sealed; metrics to "
+                         + (", ".join(named(s) for _, s in choice.sinks) or "the run history")
+                         + "".join(f"; export {named(e)}" for _, e in choice.exporters)),
+        ("register", f"model {model.name} from {model.path}"
+                     + "".join(f"; registry {named(r)}" for r in choice.registries)
+                     if model else "no model named"),
+    ]  # fmt: skip
+    print(f"dry run of {source} (nothing is started)")
+    for stage, text in plan:
+        print(f"  {stage:<13} {text}")
+    submission = choice.compute.dry_run(job)
+    if submission:
+        print(f"\n{choice.compute.kind} {choice.compute.name!r} would submit:\n{submission}")
+    return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("s") else "s")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Turn another tool's job into a job spec with the importer FROM, checked as `expkit
+    run` would check it, and write it to -o (or print it)."""
+    import contextlib
+    import os
+
+    import yaml
+
+    from expkit.errors import PluginError, UserError
+    from expkit.job import JobSpec, apply_override
+    from expkit.plugins import get_plugins
+
+    importer = get_plugins().get("job_importers", args.source, "FROM")
+    options = {"experiment": args.experiment} if args.experiment else {}
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # what the imported code prints, aside
+            raw = importer.import_job(args.ref, options)
+    except UserError:
+        raise
+    except Exception as error:
+        hook = f"{importer.kind} {importer.name!r} import_job"
+        raise PluginError(importer.plugin, hook, error) from error
+    for item in args.overrides:
+        apply_override(raw, item)
+    output = Path(args.output) if args.output else None
+    base = (output.parent if output else Path.cwd()).resolve()
+    JobSpec.from_dict(raw, source=args.ref, base_dir=base)  # checked before anything is written
+    folder = raw.get("source_directory")
+    if output and folder and Path(folder).is_absolute():  # the job file moves with its code
+        raw["source_directory"] = os.path.relpath(folder, base)
+    text = f"# imported from {args.ref} by `expkit import {args.source}`\n"
+    text += yaml.safe_dump(raw, sort_keys=False)
+    if output is None:
+        print(text, end="")
+        return 0
+    output.write_text(text, encoding="utf-8")
+    print(f"wrote {output}; run it with: expkit run {output}", file=sys.stderr)
+    return 0
+
+
+def print_summary(workspace: Any, record: Any, console: Any) -> None:
+    """The summary under a finished run: its stages, latest metrics, outputs, exports."""
+    from expkit.console import format_value, human_seconds, human_size
+    from expkit.exports import describe as describe_export
+
+    history = workspace.history
+    state_color = {"completed": "32", "failed": "31", "canceled": "33"}.get(record.state, "0")
+    console.line()
+    console.line(f"run {console.style(record.id, '1')}: {console.style(record.state, state_color)}")
+    rows: list[tuple[str, Any]] = []
+    for stage in history.stages(record.id):
+        when = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
+        rows.append((stage.stage, f"{stage.state:<9} {when:>8}  {stage.message or ''}".rstrip()))
+    metrics = history.latest_metrics(record.id)
+    if metrics:
+        shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
+        rows.append(("metrics", ", ".join(shown)))
+    outputs = history.outputs(record.id)
+    links = history.output_links(record.id)
+    note = (
+        f"; {len(links)} link{'s' * (len(links) != 1)} out of the run, not stored" if links else ""
+    )
+    rows.append(
+        (
+            "outputs",
+            f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}{note}",
+        )
+    )
+    for export in history.exports(record.id):
+        note = "" if export.ok else " (not registered)"
+        rows.append(("export", describe_export(export) + note))
+    if record.error:
+        rows.append(("error", record.error))
+    rows.append(("details", f"expkit runs show {record.id}"))
+    console.table(rows)

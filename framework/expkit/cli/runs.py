@@ -1,0 +1,208 @@
+"""`expkit runs ACTION`: list runs, and show, follow, cancel or copy the files of one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from expkit.cli.common import open_workspace, print_table, run_record, when
+
+RUN_HELP = "run id, run number, or `latest`"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register `runs` and its actions (list, show, logs, cancel, files, download)."""
+    runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(
+        dest="runs_command", metavar="ACTION", required=True
+    )
+    listing = runs.add_parser("list", help="the latest runs, newest first")
+    listing.add_argument("--experiment", help="only this experiment's runs")
+    listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    listing.set_defaults(handler=cmd_runs_list)
+    show = runs.add_parser("show", help="a run's state, stages, metrics and outputs")
+    show.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=cmd_runs_show)
+    logs = runs.add_parser("logs", help="a run's output (--follow to watch it live)")
+    logs.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
+    logs.add_argument("--rank", type=int, default=0, help="which rank's output (default 0)")
+    logs.set_defaults(handler=cmd_runs_logs)
+    cancel = runs.add_parser("cancel", help="stop a run (its outputs are kept)")
+    cancel.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    cancel.set_defaults(handler=cmd_runs_cancel)
+    files = runs.add_parser("files", help="the run's files (outputs/ and logs/)")
+    files.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    files.set_defaults(handler=cmd_runs_files)
+    download = runs.add_parser("download", help="copy one of a run's files")
+    download.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    download.add_argument("name", metavar="NAME", help="a name from `expkit runs files RUN`")
+    download.add_argument(
+        "dest",
+        metavar="DEST",
+        nargs="?",
+        help="file or folder to write (a folder when it ends in / or exists; default: here)",
+    )
+    download.add_argument("--force", action="store_true", help="replace a file already there")
+    download.set_defaults(handler=cmd_runs_download)
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    """The latest runs, newest first: state, creation time, duration, exit code."""
+    from expkit.console import human_seconds
+
+    workspace = open_workspace(args)
+    records = workspace.history.runs(args.experiment, args.limit)
+    if not records:
+        print("no runs yet; start one with `expkit run JOB`")
+        return 0
+    rows = []
+    for r in records:
+        took = (r.ended or time.time()) - r.created
+        rows.append(
+            [
+                r.id,
+                r.state,
+                when(r.created),
+                human_seconds(took),
+                "-" if r.exit_code is None else str(r.exit_code),
+            ]
+        )
+    print_table(["RUN", "STATE", "CREATED", "DURATION", "EXIT"], rows)
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    """One run's state, stages, metrics, tags, exports and outputs (--json: as JSON)."""
+    from expkit.api import Run
+    from expkit.console import format_value, human_seconds, human_size
+    from expkit.exports import describe as describe_export
+
+    workspace = open_workspace(args)
+    record = run_record(workspace, args.run_id)
+    history = workspace.history
+    if args.json:
+        details = Run(workspace, record.id).get_details()
+        details["metrics"] = history.latest_metrics(record.id)
+        details["outputs"] = {
+            p: {"size": s, "sha256": d} for p, (s, d) in history.outputs(record.id).items()
+        }
+        details["output_links"] = history.output_links(record.id)
+        print(json.dumps(details, indent=2, default=str))
+        return 0
+    print(f"run         {record.id}")
+    print(f"experiment  {record.experiment}")
+    print(f"state       {record.state}" + (f" ({record.status})" if record.status else ""))
+    print(f"created     {when(record.created)}")
+    if record.ended:
+        print(f"ended       {when(record.ended)}")
+    if record.exit_code is not None:
+        print(f"exit code   {record.exit_code}")
+    if record.error:
+        print(f"error       {record.error}")
+    print(f"script      {record.job['entry_script']} in {record.job['source_directory']}")
+    if record.snapshot_hash:
+        print(f"snapshot    {record.snapshot_hash[:16]}")
+    if record.environment_hash:
+        print(f"environment {record.environment_hash}")
+    print("\nstages")
+    for stage in history.stages(record.id):
+        took = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
+        print(f"  {stage.stage:<13} {stage.state:<9} {took:>8}  {stage.message or ''}".rstrip())
+    metrics = history.latest_metrics(record.id)
+    if metrics:
+        print("\nmetrics (latest value)")
+        for name, value in metrics.items():
+            print(f"  {name:<24} {format_value(value)}")
+    tags = history.tags(record.id)
+    if tags:
+        print("\ntags")
+        for key, value in tags.items():
+            print(f"  {key:<24} {value}")
+    found = history.exports(record.id)
+    if found:
+        print("\nexports")
+        for export in found:
+            print(f"  {describe_export(export)}")
+    outputs = history.outputs(record.id)
+    if outputs:
+        print("\noutputs")
+        for path, (size, digest) in outputs.items():
+            print(f"  {path:<40} {human_size(size):>10}  sha256:{digest[:12]}")
+    links = history.output_links(record.id)
+    if links:
+        print("\nlinks in outputs (recorded, not stored)")
+        for path, target in links.items():
+            print(f"  {'outputs' if path == '.' else path} -> {target}")
+    for event in history.events(record.id, "warning") + history.events(record.id, "sink-failed"):
+        print(f"\nwarning: {event['message']}")
+    return 0
+
+
+def cmd_runs_logs(args: argparse.Namespace) -> int:
+    """A rank's output, byte for byte (--follow: live until the run ends); UserError when
+    a finished run has none for that rank."""
+    from expkit.console import Console
+    from expkit.errors import UserError
+    from expkit.follow import follow
+
+    workspace = open_workspace(args)
+    record = run_record(workspace, args.run_id)
+    run_dir = workspace.run_dir(record.id)
+    if args.follow:
+        follow(workspace, record.id, Console(), rank=args.rank)
+        return 0
+    from expkit.outputs import open_own_log
+
+    log = open_own_log(run_dir, f"rank-{args.rank}.log")
+    if log is None:
+        if record.finished or args.rank != 0:
+            raise UserError(f"run {record.id} has no output for rank {args.rank}")
+        return 0
+    with log:
+        sys.stdout.buffer.write(log.read())
+    return 0
+
+
+def cmd_runs_cancel(args: argparse.Namespace) -> int:
+    """Ask a run's driver to stop it (its outputs are kept); a finished run is left as is."""
+    workspace = open_workspace(args)
+    record = run_record(workspace, args.run_id)
+    if record.finished:
+        print(f"run {record.id} already {record.state}")
+        return 0
+    workspace.history.request_cancel(record.id)
+    print(f"asked run {record.id} to stop; its driver stops the script and keeps its outputs")
+    return 0
+
+
+def cmd_runs_files(args: argparse.Namespace) -> int:
+    """The run's file names, one a line, then the links out of the run (recorded, not stored)."""
+    from expkit.api import Run
+    from expkit.outputs import escaped
+
+    def shown(name: str) -> str:
+        # One line per entry, and a file's line never reads as a link's: a name that is not
+        # printable is escaped, one holding " -> " is quoted (as Python writes a string).
+        text = escaped(name)
+        return repr(name) if text == name and " -> " in name else text
+
+    workspace = open_workspace(args)
+    run = Run(workspace, run_record(workspace, args.run_id).id)
+    for name in run.get_file_names():
+        print(shown(name))
+    for name, target in run.get_links().items():
+        print(f"{shown(name)} -> {escaped(target)}  (a link out of the run: recorded, not stored)")
+    return 0
+
+
+def cmd_runs_download(args: argparse.Namespace) -> int:
+    """Copy one of the run's files to DEST (verified against its sha256); print where."""
+    from expkit.api import Run
+
+    workspace = open_workspace(args)
+    run = Run(workspace, run_record(workspace, args.run_id).id)
+    print(run.download_file(args.name, args.dest, overwrite=args.force))
+    return 0

@@ -1,0 +1,21 @@
+"""`expkit init [PATH]`: create a workspace."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register `init` with its argument."""
+    init = commands.add_parser("init", help="create a workspace (.expkit/) in a folder")
+    init.add_argument("path", nargs="?", default=".", help="the folder (default: here)")
+    init.set_defaults(handler=cmd_init)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create (or find ready) the workspace in `args.path` and say where it is."""
+    from expkit.workspace import Workspace
+
+    workspace = Workspace.init(args.path)
+    print(f"workspace ready: {workspace.path}")
+    return 0
