@@ -27,7 +27,6 @@ from expkit import outputs as run_outputs
 from expkit.blobs import BlobStore
 from expkit.capabilities import (
     Allocation,
-    Capability,
     ComputeTarget,
     DistributedBackend,
     EnvironmentBuilder,
@@ -41,7 +40,7 @@ from expkit.errors import Canceled, NoSpace, PluginError, StageFailed, UserError
 from expkit.history import RunRecord, no_room
 from expkit.job import JobSpec
 from expkit.metrics import MetricPump, SinkWorker
-from expkit.plugins import Plugins, get_plugins
+from expkit.plugins import Plugins, call, get_plugins
 from expkit.procs import (
     WORKSPACE_ENV,
     become_subreaper,
@@ -103,9 +102,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
     )
     for i, spec in enumerate(job.metrics):
         sink = plugins.get("metric_sinks", spec.name, f"metrics.{i}")
-        _plugin_call(
-            sink, "check_options", sink.check_options, spec.options, f"metrics.{i}.options"
-        )
+        call(sink, "check_options", spec.options, f"metrics.{i}.options")
         choice.sinks.append((spec, sink))
     for i, name in enumerate(job.model.registries if job.model else []):
         path = f"model.registries.{i}"
@@ -113,7 +110,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
     for i, spec in enumerate(job.exports):
         exporter = plugins.get("exporters", spec.format, f"exports.{i}")
         options = f"exports.{i}.options"
-        _plugin_call(exporter, "check_options", exporter.check_options, spec.options, options)
+        call(exporter, "check_options", spec.options, options)
         choice.exporters.append((spec, exporter))
     checked = (
         (choice.builder, job.environment.options, "environment.options"),
@@ -122,8 +119,8 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
     )
     for capability, values, where in checked:  # types and ranges first, then the whole job
         if capability is not None:
-            _plugin_call(capability, "check_options", capability.check_options, values, where)
-            _plugin_call(capability, "check", capability.check, job)
+            call(capability, "check_options", values, where)
+            call(capability, "check", job)
     return choice
 
 
@@ -131,7 +128,7 @@ def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     """Record a new run of `job` (state queued) after checking every plugin it names."""
     compute = choose(job, get_plugins()).compute  # first: a target may refuse data outright
     check_data_sources(workspace, job)
-    _plugin_call(compute, "preflight", compute.preflight, job)
+    call(compute, "preflight", job)
     return workspace.history.create_run(job.experiment, job.to_dict())
 
 
@@ -276,13 +273,7 @@ class Lifecycle:
                         self.run(allocation)
                 finally:
                     if allocation is not None:
-                        _plugin_call(
-                            self.choice.compute,
-                            "release",
-                            self.choice.compute.release,
-                            self.ctx,
-                            allocation,
-                        )
+                        call(self.choice.compute, "release", self.ctx, allocation)
                     self.stop_processes()
             except (Canceled, KeyboardInterrupt) as stop:
                 state, error = "canceled", self._canceled_because(stop)
@@ -490,8 +481,8 @@ class Lifecycle:
         self.history.update_run(self.run_id, snapshot_hash=snap.hash)
 
         builder, compute = self.choice.builder, self.choice.compute
-        env = _plugin_call(compute, "prepare", compute.prepare, self.ctx) or _plugin_call(
-            builder, "build", builder.build, self.job.environment, self.ctx
+        env = call(compute, "prepare", self.ctx) or call(
+            builder, "build", self.job.environment, self.ctx
         )
         self.ctx.environment = env
         self.say(env.reason)
@@ -511,7 +502,7 @@ class Lifecycle:
     # -- scale: hold the resources ----------------------------------------------------------
     def scale(self) -> Allocation:
         compute = self.choice.compute
-        allocation = _plugin_call(compute, "acquire", compute.acquire, self.ctx)
+        allocation = call(compute, "acquire", self.ctx)
         self.history.update_run(self.run_id, state="scaling", status=None)
         self.stage_note = allocation.description
         return allocation
@@ -526,9 +517,7 @@ class Lifecycle:
         if backend is None:  # the target's service starts the ranks from the job spec
             processes = [Process(argv=command)]
         else:
-            processes = _plugin_call(
-                backend, "launch", backend.launch, self.ctx, command, allocation
-            )
+            processes = call(backend, "launch", self.ctx, command, allocation)
         for process in processes:
             process.env = {**env.env, **self.ctx.script_env, **process.env}
         self.pump = MetricPump(self.history, self.run_id, self.run_dir / "metrics")
@@ -539,7 +528,7 @@ class Lifecycle:
             worker.start()
         self.pump.start()
         compute = self.choice.compute
-        code = _plugin_call(compute, "execute", compute.execute, self.ctx, processes, allocation)
+        code = call(compute, "execute", self.ctx, processes, allocation)
         self.history.update_run(self.run_id, exit_code=code)
         if code != 0:
             raise StageFailed(self._failure(code))
@@ -551,8 +540,8 @@ class Lifecycle:
         backend = self.choice.backend
         rank = own = None
         if backend is not None:
-            rank = _plugin_call(backend, "failed_rank", backend.failed_rank, self.ctx)
-            own = _plugin_call(backend, "failed_exit_code", backend.failed_exit_code, self.ctx)
+            rank = call(backend, "failed_rank", self.ctx)
+            own = call(backend, "failed_exit_code", self.ctx)
         name = f"rank-{0 if rank is None else rank}.log"
         lines = [line for line in _tail(self.run_dir, name, LOG_TAIL_LINES) if line.strip()]
         message = f"rank {rank}: " if rank is not None else ""
@@ -684,7 +673,7 @@ class Lifecycle:
         self.stage_note = f"model {model.name} version {model.version}"
         for registry in self.choice.registries:
             try:
-                ref = _plugin_call(registry, "register", registry.register, model, self.info, {})
+                ref = call(registry, "register", model, self.info, {})
             except (StageFailed, UserError, PluginError) as failure:
                 # The run fails, so the version made above is not kept (see history.VISIBLE).
                 raise StageFailed(
@@ -789,17 +778,6 @@ def _note(text: str) -> None:
     the signal comes), and nothing raised when the terminal has gone."""
     with suppress(OSError):
         os.write(2, f"expkit: {text}\n".encode(errors="replace"))
-
-
-def _plugin_call(capability: Capability, method: str, function: Any, *args: Any) -> Any:
-    """Call a plugin's method; its exceptions come back as `plugin X, <kind> 'name'.method`."""
-    try:
-        return function(*args)
-    except (UserError, Canceled, KeyboardInterrupt, StageFailed):
-        raise
-    except Exception as error:
-        hook = f"{capability.kind} {capability.name!r} {method}"
-        raise PluginError(capability.plugin or "?", hook, error) from error
 
 
 def _describe_exit(code: int) -> str:
