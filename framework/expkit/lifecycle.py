@@ -223,6 +223,7 @@ class Lifecycle:
         self._last_poll = 0.0
         self.pump: MetricPump | None = None
         self.sinks: list[SinkWorker] = []
+        self.released = False  # ComputeTarget.release was called
         self.own_process = False
         self.terminated_by: str | None = None  # the name of the signal that ended the run
         self._interruptible = False
@@ -270,10 +271,15 @@ class Lifecycle:
                         allocation = self.scale()
                     script_started = True
                     with self.stage("run"):
-                        self.run(allocation)
+                        try:
+                            self.run(allocation)
+                        except BaseException:
+                            self.release(allocation, failing=True)
+                            raise
+                        self.release(allocation, failing=False)  # a failure is the stage's
                 finally:
-                    if allocation is not None:
-                        call(self.choice.compute, "release", self.ctx, allocation)
+                    if allocation is not None and not self.released:
+                        self.release(allocation, failing=True)  # stopped before the run stage
                     self.stop_processes()
             except (Canceled, KeyboardInterrupt) as stop:
                 state, error = "canceled", self._canceled_because(stop)
@@ -304,6 +310,23 @@ class Lifecycle:
             else:
                 _on_signals(previous)
         return self.history.run(self.run_id)
+
+    def release(self, allocation: Allocation, failing: bool) -> None:
+        """ComputeTarget.release, once, whatever happened; never cut short by a signal.
+
+        A release that raises fails the run stage ("release failed: ...") when nothing else
+        failed (the target may still hold what it acquired, and the user must know); when
+        the run is already failing or canceled, it is a warning and that first reason stays
+        the run's."""
+        self._interruptible = False
+        self.released = True
+        compute = self.choice.compute
+        try:
+            call(compute, "release", self.ctx, allocation)
+        except (PluginError, StageFailed, UserError) as failure:
+            if not failing:
+                raise StageFailed(f"release failed: {failure}") from failure
+            self.warn(f"release failed: {failure}")
 
     def stop_processes(self) -> None:
         """Stop what the run started: its processes (found by their environment marker, from
@@ -343,10 +366,9 @@ class Lifecycle:
                     salvage(self.ws, self.history, self.run_id)
             break
 
+        state, error = self.close_sinks(state, error)
         if state != "completed":
             self.withdraw_versions(state)
-        for worker in self.sinks:
-            worker.close(state)
         try:
             self.history.finish_run(self.run_id, state, error)
         except Exception as failure:
@@ -360,6 +382,21 @@ class Lifecycle:
             "expkit_run_finished", run=self.info, state=state, error=error
         ):
             self._report(problem)
+        return state, error
+
+    def close_sinks(self, state: str, error: str | None) -> tuple[str, str | None]:
+        """Tell every sink the run's final state, after the last stage. A close that raises
+        is a warning and a sink-failed event; a required sink's fails a completed run (its
+        model version is then not kept). Required sinks are told first, so that the others
+        are told "failed" when one of those fails."""
+        for worker in sorted(self.sinks, key=lambda w: not w.required):
+            problem = worker.close(state)
+            if problem is None:
+                continue
+            self.warn(str(problem))
+            self.history.add_event(self.run_id, "sink-failed", str(problem))
+            if worker.required and state == "completed":
+                state, error = "failed", f"required {problem}"
         return state, error
 
     def wrap_up(

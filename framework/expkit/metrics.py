@@ -203,10 +203,18 @@ class SinkWorker:
         stuck = TimeoutError(f"delivered nothing for {DRAIN_STALL_SECONDS:g} s; gave up")
         self.error = self.error or PluginError(self.sink.plugin, f"{self.label} send", stuck)
 
-    def close(self, state: str) -> None:
-        """Tell the sink the run's final state."""
-        if self._writer is not None and self.error is None:
-            self._call("close", state, on=self._writer)
+    def close(self, state: str) -> PluginError | None:
+        """Tell the sink the run's final state, once (a close is not retried: it ends the
+        sink's run, and the run's record waits for it). Returns why it failed, or None. A
+        sink that already failed, or never opened, is not told."""
+        if self._writer is None or self.error is not None:
+            return None
+        try:
+            call(self.sink, "close", state, on=self._writer)
+        except Exception as error:
+            self.error = self._problem("close", error)
+            return self.error
+        return None
 
 
 def _yield_cpu() -> None:
