@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from expkit import plugins as plugin_manager
 from expkit.procs import stop_run_processes
 from expkit.workspace import Workspace
 
@@ -72,6 +73,49 @@ def bare_env(*drop: str, **extra: str) -> dict[str, str]:
         return name in drop if drop else name.startswith("EXPKIT_")
 
     return {**{k: v for k, v in os.environ.items() if not dropped(k)}, **extra}
+
+
+# -- plugins installed for a test -----------------------------------------------------------
+class FakeSite:
+    """A folder standing in for site-packages, into which tests install plugin distributions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.modules: list[str] = []
+
+    def install(self, dist: str, plugins: dict[str, str]) -> None:
+        """Install `dist` 1.0 with one `expkit` entry point per {name: module source}."""
+        stem = dist.replace("-", "_")
+        info = self.path / f"{stem}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        lines = ["[expkit]"]
+        for entry, source in plugins.items():
+            module = f"{stem}_{entry.replace('-', '_')}"
+            (self.path / f"{module}.py").write_text(textwrap.dedent(source))
+            lines.append(f"{entry} = {module}")
+            self.modules.append(module)
+        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment that makes a subprocess (the `expkit` command) see this folder."""
+        paths = [str(self.path), os.environ.get("PYTHONPATH", "")]
+        return {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fake site-packages folder on this process's path; forgotten (modules too) afterwards."""
+    folder = tmp_path / "site-packages"
+    folder.mkdir()
+    fake = FakeSite(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    plugin_manager.reset()
+    yield fake
+    plugin_manager.reset()
+    for module in fake.modules:
+        sys.modules.pop(module, None)
 
 
 # -- files ----------------------------------------------------------------------------------

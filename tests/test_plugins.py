@@ -10,16 +10,13 @@ from __future__ import annotations
 import inspect
 import os
 import subprocess
-import sys
-import textwrap
 from importlib.metadata import entry_points, version
-from pathlib import Path
 
 import pluggy
 import pytest
 
 import expkit
-from conftest import error_line
+from conftest import FakeSite, error_line
 from expkit import hookspecs
 from expkit import plugins as plugin_manager
 from expkit.capabilities import KINDS, Allocation
@@ -50,48 +47,6 @@ class Target(expkit.ComputeTarget):
 def expkit_compute_targets():
     return [Target()]
 """
-
-
-class FakeSite:
-    """A folder standing in for site-packages, into which tests install plugin distributions."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.modules: list[str] = []
-
-    def install(self, dist: str, plugins: dict[str, str]) -> None:
-        """Install `dist` 1.0 with one `expkit` entry point per {name: module source}."""
-        stem = dist.replace("-", "_")
-        info = self.path / f"{stem}-1.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-        lines = ["[expkit]"]
-        for entry, source in plugins.items():
-            module = f"{stem}_{entry.replace('-', '_')}"
-            (self.path / f"{module}.py").write_text(textwrap.dedent(source))
-            lines.append(f"{entry} = {module}")
-            self.modules.append(module)
-        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The environment that makes a subprocess (the `expkit` command) see this folder."""
-        paths = [str(self.path), os.environ.get("PYTHONPATH", "")]
-        return {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-
-
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A fake site-packages folder on this process's path; forgotten (modules too) afterwards."""
-    folder = tmp_path / "site-packages"
-    folder.mkdir()
-    fake = FakeSite(folder)
-    monkeypatch.syspath_prepend(str(folder))
-    plugin_manager.reset()
-    yield fake
-    plugin_manager.reset()
-    for module in fake.modules:
-        sys.modules.pop(module, None)
 
 
 @pytest.fixture

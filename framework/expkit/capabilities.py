@@ -423,7 +423,9 @@ class ComputeTarget(Capability, ABC):
         """Run stage: start the processes, stream their output, return the exit code."""
 
     def release(self, ctx: RunContext, allocation: Allocation) -> None:
-        """Give back what `acquire` took; called whatever happened."""
+        """Give back what `acquire` took; called once whatever happened after it (not when
+        `acquire` raised), and never cut short by Ctrl-C. Raising fails the run stage
+        ("release failed: ...") when nothing else failed, else it is a warning."""
 
     def dry_run(self, job: JobSpec) -> str | None:
         """`expkit run JOB --dry-run`: the exact submission this target would make, as text,
@@ -455,12 +457,20 @@ class MetricWriter(ABC):
 
     @abstractmethod
     def send(self, metrics: list[Metric]) -> None:
-        """Deliver a batch; may be slow (it runs on a background thread) and may raise."""
+        """Deliver a batch; may be slow (it runs on a background thread) and may raise.
+
+        A send that raises is called again with the very same list (the same object) after
+        each of `expkit.metrics.RETRY_DELAYS` (0.5, 1 and 2 s: four tries in all); after the
+        last, the sink is reported failed and gets no more batches and no `close`. So a
+        writer that may have delivered part of a batch before raising must not deliver that
+        part twice: skip what it already sent of this list (the MLflow writer does).
+        """
 
     def close(self, outcome: RunOutcome) -> None:  # noqa: B027
-        """The run ended (`outcome.state`, its error, exit code, stage times, tags, outputs):
-        send what is left and close. Called after post-process, before the run's record is
-        final, so that a required sink's failure here still fails the run."""
+        """The run ended (`outcome.state`, its error, exit code, stage times, tags): send what
+        is left and close. Called once, after the last stage, before the run's record is
+        final, and not retried: raising is a warning and a `sink-failed` event, or fails the
+        run when the sink is `required`."""
 
 
 class MetricSink(Capability, ABC):
@@ -470,7 +480,8 @@ class MetricSink(Capability, ABC):
 
     @abstractmethod
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
-        """Start sending metrics of `run`."""
+        """Start sending metrics of `run`. Called on the sink's own thread; one that raises
+        is tried again like `MetricWriter.send`, so leave nothing half-open behind."""
 
 
 class ModelRegistry(Capability, ABC):
@@ -480,7 +491,8 @@ class ModelRegistry(Capability, ABC):
 
     @abstractmethod
     def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
-        """Register `model`; return a short reference shown in the summary."""
+        """Register `model`; return a short reference shown in the summary. Raising fails
+        the register stage, and the run then keeps no model version."""
 
 
 @dataclass

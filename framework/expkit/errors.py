@@ -29,11 +29,13 @@ class PluginUnavailable(ImportError):
 
 
 class PluginError(Exception):
-    """An exception raised inside a plugin, reported as `plugin X, hook Y: message`."""
+    """An exception raised inside a plugin, reported as `plugin X, hook Y: message`, on one
+    line (the lines of a message that has several are joined with "; ")."""
 
     def __init__(self, plugin: str, hook: str, error: BaseException) -> None:
         self.plugin, self.hook, self.error = plugin, hook, error
-        message = str(error) or type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        message = "; ".join(lines) or type(error).__name__
         super().__init__(f"plugin {plugin}, {hook}: {message}")
 
 

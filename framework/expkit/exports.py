@@ -18,9 +18,10 @@ from typing import Any
 
 from expkit.blobs import BlobStore, hash_file
 from expkit.capabilities import Exporter, ExportRequest, ExportResult, ModelVersion
-from expkit.errors import UserError
+from expkit.errors import PluginError, UserError
 from expkit.history import ExportRecord
 from expkit.job import ExportSpec, ModelSpec
+from expkit.plugins import call
 from expkit.registry import ModelStore, select_model_files
 
 # The figures shown with an export, in this order, when the exporter reports them.
@@ -58,10 +59,11 @@ def make(
         timeout=spec.timeout,
     )
     try:
-        result = exporter.export(request)
+        result = call(exporter, "export", request)
     except UserError:
         raise
-    except Exception as error:
+    except Exception as failure:  # the export names the exporter: the reason is its error's
+        error = failure.error if isinstance(failure, PluginError) else failure
         return ExportResult([], {}, False, f"{type(error).__name__}: {error}")
     except BaseException:  # stopped (Ctrl-C, SIGTERM): nothing half-written is left behind
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,10 +10,17 @@ Two kinds of hooks:
 
 * Capability hooks (plural nouns) are called once when the plugin manager starts. Each returns
   a list of objects from `expkit.capabilities`, each with a `name` that job specs refer to. Two
-  plugins supplying the same kind under one name is an error that names both.
+  plugins supplying the same kind under one name is an error that names both. A hook that
+  raises marks its plugin "loaded, with an error", and a job naming what it would have
+  supplied is told so.
 * Event hooks (`expkit_stage_started`, `expkit_stage_finished`, `expkit_run_finished`) are
   broadcast to every plugin. An observer that raises is reported with its plugin's name and
   does not fail the run.
+
+A plugin implementing a hook that is not here (`expkit_compute_target`, singular), or asking
+for an argument its hook does not pass, is not loaded: `expkit plugins` names the hook and
+the closest real one. What the core does when each capability method raises is in the
+README ("When a plugin raises") and each method's docstring.
 
 The lifecycle of one run, and where each hook fires::
 

@@ -27,7 +27,6 @@ from expkit import outputs as run_outputs
 from expkit.blobs import BlobStore
 from expkit.capabilities import (
     Allocation,
-    Capability,
     ComputeTarget,
     DistributedBackend,
     EnvironmentBuilder,
@@ -39,7 +38,7 @@ from expkit.errors import Canceled, NoSpace, PluginError, StageFailed, UserError
 from expkit.history import RunRecord, no_room
 from expkit.job import JobSpec
 from expkit.metrics import MetricPump, SinkWorker
-from expkit.plugins import Plugins, get_plugins
+from expkit.plugins import Plugins, call, get_plugins
 from expkit.procs import (
     WORKSPACE_ENV,
     become_subreaper,
@@ -101,9 +100,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
     )
     for i, spec in enumerate(job.metrics):
         sink = plugins.get("metric_sinks", spec.name, f"metrics.{i}")
-        _plugin_call(
-            sink, "check_options", sink.check_options, spec.options, f"metrics.{i}.options"
-        )
+        call(sink, "check_options", spec.options, f"metrics.{i}.options")
         choice.sinks.append((spec, sink))
     for i, name in enumerate(job.model.registries if job.model else []):
         path = f"model.registries.{i}"
@@ -111,7 +108,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
     for i, spec in enumerate(job.exports):
         exporter = plugins.get("exporters", spec.format, f"exports.{i}")
         options = f"exports.{i}.options"
-        _plugin_call(exporter, "check_options", exporter.check_options, spec.options, options)
+        call(exporter, "check_options", spec.options, options)
         choice.exporters.append((spec, exporter))
     checked = (
         (choice.builder, job.environment.options, "environment.options"),
@@ -120,8 +117,8 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
     )
     for capability, values, where in checked:  # types and ranges first, then the whole job
         if capability is not None:
-            _plugin_call(capability, "check_options", capability.check_options, values, where)
-            _plugin_call(capability, "check", capability.check, job)
+            call(capability, "check_options", values, where)
+            call(capability, "check", job)
     return choice
 
 
@@ -129,7 +126,7 @@ def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     """Record a new run of `job` (state queued) after checking every plugin it names."""
     compute = choose(job, get_plugins()).compute  # first: a target may refuse data outright
     check_data_sources(workspace, job)
-    _plugin_call(compute, "preflight", compute.preflight, job)
+    call(compute, "preflight", job)
     return workspace.history.create_run(job.experiment, job.to_dict())
 
 
@@ -224,6 +221,7 @@ class Lifecycle:
         self._last_poll = 0.0
         self.pump: MetricPump | None = None
         self.sinks: list[SinkWorker] = []
+        self.released = False  # ComputeTarget.release was called
         self.own_process = False
         self.terminated_by: str | None = None  # the name of the signal that ended the run
         self._interruptible = False
@@ -267,16 +265,15 @@ class Lifecycle:
                         allocation = self.scale()
                     script_started = True
                     with self.stage("run"):
-                        self.run(allocation)
+                        try:
+                            self.run(allocation)
+                        except BaseException:
+                            self.release(allocation, failing=True)
+                            raise
+                        self.release(allocation, failing=False)  # a failure is the stage's
                 finally:
-                    if allocation is not None:
-                        _plugin_call(
-                            self.choice.compute,
-                            "release",
-                            self.choice.compute.release,
-                            self.ctx,
-                            allocation,
-                        )
+                    if allocation is not None and not self.released:
+                        self.release(allocation, failing=True)  # stopped before the run stage
                     self.stop_processes()
             except (Canceled, KeyboardInterrupt) as stop:
                 state, error = "canceled", self._canceled_because(stop)
@@ -307,6 +304,23 @@ class Lifecycle:
             else:
                 _on_signals(previous)
         return self.history.run(self.run_id)
+
+    def release(self, allocation: Allocation, failing: bool) -> None:
+        """ComputeTarget.release, once, whatever happened; never cut short by a signal.
+
+        A release that raises fails the run stage ("release failed: ...") when nothing else
+        failed (the target may still hold what it acquired, and the user must know); when
+        the run is already failing or canceled, it is a warning and that first reason stays
+        the run's."""
+        self._interruptible = False
+        self.released = True
+        compute = self.choice.compute
+        try:
+            call(compute, "release", self.ctx, allocation)
+        except (PluginError, StageFailed, UserError) as failure:
+            if not failing:
+                raise StageFailed(f"release failed: {failure}") from failure
+            self.warn(f"release failed: {failure}")
 
     def stop_processes(self) -> None:
         """Stop what the run started: its processes (found by their environment marker, from
@@ -346,12 +360,9 @@ class Lifecycle:
                     salvage(self.ws, self.history, self.run_id)
             break
 
+        state, error = self.close_sinks(state, error)
         if state != "completed":
             self.withdraw_versions(state)
-        if self.sinks:
-            outcome = services.run_outcome(self.ws, self.run_id, state, error)
-            for worker in self.sinks:
-                worker.close(outcome)
         try:
             self.history.finish_run(self.run_id, state, error)
         except Exception as failure:
@@ -365,6 +376,21 @@ class Lifecycle:
             "expkit_run_finished", run=self.info, state=state, error=error
         ):
             self._report(problem)
+        return state, error
+
+    def close_sinks(self, state: str, error: str | None) -> tuple[str, str | None]:
+        """Tell every sink the run's final state, after the last stage. A close that raises
+        is a warning and a sink-failed event; a required sink's fails a completed run (its
+        model version is then not kept). Required sinks are told first, so that the others
+        are told "failed" when one of those fails."""
+        for worker in sorted(self.sinks, key=lambda w: not w.required):
+            problem = worker.close(services.run_outcome(self.ws, self.run_id, state, error))
+            if problem is None:
+                continue
+            self.warn(str(problem))
+            self.history.add_event(self.run_id, "sink-failed", str(problem))
+            if worker.required and state == "completed":
+                state, error = "failed", f"required {problem}"
         return state, error
 
     def wrap_up(
@@ -487,8 +513,8 @@ class Lifecycle:
         self.info.snapshot_hash = snap.hash
 
         builder, compute = self.choice.builder, self.choice.compute
-        env = _plugin_call(compute, "prepare", compute.prepare, self.ctx) or _plugin_call(
-            builder, "build", builder.build, self.job.environment, self.ctx
+        env = call(compute, "prepare", self.ctx) or call(
+            builder, "build", self.job.environment, self.ctx
         )
         self.ctx.environment = env
         self.say(env.reason)
@@ -509,7 +535,7 @@ class Lifecycle:
     # -- scale: hold the resources ----------------------------------------------------------
     def scale(self) -> Allocation:
         compute = self.choice.compute
-        allocation = _plugin_call(compute, "acquire", compute.acquire, self.ctx)
+        allocation = call(compute, "acquire", self.ctx)
         self.history.update_run(self.run_id, state="scaling", status=None)
         self.stage_note = allocation.description
         return allocation
@@ -524,9 +550,7 @@ class Lifecycle:
         if backend is None:  # the target's service starts the ranks from the job spec
             processes = [Process(argv=command)]
         else:
-            processes = _plugin_call(
-                backend, "launch", backend.launch, self.ctx, command, allocation
-            )
+            processes = call(backend, "launch", self.ctx, command, allocation)
         for process in processes:
             process.env = {**env.env, **self.ctx.script_env, **process.env}
         self.pump = MetricPump(self.history, self.run_id, self.run_dir / "metrics")
@@ -537,7 +561,7 @@ class Lifecycle:
             worker.start()
         self.pump.start()
         compute = self.choice.compute
-        code = _plugin_call(compute, "execute", compute.execute, self.ctx, processes, allocation)
+        code = call(compute, "execute", self.ctx, processes, allocation)
         self.history.update_run(self.run_id, exit_code=code)
         if code != 0:
             raise StageFailed(self._failure(code))
@@ -549,8 +573,8 @@ class Lifecycle:
         backend = self.choice.backend
         rank = own = None
         if backend is not None:
-            rank = _plugin_call(backend, "failed_rank", backend.failed_rank, self.ctx)
-            own = _plugin_call(backend, "failed_exit_code", backend.failed_exit_code, self.ctx)
+            rank = call(backend, "failed_rank", self.ctx)
+            own = call(backend, "failed_exit_code", self.ctx)
         name = f"rank-{0 if rank is None else rank}.log"
         lines = [line for line in _tail(self.run_dir, name, LOG_TAIL_LINES) if line.strip()]
         message = f"rank {rank}: " if rank is not None else ""
@@ -682,7 +706,7 @@ class Lifecycle:
         self.stage_note = f"model {model.name} version {model.version}"
         for registry in self.choice.registries:
             try:
-                ref = _plugin_call(registry, "register", registry.register, model, self.info, {})
+                ref = call(registry, "register", model, self.info, {})
             except (StageFailed, UserError, PluginError) as failure:
                 # The run fails, so the version made above is not kept (see history.VISIBLE).
                 raise StageFailed(
@@ -787,17 +811,6 @@ def _note(text: str) -> None:
     the signal comes), and nothing raised when the terminal has gone."""
     with suppress(OSError):
         os.write(2, f"expkit: {text}\n".encode(errors="replace"))
-
-
-def _plugin_call(capability: Capability, method: str, function: Any, *args: Any) -> Any:
-    """Call a plugin's method; its exceptions come back as `plugin X, <kind> 'name'.method`."""
-    try:
-        return function(*args)
-    except (UserError, Canceled, KeyboardInterrupt, StageFailed):
-        raise
-    except Exception as error:
-        hook = f"{capability.kind} {capability.name!r} {method}"
-        raise PluginError(capability.plugin or "?", hook, error) from error
 
 
 def _describe_exit(code: int) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
 from expkit.errors import PluginError
 from expkit.history import History, metric_value
+from expkit.plugins import call
 
 PUMP_SECONDS = 0.25
 SINK_BATCH = 5000
@@ -137,17 +138,16 @@ class SinkWorker:
 
     def _loop(self) -> None:
         _yield_cpu()
-        if not self._call("open", lambda: self._open()):
+        opened, writer = self._call("open", self.run, self.options)
+        if not opened:
             return
+        self._writer = writer
         while not self._done.is_set():
             self.wake.wait(1.0)
             self.wake.clear()
             if not self._deliver():
                 return
         self._deliver()
-
-    def _open(self) -> None:
-        self._writer = self.sink.open(self.run, self.options)
 
     def _deliver(self) -> bool:
         """Send everything new; False once the sink has failed for good."""
@@ -158,24 +158,31 @@ class SinkWorker:
             batch = [
                 Metric(r["name"], metric_value(r), r["step"], r["ts"], r["rank"]) for r in rows
             ]
-            assert self._writer is not None
-            if not self._call("send", lambda b=batch: self._writer.send(b)):
+            if not self._call("send", batch, on=self._writer)[0]:
                 return False
             self._cursor = rows[-1]["id"]
             self.delivered += len(rows)
         return False
 
-    def _call(self, what: str, action: Any) -> bool:
+    def _call(self, method: str, *args: Any, on: object | None = None) -> tuple[bool, Any]:
+        """The sink's (or its writer's) `method`, tried again with the very same arguments
+        after each of RETRY_DELAYS while it raises: (True, what it returned), or (False,
+        None) once it failed for good, with `self.error` saying why."""
         for delay in (*RETRY_DELAYS, None):
             try:
-                action()
-                return True
+                return True, call(self.sink, method, *args, on=on)
             except Exception as error:
                 if delay is None:
-                    self.error = PluginError(self.sink.plugin, f"{self.label} {what}", error)
-                    return False
+                    self.error = self._problem(method, error)
+                    return False, None
                 time.sleep(delay)
-        return False
+        return False, None
+
+    def _problem(self, method: str, error: Exception) -> PluginError:
+        """`error` as "plugin X, metric sink 'name' method: ..." (a UserError is not one yet)."""
+        if isinstance(error, PluginError):
+            return error
+        return PluginError(self.sink.plugin, f"{self.label} {method}", error)
 
     def drain(self) -> None:
         """Deliver everything in the history, then stop the thread (post-process).
@@ -196,10 +203,18 @@ class SinkWorker:
         stuck = TimeoutError(f"delivered nothing for {DRAIN_STALL_SECONDS:g} s; gave up")
         self.error = self.error or PluginError(self.sink.plugin, f"{self.label} send", stuck)
 
-    def close(self, outcome: RunOutcome) -> None:
-        """Tell the sink how the run ended."""
-        if self._writer is not None and self.error is None:
-            self._call("close", lambda: self._writer.close(outcome))
+    def close(self, outcome: RunOutcome) -> PluginError | None:
+        """Tell the sink how the run ended, once (a close is not retried: it ends the
+        sink's run, and the run's record waits for it). Returns why it failed, or None. A
+        sink that already failed, or never opened, is not told."""
+        if self._writer is None or self.error is not None:
+            return None
+        try:
+            call(self.sink, "close", outcome, on=self._writer)
+        except Exception as error:
+            self.error = self._problem("close", error)
+            return self.error
+        return None
 
 
 def _yield_cpu() -> None:

@@ -1,14 +1,20 @@
-"""Finding plugins, collecting what they supply, and calling their hooks safely.
+"""Finding plugins, collecting what they supply, and calling them safely.
 
 Plugins are found through the entry-point group `expkit` (built-ins too). A plugin that fails
-to import is skipped with a one-line reason; `EXPKIT_DISABLE_PLUGINS=a,b` blocks plugins by
-name; `EXPKIT_TRACE=1` prints every hook call to stderr.
+to import, implements a hook expkit does not have (a misspelt name) or takes arguments its
+hook does not pass is not loaded, with a one-line reason; `EXPKIT_DISABLE_PLUGINS=a,b` blocks
+plugins by name. Every call of a capability's method goes through `call`, which names the
+plugin, the capability and the method when it raises. `EXPKIT_TRACE=1` (or `--debug`) prints
+every hook call and every capability method call to stderr.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -16,7 +22,7 @@ import pluggy
 
 from expkit import hookspecs
 from expkit.capabilities import KINDS, Capability
-from expkit.errors import PluginError, UserError
+from expkit.errors import Canceled, PluginError, StageFailed, UserError, quoted
 
 ENTRY_POINT_GROUP = "expkit"
 DISABLE_ENV = "EXPKIT_DISABLE_PLUGINS"
@@ -44,12 +50,18 @@ class Plugins:
         self.pm = pm
         self.infos = infos
         self._table: dict[str, dict[str, Capability]] | None = None
+        self._failures: dict[str, list[str]] = {}  # by kind: why a plugin supplied none
         self.conflicts: list[str] = []
 
     # -- registering ------------------------------------------------------------------------
     def register(self, plugin: object, name: str) -> None:
-        """Register a plugin object by hand (tests, embedding applications)."""
-        self.pm.register(plugin, name=name)
+        """Register a plugin object by hand (tests, embedding applications).
+
+        Raises UserError, and registers nothing, for a plugin that implements a hook expkit
+        does not have or asks a hook for an argument it does not pass."""
+        problem = _register(self.pm, plugin, name)
+        if problem:
+            raise UserError(f"plugin {name}: {problem}")
         self.infos[name] = PluginInfo(name, hooks=self._hooks_of(plugin))
         self._table = None
 
@@ -67,6 +79,7 @@ class Plugins:
             return self._table
         table: dict[str, dict[str, Capability]] = {kind: {} for kind in KINDS}
         conflicts = []
+        self._failures = {}
         for kind, base in KINDS.items():
             impls = list(reversed(getattr(self.pm.hook, f"expkit_{kind}").get_hookimpls()))
             self._trace(f"expkit_{kind}", impls, {})
@@ -74,10 +87,13 @@ class Plugins:
                 try:
                     supplied = impl.function() or []
                 except Exception as error:  # a broken plugin must not break the command
-                    self._fail(impl.plugin_name, f"expkit_{kind} raised: {error}")
+                    self._fail(
+                        kind, impl.plugin_name, f"expkit_{kind} raised: {_first_line(error)}"
+                    )
                     continue
                 if not isinstance(supplied, list | tuple):  # e.g. one object, not a list
                     self._fail(
+                        kind,
                         impl.plugin_name,
                         f"expkit_{kind} returned {supplied!r}, not a list of {base.__name__}",
                     )
@@ -85,6 +101,7 @@ class Plugins:
                 for obj in supplied:
                     if not isinstance(obj, base) or not obj.name:
                         self._fail(
+                            kind,
                             impl.plugin_name,
                             f"expkit_{kind} returned {obj!r}, not a named {base.__name__}",
                         )
@@ -102,9 +119,11 @@ class Plugins:
         self._table, self.conflicts = table, conflicts
         return table
 
-    def _fail(self, plugin: str, reason: str) -> None:
+    def _fail(self, kind: str, plugin: str, reason: str) -> None:
+        """A plugin's capability hook of `kind` raised or returned something unusable."""
         info = self.infos.setdefault(plugin, PluginInfo(plugin))
         info.error = reason
+        self._failures.setdefault(kind, []).append(f"plugin {plugin}: {reason}")
 
     def _describe(self, plugin: str) -> str:
         info = self.infos.get(plugin)
@@ -134,6 +153,8 @@ class Plugins:
         info = self.infos.get(name)  # a plugin named like what is asked for, that did not load
         if info is not None and info.error and not info.hooks:
             why = f"plugin {name} did not load: {info.error}"
+        elif self._failures.get(kind):  # it may be the one a failing hook would have supplied
+            why = "; ".join(self._failures[kind])
         else:
             why = "is its plugin installed? `expkit plugins` lists what loaded and why not"
         raise UserError(f"{where}no {base.kind} named {name!r} (available: {available}); {why}")
@@ -162,8 +183,13 @@ class Plugins:
         return errors
 
 
-def load(disabled: str | None = None, trace: bool | None = None) -> Plugins:
-    """Build the plugin manager from the installed entry points."""
+def load(disabled: str | None = None) -> Plugins:
+    """Build the plugin manager from the installed entry points.
+
+    A plugin is loaded only when it imports, every hook it implements is one of
+    `expkit.hookspecs` and each asks only for arguments its hook passes; otherwise its
+    `PluginInfo.error` says why, in one line, and `expkit plugins` shows it as not loaded.
+    """
     from importlib.metadata import entry_points
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -184,23 +210,135 @@ def load(disabled: str | None = None, trace: bool | None = None) -> Plugins:
             continue
         try:
             plugin = ep.load()
-            pm.register(plugin, name=ep.name)
+            info.error = _register(pm, plugin, ep.name)
         except Exception as error:  # ImportError, PluginUnavailable, a bug in the plugin
             info.error = _one_line(error)
             continue
-        info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-    if trace if trace is not None else os.environ.get(TRACE_ENV):
+        if info.error is None:
+            info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+    if tracing():
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return Plugins(pm, infos)
 
 
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> str | None:
+    """Register `plugin` as pluggy's `check_pending` would have it: None when it is, else why
+    not in one line (and it is left unregistered)."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as error:  # nothing was registered
+        return _invalid(pm, error)
+    known = sorted(n for n, caller in vars(pm.hook).items() if _has_spec(caller))
+    unknown = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        mine = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]
+        if caller.has_spec() or all(impl.optionalhook for impl in mine):
+            continue
+        close = difflib.get_close_matches(caller.name, known, n=1)
+        unknown.append(caller.name + (f" (did you mean {close[0]}?)" if close else ""))
+    if not unknown:
+        return None
+    pm.unregister(plugin)
+    hooks = "hook" if len(unknown) == 1 else "hooks"
+    return f"implements unknown {hooks} {', '.join(unknown)}"
+
+
+def _has_spec(caller: Any) -> bool:
+    return isinstance(caller, pluggy.HookCaller) and caller.has_spec()
+
+
+def _invalid(pm: pluggy.PluginManager, error: pluggy.PluginValidationError) -> str:
+    """pluggy's several-line PluginValidationError as one complete line: the hook, how the
+    plugin defines it and what is wrong (the arguments the hook does not pass)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    found = re.fullmatch(r"Plugin '.*' for hook '(\w+)'", lines[0]) if lines else None
+    if found is None:
+        return "; ".join(lines) or "PluginValidationError"
+    hook, rest = found.group(1), lines[1:]
+    definition = rest[0].removeprefix("hookimpl definition: ") if rest else hook
+    extra = re.fullmatch(r"Argument\(s\) \{(.*)\} are declared in the hookimpl .*", rest[-1])
+    if extra is None:
+        return f"hook {hook}: " + "; ".join(rest)
+    names = ", ".join(sorted(re.findall(r"'(\w+)'", extra.group(1))))
+    spec = getattr(pm.hook, hook).spec
+    passed = ", ".join(spec.argnames) if spec and spec.argnames else "nothing"
+    return f"{definition} asks for {names}, which hook {hook} does not pass (it passes {passed})"
+
+
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    message = text[0] if text else ""
+    message = _first_line(error, named=False)
     if type(error).__name__ in ("PluginUnavailable",):
         return message
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _first_line(error: BaseException, named: bool = True) -> str:
+    """The first line of an exception's message; its type's name when it has none."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else (type(error).__name__ if named else "")
+
+
+# -- calling a capability's methods ---------------------------------------------------------------
+def tracing() -> bool:
+    """True when hook and capability calls are traced to stderr (EXPKIT_TRACE=1, --debug)."""
+    return os.environ.get(TRACE_ENV, "") not in ("", "0")
+
+
+def call(capability: Capability, method: str, *args: Any, on: object | None = None) -> Any:
+    """Call `capability.method(*args)` (or `on.method(*args)`: an object the capability
+    made, such as a sink's MetricWriter) and return what it returns.
+
+    The one way the core calls a plugin: an exception from it comes back as a PluginError
+    "plugin X, <kind> 'name' method: message"; UserError, StageFailed, Canceled and
+    KeyboardInterrupt pass as they are (the plugin chose them). With tracing on, the call and
+    its outcome are each one line on stderr.
+    """
+    function = getattr(capability if on is None else on, method)
+    label = f"{capability.kind} {capability.name!r}"
+    traced = tracing()
+    if traced:
+        shown = ", ".join(_shown(arg) for arg in args)
+        _trace_line(f"call {label} (plugin {capability.plugin or '?'}).{method}({shown})")
+    started = time.monotonic()
+    try:
+        result = function(*args)
+    except BaseException as error:
+        if traced:
+            seconds = time.monotonic() - started
+            _trace_line(f"{label}.{method} raised {_one_line(error)} ({seconds:.2f} s)")
+        if isinstance(error, UserError | StageFailed | Canceled) or not isinstance(
+            error, Exception
+        ):
+            raise
+        raise PluginError(capability.plugin or "?", f"{label} {method}", error) from error
+    if traced:
+        seconds = time.monotonic() - started
+        _trace_line(f"{label}.{method} returned {_shown(result)} ({seconds:.2f} s)")
+    return result
+
+
+def _shown(value: Any) -> str:
+    """An argument or result as a trace line shows it: a run by its id, else a short repr."""
+    run_id = getattr(value, "run_id", None)
+    if isinstance(run_id, str):
+        return f"run {run_id}"
+    if isinstance(value, str | int | float | bool | type(None)):
+        return quoted(value, 60)
+    if isinstance(value, list | tuple):  # "[1 x Process]", "[5000 x Metric]"
+        return f"[{len(value)} x {type(value[0]).__name__}]" if value else "[]"
+    if isinstance(value, dict):
+        return f"{{{len(value)} keys}}"
+    return f"<{type(value).__name__}>"
+
+
+def _trace_line(text: str) -> None:
+    """One trace line on stderr, written at once (sink threads trace too)."""
+    try:
+        sys.stderr.write(f"expkit: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # the terminal has gone, or stderr was closed
+        pass
 
 
 _loaded: Plugins | None = None

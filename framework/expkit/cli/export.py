@@ -66,7 +66,7 @@ def _export(args: argparse.Namespace) -> int:
     from expkit import exports
     from expkit.blobs import BlobStore
     from expkit.errors import UserError
-    from expkit.plugins import get_plugins
+    from expkit.plugins import call, get_plugins
     from expkit.registry import ModelStore, parse_model_ref
 
     workspace = open_workspace(args)
@@ -85,7 +85,7 @@ def _export(args: argparse.Namespace) -> int:
 
     job = _job(record, version, args.overrides, what)
     spec = _export_spec(job, args)
-    exporter.check_options(spec.options, "--option")
+    call(exporter, "check_options", spec.options, "--option")
     run_dir = workspace.run_dir(record.id) if record else None
     python, env = _environment(workspace, job, run_dir)
     say = _say
@@ -151,7 +151,7 @@ def _environment(workspace: Any, job: JobSpec, run_dir: Path | None) -> tuple[st
     """The run's environment (found in the cache, or built again), as post-process used it."""
     from expkit import exports
     from expkit.capabilities import RunContext
-    from expkit.plugins import get_plugins
+    from expkit.plugins import call, get_plugins
 
     builder = get_plugins().get("environment_builders", job.environment.builder, "environment")
     folder = run_dir or workspace.path
@@ -168,7 +168,7 @@ def _environment(workspace: Any, job: JobSpec, run_dir: Path | None) -> tuple[st
         echo=lambda rank, line: None,
         cache_dir=workspace.envs_dir,
     )
-    env = builder.build(job.environment, ctx)
+    env = call(builder, "build", job.environment, ctx)
     return exports.interpreter(env.python), env.env
 
 

@@ -106,7 +106,7 @@ def dry_run(source: str, job: Any) -> int:
 
     from expkit import lifecycle
     from expkit.errors import UserError
-    from expkit.plugins import get_plugins
+    from expkit.plugins import call, get_plugins
 
     try:
         choice = lifecycle.choose(job, get_plugins())
@@ -143,7 +143,7 @@ def dry_run(source: str, job: Any) -> int:
     print(f"dry run of {source} (nothing is started)")
     for stage, text in plan:
         print(f"  {stage:<13} {text}")
-    submission = choice.compute.dry_run(job)
+    submission = call(choice.compute, "dry_run", job)
     if submission:
         print(f"\n{choice.compute.kind} {choice.compute.name!r} would submit:\n{submission}")
     return 0
@@ -161,20 +161,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from expkit.errors import PluginError, UserError
     from expkit.job import JobSpec, apply_override
-    from expkit.plugins import get_plugins
+    from expkit.plugins import call, get_plugins
 
     importer = get_plugins().get("job_importers", args.source, "FROM")
     options = {"experiment": args.experiment} if args.experiment else {}
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # what the imported code prints, aside
-            raw = importer.import_job(args.ref, options)
-    except UserError:
-        raise
-    except Exception as error:
-        hook = f"{importer.kind} {importer.name!r} import_job"
-        raise PluginError(importer.plugin, hook, error) from error
+    with contextlib.redirect_stdout(sys.stderr):  # what the imported code prints, aside
+        raw = call(importer, "import_job", args.ref, options)
     for item in args.overrides:
         apply_override(raw, item)
     output = Path(args.output) if args.output else None
