@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ class Experiment:
     def __init__(self, workspace: Workspace, name: str) -> None:
         self.workspace, self.name = workspace, name
 
-    def submit(self, job: JobSpec | str | Path, overrides: list[str] = ()) -> Run:
+    def submit(self, job: JobSpec | str | Path, overrides: Sequence[str] = ()) -> Run:
         """Start `job` in a background driver process and return its run at once."""
         from expkit import lifecycle
         from expkit.job import JobSpec

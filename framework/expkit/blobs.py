@@ -47,7 +47,7 @@ def manifest(folder: Path) -> dict[str, tuple[int, str]]:
     Links are not followed (neither to files nor to folders), and neither is `folder` itself
     when it is a link: what is listed lives in `folder`.
     """
-    found = {}
+    found: dict[str, tuple[int, str]] = {}
     if Path(folder).is_symlink() or not Path(folder).is_dir():
         return found
     for root, dirs, names in os.walk(folder, followlinks=False):

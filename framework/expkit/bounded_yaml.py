@@ -35,7 +35,7 @@ class BoundedLoader(yaml.SafeLoader):
         self._depth = 0
         self._nodes = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if self._depth >= MAX_DEPTH:  # before PyYAML's recursive composer overflows
             mark = self.peek_event().start_mark
             raise BoundError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
@@ -55,7 +55,7 @@ class BoundedLoader(yaml.SafeLoader):
             _check_expansion(node)
         return node
 
-    def construct_mapping(self, node: Node, deep: bool = False) -> dict[Any, Any]:
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         """A mapping; a key given twice is an error at its second line (PyYAML keeps the
         last silently), except keys that a merge (`<<: *base`) brings in."""
         if isinstance(node, MappingNode):

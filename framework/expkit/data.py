@@ -42,6 +42,11 @@ def prepare(
     """The folder or file holding data input `name`, prepared now if not cached."""
     if item.source and Path(item.source).exists():
         return Path(item.source)
+    if not item.prepare:  # a source that went away since the job was checked
+        raise UserError(
+            f"data.{name}.source: {item.source} does not exist (any more); restore it, or "
+            "give a `prepare` command that makes the data"
+        )
     key = cache_key(item, source_dir)
     dest = cache_dir / f"{name}-{key}"
     if dest.exists():

@@ -591,8 +591,8 @@ def check_parity(
                 f"the eager model gives {list(want.shape)}"
             )
         elif not entry["ok"]:
-            error = entry["max_abs_error"]
-            shown = f"{error:.2g}" if isinstance(error, float) else error
+            worst = entry["max_abs_error"]
+            shown = f"{worst:.2g}" if isinstance(worst, float) else worst
             failures.append(
                 f"outputs differ from the eager model on {label}: max abs error {shown} > "
                 f"tolerance (atol {req.atol:g}, rtol {req.rtol:g})"

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="empty-body"
+# (a hook spec has only a docstring for a body: pluggy calls the plugins' implementations)
 """The plugin API of expkit: every hook a plugin can implement, in the order they fire.
 
 A plugin is a module (or object) with functions marked `@expkit.hookimpl`, registered under

@@ -679,7 +679,7 @@ class Lifecycle:
             for k, v in self.history.latest_metrics(self.run_id).items()
             if isinstance(v, int | float)
         }
-        lineage = {
+        lineage: dict[str, Any] = {
             "run_id": self.run_id,
             "experiment": self.job.experiment,
             "snapshot_hash": record.snapshot_hash,
@@ -858,7 +858,7 @@ def _cancel_reason(stop: BaseException) -> str:
     return str(stop) if isinstance(stop, Canceled) and str(stop) else "canceled by the user"
 
 
-def _first(error: BaseException | None, kind: type) -> BaseException | None:
+def _first(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
     """`error`, or the first exception of `kind` it was raised from or during."""
     seen = set()
     while error is not None and id(error) not in seen:
@@ -870,7 +870,7 @@ def _first(error: BaseException | None, kind: type) -> BaseException | None:
     return None
 
 
-def disk_full(error: BaseException) -> bool:
+def disk_full(error: BaseException | None) -> bool:
     """True when `error` (or what it came from) is "no space left" from the OS or SQLite.
 
     A history that could only be opened read-only counts: it was, because the disk is full."""

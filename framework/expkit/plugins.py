@@ -194,7 +194,7 @@ def load(disabled: str | None = None) -> Plugins:
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    blocked = {n.strip() for n in (disabled or os.environ.get(DISABLE_ENV, "")).split(",")}
+    blocked = {n.strip() for n in (disabled or os.environ.get(DISABLE_ENV) or "").split(",")}
     blocked.discard("")
     infos: dict[str, PluginInfo] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ class ModelStore:
                     f"{model.name}:{model.version} {rel}",
                     downloads.inside_folder(dest, rel),
                     digest,
-                    lambda d=digest, s=stored: downloads.candidates(self.ws, d, [s]),
+                    partial(downloads.candidates, self.ws, digest, [stored]),
                 )
             )
         return downloads.fetch(wanted, overwrite, root=dest)

@@ -66,7 +66,7 @@ def node_counts(cluster: Any) -> str:
     parts = [
         f"{getattr(counts, f'{state}_node_count', 0) or 0} {state}"
         for state in ("running", "idle", "preparing", "leaving", "unusable", "preempted")
-        if counts is not None and getattr(counts, f"{state}_node_count", 0)
+        if counts is not None and getattr(counts, f"{state}_node_count", None)
     ]
     nodes = status.current_node_count or 0
     target = status.target_node_count

@@ -90,7 +90,12 @@ def _read_config(path: Path) -> WorkspaceRef:
     missing = [k for k in WORKSPACE_KEYS if not isinstance(data.get(k), str) or not data[k]]
     if missing:
         raise UserError(f"{path}: not an Azure ML config.json (no {missing[0]}); {NO_CONFIG_HINT}")
-    return WorkspaceRef(*(data[k] for k in WORKSPACE_KEYS), source=f"config.json at {path}")
+    return WorkspaceRef(
+        data["subscription_id"],
+        data["resource_group"],
+        data["workspace_name"],
+        source=f"config.json at {path}",
+    )
 
 
 def credentials(options: AzureOptions) -> str:

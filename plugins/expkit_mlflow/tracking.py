@@ -143,6 +143,8 @@ def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             found = client.get_experiment_by_name(name)
+            if found is None:  # created and deleted for good meanwhile: the error says it
+                raise
     if found.lifecycle_stage == "deleted":
         raise ValueError(
             f"MLflow experiment {name!r} is deleted in {tracking.uri}; restore it "

@@ -158,7 +158,8 @@ def _run(argv: list[str], ctx: RunContext, what: str) -> None:
         env=_marked(ctx),
         preexec_fn=die_with_parent,  # a kill -9 of the driver stops pip too
     )
-    last = []
+    last: list[str] = []
+    assert proc.stdout is not None  # stdout=PIPE
     for line in proc.stdout:
         line = line.rstrip()
         if not line or "is ignored: it is neither a file nor a directory" in line:

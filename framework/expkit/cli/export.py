@@ -92,15 +92,18 @@ def _export(args: argparse.Namespace) -> int:
     say(f"export {spec.format} of {what} ({exporter.plugin}), in {python}")
     for line in _verify(workspace, version, record, job):
         say(f"warning: {line}")
+    model = job.model
+    assert model is not None  # `_job` refuses a job without one
     if version is not None:
         code_dir = run_dir / "snapshot" if run_dir and (run_dir / "snapshot").is_dir() else None
         export = exports.into_version(
-            ModelStore(workspace), version, job.model, spec, exporter, python, code_dir, env, say
+            ModelStore(workspace), version, model, spec, exporter, python, code_dir, env, say
         )
     else:
+        assert record is not None and run_dir is not None  # a run was found: no version
         blobs = BlobStore(workspace.blobs_dir)
         export = exports.into_run(
-            history, blobs, record.id, run_dir, job.model, spec, exporter, python, env, say
+            history, blobs, record.id, run_dir, model, spec, exporter, python, env, say
         )
     _print_export(export, what)
     return 0 if export.ok else 1
