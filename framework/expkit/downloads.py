@@ -323,7 +323,9 @@ def _temporary(target: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".expkit-{os.getpid()}-", suffix=".download", dir=target.parent)
 
 
-def _at_destination_value(call: Callable[[Path], tuple[int, str]], where: Path, arg: Path):
+def _at_destination_value(
+    call: Callable[[Path], tuple[int, str]], where: Path, arg: Path
+) -> tuple[int, str]:
     try:
         return call(arg)
     except OSError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from expkit import exportkit
 from expkit.capabilities import ExportRequest, ExportResult
@@ -35,7 +36,7 @@ def export_and_check(req: ExportRequest) -> ExportResult:
     req.say(f"checking {FILE}, loaded back, on {len(inputs)} inputs")
     loaded = torch.jit.load(str(path), map_location="cpu").eval()
 
-    def run(x):  # noqa: ANN001
+    def run(x: Any) -> Any:  # numpy arrays: [batch, ...] in, the outputs out
         with torch.inference_mode():
             return loaded(torch.from_numpy(x)).numpy()
 
