@@ -180,7 +180,7 @@ class Follower:
             self.statuses.append(status)
             self.ctx.say(describe(status))
             if self.ctx.history is not None:
-                self.ctx.history.update_run(self.ctx.run_id, status=f"azureml {status}")
+                self.ctx.history.runs.update(self.ctx.run_id, status=f"azureml {status}")
         self.details = self.run.get_details() or {}
         self.stream(self.details.get("logFiles") or {})
         return status

@@ -234,7 +234,7 @@ class AzureMLTarget(ComputeTarget):
         }
         (ctx.run_dir / RECORD_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         if ctx.history is not None:
-            ctx.history.set_tags(
+            ctx.history.tags.set(
                 ctx.run_id, {"azureml.run_id": run.id, "azureml.experiment": ctx.job.experiment}
             )
         ctx.say(f"submitted Azure ML run {run.id} to {session.options.cluster}: {url}".rstrip(": "))

@@ -110,10 +110,10 @@ class MlflowWriter(MetricWriter):
         the run finished finds everything in it."""
         history = history_of(self.run)
         run_id = self.run.run_id
-        record = history.run(run_id)
-        tags: dict[str, Any] = {k: v for k, v in history.tags(run_id).items() if k != RUN_TAG}
+        record = history.runs.get(run_id)
+        tags: dict[str, Any] = {k: v for k, v in history.tags.of(run_id).items() if k != RUN_TAG}
         tags.update({"expkit.state": state, "expkit.exit_code": record.exit_code})
-        for stage in history.stages(run_id):
+        for stage in history.stages.of(run_id):
             if stage.started is not None and stage.ended is not None:
                 tags[f"expkit.stage.{stage.stage}.seconds"] = f"{stage.ended - stage.started:.3f}"
             if stage.state in ("failed", "canceled") and stage.message:  # the run's error is

@@ -115,10 +115,10 @@ def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[
     """The id of the MLflow run mirroring `run`, created (with params and tags) if there is
     none yet; and whether it was created now. A retried `open` finds the run it made before."""
     history = history_of(run)
-    existing = history.tags(run.run_id).get(RUN_TAG)
+    existing = history.tags.of(run.run_id).get(RUN_TAG)
     if existing:
         return existing, False
-    record = history.run(run.run_id)
+    record = history.runs.get(run.run_id)
     tags = {
         "expkit.run_id": run.run_id,
         "expkit.experiment": run.experiment,
@@ -138,7 +138,7 @@ def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[
     )
     mlflow_run_id = created.info.run_id
     log_params(client, mlflow_run_id, job_params(run.job))
-    history.set_tags(run.run_id, {RUN_TAG: mlflow_run_id})
+    history.tags.set(run.run_id, {RUN_TAG: mlflow_run_id})
     return mlflow_run_id, True
 
 
@@ -215,7 +215,7 @@ def log_outputs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
     """Log the run's sealed outputs as the artifacts `outputs/...`: the files of the run's
     manifest, exactly (never a link the script left, never a file that is not recorded).
     Returns whether there was anything to log."""
-    names = list(history_of(run).outputs(run.run_id))
+    names = list(history_of(run).outputs.of(run.run_id))
     return _log_files(client, mlflow_run_id, run.run_dir, "outputs", names)
 
 
