@@ -104,9 +104,13 @@ class History:
             opened_read_only = getattr(db, "no_room", False) and code == sqlite3.SQLITE_READONLY
             if not (no_room(error) or opened_read_only):
                 raise
+            doing = (
+                f"this expkit must upgrade the history (version {version} to {schema.latest()})"
+                if existed
+                else "the history cannot be created"
+            )
             raise UserError(
-                f"{shown_path(self.path)}: this expkit must upgrade the history (version "
-                f"{version} to {schema.latest()}), and the disk holding it is full; free some "
+                f"{shown_path(self.path)}: {doing}, and the disk holding it is full; free some "
                 "space and run the command again"
             ) from None
 
