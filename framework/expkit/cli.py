@@ -267,7 +267,7 @@ def _workspace(args: argparse.Namespace, create: bool = False) -> Any:
 def _run_record(workspace: Any, ref: str) -> Any:
     from expkit.errors import UserError, quoted
 
-    record = workspace.history.find_run(ref)
+    record = workspace.history.runs.find(ref)
     if record is None:
         raise UserError(
             f"no run {quoted(ref)} in {workspace.path}; `expkit runs list` shows the runs"
@@ -418,15 +418,15 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     console.line()
     console.line(f"run {console.style(record.id, '1')}: {console.style(record.state, state_color)}")
     rows: list[tuple[str, Any]] = []
-    for stage in history.stages(record.id):
+    for stage in history.stages.of(record.id):
         when = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         rows.append((stage.stage, f"{stage.state:<9} {when:>8}  {stage.message or ''}".rstrip()))
-    metrics = history.latest_metrics(record.id)
+    metrics = history.metrics.latest(record.id)
     if metrics:
         shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
         rows.append(("metrics", ", ".join(shown)))
-    outputs = history.outputs(record.id)
-    links = history.output_links(record.id)
+    outputs = history.outputs.of(record.id)
+    links = history.outputs.links(record.id)
     note = (
         f"; {len(links)} link{'s' * (len(links) != 1)} out of the run, not stored" if links else ""
     )
@@ -436,7 +436,7 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
             f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}{note}",
         )
     )
-    for export in history.exports(record.id):
+    for export in history.exports.of(record.id):
         note = "" if export.ok else " (not registered)"
         rows.append(("export", describe_export(export) + note))
     if record.error:
@@ -449,7 +449,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     from expkit.console import human_seconds
 
     workspace = _workspace(args)
-    records = workspace.history.runs(args.experiment, args.limit)
+    records = workspace.history.runs.recent(args.experiment, args.limit)
     if not records:
         print("no runs yet; start one with `expkit run JOB`")
         return 0
@@ -479,11 +479,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     history = workspace.history
     if args.json:
         details = Run(workspace, record.id).get_details()
-        details["metrics"] = history.latest_metrics(record.id)
+        details["metrics"] = history.metrics.latest(record.id)
         details["outputs"] = {
-            p: {"size": s, "sha256": d} for p, (s, d) in history.outputs(record.id).items()
+            p: {"size": s, "sha256": d} for p, (s, d) in history.outputs.of(record.id).items()
         }
-        details["output_links"] = history.output_links(record.id)
+        details["output_links"] = history.outputs.links(record.id)
         print(json.dumps(details, indent=2, default=str))
         return 0
     print(f"run         {record.id}")
@@ -502,35 +502,37 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     if record.environment_hash:
         print(f"environment {record.environment_hash}")
     print("\nstages")
-    for stage in history.stages(record.id):
+    for stage in history.stages.of(record.id):
         took = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         print(f"  {stage.stage:<13} {stage.state:<9} {took:>8}  {stage.message or ''}".rstrip())
-    metrics = history.latest_metrics(record.id)
+    metrics = history.metrics.latest(record.id)
     if metrics:
         print("\nmetrics (latest value)")
         for name, value in metrics.items():
             print(f"  {name:<24} {format_value(value)}")
-    tags = history.tags(record.id)
+    tags = history.tags.of(record.id)
     if tags:
         print("\ntags")
         for key, value in tags.items():
             print(f"  {key:<24} {value}")
-    found = history.exports(record.id)
+    found = history.exports.of(record.id)
     if found:
         print("\nexports")
         for export in found:
             print(f"  {describe_export(export)}")
-    outputs = history.outputs(record.id)
+    outputs = history.outputs.of(record.id)
     if outputs:
         print("\noutputs")
         for path, (size, digest) in outputs.items():
             print(f"  {path:<40} {human_size(size):>10}  sha256:{digest[:12]}")
-    links = history.output_links(record.id)
+    links = history.outputs.links(record.id)
     if links:
         print("\nlinks in outputs (recorded, not stored)")
         for path, target in links.items():
             print(f"  {'outputs' if path == '.' else path} -> {target}")
-    for event in history.events(record.id, "warning") + history.events(record.id, "sink-failed"):
+    for event in history.events.of(record.id, "warning") + history.events.of(
+        record.id, "sink-failed"
+    ):
         print(f"\nwarning: {event['message']}")
     return 0
 
@@ -564,7 +566,7 @@ def cmd_runs_cancel(args: argparse.Namespace) -> int:
     if record.finished:
         print(f"run {record.id} already {record.state}")
         return 0
-    workspace.history.request_cancel(record.id)
+    workspace.history.runs.request_cancel(record.id)
     print(f"asked run {record.id} to stop; its driver stops the script and keeps its outputs")
     return 0
 
@@ -608,7 +610,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if len(records) > 1:
         return _compare_metrics(workspace, records, name)
     record = records[0]
-    rows = workspace.history.metrics(record.id, name)
+    rows = workspace.history.metrics.of(record.id, name)
     if not rows:
         print(f"run {record.id} has no metrics" + _named(name))
         return 0
@@ -629,7 +631,7 @@ def _metric_refs(workspace: Any, refs: list[str]) -> tuple[list[Any], str | None
     """`RUN [RUN ...] [NAME]`: the runs, and the metric name if the last word is not a run."""
     records: dict[str, Any] = {}
     for i, ref in enumerate(refs):
-        record = workspace.history.find_run(ref)
+        record = workspace.history.runs.find(ref)
         if record is None and 0 < i == len(refs) - 1:
             return list(records.values()), ref
         record = record or _run_record(workspace, ref)  # raises: no such run
@@ -654,7 +656,7 @@ def _compare_metrics(workspace: Any, records: list[Any], name: str | None) -> in
             return " ".join(f"{k}={format_value(v)}" for k, v in value.items())
         return format_value(value)
 
-    latest = {r.id: workspace.history.latest_metrics(r.id) for r in records}
+    latest = {r.id: workspace.history.metrics.latest(r.id) for r in records}
     names = dict.fromkeys(n for values in latest.values() for n in values if name in (None, n))
     if not names:
         print(f"runs {', '.join(latest)} have no metrics" + _named(name))
@@ -696,7 +698,7 @@ def _plot_metrics(workspace: Any, records: list[Any], name: str | None, path: Pa
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     workspace = _workspace(args)
-    rows = workspace.history.models()
+    rows = workspace.history.models.versions()
     if not rows:
         print("no models yet; a job with `model: {name: ...}` registers one")
         return 0
@@ -724,7 +726,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
         if isinstance(value, dict):
             value = ", ".join(f"{k} {format_value(v)}" for k, v in value.items()) or "-"
         print(f"  {key:<17} {value}")
-    found = workspace.history.exports(model=model.name, version=model.version)
+    found = workspace.history.exports.of(model=model.name, version=model.version)
     exported = model.lineage.get("exports", {})
     if exported or found:
         print("exports")
