@@ -135,7 +135,7 @@ class Case:
                 sys.exit(f"error: {self.name}: no `run ID: completed` line in:\n{output[-3000:]}")
             history = Workspace(self.workspace).history
             try:
-                values = [row["value"] for row in history.metrics(match[1], "images_per_sec")]
+                values = [row["value"] for row in history.metrics.of(match[1], "images_per_sec")]
             finally:
                 history.close()
         if not values:

@@ -204,5 +204,5 @@ def background(expkit_workspace: Workspace):
     yield start
     for live in started:
         live.kill()
-    for record in expkit_workspace.history.runs(limit=1000):
+    for record in expkit_workspace.history.runs.recent(limit=1000):
         stop_run_processes(record.id, grace=1, workspace=expkit_workspace.path)

@@ -60,7 +60,7 @@ def no_runs_left_behind(expkit_workspace):
     """Whatever a failing test leaves running in its workspace is stopped at the end."""
     yield
     history = expkit_workspace.history
-    for record in history.runs(limit=1000):
+    for record in history.runs.recent(limit=1000):
         if record.finished:
             continue
         pid = record.driver_pid
@@ -242,7 +242,7 @@ def test_waiting_on_a_run_whose_driver_was_killed_ends_failed(expkit_workspace, 
     run = Experiment(expkit_workspace, "lost").submit(JobSpec.from_yaml(job))
     wait_for_output(run, "training forever")
 
-    os.kill(expkit_workspace.history.run(run.id).driver_pid, signal.SIGKILL)
+    os.kill(expkit_workspace.history.runs.get(run.id).driver_pid, signal.SIGKILL)
     details = run.wait_for_completion(raise_on_error=False, timeout=30)
     assert details["state"] == "failed"
     assert "driver process" in details["error"]
@@ -256,7 +256,7 @@ def test_waiting_on_a_run_whose_driver_was_killed_ends_failed(expkit_workspace, 
 def test_an_experiment_name_that_is_no_valid_name_is_refused(expkit_workspace, job_file):
     with pytest.raises(UserError, match="experiment"):
         Experiment(expkit_workspace, "../escape").submit(JobSpec.from_yaml(job_file))
-    assert expkit_workspace.history.runs() == []
+    assert expkit_workspace.history.runs.recent() == []
 
 
 def test_the_run_goes_on_when_the_submitting_process_exits(expkit_workspace, job_file, tmp_path):

@@ -237,4 +237,4 @@ def test_the_seeds_estimator_runs_here_to_completed(run_job):
     assert result.state == "completed", result.output
     assert result.run.get_metrics()["best_val_acc"] > 0
     assert "outputs/model.pt" in result.run.get_file_names()
-    assert result.workspace.history.model("pt-dnn")["version"] == 1
+    assert result.workspace.history.models.find("pt-dnn")["version"] == 1

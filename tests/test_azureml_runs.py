@@ -202,7 +202,7 @@ def make_ctx(expkit_workspace):
         job = JobSpec.from_dict(
             {"experiment": "pytorch-digits", "entry_script": "train.py", "compute": "azureml"}
         )
-        record = expkit_workspace.history.create_run("pytorch-digits", job.to_dict())
+        record = expkit_workspace.history.runs.create("pytorch-digits", job.to_dict())
         run_dir = expkit_workspace.run_dir(record.id)
         for folder in ("metrics", "logs", "work"):
             (run_dir / folder).mkdir(parents=True)
@@ -270,7 +270,7 @@ def test_a_completed_run_is_followed_state_by_state_with_its_log_live(
     assert "Best val Acc: 0.890000" in lines
     assert all(rank == 0 for rank, _ in ctx.echoed)
     assert not (ctx.log_dir / "rank-1.log").exists()  # the image build log is not a rank's
-    assert expkit_workspace.history.run(ctx.run_id).status == "azureml Completed"
+    assert expkit_workspace.history.runs.get(ctx.run_id).status == "azureml Completed"
     assert run.cancel_calls == 0
 
 
@@ -484,7 +484,7 @@ def test_a_job_runs_on_azure_ml_through_every_stage(replayed, run_job, log_serve
     result = run_job(JOB, script=TRAIN)
 
     assert result.state == "completed", result.output
-    stages = {s.stage: s.state for s in result.workspace.history.stages(result.record.id)}
+    stages = {s.stage: s.state for s in result.workspace.history.stages.of(result.record.id)}
     assert stages == dict.fromkeys(
         ("prepare", "scale", "run", "post-process", "register"), "completed"
     )
@@ -503,8 +503,8 @@ def test_a_job_runs_on_azure_ml_through_every_stage(replayed, run_job, log_serve
     assert (result.run_dir / "outputs" / "model.pt").read_bytes() == b"weights"
     record = json.loads((result.run_dir / "azureml.json").read_text())
     assert record["run_id"] == RUN_ID and record["workspace"]["workspace_name"] == "ws"
-    assert result.workspace.history.tags(result.record.id)["azureml.run_id"] == RUN_ID
-    assert result.workspace.history.model("pt-dnn")["version"] == 1
+    assert result.workspace.history.tags.of(result.record.id)["azureml.run_id"] == RUN_ID
+    assert result.workspace.history.models.find("pt-dnn")["version"] == 1
     output = result.output
     assert "Azure ML workspace ws (config.json at" in output
     assert "cluster gpu-cluster (STANDARD_NC6s_v3, 0-2 nodes): 0 nodes, steady" in output
@@ -531,8 +531,8 @@ def test_expkit_runs_cancel_cancels_the_azure_ml_run(
     replayed, run_job, log_server, expkit_workspace
 ):
     def cancel_from_another_terminal():
-        (record,) = expkit_workspace.history.runs(limit=1)
-        expkit_workspace.history.request_cancel(record.id)
+        (record,) = expkit_workspace.history.runs.recent(limit=1)
+        expkit_workspace.history.runs.request_cancel(record.id)
 
     target = replayed(lambda: RecordedRun(
         log_server, RUNNING, after_cancel=AFTER_CANCEL, on_poll={2: cancel_from_another_terminal}
@@ -551,7 +551,7 @@ def test_data_inputs_are_refused_before_a_run_is_created(replayed, run_job, expk
             {**JOB, "data": {"digits": {"source": "."}}, "args": {"data_dir": "${data.digits}"}},
             script=TRAIN,
         )
-    assert expkit_workspace.history.runs() == []
+    assert expkit_workspace.history.runs.recent() == []
 
 
 def test_a_run_canceled_in_azure_ml_cancels_the_expkit_run(replayed, run_job, log_server):
@@ -626,4 +626,4 @@ def test_registering_a_local_run_in_azure_ml_needs_the_workspaces_config(
     assert result.state == "failed"
     assert result.record.error.startswith("register: no Azure ML config.json in ")
     assert result.record.error.endswith("; m:1 is not kept, as the run failed")
-    assert result.workspace.history.model("m") is None
+    assert result.workspace.history.models.find("m") is None

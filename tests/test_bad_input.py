@@ -281,7 +281,7 @@ def test_a_bad_job_spec_is_one_line_naming_the_field(tmp_path: Path, case: str) 
     # Without --dry-run the same line, and no run is created.
     workspace = Workspace.init(tmp_path / "ws")
     assert _one_line(_expkit(tmp_path, "run", "job.yaml", *sets)) == line
-    assert workspace.history.runs() == []
+    assert workspace.history.runs.recent() == []
     assert not (workspace.path / "runs").exists()
 
 
@@ -353,5 +353,5 @@ def test_a_data_source_holding_the_workspace_is_refused(tmp_path: Path) -> None:
         line = _one_line(_expkit(tmp_path, "run", "job.yaml", *sets))
         assert line.startswith("expkit: error: job.yaml: data.d.source: "), line
         assert "the workspace" in line
-    assert workspace.history.runs() == []
+    assert workspace.history.runs.recent() == []
     assert not (workspace.path / "runs").exists()

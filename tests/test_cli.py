@@ -111,7 +111,9 @@ def test_workspace_is_found_from_a_subfolder_the_flag_and_the_env_var(tmp_path, 
 
     ok(expkit_in(sub, "run", str(job)))
     assert not (sub / ".expkit").exists()
-    assert [r.id for r in Workspace(tmp_path / "project" / ".expkit").history.runs()] == ["test_1"]
+    assert [r.id for r in Workspace(tmp_path / "project" / ".expkit").history.runs.recent()] == [
+        "test_1"
+    ]
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

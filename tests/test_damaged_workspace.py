@@ -44,11 +44,11 @@ def project(tmp_path: Path) -> Path:
     workspace = Workspace.init(tmp_path)
     history = workspace.history
     for _ in range(2):
-        record = history.create_run("demo", {"experiment": "demo", "entry_script": "train.py"})
-        history.add_metrics(
+        record = history.runs.create("demo", {"experiment": "demo", "entry_script": "train.py"})
+        history.metrics.add(
             record.id, [("loss", s, 1.0 / (s + 1), None, 0.0, 0) for s in range(400)]
         )
-        history.finish_run(record.id, "completed")
+        history.runs.finish(record.id, "completed")
     history.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     history.close()
     return tmp_path
@@ -121,12 +121,12 @@ def test_a_history_damaged_after_opening_is_named_at_the_query(project: Path) ->
     """SQLite reads pages as queries need them: a file cut short while open shows at the
     query that reads the missing page, not when it was opened."""
     history = History(project / ".expkit" / "history.db")
-    assert len(history.runs()) == 2
+    assert len(history.runs.recent()) == 2
     truncated(project / ".expkit" / "history.db")
     with pytest.raises(UserError, match=r"history\.db is damaged"):
         for run in ("demo_1", "demo_2"):
-            history.metrics(run)
-            history.runs()
+            history.metrics.of(run)
+            history.runs.recent()
 
 
 CONFIGS = {
@@ -179,7 +179,7 @@ ROUNDS, PROCESSES = 10, 8
 
 def _open_history(path: str, barrier: Any) -> None:
     barrier.wait()
-    History(Path(path)).runs()
+    History(Path(path)).runs.recent()
 
 
 def test_many_processes_opening_a_new_history_at_once_all_succeed(tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_many_processes_opening_a_new_history_at_once_all_succeed(tmp_path: Path
 
 def _init_workspace(path: str, barrier: Any) -> None:
     barrier.wait()
-    Workspace.init(path).history.runs()
+    Workspace.init(path).history.runs.recent()
 
 
 def test_many_processes_creating_one_workspace_at_once_all_succeed(tmp_path: Path) -> None:
@@ -242,7 +242,7 @@ def test_commands_creating_one_workspace_at_once_all_succeed(tmp_path: Path) -> 
         _all_succeed(procs, f"init round {round_}")
         assert sorted(os.listdir(folder / ".expkit"))[:2] == ["config.json", "history.db"]
         assert not list((folder / ".expkit").glob("*.tmp"))
-        assert Workspace.find(start=folder).history.runs() == []
+        assert Workspace.find(start=folder).history.runs.recent() == []
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "train.py").write_text(SCRIPT)
@@ -250,7 +250,7 @@ def test_commands_creating_one_workspace_at_once_all_succeed(tmp_path: Path) -> 
         "experiment: demo\nentry_script: train.py\ncompute: {target: local, options: {slots: 8}}\n"
     )
     _all_succeed([_start(folder, "run", "job.yaml") for _ in range(PROCESSES)], "first runs")
-    runs = Workspace.find(start=folder).history.runs()
+    runs = Workspace.find(start=folder).history.runs.recent()
     assert sorted(r.number for r in runs) == list(range(1, PROCESSES + 1))
     assert {r.state for r in runs} == {"completed"}
 

@@ -144,7 +144,7 @@ def test_export_a_run_after_the_fact_with_the_real_exporter(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "random batch 1" in done.stdout and "examples examples.npy" in done.stdout
     assert "added to the outputs of run test_1: model.onnx" in done.stdout
-    (export,) = expkit_workspace.history.exports("test_1")
+    (export,) = expkit_workspace.history.exports.of("test_1")
     assert export.ok and export.checks["opset"] == 18
     assert export.checks["model_inputs"][0]["shape"][0] == "batch"
     # the version registered before the export is unchanged: versions never change by a run

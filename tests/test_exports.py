@@ -101,7 +101,7 @@ def test_a_passing_export_joins_the_outputs_and_the_model_version(copy_plugin, r
     assert entry["run_id"] == result.record.id
     tags = model.lineage_tags()  # what the MLflow and Azure ML registries are given
     assert tags["expkit.exports"] == "copy" and tags["expkit.run_id"] == result.record.id
-    (export,) = result.workspace.history.exports(result.record.id)
+    (export,) = result.workspace.history.exports.of(result.record.id)
     assert export.ok and export.format == "copy"
     assert "export copy: model.copy (max_abs_error 0" in result.output
     # the exporter was asked with the job's settings and the run's environment
@@ -137,10 +137,10 @@ def test_a_failed_check_is_recorded_and_not_registered(copy_plugin, run_job, cap
     assert not (result.run_dir / "outputs" / "model.copy").exists()
     # the failed file is kept aside for a look, outside the outputs
     assert (result.run_dir / "exports" / "copy" / "model.copy").exists()
-    (export,) = result.workspace.history.exports(result.record.id)
+    (export,) = result.workspace.history.exports.of(result.record.id)
     assert not export.ok and export.files == {}
     assert export.message == "bytes differ from model.pt"
-    stages = {s.stage: s for s in result.workspace.history.stages(result.record.id)}
+    stages = {s.stage: s for s in result.workspace.history.stages.of(result.record.id)}
     post = stages["post-process"]
     assert "exports: copy FAILED" in post.message
     assert cli_main(["runs", "show", result.record.id]) == 0
@@ -152,7 +152,7 @@ def test_a_raising_exporter_is_a_failed_export_not_a_crash(copy_plugin, run_job)
     spec = job([{"format": "copy", "options": {"fail_with": "no such op: aten::frobnicate"}}])
     result = run_job(spec, script=SCRIPT)
     assert result.state == "completed", result.output
-    (export,) = result.workspace.history.exports(result.record.id)
+    (export,) = result.workspace.history.exports.of(result.record.id)
     assert export.message == "ValueError: no such op: aten::frobnicate"
     assert "export copy failed: ValueError: no such op: aten::frobnicate" in result.output
 
@@ -164,7 +164,7 @@ def test_a_required_export_that_fails_fails_the_run(copy_plugin, run_job):
     assert result.record.error == (
         "post-process: required export copy failed: bytes differ from model.pt"
     )
-    assert result.workspace.history.models() == []
+    assert result.workspace.history.models.versions() == []
     # the script's outputs are kept all the same
     assert (result.run_dir / "outputs" / "model.pt").exists()
 
@@ -174,7 +174,7 @@ def test_an_export_never_replaces_a_file_the_script_wrote(copy_plugin, run_job):
     result = run_job(job(["copy"]), script=script)
     assert result.state == "completed"
     assert (result.run_dir / "outputs" / "model.copy").read_text() == "mine"
-    (export,) = result.workspace.history.exports(result.record.id)
+    (export,) = result.workspace.history.exports.of(result.record.id)
     assert not export.ok
     assert export.message == "its file model.copy would replace one already there"
 
@@ -197,7 +197,7 @@ def test_unknown_formats_and_options_are_refused_before_the_run(
     assert cli_main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "exports.0.options: unknown option 'opset' for copy" in err
-    assert expkit_workspace.history.runs() == []
+    assert expkit_workspace.history.runs.recent() == []
 
 
 def test_exports_need_to_know_how_to_load_the_model(write_job, capsys):
@@ -221,7 +221,7 @@ def test_export_a_run_after_the_fact(copy_plugin, run_job, capsys):
     assert code == 0, out
     assert f"added to the outputs of run {run_id}: model.copy" in out
     assert "outputs/model.copy" in result.run.get_file_names()
-    (export,) = result.workspace.history.exports(run_id)
+    (export,) = result.workspace.history.exports.of(run_id)
     assert export.ok and export.files["model.copy"][1]
 
 
@@ -248,7 +248,7 @@ def test_export_a_model_version_after_the_fact(copy_plugin, run_job, capsys):
     assert cli_main(["export", "net:1", "--format", "copy"]) == 1
     assert "already has model.copy" in capsys.readouterr().out
     history = result.workspace.history
-    assert [e.ok for e in history.exports(model="net", version=1)] == [False, True, False]
+    assert [e.ok for e in history.exports.of(model="net", version=1)] == [False, True, False]
     assert json.loads(json.dumps(after.lineage))  # the lineage stays plain JSON
 
 

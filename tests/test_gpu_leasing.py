@@ -64,7 +64,7 @@ def test_concurrent_runs_get_disjoint_gpus(expkit_workspace, write_job, tmp_path
 
     seen = sorted(
         json.loads((expkit_workspace.run_dir(r.id) / "outputs" / "gpus.json").read_text())
-        for r in expkit_workspace.history.runs()
+        for r in expkit_workspace.history.runs.recent()
     )
     assert seen == ["0", "1"]
 

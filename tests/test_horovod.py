@@ -165,7 +165,7 @@ def test_two_ranks_complete_with_the_allreduce_and_a_log_per_rank(
     result = expkit_cli("run", str(job), "--all-ranks", timeout=120)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    record = expkit_workspace.history.runs(limit=1)[0]
+    record = expkit_workspace.history.runs.recent(limit=1)[0]
     assert record.state == "completed"
     run_dir = expkit_workspace.run_dir(record.id)
     assert json.loads((run_dir / "outputs" / "allreduce.json").read_text()) == {
@@ -211,7 +211,7 @@ def test_parameters_are_identical_on_both_ranks_after_training(
     result = expkit_cli("run", str(job), timeout=120)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    record = expkit_workspace.history.runs(limit=1)[0]
+    record = expkit_workspace.history.runs.recent(limit=1)[0]
     outputs = expkit_workspace.run_dir(record.id) / "outputs"
     rank0, rank1 = (json.loads((outputs / f"rank-{r}.json").read_text()) for r in (0, 1))
     assert rank0["before"] != rank1["before"]  # different seeds: different starting points
@@ -240,7 +240,7 @@ def test_a_failing_rank_fails_the_run_fast_naming_it_and_leaves_no_process(
     assert result.returncode == 1, result.stdout + result.stderr
     # Rank 0 was stopped (it would have slept 300 s) and the run recorded within 10 s.
     assert ended - float(Path(f"{base}.failed-at").read_text()) < 10
-    record = expkit_workspace.history.runs(limit=1)[0]
+    record = expkit_workspace.history.runs.recent(limit=1)[0]
     assert record.state == "failed"
     assert record.error == (
         "run: rank 1: the script exited with code 3; last output: rank 1 is failing now"
@@ -268,7 +268,7 @@ def test_ctrl_c_stops_every_rank_and_cancels_the_run(
     os.killpg(live.proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
 
     assert live.wait(timeout=30) == 130
-    assert expkit_workspace.history.run(run_id).state == "canceled"
+    assert expkit_workspace.history.runs.get(run_id).state == "canceled"
     assert run_processes(run_id, expkit_workspace.path) == []
     assert not any(alive(pid) for pid in pids(base))
     assert processes_running("wait_two.py") == []
@@ -366,12 +366,12 @@ def test_the_sample_job_trains_on_two_horovod_ranks_and_registers_the_model(
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "model pt-dnn version 1" in result.stdout
-    record = expkit_workspace.history.runs(limit=1)[0]
+    record = expkit_workspace.history.runs.recent(limit=1)[0]
     assert record.state == "completed"
     logs = expkit_workspace.run_dir(record.id) / "logs"
     assert "epoch 1/1" in (logs / "rank-0.log").read_text()
     assert "rank 1 of 2" in (logs / "rank-1.log").read_text()
-    best = expkit_workspace.history.metrics(record.id, "best_val_acc")
+    best = expkit_workspace.history.metrics.of(record.id, "best_val_acc")
     assert len(best) == 1  # logged by rank 0 only
 
 

@@ -50,7 +50,7 @@ def no_runs(expkit_cli) -> bool:
 def argv_of(workspace, result: subprocess.CompletedProcess) -> list[str]:
     """What the ARGV_SCRIPT of the latest run received."""
     assert result.returncode == 0, result.stdout + result.stderr
-    [record] = workspace.history.runs()
+    [record] = workspace.history.runs.recent()
     return json.loads((workspace.run_dir(record.id) / "outputs" / "argv.json").read_text())
 
 
@@ -65,14 +65,14 @@ def run_with_birds(expkit_cli, workspace, write_job, args) -> tuple[list[str], s
 
     result = expkit_cli("run", str(job))
 
-    [record] = workspace.history.runs()
+    [record] = workspace.history.runs.recent()
     data_path = str(workspace.run_dir(record.id) / "work" / "data" / "birds")
     return argv_of(workspace, result), data_path
 
 
 def latest_job(workspace) -> dict:
     """The job spec as the latest run recorded it."""
-    return workspace.history.runs()[0].job
+    return workspace.history.runs.recent()[0].job
 
 
 # -- a job file the command refuses --------------------------------------------------------------

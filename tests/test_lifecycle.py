@@ -32,7 +32,7 @@ def save(name, value):
 
 
 def stages(result) -> dict:
-    return {s.stage: s for s in result.workspace.history.stages(result.record.id)}
+    return {s.stage: s for s in result.workspace.history.stages.of(result.record.id)}
 
 
 def seen(result, name: str = "seen.json"):
@@ -431,10 +431,10 @@ sys.exit(3)
     assert by_stage["post-process"].state == "completed"
     assert by_stage["register"].state == "skipped"
     assert by_stage["register"].message == "run failed"
-    outputs = result.workspace.history.outputs(result.record.id)
+    outputs = result.workspace.history.outputs.of(result.record.id)
     assert list(outputs) == ["checkpoint-6.pt"]
     assert (result.run_dir / "outputs" / "checkpoint-6.pt").read_text() == "partial weights"
-    assert result.workspace.history.models() == []
+    assert result.workspace.history.models.versions() == []
 
 
 def test_script_killed_by_a_signal_says_which(run_job):
@@ -471,7 +471,7 @@ print("done")
 
     assert result.state == "completed", result.output
     run_dir = result.run_dir
-    outputs = result.workspace.history.outputs(result.record.id)
+    outputs = result.workspace.history.outputs.of(result.record.id)
     assert set(outputs) == {"model.pt", "eval/report.json"}
     for rel, (size, digest) in outputs.items():
         path = run_dir / "outputs" / rel
@@ -519,7 +519,7 @@ def test_model_folder_is_registered_as_version_1_then_2(run_job, expkit_workspac
     assert files_under(models / "1") == {"model.pt", "extra/vocab.txt"}
     assert (models / "1" / "model.pt").read_text() == "weights one"
     assert (models / "2" / "model.pt").read_text() == "weights two"
-    rows = expkit_workspace.history.models("m")
+    rows = expkit_workspace.history.models.versions("m")
     assert [(r["version"], r["run_id"]) for r in rows] == [
         (1, first.record.id),
         (2, second.record.id),
@@ -548,7 +548,7 @@ def test_model_path_matching_nothing_fails_the_register_stage(run_job, expkit_wo
     )
     assert stages(result)["register"].state == "failed"
     assert stages(result)["run"].state == "completed"
-    assert expkit_workspace.history.models() == []
+    assert expkit_workspace.history.models.versions() == []
 
 
 # -- the history as it happens ---------------------------------------------------------------------
@@ -562,9 +562,9 @@ from expkit.workspace import Workspace
 history = Workspace(os.environ["EXPKIT_WORKSPACE"]).history
 run_id = os.environ["EXPKIT_RUN_ID"]
 save("seen.json", {
-    "state": history.run(run_id).state,
-    "snapshot_hash": history.run(run_id).snapshot_hash,
-    "stages": {s.stage: s.state for s in history.stages(run_id)},
+    "state": history.runs.get(run_id).state,
+    "snapshot_hash": history.runs.get(run_id).snapshot_hash,
+    "stages": {s.stage: s.state for s in history.stages.of(run_id)},
 })
 """,
     )
@@ -575,23 +575,23 @@ save("seen.json", {
         "snapshot_hash": result.record.snapshot_hash,
         "stages": {"prepare": "completed", "scale": "completed", "run": "running"},
     }
-    assert [s.stage for s in result.workspace.history.stages(result.record.id)] == list(STAGES)
+    assert [s.stage for s in result.workspace.history.stages.of(result.record.id)] == list(STAGES)
 
 
 def test_run_whose_driver_died_is_marked_failed_when_the_workspace_is_opened(
     expkit_workspace,
 ):
     history = expkit_workspace.history
-    record = history.create_run("lifecycle", {"entry_script": "train.py"})
-    history.stage_started(record.id, "prepare")
+    record = history.runs.create("lifecycle", {"entry_script": "train.py"})
+    history.stages.start(record.id, "prepare")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    history.claim(record.id, dead.pid)  # as if that process had driven the run, then died
+    history.runs.claim(record.id, dead.pid)  # as if that process had driven the run, then died
 
     reopened = Workspace(expkit_workspace.path).history
-    after = reopened.run(record.id)
+    after = reopened.runs.get(record.id)
 
     assert after.state == "failed"
     assert "driver process" in after.error
     assert f"pid {after.driver_pid}" in after.error
-    assert {s.stage: s.state for s in reopened.stages(record.id)} == {"prepare": "failed"}
+    assert {s.stage: s.state for s in reopened.stages.of(record.id)} == {"prepare": "failed"}

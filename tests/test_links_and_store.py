@@ -150,8 +150,8 @@ def test_a_link_out_of_outputs_is_recorded_and_never_listed_or_served(
     assert listed == ["outputs/model.pt"]
     assert f"outputs/passwd -> {secret}  (a link out of the run: recorded, not stored)" in files
     record = expkit_workspace.history
-    assert list(record.outputs("test_1")) == ["model.pt"]
-    assert record.output_links("test_1") == {
+    assert list(record.outputs.of("test_1")) == ["model.pt"]
+    assert record.outputs.links("test_1") == {
         "dangling": "/nonexistent/target",
         "elsewhere": str(outside),
         "loop": ".",
@@ -186,7 +186,7 @@ def test_a_link_inside_outputs_is_sealed_as_its_content_and_registers(
     """
     run_script(expkit_cli, write_job, script, model={"name": "net", "path": "outputs/best.pt"})
 
-    outputs = expkit_workspace.history.outputs("test_1")
+    outputs = expkit_workspace.history.outputs.of("test_1")
     epoch = {n: sha256(b"weights of epoch %d" % n) for n in (1, 2, 3)}
     assert {p: d for p, (_, d) in outputs.items()} == {
         "best.pt": epoch[3],
@@ -198,7 +198,7 @@ def test_a_link_inside_outputs_is_sealed_as_its_content_and_registers(
         "latest/epoch_3.pt": epoch[3],
         "second.pt": epoch[2],
     }
-    assert expkit_workspace.history.output_links("test_1") == {}
+    assert expkit_workspace.history.outputs.links("test_1") == {}
     sealed = expkit_workspace.run_dir("test_1") / "outputs"
     assert not [p for p in sealed.rglob("*") if p.is_symlink()]
     # Stored once: the link's name is another name of the same blob.
@@ -284,7 +284,7 @@ def test_mlflow_artifacts_are_the_manifest(run_job, outside, monkeypatch):
             found += walk(item.path) if item.is_dir else [item.path]
         return found
 
-    manifest = [f"outputs/{p}" for p in result.workspace.history.outputs(result.record.id)]
+    manifest = [f"outputs/{p}" for p in result.workspace.history.outputs.of(result.record.id)]
     assert sorted(walk("outputs")) == manifest == ["outputs/best.pt", "outputs/ckpt/epoch_3.pt"]
     assert result.run.get_links() == {
         "outputs/passwd": str(outside / "secret.key"),
@@ -531,7 +531,7 @@ def test_register_model_applies_the_job_specs_name_rules(trained, name, tmp_path
     with pytest.raises(UserError, match="model_name"):
         run.register_model(model_name=name, model_path="outputs/")
 
-    assert [r["name"] for r in trained.history.models()] == ["net"]
+    assert [r["name"] for r in trained.history.models.versions()] == ["net"]
     assert not (trained.path.parent / "x").exists() and not (tmp_path / "x").exists()
     assert sorted(p.name for p in trained.models_dir.iterdir()) == ["net"]
 
@@ -549,8 +549,8 @@ def test_outputs_linked_to_a_folder_inside_the_working_copy_is_sealed(
     run_script(expkit_cli, write_job, script, model={"name": "m", "path": "outputs/model.pt"})
 
     history = expkit_workspace.history
-    assert list(history.outputs("test_1")) == ["model.pt"]
-    assert history.output_links("test_1") == {"code.py": "../train.py"}
+    assert list(history.outputs.of("test_1")) == ["model.pt"]
+    assert history.outputs.links("test_1") == {"code.py": "../train.py"}
     assert (Model(expkit_workspace, "m", 1).path / "model.pt").read_bytes() == b"weights"
 
 
@@ -578,7 +578,7 @@ def test_a_script_that_turns_its_working_folder_into_a_link_moves_nothing(
     assert "work/ was replaced by a link" in out
     run_dir = expkit_workspace.run_dir("test_1")
     assert not (run_dir / "work").is_symlink()
-    assert expkit_workspace.history.outputs("test_1") == {}
+    assert expkit_workspace.history.outputs.of("test_1") == {}
     assert not list((run_dir / "logs").rglob("mine.log"))
 
 
@@ -640,7 +640,7 @@ def test_long_file_names_seal_and_download(expkit_cli, write_job, expkit_workspa
     """
     run_script(expkit_cli, write_job, script, model={"name": "long", "path": "outputs/"})
 
-    assert set(expkit_workspace.history.outputs("test_1")) == {name, other}
+    assert set(expkit_workspace.history.outputs.of("test_1")) == {name, other}
     ok(expkit_cli("runs", "download", "test_1", f"outputs/{name}", f"{tmp_path}/got/"))
     assert (tmp_path / "got" / name).read_bytes() == b"weights"
     ok(expkit_cli("models", "download", "long:1", str(tmp_path / "model")))
@@ -794,7 +794,7 @@ def test_an_output_whose_name_is_not_utf8_is_named_and_kept(
     """
     out = run_script(expkit_cli, write_job, script)
 
-    assert list(expkit_workspace.history.outputs("test_1")) == ["good.txt"]
+    assert list(expkit_workspace.history.outputs.of("test_1")) == ["good.txt"]
     assert "bad\\xff\\xfename.txt" in out and "not UTF-8" in out
     sealed = expkit_workspace.run_dir("test_1") / "outputs"
     assert (os.fsencode(sealed) + b"/bad\xff\xfename.txt") in [
@@ -819,7 +819,7 @@ def test_outputs_written_as_a_file_is_sealed_not_lost(expkit_cli, write_job, exp
     out = run_script(expkit_cli, write_job, "open('outputs', 'w').write('the result')\n")
 
     assert "./outputs was a file" in out
-    assert list(expkit_workspace.history.outputs("test_1")) == ["outputs"]
+    assert list(expkit_workspace.history.outputs.of("test_1")) == ["outputs"]
     sealed = expkit_workspace.run_dir("test_1") / "outputs" / "outputs"
     assert sealed.read_text() == "the result"
 
@@ -860,6 +860,6 @@ def test_a_failed_runs_reason_never_quotes_a_file_reached_through_a_link(
     """
     result = expkit_cli("run", str(write_job({}, script=script)))
     assert result.returncode != 0
-    record = expkit_workspace.history.run("test_1")
+    record = expkit_workspace.history.runs.get("test_1")
     assert record.state == "failed" and "secret" not in (record.error or "")
     assert "secret" not in result.stdout + result.stderr

@@ -86,7 +86,7 @@ def test_every_kind_of_value_comes_back_in_azure_shapes(run_job, expkit_cli):
     assert got["overflow"] == math.inf
     assert got["underflow"] == -math.inf
     assert result.run.get_metrics("loss") == {"loss": [1.0, 0.5, 1.0 / 3]}
-    steps = [r["step"] for r in result.workspace.history.metrics(result.record.id, "val_acc")]
+    steps = [r["step"] for r in result.workspace.history.metrics.of(result.record.id, "val_acc")]
     assert steps == [0, 1, 2]
     assert result.run.get_tags() == {"optimizer": "sgd", "seed": "7", "baseline": ""}
 
@@ -121,7 +121,7 @@ for i in range({count}):
     )
 
     assert result.state == "completed", result.output
-    rows = result.workspace.history.metrics(result.record.id, "x")
+    rows = result.workspace.history.metrics.of(result.record.id, "x")
     assert len(rows) == count
     assert [r["value"] for r in rows] == [float(i) for i in range(count)]
     assert [r["step"] for r in rows] == list(range(count))
@@ -154,13 +154,13 @@ def test_metrics_are_visible_while_the_run_is_still_running(write_job, expkit_wo
         seen = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and driver.poll() is None:
-            record = history.find_run("latest")
-            if record is not None and "ready" in history.latest_metrics(record.id):
+            record = history.runs.find("latest")
+            if record is not None and "ready" in history.metrics.latest(record.id):
                 seen = record
                 break
             time.sleep(0.05)
         assert seen is not None, "the metric never showed up during the run"
-        assert history.run(seen.id).state == "running"
+        assert history.runs.get(seen.id).state == "running"
         shown = subprocess.run(
             [sys.executable, "-m", "expkit", "runs", "show", "latest"],
             capture_output=True,
@@ -174,8 +174,8 @@ def test_metrics_are_visible_while_the_run_is_still_running(write_job, expkit_wo
         output, _ = driver.communicate(timeout=60)
 
     assert driver.returncode == 0, output.decode(errors="replace")
-    assert history.run(seen.id).state == "completed"
-    assert history.latest_metrics(seen.id) == {"ready": 1.0, "released": 1.0}
+    assert history.runs.get(seen.id).state == "completed"
+    assert history.metrics.latest(seen.id) == {"ready": 1.0, "released": 1.0}
 
 
 # -- metric sinks ---------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_a_failing_sink_is_reported_and_the_run_still_completes(
     assert result.state == "completed", result.output
     assert result.record.error is None
     problem = "plugin flaky-plugin, metric sink 'flaky' send: collector unreachable"
-    events = result.workspace.history.events(result.record.id, "sink-failed")
+    events = result.workspace.history.events.of(result.record.id, "sink-failed")
     assert [e["message"] for e in events] == [problem]
     assert f"warning: {problem}" in result.output
     (writer,) = sink.writers
@@ -330,7 +330,7 @@ def test_a_sink_that_stops_making_progress_is_reported_at_post_process(
 
     assert result.state == "completed", result.output
     problem = "plugin stuck-plugin, metric sink 'stuck' send: delivered nothing for 0.3 s; gave up"
-    events = result.workspace.history.events(result.record.id, "sink-failed")
+    events = result.workspace.history.events.of(result.record.id, "sink-failed")
     assert [e["message"] for e in events] == [problem]
     (writer,) = sink.writers
     assert writer.closed == []  # not told the run is over while a batch is on its way
@@ -349,7 +349,7 @@ def test_a_required_sink_that_fails_fails_the_run(run_job, register_plugin, quic
         "post-process: required plugin flaky-plugin, metric sink 'flaky' send: "
         "collector unreachable"
     )
-    assert result.workspace.history.models() == []
+    assert result.workspace.history.models.versions() == []
 
 
 def test_an_unknown_sink_is_rejected_before_the_run_starts(run_job):

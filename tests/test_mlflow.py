@@ -184,18 +184,18 @@ def check_everything_arrived(result, client: MlflowClient, uri: str, tmp_path: P
     assert run.info.run_name == result.record.id
     assert run.data.params == {"lr": "0.1", "epochs": "3"}
     tags = run.data.tags
-    record = history.run(result.record.id)
+    record = history.runs.get(result.record.id)
     assert tags["expkit.snapshot_hash"] == record.snapshot_hash
     assert tags["expkit.environment_hash"] == record.environment_hash
     assert tags["optimizer"] == "sgd"  # the script's tag
     assert tags["team"] == "vision"  # the job's tag
-    for stage in history.stages(result.record.id):
+    for stage in history.stages.of(result.record.id):
         if stage.ended is not None:
             assert float(tags[f"expkit.stage.{stage.stage}.seconds"]) >= 0
     # every value of x with its step, and its timestamp
     x = client.get_metric_history(run_id, "x")
     assert sorted((m.step, m.value) for m in x) == [(s, s * 0.5) for s in range(COUNT)]
-    logged = {r["step"]: r["ts"] for r in history.metrics(result.record.id, "x")}
+    logged = {r["step"]: r["ts"] for r in history.metrics.of(result.record.id, "x")}
     assert all(m.timestamp == int(logged[m.step] * 1000) for m in x)
     points = {
         key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
@@ -258,7 +258,9 @@ def test_a_run_and_its_model_arrive_in_mlflow_on_a_server(mlflow_server, run_job
         assert version.tags["expkit.entry_script"] == "train.py"
         assert version.tags["expkit.metrics.epochs"] == "12.0"
         assert version.tags["stage"] == "dev"
-        assert result.workspace.history.model("digits-net", number)["run_id"] == result.record.id
+        assert (
+            result.workspace.history.models.find("digits-net", number)["run_id"] == result.record.id
+        )
     model_files = Path(
         download_artifacts(
             artifact_uri=client.get_model_version_download_uri("digits-net", "1"),
@@ -309,7 +311,7 @@ def test_an_unreachable_server_is_reported_and_the_run_completes(run_job, quick_
     result = run_job(on_server(nowhere, args={"lr": 0.1, "epochs": 3}), script=script(10))
 
     assert result.state == "completed", result.output
-    (event,) = result.workspace.history.events(result.record.id, "sink-failed")
+    (event,) = result.workspace.history.events.of(result.record.id, "sink-failed")
     assert event["message"].startswith("plugin mlflow, metric sink 'mlflow' open: ")
     assert f"warning: {event['message']}" in result.output
     assert len(result.run.get_metrics()["x"]) == 10  # the history has everything
@@ -328,7 +330,7 @@ def test_an_unreachable_required_server_fails_the_run(run_job, quick_retries):
     assert result.record.error.startswith(
         "post-process: required plugin mlflow, metric sink 'mlflow' open: "
     )
-    assert result.workspace.history.models() == []
+    assert result.workspace.history.models.versions() == []
 
 
 # -- the embedded default: SQLite in the workspace, no server -----------------------------------
@@ -367,7 +369,7 @@ def test_a_registry_without_the_sink_and_numbering_that_diverged(run_job):
     )
 
     assert before.state == result.state == "completed", result.output
-    assert result.workspace.history.model("solo", 2)["run_id"] == result.record.id
+    assert result.workspace.history.models.find("solo", 2)["run_id"] == result.record.id
     assert (
         "model registry 'mlflow': solo version 1 in sqlite:///"
         in result.output  # MLflow had no version yet: it registers 1, and says why

@@ -241,12 +241,12 @@ def installed(site, calls):
 
 def stages(result) -> dict[str, tuple[str, str | None]]:
     return {
-        s.stage: (s.state, s.message) for s in result.workspace.history.stages(result.record.id)
+        s.stage: (s.state, s.message) for s in result.workspace.history.stages.of(result.record.id)
     }
 
 
 def events(result, kind: str) -> list[str]:
-    return [e["message"] for e in result.workspace.history.events(result.record.id, kind)]
+    return [e["message"] for e in result.workspace.history.events.of(result.record.id, kind)]
 
 
 def versions(result) -> list[int]:
@@ -381,7 +381,7 @@ def test_an_exporter_that_raises_is_a_failed_export_and_the_run_completes(fragil
     result = run_job(fragile_job(), script=SCRIPT)
 
     assert result.state == "completed", result.output
-    (export,) = result.workspace.history.exports(result.record.id)
+    (export,) = result.workspace.history.exports.of(result.record.id)
     assert not export.ok
     assert export.message == "RuntimeError: export broke"
     assert "export fragile (fragile)" in result.output  # the line before names the plugin
@@ -699,7 +699,7 @@ def test_observers_that_raise_when_a_stage_or_the_run_ends_do_not_change_the_run
 
     assert result.state == "completed", result.output
     assert result.record.error is None
-    assert {s.state for s in result.workspace.history.stages(result.record.id)} == {"completed"}
+    assert {s.state for s in result.workspace.history.stages.of(result.record.id)} == {"completed"}
     warnings = events(result, "warning")
     for stage in ("prepare", "scale", "run", "post-process", "register"):
         assert (

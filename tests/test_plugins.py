@@ -385,7 +385,9 @@ def test_an_observer_that_raises_does_not_fail_the_run(register_plugin, run_job)
     assert result.state == "completed"
     expected = "plugin fragile-observer, expkit_stage_started: observer broke in prepare"
     assert f"warning: {expected}" in result.output
-    warnings = [e["message"] for e in result.workspace.history.events(result.record.id, "warning")]
+    warnings = [
+        e["message"] for e in result.workspace.history.events.of(result.record.id, "warning")
+    ]
     assert expected in warnings
     assert "plugin fragile-observer, expkit_stage_started: observer broke in run" in warnings
 
@@ -586,7 +588,7 @@ def test_an_exception_in_a_capability_method_fails_the_run_naming_the_plugin(
     assert result.record.error == (
         "scale: plugin flaky-cloud, compute target 'flaky' acquire: quota exceeded"
     )
-    stages = {s.stage: s.state for s in result.workspace.history.stages(result.record.id)}
+    stages = {s.stage: s.state for s in result.workspace.history.stages.of(result.record.id)}
     assert stages["prepare"] == "completed"
     assert stages["scale"] == "failed"
     assert stages["post-process"] == "skipped"
@@ -678,7 +680,7 @@ def test_a_third_party_compute_target_runs_a_job(expkit_plugins, register_plugin
     assert result.state == "completed", result.output
     assert result.run.get_metrics() == {"accuracy": 0.75}
     assert (result.run_dir / "outputs" / "where.txt").read_text() == "--epochs 3"
-    stages = {s.stage: s for s in result.workspace.history.stages(result.record.id)}
+    stages = {s.stage: s for s in result.workspace.history.stages.of(result.record.id)}
     assert stages["scale"].message == "sandbox slot 0"
     assert stages["register"].state == "completed"
     assert expkit_plugins.get("compute_targets", "sandbox").plugin == "my-sandbox"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import alive, eventually
+from expkit.leases import Leases
 from expkit.procs import run_processes
 from expkit.workspace import Workspace
 
@@ -87,11 +88,11 @@ def forever_run(background, write_job, tmp_path):
 
 
 def stages(workspace: Workspace, run_id: str) -> dict[str, str]:
-    return {s.stage: s.state for s in workspace.history.stages(run_id)}
+    return {s.stage: s.state for s in workspace.history.stages.of(run_id)}
 
 
 def assert_stopped_and_kept(workspace: Workspace, run_id: str, script: int, sleep: int) -> None:
-    record = workspace.history.run(run_id)
+    record = workspace.history.runs.get(run_id)
     assert record.state == "canceled"
     assert stages(workspace, run_id) == {
         "prepare": "completed",
@@ -100,7 +101,7 @@ def assert_stopped_and_kept(workspace: Workspace, run_id: str, script: int, slee
         "post-process": "completed",
         "register": "skipped",
     }
-    assert "progress.txt" in workspace.history.outputs(run_id)
+    assert "progress.txt" in workspace.history.outputs.of(run_id)
     progress = workspace.run_dir(run_id) / "outputs" / "progress.txt"
     assert progress.read_text() == "epoch 1 done\n"
     assert run_processes(run_id, workspace.path) == []
@@ -125,7 +126,7 @@ def test_sigterm_to_the_driver_cancels_the_run(expkit_workspace, forever_run):
     assert live.wait(timeout=20) == 130
     assert_stopped_and_kept(expkit_workspace, run_id, script, sleep)
     # A signal is not the user: the record names it (it said "canceled by the user").
-    assert expkit_workspace.history.run(run_id).error == "terminated by SIGTERM"
+    assert expkit_workspace.history.runs.get(run_id).error == "terminated by SIGTERM"
 
 
 # -- kill -9 --------------------------------------------------------------------------------
@@ -151,7 +152,8 @@ def test_kill_9_of_the_driver_is_found_and_cleaned_up_on_the_next_open(
     )
     assert run_processes(run_id, expkit_workspace.path) == []
     eventually(lambda: not alive(sleep), timeout=10, what="the orphaned sleep being stopped")
-    assert expkit_workspace.history.db.execute("select * from slots").fetchall() == []
+    # Its slots are free: a lease is held only while its run is unfinished.
+    assert Leases(expkit_workspace.history).holders("process") == {}
 
 
 # -- expkit runs cancel ---------------------------------------------------------------------
@@ -178,7 +180,7 @@ def test_cancelling_a_finished_run_says_so(expkit_cli, run_job):
     assert answer.returncode == 0
     assert f"run {result.record.id} already completed" in answer.stdout
     assert expkit_cli("runs", "show", result.record.id, "--json").returncode == 0
-    assert result.workspace.history.run(result.record.id).state == "completed"
+    assert result.workspace.history.runs.get(result.record.id).state == "completed"
 
 
 # -- sharing the machine --------------------------------------------------------------------
@@ -195,11 +197,11 @@ def test_concurrent_runs_get_disjoint_slots_and_a_third_waits(
     a, b, c = first.run_id, second.run_id, third.run_id
 
     def third_waits() -> bool:
-        record = expkit_workspace.history.run(c)
+        record = expkit_workspace.history.runs.get(c)
         return record.state == "queued" and record.status is not None
 
     eventually(third_waits, what="the third run waiting for a slot")
-    status = expkit_workspace.history.run(c).status
+    status = expkit_workspace.history.runs.get(c).status
     assert "waiting for 1 process slot" in status
     assert a in status and b in status
     assert "holding" not in third.output
@@ -207,20 +209,21 @@ def test_concurrent_runs_get_disjoint_slots_and_a_third_waits(
     Path(f"{base}.read").touch()
     first.wait_for("recorded")
     second.wait_for("recorded")
-    assert expkit_workspace.history.run(c).state == "queued"  # nobody has let go yet
+    assert expkit_workspace.history.runs.get(c).state == "queued"  # nobody has let go yet
 
     Path(f"{base}.end").touch()
     assert first.wait() == 0, first.output
     assert second.wait() == 0, second.output
     assert third.wait() == 0, third.output
-    assert [expkit_workspace.history.run(r).state for r in (a, b, c)] == ["completed"] * 3
+    assert [expkit_workspace.history.runs.get(r).state for r in (a, b, c)] == ["completed"] * 3
 
     for run_id in (a, b):
         seen = json.loads((expkit_workspace.run_dir(run_id) / "outputs" / "slots.json").read_text())
         process_slots = {slot: holder for kind, slot, holder in seen if kind == "process"}
         assert sorted(process_slots) == [0, 1], seen
         assert sorted(process_slots.values()) == sorted([a, b]), seen
-    assert expkit_workspace.history.db.execute("select * from slots").fetchall() == []
+    # Its slots are free: a lease is held only while its run is unfinished.
+    assert Leases(expkit_workspace.history).holders("process") == {}
 
 
 def test_a_queued_run_can_be_canceled_before_its_script_starts(
@@ -232,11 +235,11 @@ def test_a_queued_run_can_be_canceled_before_its_script_starts(
     holder.wait_for("holding")
     waiter = background("run", str(job))
     waiting = waiter.run_id
-    eventually(lambda: expkit_workspace.history.run(waiting).state == "queued", what="queued")
+    eventually(lambda: expkit_workspace.history.runs.get(waiting).state == "queued", what="queued")
 
     assert expkit_cli("runs", "cancel", waiting).returncode == 0
     assert waiter.wait(timeout=10) == 130
-    assert expkit_workspace.history.run(waiting).state == "canceled"
+    assert expkit_workspace.history.runs.get(waiting).state == "canceled"
     assert stages(expkit_workspace, waiting) == {
         "prepare": "completed",
         "scale": "canceled",
@@ -273,4 +276,5 @@ def test_a_failing_script_leaves_no_slot_leased(expkit_workspace, run_job):
         script="import sys\nprint('boom')\nsys.exit(1)\n",
     )
     assert result.state == "failed"
-    assert expkit_workspace.history.db.execute("select * from slots").fetchall() == []
+    # Its slots are free: a lease is held only while its run is unfinished.
+    assert Leases(expkit_workspace.history).holders("process") == {}

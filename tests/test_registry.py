@@ -191,14 +191,14 @@ def test_versions_are_read_only_and_later_runs_do_not_change_them(run_job, expki
     ws = first.workspace
     v1 = ws.models_dir / "m" / "1"
     before = {p: sha256(p) for p in v1.rglob("*") if p.is_file()}
-    recorded = ws.history.model_files("m", 1)
+    recorded = ws.history.models.files("m", 1)
 
     train(run_job, "0.9", model={"name": "m"})
     train(run_job, "0.7", model={"name": "m"})
 
     assert all(read_only(p) for p in before)
     assert {p: sha256(p) for p in v1.rglob("*") if p.is_file()} == before
-    assert ws.history.model_files("m", 1) == recorded
+    assert ws.history.models.files("m", 1) == recorded
     assert (v1 / "model.pt").read_text() == "weights with quality 0.1"
     assert (ws.models_dir / "m" / "3" / "model.pt").read_text() == "weights with quality 0.7"
     assert Model(ws, "m", 1).lineage["metrics"] == {"acc": 0.1}
@@ -208,7 +208,7 @@ def test_versions_are_read_only_and_later_runs_do_not_change_them(run_job, expki
 def test_register_model_after_the_run_from_its_outputs(run_job, tmp_path):
     result = train(run_job, "0.4")  # no `model:` in the job: nothing registered yet
     run, ws = result.run, result.workspace
-    assert ws.history.models() == []
+    assert ws.history.models.versions() == []
 
     one_file = run.register_model("api-model", "outputs/model.pt", tags={"by": "api"})
     folder = run.register_model(model_name="api-model", model_path="outputs/")
@@ -236,7 +236,7 @@ def test_register_model_rejects_a_path_outside_outputs(run_job, path):
 
     with pytest.raises(UserError, match="must be inside outputs/"):
         result.run.register_model("m", path)
-    assert result.workspace.history.models() == []
+    assert result.workspace.history.models.versions() == []
 
 
 def test_unknown_model_from_python(expkit_workspace):
@@ -280,7 +280,7 @@ def test_a_version_committed_before_its_folder_existed_is_laid_out_on_get(expkit
     digest = hash_file(content)
     blobs.add_copy(content, digest)
     # The registry's database insert, with the process dying before `_lay_out`.
-    version = expkit_workspace.history.add_model_version(
+    version = expkit_workspace.history.models.add_version(
         "m", None, {}, {}, {"weights.bin": (7, digest)}
     )
 

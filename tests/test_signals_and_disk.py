@@ -224,17 +224,17 @@ def install_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def state(workspace: Workspace, run_id: str) -> str:
-    return workspace.history.run(run_id).state
+    return workspace.history.runs.get(run_id).state
 
 
 def waits_for_slots(workspace: Workspace, run_id: str) -> bool:
     """The run is queued in scale (not merely created, which is also state queued)."""
-    record = workspace.history.run(run_id)
+    record = workspace.history.runs.get(run_id)
     return record.state == "queued" and record.status is not None
 
 
 def stages(workspace: Workspace, run_id: str) -> dict[str, str]:
-    return {s.stage: s.state for s in workspace.history.stages(run_id)}
+    return {s.stage: s.state for s in workspace.history.stages.of(run_id)}
 
 
 def read_pid(path: Path, timeout: float = 30) -> int:
@@ -246,13 +246,13 @@ def assert_ended(
     workspace: Workspace, run_id: str, expected: str, reason: str, kept: bool = True
 ) -> None:
     """The run's final record, its sealed outputs, no working copy and nothing running."""
-    record = workspace.history.run(run_id)
+    record = workspace.history.runs.get(run_id)
     assert record.state == expected, record
     assert reason in (record.error or ""), record.error
     run_dir = workspace.run_dir(run_id)
     assert not (run_dir / "work").exists()
     if kept:
-        assert "kept.txt" in workspace.history.outputs(run_id)
+        assert "kept.txt" in workspace.history.outputs.of(run_id)
         assert (run_dir / "outputs" / "kept.txt").read_text() == "epoch 1 done\n"
     assert run_processes(run_id, workspace.path) == []
     held = workspace.history.db.execute("select * from slots where run_id = ?", (run_id,))
@@ -367,7 +367,7 @@ def test_sigterm_to_a_submitted_run_s_background_driver_cancels_it(
     run = Experiment(expkit_workspace, "test").submit(JobSpec.from_yaml(job))
     daemon = read_pid(daemon_file)
     eventually(lambda: run.get_status() == "running", what="the run running")
-    os.kill(expkit_workspace.history.run(run.id).driver_pid, signal.SIGTERM)
+    os.kill(expkit_workspace.history.runs.get(run.id).driver_pid, signal.SIGTERM)
     details = run.wait_for_completion(timeout=30, raise_on_error=False)
     assert details["state"] == "canceled"
     assert details["error"] == "terminated by SIGTERM"
@@ -400,7 +400,7 @@ def test_a_closed_terminal_cancels_the_run_and_keeps_its_outputs(
     finally:
         if driver.poll() is None:
             driver.kill()
-    (run_id,) = [r.id for r in expkit_workspace.history.runs()]
+    (run_id,) = [r.id for r in expkit_workspace.history.runs.recent()]
     assert_ended(expkit_workspace, run_id, "canceled", "terminated by SIGHUP")
     assert not alive(script)
 
@@ -428,7 +428,7 @@ def test_nohup_keeps_the_run_going_when_the_terminal_closes(expkit_workspace, wr
     finally:
         if driver.poll() is None:
             driver.kill()
-    (run_id,) = [r.id for r in expkit_workspace.history.runs()]
+    (run_id,) = [r.id for r in expkit_workspace.history.runs.recent()]
     assert_ended(expkit_workspace, run_id, "canceled", "terminated by SIGTERM")
 
 
@@ -452,7 +452,7 @@ def test_a_waiting_run_notices_that_the_holder_s_driver_died(
     waiter.wait_for("holding", timeout=20)
     Path(f"{base}.end").touch()
     assert waiter.wait(timeout=30) == 0, waiter.output
-    record = expkit_workspace.history.run(holder.run_id)
+    record = expkit_workspace.history.runs.get(holder.run_id)
     assert record.state == "failed"
     assert "driver process" in record.error
 
@@ -527,7 +527,7 @@ def test_kill_9_in_post_process_keeps_the_outputs_and_removes_the_working_copy(
 
     shown = expkit_cli("runs", "show", run_id)  # the next open
     assert shown.returncode == 0, shown.stderr
-    record = expkit_workspace.history.run(run_id)
+    record = expkit_workspace.history.runs.get(run_id)
     assert record.state == "failed"
     outputs = expkit_workspace.run_dir(run_id) / "outputs"
     assert str(outputs) in record.error, record.error
@@ -667,12 +667,12 @@ def test_a_full_disk_fails_the_run_naming_the_disk_and_reading_still_works(
     assert "internal error" not in result.stderr
     assert "Traceback" not in result.stderr
     history = Workspace(workspace.path).history
-    (record,) = history.runs()
+    (record,) = history.runs.recent()
     assert record.state == "failed"
     assert "No space left on device" in (record.error or ""), record.error
     assert str(small_disk) in record.error, record.error
     assert not (workspace.run_dir(record.id) / "work").exists()
-    assert "kept.txt" in history.outputs(record.id)
+    assert "kept.txt" in history.outputs.of(record.id)
     history.close()
     workspace.history.close()  # no connection left: SQLite's WAL files are gone
 
@@ -791,7 +791,7 @@ def test_sigterm_to_expkit_export_stops_the_worker_and_keeps_nothing(
     Path(f"{gate}.go").touch()
     time.sleep(0.5)
     assert not (expkit_workspace.path / "exports" / "net-1-slow").exists()
-    assert expkit_workspace.history.exports(expkit_workspace.history.runs()[0].id) == []
+    assert expkit_workspace.history.exports.of(expkit_workspace.history.runs.recent()[0].id) == []
     assert "slow" not in expkit_cli("models", "show", "net:1").stdout
 
 
@@ -805,7 +805,7 @@ def test_an_export_stopped_by_sigterm_is_recorded_as_stopped_not_failed(
     assert live.wait(timeout=30) == 130, live.output
     assert not alive(worker)
     assert_ended(expkit_workspace, live.run_id, "canceled", "terminated by SIGTERM")
-    (export,) = expkit_workspace.history.exports(live.run_id)
+    (export,) = expkit_workspace.history.exports.of(live.run_id)
     assert not export.ok and export.message == "stopped: terminated by SIGTERM", export
     assert "FAILED" not in live.output and "export slow failed" not in live.output
     assert "exports: slow stopped" in live.output
@@ -885,10 +885,10 @@ def test_an_output_that_fills_the_disk_still_gets_the_run_recorded(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
     history = Workspace(workspace.path).history
-    (record,) = history.runs()
+    (record,) = history.runs.recent()
     assert record.state == "failed", record  # now, not after someone frees space
     assert "No space left on device" in (record.error or ""), record.error
-    kept = "kept.txt" in history.outputs(record.id) or str(
+    kept = "kept.txt" in history.outputs.of(record.id) or str(
         workspace.run_dir(record.id) / "outputs"
     ) in (record.error or "")
     assert kept, record.error
@@ -943,5 +943,5 @@ def test_a_signal_before_the_run_is_recorded_cancels_it_without_killing_the_driv
     time.sleep(0.2)
     Path(f"{gate}.go").touch()
     assert live.wait(timeout=30) == 130, live.output
-    (record,) = expkit_workspace.history.runs()
+    (record,) = expkit_workspace.history.runs.recent()
     assert_ended(expkit_workspace, record.id, "canceled", "terminated by SIGTERM", kept=False)

@@ -56,7 +56,7 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float, float]]]:
 def expected_scalars(result) -> dict[str, list[tuple[int, float, float]]]:
     """What the run history holds, as TensorBoard should show it (float32 values)."""
     expected: dict[str, list] = {}
-    for row in result.workspace.history.metrics(result.record.id):
+    for row in result.workspace.history.metrics.of(result.record.id):
         if row["payload"] is not None and row["payload"] != "NaN":
             continue  # strings and table rows are not scalars
         value = math.nan if row["value"] is None else row["value"]
@@ -168,7 +168,7 @@ def test_curves_appear_while_the_run_is_still_going(write_job, expkit_workspace,
             return logdir.is_dir() and read_scalars(logdir).get("loss") is not None
 
         eventually(shown, timeout=60, what="the first point in the event file")
-        assert expkit_workspace.history.run("test_1").state == "running"
+        assert expkit_workspace.history.runs.get("test_1").state == "running"
         assert [(s, v) for s, v, _ in read_scalars(logdir)["loss"]] == [(1, 0.5)]
     finally:
         release.touch()
@@ -287,4 +287,4 @@ def test_without_tensorboard_the_plugin_and_a_job_that_names_it_say_how_to_insta
     refused = expkit_without_tensorboard("run", str(job))
     assert refused.returncode == 2
     assert INSTALL_HINT in error_line(refused)
-    assert expkit_workspace.history.runs() == []
+    assert expkit_workspace.history.runs.recent() == []

@@ -169,7 +169,7 @@ def test_a_rank_crash_fails_the_run_at_once_naming_the_rank_and_leaves_no_proces
     assert took < 60  # rank 0 was stopped, not waited for: it would sleep 300 s
 
     run_id = run_id_of(result.stdout)
-    record = expkit_workspace.history.run(run_id)
+    record = expkit_workspace.history.runs.get(run_id)
     assert record.state == "failed"
     assert record.error == (
         "run: rank 1: the script exited with code 1; last output: "
@@ -196,7 +196,7 @@ def test_ctrl_c_stops_every_rank_and_cancels_the_run(background, expkit_workspac
 
     os.killpg(live.proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
     assert live.wait(timeout=30) == 130
-    record = expkit_workspace.history.run(live.run_id)
+    record = expkit_workspace.history.runs.get(live.run_id)
     assert record.state == "canceled"
     assert run_processes(record.id, expkit_workspace.path) == []
     assert processes_running("rank_sleep.py") == []

@@ -65,12 +65,12 @@ class Experiment:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # the run goes on if this Python process ends
             )
-        self.workspace.history.claim(record.id, driver.pid)
+        self.workspace.history.runs.claim(record.id, driver.pid)
         return Run(self.workspace, record.id)
 
     def get_runs(self) -> list[Run]:
         """This experiment's runs, newest first."""
-        records = self.workspace.history.runs(self.name, limit=10_000)
+        records = self.workspace.history.runs.recent(self.name, limit=10_000)
         return [Run(self.workspace, r.id) for r in records]
 
 
@@ -90,7 +90,7 @@ class Run:
 
     @property
     def _record(self) -> Any:
-        return self.workspace.history.run(self.id)
+        return self.workspace.history.runs.get(self.id)
 
     @property
     def experiment(self) -> str:
@@ -115,9 +115,10 @@ class Run:
             "snapshot_hash": record.snapshot_hash,
             "environment_hash": record.environment_hash,
             "stages": {
-                s.stage: {"state": s.state, "seconds": s.seconds} for s in history.stages(self.id)
+                s.stage: {"state": s.state, "seconds": s.seconds}
+                for s in history.stages.of(self.id)
             },
-            "tags": history.tags(self.id),
+            "tags": history.tags.of(self.id),
         }
 
     def get_metrics(self, name: str | None = None) -> dict[str, Any]:
@@ -126,7 +127,7 @@ class Run:
         from expkit.history import metric_value
 
         grouped: dict[str, list[Any]] = {}
-        for row in self.workspace.history.metrics(self.id, name):
+        for row in self.workspace.history.metrics.of(self.id, name):
             grouped.setdefault(row["name"], []).append(metric_value(row))
         result: dict[str, Any] = {}
         for key, values in grouped.items():
@@ -141,14 +142,14 @@ class Run:
         return result
 
     def get_tags(self) -> dict[str, str]:
-        return self.workspace.history.tags(self.id)
+        return self.workspace.history.tags.of(self.id)
 
     def get_file_names(self) -> list[str]:
         """The run's files: `outputs/...` as recorded when they were sealed, and `logs/...`.
 
         Links in outputs that point out of the run are recorded, not stored: they are not
         listed here (see `get_links`)."""
-        names = [f"outputs/{path}" for path in self.workspace.history.outputs(self.id)]
+        names = [f"outputs/{path}" for path in self.workspace.history.outputs.of(self.id)]
         logs = self.run_dir / "logs"
         if logs.is_dir() and not logs.is_symlink():
             for folder, dirs, files in os.walk(logs, followlinks=False):
@@ -163,7 +164,7 @@ class Run:
     def get_links(self) -> dict[str, str]:
         """Links the script left in outputs/ that point out of it (or to nothing): name ->
         target. They were recorded, never followed, and are never served as content."""
-        links = self.workspace.history.output_links(self.id)
+        links = self.workspace.history.outputs.links(self.id)
         return {("outputs" if p == "." else f"outputs/{p}"): t for p, t in links.items()}
 
     def download_file(
@@ -196,7 +197,7 @@ class Run:
         target = downloads.destination(output_file_path, name)
         path = downloads.inside_folder(self.run_dir, name)
         if name.startswith("outputs/"):
-            _, digest = self.workspace.history.outputs(self.id)[name.removeprefix("outputs/")]
+            _, digest = self.workspace.history.outputs.of(self.id)[name.removeprefix("outputs/")]
             wanted = downloads.Wanted(
                 name, target, digest, lambda: downloads.candidates(self.workspace, digest, [path])
             )
@@ -218,7 +219,7 @@ class Run:
         if not parts or parts[0] != "outputs" or ".." in parts:
             raise UserError(f"model_path {model_path!r} must be inside outputs/")
         history = self.workspace.history
-        files, base = select_model_files(history.outputs(self.id), Path(model_path).as_posix())
+        files, base = select_model_files(history.outputs.of(self.id), Path(model_path).as_posix())
         if not files:
             links = self.get_links()
             named = Path(model_path).as_posix()
@@ -239,7 +240,7 @@ class Run:
             "environment_hash": record.environment_hash,
             "metrics": {
                 k: v
-                for k, v in history.latest_metrics(self.id).items()
+                for k, v in history.metrics.latest(self.id).items()
                 if isinstance(v, int | float)
             },
         }
@@ -274,7 +275,7 @@ class Run:
 
     def cancel(self) -> None:
         """Ask the run's driver to stop it (the run ends as canceled)."""
-        self.workspace.history.request_cancel(self.id)
+        self.workspace.history.runs.request_cancel(self.id)
 
 
 class Model:

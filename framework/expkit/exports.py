@@ -120,7 +120,7 @@ def into_run(
 
     `stopped()`: why the run is being stopped (a signal), or None; an export that did not
     pass while it was is recorded as "stopped: <why>", not as a failure of the exporter."""
-    outputs = history.outputs(run_id)
+    outputs = history.outputs.of(run_id)
     files, base = select_model_files(outputs, model.path)
     staging, sealed = run_dir / "exports" / spec.format, run_dir / "outputs" / base
     if files:
@@ -147,9 +147,9 @@ def into_run(
         files={prefix + name: value for name, value in kept.items()},
         run_id=run_id,
     )
-    history.add_export(record)
+    history.exports.add(record)
     if record.files:
-        history.set_outputs(run_id, {**outputs, **record.files})
+        history.outputs.set(run_id, {**outputs, **record.files})
     return record
 
 
@@ -192,7 +192,7 @@ def into_version(
             record.ok, record.message, record.files = False, str(error), {}
         else:
             shutil.rmtree(staging, ignore_errors=True)
-    store.ws.history.add_export(record)
+    store.ws.history.exports.add(record)
     return record
 
 

@@ -97,21 +97,21 @@ def follow(
 def current_record(workspace: Workspace, run_id: str) -> RunRecord:
     """The run's record; an unfinished run whose driver is gone (kill -9, OOM) is first
     marked failed and its processes stopped, as opening the workspace again would."""
-    record = workspace.history.run(run_id)
+    record = workspace.history.runs.get(run_id)
     if not record.finished and not driver_alive(record.driver_pid, record.driver_start):
         workspace.recover()
-        record = workspace.history.run(run_id)
+        record = workspace.history.runs.get(run_id)
     return record
 
 
 def _timeline(history: History, run_id: str) -> list[tuple]:
     items: list[tuple] = []
-    for stage in history.stages(run_id):
+    for stage in history.stages.of(run_id):
         if stage.started is not None:
             items.append((stage.started, 0, "start", stage))
         if stage.ended is not None:
             items.append((stage.ended, 2, "end", stage))
-    for event in history.events(run_id):
+    for event in history.events.of(run_id):
         if event["kind"] in ("progress", "warning"):
             items.append((event["ts"], 1, "event", event))
     items.sort(key=lambda t: (t[0], t[1]))

@@ -58,7 +58,7 @@ class Leases:
                     return None  # the transaction commits nothing but the clean-up
                 chosen[kind] = free[:count]
             db.executemany(
-                "INSERT INTO slots VALUES (?, ?, ?)",
+                "INSERT INTO slots (kind, slot, run_id) VALUES (?, ?, ?)",
                 [(kind, slot, run_id) for kind, slots in chosen.items() for slot in slots],
             )
         return chosen

@@ -127,7 +127,7 @@ def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
     compute = choose(job, get_plugins()).compute  # first: a target may refuse data outright
     check_data_sources(workspace, job)
     call(compute, "preflight", job)
-    return workspace.history.create_run(job.experiment, job.to_dict())
+    return workspace.history.runs.create(job.experiment, job.to_dict())
 
 
 def note_signals(early: list[str]) -> Any:
@@ -177,7 +177,7 @@ def execute(
     early = [] if early is None else early  # a signal while the plugins load is kept
     previous = note_signals(early)
     try:
-        record = workspace.history.run(run_id)
+        record = workspace.history.runs.get(run_id)
         job = JobSpec.from_dict(record.job, source=f"run {run_id}")
         plugins = plugins or get_plugins()
         lifecycle = Lifecycle(workspace, record, job, choose(job, plugins), plugins, console)
@@ -249,7 +249,7 @@ class Lifecycle:
         installed = _on_signals(self._on_signal)
         previous = installed if previous is None else previous
         try:
-            self.history.claim(self.run_id)
+            self.history.runs.claim(self.run_id)
             self.reserve_room()
             if self.own_process:
                 become_subreaper()
@@ -283,7 +283,7 @@ class Lifecycle:
                 elif isinstance(failure, StageFailed | UserError | PluginError):
                     state, error = "failed", f"{self.current_stage}: {failure}"
                 else:  # a bug: record it, then let the traceback show
-                    self.history.finish_run(
+                    self.history.runs.finish(
                         self.run_id, "failed", f"{self.current_stage}: {failure!r}"
                     )
                     raise
@@ -303,7 +303,7 @@ class Lifecycle:
                 _on_signals({sig: signal.SIG_IGN for sig in TERMINATING_SIGNALS})
             else:
                 _on_signals(previous)
-        return self.history.run(self.run_id)
+        return self.history.runs.get(self.run_id)
 
     def release(self, allocation: Allocation, failing: bool) -> None:
         """ComputeTarget.release, once, whatever happened; never cut short by a signal.
@@ -344,7 +344,7 @@ class Lifecycle:
             except Exception as failure:
                 if not disk_full(failure):
                     if not isinstance(failure, StageFailed | UserError | PluginError):
-                        self.history.finish_run(
+                        self.history.runs.finish(
                             self.run_id, "failed", f"{self.current_stage}: {failure!r}"
                         )
                         raise  # a bug: recorded, and its traceback shows
@@ -364,7 +364,7 @@ class Lifecycle:
         if state != "completed":
             self.withdraw_versions(state)
         try:
-            self.history.finish_run(self.run_id, state, error)
+            self.history.runs.finish(self.run_id, state, error)
         except Exception as failure:
             if not disk_full(failure):
                 raise
@@ -388,7 +388,7 @@ class Lifecycle:
             if problem is None:
                 continue
             self.warn(str(problem))
-            self.history.add_event(self.run_id, "sink-failed", str(problem))
+            self.history.events.add(self.run_id, "sink-failed", str(problem))
             if worker.required and state == "completed":
                 state, error = "failed", f"required {problem}"
         return state, error
@@ -402,7 +402,7 @@ class Lifecycle:
                 self.post_process(state)
         else:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-            self.history.stage_skipped(self.run_id, "post-process", "the script never started")
+            self.history.stages.skip(self.run_id, "post-process", "the script never started")
         if self.terminated_by and state == "completed":  # the signal came in post-process
             state, error = "canceled", self.stop_reason()
             self.say(f"{self.terminated_by}: outputs sealed; the run ends canceled")
@@ -411,7 +411,7 @@ class Lifecycle:
                 self.register()
         else:
             reason = "no model named in the job" if state == "completed" else f"run {state}"
-            self.history.stage_skipped(self.run_id, "register", reason)
+            self.history.stages.skip(self.run_id, "register", reason)
         return state, error
 
     def reserve_room(self) -> None:
@@ -450,9 +450,9 @@ class Lifecycle:
                     with suppress(OSError):
                         path.unlink()
         with suppress(Exception):  # still no room: the final record says it all
-            for stage in self.history.stages(self.run_id):
+            for stage in self.history.stages.of(self.run_id):
                 if stage.state == "running":
-                    self.history.stage_finished(self.run_id, stage.stage, "failed", error)
+                    self.history.stages.finish(self.run_id, stage.stage, "failed", error)
 
     def _no_space(self, failure: BaseException) -> str:
         """ "<stage>: No space left on device on <mount> while <doing>", for the record."""
@@ -470,7 +470,7 @@ class Lifecycle:
         self.current_stage, self.stage_note = name, ""
         if self.terminated_by and name in INTERRUPTIBLE_STAGES:  # it came between two stages
             raise Canceled(self.stop_reason())
-        self.history.stage_started(self.run_id, name)
+        self.history.stages.start(self.run_id, name)
         self.console.stage_started(name)
         for problem in self.plugins.notify("expkit_stage_started", run=self.info, stage=name):
             self._report(problem)
@@ -487,7 +487,7 @@ class Lifecycle:
             raise
         finally:
             self._interruptible = False  # the bookkeeping below is never cut short
-            self.history.stage_finished(self.run_id, name, outcome, message or self.stage_note)
+            self.history.stages.finish(self.run_id, name, outcome, message or self.stage_note)
             seconds = time.monotonic() - started
             self.console.stage_finished(name, outcome, seconds, message or self.stage_note)
             for problem in self.plugins.notify(
@@ -509,7 +509,7 @@ class Lifecycle:
         )
         for warning in snap.warnings:
             self.warn(warning)
-        self.history.update_run(self.run_id, snapshot_hash=snap.hash)
+        self.history.runs.update(self.run_id, snapshot_hash=snap.hash)
         self.info.snapshot_hash = snap.hash
 
         builder, compute = self.choice.builder, self.choice.compute
@@ -518,7 +518,7 @@ class Lifecycle:
         )
         self.ctx.environment = env
         self.say(env.reason)
-        self.history.update_run(self.run_id, environment_hash=env.hash)
+        self.history.runs.update(self.run_id, environment_hash=env.hash)
         self.info.environment_hash = env.hash
 
         snapshot.working_copy(self.run_dir / "snapshot", self.work_dir)
@@ -536,7 +536,7 @@ class Lifecycle:
     def scale(self) -> Allocation:
         compute = self.choice.compute
         allocation = call(compute, "acquire", self.ctx)
-        self.history.update_run(self.run_id, state="scaling", status=None)
+        self.history.runs.update(self.run_id, state="scaling", status=None)
         self.stage_note = allocation.description
         return allocation
 
@@ -562,7 +562,7 @@ class Lifecycle:
         self.pump.start()
         compute = self.choice.compute
         code = call(compute, "execute", self.ctx, processes, allocation)
-        self.history.update_run(self.run_id, exit_code=code)
+        self.history.runs.update(self.run_id, exit_code=code)
         if code != 0:
             raise StageFailed(self._failure(code))
         self.stage_note = "exit code 0"
@@ -591,7 +591,7 @@ class Lifecycle:
             worker.drain()
             if worker.error is not None:
                 self.warn(str(worker.error))
-                self.history.add_event(self.run_id, "sink-failed", str(worker.error))
+                self.history.events.add(self.run_id, "sink-failed", str(worker.error))
         for warning in run_outputs.own_folders(self.run_dir):  # never through a link
             self.warn(warning)
         outputs = self.seal_outputs()
@@ -650,7 +650,7 @@ class Lifecycle:
         sealed = run_outputs.seal(self.work_dir, self.run_dir / "outputs", self.blobs)
         for warning in sealed.warnings:
             self.warn(warning)
-        self.history.set_outputs(self.run_id, sealed.files, sealed.links)
+        self.history.outputs.set(self.run_id, sealed.files, sealed.links)
         return sealed.files
 
     def collect_script_logs(self) -> None:
@@ -662,10 +662,10 @@ class Lifecycle:
     def register(self) -> None:
         spec = self.job.model
         assert spec is not None
-        outputs = self.history.outputs(self.run_id)
+        outputs = self.history.outputs.of(self.run_id)
         files, base = select_model_files(outputs, spec.path)
         if not files:
-            links = self.history.output_links(self.run_id)
+            links = self.history.outputs.links(self.run_id)
             named = spec.path.removeprefix("outputs").strip("/") or "."
             if named in links:
                 raise StageFailed(
@@ -673,10 +673,10 @@ class Lifecycle:
                     "recorded, not stored, so not registered"
                 )
             raise StageFailed(f"model.path {spec.path!r} matched no file in the run's outputs")
-        record = self.history.run(self.run_id)
+        record = self.history.runs.get(self.run_id)
         numbers = {
             k: v
-            for k, v in self.history.latest_metrics(self.run_id).items()
+            for k, v in self.history.metrics.latest(self.run_id).items()
             if isinstance(v, int | float)
         }
         lineage: dict[str, Any] = {
@@ -688,7 +688,7 @@ class Lifecycle:
             "metrics": numbers,
         }
         prefix = f"{base}/" if base else ""
-        for export in self.history.exports(self.run_id):
+        for export in self.history.exports.of(self.run_id):
             if export.ok:  # the export's files, wherever model.path points within its folder
                 files.update({p.removeprefix(prefix): v for p, v in export.files.items()})
                 lineage.setdefault("exports", {})[export.format] = exports.lineage_entry(
@@ -708,7 +708,8 @@ class Lifecycle:
             try:
                 ref = call(registry, "register", model, self.info, {})
             except (StageFailed, UserError, PluginError) as failure:
-                # The run fails, so the version made above is not kept (see history.VISIBLE).
+                # The run fails, so the version made above is not kept (see
+                # expkit.history.models.VISIBLE).
                 raise StageFailed(
                     f"{failure}; {model.name}:{model.version} is not kept, as the run failed"
                 ) from failure
@@ -717,8 +718,8 @@ class Lifecycle:
         self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
 
     def withdraw_versions(self, state: str) -> None:
-        """A run that does not complete keeps no model version (history.VISIBLE hides the
-        rows): remove the folders its register stage laid out, and say so. Only this run's
+        """A run that does not complete keeps no model version (expkit.history.models.VISIBLE
+        hides the rows): remove the folders its register stage laid out, and say so. Only this run's
         versions' folders, never a link."""
         try:
             rows = self.history.db.execute(
@@ -737,17 +738,17 @@ class Lifecycle:
     def say(self, text: str) -> None:
         stage = self.current_stage or "run"
         self.console.stage_line(stage, text)
-        self.history.add_event(self.run_id, "progress", text, stage)
+        self.history.events.add(self.run_id, "progress", text, stage)
 
     def warn(self, text: str) -> None:
         self.console.warn(text)
-        self.history.add_event(self.run_id, "warning", text, self.current_stage)
+        self.history.events.add(self.run_id, "warning", text, self.current_stage)
 
     def waiting(self, text: str | None) -> None:
         if text is None:
-            self.history.update_run(self.run_id, state="scaling", status=None)
+            self.history.runs.update(self.run_id, state="scaling", status=None)
         else:
-            self.history.update_run(self.run_id, state="queued", status=text)
+            self.history.runs.update(self.run_id, state="queued", status=text)
             self.say(text)
 
     def canceled(self) -> bool:
@@ -756,7 +757,7 @@ class Lifecycle:
         now = time.monotonic()
         if now - self._last_poll >= CANCEL_POLL_SECONDS:
             self._last_poll = now
-            if self.history.cancel_requested(self.run_id):
+            if self.history.runs.cancel_requested(self.run_id):
                 self._cancel.set()
         return self._cancel.is_set()
 

@@ -90,10 +90,10 @@ class MetricPump:
     def pump(self) -> int:
         rows, tags = self.reader.read()
         if rows:
-            self.history.add_metrics(self.run_id, rows)
+            self.history.metrics.add(self.run_id, rows)
             self.count += len(rows)
         if tags:
-            self.history.set_tags(self.run_id, tags)
+            self.history.tags.set(self.run_id, tags)
         if rows:
             for event in self.listeners:
                 event.set()
@@ -152,7 +152,7 @@ class SinkWorker:
     def _deliver(self) -> bool:
         """Send everything new; False once the sink has failed for good."""
         while self.error is None:
-            rows = self.history.metrics(self.run.run_id, after_id=self._cursor, limit=SINK_BATCH)
+            rows = self.history.metrics.of(self.run.run_id, after_id=self._cursor, limit=SINK_BATCH)
             if not rows:
                 return True
             batch = [

@@ -47,7 +47,7 @@ def curves(
     """
     found: dict[str, Curve] = {}
     names: dict[str, bool] = {}  # every name logged: whether it had a number
-    for row in history.metrics(run_id, name):
+    for row in history.metrics.of(run_id, name):
         value = metric_value(row)
         names[row["name"]] = names.get(row["name"], False) or is_number(value)
         if not is_number(value):

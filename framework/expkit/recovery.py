@@ -1,6 +1,6 @@
 """What the next open of a workspace does about a driver that died (kill -9, a crash, a reboot).
 
-The run is marked failed (`History.reap_orphans`), what it left running is stopped, what its
+The run is marked failed (`Runs.reap_orphans`), what it left running is stopped, what its
 script wrote into outputs/ is kept where the user can find it (and said so in the record), its
 working copy is removed, and the temporary folders of cache builds whose builder died go.
 Nothing here needs to write to run on a full disk: a read-only command still answers.
@@ -39,7 +39,7 @@ def recover(workspace: Workspace, history: History) -> list[str]:
 
     A full disk (SQLite cannot write) leaves the records as they are, for a later open."""
     try:
-        reaped = history.reap_orphans()
+        reaped = history.runs.reap_orphans()
     except sqlite3.OperationalError as error:
         if not (no_room(error) or getattr(error, "sqlite_errorcode", 0) == SQLITE_READONLY):
             raise
@@ -63,7 +63,7 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
     with contextlib.suppress(OSError):  # the room its driver set aside for its record
         (run_dir / RESERVE_NAME).unlink()
     for warning in own_folders(run_dir):  # links the script made: removed, never followed
-        history.add_event(run_id, "warning", warning)
+        history.events.add(run_id, "warning", warning)
     for folder in run_dir.glob("exports/*/.expkit-worker-*"):  # an export worker's request
         if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
@@ -79,7 +79,7 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
         (run_dir / "logs").mkdir(exist_ok=True)
         os.replace(logs, run_dir / "logs" / "script")
     note = None
-    if sealed.is_dir() and not history.outputs(run_id):
+    if sealed.is_dir() and not history.outputs.of(run_id):
         files = [p for p in sealed.rglob("*") if p.is_file() and not p.is_symlink()]
         if files:
             size = sum(p.stat().st_size for p in files)
@@ -89,9 +89,9 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
             )
     shutil.rmtree(work, ignore_errors=True)
     if note:
-        history.add_event(run_id, "warning", note)
-        record = history.run(run_id)
-        history.update_run(run_id, error=f"{record.error}; {note}" if record.error else note)
+        history.events.add(run_id, "warning", note)
+        record = history.runs.get(run_id)
+        history.runs.update(run_id, error=f"{record.error}; {note}" if record.error else note)
     return note
 
 

@@ -43,7 +43,7 @@ class ModelStore:
         for rel, (_, digest) in files.items():
             if not self.blobs.path(digest).exists():
                 self.blobs.add_copy(source / rel, digest)
-        version = self.ws.history.add_model_version(name, run_id, lineage or {}, tags or {}, files)
+        version = self.ws.history.models.add_version(name, run_id, lineage or {}, tags or {}, files)
         self._lay_out(name, version, files)
         return self.get(name, version)
 
@@ -73,7 +73,7 @@ class ModelStore:
         for rel, (_, digest) in files.items():
             if not self.blobs.path(digest).exists():
                 self.blobs.add_copy(source / rel, digest)
-        self.ws.history.add_model_files(model.name, model.version, files, lineage)
+        self.ws.history.models.add_files(model.name, model.version, files, lineage)
         for rel, (_, digest) in files.items():
             self.blobs.link_to(digest, model.path / rel)
         return self.get(model.name, model.version)
@@ -112,15 +112,15 @@ class ModelStore:
         return True
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
-        row = self.ws.history.model(name, version)
+        row = self.ws.history.models.find(name, version)
         if row is None:
-            known = sorted({r["name"] for r in self.ws.history.models()})
+            known = sorted({r["name"] for r in self.ws.history.models.versions()})
             which = f"{name}:{version}" if version else name
             raise UserError(
                 f"no model {which!r} in this workspace"
                 + (f" (models: {', '.join(known)})" if known else " (no models registered yet)")
             )
-        files = self.ws.history.model_files(name, row["version"])
+        files = self.ws.history.models.files(name, row["version"])
         folder = self._lay_out(name, row["version"], files)  # rebuilt if a crash lost it
         return ModelVersion(
             name=name,

@@ -36,7 +36,7 @@ def run_info(workspace: Workspace, run_id: str, job: JobSpec) -> RunInfo:
     """What sinks, registries and event hooks are told about run `run_id`; the lifecycle
     fills in the hashes once prepare knows them."""
     history = workspace.history
-    record = history.run(run_id)
+    record = history.runs.get(run_id)
     return RunInfo(
         run_id=run_id,
         experiment=job.experiment,
@@ -46,9 +46,9 @@ def run_info(workspace: Workspace, run_id: str, job: JobSpec) -> RunInfo:
         snapshot_hash=record.snapshot_hash,
         environment_hash=record.environment_hash,
         workspace_dir=workspace.path,
-        tags=lambda: history.tags(run_id),
-        set_tags=lambda tags: history.set_tags(run_id, tags),
-        outputs=lambda: history.outputs(run_id),
+        tags=lambda: history.tags.of(run_id),
+        set_tags=lambda tags: history.tags.set(run_id, tags),
+        outputs=lambda: history.outputs.of(run_id),
         plugin_config=plugin_config(workspace),
     )
 
@@ -80,8 +80,8 @@ def run_context(
         waiting=waiting,
         canceled=canceled,
         echo=echo,
-        status=lambda text: history.update_run(run_id, status=text),
-        set_tags=lambda tags: history.set_tags(run_id, tags),
+        status=lambda text: history.runs.update(run_id, status=text),
+        set_tags=lambda tags: history.tags.set(run_id, tags),
         leases=RunLeases(Leases(history), run_id, lambda: workspace.recover(history)),
         cache_dir=workspace.envs_dir,
         plugin_config=plugin_config(workspace),
@@ -92,7 +92,7 @@ def run_outcome(workspace: Workspace, run_id: str, state: str, error: str | None
     """How run `run_id` ended, from its record, for the metric writers' `close`."""
     history = workspace.history
     seconds, failed = {}, None
-    for stage in history.stages(run_id):
+    for stage in history.stages.of(run_id):
         if stage.started is not None and stage.ended is not None:
             seconds[stage.stage] = stage.ended - stage.started
         if stage.state in ("failed", "canceled") and failed is None:
@@ -100,8 +100,8 @@ def run_outcome(workspace: Workspace, run_id: str, state: str, error: str | None
     return RunOutcome(
         state=state,
         error=error,
-        exit_code=history.run(run_id).exit_code,
+        exit_code=history.runs.get(run_id).exit_code,
         stage_seconds=seconds,
         stage_failure=failed,
-        tags=history.tags(run_id),
+        tags=history.tags.of(run_id),
     )

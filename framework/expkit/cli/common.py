@@ -64,7 +64,7 @@ def run_record(workspace: Any, ref: str) -> Any:
     """The run `ref` names (id, number or `latest`); UserError when there is none."""
     from expkit.errors import UserError, quoted
 
-    record = workspace.history.find_run(ref)
+    record = workspace.history.runs.find(ref)
     if record is None:
         raise UserError(
             f"no run {quoted(ref)} in {workspace.path}; `expkit runs list` shows the runs"

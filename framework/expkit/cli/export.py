@@ -73,12 +73,12 @@ def _export(args: argparse.Namespace) -> int:
     history = workspace.history
     plugins = get_plugins()
     exporter = plugins.get("exporters", args.format, "--format")
-    record = history.find_run(args.ref)
+    record = history.runs.find(args.ref)
     version = None
     if record is None:
         version = ModelStore(workspace).get(*parse_model_ref(args.ref))
         run_id = version.lineage.get("run_id")
-        record = history.find_run(run_id) if run_id else None
+        record = history.runs.find(run_id) if run_id else None
     elif record.state != "completed":
         raise UserError(f"run {record.id} is {record.state}; only a completed run's model exports")
     what = f"{version.name}:{version.version}" if version else f"run {record.id}"
@@ -183,7 +183,7 @@ def _verify(workspace: Any, version: Any, record: Any, job: JobSpec) -> list[str
     if version is not None:
         return ModelStore(workspace).verify(version)
     assert job.model is not None
-    files, base = select_model_files(workspace.history.outputs(record.id), job.model.path)
+    files, base = select_model_files(workspace.history.outputs.of(record.id), job.model.path)
     folder = workspace.run_dir(record.id) / "outputs" / base
     prefix = f"run {record.id}: outputs/" + (f"{base}/" if base else "")
     return verify_folder(workspace, folder, files, prefix)

@@ -42,7 +42,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if len(records) > 1:
         return _compare_metrics(workspace, records, name)
     record = records[0]
-    rows = workspace.history.metrics(record.id, name)
+    rows = workspace.history.metrics.of(record.id, name)
     if not rows:
         print(f"run {record.id} has no metrics" + _named(name))
         return 0
@@ -63,7 +63,7 @@ def _metric_refs(workspace: Any, refs: list[str]) -> tuple[list[Any], str | None
     """`RUN [RUN ...] [NAME]`: the runs, and the metric name if the last word is not a run."""
     records: dict[str, Any] = {}
     for i, ref in enumerate(refs):
-        record = workspace.history.find_run(ref)
+        record = workspace.history.runs.find(ref)
         if record is None and 0 < i == len(refs) - 1:
             return list(records.values()), ref
         record = record or run_record(workspace, ref)  # raises: no such run
@@ -88,7 +88,7 @@ def _compare_metrics(workspace: Any, records: list[Any], name: str | None) -> in
             return " ".join(f"{k}={format_value(v)}" for k, v in value.items())
         return format_value(value)
 
-    latest = {r.id: workspace.history.latest_metrics(r.id) for r in records}
+    latest = {r.id: workspace.history.metrics.latest(r.id) for r in records}
     names = dict.fromkeys(n for values in latest.values() for n in values if name in (None, n))
     if not names:
         print(f"runs {', '.join(latest)} have no metrics" + _named(name))

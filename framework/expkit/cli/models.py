@@ -30,7 +30,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def cmd_models_list(args: argparse.Namespace) -> int:
     """Every registered model version, with the run it came from."""
     workspace = open_workspace(args)
-    rows = workspace.history.models()
+    rows = workspace.history.models.versions()
     if not rows:
         print("no models yet; a job with `model: {name: ...}` registers one")
         return 0
@@ -59,7 +59,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
         if isinstance(value, dict):
             value = ", ".join(f"{k} {format_value(v)}" for k, v in value.items()) or "-"
         print(f"  {key:<17} {value}")
-    found = workspace.history.exports(model=model.name, version=model.version)
+    found = workspace.history.exports.of(model=model.name, version=model.version)
     exported = model.lineage.get("exports", {})
     if exported or found:
         print("exports")

@@ -196,15 +196,15 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     console.line()
     console.line(f"run {console.style(record.id, '1')}: {console.style(record.state, state_color)}")
     rows: list[tuple[str, Any]] = []
-    for stage in history.stages(record.id):
+    for stage in history.stages.of(record.id):
         when = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         rows.append((stage.stage, f"{stage.state:<9} {when:>8}  {stage.message or ''}".rstrip()))
-    metrics = history.latest_metrics(record.id)
+    metrics = history.metrics.latest(record.id)
     if metrics:
         shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
         rows.append(("metrics", ", ".join(shown)))
-    outputs = history.outputs(record.id)
-    links = history.output_links(record.id)
+    outputs = history.outputs.of(record.id)
+    links = history.outputs.links(record.id)
     note = (
         f"; {len(links)} link{'s' * (len(links) != 1)} out of the run, not stored" if links else ""
     )
@@ -214,7 +214,7 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
             f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}{note}",
         )
     )
-    for export in history.exports(record.id):
+    for export in history.exports.of(record.id):
         note = "" if export.ok else " (not registered)"
         rows.append(("export", describe_export(export) + note))
     if record.error:

@@ -54,7 +54,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     from expkit.console import human_seconds
 
     workspace = open_workspace(args)
-    records = workspace.history.runs(args.experiment, args.limit)
+    records = workspace.history.runs.recent(args.experiment, args.limit)
     if not records:
         print("no runs yet; start one with `expkit run JOB`")
         return 0
@@ -85,11 +85,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     history = workspace.history
     if args.json:
         details = Run(workspace, record.id).get_details()
-        details["metrics"] = history.latest_metrics(record.id)
+        details["metrics"] = history.metrics.latest(record.id)
         details["outputs"] = {
-            p: {"size": s, "sha256": d} for p, (s, d) in history.outputs(record.id).items()
+            p: {"size": s, "sha256": d} for p, (s, d) in history.outputs.of(record.id).items()
         }
-        details["output_links"] = history.output_links(record.id)
+        details["output_links"] = history.outputs.links(record.id)
         print(json.dumps(details, indent=2, default=str))
         return 0
     print(f"run         {record.id}")
@@ -108,35 +108,37 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     if record.environment_hash:
         print(f"environment {record.environment_hash}")
     print("\nstages")
-    for stage in history.stages(record.id):
+    for stage in history.stages.of(record.id):
         took = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         print(f"  {stage.stage:<13} {stage.state:<9} {took:>8}  {stage.message or ''}".rstrip())
-    metrics = history.latest_metrics(record.id)
+    metrics = history.metrics.latest(record.id)
     if metrics:
         print("\nmetrics (latest value)")
         for name, value in metrics.items():
             print(f"  {name:<24} {format_value(value)}")
-    tags = history.tags(record.id)
+    tags = history.tags.of(record.id)
     if tags:
         print("\ntags")
         for key, value in tags.items():
             print(f"  {key:<24} {value}")
-    found = history.exports(record.id)
+    found = history.exports.of(record.id)
     if found:
         print("\nexports")
         for export in found:
             print(f"  {describe_export(export)}")
-    outputs = history.outputs(record.id)
+    outputs = history.outputs.of(record.id)
     if outputs:
         print("\noutputs")
         for path, (size, digest) in outputs.items():
             print(f"  {path:<40} {human_size(size):>10}  sha256:{digest[:12]}")
-    links = history.output_links(record.id)
+    links = history.outputs.links(record.id)
     if links:
         print("\nlinks in outputs (recorded, not stored)")
         for path, target in links.items():
             print(f"  {'outputs' if path == '.' else path} -> {target}")
-    for event in history.events(record.id, "warning") + history.events(record.id, "sink-failed"):
+    for event in history.events.of(record.id, "warning") + history.events.of(
+        record.id, "sink-failed"
+    ):
         print(f"\nwarning: {event['message']}")
     return 0
 
@@ -173,7 +175,7 @@ def cmd_runs_cancel(args: argparse.Namespace) -> int:
     if record.finished:
         print(f"run {record.id} already {record.state}")
         return 0
-    workspace.history.request_cancel(record.id)
+    workspace.history.runs.request_cancel(record.id)
     print(f"asked run {record.id} to stop; its driver stops the script and keeps its outputs")
     return 0
 

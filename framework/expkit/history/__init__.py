@@ -1,0 +1,51 @@
+"""The run history: one SQLite database (WAL) that is the source of truth for every run.
+
+Modules: `store` (History: opening, upgrading, the connection and the write transaction),
+`connection` (the SQLite layer: checks, damaged files, locks, a full disk), `schema` (the
+versioned schema and its steps), and one per aggregate: `runs` (runs, stages, events, tags,
+outputs), `metrics`, `models` (model versions, their files, exports).
+"""
+
+from expkit.history.connection import DamagedHistory, connect, no_room, patiently
+from expkit.history.metrics import Metrics, metric_value
+from expkit.history.models import ExportRecord, Exports, Models
+from expkit.history.runs import (
+    FINAL_STATES,
+    STAGE_STATE,
+    STAGES,
+    Events,
+    Outputs,
+    RunRecord,
+    Runs,
+    StageRecord,
+    Stages,
+    Tags,
+    driver_alive,
+    process_start,
+)
+from expkit.history.store import History
+
+__all__ = [
+    "FINAL_STATES",
+    "STAGES",
+    "STAGE_STATE",
+    "DamagedHistory",
+    "Events",
+    "ExportRecord",
+    "Exports",
+    "History",
+    "Metrics",
+    "Models",
+    "Outputs",
+    "RunRecord",
+    "Runs",
+    "StageRecord",
+    "Stages",
+    "Tags",
+    "connect",
+    "driver_alive",
+    "metric_value",
+    "no_room",
+    "patiently",
+    "process_start",
+]

@@ -1,0 +1,51 @@
+"""The metrics each run logged: one row per value, in the order they arrived."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+from expkit.history.connection import Part
+
+
+class Metrics(Part):
+    """Metric rows: (name, step, value, payload, ts, rank) per logged value; `value` holds a
+    number, `payload` the JSON of anything else (strings, table rows)."""
+
+    def add(self, run_id: str, rows: Iterable[tuple]) -> None:
+        """Append (name, step, value, payload, ts, rank) rows in one transaction."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((run_id, *row) for row in rows),
+            )
+
+    def of(
+        self, run_id: str, name: str | None = None, after_id: int = 0, limit: int = -1
+    ) -> list[sqlite3.Row]:
+        """The run's rows (of metric `name`, or all) past row id `after_id`, at most `limit`
+        of them (-1: all), oldest first; read a value with `metric_value`."""
+        sql = "SELECT * FROM metrics WHERE run_id = ? AND id > ?"
+        args: list[Any] = [run_id, after_id]
+        if name:
+            sql, args = sql + " AND name = ?", [*args, name]
+        return self.db.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+
+    def latest(self, run_id: str) -> dict[str, Any]:
+        """The last value of each metric, in the order the names were first logged."""
+        rows = self.db.execute(
+            "SELECT name, value, payload FROM metrics WHERE id IN"
+            " (SELECT MAX(id) FROM metrics WHERE run_id = ? GROUP BY name)"
+            " ORDER BY (SELECT MIN(id) FROM metrics m"
+            " WHERE m.run_id = ? AND m.name = metrics.name)",
+            (run_id, run_id),
+        )
+        return {r["name"]: metric_value(r) for r in rows}
+
+
+def metric_value(row: sqlite3.Row) -> Any:
+    """A stored metric's value: the number, or the decoded payload (strings, table rows)."""
+    return json.loads(row["payload"]) if row["payload"] is not None else row["value"]

@@ -1,0 +1,354 @@
+"""Runs and what each one records as it goes: its stages, events, tags and sealed outputs.
+
+Every state change is its own committed transaction, written before the next stage starts, so
+a crash, a kill -9 or a full disk leaves a record that can be read and, once its driver is
+gone, is marked failed with that reason (`Runs.reap_orphans`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from expkit.history.connection import Owner, Part
+
+STAGES = ("prepare", "scale", "run", "post-process", "register")
+STAGE_STATE = {
+    "prepare": "preparing",
+    "scale": "scaling",
+    "run": "running",
+    "post-process": "post-processing",
+    "register": "registering",
+}
+FINAL_STATES = ("completed", "failed", "canceled")
+
+
+@dataclass
+class RunRecord:
+    """One row of the run history."""
+
+    id: str
+    number: int
+    experiment: str
+    state: str
+    status: str | None
+    job: dict[str, Any]
+    created: float
+    ended: float | None
+    exit_code: int | None
+    error: str | None
+    snapshot_hash: str | None
+    environment_hash: str | None
+    driver_pid: int | None
+    driver_start: str | None
+    driver_host: str | None
+    cancel_requested: int
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> RunRecord:
+        """The record of a `runs` row; columns a later schema step added and this class does
+        not declare are left out (see expkit.history.schema)."""
+        values = {name: row[name] for name in _RUN_FIELDS}
+        values["job"] = json.loads(values["job"])
+        return cls(**values)
+
+
+_RUN_FIELDS = tuple(RunRecord.__dataclass_fields__)
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run: its state (running, completed, failed, canceled, skipped), when it
+    started and ended (seconds since the epoch) and its message."""
+
+    stage: str
+    state: str
+    started: float | None
+    ended: float | None
+    message: str | None
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.ended or time.time()) - self.started
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of live process `pid` (Linux clock ticks), to tell it from a reused pid.
+
+    None when there is no such process, or only its zombie is left.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def driver_alive(pid: int | None, start: str | None) -> bool:
+    """Whether the driver process `pid`, started at `start` (`process_start`), still runs."""
+    if not pid:
+        return False
+    if os.path.exists("/proc/self/stat"):
+        return start is not None and process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Runs(Part):
+    """The runs: created queued, claimed by a driver, updated, finished or reaped."""
+
+    def __init__(self, history: Owner, run_taken: Callable[[str], bool]) -> None:
+        super().__init__(history)
+        self._run_taken = run_taken
+
+    def create(self, experiment: str, job: dict[str, Any]) -> RunRecord:
+        """A new run in state `queued`, owned by this process until a driver claims it; its
+        number is past every recorded one and every run folder found (`run_taken`)."""
+        with self.transaction() as db:
+            (number,) = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM runs").fetchone()
+            while self._run_taken(f"{experiment}_{number}"):  # a run the history lost
+                number += 1
+            run_id = f"{experiment}_{number}"
+            pid = os.getpid()
+            db.execute(
+                "INSERT INTO runs (id, number, experiment, state, job, created, driver_pid,"
+                " driver_start, driver_host) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    number,
+                    experiment,
+                    json.dumps(job),
+                    time.time(),
+                    pid,
+                    process_start(pid),
+                    socket.gethostname(),
+                ),
+            )
+        return self.get(run_id)
+
+    def claim(self, run_id: str, pid: int | None = None) -> None:
+        """Record `pid` (default: this process) as the run's driver."""
+        pid = pid or os.getpid()
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET driver_pid = ?, driver_start = ?, driver_host = ? WHERE id = ?",
+                (pid, process_start(pid), socket.gethostname(), run_id),
+            )
+
+    def get(self, run_id: str) -> RunRecord:
+        """The run `run_id`; KeyError when there is none."""
+        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(run_id)
+        return RunRecord.from_row(row)
+
+    def find(self, ref: str) -> RunRecord | None:
+        """A run by id, by number (`7`), or `latest`; None when there is none."""
+        if ref == "latest":
+            row = self.db.execute("SELECT * FROM runs ORDER BY number DESC LIMIT 1").fetchone()
+        elif ref.isdigit():
+            row = self.db.execute("SELECT * FROM runs WHERE number = ?", (int(ref),)).fetchone()
+        else:
+            row = self.db.execute("SELECT * FROM runs WHERE id = ?", (ref,)).fetchone()
+        return RunRecord.from_row(row) if row else None
+
+    def recent(self, experiment: str | None = None, limit: int = 50) -> list[RunRecord]:
+        """The latest `limit` runs (of `experiment`, or of all), newest first."""
+        sql, args = "SELECT * FROM runs", []
+        if experiment:
+            sql, args = sql + " WHERE experiment = ?", [experiment]
+        rows = self.db.execute(sql + " ORDER BY number DESC LIMIT ?", (*args, limit))
+        return [RunRecord.from_row(r) for r in rows]
+
+    def update(self, run_id: str, **fields: Any) -> None:
+        """Set columns of the run's row (`status="..."`, `exit_code=1`) in one transaction."""
+        columns = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE runs SET {columns} WHERE id = ?", (*fields.values(), run_id))
+
+    def finish(self, run_id: str, state: str, error: str | None = None) -> None:
+        """End the run in final `state` (one of FINAL_STATES), keeping an earlier error."""
+        assert state in FINAL_STATES
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET state = ?, error = COALESCE(?, error), status = NULL, ended = ?"
+                " WHERE id = ?",
+                (state, error, time.time(), run_id),
+            )
+
+    def request_cancel(self, run_id: str) -> None:
+        """Ask the run's driver to cancel it (it polls `cancel_requested`)."""
+        self.update(run_id, cancel_requested=1)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        """Whether someone asked to cancel the run."""
+        row = self.db.execute("SELECT cancel_requested FROM runs WHERE id = ?", (run_id,))
+        return bool(row.fetchone()[0])
+
+    def reap_orphans(self) -> list[str]:
+        """Mark failed every unfinished run of this host whose driver process is gone."""
+        host = socket.gethostname()
+        reaped = []
+        rows = self.db.execute(
+            "SELECT id, driver_pid, driver_start FROM runs"
+            " WHERE state NOT IN ('completed', 'failed', 'canceled') AND driver_host = ?",
+            (host,),
+        ).fetchall()
+        for run_id, pid, start in rows:
+            if driver_alive(pid, start):
+                continue
+            reason = f"the driver process (pid {pid}) ended without finishing the run"
+            now = time.time()
+            with self.transaction() as db:
+                state = db.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if state[0] in FINAL_STATES:  # finished meanwhile
+                    continue
+                db.execute(
+                    "UPDATE stages SET state = 'failed', ended = ?, message = ?"
+                    " WHERE run_id = ? AND state = 'running'",
+                    (now, reason, run_id),
+                )
+                db.execute(
+                    "UPDATE runs SET state = 'failed', error = ?, status = NULL, ended = ?"
+                    " WHERE id = ?",
+                    (reason, now, run_id),
+                )
+            reaped.append(run_id)
+        return reaped
+
+
+class Stages(Part):
+    """The five stages of each run, as they start, end or are skipped."""
+
+    def start(self, run_id: str, stage: str) -> None:
+        """Record `stage` as running, and the run as in it (`preparing`, `running`...)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO stages (run_id, stage, state, started, ended, message)"
+                " VALUES (?, ?, 'running', ?, NULL, NULL)",
+                (run_id, stage, time.time()),
+            )
+            db.execute(
+                "UPDATE runs SET state = ?, status = NULL WHERE id = ?",
+                (STAGE_STATE[stage], run_id),
+            )
+
+    def finish(self, run_id: str, stage: str, outcome: str, message: str | None) -> None:
+        """Record how `stage` ended: completed, failed or canceled, with its message."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE stages SET state = ?, ended = ?, message = ?"
+                " WHERE run_id = ? AND stage = ?",
+                (outcome, time.time(), message, run_id, stage),
+            )
+
+    def skip(self, run_id: str, stage: str, reason: str) -> None:
+        """Record `stage` as skipped, saying why."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO stages (run_id, stage, state, started, ended, message)"
+                " VALUES (?, ?, 'skipped', NULL, NULL, ?)",
+                (run_id, stage, reason),
+            )
+
+    def of(self, run_id: str) -> list[StageRecord]:
+        """The run's recorded stages, in the order they run."""
+        rows = self.db.execute(
+            "SELECT stage, state, started, ended, message FROM stages WHERE run_id = ?", (run_id,)
+        ).fetchall()
+        order = {s: i for i, s in enumerate(STAGES)}
+        return sorted((StageRecord(**dict(r)) for r in rows), key=lambda s: order[s.stage])
+
+
+class Events(Part):
+    """What happened to a run besides its stages: warnings, failed sinks, signals."""
+
+    def add(self, run_id: str, kind: str, message: str, stage: str | None = None) -> None:
+        """Record an event of `kind` (e.g. "warning", "sink-failed"), now."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO events (run_id, ts, stage, kind, message) VALUES (?, ?, ?, ?, ?)",
+                (run_id, time.time(), stage, kind, message),
+            )
+
+    def of(self, run_id: str, kind: str | None = None) -> list[sqlite3.Row]:
+        """The run's events (of `kind`, or all), oldest first."""
+        sql, args = "SELECT * FROM events WHERE run_id = ?", [run_id]
+        if kind:
+            sql, args = sql + " AND kind = ?", [*args, kind]
+        return self.db.execute(sql + " ORDER BY ts", args).fetchall()
+
+
+class Tags(Part):
+    """The tags a run's script or driver set (key -> value, both text)."""
+
+    def set(self, run_id: str, tags: dict[str, str]) -> None:
+        """Add or replace the run's tags `tags` (keys and values are stored as text)."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO tags (run_id, key, value) VALUES (?, ?, ?)",
+                [(run_id, str(k), str(v)) for k, v in tags.items()],
+            )
+
+    def of(self, run_id: str) -> dict[str, str]:
+        """The run's tags."""
+        rows = self.db.execute("SELECT key, value FROM tags WHERE run_id = ?", (run_id,))
+        return dict(rows.fetchall())
+
+
+class Outputs(Part):
+    """The files each run sealed in outputs/, and the links there that were recorded."""
+
+    def set(
+        self,
+        run_id: str,
+        manifest: dict[str, tuple[int, str]],
+        links: dict[str, str] | None = None,
+    ) -> None:
+        """Record the run's sealed outputs (path -> (size, sha256)), and with `links` the links
+        found in outputs/ that were recorded, not stored (path -> target; "." is outputs/
+        itself). Without `links`, the recorded links stay as they are."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM outputs WHERE run_id = ?", (run_id,))
+            db.executemany(
+                "INSERT INTO outputs (run_id, path, size, sha256) VALUES (?, ?, ?, ?)",
+                [(run_id, p, size, digest) for p, (size, digest) in manifest.items()],
+            )
+            if links is not None:
+                db.execute("DELETE FROM output_links WHERE run_id = ?", (run_id,))
+                db.executemany(
+                    "INSERT INTO output_links (run_id, path, target) VALUES (?, ?, ?)",
+                    [(run_id, p, target) for p, target in links.items()],
+                )
+
+    def of(self, run_id: str) -> dict[str, tuple[int, str]]:
+        """The run's sealed outputs: path -> (size in bytes, sha256), sorted by path."""
+        rows = self.db.execute(
+            "SELECT path, size, sha256 FROM outputs WHERE run_id = ? ORDER BY path", (run_id,)
+        )
+        return {p: (size, digest) for p, size, digest in rows}
+
+    def links(self, run_id: str) -> dict[str, str]:
+        """The links in the run's outputs that were recorded, not stored: path -> target."""
+        rows = self.db.execute(
+            "SELECT path, target FROM output_links WHERE run_id = ? ORDER BY path", (run_id,)
+        )
+        return dict(rows.fetchall())

@@ -1,0 +1,121 @@
+"""The history's schema, as a list of numbered steps that only ever grows.
+
+A database records how many steps it has taken in its header (`PRAGMA user_version`): a new
+workspace takes them all, an older one the steps it lacks, when it is next opened, in the same
+write transaction (`expkit.history.store.History`). A database whose version is past the last
+step was made by a newer expkit and is refused before anything is written to it.
+
+Version 0 is a workspace made before the history had a version; step 1 is the schema it has,
+written so that it creates nothing there (CREATE ... IF NOT EXISTS).
+
+Adding a step (a column for Slurm job ids, a table for sweeps):
+
+1. Append it to MIGRATIONS; never edit, reorder or remove a step that has been released: a
+   workspace that took it will not take it again. Its number is its place in the list.
+2. A step is SQL statements separated by ";" (no triggers: the text is split on ";"), or a
+   function `step(db)` for what SQL alone cannot do (a data rewrite). It runs inside the
+   upgrade's transaction: no COMMIT, no executescript (that commits), no VACUUM.
+3. A new column needs a default (`ALTER TABLE runs ADD COLUMN slurm_job TEXT` is NULL for the
+   old rows; `... retries INTEGER NOT NULL DEFAULT 0`), so that every INSERT, which names its
+   columns, still works. `RunRecord` reads the columns it declares: add the field with it.
+4. Make a fixture of the previous version with tests/fixtures/make_workspace_v0.py (run from the
+   commit before yours, see its docstring) and extend tests/test_history_upgrade.py to open it.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable
+
+Step = str | Callable[[sqlite3.Connection], None]
+
+# Step 1: the history as expkit wrote it before it had a version (user_version 0).
+V1 = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    number INTEGER NOT NULL UNIQUE,
+    experiment TEXT NOT NULL,
+    state TEXT NOT NULL,
+    status TEXT,
+    job TEXT NOT NULL,
+    created REAL NOT NULL,
+    ended REAL,
+    exit_code INTEGER,
+    error TEXT,
+    snapshot_hash TEXT,
+    environment_hash TEXT,
+    driver_pid INTEGER,
+    driver_start TEXT,
+    driver_host TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs (experiment, number);
+CREATE TABLE IF NOT EXISTS stages (
+    run_id TEXT NOT NULL, stage TEXT NOT NULL, state TEXT NOT NULL,
+    started REAL, ended REAL, message TEXT,
+    PRIMARY KEY (run_id, stage)
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL, ts REAL NOT NULL, stage TEXT, kind TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, ts);
+CREATE TABLE IF NOT EXISTS metrics (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL, name TEXT NOT NULL, step INTEGER,
+    value REAL, payload TEXT, ts REAL NOT NULL, rank INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics (run_id, name, id);
+CREATE TABLE IF NOT EXISTS tags (
+    run_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run_id, key)
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    run_id TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (run_id, path)
+);
+CREATE TABLE IF NOT EXISTS slots (
+    kind TEXT NOT NULL, slot INTEGER NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (kind, slot)
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL, version INTEGER NOT NULL, run_id TEXT, created REAL NOT NULL,
+    lineage TEXT NOT NULL, tags TEXT NOT NULL, PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS model_files (
+    name TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (name, version, path)
+);
+CREATE TABLE IF NOT EXISTS exports (
+    id INTEGER PRIMARY KEY, run_id TEXT, model TEXT, version INTEGER, format TEXT NOT NULL,
+    ok INTEGER NOT NULL, message TEXT NOT NULL, checks TEXT NOT NULL, files TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS exports_by_run ON exports (run_id);
+CREATE TABLE IF NOT EXISTS output_links (
+    run_id TEXT NOT NULL, path TEXT NOT NULL, target TEXT NOT NULL, PRIMARY KEY (run_id, path)
+);
+"""
+
+# Append only (see above): a database at version N has taken MIGRATIONS[:N].
+MIGRATIONS: list[Step] = [V1]
+
+# The tables and indexes a history without expkit's application_id may hold: one written
+# before that mark, which is expkit's (version 0, so step 1's names), or an empty database.
+UNMARKED_NAMES = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", V1))
+
+
+def latest() -> int:
+    """The version this expkit writes and reads: the number of steps it knows."""
+    return len(MIGRATIONS)
+
+
+def upgrade(db: sqlite3.Connection, version: int) -> None:
+    """Take the steps after `version` on `db`, inside the caller's write transaction, and
+    record the new version. The caller holds the write lock (BEGIN IMMEDIATE)."""
+    for step in MIGRATIONS[version:]:
+        if callable(step):
+            step(db)
+            continue
+        for statement in step.split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute(f"PRAGMA user_version={latest()}")
