@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from expkit import lifecycle
 from expkit.errors import UserError
 from expkit.job import JobSpec
+from expkit.plugins import get_plugins
 
 pytest.importorskip("azureml.core")
 pytest.importorskip("azureml.train")
 
 from expkit_azureml.importer import Captured, offline_azureml
-from expkit_azureml.options import AzureOptions
+from expkit_azureml.options import WORKSPACE_KEYS, AzureOptions
 from expkit_azureml.submission import (
     build_environment,
     build_script_run_config,
@@ -360,19 +362,11 @@ def test_dry_run_names_a_curated_environment_and_ignored_backend_options():
             "distributed: horovod on Azure ML needs horovod in the image",
         ),
         (
-            {"compute": {"target": "azureml", "options": {"clusterr": "x"}}},
-            "compute.options: unknown option 'clusterr' for azureml",
-        ),
-        (
             {
                 "compute": {"target": "azureml", "options": {"max_nodes": 1}},
                 "resources": {"nodes": 2},
             },
             "compute.options.max_nodes: the cluster would scale to 1 node(s)",
-        ),
-        (
-            {"compute": {"target": "azureml", "options": {"create": "yes"}}},
-            "compute.options.create: must be true or false, not 'yes'",
         ),
         (
             {
@@ -383,13 +377,9 @@ def test_dry_run_names_a_curated_environment_and_ignored_backend_options():
             },
             "compute.options.curated_environment: a curated environment brings its own image",
         ),
-        (
-            {"compute": {"target": "azureml", "options": {"workspace": {"subscription_id": "s"}}}},
-            "compute.options.workspace: needs resource_group",
-        ),
         ({"environment": {"builder": "conda"}}, "environment: azureml builds its environment"),
     ],
-    ids=["data", "horovod", "option", "max-nodes", "create", "curated", "workspace", "builder"],
+    ids=["data", "horovod", "max-nodes", "curated", "builder"],
 )
 def test_check_refuses_what_azure_ml_cannot_run(spec, message):
     spec = {"compute": "azureml", **spec}
@@ -400,6 +390,51 @@ def test_check_refuses_what_azure_ml_cannot_run(spec, message):
     assert str(error.value).startswith(message), str(error.value)
     assert error.value.exit_code == 2
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"clusterr": "x"},
+            "compute.options.clusterr: unknown option of compute target 'azureml' (did you "
+            "mean 'cluster'?)",
+        ),
+        ({"create": "yes"}, "compute.options.create: must be true or false, not 'yes'"),
+        (
+            {"workspace": {"subscription_id": "s"}},
+            "compute.options.workspace: needs resource_group",
+        ),
+        (
+            {"workspace": {**dict.fromkeys(WORKSPACE_KEYS, "x"), "subscription": "s"}},
+            "compute.options.workspace: unknown key 'subscription' (did you mean "
+            "'subscription_id'?)",
+        ),
+        ({"workspace": 7}, "compute.options.workspace: must be the path of a config.json or "),
+        ({"conda_packages": "mpi4py"}, "compute.options.conda_packages: must be a list"),
+        ({"min_nodes": 2}, "compute.options.min_nodes: 2 is more than max_nodes (1)"),
+    ],
+    ids=["unknown", "create", "workspace", "workspace-key", "workspace-kind", "conda", "min"],
+)
+def test_options_are_checked_before_any_run(options, message):
+    """Each option alone is checked by the core against what the target declares, then the
+    target's `check` applies the rules between them: both before any run."""
+    job = job_of(compute={"target": "azureml", "options": options})
+    with pytest.raises(UserError) as error:
+        lifecycle.choose(job, get_plugins())
+    assert str(error.value).startswith(message), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_the_defaults_that_depend_on_the_job():
+    choice = lifecycle.choose(job_of(compute="azureml", resources={"nodes": 3}), get_plugins())
+    assert choice.job.compute.options["vm_priority"] == "dedicated"  # declared defaults
+    options = AzureOptions.from_job(choice.job)
+    assert (options.cluster, options.vm_size, options.max_nodes) == (
+        "cpu-cluster",
+        "STANDARD_DS3_V2",
+        3,
+    )
 
 
 # -- the workspace and the credentials: one line each, before Azure is contacted ------------

@@ -140,7 +140,8 @@ CASES: dict[str, tuple[bytes, list[str], str]] = {
     "an option the backend none does not take": (
         _bytes(BASE + "distributed: {backend: none, options: {workers: 4}}\n"),
         [],
-        "distributed.options: unknown option 'workers' for none (it takes no options)",
+        "distributed.options.workers: unknown option of distributed backend 'none'; it takes "
+        "no options",
     ),
     "an index_url that is not a string": (
         _bytes(BASE + "environment: {builder: pip, options: {index_url: [1]}}\n"),
@@ -155,7 +156,7 @@ CASES: dict[str, tuple[bytes, list[str], str]] = {
     "a tensorboard option": (
         _bytes(BASE + "metrics: [{name: tensorboard, options: {flush: 1}}]\n"),
         [],
-        "metrics.0.options: unknown option 'flush' for tensorboard (it takes no options)",
+        "metrics.0.options.flush: unknown option of metric sink 'tensorboard'; it takes no options",
     ),
     "--set slots=abc": (
         _bytes(BASE),

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import alive
 from expkit import exportkit
+from expkit import options as declared
 from expkit.capabilities import ExportRequest
 from expkit.errors import UserError
 from expkit.plugins import get_plugins
@@ -453,23 +454,25 @@ def test_run_worker_past_its_timeout_is_stopped_with_what_it_started(worker_requ
         (
             "onnx",
             {"opst": 18},
-            "exports.0.options: unknown option 'opst' for onnx (it takes `opset`)",
+            "exports.0.options.opst: unknown option of exporter 'onnx' (did you mean 'opset'?); "
+            "it takes opset",
         ),
         ("onnx", {"opset": "18"}, "exports.0.options.opset: must be an ONNX opset number"),
         (
             "torchscript",
             {"method": "trace", "strict": False},
-            "exports.0.options: unknown option 'strict' for torchscript (it takes `method`)",
+            "exports.0.options.strict: unknown option of exporter 'torchscript'; it takes method",
         ),
         ("torchscript", {"method": "compile"}, "exports.0.options.method: must be trace or script"),
     ],
 )
-def test_check_options_rejects_what_the_exporter_does_not_take(fmt, options, error):
+def test_options_the_exporter_does_not_take_are_refused(fmt, options, error):
     exporter = get_plugins().get("exporters", fmt)
     with pytest.raises(UserError) as raised:
-        exporter.check_options(options, "exports.0.options")
+        declared.check(exporter, options, "exports.0.options")
     assert str(raised.value).startswith(error)
-    exporter.check_options({}, "exports.0.options")  # the defaults are fine
+    defaults = {"onnx": {"opset": 18}, "torchscript": {"method": "trace"}}[fmt]
+    assert declared.check(exporter, {}, "exports.0.options") == defaults
 
 
 def test_onnx_plugin_unavailable_without_onnxruntime():

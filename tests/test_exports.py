@@ -14,7 +14,7 @@ import json
 import pytest
 
 import expkit
-from expkit.capabilities import Exporter, ExportRequest, ExportResult
+from expkit.capabilities import Exporter, ExportRequest, ExportResult, Option, declare_options
 from expkit.cli import main as cli_main
 from expkit.registry import ModelStore
 
@@ -36,8 +36,10 @@ class CopyExporter(Exporter):
     def __init__(self) -> None:
         self.requests: list[ExportRequest] = []
 
-    def check_options(self, options: dict, field: str) -> None:
-        self.reject_unknown_options(options, ("corrupt", "fail_with"), field)
+    takes = declare_options(
+        corrupt=Option(bool, help="write the bytes reversed (a failing check)"),
+        fail_with=Option(str, help="raise ValueError with this message"),
+    )
 
     def export(self, request: ExportRequest) -> ExportResult:
         self.requests.append(request)
@@ -196,7 +198,7 @@ def test_unknown_formats_and_options_are_refused_before_the_run(
     path = write_job(job([{"format": "copy", "options": {"opset": 3}}]), script=SCRIPT)
     assert cli_main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "exports.0.options: unknown option 'opset' for copy" in err
+    assert "exports.0.options.opset: unknown option of exporter 'copy'; it takes corrupt" in err
     assert expkit_workspace.history.runs.recent() == []
 
 

@@ -290,7 +290,11 @@ def test_more_ranks_than_the_machine_has_slots_is_refused(expkit_cli, write_job)
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"controler": "gloo"}, "distributed.options: unknown option 'controler' for horovod"),
+        (
+            {"controler": "gloo"},
+            "distributed.options.controler: unknown option of distributed backend 'horovod' "
+            "(did you mean 'controller'?)",
+        ),
         ({"controller": "nccl"}, "distributed.options.controller: must be gloo or mpi, not 'nccl'"),
         pytest.param(
             {"controller": "mpi"},

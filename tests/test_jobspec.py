@@ -168,7 +168,7 @@ BAD_CHOICES = {
     ),
     "local target with an unknown option": (
         {"compute": {"target": "local", "options": {"queue": "fast"}}},
-        ["compute.options: unknown option 'queue'"],
+        ["compute.options.queue: unknown option of compute target 'local'", "slots, gpus"],
     ),
 }
 

@@ -14,7 +14,7 @@ import pytest
 import expkit
 from conftest import bare_env
 from expkit import metrics as metric_pipeline
-from expkit.capabilities import MetricWriter
+from expkit.capabilities import MetricWriter, Option, declare_options
 from expkit.errors import UserError
 
 NOTICE = "expkit: this script is not running under expkit; metrics are not recorded"
@@ -205,6 +205,7 @@ class Writer(MetricWriter):
 
 class Sink(expkit.MetricSink):
     description = "keeps what it receives, for the test to look at"
+    takes = declare_options(project=Option(str, help="a name the test passes through"))
 
     def __init__(self, name: str, delay: float = 0.0, fail: bool = False) -> None:
         self.name, self.delay, self.fail = name, delay, fail

@@ -119,11 +119,11 @@ GATE_PLUGIN = """
 
 
     class CheckSink(MetricSink):
-        # Its option check (before the run is recorded) holds at the gate.
+        # Its check of the job (before the run is recorded) holds at the gate.
 
         name = "gate-check"
 
-        def check_options(self, options, field):
+        def check(self, job):
             gate("check")
 
         def open(self, run, options):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import error_line
+from expkit import options as declared
 from expkit.capabilities import Allocation, RankPieces, RunContext
 from expkit.errors import UserError
 from expkit.job import JobSpec
@@ -215,7 +216,11 @@ def test_more_processes_than_the_machine_has_slots_fails_clearly(expkit_cli, wri
 @pytest.mark.parametrize(
     ("options", "field"),
     [
-        ({"rdzv_endpont": "node0:29400"}, "distributed.options: unknown option 'rdzv_endpont'"),
+        (
+            {"rdzv_endpont": "node0:29400"},
+            "distributed.options.rdzv_endpont: unknown option of distributed backend "
+            "'torchrun' (did you mean 'rdzv_endpoint'?)",
+        ),
         ({"rdzv_endpoint": "node0"}, "distributed.options.rdzv_endpoint: must be host:port"),
         ({"node_rank": 1}, "distributed.options.node_rank: must be a whole number from 0 to 0"),
     ],
@@ -231,6 +236,9 @@ def test_nonsense_options_are_refused_naming_the_field(expkit_cli, write_job, op
 def launch(plugins, spec: dict, gpus: list[int], tmp_path: Path) -> list:
     job = JobSpec.from_dict({"experiment": "x", "entry_script": "train.py", **spec}, source="t")
     backend = plugins.get("distributed_backends", "torchrun")
+    given = job.distributed.options  # as the core hands them over: checked, defaults filled
+    filled = declared.check(backend, given, "distributed.options")
+    job = job.replace(distributed=job.distributed.replace(options=filled))
     backend.check(job)
     ctx = RunContext(
         run_id="x_7",

@@ -28,13 +28,18 @@ class Option:
     before any run starts, so that a wrong value is one line naming the field, not a
     plugin's crash or a value silently rounded.
 
-    `kind` is int, float (an int is accepted), bool, str, list (of `items`) or dict (names to
-    strings, numbers or booleans). Numbers lie within `minimum`..`maximum`; a str or a list is
-    at most `max_length` long; a str is one of `choices`, or fully matches `pattern`. `text`
-    replaces the generated description in messages ("an ONNX opset number, e.g. 18").
-    `default` is the value a job that leaves the option out gets (None: the capability
-    decides, e.g. this machine's CPU count), and `help` is the one line `expkit plugins NAME`
-    shows for it.
+    `kind` is int, float (an int is accepted), bool, str, list (of `items`), dict (names to
+    strings, numbers or booleans) or object (any value: `validate` decides). Numbers lie
+    within `minimum`..`maximum`; a str or a list is at most `max_length` long; a str is one of
+    `choices`, or fully matches `pattern`. `text` replaces the generated description in
+    messages ("an ONNX opset number, e.g. 18"). `validate`, for a shape the rest cannot say
+    (a path or a mapping of three names), gets a value of the right kind and raises
+    ValueError with the reason ("needs resource_group; give ...") when it is still wrong.
+
+    `default` is the value a job that leaves the option out gets: the core hands the plugin
+    its options with the defaults filled in (see `expkit.options`). None: the option is left
+    out and the capability decides (e.g. this machine's CPU count), which `help` then says.
+    `help` is the one line `expkit plugins NAME` shows for the option.
     """
 
     kind: type
@@ -47,6 +52,7 @@ class Option:
     text: str = ""
     default: Any = None
     help: str = ""
+    validate: Callable[[Any], None] | None = None
 
     def describe(self) -> str:
         """What a value must be, as the message says it: "a whole number from 1 to 4096"."""
@@ -75,12 +81,19 @@ class Option:
             base += f" like {self.pattern}"
         return base
 
-    def check(self, value: Any, where: str) -> None:
-        """Raise UserError `where: must be <description>, not <value>` for a bad value."""
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` ("must be a whole number from 1 to 4096, not 0"), or
+        None for a good one."""
         if not self._fits(value):
-            from expkit.errors import UserError, quoted
+            from expkit.errors import quoted
 
-            raise UserError(f"{where}: must be {self.describe()}, not {quoted(value)}")
+            return f"must be {self.describe()}, not {quoted(value)}"
+        if self.validate is not None:
+            try:
+                self.validate(value)
+            except ValueError as error:
+                return str(error)
+        return None
 
     def _fits(self, value: Any) -> bool:
         if self.choices:
@@ -153,41 +166,19 @@ class Capability:
     name: str = ""
     description: str = ""
     plugin: str = ""  # set by the plugin manager: the plugin that returned this object
-    # The options this capability takes, by name, with their types and ranges: checked by
-    # `check_options` before any run (the job's `compute.options` for a compute target,
-    # `distributed.options`, `environment.options`, `metrics[i].options`,
-    # `exports[i].options`). None: the capability checks its options itself.
-    takes: ClassVar[Mapping[str, Option] | None] = None
+    # The options this capability takes, by name (see `Option`): the core checks the job's
+    # `compute.options`, `distributed.options`, `environment.options`, `metrics[i].options`,
+    # `model.registries[i].options` and `exports[i].options` against it before any run, and
+    # hands the plugin its options with the declared defaults filled in (`expkit.options`).
+    takes: ClassVar[Mapping[str, Option]] = MappingProxyType({})
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.name!r} from {self.plugin or '?'}>"
 
     def check(self, job: JobSpec) -> None:
-        """Reject a job this capability can never serve (raise UserError) before any work."""
-
-    def check_options(self, options: dict[str, Any], field: str) -> None:
-        """Reject options that `takes` does not name, or whose values are of the wrong type
-        or out of range: a UserError naming the option (`compute.options.slots: ...`)."""
-        if self.takes is None:
-            return
-        self.reject_unknown_options(options, tuple(self.takes), field)
-        for name, value in options.items():
-            self.takes[name].check(value, f"{field}.{name}")
-
-    def reject_unknown_options(
-        self, options: dict[str, Any], allowed: tuple[str, ...], field: str
-    ) -> None:
-        """For `check`: a UserError naming the first option of `field` that is not `allowed`."""
-        unknown = sorted((str(name) for name in set(options) - set(allowed)), key=str)
-        if unknown:
-            from expkit.errors import UserError, printable
-
-            takes = ", ".join(f"`{name}`" for name in allowed)
-            takes = f"it takes {takes}" if allowed else "it takes no options"
-            raise UserError(
-                f"{field}: unknown option {printable(repr(unknown[0]), 60)} for {self.name} "
-                f"({takes})"
-            )
+        """Reject a job this capability can never serve (raise UserError) before any work:
+        the rules of the whole job (local: one node), its options already checked and
+        their defaults filled in."""
 
 
 # -- what flows between the stages -------------------------------------------------------------
@@ -480,8 +471,10 @@ class MetricSink(Capability, ABC):
 
     @abstractmethod
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
-        """Start sending metrics of `run`. Called on the sink's own thread; one that raises
-        is tried again like `MetricWriter.send`, so leave nothing half-open behind."""
+        """Start sending metrics of `run`; `options`: its `metrics[i].options`, checked
+        against `takes`, with the declared defaults filled in. Called on the sink's own
+        thread; one that raises is tried again like `MetricWriter.send`, so leave nothing
+        half-open behind."""
 
 
 class ModelRegistry(Capability, ABC):
@@ -491,8 +484,9 @@ class ModelRegistry(Capability, ABC):
 
     @abstractmethod
     def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
-        """Register `model`; return a short reference shown in the summary. Raising fails
-        the register stage, and the run then keeps no model version."""
+        """Register `model`; return a short reference shown in the summary. `options`: its
+        `model.registries[i].options`, checked against `takes`, defaults filled in. Raising
+        fails the register stage, and the run then keeps no model version."""
 
 
 @dataclass
@@ -509,7 +503,7 @@ class ExportRequest:
     model_dir: Path  # the model's files: the run's outputs/<model.path> or a version's folder
     load: dict[str, Any]  # job spec `model.load`: file, factory ("module:function"), args
     input: dict[str, Any]  # job spec `model.input`: shape, dtype, dynamic_axes, examples
-    options: dict[str, Any]  # the export entry's own options (e.g. opset), checked by `check`
+    options: dict[str, Any]  # the export entry's options (e.g. opset): checked, defaults filled
     atol: float  # outputs match when |exported - eager| <= atol + rtol * |eager|, everywhere
     rtol: float
     out_dir: Path  # write the exported files here (an empty folder)
@@ -539,9 +533,9 @@ class Exporter(Capability, ABC):
     """Writes the trained model in another format and checks it against the eager model.
 
     Selected by `exports: [{format: <name>, options: {...}}]` in a job spec, and by
-    `expkit export RUN_OR_MODEL --format <name>`. Declare the options it takes in `takes` (or
-    override `check_options`); a failure during `export` is reported as a failed export, not a
-    crash (return ok=False with the reason, or raise).
+    `expkit export RUN_OR_MODEL --format <name>`. Declare the options it takes in `takes`; a
+    failure during `export` is reported as a failed export, not a crash (return ok=False with
+    the reason, or raise).
     """
 
     kind = "exporter"
@@ -562,7 +556,8 @@ class JobImporter(Capability, ABC):
 
     @abstractmethod
     def import_job(self, ref: str, options: dict[str, Any]) -> dict[str, Any]:
-        """The job spec (as the dict a job.yaml holds) for what `ref` names; UserError if none."""
+        """The job spec (as the dict a job.yaml holds) for what `ref` names; UserError if none.
+        `options` (e.g. the experiment's name) are checked against `takes`."""
 
 
 KINDS: dict[str, type[Capability]] = {

@@ -155,6 +155,16 @@ class SinkSpec(_Spec):
 
 
 @dataclass
+class RegistrySpec(_Spec):
+    """A model registry each registered version also goes to (`registries: [mlflow]`), with
+    the registry's own options (`{name: azureml, options: {workspace: config.json}}`)."""
+
+    short_form = "name"
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ModelLoad(_Spec):
     """How exporters rebuild the trained model from its files.
 
@@ -203,12 +213,13 @@ class ModelSpec(_Spec):
     name: str = field(metadata=_limits(pattern=NAME))
     path: str = "outputs/"
     tags: dict[str, str] = field(default_factory=dict)
-    registries: list[str] = field(default_factory=list)
+    registries: list[RegistrySpec] = field(default_factory=list)
     load: ModelLoad | None = None  # for exports
     input: ModelInput | None = None  # for exports
 
     def _check(self) -> None:
-        if len(set(self.registries)) < len(self.registries):
+        names = [registry.name for registry in self.registries]
+        if len(set(names)) < len(names):
             raise _Invalid("registries", "each registry may be listed once")
         parts = Path(self.path).parts
         if not parts or parts[0] != "outputs" or ".." in parts:

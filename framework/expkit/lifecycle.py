@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from expkit import data as data_inputs
-from expkit import exports, services, snapshot
+from expkit import exports, options, services, snapshot
 from expkit import outputs as run_outputs
 from expkit.blobs import BlobStore
 from expkit.capabilities import (
     Allocation,
+    Capability,
     ComputeTarget,
     DistributedBackend,
     EnvironmentBuilder,
@@ -76,50 +77,89 @@ DOING = {
 
 @dataclass
 class Choice:
-    """The capabilities a job uses, looked up before any run is created."""
+    """The capabilities a job uses, looked up before any run is created, and the job as they
+    see it: its options checked, with their defaults filled in."""
 
+    job: JobSpec
     builder: EnvironmentBuilder
     compute: ComputeTarget
     backend: DistributedBackend | None  # None: the compute target launches the ranks itself
     sinks: list[tuple[Any, Any]] = field(default_factory=list)  # (SinkSpec, MetricSink)
-    registries: list[Any] = field(default_factory=list)
+    registries: list[Any] = field(default_factory=list)  # ModelRegistry, as job.model.registries
     exporters: list[tuple[Any, Any]] = field(default_factory=list)  # (ExportSpec, Exporter)
 
 
 def choose(job: JobSpec, plugins: Plugins) -> Choice:
-    """Find every plugin the job names, or fail with a UserError naming the field."""
+    """Find every plugin the job names, check every option the job gives against what its
+    plugin declares (in one pass, see `expkit.options`), then each plugin's rules for the
+    whole job; a UserError names the field."""
     plugins.check_conflicts()
     compute = plugins.get("compute_targets", job.compute.target, "compute")
     backend = None
     if not compute.launches_ranks:
         backend = plugins.get("distributed_backends", job.distributed.backend, "distributed")
-    choice = Choice(
-        builder=plugins.get("environment_builders", job.environment.builder, "environment"),
+    builder = plugins.get("environment_builders", job.environment.builder, "environment")
+    sinks = [plugins.get("metric_sinks", s.name, f"metrics.{i}") for i, s in enumerate(job.metrics)]
+    named = job.model.registries if job.model else []
+    registries = [
+        plugins.get("model_registries", r.name, f"model.registries.{i}")
+        for i, r in enumerate(named)
+    ]
+    exporters = [
+        plugins.get("exporters", e.format, f"exports.{i}") for i, e in enumerate(job.exports)
+    ]
+    job = _with_checked_options(job, compute, backend, builder, sinks, registries, exporters)
+    for capability in (builder, compute, backend, *sinks, *registries, *exporters):
+        if capability is not None:  # the rules of the whole job, its options known good
+            call(capability, "check", job)
+    return Choice(
+        job=job,
+        builder=builder,
         compute=compute,
         backend=backend,
+        sinks=list(zip(job.metrics, sinks, strict=True)),
+        registries=registries,
+        exporters=list(zip(job.exports, exporters, strict=True)),
     )
-    for i, spec in enumerate(job.metrics):
-        sink = plugins.get("metric_sinks", spec.name, f"metrics.{i}")
-        call(sink, "check_options", spec.options, f"metrics.{i}.options")
-        choice.sinks.append((spec, sink))
-    for i, name in enumerate(job.model.registries if job.model else []):
-        path = f"model.registries.{i}"
-        choice.registries.append(plugins.get("model_registries", name, path))
-    for i, spec in enumerate(job.exports):
-        exporter = plugins.get("exporters", spec.format, f"exports.{i}")
-        options = f"exports.{i}.options"
-        call(exporter, "check_options", spec.options, options)
-        choice.exporters.append((spec, exporter))
-    checked = (
-        (choice.builder, job.environment.options, "environment.options"),
-        (choice.compute, job.compute.options, "compute.options"),
-        (choice.backend, job.distributed.options, "distributed.options"),
-    )
-    for capability, values, where in checked:  # types and ranges first, then the whole job
-        if capability is not None:
-            call(capability, "check_options", values, where)
-            call(capability, "check", job)
-    return choice
+
+
+def _with_checked_options(
+    job: JobSpec,
+    compute: ComputeTarget,
+    backend: DistributedBackend | None,
+    builder: EnvironmentBuilder,
+    sinks: list[Any],
+    registries: list[Any],
+    exporters: list[Any],
+) -> JobSpec:
+    """`job` with the options of each plugin it names checked (the first bad one raises
+    UserError naming its field) and their declared defaults filled in."""
+
+    def checked(capability: Capability, spec: Any, where: str) -> Any:
+        return spec.replace(options=options.check(capability, spec.options, f"{where}.options"))
+
+    changes: dict[str, Any] = {"compute": checked(compute, job.compute, "compute")}
+    if backend is not None:  # else the target's service starts the ranks: options not used
+        changes["distributed"] = checked(backend, job.distributed, "distributed")
+    changes["environment"] = checked(builder, job.environment, "environment")
+    changes["metrics"] = [
+        checked(sink, spec, f"metrics.{i}")
+        for i, (spec, sink) in enumerate(zip(job.metrics, sinks, strict=True))
+    ]
+    if job.model is not None:
+        changes["model"] = job.model.replace(
+            registries=[
+                checked(registry, spec, f"model.registries.{i}")
+                for i, (spec, registry) in enumerate(
+                    zip(job.model.registries, registries, strict=True)
+                )
+            ]
+        )
+    changes["exports"] = [
+        checked(exporter, spec, f"exports.{i}")
+        for i, (spec, exporter) in enumerate(zip(job.exports, exporters, strict=True))
+    ]
+    return job.replace(**changes)
 
 
 def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
@@ -180,7 +220,8 @@ def execute(
         record = workspace.history.runs.get(run_id)
         job = JobSpec.from_dict(record.job, source=f"run {run_id}")
         plugins = plugins or get_plugins()
-        lifecycle = Lifecycle(workspace, record, job, choose(job, plugins), plugins, console)
+        choice = choose(job, plugins)  # the run's plugins see choice.job: defaults filled in
+        lifecycle = Lifecycle(workspace, record, choice.job, choice, plugins, console)
     except BaseException:
         _on_signals(previous)
         raise
@@ -704,9 +745,9 @@ class Lifecycle:
             {**self.job.tags, **spec.tags},
         )
         self.stage_note = f"model {model.name} version {model.version}"
-        for registry in self.choice.registries:
+        for entry, registry in zip(spec.registries, self.choice.registries, strict=True):
             try:
-                ref = call(registry, "register", model, self.info, {})
+                ref = call(registry, "register", model, self.info, entry.options)
             except (StageFailed, UserError, PluginError) as failure:
                 # The run fails, so the version made above is not kept (see
                 # expkit.history.models.VISIBLE).

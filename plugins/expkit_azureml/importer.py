@@ -61,9 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expkit.capabilities import JobImporter
+from expkit.capabilities import JobImporter, Option, declare_options
 from expkit.errors import UserError
-from expkit.job import JobSpec
+from expkit.job import NAME, NAME_RULE, JobSpec
 
 MODULE_NAME = "__expkit_import__"
 SCRIPT_RUN_CONFIG_DEFAULT_DURATION = 2592000  # ScriptRunConfig's default: 30 days
@@ -96,9 +96,17 @@ class _Submitted(Exception):
 class AzureMLImporter(JobImporter):
     name = "azureml"
     description = f"{WHAT}, named FILE.py:NAME"
+    takes = declare_options(
+        experiment=Option(
+            str,
+            pattern=NAME.pattern,
+            text=f"an experiment name ({NAME_RULE})",
+            help="the job's experiment (default: the experiment it is submitted to, else "
+            "the file's name)",
+        )
+    )
 
     def import_job(self, ref: str, options: dict[str, Any]) -> dict[str, Any]:
-        self.reject_unknown_options(options, ("experiment",), "options")
         path, name = parse_ref(ref)
         namespace, captured = load(path)
         obj = pick(namespace, captured, name, path, ref)

@@ -5,16 +5,20 @@ ML workspace, with its lineage as tags.
 
 A run that ran on Azure ML registers from its Azure ML run, as the seed does
 (`run.register_model(model_name='pt-dnn', model_path='outputs/')`); a run that ran elsewhere
-uploads the version's files (`Model.register`) to the workspace its config.json names.
+uploads the version's files (`Model.register`) to the workspace its config.json names, or
+the registry's options:
+
+    model: {name: pt-dnn, registries: [{name: azureml, options: {workspace: config.json}}]}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
-from expkit.capabilities import ModelRegistry, ModelVersion, RunInfo
-from expkit_azureml.options import AzureOptions
+from expkit.capabilities import ModelRegistry, ModelVersion, RunInfo, declare_options
+from expkit_azureml.options import AUTH, WORKSPACE, AzureOptions
 from expkit_azureml.target import RECORD_FILE
 from expkit_azureml.workspace import WorkspaceRef, connect, credentials, workspace_ref
 
@@ -22,6 +26,11 @@ from expkit_azureml.workspace import WorkspaceRef, connect, credentials, workspa
 class AzureMLRegistry(ModelRegistry):
     name = "azureml"
     description = "each model version also registered in the Azure ML workspace"
+    # For a run that did not run on Azure ML (one that did registers in its own workspace).
+    takes = declare_options(
+        workspace=WORKSPACE,
+        auth=dataclasses.replace(AUTH, default=None, help=AUTH.help + " (default: auto)"),
+    )
 
     def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
         tags = model.lineage_tags()
@@ -41,10 +50,10 @@ class AzureMLRegistry(ModelRegistry):
             )
             origin = f"from Azure ML run {record['run_id']}"
         else:
-            job = run.job
-            if job.compute.target != "azureml":  # the workspace from config.json, as from_config
-                job = job.replace(compute=job.compute.replace(target="azureml", options={}))
-            azure = AzureOptions.from_job(job)
+            job = run.job  # the workspace its options name, else from config.json
+            given = job.compute.options if job.compute.target == "azureml" else {}
+            compute = job.compute.replace(target="azureml", options={**given, **options})
+            azure = AzureOptions.from_job(job.replace(compute=compute))
             ref = workspace_ref(azure, job.source_directory)
             workspace = self.open_workspace(ref, credentials(azure))
             registered = self.upload(workspace, model, tags, description)

@@ -30,7 +30,7 @@ from expkit.errors import Canceled, StageFailed, UserError
 from expkit.job import JobSpec
 from expkit_azureml import forward, monitor
 from expkit_azureml.cluster import get_or_create, node_counts, wait_until_ready
-from expkit_azureml.options import AzureOptions
+from expkit_azureml.options import TAKES, AzureOptions
 from expkit_azureml.submission import (
     _data_problems,
     build_environment,
@@ -82,6 +82,7 @@ class AzureMLTarget(ComputeTarget):
     name = "azureml"
     description = "Azure ML: an AmlCompute cluster, a ScriptRunConfig, Experiment.submit"
     launches_ranks = True  # MpiConfiguration / PyTorchConfiguration start the ranks there
+    takes = TAKES
     poll_seconds = monitor.POLL_SECONDS
     cluster_poll_seconds = 10.0
 
@@ -90,8 +91,10 @@ class AzureMLTarget(ComputeTarget):
 
     # -- before anything runs (offline) ---------------------------------------------------
     def check(self, job: JobSpec) -> None:
-        """Everything that can be checked without Azure: options, backend, environment, data."""
+        """Everything that can be checked without Azure: the options together, backend,
+        environment, data (each option alone was checked by the core against `takes`)."""
         options = AzureOptions.from_job(job)
+        options.check(job.resources.nodes)
         if job.data:
             raise UserError(_data_problems(job)[0])
         backend = job.distributed.backend

@@ -63,15 +63,25 @@ class HorovodBackend(DistributedBackend):
     name = "horovod"
     description = "horovodrun: Gloo (or MPI) controller, one rank per slot"
     takes = declare_options(
-        controller=Option(str, choices=CONTROLLERS),
-        args=Option(list, items=str, max_length=256, text="a list of horovodrun flags"),
+        controller=Option(
+            str,
+            choices=CONTROLLERS,
+            default="gloo",
+            help="how the ranks meet: gloo, or mpi (needs mpirun on PATH)",
+        ),
+        args=Option(
+            list,
+            items=str,
+            max_length=256,
+            text="a list of horovodrun flags",
+            default=[],
+            help="more horovodrun flags, e.g. [--timeline-filename, timeline.json]",
+        ),
     )
 
     def check(self, job: JobSpec) -> None:
         options, res = job.distributed.options, job.resources
-        self.check_options(options, "distributed.options")
-        controller = options.get("controller", "gloo")
-        if controller == "mpi" and shutil.which("mpirun") is None:
+        if options["controller"] == "mpi" and shutil.which("mpirun") is None:
             raise UserError(
                 "distributed.options.controller: mpi needs `mpirun` on PATH, and this machine "
                 "has none; leave the option out to use gloo"
@@ -94,8 +104,8 @@ class HorovodBackend(DistributedBackend):
         argv = [
             horovodrun,
             *("-np", str(res.processes), "-H", hosts),
-            f"--{options.get('controller', 'gloo')}",
-            *options.get("args", []),
+            f"--{options['controller']}",
+            *options["args"],
             *command,
         ]
         # As torchrun does: one thread per rank unless told otherwise, so that ranks sharing a

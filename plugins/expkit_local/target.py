@@ -43,17 +43,28 @@ class LocalTarget(ComputeTarget):
     name = "local"
     description = "processes on this machine"
     takes = declare_options(
-        slots=Option(int, minimum=1, maximum=MAX_SLOTS),
-        gpus=Option(int, minimum=0, maximum=MAX_GPUS),
+        slots=Option(
+            int,
+            minimum=1,
+            maximum=MAX_SLOTS,
+            help="process slots the runs on this machine share (default: its CPU count)",
+        ),
+        gpus=Option(
+            int,
+            minimum=0,
+            maximum=MAX_GPUS,
+            help="GPUs the runs on this machine share (default: those CUDA_VISIBLE_DEVICES "
+            "names, else every /dev/nvidiaN)",
+        ),
     )
 
     def capacity(self, options: dict) -> tuple[int, int]:
-        slots = int(options.get("slots", os.cpu_count() or 1))
-        gpus = int(options.get("gpus", detect_gpus()))
-        return slots, gpus
+        """The slots and GPUs runs may lease here: the options, else this machine's."""
+        slots = options.get("slots") or os.cpu_count() or 1
+        gpus = options.get("gpus")
+        return slots, detect_gpus() if gpus is None else gpus
 
     def check(self, job: JobSpec) -> None:
-        self.check_options(job.compute.options, "compute.options")
         res = job.resources
         if res.nodes != 1:
             raise UserError(

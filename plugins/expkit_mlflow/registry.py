@@ -11,11 +11,13 @@ number, tagged `expkit.version`, and the reference shown in the summary says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
-from expkit.capabilities import ModelRegistry, ModelVersion, RunInfo
+from expkit.capabilities import ModelRegistry, ModelVersion, RunInfo, declare_options
 from expkit_mlflow.tracking import (
     NAME,
+    TAKES,
     clean_tags,
     connect,
     ensure_run,
@@ -29,6 +31,18 @@ from expkit_mlflow.tracking import (
 class MlflowRegistry(ModelRegistry):
     name = NAME
     description = "each model version also registered in MLflow, with its lineage"
+    takes = declare_options(
+        tracking_uri=dataclasses.replace(
+            TAKES["tracking_uri"],
+            help="the MLflow tracking server or store (default: the job's mlflow sink's, else "
+            "as for the sink)",
+        ),
+        artifact_location=dataclasses.replace(
+            TAKES["artifact_location"],
+            help="where a new MLflow experiment keeps its artifacts (default: the job's mlflow "
+            "sink's, else as for the sink)",
+        ),
+    )
 
     def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
         from mlflow.exceptions import MlflowException

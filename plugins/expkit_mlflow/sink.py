@@ -28,19 +28,12 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from expkit.capabilities import (
-    Metric,
-    MetricSink,
-    MetricWriter,
-    Option,
-    RunInfo,
-    RunOutcome,
-    declare_options,
-)
+from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
 from expkit_mlflow.tracking import (
     METRICS_PER_CALL,
     NAME,
     RUN_TAG,
+    TAKES,
     connect,
     ensure_run,
     log_logs,
@@ -60,7 +53,7 @@ STATUS = {"completed": "FINISHED", "failed": "FAILED", "canceled": "KILLED"}
 class MlflowSink(MetricSink):
     name = NAME
     description = "each run as an MLflow run: params, tags, metrics, logs and outputs, status"
-    takes = declare_options(tracking_uri=Option(str), artifact_location=Option(str))
+    takes = TAKES
 
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
         tracking = resolve(run, options)

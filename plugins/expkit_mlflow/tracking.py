@@ -24,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from expkit.capabilities import Option, declare_options
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 
 NAME = "mlflow"
 RUN_TAG = "mlflow.run_id"
-OPTIONS = ("tracking_uri", "artifact_location")
 # MLflow's limits (mlflow.utils.validation): a log_batch call takes at most 1000 metrics and
 # 100 params or tags; longer keys and values are refused, so they are shortened here.
 METRICS_PER_CALL = 1000
@@ -49,6 +50,21 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
+
+
+# The options of the sink and the registry: both talk to the same server.
+TAKES = declare_options(
+    tracking_uri=Option(
+        str,
+        help="the MLflow tracking server or store (default: config.json's mlflow.tracking_uri, "
+        "$MLFLOW_TRACKING_URI, else SQLite in the workspace)",
+    ),
+    artifact_location=Option(
+        str,
+        help="where a new MLflow experiment keeps its artifacts (default: the server's "
+        "choice; the workspace's mlartifacts/ for the SQLite default)",
+    ),
+)
 
 
 @dataclass
@@ -72,9 +88,6 @@ def resolve(run: RunInfo, options: dict[str, Any]) -> Tracking:
 
     `artifact_location` (an option, or in config.json) is where a new experiment keeps its
     artifacts; a server decides that itself unless told."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r}; allowed: {', '.join(OPTIONS)}")
     workspace = run.workspace_dir
     root = options.get("artifact_location")
     if options.get("tracking_uri"):

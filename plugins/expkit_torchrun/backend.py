@@ -50,15 +50,26 @@ class Torchrun(DistributedBackend):
     name = "torchrun"
     description = "python -m torch.distributed.run: gloo on CPU, nccl on GPU"
     takes = declare_options(
-        rdzv_endpoint=Option(str, pattern=r"[^\s:]+:\d{1,5}", text="host:port, e.g. node0:29400"),
-        node_rank=Option(int, minimum=0, text="a whole number from 0 to resources.nodes - 1"),
+        rdzv_endpoint=Option(
+            str,
+            pattern=r"[^\s:]+:\d{1,5}",
+            text="host:port, e.g. node0:29400",
+            help="the rendezvous every node reaches, needed for more than one node "
+            "(default: a standalone one on this machine)",
+        ),
+        node_rank=Option(
+            int,
+            minimum=0,
+            text="a whole number from 0 to resources.nodes - 1",
+            default=0,
+            help="which node this one is, from 0 to resources.nodes - 1",
+        ),
     )
 
     def check(self, job: JobSpec) -> None:
         options, res = job.distributed.options, job.resources
-        self.check_options(options, "distributed.options")
-        node_rank = options.get("node_rank", 0)
-        if not isinstance(node_rank, int) or not 0 <= node_rank < res.nodes:
+        node_rank = options["node_rank"]
+        if node_rank >= res.nodes:
             raise UserError(
                 f"distributed.options.node_rank: must be a whole number from 0 to "
                 f"{res.nodes - 1} (resources.nodes is {res.nodes}), not {node_rank!r}"
@@ -68,10 +79,6 @@ class Torchrun(DistributedBackend):
             raise UserError(
                 f"distributed.options.rdzv_endpoint: {res.nodes} nodes need a rendezvous "
                 "endpoint every node can reach, e.g. `rdzv_endpoint: node0:29400`"
-            )
-        if endpoint is not None and not re.fullmatch(r"[^\s:]+:\d+", str(endpoint)):
-            raise UserError(
-                f"distributed.options.rdzv_endpoint: must be host:port, not {endpoint!r}"
             )
         if 0 < res.gpus_per_node < res.processes_per_node:
             raise UserError(
@@ -91,7 +98,7 @@ class Torchrun(DistributedBackend):
                 "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", str(options["rdzv_endpoint"]),
                 "--rdzv_id", ctx.run_id,  # the nodes of one run meet under its id
-                "--node_rank", str(options.get("node_rank", 0)),
+                "--node_rank", str(options["node_rank"]),
             ]  # fmt: skip
         argv += [
             "--nnodes", str(res.nodes),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from expkit import exportkit
 from expkit.capabilities import Exporter, ExportRequest, ExportResult, Option, declare_options
-from expkit.errors import UserError
 
 METHODS = ("trace", "script")
 
@@ -23,11 +22,14 @@ METHODS = ("trace", "script")
 class TorchScriptExporter(Exporter):
     name = "torchscript"
     description = "model.torchscript.pt via torch.jit.trace or script, checked against eager"
-    takes = declare_options(method=Option(str, choices=METHODS))
+    takes = declare_options(
+        method=Option(
+            str,
+            choices=METHODS,
+            default=METHODS[0],
+            help="trace (runs one example; any model) or script (compiles the code)",
+        )
+    )
 
     def export(self, request: ExportRequest) -> ExportResult:
-        try:
-            self.check_options(request.options, "options")
-        except UserError as error:
-            return ExportResult([], {}, False, str(error))
         return exportkit.run_worker(request, "expkit_torchscript.worker")

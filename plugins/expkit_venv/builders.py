@@ -59,7 +59,10 @@ class PipBuilder(EnvironmentBuilder):
     description = "a virtual environment over this interpreter's packages, plus pip packages"
     takes = declare_options(
         index_url=Option(
-            str, pattern=r"\S+", text="a package index URL, e.g. https://pypi.org/simple"
+            str,
+            pattern=r"\S+",
+            text="a package index URL, e.g. https://pypi.org/simple",
+            help="the package index pip installs from (default: pip's own, PyPI or pip.conf)",
         )
     )
 

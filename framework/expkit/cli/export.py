@@ -66,7 +66,8 @@ def _export(args: argparse.Namespace) -> int:
     from expkit import exports
     from expkit.blobs import BlobStore
     from expkit.errors import UserError
-    from expkit.plugins import call, get_plugins
+    from expkit.options import check as check_options
+    from expkit.plugins import get_plugins
     from expkit.registry import ModelStore, parse_model_ref
 
     workspace = open_workspace(args)
@@ -85,7 +86,7 @@ def _export(args: argparse.Namespace) -> int:
 
     job = _job(record, version, args.overrides, what)
     spec = _export_spec(job, args)
-    call(exporter, "check_options", spec.options, "--option")
+    spec = spec.replace(options=check_options(exporter, spec.options, "--option"))
     run_dir = workspace.run_dir(record.id) if record else None
     python, env = _environment(workspace, job, run_dir)
     say = _say

@@ -143,7 +143,7 @@ def dry_run(source: str, job: Any) -> int:
     print(f"dry run of {source} (nothing is started)")
     for stage, text in plan:
         print(f"  {stage:<13} {text}")
-    submission = call(choice.compute, "dry_run", job)
+    submission = call(choice.compute, "dry_run", choice.job)
     if submission:
         print(f"\n{choice.compute.kind} {choice.compute.name!r} would submit:\n{submission}")
     return 0
@@ -162,10 +162,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     import yaml
 
     from expkit.job import JobSpec, apply_override
+    from expkit.options import check as check_options
     from expkit.plugins import call, get_plugins
 
     importer = get_plugins().get("job_importers", args.source, "FROM")
-    options = {"experiment": args.experiment} if args.experiment else {}
+    given = {"experiment": args.experiment} if args.experiment else {}
+    options = check_options(importer, given, "options")
     with contextlib.redirect_stdout(sys.stderr):  # what the imported code prints, aside
         raw = call(importer, "import_job", args.ref, options)
     for item in args.overrides:
