@@ -4,13 +4,10 @@ expkit_cli) come from expkit's own pytest plugin, `expkit.testing`."""
 from __future__ import annotations
 
 import os
-import re
-import signal
 import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -18,8 +15,6 @@ import pytest
 import yaml
 
 from expkit import plugins as plugin_manager
-from expkit.procs import stop_run_processes
-from expkit.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,76 +128,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-class Live:
-    """An `expkit` command in its own session (as from a terminal), running in the background;
-    its output is read as it comes."""
-
-    def __init__(self, args: list[str], workspace: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "expkit", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "EXPKIT_WORKSPACE": str(workspace)},
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            with self._changed:
-                self.lines.append(raw.decode("utf-8", errors="replace"))
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._changed:
-            return "".join(self.lines)
-
-    @property
-    def run_id(self) -> str:
-        self.wait_for(" in workspace ")
-        return re.search(r"^run (\S+) in workspace ", self.output, re.M).group(1)
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(text in line for line in self.lines):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
-                    raise AssertionError(f"{text!r} never appeared; output:\n{''.join(self.lines)}")
-                self._changed.wait(left)
-
-    def wait(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(10)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
 @pytest.fixture
-def background(expkit_workspace: Workspace):
-    """`background(*args)`: start `expkit ARGS`; whatever is left is killed at the end."""
-    started: list[Live] = []
-
-    def start(*args: str) -> Live:
-        live = Live(list(args), expkit_workspace.path)
-        started.append(live)
-        return live
-
-    yield start
-    for live in started:
-        live.kill()
-    for record in expkit_workspace.history.runs.recent(limit=1000):
-        stop_run_processes(record.id, grace=1, workspace=expkit_workspace.path)
+def background(expkit_cli_background):
+    """`background(*args)`: start `expkit ARGS` (expkit.testing's `expkit_cli_background`)."""
+    return expkit_cli_background

@@ -627,3 +627,31 @@ def test_registering_a_local_run_in_azure_ml_needs_the_workspaces_config(
     assert result.record.error.startswith("register: no Azure ML config.json in ")
     assert result.record.error.endswith("; m:1 is not kept, as the run failed")
     assert result.workspace.history.models.find("m") is None
+
+
+# -- the compute-target contract ------------------------------------------------------------
+def test_the_azureml_target_keeps_the_contract_where_it_can_be_checked_here(replayed, log_server):
+    """What `check_compute_target` can drive without Azure: check, dry_run, prepare, acquire
+    and release (the cluster replayed), and a cancel while the Azure ML run is running (the
+    run replayed: the script's first line in its driver log, then Running until canceled),
+    leaving no process here. Not checked, as the scripts run on Azure, not here: exit codes
+    (Azure ML reports a failed run, not the script's code: StageFailed with its reason), the
+    byte-exact logs of real scripts, the job's timeout."""
+    from expkit.conformance import STARTED
+    from expkit.testing import check_compute_target
+
+    target = replayed(
+        lambda: RecordedRun(
+            log_server,
+            [("Running", {DRIVER_LOG: STARTED}), ("Running", {})],
+            after_cancel=AFTER_CANCEL,
+        )
+    )
+    job = {
+        "compute": {"target": "azureml", "options": {"cluster": "gpu-cluster"}},
+        "distributed": "none",
+        "resources": {"processes_per_node": 1},
+    }
+    checked = ("check", "dry_run", "acquire_release", "cancel", "no_leftovers")
+    assert check_compute_target(target, only=checked, job=job) == list(checked)
+    assert target.run.cancel_calls == 1

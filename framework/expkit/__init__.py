@@ -1,7 +1,9 @@
 """expkit: one job spec through one lifecycle, prepare -> scale -> run -> post-process -> register.
 
 Everything here is imported on first use, so that `from expkit import Run` inside a training
-script costs almost nothing and pulls in no third-party package.
+script costs almost nothing and pulls in no third-party package. The plugin names here
+(`hookimpl`, the capabilities) stay for plugins written against them; the plugin contract is
+`expkit.plugin`.
 """
 
 from __future__ import annotations

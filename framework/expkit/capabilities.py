@@ -1,8 +1,10 @@
 """The typed objects that plugins supply through the capability hooks.
 
 Each capability has a `name` (what a job spec writes, e.g. `compute: local`) and, once the
-plugin manager has collected it, the `plugin` that supplied it. Subclass the one you need,
-implement its methods and return an instance from the matching hook in `expkit.hookspecs`.
+plugin manager has collected it, the `plugin` that supplied it. Subclass the one you need
+(import it from `expkit.plugin`, the public contract), implement its methods and return an
+instance from the matching hook in `expkit.hookspecs`. Each method's docstring states what
+the core relies on; `expkit.testing`'s conformance checks test it.
 """
 
 from __future__ import annotations
@@ -378,6 +380,12 @@ class RunContext:
 
 
 # -- the capabilities --------------------------------------------------------------------------
+# The file an environment builder writes into its folder of `RunContext.cache_dir` last: a
+# folder without it is a build that did not finish, removed by the next command unless a build
+# holds an flock on `<folder>.lock` (see expkit.recovery).
+ENV_COMPLETE = ".expkit-complete"
+
+
 class EnvironmentBuilder(Capability, ABC):
     """Turns the job's `environment:` into an interpreter (prepare stage)."""
 
@@ -385,11 +393,28 @@ class EnvironmentBuilder(Capability, ABC):
 
     @abstractmethod
     def build(self, spec: EnvironmentSpec, ctx: RunContext) -> Environment:
-        """Build or find in the cache the environment; say why it hit or missed."""
+        """Prepare stage: build, or find in the cache, the interpreter for `spec` (the job's
+        `environment:`) and return it as an Environment whose `reason` says why the cache
+        hit or missed (shown and recorded).
+
+        Obligations: keep what is built under `ctx.cache_dir/<hash>/` (the hash of what
+        decides the result), hold an flock on `<folder>.lock` while building and write
+        ENV_COMPLETE into the folder last, so that concurrent runs share one build and a
+        build cut short is removed; start every process with `runner.run_markers(ctx)` in
+        its environment (and `die_with_parent` as preexec), so that a cancel or a dead
+        driver stops it; poll `ctx.canceled()` in long waits (raise Canceled); raise
+        UserError for a spec that cannot be built (a missing package: say which)."""
 
 
 class ComputeTarget(Capability, ABC):
-    """Where the processes run: acquires resources (scale) and runs processes (run)."""
+    """Where the processes run: acquires resources (scale) and runs processes (run).
+
+    The lifecycle calls, for one run: `prepare`, `acquire`, `execute` (if acquire returned),
+    then `release` whatever happened; `check`, `preflight` and `dry_run` before any run
+    exists. A target that runs processes on this machine keeps every obligation of
+    `execute` by calling `expkit.runner.run` (see `expkit.plugin`). Check a target with
+    `expkit.testing.check_compute_target`, which tests each obligation stated here.
+    """
 
     kind = "compute target"
     # True for a target whose service starts the ranks itself (Azure ML's MPI or PyTorch
@@ -398,29 +423,70 @@ class ComputeTarget(Capability, ABC):
 
     def preflight(self, job: JobSpec) -> None:
         """Before a run is created (not for --dry-run): check what needs contacting the
-        target (credentials, a cluster that must exist); raise UserError naming the problem."""
+        target (credentials, a cluster that must exist); raise UserError naming the problem.
+        Nothing may be left held or started: no run exists yet to clean up after."""
 
     def prepare(self, ctx: RunContext) -> Environment | None:
         """Prepare stage, for a target that builds the environment where the job runs (a
-        cluster's image): return that Environment and the local builder is not called."""
+        cluster's image): return that Environment and the environment builder is not called;
+        None (the default) lets the job's builder build it here.
+
+        Obligations: hold nothing that `release` would have to give back (release is only
+        called once `acquire` returned); keep what later stages need per run (by
+        `ctx.run_id`); raise UserError for a job this target cannot prepare, StageFailed
+        when the service fails, Canceled when `ctx.canceled()` turns true in a long wait."""
         return None
 
     @abstractmethod
     def acquire(self, ctx: RunContext) -> Allocation:
-        """Scale stage: block until the job's resources are held; poll `ctx.canceled()`."""
+        """Scale stage: block until the job's resources are held and return what was
+        acquired (hosts, slots, GPUs and a short description shown with the stage).
+
+        Obligations: take shared resources of this machine through `ctx.leases` (never more
+        than its capacity across concurrent runs); while waiting, say why with
+        `ctx.waiting(text)` (the run shows as queued) and `ctx.waiting(None)` once held;
+        poll `ctx.canceled()` at least every second or so and raise Canceled, holding
+        nothing; raise StageFailed when the resources can never come (a cluster that failed
+        to provision). Whatever is held once it returns is given back by `release`."""
 
     @abstractmethod
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
-        """Run stage: start the processes, stream their output, return the exit code."""
+        """Run stage: start `processes` on `allocation`, stream their output, wait for them
+        and return the exit code.
+
+        Obligations (each tested by `expkit.testing.check_compute_target`):
+
+        * Start each process with argv `process.argv`, in `ctx.work_dir`, with `process.env`
+          added to the environment (it carries the run's markers, which let the core find
+          the run's processes).
+        * Write each rank's output, byte for byte as written (stdout and stderr together),
+          to `ctx.log_dir/rank-N.log` (N: `process.rank`, or the rank `process.split_output`
+          gives for a launcher's line; a launcher's own lines to `launcher.log`) while it
+          runs, and show each line with `ctx.echo(rank, line)`.
+        * Return 0 when every process succeeded; else the exit code of the first process
+          that failed (then stop the others); -N for a process killed by signal N (as
+          `subprocess` reports it, never a shell's 128 + N).
+        * Enforce the job's timeout, `ctx.job.timeout` seconds (None: no limit): stop the
+          processes and raise StageFailed("timed out after Ns (the job's `timeout`)").
+        * Poll `ctx.canceled()` (at least every second or so) and, once it is true, stop the
+          processes and raise Canceled.
+        * Leave no process behind when it returns or raises: every process started, and
+          what they started in their process groups, has ended by then.
+        * Raise StageFailed with a one-line reason when the service fails (a lost contact,
+          a submission refused); keep any resources for `release`, which gives them back.
+        """
 
     def release(self, ctx: RunContext, allocation: Allocation) -> None:
-        """Give back what `acquire` took; called once whatever happened after it (not when
-        `acquire` raised), and never cut short by Ctrl-C. Raising fails the run stage
-        ("release failed: ...") when nothing else failed, else it is a warning."""
+        """Give back what `acquire` took (leases, nodes, a remote run still going): called
+        once whatever happened after `acquire` returned (not when `acquire` raised), also
+        after a cancel, and never cut short by Ctrl-C. After it, `ctx.leases` holds nothing
+        of this run. Raising fails the run stage ("release failed: ...") when nothing else
+        failed, else it is a warning."""
 
     def dry_run(self, job: JobSpec) -> str | None:
         """`expkit run JOB --dry-run`: the exact submission this target would make, as text,
-        without contacting anything. None: the lifecycle's own plan is all there is to show."""
+        without contacting anything or starting a process. None: the lifecycle's own plan is
+        all there is to show. UserError for a job this target cannot run."""
         return None
 
 
@@ -431,7 +497,12 @@ class DistributedBackend(Capability, ABC):
 
     @abstractmethod
     def launch(self, ctx: RunContext, command: list[str], allocation: Allocation) -> list[Process]:
-        """The processes that run `command` (python, script, args) on the allocation."""
+        """The processes that run `command` (python, script, args) on the allocation, without
+        starting them (the compute target does). One Process per rank, ranks 0..N-1 for the
+        job's `resources.processes`, or one launcher process whose `split_output` gives
+        each line's rank (`RankPieces`); each `env` holds the variables of its rank (the
+        run's markers are added by the lifecycle). Raise UserError for a job it cannot
+        launch (better: in `check`, before any run)."""
 
     def failed_rank(self, ctx: RunContext) -> int | None:
         """After a failed run: the rank that failed first, if the launcher's output says."""
@@ -448,7 +519,8 @@ class MetricWriter(ABC):
 
     @abstractmethod
     def send(self, metrics: list[Metric]) -> None:
-        """Deliver a batch; may be slow (it runs on a background thread) and may raise.
+        """Deliver a batch, in the order logged; may be slow (it runs on the sink's own
+        background thread, never the script's) and may raise.
 
         A send that raises is called again with the very same list (the same object) after
         each of `expkit.metrics.RETRY_DELAYS` (0.5, 1 and 2 s: four tries in all); after the
@@ -461,7 +533,8 @@ class MetricWriter(ABC):
         """The run ended (`outcome.state`, its error, exit code, stage times, tags): send what
         is left and close. Called once, after the last stage, before the run's record is
         final, and not retried: raising is a warning and a `sink-failed` event, or fails the
-        run when the sink is `required`."""
+        run when the sink is `required`. A second call does nothing; no thread of the writer
+        may be left running after it."""
 
 
 class MetricSink(Capability, ABC):
@@ -471,9 +544,10 @@ class MetricSink(Capability, ABC):
 
     @abstractmethod
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
-        """Start sending metrics of `run`; `options`: its `metrics[i].options`, checked
-        against `takes`, with the declared defaults filled in. Called on the sink's own
-        thread; one that raises is tried again like `MetricWriter.send`, so leave nothing
+        """Start sending metrics of `run` (`options`: the job's `metrics[i].options`, checked
+        against `takes`, with the declared defaults filled in): connect, create the
+        service's run, return its writer. Called on the sink's own thread when the run stage
+        starts; one that raises is tried again like `MetricWriter.send`, so leave nothing
         half-open behind."""
 
 
@@ -484,9 +558,11 @@ class ModelRegistry(Capability, ABC):
 
     @abstractmethod
     def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
-        """Register `model`; return a short reference shown in the summary. `options`: its
-        `model.registries[i].options`, checked against `takes`, defaults filled in. Raising
-        fails the register stage, and the run then keeps no model version."""
+        """Register `model` (its files under `model.path`, lineage and tags) as made by `run`;
+        return a short reference shown in the summary ("pt-dnn version 3 in ..."). `options`:
+        its `model.registries[i].options`, checked against `takes`, defaults filled in.
+        Raising (StageFailed or UserError with a one-line reason) fails the register stage,
+        and the run then keeps no model version."""
 
 
 @dataclass
@@ -542,7 +618,10 @@ class Exporter(Capability, ABC):
 
     @abstractmethod
     def export(self, request: ExportRequest) -> ExportResult:
-        """Export the model of `request` into `request.out_dir` and check it."""
+        """Export the model of `request` into `request.out_dir` and check it against the
+        eager model within `request.atol`/`rtol`; return what was written and the checks.
+        Run torch in `request.python`, not here (`exportkit.run_worker`), within
+        `request.timeout` seconds, leaving no process behind."""
 
 
 class JobImporter(Capability, ABC):
@@ -556,8 +635,10 @@ class JobImporter(Capability, ABC):
 
     @abstractmethod
     def import_job(self, ref: str, options: dict[str, Any]) -> dict[str, Any]:
-        """The job spec (as the dict a job.yaml holds) for what `ref` names; UserError if none.
-        `options` (e.g. the experiment's name) are checked against `takes`."""
+        """The job spec (as the dict a job.yaml holds) for what `ref` names, valid for
+        `JobSpec.from_dict`; UserError naming `ref` if there is none. `options` (e.g. the
+        experiment's name) are checked against `takes`. Must not contact a service or run
+        the user's code beyond what naming `ref` requires."""
 
 
 KINDS: dict[str, type[Capability]] = {

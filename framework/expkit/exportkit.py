@@ -1,6 +1,8 @@
 """Tools for exporter plugins: run the export in the run's interpreter, load the model, make
 check inputs and compare the exported model with the eager one.
 
+Part of the plugin contract: import it as `from expkit.plugin import exportkit`.
+
 expkit's driver never imports torch, and the model's code lives in the run's environment, so
 an exporter runs a worker module there. The exporter's side is one line:
 

@@ -2,8 +2,9 @@
 # (a hook spec has only a docstring for a body: pluggy calls the plugins' implementations)
 """The plugin API of expkit: every hook a plugin can implement, in the order they fire.
 
-A plugin is a module (or object) with functions marked `@expkit.hookimpl`, registered under
-the entry-point group `expkit` in its distribution's metadata::
+A plugin is a module (or object) with functions marked `@hookimpl` (imported, like everything
+a plugin uses, from `expkit.plugin`), registered under the entry-point group `expkit` in its
+distribution's metadata::
 
     [project.entry-points.expkit]
     slurm = "expkit_slurm"
@@ -79,7 +80,7 @@ def expkit_compute_targets() -> list[ComputeTarget]:
 
     Example::
 
-        @expkit.hookimpl
+        @hookimpl
         def expkit_compute_targets():
             return [LocalTarget()]   # name = "local"; a job spec selects it with `compute: local`
     """
@@ -143,7 +144,7 @@ def expkit_stage_started(run: RunInfo, stage: str) -> None:
 
     Example::
 
-        @expkit.hookimpl
+        @hookimpl
         def expkit_stage_started(run, stage):
             print(f"{run.run_id}: {stage}")
     """

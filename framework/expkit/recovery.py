@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from expkit import data
+from expkit.capabilities import ENV_COMPLETE
 from expkit.console import human_size
 from expkit.history import History, no_room
 from expkit.outputs import own_folders
@@ -25,9 +26,6 @@ from expkit.procs import stop_run_processes
 if TYPE_CHECKING:
     from expkit.workspace import Workspace
 
-# The file an environment builder writes into its folder last: a folder without it is a build
-# that did not finish. The build holds an flock on `<folder>.lock` while it works.
-ENV_COMPLETE = ".expkit-complete"
 SQLITE_READONLY = 8
 # The room a driver sets aside in its run's folder for the run's record (expkit.lifecycle).
 RESERVE_NAME = ".room-for-the-record"  # a history opened read-only because the disk is full

@@ -8,15 +8,24 @@ Installed with expkit (entry point `pytest11`), so its fixtures are available in
                          script="from expkit import Run\\nRun.get_context().log('acc', 0.9)\\n")
         assert result.state == "completed"
         assert result.run.get_metrics() == {"acc": 0.9}
+
+Fixtures: `expkit_workspace`, `expkit_plugins`, `register_plugin`, `run_job`, `expkit_cli`,
+`expkit_cli_background`. Conformance checks (from `expkit.conformance`, also exported by
+`expkit.plugin`): `check_compute_target`, `check_distributed_backend`, `check_metric_sink`,
+and `assert_no_processes_left(run_id, workspace)`.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +34,25 @@ import pytest
 
 from expkit import plugins as plugin_manager
 from expkit.api import Run
+from expkit.conformance import (
+    assert_no_processes_left,
+    check_compute_target,
+    check_distributed_backend,
+    check_metric_sink,
+)
 from expkit.console import Console
 from expkit.history import RunRecord
+from expkit.procs import stop_run_processes
 from expkit.workspace import Workspace
+
+__all__ = [
+    "BackgroundCLI",
+    "JobResult",
+    "assert_no_processes_left",
+    "check_compute_target",
+    "check_distributed_backend",
+    "check_metric_sink",
+]
 
 
 @dataclass
@@ -137,3 +162,109 @@ def expkit_cli(expkit_workspace: Workspace) -> Any:
         )
 
     return call
+
+
+class BackgroundCLI:
+    """An `expkit` command running in the background in its own session (as from a
+    terminal: Ctrl-C reaches it alone), its output (stdout and stderr) read as it comes."""
+
+    def __init__(self, args: list[str], workspace: Path, env: dict[str, str] | None = None):
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "expkit", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "EXPKIT_WORKSPACE": str(workspace), **(env or {})},
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._eof = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._changed:
+                self.lines.append(raw.decode("utf-8", errors="replace"))
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        """Everything the command printed so far."""
+        with self._changed:
+            return "".join(self.lines)
+
+    @property
+    def run_id(self) -> str:
+        """The id of the run the command started (waits for its first line)."""
+        match = self.wait_for(re.compile(r"^run (\S+) in workspace "))
+        assert isinstance(match, re.Match)
+        return match.group(1)
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 30) -> str | re.Match[str]:
+        """Wait until a line holds `pattern` (a string, or a compiled regex searched in each
+        line) and return that line (the match, for a regex); AssertionError with the output
+        so far when it does not come within `timeout` seconds or the command ends first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if isinstance(pattern, re.Pattern):
+                        found = pattern.search(line)
+                        if found:
+                            return found
+                    elif pattern in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    shown = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+                    raise AssertionError(
+                        f"{shown!r} never appeared; output:\n{''.join(self.lines)}"
+                    )
+                self._changed.wait(left)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGINT to the command (not to the processes of its run)."""
+        self.proc.send_signal(signal.SIGINT)
+
+    def terminate(self) -> None:
+        """SIGTERM to the command, as `kill` or a service manager sends it."""
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 30) -> int:
+        """Wait for the command to end; returns its exit code (`output` then holds all it
+        printed)."""
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the command's whole process group, if it still runs."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def expkit_cli_background(expkit_workspace: Workspace) -> Any:
+    """`expkit_cli_background(*args, env=None) -> BackgroundCLI`: start `python -m expkit
+    ARGS` in the background, in its own process group. At the end of the test whatever is
+    left is killed, the command and every process of the workspace's runs."""
+    started: list[BackgroundCLI] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> BackgroundCLI:
+        live = BackgroundCLI(list(args), expkit_workspace.path, env)
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        live.kill()
+    for record in expkit_workspace.history.runs.recent(limit=1000):
+        stop_run_processes(record.id, grace=1, workspace=expkit_workspace.path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-import expkit
+from expkit.plugin import ComputeTarget, JobImporter, ModelRegistry, PluginUnavailable, hookimpl
 
 INSTALL_HINT = (
     "azureml-core and azureml-train-core are not installed; pip install 'expkit[azureml]'"
@@ -31,28 +31,28 @@ def _installed(module: str) -> bool:
 
 
 if not all(_installed(m) for m in REQUIRED):
-    raise expkit.PluginUnavailable(INSTALL_HINT)
+    raise PluginUnavailable(INSTALL_HINT)
 
 from expkit_azureml.importer import AzureMLImporter  # noqa: E402  (only once azureml is there)
 from expkit_azureml.registry import AzureMLRegistry  # noqa: E402
 from expkit_azureml.target import AzureMLTarget  # noqa: E402
 
 if TYPE_CHECKING:
-    from expkit.job import JobSpec
+    from expkit.plugin import JobSpec
 
 
-@expkit.hookimpl
-def expkit_compute_targets() -> list[expkit.ComputeTarget]:
+@hookimpl
+def expkit_compute_targets() -> list[ComputeTarget]:
     return [AzureMLTarget()]
 
 
-@expkit.hookimpl
-def expkit_model_registries() -> list[expkit.ModelRegistry]:
+@hookimpl
+def expkit_model_registries() -> list[ModelRegistry]:
     return [AzureMLRegistry()]
 
 
-@expkit.hookimpl
-def expkit_job_importers() -> list[expkit.JobImporter]:
+@hookimpl
+def expkit_job_importers() -> list[JobImporter]:
     return [AzureMLImporter()]
 
 

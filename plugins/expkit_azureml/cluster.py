@@ -12,8 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from expkit.capabilities import RunContext
-from expkit.errors import Canceled, StageFailed, UserError
+from expkit.plugin import Canceled, RunContext, StageFailed, UserError
 from expkit_azureml.options import AzureOptions
 from expkit_azureml.submission import provisioning_configuration, provisioning_settings
 

@@ -61,9 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expkit.capabilities import JobImporter, Option, declare_options
-from expkit.errors import UserError
-from expkit.job import NAME, NAME_RULE, JobSpec
+from expkit.plugin import NAME, NAME_RULE, JobImporter, JobSpec, Option, UserError, declare_options
 
 MODULE_NAME = "__expkit_import__"
 SCRIPT_RUN_CONFIG_DEFAULT_DURATION = 2592000  # ScriptRunConfig's default: 30 days

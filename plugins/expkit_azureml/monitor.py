@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from expkit.capabilities import RunContext
-from expkit.errors import Canceled, StageFailed
+from expkit.plugin import Canceled, RunContext, StageFailed
 
 STATES: dict[str, tuple[str, str]] = {
     "NotStarted": ("queued", "submitted; the service has not picked the run up yet"),

@@ -29,10 +29,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from expkit.capabilities import Option, declare_options
-from expkit.errors import UserError, quoted
-from expkit.job import JobSpec
-from expkit.options import with_defaults
+from expkit.plugin import JobSpec, Option, UserError, declare_options, quoted, with_defaults
 
 FIELD = "compute.options"
 AUTH_KINDS = ("auto", "interactive", "service_principal", "msi")

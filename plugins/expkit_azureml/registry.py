@@ -17,7 +17,7 @@ import dataclasses
 import json
 from typing import Any
 
-from expkit.capabilities import ModelRegistry, ModelVersion, RunInfo, declare_options
+from expkit.plugin import ModelRegistry, ModelVersion, RunInfo, declare_options
 from expkit_azureml.options import AUTH, WORKSPACE, AzureOptions
 from expkit_azureml.target import RECORD_FILE
 from expkit_azureml.workspace import WorkspaceRef, connect, credentials, workspace_ref

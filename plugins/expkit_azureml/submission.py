@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from expkit.context import FORWARDER_ENV
-from expkit.errors import UserError
-from expkit.job import JobSpec
+from expkit.plugin import JobSpec, UserError
 from expkit_azureml.forward import FORWARDER
 from expkit_azureml.options import AzureOptions
 

@@ -24,10 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import expkit
-from expkit.capabilities import Allocation, ComputeTarget, Environment, Process, RunContext
-from expkit.errors import Canceled, StageFailed, UserError
-from expkit.job import JobSpec
+import expkit.context
+from expkit.plugin import (
+    Allocation,
+    Canceled,
+    ComputeTarget,
+    Environment,
+    JobSpec,
+    Process,
+    RunContext,
+    StageFailed,
+    UserError,
+)
 from expkit_azureml import forward, monitor
 from expkit_azureml.cluster import get_or_create, node_counts, wait_until_ready
 from expkit_azureml.options import TAKES, AzureOptions
@@ -53,7 +61,7 @@ from expkit_azureml.workspace import (
 RECORD_FILE = "azureml.json"  # in the run's folder: the Azure ML run it became
 # Uploaded with the snapshot: expkit's package (its in-script API), and of this plugin only
 # forward.py, the forwarder that the run's EXPKIT_FORWARDER names (see add_in_script_api).
-EXPKIT_PACKAGE = Path(expkit.__file__).parent
+EXPKIT_PACKAGE = Path(expkit.context.__file__).parent  # the in-script API's package
 FORWARDER_PACKAGE = "expkit_azureml"
 BACKENDS = ("none", "horovod", "torchrun")
 # An .amlignore that ignores nothing: the upload is the expkit snapshot, which already honoured

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from expkit.errors import UserError
+from expkit.plugin import UserError
 from expkit_azureml.options import WORKSPACE_KEYS, AzureOptions
 
 # Where Workspace.from_config() looks, in each folder from the start up to the root.

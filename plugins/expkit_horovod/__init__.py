@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-import expkit
+from expkit.plugin import DistributedBackend, PluginUnavailable, hookimpl
 
 INSTALL_HINT = (
     "horovod is not installed; run `bash .ci/install` "
@@ -18,11 +18,11 @@ INSTALL_HINT = (
 )
 
 if importlib.util.find_spec("horovod") is None:
-    raise expkit.PluginUnavailable(INSTALL_HINT)
+    raise PluginUnavailable(INSTALL_HINT)
 
 from expkit_horovod.backend import HorovodBackend  # noqa: E402  (only once horovod is there)
 
 
-@expkit.hookimpl
-def expkit_distributed_backends() -> list[expkit.DistributedBackend]:
+@hookimpl
+def expkit_distributed_backends() -> list[DistributedBackend]:
     return [HorovodBackend()]

@@ -28,17 +28,17 @@ import signal
 import sys
 from pathlib import Path
 
-from expkit.capabilities import (
+from expkit.plugin import (
     Allocation,
     DistributedBackend,
+    JobSpec,
     Option,
     Process,
     RankPieces,
     RunContext,
+    UserError,
     declare_options,
 )
-from expkit.errors import UserError
-from expkit.job import JobSpec
 
 CONTROLLERS = ("gloo", "mpi")
 # horovodrun prefixes each piece of a rank's output that ends in a newline or in "\r" (progress

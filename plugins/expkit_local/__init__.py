@@ -6,16 +6,16 @@ the template to copy for a new compute target.
 
 from __future__ import annotations
 
-import expkit
+from expkit.plugin import ComputeTarget, DistributedBackend, hookimpl
 from expkit_local.backend import SingleProcess
 from expkit_local.target import LocalTarget
 
 
-@expkit.hookimpl
-def expkit_compute_targets() -> list[expkit.ComputeTarget]:
+@hookimpl
+def expkit_compute_targets() -> list[ComputeTarget]:
     return [LocalTarget()]
 
 
-@expkit.hookimpl
-def expkit_distributed_backends() -> list[expkit.DistributedBackend]:
+@hookimpl
+def expkit_distributed_backends() -> list[DistributedBackend]:
     return [SingleProcess()]

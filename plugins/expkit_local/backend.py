@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from expkit.capabilities import (
+from expkit.plugin import (
     Allocation,
     DistributedBackend,
+    JobSpec,
     Process,
     RunContext,
+    UserError,
     declare_options,
 )
-from expkit.errors import UserError
-from expkit.job import JobSpec
 
 
 class SingleProcess(DistributedBackend):

@@ -11,17 +11,18 @@ import glob
 import os
 import time
 
-from expkit.capabilities import (
+from expkit.plugin import (
     Allocation,
+    Canceled,
     ComputeTarget,
+    JobSpec,
     Option,
     Process,
     RunContext,
+    UserError,
     declare_options,
+    runner,
 )
-from expkit.errors import Canceled, UserError
-from expkit.job import JobSpec
-from expkit_local.processes import ProcessGroup
 
 POLL_SECONDS = 0.5
 RECOVER_SECONDS = 2.0  # how often a waiting run checks that the holders' drivers are alive
@@ -121,13 +122,8 @@ class LocalTarget(ComputeTarget):
         )
 
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
-        base = dict(os.environ)
-        base["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, allocation.gpus))
-        group = ProcessGroup(ctx, base)
-        with group:
-            for process in processes:
-                group.start(process)
-            return group.wait(ctx.job.timeout)
+        gpus = ",".join(map(str, allocation.gpus))
+        return runner.run(ctx, processes, {**os.environ, "CUDA_VISIBLE_DEVICES": gpus})
 
     def release(self, ctx: RunContext, allocation: Allocation) -> None:
         if ctx.leases is not None:

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import importlib.util
 
-import expkit
+from expkit.plugin import MetricSink, ModelRegistry, PluginUnavailable, hookimpl
 
 if importlib.util.find_spec("mlflow") is None:
-    raise expkit.PluginUnavailable("mlflow is not installed; pip install 'expkit[mlflow]'")
+    raise PluginUnavailable("mlflow is not installed; pip install 'expkit[mlflow]'")
 
 from expkit_mlflow.registry import MlflowRegistry
 from expkit_mlflow.sink import MlflowSink
 
 
-@expkit.hookimpl
-def expkit_metric_sinks() -> list[expkit.MetricSink]:
+@hookimpl
+def expkit_metric_sinks() -> list[MetricSink]:
     return [MlflowSink()]
 
 
-@expkit.hookimpl
-def expkit_model_registries() -> list[expkit.ModelRegistry]:
+@hookimpl
+def expkit_model_registries() -> list[ModelRegistry]:
     return [MlflowRegistry()]

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from expkit.capabilities import ModelRegistry, ModelVersion, RunInfo, declare_options
+from expkit.plugin import ModelRegistry, ModelVersion, RunInfo, declare_options
 from expkit_mlflow.tracking import (
     NAME,
     TAKES,

@@ -28,7 +28,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
+from expkit.plugin import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
 from expkit_mlflow.tracking import (
     METRICS_PER_CALL,
     NAME,
@@ -71,6 +71,7 @@ class MlflowWriter(MetricWriter):
         self._numbers: list[Any] = []  # a retried send resumes after the last call that
         self._texts: dict[str, str] = {}  # succeeded instead of sending it all again
         self._sent = 0
+        self.closed = False
 
     def send(self, metrics: list[Metric]) -> None:
         if metrics is not self._batch:
@@ -107,7 +108,9 @@ class MlflowWriter(MetricWriter):
 
     def close(self, outcome: RunOutcome) -> None:
         """Final tags, the tables, logs/ and outputs/, then the status: a reader that sees
-        the run finished finds everything in it."""
+        the run finished finds everything in it. A second close does nothing."""
+        if self.closed:
+            return
         tags: dict[str, Any] = {k: v for k, v in outcome.tags.items() if k != RUN_TAG}
         tags.update({"expkit.state": outcome.state, "expkit.exit_code": outcome.exit_code})
         for stage, seconds in outcome.stage_seconds.items():
@@ -124,3 +127,4 @@ class MlflowWriter(MetricWriter):
             log_outputs(self.client, self.mlflow_run_id, self.run)
         end = int(time.time() * 1000)
         self.client.set_terminated(self.mlflow_run_id, STATUS.get(outcome.state, "FAILED"), end)
+        self.closed = True

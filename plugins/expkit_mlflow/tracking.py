@@ -29,8 +29,7 @@ from expkit.capabilities import Option, declare_options
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from expkit.capabilities import RunInfo
-    from expkit.job import JobSpec
+    from expkit.plugin import JobSpec, RunInfo
 
 NAME = "mlflow"
 RUN_TAG = "mlflow.run_id"

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 
-import expkit
+from expkit.plugin import Exporter, PluginUnavailable, hookimpl
 
 NEEDS = ("onnx", "onnxruntime", "onnxscript")
 
 missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
 if missing:
-    raise expkit.PluginUnavailable(
+    raise PluginUnavailable(
         f"onnx export needs onnx, onnxruntime and onnxscript ({', '.join(missing)} missing): "
         "pip install 'expkit[onnx]'"
     )
@@ -24,6 +24,6 @@ if missing:
 from expkit_onnx.exporter import OnnxExporter  # noqa: E402  (only once they are there)
 
 
-@expkit.hookimpl
-def expkit_exporters() -> list[expkit.Exporter]:
+@hookimpl
+def expkit_exporters() -> list[Exporter]:
     return [OnnxExporter()]

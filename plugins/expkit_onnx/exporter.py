@@ -12,8 +12,14 @@ of `expkit.exportkit.check_inputs`, compared with the eager model.
 
 from __future__ import annotations
 
-from expkit import exportkit
-from expkit.capabilities import Exporter, ExportRequest, ExportResult, Option, declare_options
+from expkit.plugin import (
+    Exporter,
+    ExportRequest,
+    ExportResult,
+    Option,
+    declare_options,
+    exportkit,
+)
 
 # torch's ONNX functions (torchlib) are written for opset 18, so 18 needs no version
 # conversion (a lower one may silently stay 18: the worker checks), and every ONNX Runtime

@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from expkit import exportkit
-from expkit.capabilities import ExportRequest, ExportResult
+from expkit.plugin import ExportRequest, ExportResult, exportkit
 from expkit_onnx.exporter import DEFAULT_OPSET
 
 FILE = "model.onnx"

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 
-import expkit
+from expkit.plugin import MetricSink, PluginUnavailable, hookimpl
 
 if importlib.util.find_spec("tensorboard") is None:  # cheap: finds it, does not import it
-    raise expkit.PluginUnavailable(
-        "tensorboard is not installed; pip install 'expkit[tensorboard]'"
-    )
+    raise PluginUnavailable("tensorboard is not installed; pip install 'expkit[tensorboard]'")
 
 from expkit_tensorboard.sink import TensorBoardSink
 
 
-@expkit.hookimpl
-def expkit_metric_sinks() -> list[expkit.MetricSink]:
+@hookimpl
+def expkit_metric_sinks() -> list[MetricSink]:
     return [TensorBoardSink()]

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from expkit.capabilities import (
-    Metric,
-    MetricSink,
-    MetricWriter,
-    RunInfo,
-    RunOutcome,
-    declare_options,
-)
+from expkit.plugin import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome, declare_options
 
 FOLDER = "tensorboard"  # inside the run folder
 
@@ -45,6 +38,7 @@ class TensorBoardWriter(MetricWriter):
         self.logdir = run.run_dir / FOLDER
         self.writer = Writer(str(self.logdir))
         self.counters: dict[str, int] = {}  # the next running step of each tag logged stepless
+        self.closed = False
 
     def send(self, metrics: list[Metric]) -> None:
         for metric in metrics:
@@ -60,4 +54,6 @@ class TensorBoardWriter(MetricWriter):
         self.writer.flush()  # so that a running `tensorboard` shows the curves as they come
 
     def close(self, outcome: RunOutcome) -> None:
-        self.writer.close()
+        if not self.closed:  # once: a second close does nothing
+            self.closed = True
+            self.writer.close()

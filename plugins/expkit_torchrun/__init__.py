@@ -6,10 +6,10 @@ the plugin loads (and `expkit plugins` lists it) wherever expkit does.
 
 from __future__ import annotations
 
-import expkit
+from expkit.plugin import DistributedBackend, hookimpl
 from expkit_torchrun.backend import Torchrun
 
 
-@expkit.hookimpl
-def expkit_distributed_backends() -> list[expkit.DistributedBackend]:
+@hookimpl
+def expkit_distributed_backends() -> list[DistributedBackend]:
     return [Torchrun()]

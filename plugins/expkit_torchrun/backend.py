@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import re
 
-from expkit.capabilities import (
+from expkit.plugin import (
     Allocation,
     DistributedBackend,
+    JobSpec,
     Option,
     Process,
     RankPieces,
     RunContext,
+    UserError,
     declare_options,
 )
-from expkit.errors import UserError
-from expkit.job import JobSpec
 
 # torchrun prefixes each tee'd chunk with this (`${rank}` is the global rank). It must be
 # something no script prints: torch's own C++ warnings already start with "[rank0]:".

@@ -6,10 +6,10 @@ worker`), where torch is, so the plugin loads wherever expkit does, like expkit_
 
 from __future__ import annotations
 
-import expkit
+from expkit.plugin import Exporter, hookimpl
 from expkit_torchscript.exporter import TorchScriptExporter
 
 
-@expkit.hookimpl
-def expkit_exporters() -> list[expkit.Exporter]:
+@hookimpl
+def expkit_exporters() -> list[Exporter]:
     return [TorchScriptExporter()]

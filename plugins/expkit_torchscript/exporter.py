@@ -13,8 +13,14 @@ the format stays useful for C++ (libtorch) deployment.
 
 from __future__ import annotations
 
-from expkit import exportkit
-from expkit.capabilities import Exporter, ExportRequest, ExportResult, Option, declare_options
+from expkit.plugin import (
+    Exporter,
+    ExportRequest,
+    ExportResult,
+    Option,
+    declare_options,
+    exportkit,
+)
 
 METHODS = ("trace", "script")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from expkit import exportkit
-from expkit.capabilities import ExportRequest, ExportResult
+from expkit.plugin import ExportRequest, ExportResult, exportkit
 from expkit_torchscript.exporter import METHODS
 
 FILE = "model.torchscript.pt"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import expkit
+from expkit.plugin import EnvironmentBuilder, hookimpl
 from expkit_venv.builders import InheritBuilder, PipBuilder
 
 
-@expkit.hookimpl
-def expkit_environment_builders() -> list[expkit.EnvironmentBuilder]:
+@hookimpl
+def expkit_environment_builders() -> list[EnvironmentBuilder]:
     return [InheritBuilder(), PipBuilder()]

@@ -18,19 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-from expkit.capabilities import (
+from expkit.plugin import (
+    ENV_COMPLETE,
     Environment,
     EnvironmentBuilder,
+    EnvironmentSpec,
     Option,
     RunContext,
+    UserError,
     declare_options,
+    die_with_parent,
+    runner,
 )
-from expkit.errors import UserError
-from expkit.job import EnvironmentSpec
-from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, die_with_parent
-from expkit.recovery import ENV_COMPLETE
 
-COMPLETE = ENV_COMPLETE  # the next open removes a folder without it (expkit.recovery)
+COMPLETE = ENV_COMPLETE  # the next open removes a folder without it (see ENV_COMPLETE)
 
 
 def _key(payload: dict) -> str:
@@ -145,15 +146,14 @@ class PipBuilder(EnvironmentBuilder):
 def _marked(ctx: RunContext) -> dict[str, str]:
     """This environment plus the run's marker, so that the run's clean-up finds the process
     (and what it starts) wherever it went."""
-    markers = {k: v for k, v in ctx.script_env.items() if k in (RUN_ID_ENV, WORKSPACE_ENV)}
-    return {**os.environ, **markers}
+    return {**os.environ, **runner.run_markers(ctx)}
 
 
 def _run(argv: list[str], ctx: RunContext, what: str) -> None:
-    # Under expkit.guard: pip's own children (`pip --python` runs pip again in the new
+    # Under the guard: pip's own children (`pip --python` runs pip again in the new
     # environment) die with the driver too, not only pip.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "expkit.guard", *argv],
+        runner.guarded(argv),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

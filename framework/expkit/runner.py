@@ -1,0 +1,241 @@
+"""The process runner: start a run's processes on this machine, stream their output into the
+run's logs, wait for them within the job's timeout and cancel, and stop every one of them.
+
+It keeps every obligation of `ComputeTarget.execute` for processes started here, so that a
+compute target that runs processes on this machine is only what differs from `local`:
+
+    def execute(self, ctx, processes, allocation):
+        return runner.run(ctx, processes, {**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+
+How each child starts is customised with `wrap(process) -> argv` (a prefix such as `["nice",
+"-n", "10", *process.argv]`) and `preexec()`, a function run in the child between fork and
+exec (e.g. `os.sched_setaffinity(0, {0})`); the child always also gets `die_with_parent`, so
+that a kill -9 of the driver stops it. Each process runs in its own session, and stopping one
+signals its whole process group, so what a script starts in its group goes with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from expkit.capabilities import Process, RunContext
+from expkit.errors import Canceled, StageFailed
+from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, die_with_parent
+
+STOP_GRACE_SECONDS = 10  # between SIGTERM and SIGKILL when the processes are stopped
+LAUNCHER = -1  # the rank number the console shows a launcher's own lines under
+
+Wrap = Callable[[Process], list[str]]
+
+
+def run_markers(ctx: RunContext) -> dict[str, str]:
+    """The environment variables that mark a process as this run's: a process started with
+    them (and whatever it starts) is found and stopped by the core's clean-up, wherever it
+    went (see `expkit.procs`). The lifecycle puts them in every `Process.env`; add them to
+    the environment of anything else a plugin starts for the run (pip, a helper)."""
+    return {k: v for k, v in ctx.script_env.items() if k in (RUN_ID_ENV, WORKSPACE_ENV)}
+
+
+def guarded(argv: list[str]) -> list[str]:
+    """`argv` run under expkit's guard (`python -m expkit.guard`): everything the command
+    starts, not only the command, dies with the process that started it, and is stopped
+    when the command ends. For a helper a plugin starts that starts processes of its own
+    (pip, a data-prepare command); a run's ranks need no guard (their process group is
+    stopped). The exit code is the command's (128 + N for a signal N)."""
+    return [sys.executable, "-m", "expkit.guard", *argv]
+
+
+class ProcessGroup:
+    """The run's processes, each in its own session, their output streamed line by line into
+    `ctx.log_dir/rank-N.log` (bytes as written) and echoed with `ctx.echo`.
+
+    Use it as a context manager: leaving the block stops every process still there (and what
+    each left in its process group) and closes the logs, whatever happened.
+
+    `base_env`: the environment of every process (each `Process.env` is added to it).
+    `wrap(process)`: the argv to start instead of `process.argv` (a prefix such as `nice`).
+    `preexec()`: run in each child before exec, after `die_with_parent` (keep it to system
+    calls: no locks, no threads, no imports). `stop_grace`: seconds between SIGTERM and
+    SIGKILL when stopping.
+    """
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        base_env: dict[str, str],
+        *,
+        wrap: Wrap | None = None,
+        preexec: Callable[[], object] | None = None,
+        stop_grace: float = STOP_GRACE_SECONDS,
+    ) -> None:
+        self.ctx, self.base_env = ctx, base_env
+        self.wrap, self.preexec, self.stop_grace = wrap, preexec, stop_grace
+        self.children: list[tuple[Process, subprocess.Popen[bytes]]] = []
+        self.readers: list[threading.Thread] = []
+        self._log_dir: int | None = None  # the run's logs folder, opened once (see _open_log)
+
+    def start(self, process: Process) -> subprocess.Popen[bytes]:
+        """Start `process` in the run's working folder; its output goes to its rank's log."""
+        if self._log_dir is None:
+            self._log_dir = _open_folder(self.ctx.log_dir)
+        argv = self.wrap(process) if self.wrap else process.argv
+        popen = subprocess.Popen(
+            argv,
+            cwd=self.ctx.work_dir,
+            env={**self.base_env, **process.env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=self._child_setup,  # a kill -9 of the driver leaves nothing
+        )
+        self.children.append((process, popen))
+        reader = threading.Thread(target=self._stream, args=(popen, process), daemon=True)
+        reader.start()
+        self.readers.append(reader)
+        return popen
+
+    def _child_setup(self) -> None:
+        die_with_parent()
+        if self.preexec is not None:
+            self.preexec()
+
+    def _stream(self, popen: subprocess.Popen[bytes], process: Process) -> None:
+        """Copy every line to its rank's log as bytes (kept even if not UTF-8) and echo it.
+
+        A launcher's lines are split by rank; its own lines go to `launcher.log`.
+        """
+        assert popen.stdout is not None
+        logs: dict[int | None, BinaryIO | None] = {}
+        try:
+            for line in iter(popen.stdout.readline, b""):
+                rank, text = (
+                    process.split_output(line) if process.split_output else (process.rank, line)
+                )
+                if rank not in logs:
+                    name = "launcher.log" if rank is None else f"rank-{rank}.log"
+                    logs[rank] = _open_log(self._log_dir, name)
+                log = logs[rank]
+                if log is not None:
+                    try:
+                        log.write(text)
+                    except OSError:  # a full disk: keep reading, or the script would block
+                        log.close()
+                        logs[rank] = None
+                self.ctx.echo(LAUNCHER if rank is None else rank, text)
+        finally:
+            for log in logs.values():
+                if log is not None:
+                    log.close()
+
+    def wait(self, timeout: float | None) -> int:
+        """The exit code once every process has ended: 0 when all succeed, else the first
+        failure's (which stops the rest; negative -N for a process killed by signal N).
+        Raises Canceled when `ctx.canceled()` turns true, StageFailed "timed out after Ns"
+        after `timeout` seconds (None: no limit); the processes are then still to be stopped
+        (leaving the `with` block does it)."""
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            codes = [popen.poll() for _, popen in self.children]
+            failed = [c for c in codes if c is not None and c != 0]
+            if failed:
+                self.stop()
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            if self.ctx.canceled():
+                raise Canceled()
+            if deadline and time.monotonic() > deadline:
+                self.stop()
+                raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`)")
+            running = next((p for _, p in self.children if p.poll() is None), None)
+            if running is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    running.wait(timeout=0.1)  # returns as soon as it exits
+
+    def stop(self) -> None:
+        """SIGTERM every process group, SIGKILL what is still there after the grace period
+        (also what the processes that ended left in their groups)."""
+        alive = [p for _, p in self.children if p.poll() is None]
+        for popen in alive:
+            _killpg(popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [p for p in alive if p.poll() is None]
+        for _, popen in self.children:
+            _killpg(popen.pid, signal.SIGKILL)  # also what the leaders left in their groups
+            popen.wait()
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        for reader in self.readers:
+            reader.join(timeout=5)
+        if self._log_dir is not None:
+            os.close(self._log_dir)
+            self._log_dir = None
+
+
+def run(
+    ctx: RunContext,
+    processes: list[Process],
+    env: dict[str, str],
+    timeout: float | None = None,
+    *,
+    wrap: Wrap | None = None,
+    preexec: Callable[[], object] | None = None,
+) -> int:
+    """Start `processes` with environment `env` (see ProcessGroup), wait for them and stop
+    what is left: the body of a `ComputeTarget.execute` for processes on this machine.
+
+    Returns the exit code (see `ProcessGroup.wait`); `timeout` defaults to the job's
+    (`ctx.job.timeout`). Raises Canceled or StageFailed as `wait` does, with every process
+    already stopped.
+    """
+    limit = ctx.job.timeout if timeout is None else timeout
+    with ProcessGroup(ctx, env, wrap=wrap, preexec=preexec) as group:
+        for process in processes:
+            group.start(process)
+        return group.wait(limit)
+
+
+def _open_folder(path: Path) -> int | None:
+    """The run's logs folder, created if needed and opened once, never through a link: a
+    script that later swaps ../logs for a link to a folder of the user's does not redirect
+    what is written (the logs are opened relative to this descriptor). None when it cannot
+    be created (a full disk)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _open_log(folder: int | None, name: str) -> BinaryIO | None:
+    """A rank's log in the run's logs `folder` (a descriptor), opened once, appended to,
+    unbuffered, never through a link; None when it cannot be created (a full disk)."""
+    if folder is None:
+        return None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o644, dir_fd=folder)
+    except OSError:
+        return None
+    return os.fdopen(fd, "ab", buffering=0)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
