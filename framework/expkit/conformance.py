@@ -121,7 +121,10 @@ class TrialRun:
 class Trials:
     """Runs of one job in one real workspace, made one at a time for the check."""
 
-    def __init__(self, folder: Path, spec: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, spec: dict[str, Any], capability: Any, field: str) -> None:
+        """`capability` is what is checked, and `field` the job's section holding its
+        options ("compute", "distributed", "metrics"): filled with their declared defaults
+        as the core does before a plugin sees a job."""
         from expkit.job import JobSpec
         from expkit.workspace import Workspace
 
@@ -138,10 +141,26 @@ class Trials:
         }
         self.workspace = Workspace.init(folder / "workspace")
         self.job_type = JobSpec
+        self.capability, self.field = capability, field
 
     def job(self, **changes: Any) -> Any:
-        """The check's job spec, with `changes` (e.g. timeout=2)."""
-        return self.job_type.from_dict({**self.spec, **changes}, source="<conformance job>")
+        """The check's job spec, with `changes` (e.g. timeout=2), the checked capability's
+        options filled in (a bad one raises UserError, as `expkit run` would)."""
+        from expkit.options import check
+
+        job = self.job_type.from_dict({**self.spec, **changes}, source="<conformance job>")
+        capability, field = self.capability, self.field
+        if field == "metrics":
+            sinks = [
+                s.replace(options=check(capability, s.options, f"metrics.{i}.options"))
+                if s.name == capability.name
+                else s
+                for i, s in enumerate(job.metrics)
+            ]
+            return job.replace(metrics=sinks)
+        section = getattr(job, field)
+        filled = check(capability, section.options, f"{field}.options")
+        return job.replace(**{field: section.replace(options=filled)})
 
     @contextmanager
     def run(self, job: Any) -> Iterator[TrialRun]:
@@ -247,7 +266,9 @@ def check_compute_target(
         **(job or {}),
     }
     with _folder(folder) as where:
-        checker = _TargetCheck(target, Trials(where, spec), wanted, cancel_within, limit)
+        checker = _TargetCheck(
+            target, Trials(where, spec, target, "compute"), wanted, cancel_within, limit
+        )
         return checker.check()
 
 
@@ -509,7 +530,7 @@ def check_distributed_backend(
         **(job or {}),
     }
     with _folder(folder) as where:
-        trials = Trials(where, spec)
+        trials = Trials(where, spec, backend, "distributed")
         the_job = trials.job()
         try:
             backend.check(the_job)
@@ -555,7 +576,9 @@ def check_metric_sink(
 
     options = dict(options or {})
     with _folder(folder) as where:
-        trials = Trials(where, {"compute": "local", "metrics": [{"name": sink.name}]})
+        trials = Trials(
+            where, {"compute": "local", "metrics": [{"name": sink.name}]}, sink, "metrics"
+        )
         job = trials.job()
         before = set(threading.enumerate())
         with trials.run(job) as trial:

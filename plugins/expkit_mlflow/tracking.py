@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expkit.capabilities import Option, declare_options
+from expkit.plugin import Option, declare_options
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
