@@ -404,7 +404,10 @@ class Recorder:
 
     @expkit.hookimpl
     def expkit_stage_finished(self, run, stage, outcome, error):
-        self.calls.append(("finished", stage, outcome))
+        if outcome == "skipped":
+            self.calls.append(("finished", stage, outcome, error))
+        else:
+            self.calls.append(("finished", stage, outcome))
 
     @expkit.hookimpl
     def expkit_run_finished(self, run, state, error):
@@ -458,12 +461,43 @@ def test_observers_see_a_failed_run_keep_its_outputs_and_skip_register(register_
         ("finished", "run", "failed"),
         ("started", "post-process"),
         ("finished", "post-process", "completed"),
+        ("finished", "register", "skipped", "run failed"),  # skipped: said, never started
     ]
     (hook, state, error, run_id) = recorder.calls[-1]
     assert (hook, state, run_id) == ("run", "failed", result.record.id)
     assert error.startswith("run: the script exited with code 1")
     assert "loss is nan" in error
     assert result.run.get_file_names() == ["logs/rank-0.log", "outputs/model.txt"]
+
+
+def test_observers_are_told_of_every_skipped_stage_as_the_record_shows_it(register_plugin, run_job):
+    recorder = Recorder()
+    register_plugin(recorder, "recorder")
+
+    no_model = run_job({}, script="print('no model named')\n")
+    calls = recorder.calls[:]
+    recorder.calls.clear()
+    no_data = run_job(
+        {"data": {"raw": {"prepare": "false {dest}"}}},  # the data cannot be made
+        script="print('never runs')\n",
+    )
+
+    assert no_model.state == "completed"
+    assert calls[-2] == ("finished", "register", "skipped", "no model named in the job")
+    assert no_data.state == "failed"
+    assert [c for c in recorder.calls if c[0] != "run"] == [
+        ("started", "prepare"),
+        ("finished", "prepare", "failed"),
+        ("finished", "post-process", "skipped", "the script never started"),
+        ("finished", "register", "skipped", "run failed"),
+    ]
+    # The events agree with the record, stage by stage.
+    recorded = no_data.workspace.history.stages.of(no_data.record.id)
+    assert [(s.stage, s.state) for s in recorded] == [
+        ("prepare", "failed"),
+        ("post-process", "skipped"),
+        ("register", "skipped"),
+    ]
 
 
 # -- capability hooks that misbehave -------------------------------------------------------------

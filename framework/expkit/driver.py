@@ -9,14 +9,14 @@ from __future__ import annotations
 import sys
 
 from expkit.console import Console
-from expkit.lifecycle import execute
+from expkit.lifecycle import drive
 from expkit.workspace import Workspace
 
 
 def main(argv: list[str]) -> int:
     workspace_path, run_id = argv
     console = Console(sys.stdout, ranks="none")
-    record = execute(Workspace(workspace_path), run_id, console, own_process=True)
+    record = drive(Workspace(workspace_path), run_id, console, own_process=True)
     return 0 if record.state == "completed" else 1
 
 

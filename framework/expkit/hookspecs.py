@@ -44,7 +44,11 @@ The lifecycle of one run, and where each hook fires::
       expkit_run_finished(state="completed" | "failed" | "canceled")
 
 A stage that fails skips the stages after it, except post-process, which always runs once
-the run stage has started, so that outputs are kept.
+the run stage has started, so that outputs are kept. Two stages can end without starting:
+post-process when the script never started, and register when the run did not complete or
+the job names no model; each fires only `expkit_stage_finished(outcome="skipped",
+error=<why>)`. Stages, outcomes and states are the string enums of `expkit.stages` (`Stage`,
+`Outcome`, `RunState`): each equals its text, so comparing with strings works.
 
 Outside a run: `expkit run JOB --dry-run` calls ComputeTarget.dry_run, `expkit export` calls
 Exporter.export, `expkit import FROM REF` calls JobImporter.import_job.
@@ -67,6 +71,7 @@ if TYPE_CHECKING:
         ModelRegistry,
         RunInfo,
     )
+    from expkit.stages import Outcome, RunState, Stage
 
 PROJECT = "expkit"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -139,7 +144,7 @@ def expkit_job_importers() -> list[JobImporter]:
 
 # -- event hooks: broadcast, each observer isolated -----------------------------------------------
 @hookspec
-def expkit_stage_started(run: RunInfo, stage: str) -> None:
+def expkit_stage_started(run: RunInfo, stage: Stage) -> None:
     """A stage of `run` starts: one of prepare, scale, run, post-process, register.
 
     Example::
@@ -151,13 +156,14 @@ def expkit_stage_started(run: RunInfo, stage: str) -> None:
 
 
 @hookspec
-def expkit_stage_finished(run: RunInfo, stage: str, outcome: str, error: str | None) -> None:
+def expkit_stage_finished(run: RunInfo, stage: Stage, outcome: Outcome, error: str | None) -> None:
     """A stage of `run` ended; `outcome` is completed, failed, canceled or skipped.
 
-    `error` is the one-line reason when the stage failed, else None.
+    `error` is the one-line reason when the stage failed, was canceled or was skipped (a
+    skipped stage did not start: no `expkit_stage_started` came before), else None.
     """
 
 
 @hookspec
-def expkit_run_finished(run: RunInfo, state: str, error: str | None) -> None:
+def expkit_run_finished(run: RunInfo, state: RunState, error: str | None) -> None:
     """`run` reached its final state: completed, failed or canceled (`error` says why)."""

@@ -48,6 +48,7 @@ class _Spec:
     """Base of the spec dataclasses: short forms and per-class checks."""
 
     short_form: ClassVar[str | None] = None  # the field a bare string sets: `compute: local`
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # every subclass is a dataclass
 
     @classmethod
     def _short_forms(cls, value: Any) -> Any:

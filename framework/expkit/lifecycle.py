@@ -49,6 +49,7 @@ from expkit.procs import (
 )
 from expkit.recovery import RESERVE_NAME, salvage
 from expkit.registry import ModelStore, select_model_files
+from expkit.stages import Outcome, RunState, Stage
 from expkit.workspace import Workspace
 
 CANCEL_POLL_SECONDS = 0.5
@@ -63,15 +64,15 @@ LOG_TAIL_LINES = 5
 TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # The stages a terminating signal interrupts at once; in the others (post-process) it is noted
 # and the run finishes its bookkeeping first, so that the outputs are sealed.
-INTERRUPTIBLE_STAGES = ("prepare", "scale", "run", "register")
+INTERRUPTIBLE_STAGES = (Stage.PREPARE, Stage.SCALE, Stage.RUN, Stage.REGISTER)
 # What each stage is doing, for a "No space left on device while ..." reason.
 DOING = {
     None: "starting the run",
-    "prepare": "preparing the run (snapshot, environment, data)",
-    "scale": "acquiring the run's resources",
-    "run": "running the script",
-    "post-process": "sealing outputs",
-    "register": "registering the model",
+    Stage.PREPARE: "preparing the run (snapshot, environment, data)",
+    Stage.SCALE: "acquiring the run's resources",
+    Stage.RUN: "running the script",
+    Stage.POST_PROCESS: "sealing outputs",
+    Stage.REGISTER: "registering the model",
 }
 
 
@@ -172,7 +173,7 @@ def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
 
 def note_signals(early: list[str]) -> Any:
     """From now on a terminating signal is only noted (its name appended to `early`), for
-    `execute(..., early=early)` to end the run canceled with it: `expkit run` calls this
+    `drive(..., early=early)` to end the run canceled with it: `expkit run` calls this
     before it records the run, so that a signal while the plugins are checked is not fatal.
     Returns the handlers that were there."""
     return _on_signals(lambda signum, frame: early.append(signal.Signals(signum).name))
@@ -199,7 +200,7 @@ def check_data_sources(workspace: Workspace, job: JobSpec) -> None:
         )
 
 
-def execute(
+def drive(
     workspace: Workspace,
     run_id: str,
     console: Console,
@@ -229,7 +230,7 @@ def execute(
     lifecycle.terminated_by = early[0] if early else None
     # The run's own handler replaces the early one with no gap in between, and puts back
     # `previous` when the run is recorded.
-    return lifecycle.execute(previous)
+    return lifecycle.drive(previous)
 
 
 class Lifecycle:
@@ -257,7 +258,7 @@ class Lifecycle:
         self.info = services.run_info(ws, record.id, job)
         self.data_paths: dict[str, str] = {}
         self.stage_note = ""
-        self.current_stage: str | None = None
+        self.current_stage: Stage | None = None
         self._cancel = threading.Event()
         self._last_poll = 0.0
         self.pump: MetricPump | None = None
@@ -284,7 +285,7 @@ class Lifecycle:
         )
 
     # -- the whole run ----------------------------------------------------------------------
-    def execute(self, previous: Any = None) -> RunRecord:
+    def drive(self, previous: Any = None) -> RunRecord:
         """Every stage, then the final record. `previous`: the signal handlers to put back
         at the end (default: those found now)."""
         installed = _on_signals(self._on_signal)
@@ -294,18 +295,19 @@ class Lifecycle:
             self.reserve_room()
             if self.own_process:
                 become_subreaper()
-            state, error = "completed", None
+            state: str = RunState.COMPLETED
+            error: str | None = None
             allocation: Allocation | None = None
             script_started = out_of_room = False
             self.console.info(f"run {self.run_id} in workspace {self.ws.path}")
             try:
                 try:
-                    with self.stage("prepare"):
+                    with self.stage(Stage.PREPARE):
                         self.prepare()
-                    with self.stage("scale"):
+                    with self.stage(Stage.SCALE):
                         allocation = self.scale()
                     script_started = True
-                    with self.stage("run"):
+                    with self.stage(Stage.RUN):
                         try:
                             self.run(allocation)
                         except BaseException:
@@ -317,15 +319,15 @@ class Lifecycle:
                         self.release(allocation, failing=True)  # stopped before the run stage
                     self.stop_processes()
             except (Canceled, KeyboardInterrupt) as stop:
-                state, error = "canceled", self._canceled_because(stop)
+                state, error = RunState.CANCELED, self._canceled_because(stop)
             except Exception as failure:
                 if disk_full(failure):  # first: the record may not be writable yet
-                    state, error, out_of_room = "failed", self._no_space(failure), True
+                    state, error, out_of_room = RunState.FAILED, self._no_space(failure), True
                 elif isinstance(failure, StageFailed | UserError | PluginError):
-                    state, error = "failed", f"{self.current_stage}: {failure}"
+                    state, error = RunState.FAILED, f"{self.current_stage}: {failure}"
                 else:  # a bug: record it, then let the traceback show
                     self.history.runs.finish(
-                        self.run_id, "failed", f"{self.current_stage}: {failure!r}"
+                        self.run_id, RunState.FAILED, f"{self.current_stage}: {failure!r}"
                     )
                     raise
             # The script may have written outputs: keep them whatever happened. A signal now
@@ -381,19 +383,19 @@ class Lifecycle:
             try:
                 state, error = self.wrap_up(state, error, script_started)
             except (Canceled, KeyboardInterrupt) as stop:  # a signal in register: no version
-                state, error = "canceled", self._canceled_because(stop)
+                state, error = RunState.CANCELED, self._canceled_because(stop)
             except Exception as failure:
                 if not disk_full(failure):
                     if not isinstance(failure, StageFailed | UserError | PluginError):
                         self.history.runs.finish(
-                            self.run_id, "failed", f"{self.current_stage}: {failure!r}"
+                            self.run_id, RunState.FAILED, f"{self.current_stage}: {failure!r}"
                         )
                         raise  # a bug: recorded, and its traceback shows
-                    if state == "completed":
-                        state, error = "failed", f"{self.current_stage}: {failure}"
+                    if state == RunState.COMPLETED:
+                        state, error = RunState.FAILED, f"{self.current_stage}: {failure}"
                     break
-                if not (state == "failed" and error and "No space left" in error):
-                    state, error = "failed", self._no_space(failure)
+                if not (state == RunState.FAILED and error and "No space left" in error):
+                    state, error = RunState.FAILED, self._no_space(failure)
                 self.make_room(error)
                 if attempt == 1 and script_started:
                     continue  # seal the outputs, now that there is room
@@ -402,7 +404,7 @@ class Lifecycle:
             break
 
         state, error = self.close_sinks(state, error)
-        if state != "completed":
+        if state != RunState.COMPLETED:
             self.withdraw_versions(state)
         try:
             self.history.runs.finish(self.run_id, state, error)
@@ -414,7 +416,7 @@ class Lifecycle:
                 "(free some space: the next expkit command marks the run failed)"
             ) from None
         for problem in self.plugins.notify(
-            "expkit_run_finished", run=self.info, state=state, error=error
+            "expkit_run_finished", run=self.info, state=RunState(state), error=error
         ):
             self._report(problem)
         return state, error
@@ -430,8 +432,8 @@ class Lifecycle:
                 continue
             self.warn(str(problem))
             self.history.events.add(self.run_id, "sink-failed", str(problem))
-            if worker.required and state == "completed":
-                state, error = "failed", f"required {problem}"
+            if worker.required and state == RunState.COMPLETED:
+                state, error = RunState.FAILED, f"required {problem}"
         return state, error
 
     def wrap_up(
@@ -439,20 +441,20 @@ class Lifecycle:
     ) -> tuple[str, str | None]:
         """Post-process (when the script may have started) and register (a completed run)."""
         if script_started:
-            with self.stage("post-process"):
+            with self.stage(Stage.POST_PROCESS):
                 self.post_process(state)
         else:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-            self.history.stages.skip(self.run_id, "post-process", "the script never started")
-        if self.terminated_by and state == "completed":  # the signal came in post-process
-            state, error = "canceled", self.stop_reason()
+            self.skip(Stage.POST_PROCESS, "the script never started")
+        if self.terminated_by and state == RunState.COMPLETED:  # the signal came in post-process
+            state, error = RunState.CANCELED, self.stop_reason()
             self.say(f"{self.terminated_by}: outputs sealed; the run ends canceled")
-        if state == "completed" and self.job.model:
-            with self.stage("register"):
+        if state == RunState.COMPLETED and self.job.model:
+            with self.stage(Stage.REGISTER):
                 self.register()
         else:
-            reason = "no model named in the job" if state == "completed" else f"run {state}"
-            self.history.stages.skip(self.run_id, "register", reason)
+            reason = "no model named in the job" if state == RunState.COMPLETED else f"run {state}"
+            self.skip(Stage.REGISTER, reason)
         return state, error
 
     def reserve_room(self) -> None:
@@ -493,7 +495,7 @@ class Lifecycle:
         with suppress(Exception):  # still no room: the final record says it all
             for stage in self.history.stages.of(self.run_id):
                 if stage.state == "running":
-                    self.history.stages.finish(self.run_id, stage.stage, "failed", error)
+                    self.history.stages.finish(self.run_id, stage.stage, Outcome.FAILED, error)
 
     def _no_space(self, failure: BaseException) -> str:
         """ "<stage>: No space left on device on <mount> while <doing>", for the record."""
@@ -505,8 +507,21 @@ class Lifecycle:
             text += f" ({cause})"
         return f"{stage}: {text}" if stage else text
 
+    def skip(self, name: Stage, reason: str) -> None:
+        """Record stage `name` as skipped for `reason`, and tell the observers so
+        (`expkit_stage_finished` with outcome skipped and the reason as its error)."""
+        self.history.stages.skip(self.run_id, name, reason)
+        for problem in self.plugins.notify(
+            "expkit_stage_finished",
+            run=self.info,
+            stage=name,
+            outcome=Outcome.SKIPPED,
+            error=reason,
+        ):
+            self._report(problem)
+
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: Stage) -> Iterator[None]:
         """Record a stage's start and end (with its outcome) around its work."""
         self.current_stage, self.stage_note = name, ""
         if self.terminated_by and name in INTERRUPTIBLE_STAGES:  # it came between two stages
@@ -516,15 +531,15 @@ class Lifecycle:
         for problem in self.plugins.notify("expkit_stage_started", run=self.info, stage=name):
             self._report(problem)
         started = time.monotonic()
-        outcome, message = "completed", None
+        outcome, message = Outcome.COMPLETED, None
         try:
             self._interruptible = name in INTERRUPTIBLE_STAGES
             yield
         except (Canceled, KeyboardInterrupt) as stop:
-            outcome, message = "canceled", _cancel_reason(stop)
+            outcome, message = Outcome.CANCELED, _cancel_reason(stop)
             raise
         except BaseException as failure:
-            outcome, message = "failed", str(failure) or type(failure).__name__
+            outcome, message = Outcome.FAILED, str(failure) or type(failure).__name__
             raise
         finally:
             self._interruptible = False  # the bookkeeping below is never cut short
@@ -645,7 +660,7 @@ class Lifecycle:
         required = [w for w in self.sinks if w.required and w.error is not None]
         if required:
             raise StageFailed(f"required {required[0].error}")
-        if self.choice.exporters and state == "completed":
+        if self.choice.exporters and state == RunState.COMPLETED:
             self.export()
         elif self.choice.exporters:
             self.say(f"exports skipped: the run {state}")
@@ -777,7 +792,7 @@ class Lifecycle:
 
     # -- what plugins and stages call back ----------------------------------------------------
     def say(self, text: str) -> None:
-        stage = self.current_stage or "run"
+        stage = self.current_stage or Stage.RUN
         self.console.stage_line(stage, text)
         self.history.events.add(self.run_id, "progress", text, stage)
 
@@ -839,7 +854,7 @@ class Lifecycle:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise Canceled(self.stop_reason())
-        if self.current_stage == "post-process":
+        if self.current_stage == Stage.POST_PROCESS:
             for pid in run_processes(self.run_id, self.ws.path):  # an exporter: it fails
                 with suppress(OSError):
                     os.kill(pid, signal.SIGTERM)

@@ -135,7 +135,7 @@ def run_job(expkit_workspace: Workspace, expkit_plugins: Any, tmp_path: Path) ->
         job = JobSpec.from_dict(spec, source="<test job>", base_dir=tmp_path)
         record = lifecycle.submit(expkit_workspace, job)
         stream = io.StringIO()
-        final = lifecycle.execute(expkit_workspace, record.id, Console(stream), expkit_plugins)
+        final = lifecycle.drive(expkit_workspace, record.id, Console(stream), expkit_plugins)
         return JobResult(
             final, stream.getvalue(), Run(expkit_workspace, final.id), expkit_workspace
         )

@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ) from None
     console = Console(ranks="all" if args.all_ranks else "0", quiet=args.quiet)
     try:
-        record = lifecycle.execute(workspace, record.id, console, own_process=True, early=early)
+        record = lifecycle.drive(workspace, record.id, console, own_process=True, early=early)
     finally:
         console.close()
     print_summary(workspace, record, console)  # to nobody, if the terminal has gone

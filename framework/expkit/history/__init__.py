@@ -11,7 +11,6 @@ from expkit.history.metrics import Metrics, metric_value
 from expkit.history.models import ExportRecord, Exports, Models
 from expkit.history.runs import (
     FINAL_STATES,
-    STAGE_STATE,
     STAGES,
     Events,
     Outputs,
@@ -28,7 +27,6 @@ from expkit.history.store import History
 __all__ = [
     "FINAL_STATES",
     "STAGES",
-    "STAGE_STATE",
     "DamagedHistory",
     "Events",
     "ExportRecord",

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar, cast
 
 from expkit.errors import UserError, shown_path
 from expkit.history import schema
@@ -162,23 +162,23 @@ class _Cursor(sqlite3.Cursor):
     """A cursor whose damaged-file errors name the file: SQLite reads pages as a query needs
     them, so a truncated or overwritten file may fail at any fetch, not only when opened."""
 
-    def _guarded(self, call: Callable[..., _T], *args: Any) -> _T:
-        conn = self.connection
+    def _guarded(self, call: Callable[..., Any], *args: Any) -> Any:
+        conn = cast(_Connection, self.connection)
         return _guarded(conn.file, call, *args, no_room=conn.no_room)
 
-    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+    def execute(self, sql: str, parameters: Any = (), /) -> Self:
         return self._guarded(super().execute, sql, parameters)
 
-    def executemany(self, sql: str, rows: Iterable[Any], /) -> _Cursor:
+    def executemany(self, sql: str, rows: Iterable[Any], /) -> Self:
         return self._guarded(super().executemany, sql, rows)
 
-    def executescript(self, script: str, /) -> _Cursor:
+    def executescript(self, script: str, /) -> Self:
         return self._guarded(super().executescript, script)
 
     def fetchone(self) -> Any:
         return self._guarded(super().fetchone)
 
-    def fetchmany(self, size: int = 1) -> list[Any]:
+    def fetchmany(self, size: int | None = 1) -> list[Any]:
         return self._guarded(super().fetchmany, size)
 
     def fetchall(self) -> list[Any]:

@@ -66,7 +66,8 @@ class Models(Part):
 
     def find(self, name: str, version: int | None = None) -> sqlite3.Row | None:
         """Version `version` of model `name` (default: the latest), if it is visible."""
-        sql, args = f"SELECT * FROM models WHERE {VISIBLE} AND name = ?", [name]
+        sql = f"SELECT * FROM models WHERE {VISIBLE} AND name = ?"
+        args: list[Any] = [name]
         if version is None:
             sql += " ORDER BY version DESC LIMIT 1"
         else:

@@ -17,16 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from expkit.history.connection import Owner, Part
+from expkit.stages import FINAL_STATES, Stage
 
-STAGES = ("prepare", "scale", "run", "post-process", "register")
-STAGE_STATE = {
-    "prepare": "preparing",
-    "scale": "scaling",
-    "run": "running",
-    "post-process": "post-processing",
-    "register": "registering",
-}
-FINAL_STATES = ("completed", "failed", "canceled")
+STAGES = tuple(Stage)
 
 
 @dataclass
@@ -248,11 +241,12 @@ class Stages(Part):
             )
             db.execute(
                 "UPDATE runs SET state = ?, status = NULL WHERE id = ?",
-                (STAGE_STATE[stage], run_id),
+                (Stage(stage).state, run_id),
             )
 
     def finish(self, run_id: str, stage: str, outcome: str, message: str | None) -> None:
-        """Record how `stage` ended: completed, failed or canceled, with its message."""
+        """Record how `stage` ended (an `Outcome`: completed, failed or canceled), with its
+        message."""
         with self.transaction() as db:
             db.execute(
                 "UPDATE stages SET state = ?, ended = ?, message = ?"
@@ -274,7 +268,7 @@ class Stages(Part):
         rows = self.db.execute(
             "SELECT stage, state, started, ended, message FROM stages WHERE run_id = ?", (run_id,)
         ).fetchall()
-        order = {s: i for i, s in enumerate(STAGES)}
+        order = {str(s): i for i, s in enumerate(STAGES)}
         return sorted((StageRecord(**dict(r)) for r in rows), key=lambda s: order[s.stage])
 
 
