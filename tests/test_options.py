@@ -90,6 +90,32 @@ def test_a_bad_option_of_any_kind_is_one_line_before_any_run(
     assert "no runs yet" in listing.stdout, listing.stdout
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_every_bad_option_of_every_plugin_is_its_own_line(expkit_cli, write_job, dry_run):
+    changes = {
+        "compute": {"target": "local", "options": {"slots": 0, "gpus": -1}},
+        "metrics": [{"name": "mlflow", "options": {"trackin_uri": "x"}}],
+    }
+    job = write_job(changes, script="print('never runs')\n")
+
+    result = expkit_cli("run", str(job), *(["--dry-run"] if dry_run else []))
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"expkit: error: {job}: compute.options.slots: must be a whole number from 1 to 4096, "
+        "not 0",
+        f"{job}: compute.options.gpus: must be a whole number from 0 to 256, not -1",
+        f"{job}: metrics.0.options.trackin_uri: unknown option of metric sink 'mlflow' (did "
+        "you mean 'tracking_uri'?); it takes tracking_uri, artifact_location",
+    ]
+    assert "no runs yet" in expkit_cli("runs", "list").stdout
+
+
+def test_a_declared_default_the_option_refuses_is_an_error_at_import():
+    with pytest.raises(ValueError, match="option n: the declared default must be a whole"):
+        declare_options(n=Option(int, minimum=1, default=0, help="at least one"))
+
+
 def test_horovod_options_are_checked_by_the_core(expkit_cli, write_job):
     if not loaded("distributed_backends", "horovod"):
         pytest.skip("horovod is not installed here")
@@ -230,7 +256,7 @@ def test_registries_entries_are_names_or_names_with_options(tmp_path):
 
 
 # -- the check itself --------------------------------------------------------------------------
-def test_check_names_the_first_problem_and_fills_the_defaults():
+def test_check_names_every_problem_and_fills_the_defaults():
     sink = ProbeSink()
     assert declared.check(sink, {}, "metrics.0.options") == {"every": 5, "tags": []}
     filled = declared.check(sink, {"every": 2}, "metrics.0.options")
@@ -241,7 +267,8 @@ def test_check_names_the_first_problem_and_fills_the_defaults():
         declared.check(sink, {"evry": 2, "every": 0}, "metrics.0.options", source="job.yaml")
     assert str(error.value) == (
         "job.yaml: metrics.0.options.evry: unknown option of metric sink 'probe' (did you mean "
-        "'every'?); it takes every, tags, label"
+        "'every'?); it takes every, tags, label\n"
+        "job.yaml: metrics.0.options.every: must be a whole number of at least 1, not 0"
     )
     assert declared.problems(sink, {"evry": 2, "every": 0, "label": ""}, "o") == [
         ("o.evry", "unknown option of metric sink 'probe' (did you mean 'every'?); it takes "

@@ -130,7 +130,16 @@ class Option:
 
 def declare_options(**options: Option) -> Mapping[str, Option]:
     """A capability's `takes`, read-only: `takes = declare_options(slots=Option(int, ...))`;
-    `declare_options()` for a capability that takes no options."""
+    `declare_options()` for a capability that takes no options.
+
+    Raises ValueError, when the plugin is imported, for a declared default that its own
+    option refuses (`Option(int, minimum=1, default=0)`): every job would get a value the
+    plugin says is wrong."""
+    for name, option in options.items():
+        if option.default is not None:
+            wrong = option.problem(option.default)
+            if wrong:
+                raise ValueError(f"option {name}: the declared default {wrong}")
     return MappingProxyType(options)
 
 

@@ -133,11 +133,14 @@ def _with_checked_options(
     registries: list[Any],
     exporters: list[Any],
 ) -> JobSpec:
-    """`job` with the options of each plugin it names checked (the first bad one raises
-    UserError naming its field) and their declared defaults filled in."""
+    """`job` with the options of each plugin it names checked and their declared defaults
+    filled in. Raises UserError with one line per problem, of every plugin, in the order of
+    the job's fields (`compute.options.slots: ...`)."""
+    found: list[tuple[str, str]] = []
 
     def checked(capability: Capability, spec: Any, where: str) -> Any:
-        return spec.replace(options=options.check(capability, spec.options, f"{where}.options"))
+        found.extend(options.problems(capability, spec.options, f"{where}.options"))
+        return spec.replace(options=options.with_defaults(capability.takes, spec.options))
 
     changes: dict[str, Any] = {"compute": checked(compute, job.compute, "compute")}
     if backend is not None:  # else the target's service starts the ranks: options not used
@@ -160,6 +163,8 @@ def _with_checked_options(
         checked(exporter, spec, f"exports.{i}")
         for i, (spec, exporter) in enumerate(zip(job.exports, exporters, strict=True))
     ]
+    if found:
+        raise UserError("\n".join(f"{where}: {reason}" for where, reason in found))
     return job.replace(**changes)
 
 

@@ -2,12 +2,13 @@
 
 The core checks every option a job gives, for every kind of capability (compute target,
 distributed backend, environment builder, metric sinks, model registries, exporters), in one
-pass before a run is created (`lifecycle.choose`, for `expkit run` and `--dry-run` alike): a
-wrong one is a UserError naming its field (`metrics.0.options.trackin_uri: unknown option of
-metric sink 'mlflow' (did you mean 'tracking_uri'?); ...`), which the command line prefixes
-with the job file. A plugin then gets its options checked and with the declared defaults
-filled in, `{**defaults, **given}`: an option whose default is None is left out when not
-given, and the plugin decides (the local target: this machine's CPU count).
+pass before a run is created (`lifecycle.choose`, for `expkit run` and `--dry-run` alike):
+every wrong one is a line of one UserError naming its field
+(`metrics.0.options.trackin_uri: unknown option of metric sink 'mlflow' (did you mean
+'tracking_uri'?); ...`), each of which the command line prefixes with the job file. A
+plugin then gets its options checked and with the declared defaults filled in,
+`{**defaults, **given}`: an option whose default is None is left out when not given, and the
+plugin decides (the local target: this machine's CPU count).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def check(
     capability: Capability, values: Mapping[str, Any], field: str, source: str = ""
 ) -> dict[str, Any]:
     """`values` (the options given at `field`, e.g. `compute.options` or `--option`) checked
-    against `capability.takes`, with its defaults filled in. Raises UserError naming the
-    first bad option, `[source: ]field.name: reason`."""
+    against `capability.takes`, with its defaults filled in. Raises UserError with one line
+    per bad option, `[source: ]field.name: reason`."""
     found = problems(capability, values, field)
     if found:
-        where, reason = found[0]
-        raise UserError(f"{source}: {where}: {reason}" if source else f"{where}: {reason}")
+        prefix = f"{source}: " if source else ""
+        raise UserError("\n".join(f"{prefix}{where}: {reason}" for where, reason in found))
     return with_defaults(capability.takes, values)
 
 

@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import pluggy
@@ -166,7 +167,10 @@ class Plugins:
         pluggy's own tracing, so the call is written to pluggy's tracer here.
         """
         called = ", ".join(impl.plugin_name for impl in impls) or "no plugin"
-        shown = {k: getattr(v, "run_id", v) for k, v in kwargs.items()}  # a RunInfo as its id
+        shown = {  # a RunInfo as its id, a Stage or an Outcome as its text
+            k: getattr(v, "run_id", str(v) if isinstance(v, StrEnum) else v)
+            for k, v in kwargs.items()
+        }
         self.pm.trace.root.get("hook")(f"{hook} -> {called}", shown)
 
     # -- events -----------------------------------------------------------------------------

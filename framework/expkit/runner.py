@@ -12,6 +12,14 @@ How each child starts is customised with `wrap(process) -> argv` (a prefix such 
 exec (e.g. `os.sched_setaffinity(0, {0})`); the child always also gets `die_with_parent`, so
 that a kill -9 of the driver stops it. Each process runs in its own session, and stopping one
 signals its whole process group, so what a script starts in its group goes with it.
+
+Two consequences for `wrap` and `preexec`: the child already leads its session, so
+`os.setsid()` in `preexec` fails (EPERM); and a wrapper that leaves the group (`setsid`,
+`nohup ... &`, anything that daemonises) returns at once, so the runner sees the rank end and
+cannot enforce the timeout on what it left (the conformance check reports such processes as
+left behind). A `preexec` that raises fails the start with Python's "Exception occurred in
+preexec_fn" (the child cannot send its exception back): check what it needs (the CPUs
+exist, the user may lower priority) in the target's `check` or before calling the runner.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         record = lifecycle.submit(workspace, job)
     except UserError as error:  # a plugin the job names is missing or refuses the job
-        raise UserError(f"{args.job}: {error}") from None
+        raise UserError(each_line(args.job, error)) from None
     except Exception as error:
         if not lifecycle.disk_full(error):
             raise
@@ -111,7 +111,7 @@ def dry_run(source: str, job: Any) -> int:
     try:
         choice = lifecycle.choose(job, get_plugins())
     except UserError as error:
-        raise UserError(f"{source}: {error}") from None
+        raise UserError(each_line(source, error)) from None
 
     def named(capability: Any) -> str:
         return f"{capability.name} ({capability.plugin})"
@@ -223,3 +223,8 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
         rows.append(("error", record.error))
     rows.append(("details", f"expkit runs show {record.id}"))
     console.table(rows)
+
+
+def each_line(source: str, error: Exception) -> str:
+    """`error`'s message with `source: ` before each of its lines (one line per problem)."""
+    return "\n".join(f"{source}: {line}" for line in str(error).splitlines())
