@@ -446,6 +446,7 @@ def test_a_required_sink_whose_close_raises_fails_the_run(fragile, calls, run_jo
     assert {state for state, _ in stages(result).values()} == {"completed"}
     assert versions(result) == []
     assert "net:1 not kept: the run failed" in result.output
+    assert "net:1 not kept: the run failed" in events(result, "warning")  # runs show says it
     assert calls.count("close") == 1
 
 

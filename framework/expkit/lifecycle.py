@@ -780,8 +780,9 @@ class Lifecycle:
 
     def withdraw_versions(self, state: str) -> None:
         """A run that does not complete keeps no model version (expkit.history.models.VISIBLE
-        hides the rows): remove the folders its register stage laid out, and say so. Only this run's
-        versions' folders, never a link."""
+        hides the rows): remove the folders its register stage laid out, and say so, as a
+        warning (`expkit runs show` says it next to a register stage that completed before
+        the run failed). Only this run's versions' folders, never a link."""
         try:
             rows = self.history.db.execute(
                 "SELECT name, version FROM models WHERE run_id = ?", (self.run_id,)
@@ -793,7 +794,7 @@ class Lifecycle:
             for folder in (base / str(version), base / f".{version}.tmp"):
                 if folder.is_dir() and not folder.is_symlink():
                     shutil.rmtree(folder, ignore_errors=True)
-            self.say(f"{name}:{version} not kept: the run {state}")
+            self.warn(f"{name}:{version} not kept: the run {state}")
 
     # -- what plugins and stages call back ----------------------------------------------------
     def say(self, text: str) -> None:
