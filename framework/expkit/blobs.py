@@ -19,6 +19,8 @@ import stat
 import time
 from pathlib import Path
 
+from expkit.procs import pid_alive
+
 READ_ONLY = 0o444
 TMP_SUFFIX = ".tmp"
 STALE_TMP_SECONDS = 60
@@ -194,7 +196,7 @@ def remove_stale_tmp(root: Path) -> list[Path]:
                 continue
             for path in folder.iterdir():
                 found = _BLOB_TMP.match(path.name)
-                if found and not _alive(int(found["pid"])) and _idle(path):
+                if found and not pid_alive(int(found["pid"])) and _idle(path):
                     with contextlib.suppress(OSError):
                         os.unlink(path)
                         removed.append(path)
@@ -205,13 +207,3 @@ def _idle(path: Path) -> bool:
     """Not written for a minute: not a copy in progress by a process of another machine
     sharing the workspace (whose pid means nothing here)."""
     return time.time() - os.lstat(path).st_mtime > STALE_TMP_SECONDS
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -17,7 +17,7 @@ from pathlib import Path
 from expkit.blobs import hash_file
 from expkit.errors import UserError
 from expkit.job import DataInput
-from expkit.procs import die_with_parent
+from expkit.procs import die_with_parent, pid_alive
 
 
 def cache_key(item: DataInput, source_dir: Path) -> str:
@@ -112,13 +112,11 @@ def temporary_name(final: str) -> str:
 def remove_stale(cache_dir: Path) -> list[Path]:
     """Remove the temporary folders of data prepares (on this host) whose process is gone;
     returns them."""
-    from expkit.history import process_start
-
     removed = []
     with contextlib.suppress(OSError):
         for path in cache_dir.iterdir():
             found = TEMPORARY.match(path.name)
-            if found and found["host"] == _host() and process_start(int(found["pid"])) is None:
+            if found and found["host"] == _host() and not pid_alive(int(found["pid"])):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed

@@ -54,7 +54,7 @@ def stop_run_processes(
     deadline = time.monotonic() + grace
     while pids and time.monotonic() < deadline:
         time.sleep(0.05)
-        pids = [p for p in pids if _alive(p)]
+        pids = [p for p in pids if pid_alive(p)]
     for pid in pids:
         _signal(pid, signal.SIGKILL)
     return pids
@@ -65,12 +65,37 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _alive(pid: int) -> bool:
+def process_start(pid: int) -> str | None:
+    """The start time of live process `pid` (Linux clock ticks since boot), to tell it from a
+    later process given the same pid. None when there is no such process, only its zombie, or
+    no /proc."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    if len(fields) < 20 or fields[0] == b"Z":
+        return None
+    return fields[19].decode()
+
+
+def pid_alive(pid: int | None, start: str | None = None) -> bool:
+    """Whether process `pid` still runs (a zombie does not) and, given its `start`
+    (`process_start`), is still that process and not a reused pid. Without /proc (not Linux)
+    `start` cannot be checked: whether a signal could reach `pid`. The one liveness check of
+    expkit (drivers, temporary files' writers, a run's processes)."""
+    if not pid:
         return False
+    if os.path.exists("/proc/self/stat"):
+        now = process_start(pid)
+        return now is not None and (start is None or now == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 # -- processes that escape the marker -------------------------------------------------------

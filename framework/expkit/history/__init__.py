@@ -20,7 +20,6 @@ from expkit.history.runs import (
     Stages,
     Tags,
     driver_alive,
-    process_start,
 )
 from expkit.history.store import History
 
@@ -45,5 +44,4 @@ __all__ = [
     "metric_value",
     "no_room",
     "patiently",
-    "process_start",
 ]

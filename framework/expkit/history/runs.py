@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from expkit.history.connection import Owner, Part
+from expkit.procs import pid_alive, process_start
 from expkit.stages import FINAL_STATES, Stage
 
 STAGES = tuple(Stage)
@@ -77,32 +78,12 @@ class StageRecord:
         return (self.ended or time.time()) - self.started
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of live process `pid` (Linux clock ticks), to tell it from a reused pid.
-
-    None when there is no such process, or only its zombie is left.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == b"Z" else fields[19].decode()
-
-
 def driver_alive(pid: int | None, start: str | None) -> bool:
-    """Whether the driver process `pid`, started at `start` (`process_start`), still runs."""
-    if not pid:
+    """Whether the driver process `pid`, started at `start` (`procs.process_start`), still
+    runs. On Linux a driver recorded without its start time is not trusted to be alive."""
+    if start is None and os.path.exists("/proc/self/stat"):
         return False
-    if os.path.exists("/proc/self/stat"):
-        return start is not None and process_start(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid, start)
 
 
 class Runs(Part):
