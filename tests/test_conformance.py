@@ -26,6 +26,7 @@ from expkit.plugin import (
     assert_no_processes_left,
     check_compute_target,
     check_distributed_backend,
+    check_environment_builder,
     check_metric_sink,
     runner,
 )
@@ -308,6 +309,40 @@ def test_mlflow_keeps_the_metric_sink_contract(expkit_plugins, tmp_path):
     }
     assert check_metric_sink(sink, options) == ["open", "send", "close"]
     assert list((tmp_path / "artifacts").rglob("table.json"))  # the table row, as a table
+
+
+BUILDER_OBLIGATIONS = ["build", "python", "hash", "cache", "no_leftovers"]
+
+
+@pytest.mark.parametrize("name", ["inherit", "pip"])
+def test_the_built_in_builders_keep_the_builder_contract(expkit_plugins, name):
+    builder = expkit_plugins.get("environment_builders", name, "environment")
+    assert check_environment_builder(builder) == BUILDER_OBLIGATIONS
+
+
+def test_a_builder_that_misses_its_own_cache_or_names_a_missing_python_fails_the_check(
+    expkit_plugins,
+):
+    from expkit.plugin import Environment, EnvironmentBuilder
+
+    class Forgetful(EnvironmentBuilder):
+        name = "forgetful"
+        builds = 0
+
+        def build(self, spec, ctx):
+            self.builds += 1
+            return Environment(sys.executable, f"h{self.builds}", False, "built again")
+
+    class Nowhere(EnvironmentBuilder):
+        name = "nowhere"
+
+        def build(self, spec, ctx):
+            return Environment("/nonexistent/python", "h", True, "found")
+
+    with pytest.raises(AssertionError, match=r"'forgetful' breaks its contract: hash: one spec"):
+        check_environment_builder(Forgetful())
+    with pytest.raises(AssertionError, match=r"'nowhere' breaks its contract: python: "):
+        check_environment_builder(Nowhere())
 
 
 def test_a_sink_whose_close_fails_the_second_time_fails_the_check(expkit_plugins):

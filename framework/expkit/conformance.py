@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from expkit.capabilities import (
     ComputeTarget,
     DistributedBackend,
     Environment,
+    EnvironmentBuilder,
     Metric,
     MetricSink,
     Process,
@@ -613,6 +615,65 @@ def check_metric_sink(
         if left:
             raise _broken(sink, "close", f"threads still running after close: {left}")
     return ["open", "send", "close"]
+
+
+def check_environment_builder(
+    builder: EnvironmentBuilder,
+    environment: dict[str, Any] | None = None,
+    *,
+    folder: Path | None = None,
+    limit: float = 600.0,
+) -> list[str]:
+    """Check that `builder` turns the job's `environment:` (default: the builder with no
+    packages) into an interpreter that runs with the Environment's variables, says why in one
+    line, gives the same spec the same hash and finds it in its cache the second time, and
+    leaves no process of the run behind. `limit`: seconds one build may take. Returns the
+    obligations checked; AssertionError naming the broken one."""
+    spec = environment or {"builder": builder.name}
+    with _folder(folder) as where:
+        trials = Trials(where, {"environment": spec}, builder, "environment")
+        job = trials.job()
+        with trials.run(job) as trial:
+            envs = []
+            for attempt in ("build", "a second build"):
+                finished, env, error = _call(
+                    limit, lambda: builder.build(job.environment, trial.ctx)
+                )
+                if not finished:
+                    raise _broken(builder, "build", f"{attempt} took more than {limit:g}s")
+                if error is not None or not isinstance(env, Environment):
+                    raise _broken(builder, "build", f"{attempt} {_describe(env, error)}")
+                envs.append(env)
+            first, second = envs
+            if not first.reason or "\n" in first.reason:
+                raise _broken(builder, "build", f"reason must be one line, not {first.reason!r}")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in first.env.items()):
+                raise _broken(builder, "build", f"env must map strings to strings: {first.env}")
+            variables = {**os.environ, **first.env}
+            try:
+                ran = subprocess.run(
+                    [first.python, "-c", "import sys; print(sys.prefix)"],
+                    env=variables,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            except (OSError, subprocess.SubprocessError) as error:
+                raise _broken(builder, "python", f"{first.python}: {error}") from error
+            if ran.returncode != 0:
+                raise _broken(
+                    builder, "python", f"{first.python} exited {ran.returncode}: {ran.stderr}"
+                )
+            if not first.hash or second.hash != first.hash:
+                raise _broken(
+                    builder, "hash", f"one spec gave hashes {first.hash!r} and {second.hash!r}"
+                )
+            if not second.cache_hit:
+                raise _broken(builder, "cache", "the second build of one spec missed the cache")
+            left = run_processes(trial.ctx.run_id, trials.workspace.path)
+            if left:
+                raise _broken(builder, "no_leftovers", f"processes left: {left}")
+    return ["build", "python", "hash", "cache", "no_leftovers"]
 
 
 def _threads_left(before: set[threading.Thread], grace: float = LEFTOVER_GRACE) -> list[str]:

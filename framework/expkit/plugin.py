@@ -53,7 +53,8 @@ The process runner (`runner`)
 The test kit (`expkit.testing`, a pytest plugin installed with expkit)
     Fixtures `expkit_workspace`, `register_plugin`, `run_job`, `expkit_cli`,
     `expkit_cli_background`; conformance checks `check_compute_target`,
-    `check_distributed_backend`, `check_metric_sink`; `assert_no_processes_left`. They are
+    `check_distributed_backend`, `check_metric_sink`, `check_environment_builder`;
+    `assert_no_processes_left`. They are
     also importable from here, without pytest (from `expkit.conformance`).
 
 Everything is imported on first use: `import expkit.plugin` costs next to nothing, and a name
@@ -110,6 +111,7 @@ _TEST_KIT = (
     "check_compute_target",
     "check_distributed_backend",
     "check_metric_sink",
+    "check_environment_builder",
     "assert_no_processes_left",
 )
 
@@ -164,6 +166,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and editors see
         assert_no_processes_left,
         check_compute_target,
         check_distributed_backend,
+        check_environment_builder,
         check_metric_sink,
     )
     from expkit.errors import (

@@ -12,7 +12,7 @@ Installed with expkit (entry point `pytest11`), so its fixtures are available in
 Fixtures: `expkit_workspace`, `expkit_plugins`, `register_plugin`, `run_job`, `expkit_cli`,
 `expkit_cli_background`. Conformance checks (from `expkit.conformance`, also exported by
 `expkit.plugin`): `check_compute_target`, `check_distributed_backend`, `check_metric_sink`,
-and `assert_no_processes_left(run_id, workspace)`.
+`check_environment_builder`, and `assert_no_processes_left(run_id, workspace)`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from expkit.conformance import (
     assert_no_processes_left,
     check_compute_target,
     check_distributed_backend,
+    check_environment_builder,
     check_metric_sink,
 )
 from expkit.console import Console
@@ -51,6 +52,7 @@ __all__ = [
     "assert_no_processes_left",
     "check_compute_target",
     "check_distributed_backend",
+    "check_environment_builder",
     "check_metric_sink",
 ]
 
