@@ -202,7 +202,8 @@ CASES: dict[str, tuple[bytes, list[str], str]] = {
     "--set a mapping in args": (
         _bytes(BASE),
         ["args.x={y: 1}"],
-        "job.yaml: args.x: must be a string, a number, true/false or a list of those",
+        "job.yaml (--set args.x={y: 1}): args.x: must be a string, a number, true/false or a "
+        "list of those",
     ),
     "an absolute entry_script": (
         _bytes("experiment: bad-input\nentry_script: /tmp/train.py\n"),
@@ -302,7 +303,10 @@ def test_a_nul_byte_in_a_job_path_or_a_set_is_one_line(tmp_path: Path, capsys, m
     assert err == "expkit: error: job\\x00.yaml: a path cannot contain a NUL byte\n"
     assert cli.main(["run", "--dry-run", "job.yaml", "--set", "entry_script=tr\0ain.py"]) == 2
     err = capsys.readouterr().err
-    assert err == "expkit: error: job.yaml: entry_script: 'tr\\x00ain.py' contains a NUL byte\n"
+    assert err == (
+        "expkit: error: job.yaml (--set entry_script=tr\\x00ain.py): entry_script: "
+        "'tr\\x00ain.py' contains a NUL byte\n"
+    )
 
 
 def test_an_anchor_used_a_few_times_still_works(tmp_path: Path) -> None:
@@ -352,7 +356,8 @@ def test_a_data_source_holding_the_workspace_is_refused(tmp_path: Path) -> None:
     for source in (".", "ws", "ws/.expkit"):
         sets = ["--set", f"data.d.source={source}", "--set", "data.d.mode=copy"]
         line = _one_line(_expkit(tmp_path, "run", "job.yaml", *sets))
-        assert line.startswith("expkit: error: job.yaml: data.d.source: "), line
+        prefix = f"expkit: error: job.yaml (--set data.d.source={source}): data.d.source: "
+        assert line.startswith(prefix), line
         assert "the workspace" in line
     assert workspace.history.runs.recent() == []
     assert not (workspace.path / "runs").exists()

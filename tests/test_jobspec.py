@@ -361,7 +361,9 @@ def test_an_override_creating_an_unknown_field_is_refused_like_in_the_file(expki
 
     error = rejected(expkit_cli("run", str(job), "--set", "resources.node=2"))
 
-    assert error.startswith(f"{job}: resources.node: unknown field (did you mean 'nodes'?)")
+    assert error.startswith(  # the flag is named, as the value came from it
+        f"{job} (--set resources.node=2): resources.node: unknown field (did you mean 'nodes'?)"
+    )
     assert no_runs(expkit_cli)
 
 

@@ -111,6 +111,25 @@ def test_every_bad_option_of_every_plugin_is_its_own_line(expkit_cli, write_job,
     assert "no runs yet" in expkit_cli("runs", "list").stdout
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_bad_value_given_with_set_names_the_flag(expkit_cli, write_job, dry_run):
+    job = write_job({}, script="print('never runs')\n")
+    flags = ["--set", "timeout=abc", "--set", "compute.options.slots=0"]
+
+    core = expkit_cli("run", str(job), flags[0], flags[1], *(["--dry-run"] if dry_run else []))
+    option = expkit_cli("run", str(job), *flags[2:], *(["--dry-run"] if dry_run else []))
+
+    assert core.returncode == option.returncode == 2
+    assert core.stderr.splitlines() == [
+        f"expkit: error: {job} (--set timeout=abc): timeout: must be a number, not 'abc'"
+    ]
+    assert option.stderr.splitlines() == [
+        f"expkit: error: {job} (--set compute.options.slots=0): compute.options.slots: must be "
+        "a whole number from 1 to 4096, not 0"
+    ]
+    assert "no runs yet" in expkit_cli("runs", "list").stdout
+
+
 def test_a_declared_default_the_option_refuses_is_an_error_at_import():
     with pytest.raises(ValueError, match="option n: the declared default must be a whole"):
         declare_options(n=Option(int, minimum=1, default=0, help="at least one"))

@@ -333,7 +333,13 @@ class JobSpec(_Spec):
             raise JobSpecError(source, "", "a job spec is a YAML mapping (key: value lines)")
         for item in overrides:
             apply_override(raw, item)
-        return cls.from_dict(raw, source=source, base_dir=path.parent)
+        try:
+            return cls.from_dict(raw, source=source, base_dir=path.parent)
+        except JobSpecError as error:
+            if not overrides:
+                raise
+            error.args = (blame_overrides(str(error), source, overrides),)
+            raise
 
     @classmethod
     def from_dict(
@@ -641,6 +647,24 @@ def _describe(annotation: Any) -> str:
 
 # -- overrides ---------------------------------------------------------------------------------
 _SHORT_FIELDS = {"compute": "target", "distributed": "backend", "environment": "builder"}
+
+
+def blame_overrides(message: str, source: str, overrides: typing.Sequence[str]) -> str:
+    """`message` (lines `<source>: <field>: <reason>`) with each line about a field that a
+    `--set KEY=VALUE` gave (KEY, or a field inside it) naming that flag after the file:
+    `job.yaml (--set timeout=abc): timeout: must be a number, not 'abc'`."""
+    lines = []
+    for line in message.splitlines():
+        head = f"{source}: "
+        if line.startswith(head):
+            field = line[len(head) :].split(":", 1)[0]
+            for item in reversed(overrides):  # the last --set of a key is the one that holds
+                key = item.partition("=")[0]
+                if field == key or field.startswith(f"{key}."):
+                    line = f"{source} (--set {printable(item, 80)}): {line[len(head) :]}"
+                    break
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

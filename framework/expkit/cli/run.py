@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,18 +73,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from expkit import lifecycle
     from expkit.console import Console
     from expkit.errors import NoSpace, UserError
-    from expkit.job import JobSpec
+    from expkit.job import JobSpec, blame_overrides
 
     job = JobSpec.from_yaml(args.job, args.overrides)
     if args.dry_run:
-        return dry_run(args.job, job)
+        return dry_run(args.job, job, args.overrides)
     workspace = open_workspace(args, create=True)
     early: list[str] = []  # a signal from now on cancels the run once it is recorded
     lifecycle.note_signals(early)
     try:
         record = lifecycle.submit(workspace, job)
     except UserError as error:  # a plugin the job names is missing or refuses the job
-        raise UserError(each_line(args.job, error)) from None
+        raise UserError(
+            blame_overrides(each_line(args.job, error), args.job, args.overrides)
+        ) from None
     except Exception as error:
         if not lifecycle.disk_full(error):
             raise
@@ -100,18 +103,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FOR_STATE.get(record.state, 1)
 
 
-def dry_run(source: str, job: Any) -> int:
+def dry_run(source: str, job: Any, overrides: Sequence[str] = ()) -> int:
     """The plan of `job`, stage by stage, then what its compute target would submit."""
     import shlex
 
     from expkit import lifecycle
     from expkit.errors import UserError
+    from expkit.job import blame_overrides
     from expkit.plugins import call, get_plugins
 
     try:
         choice = lifecycle.choose(job, get_plugins())
     except UserError as error:
-        raise UserError(each_line(source, error)) from None
+        raise UserError(blame_overrides(each_line(source, error), source, overrides)) from None
 
     def named(capability: Any) -> str:
         return f"{capability.name} ({capability.plugin})"
