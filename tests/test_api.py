@@ -21,8 +21,8 @@ from conftest import bare_env, eventually
 from expkit import Experiment, JobSpec, Model, Run, Workspace
 from expkit.api import RunFailed
 from expkit.errors import UserError
-from expkit.history import FINAL_STATES, process_start
-from expkit.procs import run_processes, stop_run_processes
+from expkit.history import FINAL_STATES
+from expkit.procs import process_start, run_processes, stop_run_processes
 
 TRAIN = """
     import os
