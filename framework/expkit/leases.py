@@ -65,11 +65,10 @@ class Leases:
 
     def holders(self, kind: str) -> dict[str, int]:
         """{run id: how many slots of `kind` it holds}, for the runs that hold any."""
-        counts: dict[str, int] = {}
-        for held_kind, _slot, run_id in self._history.db.execute(_HELD).fetchall():
-            if held_kind == kind:
-                counts[run_id] = counts.get(run_id, 0) + 1
-        return counts
+        rows = self._history.db.execute(
+            f"SELECT run_id, COUNT(*) FROM ({_HELD}) WHERE kind = ? GROUP BY run_id", (kind,)
+        )
+        return dict(rows.fetchall())
 
     def release(self, run_id: str) -> None:
         """Give back every slot `run_id` holds (also done by the run's end, see above)."""
