@@ -115,6 +115,11 @@ def test_an_old_workspace_shows_every_run_metric_tag_and_model(old: Path) -> Non
         assert list(history.models.files("digits", 2)) == ["model.pt"]
         (export,) = history.exports.of("fixture_3")
         assert (export.format, export.ok, list(export.files)) == ("onnx", True, ["model.onnx"])
+        # Step 2: runs that outlive their driver, and how far a run's metric channel was read.
+        assert history.runs.get("fixture_1").remote_job is None
+        assert history.metrics.offsets_of("fixture_1") == {}
+        history.metrics.add("fixture_1", [("late", 3, 1.0, None, 0.0, 0)], {"0.jsonl": 42})
+        assert history.metrics.offsets_of("fixture_1") == {"0.jsonl": 42}
     finally:
         history.close()
     assert user_version(old / ".expkit" / "history.db") == schema.latest()

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +42,7 @@ class Experiment:
     def submit(self, job: JobSpec | str | Path, overrides: Sequence[str] = ()) -> Run:
         """Start `job` in a background driver process and return its run at once."""
         from expkit import lifecycle
+        from expkit.driver import start_driver
         from expkit.job import JobSpec
 
         if not isinstance(job, JobSpec):
@@ -55,17 +54,7 @@ class Experiment:
             {**job.to_dict(), "experiment": self.name}, source="JobSpec", base_dir=Path()
         )
         record = lifecycle.submit(self.workspace, job)
-        run_dir = self.workspace.run_dir(record.id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "driver.log", "ab") as log:
-            driver = subprocess.Popen(
-                [sys.executable, "-m", "expkit.driver", str(self.workspace.path), record.id],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # the run goes on if this Python process ends
-            )
-        self.workspace.history.runs.claim(record.id, driver.pid)
+        start_driver(self.workspace, record.id)
         return Run(self.workspace, record.id)
 
     def get_runs(self) -> list[Run]:

@@ -363,11 +363,17 @@ class RunContext:
     `status` sets the short status `expkit runs` shows (a service's own state, e.g.
     "azureml Running"; None clears it); `canceled` is polled while blocking (then raise
     expkit.errors.Canceled); `echo` shows one output line of a rank in the terminal;
-    `set_tags` records tags on the run. Services: `leases` (slots and GPUs of this machine,
-    shared with concurrent runs, see expkit.leases); `cache_dir`, the workspace's folder of
-    built environments, kept across runs (a builder keeps each in a subfolder named by its
-    hash); `plugin_config(section)`, the workspace config.json's section (e.g. the plugin's
-    name), {} if none.
+    `set_tags` records tags on the run; `set_remote_job` records the id of a job the target
+    submitted to a service that runs it without this process ("slurm:1234"): from then on a
+    driver that dies (kill -9, a closed SSH session) leaves the run to a later driver, which
+    re-attaches with `ComputeTarget.reattach`, instead of failing it. `command` is the
+    script's command line and its environment, known once prepare has placed the data: for
+    a target that submits the job when it acquires resources (a batch scheduler), and for
+    `launches_ranks` targets, which run it as it is. Services: `leases` (slots and GPUs of
+    this machine, shared with concurrent runs, see expkit.leases); `cache_dir`, the
+    workspace's folder of built environments, kept across runs (a builder keeps each in a
+    subfolder named by its hash); `plugin_config(section)`, the workspace config.json's
+    section (e.g. the plugin's name), {} if none.
     """
 
     run_id: str
@@ -386,6 +392,19 @@ class RunContext:
     cache_dir: Path = Path()
     plugin_config: Callable[[str], dict[str, Any]] = _no_config
     environment: Environment | None = None
+    set_remote_job: Callable[[str], None] = _ignore
+    command: Process | None = None
+
+
+@dataclass
+class RankFailure:
+    """Which rank failed first, where and how, as a compute target or a backend knows it
+    after a failed run stage: each field None when unknown. `exit_code` is the rank's own
+    (negative: the signal that killed it), which a launcher's own code may hide."""
+
+    rank: int | None = None
+    exit_code: int | None = None
+    node: str | None = None
 
 
 # -- the capabilities --------------------------------------------------------------------------
@@ -491,6 +510,24 @@ class ComputeTarget(Capability, ABC):
         after a cancel, and never cut short by Ctrl-C. After it, `ctx.leases` holds nothing
         of this run. Raising fails the run stage ("release failed: ...") when nothing else
         failed, else it is a warning."""
+
+    def reattach(self, ctx: RunContext, remote_job: str) -> Allocation:
+        """In place of `acquire`, in a driver that takes over a run whose driver died after
+        the target recorded `remote_job` (`ctx.set_remote_job`): find the job again, wait as
+        `acquire` does while it is still queued, and return its Allocation; the lifecycle
+        then calls `execute` (which follows the job to its end) and `release` as for any
+        run. Raise StageFailed when the service no longer knows the job, and Detached
+        (expkit.errors) when it cannot be reached now: the run stays unfinished for a later
+        driver. Only targets that call `set_remote_job` need it."""
+        from expkit.errors import StageFailed
+
+        raise StageFailed(f"the {self.name} target cannot re-attach to {remote_job}")
+
+    def failure(self, ctx: RunContext) -> RankFailure | None:
+        """After `execute` returned a nonzero code: the rank that failed first, its own exit
+        code and its node, when the target's service says (Slurm names them); None lets the
+        job's backend say (`DistributedBackend.failed_rank`)."""
+        return None
 
     def dry_run(self, job: JobSpec) -> str | None:
         """`expkit run JOB --dry-run`: the exact submission this target would make, as text,

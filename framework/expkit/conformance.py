@@ -59,11 +59,14 @@ COMPUTE_OBLIGATIONS = (
 LEFTOVER_GRACE = 2.0  # seconds a process killed at the end of execute may take to be gone
 STARTED = b"conformance: started\n"  # what a long script prints once it runs
 
+# A script's rank: its argument when the target started each Process it was given, else the
+# RANK variable of a target that starts the ranks itself from `ctx.command` (Slurm's srun).
+_RANK = "(sys.argv[1] if len(sys.argv) > 1 else os.environ['RANK'])"
 # rank r writes this (stdout and stderr mixed, bytes that are not UTF-8, a last line with
 # no newline), then starts a child that outlives it in its process group, then exits.
 _OUTPUT = (
     "import os, subprocess, sys\n"
-    "rank = int(sys.argv[1])\n"
+    f"rank = int({_RANK})\n"
     "os.write(1, b'rank %d: line one\\n' % rank)\n"
     "os.write(2, b'rank %d: to stderr\\n' % rank)\n"
     "os.write(1, b'\\xff\\xfe not UTF-8\\n')\n"
@@ -76,7 +79,7 @@ _CHILD = (
 SCRIPTS = {
     "succeed.py": _OUTPUT + _CHILD + "sys.exit(0)\n",
     "fail.py": (  # rank 0 fails with 3 at once; the others run on until stopped
-        "import os, subprocess, sys, time\n" + _CHILD + "if sys.argv[1] == '0':\n"
+        "import os, subprocess, sys, time\n" + _CHILD + f"if {_RANK} == '0':\n"
         "    sys.exit(3)\n"
         "time.sleep(300)\n"
     ),
@@ -327,6 +330,12 @@ class _TargetCheck:
             what = f"prepare(ctx) must return None or an Environment; {what}"
             raise self.broken("acquire_release", what)
         ctx.environment = env or Environment(sys.executable, "conformance", True, "this python")
+        environment = ctx.environment
+        # The script's command as prepare leaves it, for a target that submits it in acquire.
+        ctx.command = Process(
+            argv=[environment.python, ctx.job.entry_script],
+            env={**environment.env, **ctx.script_env},
+        )
         done, allocation, error = _call(self.limit, lambda: self.target.acquire(ctx))
         if not done or error is not None or not isinstance(allocation, Allocation):
             what = _describe(allocation, error) if done else "did not return"

@@ -1,22 +1,52 @@
-"""`python -m expkit.driver WORKSPACE RUN_ID`: drive a submitted run in the background.
+"""`python -m expkit.driver WORKSPACE RUN_ID [--reattach]`: drive a run in the background.
 
-`Experiment.submit()` starts this in its own session, so the run goes on if the submitting
-Python process ends; its stage lines go to the run's `driver.log`.
+`Experiment.submit()` and `expkit run --detach` start one for a new run; an expkit command
+that finds a run whose job outlives its driver (a Slurm job, see `RunContext.set_remote_job`)
+with that driver gone starts one with `--reattach`, which takes the run over and follows the
+job to its end. Each runs in its own session, so the run goes on when the command that started
+it ends or its terminal closes; its stage lines go to the run's `driver.log`.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from typing import TYPE_CHECKING
 
-from expkit.console import Console
-from expkit.lifecycle import drive
-from expkit.workspace import Workspace
+if TYPE_CHECKING:
+    from expkit.workspace import Workspace
+
+DRIVER_LOG = "driver.log"
+
+
+def start_driver(workspace: Workspace, run_id: str, reattach: bool = False) -> int:
+    """Start a background driver for run `run_id` and record it as the run's driver; returns
+    its pid. The caller must be the run's driver or hold the run (`Runs.take_over`), so that
+    no other process starts one too."""
+    run_dir = workspace.run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "expkit.driver", str(workspace.path), run_id]
+    with open(run_dir / DRIVER_LOG, "ab") as log:
+        driver = subprocess.Popen(
+            [*argv, "--reattach"] if reattach else argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the run goes on when this process or its terminal ends
+        )
+    workspace.history.runs.claim(run_id, driver.pid)
+    return driver.pid
 
 
 def main(argv: list[str]) -> int:
-    workspace_path, run_id = argv
+    from expkit.console import Console
+    from expkit.lifecycle import drive
+    from expkit.workspace import Workspace
+
+    reattach = "--reattach" in argv
+    workspace_path, run_id = [a for a in argv if a != "--reattach"]
     console = Console(sys.stdout, ranks="none")
-    record = drive(Workspace(workspace_path), run_id, console, own_process=True)
+    record = drive(Workspace(workspace_path), run_id, console, own_process=True, reattach=reattach)
     return 0 if record.state == "completed" else 1
 
 

@@ -47,6 +47,14 @@ class Canceled(Exception):
     """The run was canceled (Ctrl-C, SIGTERM or `expkit runs cancel`)."""
 
 
+class Detached(BaseException):
+    """The driver lets go of a run whose job goes on without it: the terminal closed (SIGHUP)
+    while a cluster job runs, or the service that runs it cannot be reached to follow it. The
+    run stays unfinished, its job id recorded (`RunContext.set_remote_job`), and a later
+    expkit command re-attaches (`ComputeTarget.reattach`). A BaseException, so that a
+    target's `except Exception` never takes it for a failure and cancels the job."""
+
+
 class NoSpace(UserError):
     """The disk filled up and not even the run's record could be written: one line, exit 1."""
 

@@ -8,11 +8,13 @@ script may have started, so that outputs are kept even when it failed or was can
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shlex
 import shutil
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,12 +32,14 @@ from expkit.capabilities import (
     Capability,
     ComputeTarget,
     DistributedBackend,
+    Environment,
     EnvironmentBuilder,
     Process,
+    RankFailure,
 )
 from expkit.console import Console, human_size
 from expkit.context import CHANNEL_ENV, RUN_ID_ENV
-from expkit.errors import Canceled, NoSpace, PluginError, StageFailed, UserError
+from expkit.errors import Canceled, Detached, NoSpace, PluginError, StageFailed, UserError
 from expkit.history import RunRecord, no_room
 from expkit.job import JobSpec
 from expkit.metrics import MetricPump, SinkWorker
@@ -58,6 +62,9 @@ CANCEL_POLL_SECONDS = 0.5
 # be finished, however full the script left the disk (its outputs are kept).
 RESERVE_BYTES = 1 << 20
 LOG_TAIL_LINES = 5
+# What prepare made, kept in the run's folder for a driver that re-attaches to the run (the
+# environment and the script's command line): it does not prepare again.
+PREPARED_NAME = "prepared.json"
 # Signals that end a run as canceled: Ctrl-C (SIGINT), a `kill` or a service manager stopping
 # the driver (SIGTERM), a closed terminal or SSH session (SIGHUP). The first one names the
 # reason; any number after it are noted, never fatal, until the run is recorded.
@@ -212,8 +219,15 @@ def drive(
     plugins: Plugins | None = None,
     own_process: bool = False,
     early: list[str] | None = None,
+    reattach: bool = False,
 ) -> RunRecord:
     """Drive a queued run through every stage in this process; returns the final record.
+
+    `reattach`: take over a run whose driver died after its compute target recorded a job
+    that goes on without it (`RunContext.set_remote_job`): prepare is not done again, the
+    target's `reattach` replaces `acquire`, and the run goes on from its scale or run stage.
+    A driver that lets go of such a run (SIGHUP: the terminal closed) starts a background
+    driver that re-attaches (`expkit.driver`) and returns the record still unfinished.
 
     `own_process`: this process drives this one run and nothing else (`expkit run`, the
     background driver). It then becomes the subreaper of what the script starts, and every
@@ -233,9 +247,15 @@ def drive(
         raise
     lifecycle.own_process = own_process
     lifecycle.terminated_by = early[0] if early else None
+    lifecycle.reattaching = reattach
     # The run's own handler replaces the early one with no gap in between, and puts back
     # `previous` when the run is recorded.
-    return lifecycle.drive(previous)
+    record = lifecycle.drive(previous)
+    if lifecycle.hand_over:
+        from expkit.driver import start_driver
+
+        start_driver(workspace, run_id, reattach=True)
+    return record
 
 
 class Lifecycle:
@@ -272,6 +292,9 @@ class Lifecycle:
         self.own_process = False
         self.terminated_by: str | None = None  # the name of the signal that ended the run
         self._interruptible = False
+        self.remote_job = record.remote_job  # a job that goes on without this driver
+        self.reattaching = False  # this driver took over the run from one that died
+        self.hand_over = False  # let go of the run: a background driver re-attaches
         self.ctx = services.run_context(
             ws,
             record.id,
@@ -288,6 +311,13 @@ class Lifecycle:
             canceled=self.canceled,
             echo=console.output,
         )
+        recorded = self.ctx.set_remote_job
+
+        def set_remote_job(remote_job: str) -> None:
+            recorded(remote_job)
+            self.remote_job = remote_job
+
+        self.ctx.set_remote_job = set_remote_job
 
     # -- the whole run ----------------------------------------------------------------------
     def drive(self, previous: Any = None) -> RunRecord:
@@ -307,22 +337,34 @@ class Lifecycle:
             self.console.info(f"run {self.run_id} in workspace {self.ws.path}")
             try:
                 try:
-                    with self.stage(Stage.PREPARE):
-                        self.prepare()
-                    with self.stage(Stage.SCALE):
-                        allocation = self.scale()
+                    if self.reattaching:
+                        allocation = self.reattach_scale()
+                    else:
+                        with self.stage(Stage.PREPARE):
+                            self.prepare()
+                        with self.stage(Stage.SCALE):
+                            allocation = self.scale()
                     script_started = True
-                    with self.stage(Stage.RUN):
+                    with self.stage(Stage.RUN, resumed=self.reattaching):
+                        if allocation is None:  # the job was running when its driver died
+                            allocation = self.reattach_job()
                         try:
                             self.run(allocation)
+                        except Detached:
+                            raise  # the job goes on: nothing is released
                         except BaseException:
                             self.release(allocation, failing=True)
                             raise
                         self.release(allocation, failing=False)  # a failure is the stage's
                 finally:
-                    if allocation is not None and not self.released:
+                    letting_go = isinstance(sys.exc_info()[1], Detached)
+                    if allocation is not None and not self.released and not letting_go:
                         self.release(allocation, failing=True)  # stopped before the run stage
-                    self.stop_processes()
+                    if not letting_go:  # the job's processes go on (on this host, too)
+                        self.stop_processes()
+            except Detached as letting_go:
+                self.let_go(str(letting_go))
+                return self.history.runs.get(self.run_id)
             except (Canceled, KeyboardInterrupt) as stop:
                 state, error = RunState.CANCELED, self._canceled_because(stop)
             except Exception as failure:
@@ -352,6 +394,44 @@ class Lifecycle:
             else:
                 _on_signals(previous)
         return self.history.runs.get(self.run_id)
+
+    def let_go(self, reason: str) -> None:
+        """Leave the run unfinished, its job going on (Detached): what was logged is
+        recorded, and the record says how to follow the run again. After a signal (the
+        terminal closed), a background driver re-attaches at once (`hand_over`)."""
+        if self.pump is not None:
+            self.pump.stop()
+        self.hand_over = self.terminated_by is not None
+        number = self.history.runs.get(self.run_id).number
+        text = (
+            f"the driver let go of {self.remote_job} ({reason}); it goes on, and "
+            f"`expkit runs follow {number}` follows it again"
+        )
+        self.history.events.add(self.run_id, "progress", text, self.current_stage)
+        self.history.runs.update(self.run_id, status=f"detached: {reason}")
+        _note(text)
+
+    def reattach_scale(self) -> Allocation | None:
+        """A driver taking over the run: what prepare made, read back, then the job found
+        again by the compute target; in the scale stage when the job was still queued
+        (None when it was running: the run stage finds it, see `reattach_job`)."""
+        saved = json.loads((self.run_dir / PREPARED_NAME).read_text(encoding="utf-8"))
+        self.ctx.environment = Environment(**saved["environment"])
+        self.ctx.command = Process(argv=saved["command"]["argv"], env=saved["command"]["env"])
+        self.console.info(f"re-attaching to {self.remote_job}")
+        scale = {s.stage: s for s in self.history.stages.of(self.run_id)}.get(Stage.SCALE)
+        if scale is not None and scale.state == Outcome.COMPLETED:
+            return None
+        with self.stage(Stage.SCALE, resumed=True):
+            allocation = self.reattach_job()
+            self.history.runs.update(self.run_id, state="scaling", status=None)
+            self.stage_note = allocation.description
+        return allocation
+
+    def reattach_job(self) -> Allocation:
+        """ComputeTarget.reattach for the job the run recorded."""
+        assert self.remote_job is not None
+        return call(self.choice.compute, "reattach", self.ctx, self.remote_job)
 
     def release(self, allocation: Allocation, failing: bool) -> None:
         """ComputeTarget.release, once, whatever happened; never cut short by a signal.
@@ -526,20 +606,32 @@ class Lifecycle:
             self._report(problem)
 
     @contextmanager
-    def stage(self, name: Stage) -> Iterator[None]:
-        """Record a stage's start and end (with its outcome) around its work."""
+    def stage(self, name: Stage, resumed: bool = False) -> Iterator[None]:
+        """Record a stage's start and end (with its outcome) around its work. `resumed`: a
+        driver that re-attaches goes on with a stage its predecessor started (its start, as
+        recorded, stays; the observers were told of it then)."""
         self.current_stage, self.stage_note = name, ""
         if self.terminated_by and name in INTERRUPTIBLE_STAGES:  # it came between two stages
             raise Canceled(self.stop_reason())
-        self.history.stages.start(self.run_id, name)
-        self.console.stage_started(name)
-        for problem in self.plugins.notify("expkit_stage_started", run=self.info, stage=name):
-            self._report(problem)
+        recorded = {s.stage: s for s in self.history.stages.of(self.run_id)}.get(name)
         started = time.monotonic()
-        outcome, message = Outcome.COMPLETED, None
+        if resumed and recorded is not None and recorded.started is not None:
+            self.history.runs.update(self.run_id, state=name.state)
+            started -= max(0.0, time.time() - recorded.started)
+            self.console.stage_started(name)
+        else:
+            self.history.stages.start(self.run_id, name)
+            self.console.stage_started(name)
+            for problem in self.plugins.notify("expkit_stage_started", run=self.info, stage=name):
+                self._report(problem)
+        outcome: Outcome | None = Outcome.COMPLETED
+        message: str | None = None
         try:
             self._interruptible = name in INTERRUPTIBLE_STAGES
             yield
+        except Detached:
+            outcome = None  # the stage goes on without this driver: its record stays running
+            raise
         except (Canceled, KeyboardInterrupt) as stop:
             outcome, message = Outcome.CANCELED, _cancel_reason(stop)
             raise
@@ -548,13 +640,19 @@ class Lifecycle:
             raise
         finally:
             self._interruptible = False  # the bookkeeping below is never cut short
-            self.history.stages.finish(self.run_id, name, outcome, message or self.stage_note)
-            seconds = time.monotonic() - started
-            self.console.stage_finished(name, outcome, seconds, message or self.stage_note)
-            for problem in self.plugins.notify(
-                "expkit_stage_finished", run=self.info, stage=name, outcome=outcome, error=message
-            ):
-                self._report(problem)
+            if outcome is not None:
+                self._stage_ended(name, outcome, message, time.monotonic() - started)
+
+    def _stage_ended(
+        self, name: Stage, outcome: Outcome, message: str | None, seconds: float
+    ) -> None:
+        """Record and show how stage `name` ended, and tell the observers."""
+        self.history.stages.finish(self.run_id, name, outcome, message or self.stage_note)
+        self.console.stage_finished(name, outcome, seconds, message or self.stage_note)
+        for problem in self.plugins.notify(
+            "expkit_stage_finished", run=self.info, stage=name, outcome=outcome, error=message
+        ):
+            self._report(problem)
 
     # -- prepare: snapshot, environment, working copy, data ---------------------------------
     def prepare(self) -> None:
@@ -591,6 +689,13 @@ class Lifecycle:
             placed = data_inputs.place(name, origin, item.mode, self.work_dir)
             self.data_paths[name] = str(placed)
             self.say(f"data {name!r}: {item.mode} {origin}")
+        command = [env.python, self.job.entry_script, *self.job.command_args(self.data_paths)]
+        self.ctx.command = Process(argv=command, env={**env.env, **self.ctx.script_env})
+        saved = {
+            "environment": vars(env),
+            "command": {"argv": command, "env": self.ctx.command.env},
+        }
+        (self.run_dir / PREPARED_NAME).write_text(json.dumps(saved, indent=1), encoding="utf-8")
         self.stage_note = env.reason
 
     # -- scale: hold the resources ----------------------------------------------------------
@@ -603,20 +708,25 @@ class Lifecycle:
 
     # -- run: launch the processes and stream their output and metrics ----------------------
     def run(self, allocation: Allocation) -> None:
-        env = self.ctx.environment
-        assert env is not None
-        command = [env.python, self.job.entry_script, *self.job.command_args(self.data_paths)]
-        self.say("$ " + shlex.join([Path(command[0]).name, *command[1:]]))
+        script = self.ctx.command
+        assert script is not None
+        command = script.argv
+        if not self.reattaching:
+            self.say("$ " + shlex.join([Path(command[0]).name, *command[1:]]))
         backend = self.choice.backend
         if backend is None:  # the target's service starts the ranks from the job spec
-            processes = [Process(argv=command)]
+            processes = [Process(argv=list(command), env=dict(script.env))]
         else:
-            processes = call(backend, "launch", self.ctx, command, allocation)
-        for process in processes:
-            process.env = {**env.env, **self.ctx.script_env, **process.env}
+            processes = call(backend, "launch", self.ctx, list(command), allocation)
+            for process in processes:
+                process.env = {**script.env, **process.env}
         self.pump = MetricPump(self.history, self.run_id, self.run_dir / "metrics")
+        # A driver that re-attaches sends the sinks what is recorded from now on only.
+        after = self.history.metrics.last_id(self.run_id) if self.reattaching else 0
         for spec, sink in self.choice.sinks:
-            worker = SinkWorker(self.history, self.info, sink, spec.options, spec.required)
+            worker = SinkWorker(
+                self.history, self.info, sink, spec.options, spec.required, after_id=after
+            )
             self.pump.listeners.append(worker.wake)
             self.sinks.append(worker)
             worker.start()
@@ -629,16 +739,24 @@ class Lifecycle:
         self.stage_note = "exit code 0"
 
     def _failure(self, code: int) -> str:
-        """Why the run stage failed: the rank that failed first (when the backend can tell),
-        the exit code, and that rank's last line of output."""
+        """Why the run stage failed: the rank that failed first and its node (when the
+        compute target or the backend can tell), the exit code, and that rank's last line
+        of output."""
         backend = self.choice.backend
-        rank = own = None
-        if backend is not None:
-            rank = call(backend, "failed_rank", self.ctx)
-            own = call(backend, "failed_exit_code", self.ctx)
+        failure = call(self.choice.compute, "failure", self.ctx)
+        if failure is None and backend is not None:
+            failure = RankFailure(
+                rank=call(backend, "failed_rank", self.ctx),
+                exit_code=call(backend, "failed_exit_code", self.ctx),
+            )
+        failure = failure or RankFailure()
+        rank, own = failure.rank, failure.exit_code
         name = f"rank-{0 if rank is None else rank}.log"
         lines = [line for line in _tail(self.run_dir, name, LOG_TAIL_LINES) if line.strip()]
-        message = f"rank {rank}: " if rank is not None else ""
+        message = f"rank {rank}" if rank is not None else ""
+        if failure.node:
+            message += f" on node {failure.node}" if message else f"on node {failure.node}"
+        message += ": " if message else ""
         message += _describe_exit(code if own is None else own)
         return f"{message}; last output: {lines[-1].strip()}" if lines else message
 
@@ -850,6 +968,16 @@ class Lifecycle:
         bookkeeping that keeps the outputs and records the run."""
         name = signal.Signals(signum).name
         first = self.terminated_by is None
+        if (
+            signum == signal.SIGHUP
+            and first
+            and self.remote_job
+            and self._interruptible
+            and self.current_stage in (Stage.SCALE, Stage.RUN)
+        ):  # the terminal closed: the job goes on without this driver, not canceled
+            self._interruptible = False
+            self.terminated_by = name
+            raise Detached("the terminal closed (SIGHUP)")
         self._cancel.set()
         if not first:
             _note(f"{name}: the run is being saved and recorded; it takes a moment")

@@ -29,25 +29,28 @@ DRAIN_STALL_SECONDS = 300.0  # post-process gives up on a sink that delivers not
 
 
 class ChannelReader:
-    """Reads the complete new lines of every channel file in a folder."""
+    """Reads the complete new lines of every channel file in a folder.
 
-    def __init__(self, folder: Path) -> None:
+    `offsets` (bytes read so far, by file name) starts it where an earlier reader stopped:
+    a driver that re-attaches to a run reads on from what the history holds."""
+
+    def __init__(self, folder: Path, offsets: dict[str, int] | None = None) -> None:
         self.folder = folder
-        self._offsets: dict[Path, int] = {}
+        self.offsets: dict[str, int] = dict(offsets or {})
         self.bad_lines = 0
 
     def read(self) -> tuple[list[tuple], dict[str, str]]:
         rows: list[tuple] = []
         tags: dict[str, str] = {}
         for path in sorted(self.folder.glob("*.jsonl")):
-            offset = self._offsets.get(path, 0)
+            offset = self.offsets.get(path.name, 0)
             with open(path, "rb") as f:
                 f.seek(offset)
                 data = f.read()
             end = data.rfind(b"\n") + 1  # a partial last line is read next time
             if not end:
                 continue
-            self._offsets[path] = offset + end
+            self.offsets[path.name] = offset + end
             for line in data[:end].splitlines():
                 self._parse(line, rows, tags)
         return rows, tags
@@ -74,7 +77,7 @@ class MetricPump:
 
     def __init__(self, history: History, run_id: str, channel: Path) -> None:
         self.history, self.run_id = history, run_id
-        self.reader = ChannelReader(channel)
+        self.reader = ChannelReader(channel, history.metrics.offsets_of(run_id))
         self.count = 0
         self.listeners: list[threading.Event] = []
         self._stop = threading.Event()
@@ -90,7 +93,7 @@ class MetricPump:
     def pump(self) -> int:
         rows, tags = self.reader.read()
         if rows:
-            self.history.metrics.add(self.run_id, rows)
+            self.history.metrics.add(self.run_id, rows, self.reader.offsets)
             self.count += len(rows)
         if tags:
             self.history.tags.set(self.run_id, tags)
@@ -108,7 +111,12 @@ class MetricPump:
 
 
 class SinkWorker:
-    """Delivers a run's metrics to one sink on a background thread, with retries."""
+    """Delivers a run's metrics to one sink on a background thread, with retries.
+
+    `after_id`: deliver the rows recorded after this metric row id only. A driver that
+    re-attaches to a run passes the last id recorded when it took over: what the driver
+    before it recorded is not sent twice (what it recorded and had not yet delivered is
+    lost to the sink, never to the history)."""
 
     def __init__(
         self,
@@ -117,13 +125,14 @@ class SinkWorker:
         sink: MetricSink,
         options: dict[str, Any],
         required: bool,
+        after_id: int = 0,
     ) -> None:
         self.history, self.run, self.sink = history, run, sink
         self.options, self.required = options, required
         self.wake = threading.Event()
         self.error: PluginError | None = None
         self.delivered = 0
-        self._cursor = 0
+        self._cursor = after_id
         self._writer: MetricWriter | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"expkit-sink-{sink.name}")

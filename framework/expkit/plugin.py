@@ -37,10 +37,15 @@ What flows between the stages
     A compute target, backend or builder gets a RunContext (folders, callbacks, services:
     leases, status, tags, cache_dir, plugin_config); a sink, registry or event hook a RunInfo.
     The JobSpec in both is read-only.
+    A job that outlives its driver (a batch scheduler's): the target records its id with
+    `ctx.set_remote_job`; a later driver calls `ComputeTarget.reattach(ctx, id)` in place of
+    acquire; `ComputeTarget.failure(ctx)` -> RankFailure names the rank and node that failed.
 
 Errors
     UserError: bad input, one line, exit 2. StageFailed: the stage cannot finish (one-line
-    reason). Canceled: raise it when `ctx.canceled()` turns true. Anything else a plugin
+    reason). Canceled: raise it when `ctx.canceled()` turns true. Detached (a BaseException):
+    the driver lets go of a job that goes on without it; never cancel the job for it.
+    Anything else a plugin
     raises is reported as a PluginError naming the plugin and the method.
 
 The process runner (`runner`)
@@ -99,6 +104,7 @@ _CAPABILITIES = (
     "Allocation",
     "Process",
     "RankPieces",
+    "RankFailure",
     "Environment",
     "Metric",
     "ModelVersion",
@@ -106,7 +112,15 @@ _CAPABILITIES = (
     "ExportResult",
     "ENV_COMPLETE",
 )
-_ERRORS = ("UserError", "Canceled", "StageFailed", "PluginUnavailable", "PluginError", "quoted")
+_ERRORS = (
+    "UserError",
+    "Canceled",
+    "Detached",
+    "StageFailed",
+    "PluginUnavailable",
+    "PluginError",
+    "quoted",
+)
 _TEST_KIT = (
     "check_compute_target",
     "check_distributed_backend",
@@ -156,6 +170,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and editors see
         ModelVersion,
         Option,
         Process,
+        RankFailure,
         RankPieces,
         RunContext,
         RunInfo,
@@ -171,6 +186,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and editors see
     )
     from expkit.errors import (
         Canceled,
+        Detached,
         PluginError,
         PluginUnavailable,
         StageFailed,

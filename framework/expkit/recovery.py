@@ -3,6 +3,8 @@
 The run is marked failed (`Runs.reap_orphans`), what it left running is stopped, what its
 script wrote into outputs/ is kept where the user can find it (and said so in the record), its
 working copy is removed, and the temporary folders of cache builds whose builder died go.
+A run whose job goes on without its driver (a Slurm job) is not failed: a background driver
+re-attaches to it (`expkit.driver`), follows the job to its end and finishes the run.
 Nothing here needs to write to run on a full disk: a read-only command still answers.
 """
 
@@ -38,6 +40,7 @@ def recover(workspace: Workspace, history: History) -> list[str]:
     A full disk (SQLite cannot write) leaves the records as they are, for a later open."""
     try:
         reaped = history.runs.reap_orphans()
+        reattach(workspace, history)
     except sqlite3.OperationalError as error:
         if not (no_room(error) or getattr(error, "sqlite_errorcode", 0) == SQLITE_READONLY):
             raise
@@ -48,6 +51,20 @@ def recover(workspace: Workspace, history: History) -> list[str]:
             salvage(workspace, history, run_id)
     remove_stale_builds(workspace)
     return reaped
+
+
+def reattach(workspace: Workspace, history: History) -> list[str]:
+    """Start a background driver for each run whose job outlives its driver and whose
+    driver is gone; returns their ids. Two commands that look at once start one each only
+    for the runs each took over first (`Runs.take_over`)."""
+    from expkit.driver import start_driver
+
+    started = []
+    for run_id in history.runs.orphans()[1]:
+        if history.runs.take_over(run_id, os.getpid()):
+            start_driver(workspace, run_id, reattach=True)
+            started.append(run_id)
+    return started
 
 
 def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:

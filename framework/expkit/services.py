@@ -82,6 +82,7 @@ def run_context(
         echo=echo,
         status=lambda text: history.runs.update(run_id, status=text),
         set_tags=lambda tags: history.tags.set(run_id, tags),
+        set_remote_job=lambda remote_job: history.runs.update(run_id, remote_job=remote_job),
         leases=RunLeases(Leases(history), run_id, lambda: workspace.recover(history)),
         cache_dir=workspace.envs_dir,
         plugin_config=plugin_config(workspace),

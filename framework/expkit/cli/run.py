@@ -33,6 +33,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="override a field, e.g. --set args.num_epochs=2 --set compute=local",
     )
     run.add_argument("--all-ranks", action="store_true", help="show every rank's output")
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="record the run and drive it in the background, then return: follow it with "
+        "`expkit runs follow RUN`, stop it with `expkit runs cancel RUN`",
+    )
     run.add_argument("--quiet", action="store_true", help="show the script's output only")
     run.add_argument(
         "--dry-run",
@@ -94,11 +100,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"No space left on device on {lifecycle.mount_point(workspace.path)}: the run "
             "cannot be recorded; free some space and run again (reading runs still works)"
         ) from None
+    if args.detach:
+        from expkit.driver import DRIVER_LOG, start_driver
+
+        start_driver(workspace, record.id)
+        print(f"run {record.number} ({record.id}) goes on in the background")
+        print(f"  follow it:  expkit runs follow {record.number}")
+        print(f"  stop it:    expkit runs cancel {record.number}")
+        print(f"  its driver's log: {workspace.run_dir(record.id) / DRIVER_LOG}")
+        return 0
     console = Console(ranks="all" if args.all_ranks else "0", quiet=args.quiet)
     try:
         record = lifecycle.drive(workspace, record.id, console, own_process=True, early=early)
     finally:
         console.close()
+    if not record.finished:  # the driver let go: the job goes on without it
+        print(
+            f"run {record.number}: {record.status}; follow it: expkit runs follow {record.number}"
+        )
+        return 0
     print_summary(workspace, record, console)  # to nobody, if the terminal has gone
     return EXIT_FOR_STATE.get(record.state, 1)
 

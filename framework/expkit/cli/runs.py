@@ -13,7 +13,7 @@ RUN_HELP = "run id, run number, or `latest`"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Register `runs` and its actions (list, show, logs, cancel, files, download)."""
+    """Register `runs` and its actions (list, show, logs, follow, cancel, files, download)."""
     runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(
         dest="runs_command", metavar="ACTION", required=True
     )
@@ -30,6 +30,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
     logs.add_argument("--rank", type=int, default=0, help="which rank's output (default 0)")
     logs.set_defaults(handler=cmd_runs_logs)
+    follow = runs.add_parser(
+        "follow",
+        help="watch a run live until it ends (re-attaches to a cluster job whose driver died)",
+        description="Print RUN's stages, progress and output live until it ends; the exit code "
+        "is the run's (0 completed, 1 failed, 130 canceled). A run whose job goes on without "
+        "its driver (a Slurm job after `expkit run` was killed or its terminal closed) gets a "
+        "new driver in the background, which finishes it: Ctrl-C here stops following only.",
+    )
+    follow.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    follow.add_argument("--rank", type=int, default=0, help="which rank's output (default 0)")
+    follow.add_argument("--all-ranks", action="store_true", help="show every rank's output")
+    follow.set_defaults(handler=cmd_runs_follow)
     cancel = runs.add_parser("cancel", help="stop a run (its outputs are kept)")
     cancel.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     cancel.set_defaults(handler=cmd_runs_cancel)
@@ -98,6 +110,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     print(f"created     {when(record.created)}")
     if record.ended:
         print(f"ended       {when(record.ended)}")
+    if record.remote_job:
+        print(f"remote job  {record.remote_job}")
     if record.exit_code is not None:
         print(f"exit code   {record.exit_code}")
     if record.error:
@@ -166,6 +180,24 @@ def cmd_runs_logs(args: argparse.Namespace) -> int:
     with log:
         sys.stdout.buffer.write(log.read())
     return 0
+
+
+def cmd_runs_follow(args: argparse.Namespace) -> int:
+    """Follow a run live to its end (`expkit.follow`); the exit code is its final state's."""
+    from expkit.cli.run import EXIT_FOR_STATE
+    from expkit.console import Console
+    from expkit.follow import follow
+
+    workspace = open_workspace(args)
+    record = run_record(workspace, args.run_id)
+    console = Console(ranks="all" if args.all_ranks else "0")
+    try:
+        follow(workspace, record.id, console, rank=None if args.all_ranks else args.rank)
+    finally:
+        console.close()
+    record = workspace.history.runs.get(record.id)
+    print(f"run {record.number}: {record.state}" + (f" ({record.error})" if record.error else ""))
+    return EXIT_FOR_STATE.get(record.state, 1)
 
 
 def cmd_runs_cancel(args: argparse.Namespace) -> int:

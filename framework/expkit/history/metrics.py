@@ -14,14 +14,34 @@ class Metrics(Part):
     """Metric rows: (name, step, value, payload, ts, rank) per logged value; `value` holds a
     number, `payload` the JSON of anything else (strings, table rows)."""
 
-    def add(self, run_id: str, rows: Iterable[tuple]) -> None:
-        """Append (name, step, value, payload, ts, rank) rows in one transaction."""
+    def add(
+        self, run_id: str, rows: Iterable[tuple], offsets: dict[str, int] | None = None
+    ) -> None:
+        """Append (name, step, value, payload, ts, rank) rows in one transaction, with how far
+        each file of the metric channel has now been read (`offsets`, bytes by file name),
+        so that a driver that re-attaches to the run reads on from there (`offsets_of`)."""
         with self.transaction() as db:
             db.executemany(
                 "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 ((run_id, *row) for row in rows),
             )
+            db.executemany(
+                "INSERT OR REPLACE INTO channel_offsets (run_id, file, offset) VALUES (?, ?, ?)",
+                ((run_id, name, offset) for name, offset in (offsets or {}).items()),
+            )
+
+    def offsets_of(self, run_id: str) -> dict[str, int]:
+        """How far each metric channel file of the run was read into the history (bytes)."""
+        rows = self.db.execute(
+            "SELECT file, offset FROM channel_offsets WHERE run_id = ?", (run_id,)
+        ).fetchall()
+        return {file: offset for file, offset in rows}
+
+    def last_id(self, run_id: str) -> int:
+        """The row id of the run's last recorded value (0: none yet)."""
+        row = self.db.execute("SELECT MAX(id) FROM metrics WHERE run_id = ?", (run_id,)).fetchone()
+        return row[0] or 0
 
     def of(
         self, run_id: str, name: str | None = None, after_id: int = 0, limit: int = -1

@@ -43,6 +43,7 @@ class RunRecord:
     driver_start: str | None
     driver_host: str | None
     cancel_requested: int
+    remote_job: str | None = None  # the compute target's id of a job that outlives the driver
 
     @property
     def finished(self) -> bool:
@@ -58,6 +59,9 @@ class RunRecord:
 
 
 _RUN_FIELDS = tuple(RunRecord.__dataclass_fields__)
+# The states in which a run whose driver died is re-attached to rather than reaped, when its
+# compute target recorded a job that outlives the driver.
+REATTACHABLE_STATES = ("queued", "scaling", "running")
 
 
 @dataclass
@@ -177,23 +181,40 @@ class Runs(Part):
         row = self.db.execute("SELECT cancel_requested FROM runs WHERE id = ?", (run_id,))
         return bool(row.fetchone()[0])
 
-    def reap_orphans(self) -> list[str]:
-        """Mark failed every unfinished run of this host whose driver process is gone."""
+    def orphans(self) -> tuple[list[str], list[str]]:
+        """The unfinished runs of this host whose driver process is gone: (those to reap,
+        those to re-attach to). A run is re-attached to when its compute target recorded a
+        job that outlives the driver (`remote_job`) and it was waiting for or running it
+        (queued, scaling or running); any other is reaped."""
         host = socket.gethostname()
-        reaped = []
+        reap, reattach = [], []
         rows = self.db.execute(
-            "SELECT id, driver_pid, driver_start FROM runs"
+            "SELECT id, state, driver_pid, driver_start, remote_job FROM runs"
             " WHERE state NOT IN ('completed', 'failed', 'canceled') AND driver_host = ?",
             (host,),
         ).fetchall()
-        for run_id, pid, start in rows:
+        for run_id, state, pid, start, remote_job in rows:
             if driver_alive(pid, start):
                 continue
+            if remote_job and state in REATTACHABLE_STATES:
+                reattach.append(run_id)
+            else:
+                reap.append(run_id)
+        return reap, reattach
+
+    def reap_orphans(self) -> list[str]:
+        """Mark failed every unfinished run of this host whose driver process is gone, but
+        for those a new driver re-attaches to (see `orphans`); returns the reaped ids."""
+        reaped = []
+        for run_id in self.orphans()[0]:
+            pid = self.get(run_id).driver_pid
             reason = f"the driver process (pid {pid}) ended without finishing the run"
             now = time.time()
             with self.transaction() as db:
-                state = db.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
-                if state[0] in FINAL_STATES:  # finished meanwhile
+                row = db.execute(
+                    "SELECT state, driver_pid, driver_start FROM runs WHERE id = ?", (run_id,)
+                ).fetchone()
+                if row[0] in FINAL_STATES or driver_alive(row[1], row[2]):  # taken meanwhile
                     continue
                 db.execute(
                     "UPDATE stages SET state = 'failed', ended = ?, message = ?"
@@ -207,6 +228,22 @@ class Runs(Part):
                 )
             reaped.append(run_id)
         return reaped
+
+    def take_over(self, run_id: str, pid: int) -> bool:
+        """Make `pid` the driver of run `run_id` if its driver is gone and it is unfinished;
+        False when another process got there first (or the run ended). Two commands that
+        both find an orphan start one driver for it, not two."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT state, driver_pid, driver_start FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+            if row is None or row[0] in FINAL_STATES or driver_alive(row[1], row[2]):
+                return False
+            db.execute(
+                "UPDATE runs SET driver_pid = ?, driver_start = ?, driver_host = ? WHERE id = ?",
+                (pid, process_start(pid), socket.gethostname(), run_id),
+            )
+        return True
 
 
 class Stages(Part):

@@ -95,12 +95,30 @@ CREATE TABLE IF NOT EXISTS output_links (
 );
 """
 
+# Step 2: runs whose job lives outside the driver (a Slurm job) and can be re-attached to.
+# `remote_job` is what the compute target recorded ("slurm:1234"); `channel_offsets` is how
+# far the metric channel's files were read into `metrics`, written in the same transaction
+# as the rows, so that a driver that re-attaches reads on without a value twice or lost.
+V2 = """
+ALTER TABLE runs ADD COLUMN remote_job TEXT;
+CREATE TABLE channel_offsets (
+    run_id TEXT NOT NULL, file TEXT NOT NULL, offset INTEGER NOT NULL,
+    PRIMARY KEY (run_id, file)
+)
+"""
+
 # Append only (see above): a database at version N has taken MIGRATIONS[:N].
-MIGRATIONS: list[Step] = [V1]
+MIGRATIONS: list[Step] = [V1, V2]
 
 # The tables and indexes a history without expkit's application_id may hold: one written
-# before that mark, which is expkit's (version 0, so step 1's names), or an empty database.
-UNMARKED_NAMES = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", V1))
+# before that mark, which is expkit's (version 0, so step 1's names), an empty database, or
+# one whose mark was lost after later steps made theirs (every step's names count).
+UNMARKED_NAMES = frozenset(
+    name
+    for step in MIGRATIONS
+    if isinstance(step, str)
+    for name in re.findall(r"CREATE (?:TABLE|INDEX) (?:IF NOT EXISTS )?(\w+)", step)
+)
 
 
 def latest() -> int:
