@@ -76,6 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the job spec through the lifecycle in the workspace (made here if there is none),
     showing it live; the exit code is the run's state (0 completed, 1 failed, 130 canceled).
     With --dry-run, print the plan instead (`dry_run`)."""
+    import contextlib
+
     from expkit import lifecycle
     from expkit.console import Console
     from expkit.errors import NoSpace, UserError
@@ -115,9 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         console.close()
     if not record.finished:  # the driver let go: the job goes on without it
-        print(
-            f"run {record.number}: {record.status}; follow it: expkit runs follow {record.number}"
-        )
+        with contextlib.suppress(OSError):  # the terminal may have gone (SIGHUP)
+            print(f"run {record.number}: {record.status}; `expkit runs follow {record.number}`")
         return 0
     print_summary(workspace, record, console)  # to nobody, if the terminal has gone
     return EXIT_FOR_STATE.get(record.state, 1)
