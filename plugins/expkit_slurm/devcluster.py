@@ -46,6 +46,7 @@ from types import TracebackType
 
 INSTALL = "bash .ci/install (as root; it runs apt-get install slurmctld slurmd slurm-client munge)"
 DAEMONS = ("munged", "slurmctld", "slurmd")
+SBIN = ("/usr/sbin", "/sbin")
 STATE_FILE = "devcluster.json"  # written by the CLI's supervisor: its pid, the nodes, the conf
 
 
@@ -53,9 +54,14 @@ class DevClusterError(RuntimeError):
     """The cluster could not be started or stopped; the message says why (and shows logs)."""
 
 
+def _search_path() -> str:
+    """PATH and the sbin folders, where the daemons are (not on most users' PATH)."""
+    return os.pathsep.join([os.environ.get("PATH", ""), *SBIN])
+
+
 def missing_programs() -> list[str]:
     """The Slurm and munge programs this module needs that are not installed."""
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    search = _search_path()
     needed = (*DAEMONS, "scontrol", "sinfo", "squeue", "scancel", "sbatch", "srun")
     return [name for name in needed if shutil.which(name, path=search) is None]
 
@@ -67,9 +73,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_parents(folder: Path) -> None:
+    """Raise DevClusterError unless every existing folder above `folder` is searchable by all
+    (munged refuses a socket below one that is not; we never change a user's folder)."""
+    for parent in Path(folder).absolute().parents:
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            raise DevClusterError(
+                f"{folder}: munged needs every folder above its socket to be searchable by "
+                f"all, and {parent} is not (mode {stat.S_IMODE(parent.stat().st_mode):o}); "
+                "pick a folder whose parents are, e.g. one under /tmp"
+            )
+
+
 def _program(name: str) -> str:
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    found = shutil.which(name, path=search)
+    found = shutil.which(name, path=_search_path())
     if found is None:
         raise DevClusterError(f"`{name}` is not installed; install Slurm with: {INSTALL}")
     return found
@@ -110,14 +127,7 @@ class DevCluster:
 
     def _prepare_folder(self) -> None:
         """A fresh cluster folder: new state, key and configuration; old logs are kept."""
-        for parent in self.folder.parents:
-            if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
-                raise DevClusterError(
-                    f"{self.folder}: munged needs every folder above its socket to be "
-                    f"searchable by all, and {parent} is not (mode "
-                    f"{stat.S_IMODE(parent.stat().st_mode):o}); pick a folder whose parents "
-                    "are, e.g. one under /tmp"
-                )
+        check_parents(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o755)
         for old in ("state", "spool", "run", "munge"):
@@ -368,6 +378,10 @@ def _start(folder: Path, nodes: int) -> int:
     missing = missing_programs()
     if missing:
         return _error(f"Slurm is not installed ({', '.join(missing)} missing): run {INSTALL}")
+    try:
+        check_parents(folder)
+    except DevClusterError as error:
+        return _error(str(error))
     read_fd, write_fd = os.pipe()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "supervisor.log", "ab") as log:
