@@ -9,6 +9,7 @@ as foreground child processes of a small supervisor that keeps running in the ba
 drains the queue, shuts the cluster down and waits for every daemon. Everything lives in DIR:
 
     DIR/etc/slurm.conf   DIR/munge/   DIR/state/   DIR/spool/<node>/   DIR/log/   DIR/run/
+    DIR/devcluster.json (the supervisor's pid, while it runs)   DIR/supervisor.log
 
 The nodes are named n1, n2, ...; all are this machine (NodeAddr 127.0.0.1), each with its own
 slurmd port, `cpus_per_node` CPUs and `memory_mb` MB (what the node *says* it has:
@@ -18,10 +19,11 @@ the choice of partition visibly matters. `EnforcePartLimits=ALL` makes a request
 never satisfy fail at submit instead of pending forever.
 
 What it needs: Slurm's daemons and munge (as root: `bash .ci/install`, which runs
-`apt-get install slurmctld slurmd slurm-client munge`). It runs as root, and also as any other
-user for jobs of that same user: SlurmUser and SlurmdUser are whoever starts it. munged insists
-that the folder of its socket and every folder above it are searchable by all (o+x): DIR itself is
-made so (it belongs to the cluster), a parent that is not is an error naming it.
+`apt-get install slurmctld slurmd slurm-client munge`). Not root: any user can start one (checked
+as `nobody`); SlurmUser and SlurmdUser are whoever starts it, and its jobs run as that user.
+munged insists that the folder of its socket and every folder above it are searchable by all
+(o+x): DIR itself is made so (it belongs to the cluster); a parent that is not is an error naming
+it (a user's folder is never chmod-ed).
 Ports are picked free at start; the daemons listen on every address (Slurm has no loopback-only
 setting) but only talk to 127.0.0.1.
 """
@@ -30,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -41,6 +43,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -141,7 +144,7 @@ class DevCluster:
         self.conf.write_text(self._slurm_conf())
 
     def _slurm_conf(self) -> str:
-        d, user = self.folder, getpass.getuser()
+        d, user = self.folder, pwd.getpwuid(os.getuid()).pw_name
         nodes = "\n".join(
             f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={free_port()} "
             f"CPUs={self.cpus_per_node} RealMemory={self.memory_mb} State=UNKNOWN"
@@ -189,7 +192,7 @@ PartitionName=small Nodes={self.node_names[0]} MaxTime=10 State=UP
 """
 
     # -- commands -----------------------------------------------------------------------------
-    def run(self, *argv: str, timeout: float = 10) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run a Slurm command against this cluster; its output as text (never raises on exit
         status; `timeout` in seconds)."""
         return subprocess.run(
@@ -224,6 +227,13 @@ PartitionName=small Nodes={self.node_names[0]} MaxTime=10 State=UP
             if child.poll() is not None:
                 raise self._failure(f"{name} exited with status {child.returncode}")
 
+    def _wait(self, ready: Callable[[], bool], deadline: float, timeout: float) -> None:
+        while not ready():
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise self._failure(f"the cluster was not up within {timeout} s")
+            time.sleep(0.02)
+
     def _nodes_idle(self) -> bool:
         result = self.run("sinfo", "-h", "-N", "-o", "%N %T")
         states = dict(line.split() for line in result.stdout.splitlines() if line.strip())
@@ -255,19 +265,14 @@ PartitionName=small Nodes={self.node_names[0]} MaxTime=10 State=UP
                 ],
             )
             deadline = time.monotonic() + timeout
-            while not self.munge_socket.exists():
-                self._check_children()
-                if time.monotonic() > deadline:
-                    raise self._failure("munged did not create its socket in time")
-                time.sleep(0.01)
+            self._wait(self.munge_socket.exists, deadline, timeout)
             self._spawn("slurmctld", [programs["slurmctld"], "-D", "-i"])
+            # slurmds started before the controller answers retry their registration a second
+            # later: start them once it does.
+            self._wait(lambda: self.run("scontrol", "ping").returncode == 0, deadline, timeout)
             for node in self.node_names:
                 self._spawn(f"slurmd-{node}", [programs["slurmd"], "-D", "-N", node])
-            while not (self.run("scontrol", "ping").returncode == 0 and self._nodes_idle()):
-                self._check_children()
-                if time.monotonic() > deadline:
-                    raise self._failure(f"the cluster was not up within {timeout} s")
-                time.sleep(0.05)
+            self._wait(self._nodes_idle, deadline, timeout)
         except BaseException:
             self.stop()
             raise
@@ -423,6 +428,15 @@ def _status(folder: Path) -> int:
     state = _running(folder)
     if state is None:
         print(f"{folder}: not running")
+        return 1
+    ping = subprocess.run(
+        ["scontrol", "ping"],
+        env={**os.environ, "SLURM_CONF": state["conf"]},
+        capture_output=True,
+        check=False,
+    )
+    if ping.returncode != 0:
+        print(f"{folder}: the supervisor (pid {state['pid']}) runs but slurmctld does not answer")
         return 1
     print(f"{folder}: running (supervisor pid {state['pid']}), nodes {' '.join(state['nodes'])}")
     print(f"export SLURM_CONF={state['conf']}")
