@@ -4,6 +4,7 @@ lifecycle), and reads srun's messages for the rank that failed first."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import alive, eventually
+from expkit_slurm import launch
 from expkit_slurm.launch import Failure, first_failure, launcher_argv
 
 PYTHON = sys.executable
@@ -52,19 +55,20 @@ def wait_for(job: str, timeout: float = 120) -> dict[str, str]:
         time.sleep(0.1)
 
 
-def run_ranks(tmp_path, script: str, backend: str, nodes: int, per_node: int, *args: str):
-    """Run `script` as nodes x per_node ranks through launch.py; (job fields, batch log)."""
+def submit_ranks(tmp_path, script: str, backend: str, nodes: int, per_node: int, *args: str):
+    """Submit `script` as nodes x per_node ranks through launch.py, run by a python that sees
+    the standard library alone (-I -S: no site-packages, no PYTHONPATH), as a job's python
+    without expkit would; horovod's launcher needs its site-packages. The job id."""
     (tmp_path / "task.py").write_text(textwrap.dedent(script))
-    argv = launcher_argv(
-        PYTHON,
-        backend,
-        nodes,
-        per_node,
-        0,
-        tmp_path / "logs",
-        [PYTHON, str(tmp_path / "task.py"), *args],
-    )
-    fields = wait_for(submit(tmp_path, argv, nodes, per_node))
+    command = [PYTHON, str(tmp_path / "task.py"), *args]
+    python, *rest = launcher_argv(PYTHON, backend, nodes, per_node, 0, tmp_path / "logs", command)
+    isolated = [] if backend == "horovod" else ["-I", "-S"]
+    return submit(tmp_path, [python, *isolated, *rest], nodes, per_node)
+
+
+def run_ranks(tmp_path, script: str, backend: str, nodes: int, per_node: int, *args: str):
+    """As submit_ranks, and wait for the job to end: (its fields, the batch log)."""
+    fields = wait_for(submit_ranks(tmp_path, script, backend, nodes, per_node, *args))
     return fields, (tmp_path / "batch.log").read_text()
 
 
@@ -115,6 +119,20 @@ def test_launcher_argv_runs_this_file_in_the_jobs_python(tmp_path):
         launcher_argv("python", "none", 2, 1, 0, tmp_path, ["t.py"])
     with pytest.raises(ValueError, match="backend 'mpi'"):
         launcher_argv("python", "mpi", 1, 1, 0, tmp_path, ["t.py"])
+    with pytest.raises(ValueError, match="srun reads % in an output path as a pattern"):
+        launcher_argv("python", "torchrun", 1, 1, 0, tmp_path / "100%", ["t.py"])
+
+
+def test_the_launcher_imports_the_standard_library_only():
+    """It runs in the job's python, which need not have expkit (horovod: for horovod only)."""
+    tree = ast.parse(Path(launch.__file__).read_text())
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported - set(sys.stdlib_module_names) == {"horovod"}
 
 
 # -- on the cluster -----------------------------------------------------------------------------
@@ -228,3 +246,18 @@ def test_a_rank_killed_by_a_signal_is_named_with_the_signal(slurm_cluster2, tmp_
     assert fields["JobState"] == "FAILED"
     assert fields["ExitCode"] == f"{128 + number}:0"
     assert "was not stopped" not in rank_log(tmp_path, 0)
+
+
+def test_scancel_stops_every_rank_on_every_node(slurm_cluster2, tmp_path):
+    script = """\
+        import os, time
+        print(os.getpid(), flush=True)
+        time.sleep(300)
+        """
+    job = submit_ranks(tmp_path, script, "torchrun", 2, 2)
+    logs = [tmp_path / "logs" / f"rank-{rank}.log" for rank in range(4)]
+    eventually(lambda: all(log.exists() and log.read_text() for log in logs), what="4 ranks")
+    pids = [int(log.read_text().split()[0]) for log in logs]
+    subprocess.run(["scancel", job], check=True)
+    assert wait_for(job)["JobState"] == "CANCELLED"
+    eventually(lambda: not any(alive(pid) for pid in pids), what="every rank gone")

@@ -111,9 +111,12 @@ def launcher_argv(
     """The batch script's last command: `python` running this file (by its absolute path, so
     the job's python needs no expkit) to start `command` as nodes x processes_per_node ranks.
 
-    Raises ValueError for an unknown backend, or for `none` with more than one process.
+    Raises ValueError for an unknown backend, for `none` with more than one process, or for a
+    log folder with a "%" in its path (srun would read it as a pattern).
     """
     _check(backend, nodes, processes_per_node, gpus_per_node)
+    if "%" in str(log_dir):
+        raise ValueError(f"{log_dir}: srun reads % in an output path as a pattern; rename it")
     return [
         python,
         str(Path(__file__).resolve()),
