@@ -261,3 +261,19 @@ def test_scancel_stops_every_rank_on_every_node(slurm_cluster2, tmp_path):
     subprocess.run(["scancel", job], check=True)
     assert wait_for(job)["JobState"] == "CANCELLED"
     eventually(lambda: not any(alive(pid) for pid in pids), what="every rank gone")
+
+
+def test_a_signal_for_the_batch_step_reaches_every_rank(slurm_cluster2, tmp_path):
+    """As `sbatch --signal=B:USR1@60` does before the time limit: launch.py passes it on."""
+    script = """\
+        import os, signal, sys, time
+        signal.signal(signal.SIGUSR1, lambda *_: sys.exit(print("got SIGUSR1", flush=True)))
+        print("waiting", flush=True)
+        time.sleep(300)
+        """
+    job = submit_ranks(tmp_path, script, "torchrun", 2, 1)
+    logs = [tmp_path / "logs" / f"rank-{rank}.log" for rank in range(2)]
+    eventually(lambda: all(log.exists() and log.read_text() for log in logs), what="2 ranks")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    assert wait_for(job)["JobState"] == "COMPLETED"
+    assert [log.read_text() for log in logs] == ["waiting\ngot SIGUSR1\n"] * 2

@@ -61,6 +61,7 @@ PER_TASK = {
 FAILED_TASKS = re.compile(r"^srun: error: (\S+): tasks? ([\d,-]+): (.+?)\s*$", re.M)
 EXITED = re.compile(r"Exited with exit code (\d+)")
 SIGNALS = {signal.strsignal(number): int(number) for number in signal.Signals}
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ def launch(
     command: list[str],
 ) -> int:
     """Run `command` as every rank of the allocation with one srun step; return the exit
-    status (the first failed rank's, else srun's). SIGTERM and SIGINT are passed on to srun."""
+    status (the first failed rank's, else srun's). The signals in FORWARDED go to srun."""
     _check(backend, nodes, processes_per_node, gpus_per_node)
     log_dir.mkdir(parents=True, exist_ok=True)
     names = job_nodes()[:nodes]
@@ -258,14 +259,29 @@ def launch(
     argv = srun_argv(nodes, processes_per_node, gpus_per_node, log_dir)
     if backend in PER_TASK:
         argv += ["sh", "-c", f'{PER_TASK[backend]}; exec "$0" "$@"']
+    # Signals for the batch step (scancel --batch, sbatch --signal=B:USR1@60, the time limit's
+    # SIGTERM) are passed to srun, which passes them to every rank; one arriving before srun
+    # runs waits for it.
+    started: list[subprocess.Popen] = []
+    early: list[int] = []
+
+    def forward(number: int, frame: object) -> None:
+        if started:
+            started[0].send_signal(number)
+        else:
+            early.append(number)
+
+    for forwarded in FORWARDED:
+        signal.signal(forwarded, forward)
     srun = subprocess.Popen(
         [*argv, *command],
         env={**os.environ, **env},
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda received, frame: srun.send_signal(received))
+    started.append(srun)
+    for received in early:
+        srun.send_signal(received)
     messages: list[bytes] = []
     copier = threading.Thread(target=_copy_stderr, args=(srun.stderr, messages), daemon=True)
     copier.start()
