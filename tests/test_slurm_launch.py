@@ -123,6 +123,33 @@ def test_launcher_argv_runs_this_file_in_the_jobs_python(tmp_path):
         launcher_argv("python", "torchrun", 1, 1, 0, tmp_path / "100%", ["t.py"])
 
 
+def test_the_step_asks_for_the_gpus_of_each_node(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert launch.srun_argv(2, 4, 4, tmp_path) == [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "--nodes=2",
+        "--ntasks=8",
+        "--ntasks-per-node=4",
+        f"--output={tmp_path}/rank-%t.log",
+        "--input=none",
+        "--gpus-per-node=4",
+    ]
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # what sbatch --cpus-per-task=3 sets
+    assert launch.srun_argv(1, 1, 0, tmp_path)[-1] == "--cpus-per-task=3"
+
+
+def test_torchrun_ranks_with_gpus_use_nccl_and_keep_a_users_thread_count(
+    slurm_cluster, monkeypatch
+):
+    env, server = launch.ranks_env("torchrun", ["n1"], 4, 4)
+    assert server is None
+    assert env["EXPKIT_DIST_BACKEND"] == "nccl" and env["OMP_NUM_THREADS"] == "1"
+    assert env["MASTER_ADDR"] == "127.0.0.1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert "OMP_NUM_THREADS" not in launch.ranks_env("torchrun", ["n1"], 4, 0)[0]
+
+
 def test_the_launcher_imports_the_standard_library_only():
     """It runs in the job's python, which need not have expkit (horovod: for horovod only)."""
     tree = ast.parse(Path(launch.__file__).read_text())
