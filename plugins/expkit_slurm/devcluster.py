@@ -126,6 +126,7 @@ class DevCluster:
     # -- layout -------------------------------------------------------------------------------
     @property
     def munge_socket(self) -> Path:
+        """The socket of this cluster's own munged (AuthInfo=socket=... in slurm.conf)."""
         return self.folder / "munge" / "munge.socket"
 
     def _prepare_folder(self) -> None:
@@ -368,7 +369,7 @@ def _supervise(folder: Path, nodes: int, ready_fd: int) -> int:
         ready.write("ok")
     try:
         while not stopping:
-            signal.pause()
+            time.sleep(0.2)
     finally:
         cluster.stop()
         (folder / STATE_FILE).unlink(missing_ok=True)
