@@ -131,6 +131,7 @@ def test_the_step_asks_for_the_gpus_of_each_node(tmp_path, monkeypatch):
         "--nodes=2",
         "--ntasks=8",
         "--ntasks-per-node=4",
+        "--distribution=block",
         f"--output={tmp_path}/rank-%t.log",
         "--input=none",
         "--gpus-per-node=4",
@@ -187,7 +188,10 @@ ENV_SCRIPT = """\
     """
 
 
-def test_torchrun_ranks_get_torchruns_variables_each_in_its_own_log(slurm_cluster2, tmp_path):
+def test_torchrun_ranks_get_torchruns_variables_each_in_its_own_log(
+    slurm_cluster2, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SLURM_DISTRIBUTION", "cyclic")  # as sbatch --distribution=cyclic sets
     fields, log = run_ranks(tmp_path, ENV_SCRIPT, "torchrun", 2, 2)
     assert fields["JobState"] == "COMPLETED", log
     seen = [json.loads(rank_log(tmp_path, rank)) for rank in range(4)]

@@ -23,6 +23,8 @@ local target):
   starts each rank with the HOROVOD_* variables horovodrun's gloo mode sets.
 
 OMP_NUM_THREADS=1 when a node runs more than one rank and the job did not set it (as torchrun).
+SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 sent to the batch step are passed on to srun, which
+passes them to every rank (`sbatch --signal=B:USR1@60` warns the training script).
 The exit status is the first failed rank's exit code (128 + N for a rank killed by signal N),
 else srun's. The meaning of each srun flag used: https://slurm.schedmd.com/srun.html
 """
@@ -147,6 +149,9 @@ def srun_argv(nodes: int, processes_per_node: int, gpus_per_node: int, log_dir: 
         f"--nodes={nodes}",
         f"--ntasks={nodes * processes_per_node}",
         f"--ntasks-per-node={processes_per_node}",
+        # Ranks 0..P-1 on the first node, P..2P-1 on the next (as torchrun numbers them), even
+        # when the job was submitted with another --distribution.
+        "--distribution=block",
         f"--output={log_dir}/rank-%t.log",  # %t: the task id, the rank; stderr goes there too
         "--input=none",
     ]
