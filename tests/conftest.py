@@ -4,9 +4,11 @@ expkit_cli) come from expkit's own pytest plugin, `expkit.testing`."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -132,3 +134,64 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 def background(expkit_cli_background):
     """`background(*args)`: start `expkit ARGS` (expkit.testing's `expkit_cli_background`)."""
     return expkit_cli_background
+
+
+# -- a private Slurm cluster ----------------------------------------------------------------
+SLURM_INSTALL = "`bash .ci/install` as root (apt-get install slurmctld slurmd slurm-client munge)"
+
+
+def _dev_cluster(nodes: int):
+    """Start a DevCluster of `nodes` nodes (2 CPUs, 2048 MB each) in a fresh folder under /tmp
+    (munged needs every folder above its socket searchable by all, which pytest's tmp_path is
+    not); yield it, then stop it and remove the folder. Slurm missing: skip, or fail in CI."""
+    from expkit_slurm.devcluster import DevCluster, missing_programs
+
+    missing = missing_programs()
+    if missing:
+        message = f"Slurm is not installed ({', '.join(missing)} missing): run {SLURM_INSTALL}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    folder = Path(tempfile.mkdtemp(prefix=f"expkit-slurm{nodes}-", dir="/tmp"))
+    folder.chmod(0o755)  # made here, for the cluster alone
+    cluster = DevCluster(folder, nodes=nodes, cpus_per_node=2, memory_mb=2048)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _slurm_session():
+    yield from _dev_cluster(1)
+
+
+@pytest.fixture(scope="session")
+def _slurm_session2():
+    yield from _dev_cluster(2)
+
+
+def _use_cluster(cluster, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    try:
+        yield cluster
+    finally:
+        cluster.cancel_all()
+
+
+@pytest.fixture
+def slurm_cluster(_slurm_session, monkeypatch: pytest.MonkeyPatch):
+    """A private Slurm cluster of one node `n1` (2 CPUs, 2048 MB) shared by the whole session:
+    SLURM_CONF names it for the test (and the commands it starts); every job left is cancelled
+    after the test, so each test starts with an empty queue. Partitions: `debug` (default) and
+    `small` (n1 only, 10 minutes at most)."""
+    yield from _use_cluster(_slurm_session, monkeypatch)
+
+
+@pytest.fixture
+def slurm_cluster2(_slurm_session2, monkeypatch: pytest.MonkeyPatch):
+    """As `slurm_cluster`, with two simulated nodes `n1` and `n2` of 2 CPUs each (both this
+    machine at 127.0.0.1): `srun -N2` puts the first ranks on n1, the next on n2."""
+    yield from _use_cluster(_slurm_session2, monkeypatch)
