@@ -292,3 +292,10 @@ def test_squeue_told_to_show_ended_jobs_still_gives_the_exit_code(env, tmp_path)
     poll(job_id, env, lambda s: s.finished, "the job's end")
     done = states.query(job_id, {**env, "SQUEUE_STATES": "all"})
     assert (done.state, done.exit_code) == ("FAILED", 4)
+
+
+def test_waiting_text_is_the_pending_reason():
+    assert states.waiting_text(JobState("7", "PENDING", "Priority")) == "Priority"
+    assert states.waiting_text(JobState("7", "PENDING", None)) == "pending"
+    assert states.waiting_text(JobState("7", "CONFIGURING")) == "configuring nodes"
+    assert states.waiting_text(JobState("7", "RUNNING", None, ["n1"])) is None

@@ -118,6 +118,17 @@ def query(job_id: str, env: Mapping[str, str]) -> JobState | None:
     return _scontrol(job_id, env) or _sacct(job_id, env) or live
 
 
+def waiting_text(state: JobState) -> str | None:
+    """What a run waiting for its job shows after `queued: ` (`ctx.waiting`): Slurm's pending
+    reason (`Priority`, `Resources`, ...), `configuring nodes` while nodes boot; None once the
+    job runs or ended."""
+    if state.state == "PENDING":
+        return state.reason or "pending"
+    if state.state == "CONFIGURING":
+        return "configuring nodes"
+    return None
+
+
 def never_starts(state: JobState) -> str | None:
     """For a PENDING job whose reason never clears by waiting (see NEVER_REASONS, and any
     per-job limit of the account or QOS: QOSMaxNodePerJobLimit, AssocMaxCpuPerJobLimit, the
