@@ -383,7 +383,7 @@ def down_env(slurm_cluster, tmp_path) -> dict[str, str]:
 
 
 def test_controller_down_is_a_stage_failure(down_env, run_dir):
-    said = f"compute: slurmctld at localhost:{down_env['_PORT']} does not answer (scontrol ping)"
+    said = f"slurmctld at localhost:{down_env['_PORT']} does not answer (scontrol ping)"
     with pytest.raises(StageFailed) as before_run:
         batch.test_only(batch.directives(job(), options(), "r", run_dir), down_env)
     assert str(before_run.value) == said

@@ -110,7 +110,7 @@ def submit(script_path: Path, env: Mapping[str, str]) -> str:
     out = _sbatch(command_line(script_path), env, _directives_of(script_path))
     job_id = out.strip().splitlines()[-1].split(";")[0] if out.strip() else ""
     if not job_id.isdigit():
-        raise StageFailed(f"compute: sbatch printed no job id ({out.strip()[:200]!r})")
+        raise StageFailed(f"sbatch printed no job id ({out.strip()[:200]!r})")
     return job_id
 
 
@@ -134,7 +134,7 @@ def ping(env: Mapping[str, str]) -> None:
     except subprocess.TimeoutExpired:
         done = None
     if done is None or done.returncode != 0 or " is UP" not in done.stdout:
-        raise StageFailed(f"compute: {controller(env)} does not answer (scontrol ping)")
+        raise StageFailed(f"{controller(env)} does not answer (scontrol ping)")
 
 
 def _sbatch(argv: list[str], env: Mapping[str, str], flags: list[str]) -> str:
@@ -147,14 +147,14 @@ def _sbatch(argv: list[str], env: Mapping[str, str], flags: list[str]) -> str:
         raise UserError(_NOT_INSTALLED.format(command="sbatch")) from None
     except subprocess.TimeoutExpired:
         raise StageFailed(
-            f"compute: sbatch did not answer within {SBATCH_TIMEOUT:.0f}s "
+            f"sbatch did not answer within {SBATCH_TIMEOUT:.0f}s "
             f"({controller(env)} may be overloaded)"
         ) from None
     if done.returncode == 0:
         return done.stdout
     reason = slurm_reason(done.stderr)
     if _UNREACHABLE in done.stderr:
-        raise StageFailed(f"compute: {controller(env)} does not answer (scontrol ping)")
+        raise StageFailed(f"{controller(env)} does not answer (scontrol ping)")
     raise UserError(f"compute: Slurm refuses the job: {reason}{_hint(reason, flags, env)}")
 
 

@@ -184,7 +184,7 @@ def cancel(job_id: str, env: Mapping[str, str]) -> None:
     if done.returncode != 0:
         text = done.stderr.strip()
         if not re.search(r"already completing or completed|Invalid job id", text):
-            raise StageFailed(f"compute: scancel {job_id} failed: {text.splitlines()[-1]}")
+            raise StageFailed(f"scancel {job_id} failed: {text.splitlines()[-1]}")
 
 
 def node_addresses(nodes: list[str], env: Mapping[str, str]) -> dict[str, NodeAddr]:
@@ -326,7 +326,7 @@ def _run(argv: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess
     try:
         done = subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise StageFailed(f"compute: {argv[0]} did not answer within {_TIMEOUT:.0f}s") from None
+        raise StageFailed(f"{argv[0]} did not answer within {_TIMEOUT:.0f}s") from None
     if _UNREACHABLE in done.stderr:
-        raise StageFailed(f"compute: {controller(env)} does not answer (scontrol ping)")
+        raise StageFailed(f"{controller(env)} does not answer (scontrol ping)")
     return done
