@@ -355,6 +355,13 @@ def test_a_request_slurm_refuses_is_one_line_with_its_reason(env, run_dir, field
     assert _slurm(["squeue", "-h"], env).stdout == ""  # nothing left queued
 
 
+def test_a_flag_sbatch_does_not_know_is_named(env, run_dir):
+    flags = batch.directives(job(), options(sbatch_args=["--bogus"]), "r", run_dir)
+    with pytest.raises(UserError) as refused:
+        batch.test_only(flags, env)
+    assert str(refused.value) == "compute: Slurm refuses the job: unrecognized option '--bogus'"
+
+
 def test_test_only_accepts_a_job_that_fits(env, run_dir):
     batch.test_only(batch.directives(job(), options(), "r", run_dir), env)
     assert _slurm(["squeue", "-h"], env).stdout == ""

@@ -165,10 +165,15 @@ def slurm_reason(stderr: str) -> str:
     reasons: list[str] = []
     for line in stderr.splitlines():
         line = line.strip()
-        for prefix in ("sbatch: error: ", "Batch job submission failed: ", "allocation failure: "):
+        for prefix in (
+            "sbatch: ",
+            "error: ",
+            "Batch job submission failed: ",
+            "allocation failure: ",
+        ):
             if line.startswith(prefix):
                 line = line[len(prefix) :]
-        if not line or line.startswith(('Try "sbatch --help"', "sbatch: ")):
+        if not line or line.startswith(('Try "sbatch --help"', "warning: ")):
             continue
         # "invalid partition specified: nope" then "Invalid partition name specified": the
         # second says the first again, less precisely.
