@@ -191,6 +191,35 @@ def test_two_node_job_names_both_nodes_and_their_addresses(slurm_cluster2, tmp_p
     poll(job_id, env, lambda s: s.finished, "the job's end")
 
 
+def test_a_node_failing_under_a_job_is_named(slurm_cluster2, tmp_path):
+    """n2 taken down (and drained, so it stays out of service) under a running 2-node job:
+    the job ends NODE_FAIL (not requeued: expkit submits with --no-requeue) and the run's
+    reason names n2 with Slurm's reason."""
+    env = {**os.environ, **slurm_cluster2.env}
+    job_id = sbatch(env, "--nodes=2", "--no-requeue", wrap="srun sleep 60", cwd=tmp_path)
+    poll(job_id, env, lambda s: s.state == "RUNNING", "the job running")
+    update = ["scontrol", "update", "nodename=n2"]
+    try:
+        subprocess.run([*update, "state=drain", "reason=disk on fire"], env=env, check=True)
+        subprocess.run([*update, "state=down", "reason=disk on fire"], env=env, check=True)
+        done = poll(job_id, env, lambda s: s.finished, "the job's end")
+    finally:
+        subprocess.run([*update, "state=resume"], env=env)
+        deadline = time.monotonic() + 60
+        while True:  # back in service for the tests that follow
+            sinfo = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True)
+            if sinfo.stdout.split() == [b"idle"]:
+                break
+            assert time.monotonic() < deadline, f"n2 did not come back: {sinfo.stdout}"
+            time.sleep(0.1)
+    assert done.state == "NODE_FAIL"
+    assert list(done.failed_nodes) == ["n2"]
+    run_state, reason = states.outcome(done, None)
+    assert run_state == "failed"
+    assert reason.startswith("node n2 failed (Slurm: NODE_FAIL; n2 is ")
+    assert reason.endswith("DRAIN: disk on fire)")
+
+
 def test_a_controller_that_does_not_answer_is_a_stage_failure(slurm_cluster, tmp_path):
     conf = Path(slurm_cluster.env["SLURM_CONF"]).read_text()
     port = 1  # nothing listens there
@@ -231,6 +260,11 @@ def job(state: str, nodes=("n1",), exit_code=0, signal=None) -> JobState:
         ("CANCELLED", ["n1"], ("canceled", "canceled by Slurm (scancel)")),
         ("TIMEOUT", ["n1"], ("failed", "time limit of 7200 s reached")),
         ("NODE_FAIL", ["n2"], ("failed", "node n2 failed (Slurm: NODE_FAIL)")),
+        (
+            "BOOT_FAIL",
+            ["n1", "n2"],
+            ("failed", "a node of n1, n2 failed to boot (Slurm: BOOT_FAIL)"),
+        ),
         ("NODE_FAIL", ["n1", "n2"], ("failed", "a node of n1, n2 failed (Slurm: NODE_FAIL)")),
         ("OUT_OF_MEMORY", ["n1"], ("failed", "out of memory on n1 (Slurm: OUT_OF_MEMORY)")),
         ("PREEMPTED", ["n1"], ("failed", "preempted by another job (Slurm: PREEMPTED)")),
@@ -241,6 +275,15 @@ def job(state: str, nodes=("n1",), exit_code=0, signal=None) -> JobState:
 )
 def test_each_final_state_ends_the_run(state, nodes, expected):
     assert states.outcome(job(state, nodes), 7200) == expected
+
+
+def test_a_node_slurm_holds_down_is_the_one_named():
+    failed = job("NODE_FAIL", ["n1", "n2"])
+    failed.failed_nodes = {"n2": "DOWN: Not responding"}
+    assert states.outcome(failed, None) == (
+        "failed",
+        "node n2 failed (Slurm: NODE_FAIL; n2 is DOWN: Not responding)",
+    )
 
 
 def test_time_limit_without_a_timeout_says_slurms_limit():

@@ -246,6 +246,7 @@ def test_directives_ask_for_the_jobs_shape():
         "--time=121",  # 7200 s = 120 min, plus a minute so the driver's own timeout fires first
         "--output=/shared/runs/r1/logs/launcher.log",
         "--open-mode=append",
+        "--no-requeue",
         "--chdir=/shared/runs/r1/work",
         "--export=ALL",
         "--partition=gpu",

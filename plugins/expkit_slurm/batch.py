@@ -72,7 +72,11 @@ def directives(job: JobSpec, options: Mapping, run_id: str, run_dir: Path) -> li
         flags.append(f"--time={minutes}")
     flags += [
         f"--output={run_dir / 'logs' / 'launcher.log'}",
-        "--open-mode=append",  # a requeued job adds to the log instead of replacing it
+        "--open-mode=append",  # a job requeued by the user's --requeue adds to its log
+        # A node failure or preemption ends the run (NODE_FAIL, PREEMPTED) instead of Slurm
+        # silently starting the training again in the same run folder (most clusters requeue
+        # by default); `sbatch_args: [--requeue]` asks for that back.
+        "--no-requeue",
         f"--chdir={run_dir / 'work'}",
         "--export=ALL",
     ]

@@ -19,7 +19,7 @@ How Slurm's states end a run (the README's table):
 | FAILED        | failed           | `Slurm job failed with exit code N` / `killed by signal N` |
 | CANCELLED     | canceled         | `canceled by Slurm (scancel)`                           |
 | TIMEOUT       | failed           | `time limit of N s reached`                             |
-| NODE_FAIL     | failed           | `node n2 failed (Slurm: NODE_FAIL)`                     |
+| NODE_FAIL     | failed           | `node n2 failed (Slurm: NODE_FAIL; n2 is DOWN: <why>)`  |
 | OUT_OF_MEMORY | failed           | `out of memory on n1 (Slurm: OUT_OF_MEMORY)`            |
 | PREEMPTED     | failed           | `preempted by another job (Slurm: PREEMPTED)`           |
 | BOOT_FAIL     | failed           | `node n1 failed to boot (Slurm: BOOT_FAIL)`             |
@@ -83,7 +83,8 @@ class JobState:
     """What Slurm says of one job: `state` is Slurm's word (PENDING, RUNNING, COMPLETED,
     TIMEOUT, ...), `reason` the pending reason (Priority, Resources, ...; None when Slurm
     gives none), `nodes` the node names once it has them, `exit_code` and `signal` the batch
-    step's (None when unknown, or no signal), `finished` true for a final state."""
+    step's (None when unknown, or no signal), `finished` true for a final state,
+    `failed_nodes` which of its nodes Slurm says are unwell after a node failure."""
 
     job_id: str
     state: str
@@ -92,6 +93,9 @@ class JobState:
     exit_code: int | None = None
     signal: int | None = None
     finished: bool = False
+    # After NODE_FAIL or BOOT_FAIL: the job's nodes Slurm now holds down, drained or not
+    # responding, each with its state and Slurm's reason (`IDLE+DRAIN: testing`).
+    failed_nodes: dict[str, str] = field(default_factory=dict)
 
 
 class NodeAddr(NamedTuple):
@@ -115,7 +119,10 @@ def query(job_id: str, env: Mapping[str, str]) -> JobState | None:
         return live
     # An ended job (squeue shows one only when SQUEUE_STATES asks for it) has its exit code
     # in scontrol's record or in accounting.
-    return _scontrol(job_id, env) or _sacct(job_id, env) or live
+    ended = _scontrol(job_id, env) or _sacct(job_id, env) or live
+    if ended is not None and ended.state in ("NODE_FAIL", "BOOT_FAIL"):
+        ended.failed_nodes = unwell_nodes(ended.nodes, env)
+    return ended
 
 
 def waiting_text(state: JobState) -> str | None:
@@ -164,12 +171,10 @@ def outcome(state: JobState, timeout: float | None) -> tuple[str, str | None]:
         return "failed", f"time limit of {timeout:g} s reached"
     reasons = {
         "FAILED": _exit_text(state),
-        "NODE_FAIL": f"node {nodes} failed (Slurm: NODE_FAIL)"
-        if len(state.nodes) <= 1
-        else f"a node of {nodes} failed (Slurm: NODE_FAIL)",
+        "NODE_FAIL": f"{_failed(state)} failed (Slurm: NODE_FAIL{_said(state)})",
         "OUT_OF_MEMORY": f"out of memory on {nodes} (Slurm: OUT_OF_MEMORY)",
         "PREEMPTED": "preempted by another job (Slurm: PREEMPTED)",
-        "BOOT_FAIL": f"node {nodes} failed to boot (Slurm: BOOT_FAIL)",
+        "BOOT_FAIL": f"{_failed(state)} failed to boot (Slurm: BOOT_FAIL{_said(state)})",
         "DEADLINE": "the job's deadline passed (Slurm: DEADLINE)",
     }
     return "failed", reasons.get(name, f"Slurm ended the job with state {name}")
@@ -201,6 +206,25 @@ def node_addresses(nodes: list[str], env: Mapping[str, str]) -> dict[str, NodeAd
         if name in nodes:
             addr = fields.get("NodeAddr") or name
             found[name] = NodeAddr(addr, fields.get("NodeHostName") or addr)
+    return found
+
+
+def unwell_nodes(nodes: list[str], env: Mapping[str, str]) -> dict[str, str]:
+    """Those of `nodes` that Slurm holds down, drained, failing or not responding, each with
+    its state and Slurm's reason (`DOWN+DRAIN: testing`): after a node failure, the node to
+    blame. Empty when Slurm lists none (a node back in service already)."""
+    if not nodes:
+        return {}
+    done = _run(["scontrol", "show", "node", "-o", ",".join(nodes)], env)
+    found = {}
+    for line in done.stdout.splitlines():
+        fields = _fields(line)
+        name, state = fields.get("NodeName"), fields.get("State", "")
+        if name in nodes and re.search(r"DOWN|DRAIN|FAIL|NOT_RESPONDING", state):
+            reason = re.search(r"(?:^|\s)Reason=(.*?)(?:\s+\w+=|$)", line)
+            # "testing [root@2026-11-29T22:38:58]": who set it and when is noise here
+            said = re.sub(r"\s*\[[^\]]*@[^\]]*\]$", "", reason.group(1)) if reason else ""
+            found[name] = f"{state}: {said}" if said else state
     return found
 
 
@@ -301,6 +325,18 @@ def _exit_code(text: str) -> tuple[int | None, int | None]:
     if not code.isdigit():
         return None, None
     return int(code), int(signal) if signal.isdigit() and int(signal) else None
+
+
+def _failed(state: JobState) -> str:
+    """The node to blame: those Slurm holds unwell, else the job's only node, else all."""
+    names = list(state.failed_nodes) or state.nodes
+    if len(names) == 1:
+        return f"node {names[0]}"
+    return f"a node of {', '.join(names)}" if names else "a node"
+
+
+def _said(state: JobState) -> str:
+    return "".join(f"; {name} is {said}" for name, said in state.failed_nodes.items())
 
 
 def _exit_text(state: JobState) -> str:
