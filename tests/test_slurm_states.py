@@ -153,6 +153,16 @@ def test_a_job_slurm_has_forgotten_is_read_from_the_jobcomp_file(slurm_cluster, 
     assert forgotten.finished
 
 
+@pytest.mark.slow
+def test_a_job_past_its_time_limit_ends_timeout(env, tmp_path):
+    """Slurm's own time limit (the backstop when the driver is gone): a minute, the least
+    Slurm takes, enforced on slurmctld's next check (about 80 s here)."""
+    job_id = sbatch(env, "--time=1", wrap="sleep 300", cwd=tmp_path)
+    done = poll(job_id, env, lambda s: s.finished, "the time limit", timeout=300)
+    assert done.state == "TIMEOUT"
+    assert states.outcome(done, 30) == ("failed", "time limit of 30 s reached")
+
+
 def test_a_job_nobody_knows_is_none(env):
     assert states.query("999999", env) is None
 
