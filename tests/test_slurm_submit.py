@@ -199,6 +199,8 @@ def test_every_option_has_a_help_line():
         ("-A", "compute.options.account"),
         ("--mem=4G", "compute.options.mem"),
         ("--export=NONE", "--export=ALL"),
+        ("--gres=gpu:2", "resources.gpus_per_node"),
+        ("--gres", "--gres=nvme:1"),
     ],
 )
 def test_sbatch_args_refuse_the_flags_expkit_sets(arg, instead):

@@ -69,6 +69,11 @@ def refused_flag(arg: str) -> str | None:
     if not matches:
         return None
     full = matches[0]
+    if full == "gres" and "=" not in arg:
+        return (
+            f"{arg!r}: give other generic resources in one item (--gres=nvme:1); GPUs "
+            "come from resources.gpus_per_node"
+        )
     if full == "gres" and arg.startswith("--gres="):
         # Other generic resources (--gres=nvme:1) are the user's; GPUs come from the job.
         names = [item.split(":")[0] for item in arg.split("=", 1)[1].split(",")]

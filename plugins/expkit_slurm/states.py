@@ -7,23 +7,23 @@ state onto the run's; `never_starts` spots a pending job Slurm will never start.
 
 How Slurm's states end a run (the README's table):
 
-| Slurm state   | run state        | reason shown                                           |
-|---------------|------------------|--------------------------------------------------------|
-| PENDING       | queued           | `queued: <reason>` (Priority, Resources, ...); a reason |
-|               |                  | that can never clear (PartitionNodeLimit, InvalidQOS,   |
-|               |                  | BadConstraints, ...) fails the run: see `never_starts` |
-| CONFIGURING   | queued           | `queued: configuring nodes` (nodes booting)             |
-| RUNNING       | running          |                                                         |
-| COMPLETING    | running          | (the job's processes are ending)                        |
-| COMPLETED     | completed        |                                                         |
-| FAILED        | failed           | `Slurm job failed with exit code N` / `killed by signal N` |
-| CANCELLED     | canceled         | `canceled by Slurm (scancel)`                           |
-| TIMEOUT       | failed           | `time limit of N s reached`                             |
-| NODE_FAIL     | failed           | `node n2 failed (Slurm: NODE_FAIL; n2 is DOWN: <why>)`  |
-| OUT_OF_MEMORY | failed           | `out of memory on n1 (Slurm: OUT_OF_MEMORY)`            |
-| PREEMPTED     | failed           | `preempted by another job (Slurm: PREEMPTED)`           |
-| BOOT_FAIL     | failed           | `node n1 failed to boot (Slurm: BOOT_FAIL)`             |
-| DEADLINE      | failed           | `the job's deadline passed (Slurm: DEADLINE)`           |
+| Slurm state   | run state | reason shown                                                  |
+|---------------|-----------|---------------------------------------------------------------|
+| PENDING       | queued    | `queued: <reason>` (Priority, Resources, ...); a reason that  |
+|               |           | never clears (PartitionNodeLimit, InvalidQOS, ...) ends the   |
+|               |           | run at once: see `never_starts`                               |
+| CONFIGURING   | queued    | `queued: configuring nodes` (nodes booting)                   |
+| RUNNING       | running   |                                                               |
+| COMPLETING    | running   | (the job's processes are ending)                              |
+| COMPLETED     | completed |                                                               |
+| FAILED        | failed    | `Slurm job failed with exit code N` (or `killed by signal N`) |
+| CANCELLED     | canceled  | `canceled by Slurm (scancel)`                                 |
+| TIMEOUT       | failed    | `time limit of N s reached` (N: the job's `timeout`)          |
+| NODE_FAIL     | failed    | `node n2 failed (Slurm: NODE_FAIL; n2 is DOWN: <why>)`        |
+| OUT_OF_MEMORY | failed    | `out of memory on n1 (Slurm: OUT_OF_MEMORY)`                  |
+| PREEMPTED     | failed    | `preempted by another job (Slurm: PREEMPTED)`                 |
+| BOOT_FAIL     | failed    | `node n1 failed to boot (Slurm: BOOT_FAIL)`                   |
+| DEADLINE      | failed    | `the job's deadline passed (Slurm: DEADLINE)`                 |
 
 Every command takes `env`: the environment Slurm's commands run with (the caller's plus
 SLURM_CONF).
