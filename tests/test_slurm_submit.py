@@ -324,6 +324,17 @@ def test_submitted_script_runs_where_the_run_reads(env, run_dir):
     assert log == f"expkit-r-1 in {run_dir / 'work'}: two words\n"
 
 
+def test_a_run_folder_with_a_percent_sign_is_written_as_is(env, tmp_path):
+    """Slurm expands %j in --output: a run folder named `100%j` is still the one written."""
+    run_dir = tmp_path / "100%j"
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "work").mkdir()
+    path = run_dir / "job.sh"
+    path.write_text(batch.script(batch.directives(job(), options(), "r", run_dir), ["pwd"]))
+    wait_for_end(batch.submit(path, env), env)
+    assert (run_dir / "logs" / "launcher.log").read_text() == f"{run_dir / 'work'}\n"
+
+
 def test_two_node_job_gets_both_nodes(slurm_cluster2, run_dir):
     env = {**os.environ, **slurm_cluster2.env}
     flags = batch.directives(job(resources={"nodes": 2}), options(), "r2", run_dir)

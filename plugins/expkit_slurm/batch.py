@@ -71,7 +71,8 @@ def directives(job: JobSpec, options: Mapping, run_id: str, run_dir: Path) -> li
     if minutes is not None:
         flags.append(f"--time={minutes}")
     flags += [
-        f"--output={run_dir / 'logs' / 'launcher.log'}",
+        # Slurm reads %j, %N, ... in --output as patterns: a % of the path is written %%
+        f"--output={str(run_dir / 'logs' / 'launcher.log').replace('%', '%%')}",
         "--open-mode=append",  # a job requeued by the user's --requeue adds to its log
         # A node failure or preemption ends the run (NODE_FAIL, PREEMPTED) instead of Slurm
         # silently starting the training again in the same run folder (most clusters requeue
