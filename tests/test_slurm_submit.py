@@ -154,10 +154,12 @@ def env(slurm_cluster) -> dict[str, str]:
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    """A run's folder as the lifecycle lays it out, on a path the "nodes" can read."""
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "work").mkdir()
-    return tmp_path
+    """A run's folder as the lifecycle lays it out, on a path the "nodes" can read (with a
+    space, which the #SBATCH lines must quote)."""
+    run_dir = tmp_path / "run 1"
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "work").mkdir()
+    return run_dir
 
 
 def wait_for_end(job_id: str, env: dict[str, str]) -> None:
