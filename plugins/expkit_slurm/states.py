@@ -76,6 +76,7 @@ NEVER_REASONS = {
 # 18 s (squeue, scontrol) before they say so; a command still silent past this is stuck.
 _TIMEOUT = 30.0
 _UNREACHABLE = "Unable to contact slurm controller"
+_EXPANDED: dict[str, list[str]] = {}  # host lists expanded by Slurm (pure syntax: no cluster)
 
 
 @dataclass
@@ -236,7 +237,14 @@ def hostnames(hostlist: str, env: Mapping[str, str]) -> list[str]:
         return []
     if "[" not in hostlist:
         return hostlist.split(",")
-    return _run(["scontrol", "show", "hostnames", hostlist], env).stdout.split()
+    if hostlist not in _EXPANDED:  # the same list on every poll of a running job: ask once
+        names = _run(["scontrol", "show", "hostnames", hostlist], env).stdout.split()
+        if not names:
+            return []
+        if len(_EXPANDED) > 256:
+            _EXPANDED.clear()
+        _EXPANDED[hostlist] = names
+    return list(_EXPANDED[hostlist])
 
 
 # -- the sources, cheapest first -------------------------------------------------------------
