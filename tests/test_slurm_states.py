@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import conftest
 from expkit.plugin import StageFailed
 from expkit_slurm import states
-from expkit_slurm.states import JobState, NodeAddr
+from expkit_slurm.states import JobState
 
 if not hasattr(conftest, "slurm_cluster"):  # TEMPORARY until devcluster lands
     from test_slurm_submit import slurm_cluster, slurm_cluster2  # noqa: F401
@@ -90,7 +91,7 @@ def cleared(env: dict[str, str]) -> None:
 def test_a_job_waits_with_its_reason_then_runs_and_completes(slurm_cluster, env, tmp_path):
     """Pending behind a job holding every CPU (reason Resources or Priority), then running on
     the node, then completed with exit code 0."""
-    blocker = sbatch(env, "--ntasks=2", wrap="sleep 60", cwd=tmp_path)
+    blocker = sbatch(env, "--exclusive", wrap="sleep 60", cwd=tmp_path)
     poll(blocker, env, lambda s: s.state == "RUNNING", "the blocker running")
     job_id = sbatch(env, wrap="sleep 0.5", cwd=tmp_path)
     try:
@@ -190,25 +191,30 @@ def test_two_node_job_names_both_nodes_and_their_addresses(slurm_cluster2, tmp_p
     job_id = sbatch(env, "--nodes=2", wrap="sleep 30", cwd=tmp_path)
     try:
         running = poll(job_id, env, lambda s: s.state == "RUNNING", "the job running")
+        listed = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%N"], env=env, capture_output=True, text=True
+        ).stdout.strip()
     finally:
         states.cancel(job_id, env)
-    assert running.nodes == ["n1", "n2"]  # Slurm says n[1-2]: expanded by Slurm itself
-    assert states.node_addresses(running.nodes, env) == {
-        "n1": NodeAddr("127.0.0.1", "localhost"),
-        "n2": NodeAddr("127.0.0.1", "localhost"),
-    }
-    assert states.hostnames("n[1-2]", env) == ["n1", "n2"]
+    assert running.nodes == slurm_cluster2.node_names
+    assert "[" in listed  # Slurm's compressed list (n[1-2]), expanded by Slurm itself
+    assert states.hostnames(listed, env) == slurm_cluster2.node_names
+    addresses = states.node_addresses(running.nodes, env)
+    assert list(addresses) == slurm_cluster2.node_names
+    for addr in addresses.values():  # names need not resolve; the address comes from Slurm
+        socket.inet_aton(addr.addr)
     poll(job_id, env, lambda s: s.finished, "the job's end")
 
 
 def test_a_node_failing_under_a_job_is_named(slurm_cluster2, tmp_path):
-    """n2 taken down (and drained, so it stays out of service) under a running 2-node job:
-    the job ends NODE_FAIL (not requeued: expkit submits with --no-requeue) and the run's
-    reason names n2 with Slurm's reason."""
+    """The second node taken down (and drained, so it stays out of service) under a running
+    2-node job: the job ends NODE_FAIL (not requeued: expkit submits with --no-requeue) and
+    the run's reason names that node with Slurm's reason."""
     env = {**os.environ, **slurm_cluster2.env}
+    second = slurm_cluster2.node_names[1]
     job_id = sbatch(env, "--nodes=2", "--no-requeue", wrap="srun sleep 60", cwd=tmp_path)
     poll(job_id, env, lambda s: s.state == "RUNNING", "the job running")
-    update = ["scontrol", "update", "nodename=n2"]
+    update = ["scontrol", "update", f"nodename={second}"]
     try:
         subprocess.run([*update, "state=drain", "reason=disk on fire"], env=env, check=True)
         subprocess.run([*update, "state=down", "reason=disk on fire"], env=env, check=True)
@@ -218,15 +224,15 @@ def test_a_node_failing_under_a_job_is_named(slurm_cluster2, tmp_path):
         deadline = time.monotonic() + 60
         while True:  # back in service for the tests that follow
             sinfo = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True)
-            if sinfo.stdout.split() == [b"idle"]:
+            if set(sinfo.stdout.split()) == {b"idle"}:
                 break
-            assert time.monotonic() < deadline, f"n2 did not come back: {sinfo.stdout}"
+            assert time.monotonic() < deadline, f"{second} did not come back: {sinfo.stdout}"
             time.sleep(0.1)
     assert done.state == "NODE_FAIL"
-    assert list(done.failed_nodes) == ["n2"]
+    assert list(done.failed_nodes) == [second]
     run_state, reason = states.outcome(done, None)
     assert run_state == "failed"
-    assert reason.startswith("node n2 failed (Slurm: NODE_FAIL; n2 is ")
+    assert reason.startswith(f"node {second} failed (Slurm: NODE_FAIL; {second} is ")
     assert reason.endswith("DRAIN: disk on fire)")
 
 

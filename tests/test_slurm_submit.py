@@ -346,18 +346,32 @@ def test_two_node_job_gets_both_nodes(slurm_cluster2, run_dir):
     assert (run_dir / "logs" / "launcher.log").read_text() == "2 2\n"
 
 
-@pytest.mark.parametrize(
-    "fields, opts, reason",
-    [
-        ({"resources": {"nodes": 2}}, {},
-         "Node count specification invalid (partition debug has 1 node)"),
-        ({"resources": {"processes_per_node": 3}}, {},
-         "More processors requested than permitted (partition debug has 2 CPUs on 1 node(s))"),
-        ({}, {"partition": "nope"}, "invalid partition specified: nope (partitions: debug)"),
-        ({}, {"mem": "64G"}, "Requested node configuration is not available"),
-    ],
-)  # fmt: skip
-def test_a_request_slurm_refuses_is_one_line_with_its_reason(env, run_dir, fields, opts, reason):
+@pytest.mark.parametrize("ask", ["nodes", "cpus", "partition", "mem"])
+def test_a_request_slurm_refuses_is_one_line_with_its_reason(env, run_dir, ask):
+    """One node more than the partition has, one CPU more than a node has, a partition that
+    does not exist, more memory than any node has."""
+    parts = batch.partitions(env)
+    name, part = next((n, p) for n, p in parts.items() if p["default"])
+    plural = "s" if part["nodes"] != 1 else ""
+    fields, opts, reason = {
+        "nodes": (
+            {"resources": {"nodes": part["nodes"] + 1}},
+            {},
+            f"Node count specification invalid (partition {name} has {part['nodes']} node{plural})",
+        ),
+        "cpus": (
+            {"resources": {"processes_per_node": part["cpus"] // part["nodes"] + 1}},
+            {},
+            f"More processors requested than permitted (partition {name} has {part['cpus']} "
+            f"CPUs on {part['nodes']} node(s))",
+        ),
+        "partition": (
+            {},
+            {"partition": "nope"},
+            f"invalid partition specified: nope (partitions: {', '.join(sorted(parts))})",
+        ),
+        "mem": ({}, {"mem": "100000G"}, "Requested node configuration is not available"),
+    }[ask]
     flags = batch.directives(job(**fields), options(**opts), "r", run_dir)
     with pytest.raises(UserError) as before_run:
         batch.test_only(flags, env)
@@ -418,7 +432,7 @@ def test_controller_down_is_a_stage_failure(down_env, run_dir):
 
 
 def test_script_directives_round_trip(run_dir):
-    flags = batch.directives(job(), options(partition="debug"), "r", Path("/a b"))
+    flags = batch.directives(job(), options(partition="gpu"), "r", Path("/a b"))
     path = run_dir / "job.sh"
     path.write_text(batch.script(flags, ["true"]))
     assert batch._directives_of(path) == flags
