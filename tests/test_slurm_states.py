@@ -18,13 +18,9 @@ from pathlib import Path
 
 import pytest
 
-import conftest
 from expkit.plugin import StageFailed
 from expkit_slurm import states
 from expkit_slurm.states import JobState
-
-if not hasattr(conftest, "slurm_cluster"):  # TEMPORARY until devcluster lands
-    from test_slurm_submit import slurm_cluster, slurm_cluster2  # noqa: F401
 
 
 @pytest.fixture

@@ -200,9 +200,7 @@ def _hint(reason: str, flags: list[str], env: Mapping[str, str]) -> str:
     if "invalid partition" in low:
         return f" (partitions: {', '.join(sorted(parts))})"
     name = (
-        wanted.split(",")[0]
-        if wanted
-        else next((n for n, p in parts.items() if p["default"]), None)
+        wanted.split(",")[0] if wanted else next((n for n, p in parts.items() if p["default"]), "")
     )
     part = parts.get(name or "")
     if part is None:
