@@ -177,7 +177,7 @@ def test_the_pending_reason_is_the_runs_status_while_the_job_waits(
 ):
     env = {**os.environ, **slurm_cluster.env}
     blocker = subprocess.run(
-        ["sbatch", "--parsable", "-n", "2", "--wrap", "sleep 300"],
+        ["sbatch", "--parsable", "-n", "2", "--output=/dev/null", "--wrap", "sleep 300"],
         capture_output=True,
         text=True,
         env=env,
