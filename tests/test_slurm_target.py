@@ -349,3 +349,15 @@ def test_without_slurm_the_job_is_refused_naming_the_install(expkit_cli, write_j
     result = expkit_cli("run", str(job), env={"PATH": os.path.dirname(sys.executable)})
     assert result.returncode == 2
     assert "Slurm" in error_line(result) and "install" in error_line(result)
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_before_a_run_exists(
+    slurm_cluster, expkit_workspace, expkit_cli, write_job, tmp_path
+):
+    job = write_job(job_spec(), SIMPLE)
+    missing = tmp_path / "no-such" / "slurm.conf"
+    result = expkit_cli("run", str(job), env={"SLURM_CONF": str(missing)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = error_line(result)
+    assert "does not answer" in line and f"SLURM_CONF={missing}" in line, line
+    assert expkit_workspace.history.runs.recent(limit=10) == []

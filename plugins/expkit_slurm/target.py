@@ -91,7 +91,12 @@ class SlurmTarget(ComputeTarget):
         if shutil.which("sbatch") is None:
             raise UserError(f"compute: the slurm target needs Slurm's commands here: {INSTALL}")
         directives = batch.directives(job, job.compute.options, "preflight", Path.cwd())
-        batch.test_only(directives, dict(os.environ))
+        try:
+            batch.test_only(directives, dict(os.environ))
+        except StageFailed as down:  # no run exists yet: nothing to fail but the command
+            conf = os.environ.get("SLURM_CONF")
+            which = f"SLURM_CONF={conf}" if conf else "the cluster's slurm.conf (SLURM_CONF)"
+            raise UserError(f"compute: {down}; check {which} and that slurmctld runs") from None
 
     def dry_run(self, job: JobSpec) -> str:
         """The batch script and the sbatch command, for a run folder as a workspace in the
