@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -358,6 +359,15 @@ def test_a_cluster_that_does_not_answer_is_one_line_before_a_run_exists(
     missing = tmp_path / "no-such" / "slurm.conf"
     result = expkit_cli("run", str(job), env={"SLURM_CONF": str(missing)})
     assert result.returncode == 2, result.stdout + result.stderr
+    assert f"SLURM_CONF={missing}: there is no such file" in error_line(result)
+    with socket.socket() as free:  # a port nobody listens on: a controller that is down
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    down = tmp_path / "down.conf"
+    conf = re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={port}", slurm_cluster.conf.read_text())
+    down.write_text(conf)
+    result = expkit_cli("run", str(job), env={"SLURM_CONF": str(down)}, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
     line = error_line(result)
-    assert "does not answer" in line and f"SLURM_CONF={missing}" in line, line
+    assert "does not answer" in line and f"SLURM_CONF={down}" in line, line
     assert expkit_workspace.history.runs.recent(limit=10) == []

@@ -90,11 +90,13 @@ class SlurmTarget(ComputeTarget):
         exists, with Slurm's own reason."""
         if shutil.which("sbatch") is None:
             raise UserError(f"compute: the slurm target needs Slurm's commands here: {INSTALL}")
+        conf = os.environ.get("SLURM_CONF")
+        if conf and not Path(conf).is_file():  # Slurm's commands would retry it for 60 s
+            raise UserError(f"compute: SLURM_CONF={conf}: there is no such file")
         directives = batch.directives(job, job.compute.options, "preflight", Path.cwd())
         try:
             batch.test_only(directives, dict(os.environ))
         except StageFailed as down:  # no run exists yet: nothing to fail but the command
-            conf = os.environ.get("SLURM_CONF")
             which = f"SLURM_CONF={conf}" if conf else "the cluster's slurm.conf (SLURM_CONF)"
             raise UserError(f"compute: {down}; check {which} and that slurmctld runs") from None
 
