@@ -371,3 +371,20 @@ def test_a_cluster_that_does_not_answer_is_one_line_before_a_run_exists(
     line = error_line(result)
     assert "does not answer" in line and f"SLURM_CONF={down}" in line, line
     assert expkit_workspace.history.runs.recent(limit=10) == []
+
+
+@pytest.mark.slow
+def test_the_sample_slurm_job_trains_on_two_nodes_and_registers_its_model(
+    slurm_cluster2, expkit_workspace, expkit_cli
+):
+    job = REPO / "training" / "job-slurm.yaml"
+    one_epoch = ["--set", "args.num_epochs=1", "--set", "environment=inherit"]
+    result = expkit_cli("run", str(job), *one_epoch, env=slurm_cluster2.env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "epoch 1/1" in result.stdout  # rank 0's output, streamed from the shared folder
+    assert "model pt-dnn version 1" in result.stdout
+    run = record(expkit_workspace)
+    assert expkit_workspace.history.tags.of(run.id)["slurm.nodes"] == ",".join(
+        slurm_cluster2.node_names
+    )
+    assert expkit_workspace.history.metrics.latest(run.id)["best_val_acc"] > 0.1
