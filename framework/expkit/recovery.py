@@ -62,7 +62,10 @@ def reattach(workspace: Workspace, history: History) -> list[str]:
     started = []
     for run_id in history.runs.orphans()[1]:
         if history.runs.take_over(run_id, os.getpid()):
-            start_driver(workspace, run_id, reattach=True)
+            try:
+                start_driver(workspace, run_id, reattach=True)
+            except OSError:  # no room for its log, no process left: a later command tries
+                continue
             started.append(run_id)
     return started
 
