@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shlex
 import signal
@@ -308,3 +309,15 @@ def test_a_signal_for_the_batch_step_reaches_every_rank(slurm_cluster2, tmp_path
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     assert wait_for(job)["JobState"] == "COMPLETED"
     assert [log.read_text() for log in logs] == ["waiting\ngot SIGUSR1\n"] * 2
+
+
+def test_a_run_folder_the_node_cannot_see_is_named(tmp_path):
+    """A workspace on a disk of the login node only: the batch job on the first node says so."""
+    missing = tmp_path / "not-mounted-here" / "run"
+    argv = launcher_argv(sys.executable, "none", 1, 1, 0, missing / "logs", ["true"])
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "SLURMD_NODENAME": "n7"}
+    )
+    assert done.returncode == 2
+    assert f"{missing} does not exist on node n7" in done.stderr
+    assert "every node mounts" in done.stderr

@@ -275,7 +275,13 @@ def launch(
     """Run `command` as every rank of the allocation with one srun step; return the exit
     status (the first failed rank's, else srun's). The signals in FORWARDED go to srun."""
     _check(backend, nodes, processes_per_node, gpus_per_node)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    if not log_dir.parent.is_dir():  # the run's folder is not on this node's file systems
+        node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+        raise ValueError(
+            f"{log_dir.parent} does not exist on node {node}: the workspace must be on a file "
+            "system every node mounts at the same path"
+        )
+    log_dir.mkdir(exist_ok=True)
     names = job_nodes()[:nodes]
     env, server = ranks_env(backend, names, processes_per_node, gpus_per_node)
     argv = srun_argv(nodes, processes_per_node, gpus_per_node, log_dir)

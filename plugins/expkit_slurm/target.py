@@ -227,6 +227,9 @@ class SlurmTarget(ComputeTarget):
             failure = self.failure(ctx)
             if failure and failure.exit_code is not None:
                 return failure.exit_code
+            said = _last_line(ctx.log_dir / "launcher.log")
+            if said and not list(ctx.log_dir.glob("rank-*.log")):  # no rank ever started
+                raise StageFailed(f"Slurm job {job_id} failed before its ranks started: {said}")
             return state.exit_code or 1
         raise StageFailed(reason or f"Slurm job {job_id} ended {state.state}")
 
@@ -313,6 +316,18 @@ class RankLogs:
             self.offsets[path] = offset + end
             for line in data[:end].splitlines(keepends=True):
                 self.ctx.echo(int(number), line)
+
+
+def _last_line(path: Path) -> str | None:
+    """The last non-empty line of a log (its last 4 KiB), or None."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.strip() for line in reversed(lines) if line.strip()), None)
 
 
 def _job_id(allocation: Any) -> str:
