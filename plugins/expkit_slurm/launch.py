@@ -324,30 +324,19 @@ def launch(
 
 def task(backend: str, command: list[str]) -> int:
     """One rank, as srun starts it: `command` with the rank's variables (PER_TASK), in a
-    process group of its own; the signals in FORWARDED go to that group. When the rank ends,
+    process group of its own (Slurm signals it with the rest of the step). When the rank ends,
     what it started in its group and left running is stopped (SIGTERM, then SIGKILL after
     LEFTOVER_GRACE seconds), on clusters that track a step's processes by cgroup and on those
     that do not (proctrack/linuxproc loses a child whose parent exited). Returns the rank's
     exit code; a rank killed by signal N kills this process with N, so that srun reports it
     as Slurm does for any task ("Killed", "Segmentation fault")."""
     env = {**os.environ, **{name: os.environ[slurm] for name, slurm in PER_TASK[backend].items()}}
-    started: list[int] = []  # the rank's pid, once it runs
-    early: list[int] = []  # signals that came before: sent once it runs
-
-    def forward(number: int, frame: object) -> None:
-        if not started:
-            early.append(number)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(started[0], number)
-
+    # Slurm signals every process of a step itself (scancel, srun passing on a signal: the
+    # proctrack plugin's container, a cgroup or the process tree), the rank included: passing
+    # a signal on as well would deliver it twice. This process only outlives it, to clean up.
     for forwarded in FORWARDED:
-        signal.signal(forwarded, forward)
+        signal.signal(forwarded, lambda number, frame: None)
     rank = subprocess.Popen(command, env=env, preexec_fn=os.setpgrp)
-    started.append(rank.pid)
-    for number in early:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(rank.pid, number)
     code = rank.wait()
     for number, wait in ((signal.SIGTERM, LEFTOVER_GRACE), (signal.SIGKILL, 0.0)):
         try:
