@@ -47,7 +47,11 @@ the script's first line uses too, on this one machine):
   ended (sbatch);
 - first line: seconds until rank 0's first line (its timestamp, read from rank-0.log), that is
   submit (the user pressing Enter) to the training script running on the node; for expkit
-  this includes what it does before sbatch (snapshot, history, sbatch --test-only).
+  this includes what it does before sbatch (snapshot, history, sbatch --test-only);
+- after the last line: seconds from rank 0's last line (rank-0.log's modification time: the
+  script's "saved .../model.pt" line) to the end as measured for the wall time: the job's end
+  seen by polling, and for expkit also its post-processing (output hashes, model registry).
+The time between the two is the training itself, the same on every side but for noise.
 Target (issue 12): expkit adds under 1 s or 5 % of the bare sbatch's wall time, whichever is
 larger.
 
@@ -162,31 +166,36 @@ def free_port() -> int:
 
 @dataclass
 class Side:
-    """One way of running the job, and its figures: wall and first-line seconds per run."""
+    """One way of running the job, and its figures per run: wall seconds, seconds to rank 0's
+    first line, and seconds from rank 0's last line to the end."""
 
     name: str
     walls: list[float] = field(default_factory=list)
     firsts: list[float] = field(default_factory=list)
+    afters: list[float] = field(default_factory=list)
 
     def run(self, number: int, record: bool = True) -> None:
         """Time one launch; `number` names its folders. Exits with the output if it fails."""
         start = time.time()
         logs = self.launch_logs(number)
-        wall = time.time() - start
+        end = time.time()
         rank0 = logs / "rank-0.log"
         try:
             found = FIRST_LINE.search(rank0.read_text(errors="replace"))
+            last = rank0.stat().st_mtime  # rank 0's last line ("best val acc ...; saved ...")
         except OSError:
             found = None
         if found is None:
             sys.exit(f"error: {self.name}: no first line in {rank0}")
-        first = float(found[1]) - start
+        wall, first, after = end - start, float(found[1]) - start, end - last
         if record:
             self.walls.append(wall)
             self.firsts.append(first)
+            self.afters.append(after)
         warm = "" if record else " (warm)"
         print(
-            f"  {self.name:<30} wall {wall:6.2f}s  first line {first:5.2f}s{warm}",
+            f"  {self.name:<30} wall {wall:6.2f}s  first line {first:5.2f}s  after the last "
+            f"{after:5.2f}s{warm}",
             file=sys.stderr,
             flush=True,
         )
@@ -436,6 +445,8 @@ def figures(side: Side) -> dict:
         "best_first_line_s": round(min(side.firsts), 3),
         "wall_runs_s": [round(w, 3) for w in side.walls],
         "first_line_runs_s": [round(f, 3) for f in side.firsts],
+        "after_last_line_s": round(med(side.afters), 3),
+        "after_last_line_runs_s": [round(a, 3) for a in side.afters],
     }
 
 
@@ -446,13 +457,17 @@ def report(sides: list[Side], args: argparse.Namespace, total: float, load: list
         f"\nthe sample job on 2 nodes x 1 process (torchrun), {args.epochs} epoch(s), poll "
         f"{args.poll:g}s, median of {args.repeat} (best in brackets)"
     )
-    print(f"{'side':<30} {'wall':>16} {'submit to rank 0 first line':>28}")
+    print(
+        f"{'side':<30} {'wall':>16} {'submit to rank 0 first line':>28} "
+        f"{'rank 0 last line to end':>24}"
+    )
     result = {side.name: figures(side) for side in sides}
     for side in sides:
         f = result[side.name]
         print(
             f"{side.name:<30} {f['wall_s']:>8.2f}s ({f['best_wall_s']:5.2f})"
             f" {f['first_line_s']:>19.2f}s ({f['best_first_line_s']:5.2f})"
+            f" {f['after_last_line_s']:>23.2f}s"
         )
     e, b = result[expkit.name], result[sbatch.name]
     added, ratio = e["wall_s"] - b["wall_s"], e["wall_s"] / b["wall_s"]
