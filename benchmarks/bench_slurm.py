@@ -51,7 +51,12 @@ the script's first line uses too, on this one machine):
 - after the last line: seconds from rank 0's last line (rank-0.log's modification time: the
   script's "saved .../model.pt" line) to the end as measured for the wall time: the job's end
   seen by polling, and for expkit also its post-processing (output hashes, model registry).
-The time between the two is the training itself, the same on every side but for noise.
+- training: wall - first line - after the last: rank 0's own run (imports, training), the same
+  on every side but for noise and for what else runs on these 2 cores meanwhile;
+- submitter CPU: CPU seconds (user + system) of what runs on the submitting side (this
+  process's children): expkit with its Slurm commands; sbatch and the scontrol polls; srun.
+  The simulated nodes share this machine's cores with the submitter, so a busy driver slows
+  the training here, which it would not do from a real login node.
 Target (issue 12): expkit adds under 1 s or 5 % of the bare sbatch's wall time, whichever is
 larger.
 
@@ -71,6 +76,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -173,12 +179,16 @@ class Side:
     walls: list[float] = field(default_factory=list)
     firsts: list[float] = field(default_factory=list)
     afters: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
 
     def run(self, number: int, record: bool = True) -> None:
         """Time one launch; `number` names its folders. Exits with the output if it fails."""
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.time()
         logs = self.launch_logs(number)
         end = time.time()
+        now = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
         rank0 = logs / "rank-0.log"
         try:
             found = FIRST_LINE.search(rank0.read_text(errors="replace"))
@@ -192,10 +202,11 @@ class Side:
             self.walls.append(wall)
             self.firsts.append(first)
             self.afters.append(after)
+            self.cpus.append(cpu)
         warm = "" if record else " (warm)"
         print(
             f"  {self.name:<30} wall {wall:6.2f}s  first line {first:5.2f}s  after the last "
-            f"{after:5.2f}s{warm}",
+            f"{after:5.2f}s  submitter CPU {cpu:5.2f}s{warm}",
             file=sys.stderr,
             flush=True,
         )
@@ -438,6 +449,7 @@ def stop_cluster(folder: Path) -> None:
 def figures(side: Side) -> dict:
     """A side's medians, bests and per-run figures, rounded for the JSON."""
     med = statistics.median
+    training = [w - f - a for w, f, a in zip(side.walls, side.firsts, side.afters, strict=True)]
     return {
         "wall_s": round(med(side.walls), 3),
         "best_wall_s": round(min(side.walls), 3),
@@ -447,6 +459,9 @@ def figures(side: Side) -> dict:
         "first_line_runs_s": [round(f, 3) for f in side.firsts],
         "after_last_line_s": round(med(side.afters), 3),
         "after_last_line_runs_s": [round(a, 3) for a in side.afters],
+        "training_s": round(med(training), 3),
+        "submitter_cpu_s": round(med(side.cpus), 3),
+        "submitter_cpu_runs_s": [round(c, 3) for c in side.cpus],
     }
 
 
@@ -459,7 +474,7 @@ def report(sides: list[Side], args: argparse.Namespace, total: float, load: list
     )
     print(
         f"{'side':<30} {'wall':>16} {'submit to rank 0 first line':>28} "
-        f"{'rank 0 last line to end':>24}"
+        f"{'rank 0 last line to end':>24} {'training':>9} {'submitter CPU':>14}"
     )
     result = {side.name: figures(side) for side in sides}
     for side in sides:
@@ -467,7 +482,8 @@ def report(sides: list[Side], args: argparse.Namespace, total: float, load: list
         print(
             f"{side.name:<30} {f['wall_s']:>8.2f}s ({f['best_wall_s']:5.2f})"
             f" {f['first_line_s']:>19.2f}s ({f['best_first_line_s']:5.2f})"
-            f" {f['after_last_line_s']:>23.2f}s"
+            f" {f['after_last_line_s']:>23.2f}s {f['training_s']:>8.2f}s"
+            f" {f['submitter_cpu_s']:>13.2f}s"
         )
     e, b = result[expkit.name], result[sbatch.name]
     added, ratio = e["wall_s"] - b["wall_s"], e["wall_s"] / b["wall_s"]
