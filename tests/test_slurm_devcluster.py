@@ -46,16 +46,18 @@ def test_two_simulated_nodes_run_one_step_across_both(slurm_cluster2):
 
 def test_the_partition_a_job_asks_for_decides_whether_it_can_ever_run(slurm_cluster2):
     """`small` holds the first node only: two nodes there fail at submit, not pend forever."""
-    small = slurm("sbatch", "--partition=small", "--nodes=2", "--wrap=true")
+    small = slurm("sbatch", "--partition=small", "--nodes=2", "-o", "/dev/null", "--wrap=true")
     assert small.returncode != 0
     assert "Node count specification invalid" in small.stderr
-    debug = slurm("sbatch", "--parsable", "--partition=debug", "--nodes=2", "--wrap=true")
+    debug = slurm(
+        "sbatch", "--parsable", "--partition=debug", "--nodes=2", "-o", "/dev/null", "--wrap=true"
+    )
     assert debug.returncode == 0, debug.stderr
 
 
 def test_cancel_all_leaves_an_empty_queue(slurm_cluster):
     for _ in range(2):
-        job = slurm("sbatch", "--parsable", "--wrap=sleep 300")
+        job = slurm("sbatch", "--parsable", "-o", "/dev/null", "--wrap=sleep 300")
         assert job.returncode == 0, job.stderr
     assert len(slurm("squeue", "-h").stdout.splitlines()) == 2
     slurm_cluster.cancel_all()
@@ -94,7 +96,9 @@ def test_start_status_and_stop_from_the_command_line(cluster_folder, monkeypatch
 
     supervisor = json.loads((cluster_folder / "devcluster.json").read_text())["pid"]
     daemons = [int((cluster_folder / "run" / f"slurmd-{n}.pid").read_text()) for n in ("n1", "n2")]
-    slurm("sbatch", "--wrap=sleep 300")  # a job left running does not stop the stop
+    slurm(
+        "sbatch", "-o", "/dev/null", "--wrap=sleep 300"
+    )  # a job left running does not stop the stop
     stopped = devcluster_cli("stop", str(cluster_folder))
     assert stopped.returncode == 0, stopped.stderr
     assert not alive(supervisor)

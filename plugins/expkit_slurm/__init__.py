@@ -10,8 +10,9 @@ the nodes but the job's environment.
 from __future__ import annotations
 
 from expkit.plugin import ComputeTarget, hookimpl
+from expkit_slurm.target import SlurmTarget
 
 
 @hookimpl
 def expkit_compute_targets() -> list[ComputeTarget]:
-    return []
+    return [SlurmTarget()]

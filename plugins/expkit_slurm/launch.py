@@ -9,7 +9,9 @@ started by ONE job step, `srun --kill-on-bad-exit=1 --nodes=N --ntasks-per-node=
 --output=LOGDIR/rank-%t.log`: each rank's stdout and stderr go, as written, to its own file (%t
 is the task's global rank; Slurm may append its own "slurmstepd: ... CANCELLED" line), and when a
 rank fails, Slurm stops the others. srun's own messages go to this program's stderr, the batch
-log, where `first_failure` finds the rank that failed first.
+log, where `first_failure` finds the rank that failed first. Each rank runs under this file's
+`--task` mode (`task`): it sets the rank's variables and, when the rank ends, stops what the
+rank left running, whether or not the cluster tracks a step's processes with cgroups.
 
 The ranks' environment, per backend (what the training script sees is what it sees under the
 local target):
@@ -32,30 +34,45 @@ else srun's. The meaning of each srun flag used: https://slurm.schedmd.com/srun.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import re
+import resource
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 BACKENDS = ("none", "torchrun", "horovod")
 
-# Set per task from Slurm's own numbering (srun sets SLURM_PROCID: the global rank,
-# SLURM_LOCALID: the rank on its node, SLURM_NODEID: the node's index in the step,
-# SLURMD_NODENAME: the node's name), then the rank's command replaces the shell.
+# Set per task (`task`) from Slurm's own numbering: srun sets SLURM_PROCID (the global rank),
+# SLURM_LOCALID (the rank on its node), SLURM_NODEID (the node's index in the step) and
+# SLURMD_NODENAME (the node's name).
 PER_TASK = {
-    "torchrun": "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID GROUP_RANK=$SLURM_NODEID "
-    "NODE_RANK=$SLURM_NODEID ROLE_RANK=$SLURM_PROCID",
-    "horovod": "export HOROVOD_RANK=$SLURM_PROCID HOROVOD_LOCAL_RANK=$SLURM_LOCALID "
-    "HOROVOD_CROSS_RANK=$SLURM_NODEID HOROVOD_HOSTNAME=$SLURMD_NODENAME",
+    "none": {},
+    "torchrun": {
+        "RANK": "SLURM_PROCID",
+        "LOCAL_RANK": "SLURM_LOCALID",
+        "GROUP_RANK": "SLURM_NODEID",
+        "NODE_RANK": "SLURM_NODEID",
+        "ROLE_RANK": "SLURM_PROCID",
+    },
+    "horovod": {
+        "HOROVOD_RANK": "SLURM_PROCID",
+        "HOROVOD_LOCAL_RANK": "SLURM_LOCALID",
+        "HOROVOD_CROSS_RANK": "SLURM_NODEID",
+        "HOROVOD_HOSTNAME": "SLURMD_NODENAME",
+    },
 }
+# Seconds a rank's leftover processes get after SIGTERM before SIGKILL (`task`).
+LEFTOVER_GRACE = 2.0
 
 # srun's line for a task that failed: `srun: error: NODE: task 3: Exited with exit code 3`,
 # `srun: error: NODE: tasks 0-1: Terminated`, `...: Segmentation fault (core dumped)`: the
@@ -262,8 +279,7 @@ def launch(
     names = job_nodes()[:nodes]
     env, server = ranks_env(backend, names, processes_per_node, gpus_per_node)
     argv = srun_argv(nodes, processes_per_node, gpus_per_node, log_dir)
-    if backend in PER_TASK:
-        argv += ["sh", "-c", f'{PER_TASK[backend]}; exec "$0" "$@"']
+    argv += [sys.executable, str(Path(__file__).resolve()), "--task", backend, "--"]
     # Signals for the batch step (scancel --batch, sbatch --signal=B:USR1@60, the time limit's
     # SIGTERM) are passed to srun, which passes them to every rank; one arriving before srun
     # runs waits for it.
@@ -300,6 +316,61 @@ def launch(
     return 128 - code if code < 0 else code
 
 
+def task(backend: str, command: list[str]) -> int:
+    """One rank, as srun starts it: `command` with the rank's variables (PER_TASK), in a
+    process group of its own; the signals in FORWARDED go to that group. When the rank ends,
+    what it started in its group and left running is stopped (SIGTERM, then SIGKILL after
+    LEFTOVER_GRACE seconds), on clusters that track a step's processes by cgroup and on those
+    that do not (proctrack/linuxproc loses a child whose parent exited). Returns the rank's
+    exit code; a rank killed by signal N kills this process with N, so that srun reports it
+    as Slurm does for any task ("Killed", "Segmentation fault")."""
+    env = {**os.environ, **{name: os.environ[slurm] for name, slurm in PER_TASK[backend].items()}}
+    started: list[int] = []  # the rank's pid, once it runs
+    early: list[int] = []  # signals that came before: sent once it runs
+
+    def forward(number: int, frame: object) -> None:
+        if not started:
+            early.append(number)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started[0], number)
+
+    for forwarded in FORWARDED:
+        signal.signal(forwarded, forward)
+    rank = subprocess.Popen(command, env=env, preexec_fn=os.setpgrp)
+    started.append(rank.pid)
+    for number in early:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(rank.pid, number)
+    code = rank.wait()
+    for number, wait in ((signal.SIGTERM, LEFTOVER_GRACE), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(rank.pid, number)
+        except ProcessLookupError:
+            break  # nothing left in the group
+        _wait_group(rank.pid, wait)
+    if code >= 0:
+        return code
+    for forwarded in FORWARDED:
+        signal.signal(forwarded, signal.SIG_DFL)
+    with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP have no handler
+        signal.signal(-code, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the rank dumped its core, if any
+    os.kill(os.getpid(), -code)
+    return 128 - code  # a signal that does not end a process (SIGCHLD): as a shell says it
+
+
+def _wait_group(pgid: int, seconds: float) -> None:
+    """Wait up to `seconds` for process group `pgid` to be empty."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
 def _copy_stderr(stream: IO[bytes], messages: list[bytes]) -> None:
     """Pass srun's messages to the batch log as they come, keeping them to read afterwards."""
     for line in stream:
@@ -310,6 +381,9 @@ def _copy_stderr(stream: IO[bytes], messages: list[bytes]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line that `launcher_argv` builds; returns the exit status (2: bad input)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--task"]:  # one rank, as srun starts it: --task BACKEND -- COMMAND...
+        return task(argv[1], argv[3:])
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, required=True)
     parser.add_argument("--nodes", type=int, required=True)

@@ -76,7 +76,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         rows.append(
             [
                 r.id,
-                r.state,
+                f"{r.state}: {r.status}" if r.status else r.state,  # queued: Priority
                 when(r.created),
                 human_seconds(took),
                 "-" if r.exit_code is None else str(r.exit_code),

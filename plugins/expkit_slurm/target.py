@@ -1,0 +1,315 @@
+"""The `slurm` compute target: the job goes to Slurm with `sbatch`; srun starts the ranks.
+
+The lifecycle, as Slurm sees it (Slurm's own commands only; see expkit_slurm.batch and
+expkit_slurm.states):
+
+* scale (`acquire`): the batch script (expkit_slurm.batch) is written to the run's folder and
+  submitted; the job's id is recorded on the run (`ctx.set_remote_job("slurm:ID")`), so the job
+  outlives this driver. While the job is pending the run is `queued` with Slurm's reason
+  ("Priority", "Resources"); a reason that can never clear (the partition is too small, an
+  unknown account) cancels the job and fails the run with Slurm's word for it.
+* run (`execute`): the job runs `launch.py` on its first node, which starts every rank with one
+  srun step (expkit_slurm.launch); each rank writes `logs/rank-N.log` itself, on the file
+  system the nodes share, and this driver shows their lines as they come. The job's `timeout`
+  is enforced here to the second (Slurm's own `--time`, in minutes, is the backstop when no
+  driver follows the job). Ctrl-C and `expkit runs cancel` call `scancel`.
+* A driver that dies leaves the job running: the next expkit command starts a driver that
+  re-attaches (`reattach`) and finishes the run when the job ends.
+
+Only the machine expkit runs on writes the run history (SQLite must not be shared over a
+network file system); the nodes write files in the run's folder only (logs, the metric
+channel, outputs), which therefore must be on a file system the nodes share.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from expkit.plugin import (
+    Allocation,
+    Canceled,
+    ComputeTarget,
+    Detached,
+    JobSpec,
+    Process,
+    RankFailure,
+    RunContext,
+    StageFailed,
+    UserError,
+)
+from expkit_slurm import batch, launch, states
+from expkit_slurm.options import TAKES
+
+BACKENDS = ("none", "torchrun", "horovod")
+TAIL_SECONDS = 0.1  # how often the ranks' logs are read for new lines
+CANCEL_WAIT_SECONDS = 30.0  # how long a cancel waits for Slurm to end the job
+INSTALL = "apt-get install slurm-client (or load your cluster's Slurm module)"
+
+
+@dataclass
+class SlurmAllocation(Allocation):
+    """The nodes Slurm gave the job, and the job's id."""
+
+    job_id: str = ""
+
+
+class SlurmTarget(ComputeTarget):
+    name = "slurm"
+    description = "a Slurm cluster: sbatch from this machine, one srun step starts the ranks"
+    launches_ranks = True  # srun starts the ranks; the job's backend says how they meet
+    takes = TAKES
+
+    # -- before any run -----------------------------------------------------------------
+    def check(self, job: JobSpec) -> None:
+        backend, res = job.distributed.backend, job.resources
+        if backend not in BACKENDS:
+            raise UserError(
+                f"distributed: the slurm target starts the ranks of none, torchrun or horovod, "
+                f"not {backend!r}"
+            )
+        if backend == "none" and res.processes != 1:
+            raise UserError(
+                f"distributed: none runs one process, but resources ask for {res.processes}; "
+                "set `distributed: torchrun` or `distributed: horovod`"
+            )
+        if 0 < res.gpus_per_node < res.processes_per_node:
+            raise UserError(
+                f"resources.gpus_per_node: each of the {res.processes_per_node} processes per "
+                f"node needs its own GPU, but the job asks for {res.gpus_per_node}"
+            )
+
+    def preflight(self, job: JobSpec) -> None:
+        """Slurm's commands are here, the controller answers and the request fits the
+        cluster (`sbatch --test-only`): a job that can never start is refused before a run
+        exists, with Slurm's own reason."""
+        if shutil.which("sbatch") is None:
+            raise UserError(f"compute: the slurm target needs Slurm's commands here: {INSTALL}")
+        directives = batch.directives(job, job.compute.options, "preflight", Path.cwd())
+        batch.test_only(directives, dict(os.environ))
+
+    def dry_run(self, job: JobSpec) -> str:
+        """The batch script and the sbatch command, for a run folder as a workspace in the
+        current folder would name it (`<experiment>_N`: the number is given at submit)."""
+        run_id = f"{job.experiment}_N"
+        run_dir = Path.cwd() / ".expkit" / "runs" / run_id
+        command = ["python", job.entry_script, *job.command_args({k: k for k in job.data})]
+        script = self._script(job, run_id, run_dir, command)
+        submit = shlex.join(batch.command_line(run_dir / "slurm" / "job.sh"))
+        return f"{script}\n$ {submit}"
+
+    def _script(self, job: JobSpec, run_id: str, run_dir: Path, command: list[str]) -> str:
+        res = job.resources
+        body = launch.launcher_argv(
+            command[0],
+            job.distributed.backend,
+            res.nodes,
+            res.processes_per_node,
+            res.gpus_per_node,
+            run_dir / "logs",
+            command,
+        )
+        return batch.script(batch.directives(job, job.compute.options, run_id, run_dir), body)
+
+    # -- scale ------------------------------------------------------------------------------
+    def acquire(self, ctx: RunContext) -> SlurmAllocation:
+        if ctx.command is None:
+            raise RuntimeError("the slurm target needs the script's command (RunContext.command)")
+        folder = ctx.run_dir / "slurm"
+        folder.mkdir(exist_ok=True)
+        path = folder / "job.sh"
+        path.write_text(self._script(ctx.job, ctx.run_id, ctx.run_dir, ctx.command.argv))
+        job_id = batch.submit(path, self._env(ctx))
+        ctx.set_remote_job(f"slurm:{job_id}")
+        ctx.set_tags({"slurm.job_id": job_id})
+        ctx.say(f"submitted Slurm job {job_id}: {shlex.join(batch.command_line(path))}")
+        return self._started(ctx, job_id)
+
+    def reattach(self, ctx: RunContext, remote_job: str) -> SlurmAllocation:
+        job_id = remote_job.removeprefix("slurm:")
+        try:
+            found = states.query(job_id, self._env(ctx))
+        except StageFailed as lost:  # the controller does not answer: try again later
+            raise Detached(str(lost)) from None
+        if found is None:
+            raise StageFailed(
+                f"Slurm no longer knows job {job_id}: it ended while no expkit process "
+                "followed it, and the cluster keeps no record of it (accounting)"
+            )
+        ctx.say(f"re-attached to Slurm job {job_id} ({found.state})")
+        return self._started(ctx, job_id)
+
+    def _started(self, ctx: RunContext, job_id: str) -> SlurmAllocation:
+        """Wait while the job is pending (the run queued, with Slurm's reason), until it
+        runs or has ended; its nodes."""
+        env, poll = self._env(ctx), float(ctx.job.compute.options["poll_seconds"])
+        said = None
+        while True:
+            state = self._query(job_id, env)
+            text = states.waiting_text(state)
+            if text is None or state.finished:
+                break
+            never = states.never_starts(state)
+            if never:
+                states.cancel(job_id, env)
+                raise UserError(f"compute: Slurm job {job_id} can never start: {never}")
+            if said is None:
+                ctx.say(f"Slurm job {job_id} waits in the queue")
+            if text != said:
+                ctx.waiting(text)  # the run shows as `queued: Priority`
+                said = text
+            if self._wait(ctx, poll):
+                self._cancel(ctx, job_id)
+                raise Canceled()
+        if said:
+            ctx.waiting(None)
+        nodes = ", ".join(state.nodes) or "?"
+        ctx.status(f"slurm {state.state} on {nodes}")
+        ctx.set_tags({"slurm.nodes": ",".join(state.nodes)})
+        return SlurmAllocation(
+            hosts=list(state.nodes),
+            slots=[],
+            description=f"Slurm job {job_id} on {nodes}",
+            job_id=job_id,
+        )
+
+    # -- run --------------------------------------------------------------------------------
+    def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
+        """Follow the job to its end: show the ranks' lines, enforce the timeout, cancel
+        on request; the exit code of the job (srun's: the first failed rank's)."""
+        job_id = _job_id(allocation)
+        env, poll = self._env(ctx), float(ctx.job.compute.options["poll_seconds"])
+        timeout = ctx.job.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tails = RankLogs(ctx)
+        state = self._query(job_id, env)
+        asked = 0.0
+        while not state.finished:
+            tails.show()
+            if ctx.canceled():
+                self._cancel(ctx, job_id)
+                tails.show()
+                raise Canceled()
+            if deadline is not None and time.monotonic() > deadline:
+                self._cancel(ctx, job_id)
+                tails.show()
+                raise StageFailed(
+                    f"timed out after {timeout:g}s (the job's `timeout`); Slurm job {job_id} "
+                    "canceled"
+                )
+            time.sleep(TAIL_SECONDS)
+            if time.monotonic() - asked >= poll:
+                asked = time.monotonic()
+                before, state = state.state, self._query(job_id, env)
+                if state.state != before:
+                    ctx.status(f"slurm {state.state} on {', '.join(state.nodes) or '?'}")
+        tails.show(final=True)
+        ctx.set_tags({"slurm.state": state.state})
+        ctx.status(None)
+        verdict, reason = states.outcome(state, timeout)
+        if verdict == "completed":
+            return 0
+        if verdict == "canceled":
+            raise Canceled(reason or f"Slurm job {job_id} was canceled")
+        if state.state == "FAILED" and state.exit_code is not None:
+            failure = self.failure(ctx)
+            if failure and failure.exit_code is not None:
+                return failure.exit_code
+            return state.exit_code or 1
+        raise StageFailed(reason or f"Slurm job {job_id} ended {state.state}")
+
+    def failure(self, ctx: RunContext) -> RankFailure | None:
+        """The first rank srun reported failed, from the batch log (launcher.log)."""
+        log = ctx.log_dir / "launcher.log"
+        try:
+            text = log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        found = launch.first_failure(text)
+        if found is None:
+            return None
+        return RankFailure(rank=found.rank, exit_code=found.exit_code, node=found.node)
+
+    def release(self, ctx: RunContext, allocation: Allocation) -> None:
+        """A job still alive (the run failed or was stopped on this side) is canceled."""
+        job_id = _job_id(allocation)
+        state = states.query(job_id, self._env(ctx))
+        if state is not None and not state.finished:
+            self._cancel(ctx, job_id)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _env(self, ctx: RunContext) -> dict[str, str]:
+        """The environment of Slurm's commands: this process's, with the script's (sbatch
+        hands it to the job: `--export=ALL`)."""
+        extra = ctx.command.env if ctx.command is not None else {}
+        return {**os.environ, **extra}
+
+    def _query(self, job_id: str, env: dict[str, str]) -> states.JobState:
+        """The job's state; Detached when the controller does not answer (the job may well
+        go on: a later driver re-attaches), StageFailed when Slurm forgot the job."""
+        try:
+            state = states.query(job_id, env)
+        except StageFailed as lost:
+            raise Detached(f"{lost}; Slurm job {job_id} may go on") from None
+        if state is None:
+            raise StageFailed(f"Slurm no longer knows job {job_id}")
+        return state
+
+    def _wait(self, ctx: RunContext, seconds: float) -> bool:
+        """Sleep `seconds`, waking to check for a cancel; True when the run is canceled."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if ctx.canceled():
+                return True
+            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+        return ctx.canceled()
+
+    def _cancel(self, ctx: RunContext, job_id: str) -> None:
+        """scancel, then wait (a bounded time) until Slurm says the job ended."""
+        env = self._env(ctx)
+        states.cancel(job_id, env)
+        end = time.monotonic() + CANCEL_WAIT_SECONDS
+        while time.monotonic() < end:
+            state = states.query(job_id, env)
+            if state is None or state.finished:
+                return
+            time.sleep(0.2)
+        ctx.say(f"Slurm job {job_id} still ends after {CANCEL_WAIT_SECONDS:g}s of scancel")
+
+
+class RankLogs:
+    """New lines of each rank's log (written by srun on the nodes), shown with ctx.echo."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.offsets: dict[Path, int] = {}
+
+    def show(self, final: bool = False) -> None:
+        """Echo each rank's new complete lines (and, when `final`, a last unfinished one)."""
+        for path in sorted(self.ctx.log_dir.glob("rank-*.log")):
+            number = path.stem.removeprefix("rank-")
+            if not number.isdigit() or path.is_symlink():
+                continue
+            offset = self.offsets.get(path, 0)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except OSError:
+                continue
+            end = len(data) if final else data.rfind(b"\n") + 1
+            self.offsets[path] = offset + end
+            for line in data[:end].splitlines(keepends=True):
+                self.ctx.echo(int(number), line)
+
+
+def _job_id(allocation: Any) -> str:
+    job_id = getattr(allocation, "job_id", "")
+    if not job_id:
+        raise RuntimeError("the slurm target got an allocation it did not make")
+    return str(job_id)
