@@ -64,11 +64,12 @@ after the last line), which other load on the machine moves far less than the tr
 Every side runs once to warm the caches, then REPEAT rounds; the order of the three sides
 rotates from round to round so that machine noise is spread over all of them. Figures are
 medians, with the best of the rounds next to them (less sensitive to other load). A launch is
-about 15-20 s, mostly training (1 epoch on 2 CPU cores shared by both ranks); the default (4
-rounds of 3 launches) takes about 4 minutes. Other processes on the machine move single runs by
-seconds: read the per-run figures (stderr, and the JSON) and the load average printed at the end
-before trusting a percentage. Prints a table and writes the figures as JSON on stdout's last
-line.
+about 25 s, mostly training (1 epoch on 2 CPU cores shared by both ranks), up to 60 s when
+other work shares the cores; the default (4 rounds of 3 launches) takes about 5 minutes, 7 on a
+busy machine. Other processes on the machine move single runs by many seconds: read the per-run
+figures (stderr, and the JSON), the time outside the training and the load average printed at
+the end before trusting a percentage. Prints a table and writes the figures as JSON on
+stdout's last line.
 """
 
 from __future__ import annotations
@@ -567,6 +568,7 @@ def main() -> None:
     if args.repeat < 1 or args.epochs < 1 or args.poll < 0.2:
         parser.error("--repeat and --epochs must be at least 1, --poll at least 0.2")
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
 
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
