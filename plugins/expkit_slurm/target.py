@@ -293,20 +293,27 @@ class SlurmTarget(ComputeTarget):
 
 
 class RankLogs:
-    """New lines of each rank's log (written by srun on the nodes), shown with ctx.echo."""
+    """New lines of each rank's log (written by srun on the nodes), shown with ctx.echo.
+
+    Cheap enough to call every TAIL_SECONDS: the folder is listed once a second, and a log is
+    read only when its size grew."""
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.offsets: dict[Path, int] = {}
+        self.listed = 0.0
 
     def show(self, final: bool = False) -> None:
         """Echo each rank's new complete lines (and, when `final`, a last unfinished one)."""
-        for path in sorted(self.ctx.log_dir.glob("rank-*.log")):
-            number = path.stem.removeprefix("rank-")
-            if not number.isdigit() or path.is_symlink():
-                continue
-            offset = self.offsets.get(path, 0)
+        if final or time.monotonic() - self.listed >= 1.0:
+            self.listed = time.monotonic()
+            for path in sorted(self.ctx.log_dir.glob("rank-*.log")):
+                if path.stem.removeprefix("rank-").isdigit() and not path.is_symlink():
+                    self.offsets.setdefault(path, 0)
+        for path, offset in self.offsets.items():
             try:
+                if path.stat().st_size <= offset:
+                    continue
                 with open(path, "rb") as f:
                     f.seek(offset)
                     data = f.read()
@@ -314,8 +321,9 @@ class RankLogs:
                 continue
             end = len(data) if final else data.rfind(b"\n") + 1
             self.offsets[path] = offset + end
+            rank = int(path.stem.removeprefix("rank-"))
             for line in data[:end].splitlines(keepends=True):
-                self.ctx.echo(int(number), line)
+                self.ctx.echo(rank, line)
 
 
 def _last_line(path: Path) -> str | None:
