@@ -43,7 +43,7 @@ from expkit.plugin import (
     StageFailed,
     UserError,
 )
-from expkit_slurm import batch, launch, states
+from expkit_slurm import batch, states
 from expkit_slurm.options import TAKES
 
 BACKENDS = ("none", "torchrun", "horovod")
@@ -111,6 +111,8 @@ class SlurmTarget(ComputeTarget):
         return f"{script}\n$ {submit}"
 
     def _script(self, job: JobSpec, run_id: str, run_dir: Path, command: list[str]) -> str:
+        from expkit_slurm import launch  # the node side: loaded when a job is submitted
+
         res = job.resources
         body = launch.launcher_argv(
             command[0],
@@ -240,6 +242,8 @@ class SlurmTarget(ComputeTarget):
             text = log.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return None
+        from expkit_slurm import launch
+
         found = launch.first_failure(text)
         if found is None:
             return None
