@@ -194,6 +194,31 @@ def test_the_pending_reason_is_the_runs_status_while_the_job_waits(
     assert record(expkit_workspace).state == "completed"
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_signal_while_the_job_waits_in_the_queue_cancels_the_slurm_job(
+    how, slurm_cluster, expkit_workspace, expkit_cli_background, write_job
+):
+    env = {**os.environ, **slurm_cluster.env}
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-n", "2", "--output=/dev/null", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.strip()
+    eventually(lambda: "RUNNING" in squeue(slurm_cluster), what="the blocking job running")
+    live = expkit_cli_background("run", str(write_job(job_spec(), SIMPLE)), env=slurm_cluster.env)
+    live.wait_for(re.compile(r"\b(Resources|Priority)\b"), timeout=60)
+    live.interrupt() if how == "ctrl-c" else live.terminate()
+    assert live.wait(timeout=60) != 0, live.output
+    assert record(expkit_workspace).state == "canceled"
+    try:  # the run's job left the queue: it must never start after the run ended
+        queue = squeue(slurm_cluster)
+        assert [line.split()[0] for line in queue.splitlines()] == [blocker], queue
+    finally:
+        subprocess.run(["scancel", blocker], env=env, check=True)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "runs cancel"])
 def test_a_cancel_calls_scancel_and_keeps_the_outputs(
     how, slurm_cluster, expkit_workspace, expkit_cli, expkit_cli_background, write_job

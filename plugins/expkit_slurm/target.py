@@ -146,7 +146,22 @@ class SlurmTarget(ComputeTarget):
 
     def _started(self, ctx: RunContext, job_id: str) -> SlurmAllocation:
         """Wait while the job is pending (the run queued, with Slurm's reason), until it
-        runs or has ended; its nodes."""
+        runs or has ended; its nodes. A run stopped while it waits (Ctrl-C, SIGTERM, an
+        error) takes its job out of the queue: no allocation exists yet, so `release` is
+        never called, and the job would otherwise start after the run ended. Only a driver
+        that lets go of the job (Detached: the terminal closed) leaves it queued."""
+        try:
+            return self._wait_until_started(ctx, job_id)
+        except Detached:
+            raise
+        except BaseException:
+            try:
+                self._cancel(ctx, job_id)
+            except StageFailed as failure:  # the run's own reason stays the one recorded
+                ctx.say(f"Slurm job {job_id} may still be queued: {failure}")
+            raise
+
+    def _wait_until_started(self, ctx: RunContext, job_id: str) -> SlurmAllocation:
         env, poll = self._env(ctx), float(ctx.job.compute.options["poll_seconds"])
         said = None
         while True:
