@@ -369,6 +369,24 @@ def test_the_slurm_target_keeps_the_compute_target_contract(slurm_cluster, monke
     assert "cancel" in checked and "timeout" in checked
 
 
+@pytest.mark.parametrize("conf", ["controller down", "no slurm.conf"])
+def test_a_cluster_that_cannot_be_reached_is_one_line_before_a_run_exists(
+    conf, slurm_cluster, expkit_workspace, expkit_cli, write_job, tmp_path
+):
+    if conf == "controller down":  # the cluster's slurm.conf, a port nothing listens on
+        text = Path(slurm_cluster.env["SLURM_CONF"]).read_text()
+        text = re.sub(r"(?m)^SlurmctldPort=.*$", "SlurmctldPort=1", text)
+        (tmp_path / "slurm.conf").write_text(text)
+        said = "slurmctld at localhost:1 does not answer"
+    else:
+        said = "SLURM_CONF"
+    env = {"SLURM_CONF": str(tmp_path / "slurm.conf")}  # absent for "no slurm.conf"
+    result = expkit_cli("run", str(write_job(job_spec(), SIMPLE)), env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert said in error_line(result)
+    assert expkit_workspace.history.runs.recent() == []
+
+
 def test_without_slurm_the_job_is_refused_naming_the_install(expkit_cli, write_job):
     job = write_job(job_spec(), SIMPLE)
     result = expkit_cli("run", str(job), env={"PATH": os.path.dirname(sys.executable)})

@@ -34,6 +34,8 @@ _NOT_INSTALLED = (
     "Slurm jobs (a login node)"
 )
 _UNREACHABLE = "Unable to contact slurm controller"
+_NO_CONFIG = "Could not establish a configuration source"
+_SET_CONF = "export SLURM_CONF=<your cluster's slurm.conf>"
 
 
 def time_limit(timeout: float | None) -> int | None:
@@ -129,7 +131,14 @@ def test_only(directives: list[str], env: Mapping[str, str]) -> None:
 
 
 def ping(env: Mapping[str, str]) -> None:
-    """Raise StageFailed unless the controller answers `scontrol ping` (a few ms either way)."""
+    """Raise StageFailed unless the controller answers `scontrol ping` (a few ms either way).
+
+    Raises UserError when Slurm has no configuration to read: SLURM_CONF names a file that
+    does not exist (checked here: Slurm's commands retry a missing one for 60 s), or neither
+    SLURM_CONF, /etc/slurm/slurm.conf nor a configless controller (DNS SRV) gives one."""
+    conf = env.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():
+        raise UserError(f"compute: SLURM_CONF is {conf}, which does not exist; {_SET_CONF}")
     try:
         done = subprocess.run(
             ["scontrol", "ping"], env=dict(env), capture_output=True, text=True, timeout=30
@@ -138,6 +147,11 @@ def ping(env: Mapping[str, str]) -> None:
         raise UserError(_NOT_INSTALLED.format(command="scontrol")) from None
     except subprocess.TimeoutExpired:
         done = None
+    if done is not None and _NO_CONFIG in done.stderr:
+        raise UserError(
+            "compute: Slurm finds no slurm.conf here (SLURM_CONF is not set, "
+            f"/etc/slurm/slurm.conf does not exist, no configless controller); {_SET_CONF}"
+        )
     if done is None or done.returncode != 0 or " is UP" not in done.stdout:
         raise StageFailed(f"{controller(env)} does not answer (scontrol ping)")
 

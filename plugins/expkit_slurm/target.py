@@ -91,7 +91,13 @@ class SlurmTarget(ComputeTarget):
         if shutil.which("sbatch") is None:
             raise UserError(f"compute: the slurm target needs Slurm's commands here: {INSTALL}")
         directives = batch.directives(job, job.compute.options, "preflight", Path.cwd())
-        batch.test_only(directives, dict(os.environ))
+        try:
+            batch.test_only(directives, dict(os.environ))
+        except StageFailed as down:  # no run exists yet: one line, as for any bad setting
+            raise UserError(
+                f"compute: {down}; start the cluster, or set SLURM_CONF to the slurm.conf "
+                "of one that runs"
+            ) from None
 
     def dry_run(self, job: JobSpec) -> str:
         """The batch script and the sbatch command, for a run folder as a workspace in the
