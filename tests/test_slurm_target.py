@@ -329,6 +329,31 @@ def test_a_killed_driver_leaves_the_job_running_and_runs_follow_finishes_the_run
     }
 
 
+def test_a_driver_that_re_attaches_keeps_the_timeout_counted_from_the_first(
+    slurm_cluster, expkit_workspace, expkit_cli, expkit_cli_background, write_job
+):
+    script = """
+        import time
+        print("started", flush=True)
+        time.sleep(10)
+        print("past the timeout", flush=True)
+        time.sleep(6)  # ends within a fresh 8 s timeout: only the first count stops it
+    """
+    live = expkit_cli_background(
+        "run", str(write_job(job_spec(timeout=8), script)), env=slurm_cluster.env
+    )
+    live.wait_for("started", timeout=60)
+    run_id = live.run_id
+    os.killpg(live.proc.pid, signal.SIGKILL)
+    live.proc.wait()
+    log = expkit_workspace.run_dir(run_id) / "logs" / "rank-0.log"
+    eventually(lambda: "past the timeout" in log.read_text(), timeout=60, what="the timeout past")
+    result = expkit_cli("runs", "follow", run_id, env=slurm_cluster.env, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    run = expkit_workspace.history.runs.get(run_id)
+    assert run.state == "failed" and "timed out after 8s" in run.error, run.error
+
+
 def test_a_closed_terminal_detaches_and_a_background_driver_finishes_the_run(
     slurm_cluster, expkit_workspace, expkit_cli_background, write_job
 ):
