@@ -205,7 +205,9 @@ def _hint(reason: str, flags: list[str], env: Mapping[str, str]) -> str:
     """What the partition has, for a reason about nodes, CPUs or the partition itself: cheap
     (one `scontrol show partition`), and what the user needs to fix the job."""
     low = reason.lower()
-    if not any(word in low for word in ("node count", "processors", "invalid partition")):
+    if not any(
+        word in low for word in ("node count", "processors", "invalid partition", "time limit")
+    ):
         return ""
     wanted = next((f.split("=", 1)[1] for f in flags if f.startswith("--partition=")), None)
     parts = partitions(env)
@@ -219,6 +221,15 @@ def _hint(reason: str, flags: list[str], env: Mapping[str, str]) -> str:
     part = parts.get(name or "")
     if part is None:
         return ""
+    if "time limit" in low:
+        asked = next((f.split("=", 1)[1] for f in flags if f.startswith("--time=")), None)
+        if asked is None or part["max_time"] == "UNLIMITED":
+            return ""
+        return (
+            f" (partition {name} allows {part['max_time']}; the job asks --time={asked} "
+            f"minutes: its `timeout` rounded up to minutes, plus {TIME_MARGIN_MINUTES} so that "
+            "expkit's own timeout comes first)"
+        )
     if "node count" in low:
         count = part["nodes"]
         return f" (partition {name} has {count} node{'s' if count != 1 else ''})"
@@ -226,7 +237,8 @@ def _hint(reason: str, flags: list[str], env: Mapping[str, str]) -> str:
 
 
 def partitions(env: Mapping[str, str]) -> dict[str, dict]:
-    """The cluster's partitions by name, each with `nodes`, `cpus` and `default`, from
+    """The cluster's partitions by name, each with `nodes`, `cpus`, `default` and `max_time`
+    (Slurm's MaxTime as it writes it: `00:10:00`, `1-00:00:00`, `UNLIMITED`), from
     `scontrol show partition -o`; empty when Slurm does not say."""
     try:
         done = subprocess.run(
@@ -246,6 +258,7 @@ def partitions(env: Mapping[str, str]) -> dict[str, dict]:
                 "nodes": int(fields.get("TotalNodes", "0") or 0),
                 "cpus": int(fields.get("TotalCPUs", "0") or 0),
                 "default": fields.get("Default") == "YES",
+                "max_time": fields.get("MaxTime", "UNLIMITED"),
             }
     return found
 
