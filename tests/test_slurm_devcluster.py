@@ -130,6 +130,13 @@ def test_a_folder_holding_something_else_is_refused(tmp_path):
     assert "not empty and not a dev cluster's folder" in result.stderr
 
 
+def test_a_file_in_place_of_the_folder_is_refused_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = devcluster_cli("start", str(tmp_path / "notes.txt"))
+    assert result.returncode == 2
+    assert result.stderr == f"devcluster: error: {tmp_path / 'notes.txt'}: not a folder\n"
+
+
 def test_a_missing_slurm_names_the_install_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(devcluster, "SBIN", ())
     monkeypatch.setenv("PATH", str(tmp_path))

@@ -243,6 +243,24 @@ def test_a_controller_that_does_not_answer_is_a_stage_failure(slurm_cluster, tmp
         states.query("1", env)
 
 
+def test_a_controller_that_accepts_but_never_replies_is_a_stage_failure(slurm_cluster, tmp_path):
+    """As a paused or overloaded slurmctld: the connection is taken, no answer comes, and
+    Slurm's commands say "Socket timed out on send/recv operation". That is no news of the
+    job: the run must not end as if Slurm had forgotten it."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # never accepted: the kernel takes the connections, nobody answers
+    conf = Path(slurm_cluster.env["SLURM_CONF"]).read_text()
+    conf = re.sub(r"(?m)^SlurmctldPort=.*$", f"SlurmctldPort={silent.getsockname()[1]}", conf)
+    (tmp_path / "slurm.conf").write_text("MessageTimeout=1\n" + conf)
+    env = {**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf")}
+    try:
+        with pytest.raises(StageFailed, match=r"does not answer"):
+            states.query("1", env)
+    finally:
+        silent.close()
+
+
 # -- parsing and mapping -------------------------------------------------------------------
 def test_sacct_lines_as_slurmdbd_gives_them():
     """`sacct -P -n -X -o JobID,State,ExitCode,NodeList`, in the format sacct(1) documents:

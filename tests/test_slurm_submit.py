@@ -281,6 +281,25 @@ def test_a_request_slurm_refuses_is_one_line_with_its_reason(env, run_dir, ask):
     assert _slurm(["squeue", "-h"], env).stdout == ""  # nothing left queued
 
 
+def test_a_timeout_over_the_partitions_time_limit_names_both(env, run_dir):
+    """A timeout equal to the partition's MaxTime is refused: Slurm's --time gets expkit's
+    margin on top. The reason Slurm gives does not say which limit; the hint does."""
+    parts = batch.partitions(env)
+    name, part = next(
+        ((n, p) for n, p in parts.items() if p["max_time"] != "UNLIMITED"), (None, None)
+    )
+    if part is None:
+        pytest.skip("no partition with a time limit on this cluster")
+    hours, minutes, _ = (int(x) for x in part["max_time"].split("-")[-1].split(":"))
+    seconds = (hours * 60 + minutes) * 60
+    flags = batch.directives(job(timeout=seconds), options(partition=name), "r", run_dir)
+    with pytest.raises(UserError) as refused:
+        batch.test_only(flags, env)
+    assert f"(partition {name} allows {part['max_time']}; the job asks --time=" in str(
+        refused.value
+    )
+
+
 def test_a_flag_sbatch_does_not_know_is_named(env, run_dir):
     flags = batch.directives(job(), options(sbatch_args=["--bogus"]), "r", run_dir)
     with pytest.raises(UserError) as refused:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +194,31 @@ def test_the_pending_reason_is_the_runs_status_while_the_job_waits(
     assert record(expkit_workspace).state == "completed"
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_signal_while_the_job_waits_in_the_queue_cancels_the_slurm_job(
+    how, slurm_cluster, expkit_workspace, expkit_cli_background, write_job
+):
+    env = {**os.environ, **slurm_cluster.env}
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-n", "2", "--output=/dev/null", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.strip()
+    eventually(lambda: "RUNNING" in squeue(slurm_cluster), what="the blocking job running")
+    live = expkit_cli_background("run", str(write_job(job_spec(), SIMPLE)), env=slurm_cluster.env)
+    live.wait_for(re.compile(r"\b(Resources|Priority)\b"), timeout=60)
+    live.interrupt() if how == "ctrl-c" else live.terminate()
+    assert live.wait(timeout=60) != 0, live.output
+    assert record(expkit_workspace).state == "canceled"
+    try:  # the run's job left the queue: it must never start after the run ended
+        queue = squeue(slurm_cluster)
+        assert [line.split()[0] for line in queue.splitlines()] == [blocker], queue
+    finally:
+        subprocess.run(["scancel", blocker], env=env, check=True)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "runs cancel"])
 def test_a_cancel_calls_scancel_and_keeps_the_outputs(
     how, slurm_cluster, expkit_workspace, expkit_cli, expkit_cli_background, write_job
@@ -305,6 +329,31 @@ def test_a_killed_driver_leaves_the_job_running_and_runs_follow_finishes_the_run
     }
 
 
+def test_a_driver_that_re_attaches_keeps_the_timeout_counted_from_the_first(
+    slurm_cluster, expkit_workspace, expkit_cli, expkit_cli_background, write_job
+):
+    script = """
+        import time
+        print("started", flush=True)
+        time.sleep(10)
+        print("past the timeout", flush=True)
+        time.sleep(6)  # ends within a fresh 8 s timeout: only the first count stops it
+    """
+    live = expkit_cli_background(
+        "run", str(write_job(job_spec(timeout=8), script)), env=slurm_cluster.env
+    )
+    live.wait_for("started", timeout=60)
+    run_id = live.run_id
+    os.killpg(live.proc.pid, signal.SIGKILL)
+    live.proc.wait()
+    log = expkit_workspace.run_dir(run_id) / "logs" / "rank-0.log"
+    eventually(lambda: "past the timeout" in log.read_text(), timeout=60, what="the timeout past")
+    result = expkit_cli("runs", "follow", run_id, env=slurm_cluster.env, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    run = expkit_workspace.history.runs.get(run_id)
+    assert run.state == "failed" and "timed out after 8s" in run.error, run.error
+
+
 def test_a_closed_terminal_detaches_and_a_background_driver_finishes_the_run(
     slurm_cluster, expkit_workspace, expkit_cli_background, write_job
 ):
@@ -345,32 +394,29 @@ def test_the_slurm_target_keeps_the_compute_target_contract(slurm_cluster, monke
     assert "cancel" in checked and "timeout" in checked
 
 
+@pytest.mark.parametrize("conf", ["controller down", "no slurm.conf"])
+def test_a_cluster_that_cannot_be_reached_is_one_line_before_a_run_exists(
+    conf, slurm_cluster, expkit_workspace, expkit_cli, write_job, tmp_path
+):
+    if conf == "controller down":  # the cluster's slurm.conf, a port nothing listens on
+        text = Path(slurm_cluster.env["SLURM_CONF"]).read_text()
+        text = re.sub(r"(?m)^SlurmctldPort=.*$", "SlurmctldPort=1", text)
+        (tmp_path / "slurm.conf").write_text(text)
+        said = "slurmctld at localhost:1 does not answer"
+    else:
+        said = "SLURM_CONF"
+    env = {"SLURM_CONF": str(tmp_path / "slurm.conf")}  # absent for "no slurm.conf"
+    result = expkit_cli("run", str(write_job(job_spec(), SIMPLE)), env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert said in error_line(result)
+    assert expkit_workspace.history.runs.recent() == []
+
+
 def test_without_slurm_the_job_is_refused_naming_the_install(expkit_cli, write_job):
     job = write_job(job_spec(), SIMPLE)
     result = expkit_cli("run", str(job), env={"PATH": os.path.dirname(sys.executable)})
     assert result.returncode == 2
     assert "Slurm" in error_line(result) and "install" in error_line(result)
-
-
-def test_a_cluster_that_does_not_answer_is_one_line_before_a_run_exists(
-    slurm_cluster, expkit_workspace, expkit_cli, write_job, tmp_path
-):
-    job = write_job(job_spec(), SIMPLE)
-    missing = tmp_path / "no-such" / "slurm.conf"
-    result = expkit_cli("run", str(job), env={"SLURM_CONF": str(missing)})
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert f"SLURM_CONF={missing}: there is no such file" in error_line(result)
-    with socket.socket() as free:  # a port nobody listens on: a controller that is down
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    down = tmp_path / "down.conf"
-    conf = re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={port}", slurm_cluster.conf.read_text())
-    down.write_text(conf)
-    result = expkit_cli("run", str(job), env={"SLURM_CONF": str(down)}, timeout=120)
-    assert result.returncode == 2, result.stdout + result.stderr
-    line = error_line(result)
-    assert "does not answer" in line and f"SLURM_CONF={down}" in line, line
-    assert expkit_workspace.history.runs.recent(limit=10) == []
 
 
 @pytest.mark.slow

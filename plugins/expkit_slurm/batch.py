@@ -34,6 +34,8 @@ _NOT_INSTALLED = (
     "Slurm jobs (a login node)"
 )
 _UNREACHABLE = "Unable to contact slurm controller"
+_NO_CONFIG = "Could not establish a configuration source"
+_SET_CONF = "export SLURM_CONF=<your cluster's slurm.conf>"
 
 
 def time_limit(timeout: float | None) -> int | None:
@@ -129,7 +131,14 @@ def test_only(directives: list[str], env: Mapping[str, str]) -> None:
 
 
 def ping(env: Mapping[str, str]) -> None:
-    """Raise StageFailed unless the controller answers `scontrol ping` (a few ms either way)."""
+    """Raise StageFailed unless the controller answers `scontrol ping` (a few ms either way).
+
+    Raises UserError when Slurm has no configuration to read: SLURM_CONF names a file that
+    does not exist (checked here: Slurm's commands retry a missing one for 60 s), or neither
+    SLURM_CONF, /etc/slurm/slurm.conf nor a configless controller (DNS SRV) gives one."""
+    conf = env.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():
+        raise UserError(f"compute: SLURM_CONF is {conf}, which does not exist; {_SET_CONF}")
     try:
         done = subprocess.run(
             ["scontrol", "ping"], env=dict(env), capture_output=True, text=True, timeout=30
@@ -138,6 +147,11 @@ def ping(env: Mapping[str, str]) -> None:
         raise UserError(_NOT_INSTALLED.format(command="scontrol")) from None
     except subprocess.TimeoutExpired:
         done = None
+    if done is not None and _NO_CONFIG in done.stderr:
+        raise UserError(
+            "compute: Slurm finds no slurm.conf here (SLURM_CONF is not set, "
+            f"/etc/slurm/slurm.conf does not exist, no configless controller); {_SET_CONF}"
+        )
     if done is None or done.returncode != 0 or " is UP" not in done.stdout:
         raise StageFailed(f"{controller(env)} does not answer (scontrol ping)")
 
@@ -191,7 +205,9 @@ def _hint(reason: str, flags: list[str], env: Mapping[str, str]) -> str:
     """What the partition has, for a reason about nodes, CPUs or the partition itself: cheap
     (one `scontrol show partition`), and what the user needs to fix the job."""
     low = reason.lower()
-    if not any(word in low for word in ("node count", "processors", "invalid partition")):
+    if not any(
+        word in low for word in ("node count", "processors", "invalid partition", "time limit")
+    ):
         return ""
     wanted = next((f.split("=", 1)[1] for f in flags if f.startswith("--partition=")), None)
     parts = partitions(env)
@@ -205,6 +221,15 @@ def _hint(reason: str, flags: list[str], env: Mapping[str, str]) -> str:
     part = parts.get(name or "")
     if part is None:
         return ""
+    if "time limit" in low:
+        asked = next((f.split("=", 1)[1] for f in flags if f.startswith("--time=")), None)
+        if asked is None or part["max_time"] == "UNLIMITED":
+            return ""
+        return (
+            f" (partition {name} allows {part['max_time']}; the job asks --time={asked} "
+            f"minutes: its `timeout` rounded up to minutes, plus {TIME_MARGIN_MINUTES} so that "
+            "expkit's own timeout comes first)"
+        )
     if "node count" in low:
         count = part["nodes"]
         return f" (partition {name} has {count} node{'s' if count != 1 else ''})"
@@ -212,7 +237,8 @@ def _hint(reason: str, flags: list[str], env: Mapping[str, str]) -> str:
 
 
 def partitions(env: Mapping[str, str]) -> dict[str, dict]:
-    """The cluster's partitions by name, each with `nodes`, `cpus` and `default`, from
+    """The cluster's partitions by name, each with `nodes`, `cpus`, `default` and `max_time`
+    (Slurm's MaxTime as it writes it: `00:10:00`, `1-00:00:00`, `UNLIMITED`), from
     `scontrol show partition -o`; empty when Slurm does not say."""
     try:
         done = subprocess.run(
@@ -232,6 +258,7 @@ def partitions(env: Mapping[str, str]) -> dict[str, dict]:
                 "nodes": int(fields.get("TotalNodes", "0") or 0),
                 "cpus": int(fields.get("TotalCPUs", "0") or 0),
                 "default": fields.get("Default") == "YES",
+                "max_time": fields.get("MaxTime", "UNLIMITED"),
             }
     return found
 

@@ -382,6 +382,8 @@ def _supervise(folder: Path, nodes: int, ready_fd: int) -> int:
 def _start(folder: Path, nodes: int) -> int:
     if _running(folder):
         return _error(f"{folder}: a cluster is already running there; stop it first")
+    if folder.exists() and not folder.is_dir():
+        return _error(f"{folder}: not a folder")
     if folder.exists() and any(folder.iterdir()) and not (folder / "etc" / "slurm.conf").exists():
         return _error(f"{folder}: not empty and not a dev cluster's folder; pick a new folder")
     missing = missing_programs()

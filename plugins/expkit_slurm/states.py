@@ -250,7 +250,7 @@ def hostnames(hostlist: str, env: Mapping[str, str]) -> list[str]:
 # -- the sources, cheapest first -------------------------------------------------------------
 def _squeue(job_id: str, env: Mapping[str, str]) -> JobState | None:
     """A live job from `squeue` (PENDING, RUNNING, COMPLETING, ...); None once it ended."""
-    done = _run(["squeue", "-h", "-j", job_id, "-o", "%i|%T|%N|%r"], env)
+    done = _asked(["squeue", "-h", "-j", job_id, "-o", "%i|%T|%N|%r"], env)
     for line in done.stdout.splitlines():
         got, state, nodes, reason = [*line.split("|", 3), "", "", ""][:4]
         if got.strip() == job_id:
@@ -266,7 +266,7 @@ def _squeue(job_id: str, env: Mapping[str, str]) -> JobState | None:
 
 def _scontrol(job_id: str, env: Mapping[str, str]) -> JobState | None:
     """A job slurmctld still holds (for MinJobAge seconds after it ended), with its exit code."""
-    done = _run(["scontrol", "show", "job", "-o", job_id], env)
+    done = _asked(["scontrol", "show", "job", "-o", job_id], env)
     for line in done.stdout.splitlines():
         fields = _fields(line)
         if fields.get("JobId") == job_id and "JobState" in fields:
@@ -373,4 +373,16 @@ def _run(argv: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess
         raise StageFailed(f"{argv[0]} did not answer within {_TIMEOUT:.0f}s") from None
     if _UNREACHABLE in done.stderr:
         raise StageFailed(f"{controller(env)} does not answer (scontrol ping)")
+    return done
+
+
+def _asked(argv: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess:
+    """`_run` for a command that asks slurmctld about a job (squeue, scontrol): a failure
+    other than "Invalid job id" (a job the controller no longer holds) is no news of the job
+    ("Socket timed out on send/recv operation" from a paused or overloaded controller), so
+    it is a StageFailed like an unreachable controller, never taken for the job's end."""
+    done = _run(argv, env)
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:
+        said = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        raise StageFailed(f"{controller(env)} does not answer {argv[0]}: {said[0]}")
     return done

@@ -155,7 +155,22 @@ class SlurmTarget(ComputeTarget):
 
     def _started(self, ctx: RunContext, job_id: str) -> SlurmAllocation:
         """Wait while the job is pending (the run queued, with Slurm's reason), until it
-        runs or has ended; its nodes."""
+        runs or has ended; its nodes. A run stopped while it waits (Ctrl-C, SIGTERM, an
+        error) takes its job out of the queue: no allocation exists yet, so `release` is
+        never called, and the job would otherwise start after the run ended. Only a driver
+        that lets go of the job (Detached: the terminal closed) leaves it queued."""
+        try:
+            return self._wait_until_started(ctx, job_id)
+        except Detached:
+            raise
+        except BaseException:
+            try:
+                self._cancel(ctx, job_id)
+            except StageFailed as failure:  # the run's own reason stays the one recorded
+                ctx.say(f"Slurm job {job_id} may still be queued: {failure}")
+            raise
+
+    def _wait_until_started(self, ctx: RunContext, job_id: str) -> SlurmAllocation:
         env, poll = self._env(ctx), float(ctx.job.compute.options["poll_seconds"])
         said = None
         while True:
@@ -194,7 +209,7 @@ class SlurmTarget(ComputeTarget):
         job_id = _job_id(allocation)
         env, poll = self._env(ctx), float(ctx.job.compute.options["poll_seconds"])
         timeout = ctx.job.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else self._deadline(ctx, timeout)
         tails = RankLogs(ctx)
         state = self._query(job_id, env)
         asked = 0.0
@@ -257,6 +272,19 @@ class SlurmTarget(ComputeTarget):
             self._cancel(ctx, job_id)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _deadline(self, ctx: RunContext, timeout: float) -> float:
+        """When the run stage's `timeout` (seconds) ends, on time.monotonic()'s clock: counted
+        from the first time a driver followed the running job, which is written in the
+        run's folder (`slurm/run-started`, seconds since the epoch), so that a driver that
+        re-attaches does not give the job its whole timeout again."""
+        mark = ctx.run_dir / "slurm" / "run-started"
+        try:
+            started = float(mark.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            started = time.time()
+            mark.write_text(f"{started}\n", encoding="utf-8")
+        return time.monotonic() + timeout - max(0.0, time.time() - started)
+
     def _env(self, ctx: RunContext) -> dict[str, str]:
         """The environment of Slurm's commands: this process's, with the script's (sbatch
         hands it to the job: `--export=ALL`)."""
