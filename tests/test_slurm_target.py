@@ -362,7 +362,7 @@ def test_a_closed_terminal_detaches_and_a_background_driver_finishes_the_run(
     live.wait_for("hello from", timeout=60)
     run_id = live.run_id
     os.kill(live.proc.pid, signal.SIGHUP)
-    assert live.wait(timeout=30) == 0, live.output
+    assert live.wait(timeout=30) == 3, live.output  # let go: neither done nor failed
     assert "RUNNING" in squeue(slurm_cluster)
     eventually(
         lambda: expkit_workspace.history.runs.get(run_id).state == "completed",
@@ -434,3 +434,19 @@ def test_the_sample_slurm_job_trains_on_two_nodes_and_registers_its_model(
         slurm_cluster2.node_names
     )
     assert expkit_workspace.history.metrics.latest(run.id)["best_val_acc"] > 0.1
+
+
+def test_ctrl_c_in_runs_follow_stops_following_only(
+    slurm_cluster, expkit_workspace, expkit_cli_background, write_job
+):
+    job = write_job(job_spec(), SIMPLE.replace('"0")))', '"300")))'))
+    live = expkit_cli_background("run", str(job), env=slurm_cluster.env)
+    live.wait_for("hello from", timeout=60)
+    watcher = expkit_cli_background("runs", "follow", live.run_id, env=slurm_cluster.env)
+    watcher.wait_for("hello from", timeout=60)
+    watcher.interrupt()
+    assert watcher.wait(timeout=30) == 130
+    assert "stopped following; run 1 goes on" in watcher.output
+    assert expkit_workspace.history.runs.get(live.run_id).state == "running"
+    live.interrupt()
+    assert live.wait(timeout=60) == 130

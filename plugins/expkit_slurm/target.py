@@ -49,6 +49,9 @@ from expkit_slurm.options import TAKES
 BACKENDS = ("none", "torchrun", "horovod")
 TAIL_SECONDS = 0.1  # how often the ranks' logs are read for new lines
 CANCEL_WAIT_SECONDS = 30.0  # how long a cancel waits for Slurm to end the job
+# How long a following driver keeps asking a controller that does not answer (a restart, an
+# overloaded slurmctld) before it lets go of the run (Detached) for a later driver.
+UNREACHABLE_SECONDS = 300.0
 INSTALL = "apt-get install slurm-client (or load your cluster's Slurm module)"
 
 
@@ -101,14 +104,18 @@ class SlurmTarget(ComputeTarget):
             raise UserError(f"compute: {down}; check {which} and that slurmctld runs") from None
 
     def dry_run(self, job: JobSpec) -> str:
-        """The batch script and the sbatch command, for a run folder as a workspace in the
-        current folder would name it (`<experiment>_N`: the number is given at submit)."""
+        """The batch script and the sbatch command as a run would have them, with three
+        names only a run knows: WORKSPACE (the workspace's folder), N (the run's number) and
+        PYTHON (the job environment's interpreter, once prepare has built it)."""
         run_id = f"{job.experiment}_N"
-        run_dir = Path.cwd() / ".expkit" / "runs" / run_id
-        command = ["python", job.entry_script, *job.command_args({k: k for k in job.data})]
+        run_dir = Path("/WORKSPACE") / "runs" / run_id
+        command = ["PYTHON", job.entry_script, *job.command_args({k: k for k in job.data})]
         script = self._script(job, run_id, run_dir, command)
         submit = shlex.join(batch.command_line(run_dir / "slurm" / "job.sh"))
-        return f"{script}\n$ {submit}"
+        names = (
+            "where /WORKSPACE is the workspace folder, N the run number, PYTHON the job's python"
+        )
+        return f"{script}\n$ {submit}\n({names})"
 
     def _script(self, job: JobSpec, run_id: str, run_dir: Path, command: list[str]) -> str:
         from expkit_slurm import launch  # the node side: loaded when a job is submitted
@@ -212,7 +219,7 @@ class SlurmTarget(ComputeTarget):
         deadline = None if timeout is None else self._deadline(ctx, timeout)
         tails = RankLogs(ctx)
         state = self._query(job_id, env)
-        asked = 0.0
+        asked = silent = 0.0  # when Slurm was last asked; since when it has not answered
         while not state.finished:
             tails.show()
             if ctx.canceled():
@@ -229,9 +236,18 @@ class SlurmTarget(ComputeTarget):
             time.sleep(TAIL_SECONDS)
             if time.monotonic() - asked >= poll:
                 asked = time.monotonic()
-                before, state = state.state, self._query(job_id, env)
-                if state.state != before:
-                    ctx.status(f"slurm {state.state} on {', '.join(state.nodes) or '?'}")
+                try:
+                    fresh = self._query(job_id, env)
+                except Detached:  # the controller is busy or restarting: ask again, a while
+                    silent = silent or time.monotonic()
+                    if time.monotonic() - silent > UNREACHABLE_SECONDS:
+                        raise
+                    ctx.status(f"slurm: the controller does not answer; asking again ({job_id})")
+                    continue
+                silent = 0.0
+                if fresh.state != state.state:
+                    ctx.status(f"slurm {fresh.state} on {', '.join(fresh.nodes) or '?'}")
+                state = fresh
         tails.show(final=True)
         ctx.set_tags({"slurm.state": state.state})
         ctx.status(None)

@@ -12,6 +12,9 @@ from typing import Any
 from expkit.cli.common import open_workspace
 
 EXIT_FOR_STATE = {"completed": 0, "failed": 1, "canceled": 130}
+# `expkit run` whose driver let go of a cluster job that goes on (the controller stopped
+# answering): neither success nor failure yet; `expkit runs follow RUN` gives the end.
+EXIT_DETACHED = 3
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -74,7 +77,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the job spec through the lifecycle in the workspace (made here if there is none),
-    showing it live; the exit code is the run's state (0 completed, 1 failed, 130 canceled).
+    showing it live; the exit code is the run's state (0 completed, 1 failed, 130 canceled;
+    3 when the driver let go of a cluster job that goes on).
     With --dry-run, print the plan instead (`dry_run`)."""
     import contextlib
 
@@ -119,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not record.finished:  # the driver let go: the job goes on without it
         with contextlib.suppress(OSError):  # the terminal may have gone (SIGHUP)
             print(f"run {record.number}: {record.status}; `expkit runs follow {record.number}`")
-        return 0
+        return EXIT_DETACHED
     print_summary(workspace, record, console)  # to nobody, if the terminal has gone
     return EXIT_FOR_STATE.get(record.state, 1)
 

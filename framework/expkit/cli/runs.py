@@ -193,6 +193,10 @@ def cmd_runs_follow(args: argparse.Namespace) -> int:
     console = Console(ranks="all" if args.all_ranks else "0")
     try:
         follow(workspace, record.id, console, rank=None if args.all_ranks else args.rank)
+    except KeyboardInterrupt:
+        console.close()
+        print(f"\nstopped following; run {record.number} goes on (`expkit runs cancel` stops it)")
+        return 130
     finally:
         console.close()
     record = workspace.history.runs.get(record.id)
