@@ -91,6 +91,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from expkit_slurm.states import FINAL_STATES as ENDED  # Slurm's final job states
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING = ROOT / "training"
 LAUNCH = ROOT / "plugins" / "expkit_slurm" / "launch.py"
@@ -102,18 +104,6 @@ FIRST_PRINT = (
     'import time as _bench_time; print(f"bench: first line at {_bench_time.time():.6f}", '
     "flush=True)\n"
 )
-# Slurm's final job states (COMPLETING is not one: the job's processes are still ending).
-ENDED = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "BOOT_FAIL",
-    "DEADLINE",
-}
 TIMEOUT_S = 1800  # the job's timeout, on every side
 
 JOB = """\

@@ -182,7 +182,7 @@ def test_a_job_over_the_partitions_limit_never_starts(slurm_cluster, env, tmp_pa
     assert said.endswith(f"(pending reason {waiting.reason})")
 
 
-def test_two_node_job_names_both_nodes_and_their_addresses(slurm_cluster2, tmp_path):
+def test_two_node_job_names_both_nodes(slurm_cluster2, tmp_path):
     env = {**os.environ, **slurm_cluster2.env}
     job_id = sbatch(env, "--nodes=2", wrap="sleep 30", cwd=tmp_path)
     try:
@@ -195,10 +195,6 @@ def test_two_node_job_names_both_nodes_and_their_addresses(slurm_cluster2, tmp_p
     assert running.nodes == slurm_cluster2.node_names
     assert "[" in listed  # Slurm's compressed list (n[1-2]), expanded by Slurm itself
     assert states.hostnames(listed, env) == slurm_cluster2.node_names
-    addresses = states.node_addresses(running.nodes, env)
-    assert list(addresses) == slurm_cluster2.node_names
-    for addr in addresses.values():  # names need not resolve; the address comes from Slurm
-        socket.inet_aton(addr.addr)
     poll(job_id, env, lambda s: s.finished, "the job's end")
 
 

@@ -100,6 +100,19 @@ def squeue(cluster) -> str:
     ).stdout.strip()
 
 
+def take_every_cpu(cluster) -> str:
+    """Submit a job that holds the 2 CPUs of a 1-node cluster, once it runs: its id."""
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-n", "2", "--output=/dev/null", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **cluster.env},
+        check=True,
+    ).stdout.strip()
+    eventually(lambda: "RUNNING" in squeue(cluster), what="the blocking job running")
+    return blocker
+
+
 def record(workspace: Workspace, ref: str = "latest"):
     return workspace.history.runs.find(ref)
 
@@ -176,14 +189,7 @@ def test_the_pending_reason_is_the_runs_status_while_the_job_waits(
     slurm_cluster, expkit_workspace, expkit_cli_background, write_job
 ):
     env = {**os.environ, **slurm_cluster.env}
-    blocker = subprocess.run(
-        ["sbatch", "--parsable", "-n", "2", "--output=/dev/null", "--wrap", "sleep 300"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout.strip()
-    eventually(lambda: "RUNNING" in squeue(slurm_cluster), what="the blocking job running")
+    blocker = take_every_cpu(slurm_cluster)
     job = write_job(job_spec(), SIMPLE)
     live = expkit_cli_background("run", str(job), env=slurm_cluster.env)
     live.wait_for(re.compile(r"\b(Resources|Priority)\b"), timeout=60)
@@ -199,14 +205,7 @@ def test_a_signal_while_the_job_waits_in_the_queue_cancels_the_slurm_job(
     how, slurm_cluster, expkit_workspace, expkit_cli_background, write_job
 ):
     env = {**os.environ, **slurm_cluster.env}
-    blocker = subprocess.run(
-        ["sbatch", "--parsable", "-n", "2", "--output=/dev/null", "--wrap", "sleep 300"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout.strip()
-    eventually(lambda: "RUNNING" in squeue(slurm_cluster), what="the blocking job running")
+    blocker = take_every_cpu(slurm_cluster)
     live = expkit_cli_background("run", str(write_job(job_spec(), SIMPLE)), env=slurm_cluster.env)
     live.wait_for(re.compile(r"\b(Resources|Priority)\b"), timeout=60)
     live.interrupt() if how == "ctrl-c" else live.terminate()

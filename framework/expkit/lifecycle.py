@@ -613,9 +613,11 @@ class Lifecycle:
         self.current_stage, self.stage_note = name, ""
         if self.terminated_by and name in INTERRUPTIBLE_STAGES:  # it came between two stages
             raise Canceled(self.stop_reason())
-        recorded = {s.stage: s for s in self.history.stages.of(self.run_id)}.get(name)
+        recorded = None  # read only by a driver that re-attaches: no query on every stage
+        if resumed:
+            recorded = {s.stage: s for s in self.history.stages.of(self.run_id)}.get(name)
         started = time.monotonic()
-        if resumed and recorded is not None and recorded.started is not None:
+        if recorded is not None and recorded.started is not None:
             self.history.runs.update(self.run_id, state=name.state)
             started -= max(0.0, time.time() - recorded.started)
             self.console.stage_started(name)

@@ -39,8 +39,9 @@ def recover(workspace: Workspace, history: History) -> list[str]:
 
     A full disk (SQLite cannot write) leaves the records as they are, for a later open."""
     try:
-        reaped = history.runs.reap_orphans()
-        reattach(workspace, history)
+        to_reap, to_reattach = history.runs.orphans()
+        reaped = history.runs.reap_orphans(to_reap)
+        reattach(workspace, history, to_reattach)
     except sqlite3.OperationalError as error:
         if not (no_room(error) or getattr(error, "sqlite_errorcode", 0) == SQLITE_READONLY):
             raise
@@ -53,14 +54,14 @@ def recover(workspace: Workspace, history: History) -> list[str]:
     return reaped
 
 
-def reattach(workspace: Workspace, history: History) -> list[str]:
-    """Start a background driver for each run whose job outlives its driver and whose
-    driver is gone; returns their ids. Two commands that look at once start one each only
-    for the runs each took over first (`Runs.take_over`)."""
+def reattach(workspace: Workspace, history: History, run_ids: list[str]) -> list[str]:
+    """Start a background driver for each of `run_ids`: runs whose job outlives their driver,
+    that driver gone (`Runs.orphans`); returns those started. Two commands that look at once
+    start one each only for the runs each took over first (`Runs.take_over`)."""
     from expkit.driver import start_driver
 
     started = []
-    for run_id in history.runs.orphans()[1]:
+    for run_id in run_ids:
         if history.runs.take_over(run_id, os.getpid()):
             try:
                 start_driver(workspace, run_id, reattach=True)

@@ -35,7 +35,6 @@ import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from expkit.plugin import StageFailed
 from expkit_slurm.batch import controller
@@ -97,14 +96,6 @@ class JobState:
     # After NODE_FAIL or BOOT_FAIL: the job's nodes Slurm now holds down, drained or not
     # responding, each with its state and Slurm's reason (`IDLE+DRAIN: testing`).
     failed_nodes: dict[str, str] = field(default_factory=dict)
-
-
-class NodeAddr(NamedTuple):
-    """Where a node is reached: its address (NodeAddr) and host name (NodeHostName), which
-    Slurm knows even when the node's name does not resolve."""
-
-    addr: str
-    hostname: str
 
 
 def query(job_id: str, env: Mapping[str, str]) -> JobState | None:
@@ -191,23 +182,6 @@ def cancel(job_id: str, env: Mapping[str, str]) -> None:
         text = done.stderr.strip()
         if not re.search(r"already completing or completed|Invalid job id", text):
             raise StageFailed(f"scancel {job_id} failed: {text.splitlines()[-1]}")
-
-
-def node_addresses(nodes: list[str], env: Mapping[str, str]) -> dict[str, NodeAddr]:
-    """Each of `nodes` with its NodeAddr and NodeHostName (`scontrol show node`): how ranks
-    on other nodes reach it, and what `expkit runs show` prints. Nodes Slurm does not list
-    are left out."""
-    if not nodes:
-        return {}
-    done = _run(["scontrol", "show", "node", "-o", ",".join(nodes)], env)
-    found = {}
-    for line in done.stdout.splitlines():
-        fields = _fields(line)
-        name = fields.get("NodeName")
-        if name in nodes:
-            addr = fields.get("NodeAddr") or name
-            found[name] = NodeAddr(addr, fields.get("NodeHostName") or addr)
-    return found
 
 
 def unwell_nodes(nodes: list[str], env: Mapping[str, str]) -> dict[str, str]:

@@ -202,11 +202,12 @@ class Runs(Part):
                 reap.append(run_id)
         return reap, reattach
 
-    def reap_orphans(self) -> list[str]:
+    def reap_orphans(self, run_ids: list[str] | None = None) -> list[str]:
         """Mark failed every unfinished run of this host whose driver process is gone, but
-        for those a new driver re-attaches to (see `orphans`); returns the reaped ids."""
+        for those a new driver re-attaches to (see `orphans`; `run_ids`: those `orphans`
+        gave to reap, when the caller asked already); returns the reaped ids."""
         reaped = []
-        for run_id in self.orphans()[0]:
+        for run_id in self.orphans()[0] if run_ids is None else run_ids:
             pid = self.get(run_id).driver_pid
             reason = f"the driver process (pid {pid}) ended without finishing the run"
             now = time.time()
