@@ -292,6 +292,9 @@ class RunInfo:
     tags: Callable[[], dict[str, str]] = _no_tags  # the run's tags as recorded now
     set_tags: Callable[[dict[str, str]], None] = _ignore  # add or replace tags of the run
     outputs: Callable[[], dict[str, tuple[int, str]]] = dict
+    # The run's parameters as recorded now: the job's `args` (data placeholders resolved to
+    # paths, once prepare placed the data) and what the script logged as parameters.
+    params: Callable[[], dict[str, str]] = _no_tags
     # The workspace config.json's section named `section` (e.g. the plugin's name), {} if none.
     plugin_config: Callable[[str], dict[str, Any]] = _no_config
 
@@ -574,6 +577,12 @@ class MetricWriter(ABC):
         writer that may have delivered part of a batch before raising must not deliver that
         part twice: skip what it already sent of this list (the MLflow writer does).
         """
+
+    def log_params(self, params: dict[str, str]) -> None:  # noqa: B027
+        """Parameters of the run that are new or changed since the last call (all of them at
+        the first): the job's `args` once prepare resolved them, then what the script logs as
+        parameters. Called on the sink's thread, between batches of `send`, retried as `send`
+        is; by default ignored."""
 
     def close(self, outcome: RunOutcome) -> None:  # noqa: B027
         """The run ended (`outcome.state`, its error, exit code, stage times, tags): send what

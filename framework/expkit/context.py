@@ -52,7 +52,8 @@ class Forwarder(Protocol):
 
     Items are tuples `(kind, name, value, step, timestamp)`: kind "m" a metric value (step an
     int or None), "r" a table row (value: the columns as a dict), "t" tags (value: a dict of
-    strings, name ""); timestamp is time.time() when the script made the call.
+    strings, name ""), "p" parameters (as "t"); timestamp is time.time() when the script made
+    the call.
     """
 
     # Set by the ScriptRun to its flush: a forwarder whose own exit handler runs before the
@@ -129,6 +130,13 @@ class ScriptRun:
         if self._path is None:
             return self._drop()
         self._put(("t", "", {str(k): str(v) for k, v in tags.items()}, None, time.time()))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Record the run's parameters (`{"lr": 0.01}`; values are kept as text, the latest
+        value of a key wins); `expkit runs show` lists them with the job's `args`."""
+        if self._path is None:
+            return self._drop()
+        self._put(("p", "", {str(k): str(v) for k, v in params.items()}, None, time.time()))
 
     def tag(self, key: str, value: Any = "") -> None:
         """Attach one tag to the run."""

@@ -142,6 +142,20 @@ def expkit_job_importers() -> list[JobImporter]:
     """
 
 
+@hookspec
+def expkit_import_hooks() -> dict[str, str]:
+    """Functions to call inside a run's Python processes right after they import a module:
+    `{module: "package.module:function"}`, each called with the module just imported.
+
+    Example: `return {"azureml.core.run": "expkit_azureml.inscript:install"}` makes Azure ML's
+    `Run.get_context()` record into the expkit run, with no change to the script. The function
+    runs in the script's interpreter, before the script's own code sees the module: it must
+    be quick, import only what the module already did, and never raise into the script (one
+    that raises is one notice on stderr). See `expkit.importhooks` for how it gets there.
+    Called once, at load, for every loaded plugin, whatever the job uses.
+    """
+
+
 # -- event hooks: broadcast, each observer isolated -----------------------------------------------
 @hookspec
 def expkit_stage_started(run: RunInfo, stage: Stage) -> None:

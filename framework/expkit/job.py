@@ -17,6 +17,7 @@ import errno
 import math
 import os
 import re
+import shlex
 import types
 import typing
 from collections.abc import Iterator
@@ -424,6 +425,26 @@ class JobSpec(_Spec):
             return data_paths[match.group(1)]
 
         return [_DATA_REF.sub(path, str(value)) for value in self.arguments()]
+
+    def params(self, data_paths: dict[str, str]) -> dict[str, str]:
+        """The run's parameters from `args`, as text, `${data.x}` replaced by the data's path:
+        `key: value` is the parameter `key` (leading dashes dropped), a list's items joined
+        by spaces, true/false/null as written in YAML; a list of arguments is one parameter,
+        `args`, the command line."""
+
+        def text(value: Any) -> str:
+            if value is True or value is False or value is None:
+                return {True: "true", False: "false", None: "null"}[value]
+            return _DATA_REF.sub(lambda m: data_paths[m.group(1)], str(value))
+
+        if isinstance(self.args, list):
+            return {"args": shlex.join(text(v) for v in self.args)} if self.args else {}
+        return {
+            key.lstrip("-") or key: " ".join(map(text, value))
+            if isinstance(value, list)
+            else text(value)
+            for key, value in self.args.items()
+        }
 
     def to_yaml(self) -> str:
         import yaml

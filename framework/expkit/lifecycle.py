@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from expkit import data as data_inputs
-from expkit import exports, options, services, snapshot
+from expkit import exports, importhooks, options, services, snapshot
 from expkit import outputs as run_outputs
 from expkit.blobs import BlobStore
 from expkit.capabilities import (
@@ -41,6 +41,7 @@ from expkit.console import Console, human_size
 from expkit.context import CHANNEL_ENV, RUN_ID_ENV
 from expkit.errors import Canceled, Detached, NoSpace, PluginError, StageFailed, UserError
 from expkit.history import RunRecord, no_room
+from expkit.history import params as params_source
 from expkit.job import JobSpec
 from expkit.metrics import MetricPump, SinkWorker
 from expkit.plugins import Plugins, call, get_plugins
@@ -305,6 +306,8 @@ class Lifecycle:
                 "EXPKIT_RUN_DIR": str(self.run_dir),
                 "EXPKIT_WORKSPACE": str(ws.path),
                 "PYTHONUNBUFFERED": "1",
+                # other trackers' in-script APIs (Azure ML's, MLflow's) record into this run
+                **importhooks.script_env(plugins.import_hooks(), dict(os.environ)),
             },
             say=self.say,
             waiting=self.waiting,
@@ -692,6 +695,7 @@ class Lifecycle:
             self.data_paths[name] = str(placed)
             self.say(f"data {name!r}: {item.mode} {origin}")
         command = [env.python, self.job.entry_script, *self.job.command_args(self.data_paths)]
+        self.history.params.set(self.run_id, self.job.params(self.data_paths), params_source.JOB)
         self.ctx.command = Process(argv=command, env={**env.env, **self.ctx.script_env})
         saved = {
             "environment": vars(env),

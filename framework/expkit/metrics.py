@@ -39,9 +39,11 @@ class ChannelReader:
         self.offsets: dict[str, int] = dict(offsets or {})
         self.bad_lines = 0
 
-    def read(self) -> tuple[list[tuple], dict[str, str]]:
+    def read(self) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
+        """The new metric rows, tags and parameters (each key's latest value)."""
         rows: list[tuple] = []
         tags: dict[str, str] = {}
+        params: dict[str, str] = {}
         for path in sorted(self.folder.glob("*.jsonl")):
             offset = self.offsets.get(path.name, 0)
             with open(path, "rb") as f:
@@ -52,10 +54,12 @@ class ChannelReader:
                 continue
             self.offsets[path.name] = offset + end
             for line in data[:end].splitlines():
-                self._parse(line, rows, tags)
-        return rows, tags
+                self._parse(line, rows, tags, params)
+        return rows, tags, params
 
-    def _parse(self, line: bytes, rows: list[tuple], tags: dict[str, str]) -> None:
+    def _parse(
+        self, line: bytes, rows: list[tuple], tags: dict[str, str], params: dict[str, str]
+    ) -> None:
         try:
             kind, name, value, step, ts, rank = json.loads(line)
         except (ValueError, TypeError):
@@ -63,6 +67,8 @@ class ChannelReader:
             return
         if kind == "t":
             tags.update(value)
+        elif kind == "p":
+            params.update(value)
         elif kind == "m" and isinstance(value, int | float) and not isinstance(value, bool):
             if value != value:  # NaN: a REAL column would store NULL; the payload keeps it
                 rows.append((name, step, None, json.dumps(value), ts, rank))
@@ -91,13 +97,11 @@ class MetricPump:
             self.pump()
 
     def pump(self) -> int:
-        rows, tags = self.reader.read()
-        if rows:
-            self.history.metrics.add(self.run_id, rows, self.reader.offsets)
+        rows, tags, params = self.reader.read()
+        if rows or tags or params:
+            self.history.metrics.add(self.run_id, rows, self.reader.offsets, tags, params)
             self.count += len(rows)
-        if tags:
-            self.history.tags.set(self.run_id, tags)
-        if rows:
+        if rows or params:
             for event in self.listeners:
                 event.set()
         return len(rows)

@@ -12,6 +12,8 @@ Hooks
     `expkit_compute_targets`, `expkit_distributed_backends`, `expkit_environment_builders`,
     `expkit_metric_sinks`, `expkit_model_registries`, `expkit_exporters`,
     `expkit_job_importers` return lists of capabilities (called once, at load);
+    `expkit_import_hooks` names functions to call in a run's processes when they import a
+    module (how another tracker's in-script API records into the run: `expkit.importhooks`);
     `expkit_stage_started`, `expkit_stage_finished`, `expkit_run_finished` are events, sent
     to every plugin (one that raises is reported and does not fail the run). A plugin module
     that cannot load (a missing optional dependency) raises `PluginUnavailable("pip install
@@ -80,6 +82,7 @@ HOOKS = (
     "expkit_model_registries",
     "expkit_exporters",
     "expkit_job_importers",
+    "expkit_import_hooks",
     "expkit_stage_started",
     "expkit_stage_finished",
     "expkit_run_finished",

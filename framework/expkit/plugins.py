@@ -173,6 +173,31 @@ class Plugins:
         }
         self.pm.trace.root.get("hook")(f"{hook} -> {called}", shown)
 
+    def import_hooks(self) -> dict[str, list[str]]:
+        """What every loaded plugin's `expkit_import_hooks` names: module -> targets
+        ("package.module:function"). A hook that raises or returns something else than a
+        mapping of strings is left out (its plugin shows the error in `expkit plugins`)."""
+        hooks: dict[str, list[str]] = {}
+        impls = list(reversed(self.pm.hook.expkit_import_hooks.get_hookimpls()))
+        self._trace("expkit_import_hooks", impls, {})
+        for impl in impls:
+            try:
+                named = impl.function() or {}
+                if not isinstance(named, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and ":" in v for k, v in named.items()
+                ):
+                    raise TypeError(
+                        f"returned {named!r}, not {{module: 'package.module:function'}}"
+                    )
+            except Exception as error:
+                self._fail(
+                    "import_hooks", impl.plugin_name, f"expkit_import_hooks: {_first_line(error)}"
+                )
+                continue
+            for module, target in named.items():
+                hooks.setdefault(module, []).append(target)
+        return hooks
+
     # -- events -----------------------------------------------------------------------------
     def notify(self, hook: str, **kwargs: Any) -> list[PluginError]:
         """Call every implementation of an event hook; one that raises is isolated."""

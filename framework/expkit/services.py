@@ -49,6 +49,7 @@ def run_info(workspace: Workspace, run_id: str, job: JobSpec) -> RunInfo:
         tags=lambda: history.tags.of(run_id),
         set_tags=lambda tags: history.tags.set(run_id, tags),
         outputs=lambda: history.outputs.of(run_id),
+        params=lambda: history.params.of(run_id),
         plugin_config=plugin_config(workspace),
     )
 

@@ -9,6 +9,7 @@ outputs), `metrics`, `models` (model versions, their files, exports).
 from expkit.history.connection import DamagedHistory, connect, no_room, patiently
 from expkit.history.metrics import Metrics, metric_value
 from expkit.history.models import ExportRecord, Exports, Models
+from expkit.history.params import Params, SinkCursors
 from expkit.history.runs import (
     FINAL_STATES,
     STAGES,
@@ -34,8 +35,10 @@ __all__ = [
     "Metrics",
     "Models",
     "Outputs",
+    "Params",
     "RunRecord",
     "Runs",
+    "SinkCursors",
     "StageRecord",
     "Stages",
     "Tags",

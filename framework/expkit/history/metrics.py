@@ -15,11 +15,18 @@ class Metrics(Part):
     number, `payload` the JSON of anything else (strings, table rows)."""
 
     def add(
-        self, run_id: str, rows: Iterable[tuple], offsets: dict[str, int] | None = None
+        self,
+        run_id: str,
+        rows: Iterable[tuple],
+        offsets: dict[str, int] | None = None,
+        tags: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
     ) -> None:
         """Append (name, step, value, payload, ts, rank) rows in one transaction, with how far
         each file of the metric channel has now been read (`offsets`, bytes by file name),
-        so that a driver that re-attaches to the run reads on from there (`offsets_of`)."""
+        so that a driver that re-attaches to the run reads on from there (`offsets_of`), and
+        the tags and parameters (source "script") read from the same lines: what was read
+        is recorded whole or not at all."""
         with self.transaction() as db:
             db.executemany(
                 "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank)"
@@ -29,6 +36,15 @@ class Metrics(Part):
             db.executemany(
                 "INSERT OR REPLACE INTO channel_offsets (run_id, file, offset) VALUES (?, ?, ?)",
                 ((run_id, name, offset) for name, offset in (offsets or {}).items()),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO tags (run_id, key, value) VALUES (?, ?, ?)",
+                [(run_id, str(k), str(v)) for k, v in (tags or {}).items()],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO params (run_id, key, value, source)"
+                " VALUES (?, ?, ?, 'script')",
+                [(run_id, str(k), str(v)) for k, v in (params or {}).items()],
             )
 
     def offsets_of(self, run_id: str) -> dict[str, int]:

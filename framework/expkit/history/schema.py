@@ -107,8 +107,27 @@ CREATE TABLE channel_offsets (
 )
 """
 
+# Step 3: parameters, and how far each metric sink got.
+# `params`: what the run was given (the job's `args`, data placeholders resolved to paths;
+# source "job") and what its script logged as parameters (mlflow.log_param, ...; source
+# "script"), one value per key, the latest kept; `id` grows with every write, so that a sink
+# sends only what is new. `sink_cursors`: the last metric row id (and param id) each sink of a
+# run delivered, written by the sink's worker, so that a run recovered after its driver died
+# sends a sink the rest, nothing twice.
+V3 = """
+CREATE TABLE params (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, source TEXT NOT NULL,
+    UNIQUE (run_id, key)
+);
+CREATE TABLE sink_cursors (
+    run_id TEXT NOT NULL, sink TEXT NOT NULL, metric_id INTEGER NOT NULL DEFAULT 0,
+    param_id INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run_id, sink)
+)
+"""
+
 # Append only (see above): a database at version N has taken MIGRATIONS[:N].
-MIGRATIONS: list[Step] = [V1, V2]
+MIGRATIONS: list[Step] = [V1, V2, V3]
 
 # The tables and indexes a history without expkit's application_id may hold: one written
 # before that mark, which is expkit's (version 0, so step 1's names), an empty database, or

@@ -29,6 +29,7 @@ from expkit.history.connection import (
 )
 from expkit.history.metrics import Metrics
 from expkit.history.models import Exports, Models
+from expkit.history.params import Params, SinkCursors
 from expkit.history.runs import Events, Outputs, Runs, Stages, Tags
 
 
@@ -64,6 +65,8 @@ class History:
         self.tags = Tags(self)
         self.outputs = Outputs(self)
         self.metrics = Metrics(self)
+        self.params = Params(self)
+        self.sink_cursors = SinkCursors(self)
         self.models = Models(self, model_taken or (lambda name, version: False))
         self.exports = Exports(self)
         size = check_regular_file(self.path)
