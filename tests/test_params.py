@@ -91,6 +91,8 @@ def test_args_as_a_list_are_one_parameter_the_command_line():
     job = job_with(["--data=${data.birds}", "fit", 3, "two words", "${data.birds}"])
 
     assert job.params({"birds": "/d"}) == {"args": "--data=/d fit 3 'two words' /d"}
+    # as the script gets it: a list's items are written as Python writes them
+    assert job_with(["--flag", True, None]).params({}) == {"args": "--flag True None"}
     assert job_with([]).params({}) == {} == job_with({}).params({})
 
 
