@@ -320,3 +320,30 @@ def test_get_context_outside_expkit_records_nothing_and_does_no_harm(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout == "None True\n"
     assert "not running under expkit" in done.stderr
+
+
+def test_get_params_gives_the_jobs_args_and_what_the_script_logged(run_job):
+    script = """
+        from expkit import Run
+
+        Run.get_context().log_params({"optimizer": "sgd", "lr": 0.05})
+    """
+    result = run_job({"args": {"lr": 0.1, "epochs": 2, "--fast": True}}, script=script)
+
+    assert result.state == "completed"
+    # the script's lr replaced the job's, and is listed after the job's parameters
+    assert list(result.run.get_params().items()) == [
+        ("epochs", "2"),
+        ("fast", "true"),
+        ("optimizer", "sgd"),
+        ("lr", "0.05"),
+    ]
+    details = result.run.get_details()
+    assert details["params"] == result.run.get_params()
+    assert details["param_sources"] == {
+        "epochs": "job",
+        "fast": "job",
+        "optimizer": "script",
+        "lr": "script",
+    }
+    assert Run(result.workspace, result.record.id).get_params() == result.run.get_params()

@@ -1,14 +1,17 @@
 """A workspace made by an older expkit opens and is upgraded in place; one made by a newer
 expkit is refused before anything is written to it.
 
-tests/fixtures/workspace_v0 was made by expkit before its history had a version (see
-tests/fixtures/make_workspace_v0.py): three runs of experiment `fixture` (1 and 3 completed and
-registered `digits` versions 1 and 2, 2 failed with exit code 3), each with metrics (steps, a
-number, a string, a table row), a tag and an output, and an export of fixture_3.
+tests/fixtures/workspace_v0 was made by expkit before its history had a version, workspace_v2
+by expkit at history version 2, before parameters (step 3) were recorded (see
+tests/fixtures/make_workspace.py). Each holds three runs of experiment `fixture` (1 and 3
+completed and registered `digits` versions 1 and 2, 2 failed with exit code 3; their job had
+`args`), each with metrics (steps, a number, a string, a table row), a tag and an output, and an
+export of fixture_3.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -22,7 +25,8 @@ from conftest import bare_env, error_line
 from expkit.history import schema
 from expkit.workspace import Workspace
 
-FIXTURE = Path(__file__).parent / "fixtures" / "workspace_v0"
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = FIXTURES / "workspace_v0"
 small_disk = disk.small_disk  # a real 16 MiB tmpfs (root only)
 RUNS = {"fixture_1": "completed", "fixture_2": "failed", "fixture_3": "completed"}
 
@@ -69,15 +73,24 @@ def settle(db: Path) -> None:
     conn.close()
 
 
+def copy_of(version: int, folder: Path) -> Path:
+    """`folder`, a project folder whose workspace is a copy of the version-`version` fixture."""
+    shutil.copytree(FIXTURES / f"workspace_v{version}", folder / ".expkit", symlinks=True)
+    assert user_version(folder / ".expkit" / "history.db") == version
+    return folder
+
+
 @pytest.fixture
 def old(tmp_path: Path) -> Path:
     """A project folder whose workspace is a copy of the version-0 fixture."""
-    shutil.copytree(FIXTURE, tmp_path / ".expkit", symlinks=True)
-    assert user_version(tmp_path / ".expkit" / "history.db") == 0
-    return tmp_path
+    return copy_of(0, tmp_path)
 
 
-def test_an_old_workspace_shows_every_run_metric_tag_and_model(old: Path) -> None:
+@pytest.mark.parametrize("version", [0, 2])
+def test_an_old_workspace_shows_every_run_metric_tag_and_model(
+    version: int, tmp_path: Path
+) -> None:
+    old = copy_of(version, tmp_path)
     listed = ok(expkit_at(old, "runs", "list")).splitlines()
     assert {line.split()[0]: line.split()[1] for line in listed[1:]} == RUNS
 
@@ -117,9 +130,18 @@ def test_an_old_workspace_shows_every_run_metric_tag_and_model(old: Path) -> Non
         assert (export.format, export.ok, list(export.files)) == ("onnx", True, ["model.onnx"])
         # Step 2: runs that outlive their driver, and how far a run's metric channel was read.
         assert history.runs.get("fixture_1").remote_job is None
-        assert history.metrics.offsets_of("fixture_1") == {}
+        channel = old / ".expkit" / "runs" / "fixture_1" / "metrics"
+        read = {f.name: f.stat().st_size for f in channel.glob("*.jsonl")}  # read to the end
+        assert history.metrics.offsets_of("fixture_1") == (read if version >= 2 else {})
         history.metrics.add("fixture_1", [("late", 3, 1.0, None, 0.0, 0)], {"0.jsonl": 42})
-        assert history.metrics.offsets_of("fixture_1") == {"0.jsonl": 42}
+        assert history.metrics.offsets_of("fixture_1") == {
+            **(read if version >= 2 else {}),
+            "0.jsonl": 42,
+        }
+        # Step 3: parameters (none recorded for the runs made before it), sinks' cursors.
+        for run_id in RUNS:
+            assert history.params.of(run_id) == {}
+            assert history.sink_cursors.get(run_id, "mlflow") == (0, 0)
     finally:
         history.close()
     assert user_version(old / ".expkit" / "history.db") == schema.latest()
@@ -139,6 +161,40 @@ def test_an_upgraded_workspace_takes_new_runs_and_versions(old: Path) -> None:
     assert listed[1].split()[:2] == ["fixture_4", "completed"]
     models = ok(expkit_at(old, "models", "list")).splitlines()
     assert models[-1].split()[:3] == ["digits", "3", "fixture_4"]
+
+
+def test_a_version_2_workspace_takes_parameters_and_keeps_its_runs(tmp_path: Path) -> None:
+    """Step 3 on a workspace made just before it: its runs show no parameters (none were
+    recorded; their `args` are still in the job), and new runs record theirs."""
+    old = copy_of(2, tmp_path)
+
+    details = json.loads(ok(expkit_at(old, "runs", "show", "fixture_3", "--json")))
+    assert (details["state"], details["params"], details["param_sources"]) == (
+        "completed",
+        {},
+        {},
+    )
+    assert details["metrics"]["acc"] == 0.9 and details["tags"] == {"seed": "7"}
+    assert "\nparams" not in ok(expkit_at(old, "runs", "show", "fixture_1"))
+    listed = ok(expkit_at(old, "runs", "list", "--param", "lr", "--metric", "acc"))
+    assert listed.splitlines()[0].split()[-2:] == ["lr", "acc"]
+    assert {line.split()[0]: line.split()[-1] for line in listed.splitlines()[1:]} == {
+        "fixture_3": "0.9",
+        "fixture_2": "-1",
+        "fixture_1": "0.5",
+    }  # blank lr: the column's last word is acc
+    assert user_version(old / ".expkit" / "history.db") == schema.latest() == 3
+
+    (old / "train.py").write_text(
+        "from expkit import Run\nRun.get_context().log_params({'seed': 11})\n"
+    )
+    (old / "job.yaml").write_text(
+        "experiment: fixture\nentry_script: train.py\nargs: {lr: 0.01, epochs: 2}\n"
+    )
+    ok(expkit_at(old, "run", "job.yaml"))
+    details = json.loads(ok(expkit_at(old, "runs", "show", "fixture_4", "--json")))
+    assert details["params"] == {"lr": "0.01", "epochs": "2", "seed": "11"}
+    assert details["param_sources"] == {"lr": "job", "epochs": "job", "seed": "script"}
 
 
 def test_a_second_open_writes_nothing(old: Path) -> None:

@@ -108,6 +108,8 @@ class Run:
                 for s in history.stages.of(self.id)
             },
             "tags": history.tags.of(self.id),
+            "params": history.params.of(self.id),
+            "param_sources": history.params.sources(self.id),
         }
 
     def get_metrics(self, name: str | None = None) -> dict[str, Any]:
@@ -129,6 +131,22 @@ class Run:
             else:
                 result[key] = values[0] if len(values) == 1 else values
         return result
+
+    def get_params(self) -> dict[str, str]:
+        """The run's parameters, name -> value (text): the job's `args` (`lr: 0.01` is
+        {"lr": "0.01"}, `${data.x}` the data's path in the run, a list of arguments the one
+        parameter "args", the command line) and what the script logged as parameters
+        (`Run.get_context().log_params`, `mlflow.log_param`); a name both give has the
+        script's value. {} before the run's prepare stage placed its data, and for runs
+        recorded before expkit kept parameters. `get_details()["param_sources"]` says which
+        came from where ("job" or "script").
+
+        Named as MLflow names them (`mlflow.get_run(id).data.params`, a dict of text, which
+        is how Azure ML v2 reads a run's parameters): Azure ML's SDK v1 has no such call
+        (a run's script arguments are in `get_details()["runDefinition"]["arguments"]`, a
+        HyperDrive run's children's in `HyperDriveRun.get_hyperparameters()`).
+        """
+        return self.workspace.history.params.of(self.id)
 
     def get_tags(self) -> dict[str, str]:
         return self.workspace.history.tags.of(self.id)

@@ -430,7 +430,7 @@ class JobSpec(_Spec):
         """The run's parameters from `args`, as text, `${data.x}` replaced by the data's path:
         `key: value` is the parameter `key` (leading dashes dropped), a list's items joined
         by spaces, true/false/null as written in YAML; a list of arguments is one parameter,
-        `args`, the command line."""
+        `args`, the command line exactly as the script gets it (`command_args`)."""
 
         def text(value: Any) -> str:
             if value is True or value is False or value is None:
@@ -438,7 +438,7 @@ class JobSpec(_Spec):
             return _DATA_REF.sub(lambda m: data_paths[m.group(1)], str(value))
 
         if isinstance(self.args, list):
-            return {"args": shlex.join(text(v) for v in self.args)} if self.args else {}
+            return {"args": shlex.join(self.command_args(data_paths))} if self.args else {}
         return {
             key.lstrip("-") or key: " ".join(map(text, value))
             if isinstance(value, list)

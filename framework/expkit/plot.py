@@ -75,9 +75,13 @@ def check_file(path: Path) -> None:
         raise UserError(f"--plot {path}: folder {path.parent} does not exist")
 
 
-def plot_runs(runs: dict[str, dict[str, Curve]], path: Path) -> Figure:
-    """One subplot per metric, one colour per run; returns the figure it saved to `path`."""
+def plot_runs(
+    runs: dict[str, dict[str, Curve]], path: Path, labels: dict[str, str] | None = None
+) -> Figure:
+    """One subplot per metric, one colour per run; returns the figure it saved to `path`.
+    Runs are named by `labels` (run id -> label, e.g. "test_3 (lr=0.01)"), else by id."""
     check_file(path)
+    names_of = {run: (labels or {}).get(run, run) for run in runs}
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -91,13 +95,13 @@ def plot_runs(runs: dict[str, dict[str, Curve]], path: Path) -> Figure:
         shown = {run: metrics[name] for run, metrics in runs.items() if name in metrics}
         ax.set_title(name)
         if all(len(curve.xs) == 1 for curve in shown.values()):
-            _single_values(ax, shown, colors)
+            _single_values(ax, shown, colors, names_of)
         else:
-            _lines(ax, shown, colors)
+            _lines(ax, shown, colors, names_of)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
     if len(runs) > 1:
-        handles = [Line2D([], [], color=colors[run], lw=2.5, label=run) for run in runs]
+        handles = [Line2D([], [], color=colors[run], lw=2.5, label=names_of[run]) for run in runs]
         figure.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 5))
     else:
         figure.suptitle(f"run {next(iter(runs))}")
@@ -109,12 +113,15 @@ def _finite(ys: list[float]) -> list[float]:
     return [y if math.isfinite(y) else math.nan for y in ys]  # inf would break the scale
 
 
-def _lines(ax: Axes, shown: dict[str, Curve], colors: dict[str, str]) -> None:
+def _lines(
+    ax: Axes, shown: dict[str, Curve], colors: dict[str, str], names_of: dict[str, str]
+) -> None:
     from matplotlib.ticker import EngFormatter, MaxNLocator
 
     for run, curve in shown.items():
         marker = "o" if len(curve.xs) <= MARKERS_UP_TO else None
-        ax.plot(curve.xs, _finite(curve.ys), color=colors[run], marker=marker, ms=3.5, label=run)
+        ys = _finite(curve.ys)
+        ax.plot(curve.xs, ys, color=colors[run], marker=marker, ms=3.5, label=names_of[run])
     first = min(min(curve.xs) for curve in shown.values())
     if first == max(max(curve.xs) for curve in shown.values()):
         ax.set_xlim(first - 1, first + 1)  # one step only: whole steps around it, not fractions
@@ -125,7 +132,9 @@ def _lines(ax: Axes, shown: dict[str, Curve], colors: dict[str, str]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _single_values(ax: Axes, shown: dict[str, Curve], colors: dict[str, str]) -> None:
+def _single_values(
+    ax: Axes, shown: dict[str, Curve], colors: dict[str, str], names_of: dict[str, str]
+) -> None:
     """A value logged once: written out for one run, a labelled bar per run for several."""
     if len(shown) == 1:
         curve = next(iter(shown.values()))
@@ -138,7 +147,11 @@ def _single_values(ax: Axes, shown: dict[str, Curve], colors: dict[str, str]) ->
     heights = [y if math.isfinite(y) else 0 for y in (shown[run].ys[0] for run in runs)]
     bars = ax.bar(range(len(runs)), heights, width=0.6, color=[colors[run] for run in runs])
     ax.bar_label(bars, labels=[format_value(shown[run].ys[0]) for run in runs], padding=2)
-    ax.set_xticks(range(len(runs)), runs, fontsize=8)
+    names = [names_of[run] for run in runs]
+    if sum(map(len, names)) > 60:  # long labels (parameters) would overlap: slant them
+        ax.set_xticks(range(len(runs)), names, fontsize=7, rotation=20, ha="right")
+    else:
+        ax.set_xticks(range(len(runs)), names, fontsize=8)
     ax.margins(y=0.15)
     ax.set_xlabel("logged once")
     ax.grid(alpha=0.3, axis="y")

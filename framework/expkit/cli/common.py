@@ -83,3 +83,14 @@ def print_table(headers: list[str], rows: list[list[str]], indent: str = "") -> 
     for row in [headers, *rows]:
         cells = "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False))
         print((indent + cells).rstrip())
+
+
+def metric_cell(value: Any) -> str:
+    """A metric's value in a table cell: a number to 4 significant digits, a table row
+    (`log_row`) as its columns `k=v`, text as one line."""
+    from expkit.console import format_value
+    from expkit.outputs import escaped
+
+    if isinstance(value, dict):
+        return " ".join(f"{k}={format_value(v)}" for k, v in value.items())
+    return escaped(format_value(value))

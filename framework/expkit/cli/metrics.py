@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from expkit.cli.common import open_workspace, print_table, run_record, when
+from expkit.cli.common import metric_cell, open_workspace, print_table, run_record, when
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -18,9 +18,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="a run's metrics, or several runs side by side (--plot: a picture)",
         usage="expkit metrics RUN [RUN ...] [NAME] [--plot FILE.png]",
         description="One RUN: every logged value with its step. Several: the latest value of "
-        "each metric, one column per run. NAME (a last argument that is not a run) keeps "
-        "that metric only. --plot draws the numeric metrics' curves instead, one subplot per "
-        "metric, the runs overlaid.",
+        "each metric, one column per run, each run named by its id and the parameters whose "
+        "values differ between the runs (`test_3 (lr=0.01)`). NAME (a last argument that is "
+        "not a run) keeps that metric only. --plot draws the numeric metrics' curves "
+        "instead, one subplot per metric, the runs overlaid.",
     )
     metrics.add_argument(
         "refs", nargs="+", metavar="RUN", help="run id, run number, or `latest`; then NAME"
@@ -79,22 +80,53 @@ def _named(name: str | None) -> str:
     return f" named {name!r}" + (f" (and there is no run {name!r})" if looks_like_run else "")
 
 
+def run_labels(workspace: Any, run_ids: list[str]) -> dict[str, str]:
+    """Each run's name where several are compared: its id, then the parameters whose values
+    differ between the runs, `test_3 (lr=0.01, batch=64)`; the id alone when none differ.
+    A parameter one run lacks differs (that run's label leaves it out). A path inside a
+    run's own folder (a `${data.x}` argument) is the same in every run."""
+    from expkit.outputs import escaped
+
+    params = workspace.history.params.of_runs(run_ids)
+
+    def compared(run_id: str, key: str) -> str | None:
+        value = params[run_id].get(key)
+        if value is None:
+            return None
+        return re.sub(rf"(?<![^/\\]){re.escape(run_id)}(?![^/\\])", "{run}", value)
+
+    keys = dict.fromkeys(key for found in params.values() for key in found)
+    differ = [k for k in keys if len({compared(run_id, k) for run_id in run_ids}) > 1]
+    labels = {}
+    for run_id in run_ids:
+        shown = [
+            f"{escaped(k)}={_short(escaped(params[run_id][k]))}"
+            for k in differ
+            if k in params[run_id]
+        ]
+        labels[run_id] = f"{run_id} ({', '.join(shown)})" if shown else run_id
+    return labels
+
+
+def _short(value: str, most: int = 40) -> str:
+    """A long value in a label: its start and end (paths differ at the end)."""
+    if len(value) <= most:
+        return value
+    half = (most - 3) // 2
+    return f"{value[:half]}...{value[-half:]}"
+
+
 def _compare_metrics(workspace: Any, records: list[Any], name: str | None) -> int:
-    """Runs side by side: a row per metric, each run's latest value."""
-    from expkit.console import format_value
-
-    def cell(value: Any) -> str:
-        if isinstance(value, dict):  # a table row (log_row): its columns
-            return " ".join(f"{k}={format_value(v)}" for k, v in value.items())
-        return format_value(value)
-
+    """Runs side by side: a row per metric, each run's latest value; the runs named by the
+    parameters that differ between them (`run_labels`)."""
     latest = {r.id: workspace.history.metrics.latest(r.id) for r in records}
     names = dict.fromkeys(n for values in latest.values() for n in values if name in (None, n))
     if not names:
         print(f"runs {', '.join(latest)} have no metrics" + _named(name))
         return 0
-    rows = [[n, *(cell(v[n]) if n in v else "-" for v in latest.values())] for n in names]
-    print_table(["METRIC", *latest], rows)
+    rows = [[n, *(metric_cell(v[n]) if n in v else "-" for v in latest.values())] for n in names]
+    labels = run_labels(workspace, list(latest))
+    print_table(["METRIC", *labels.values()], rows)
     return 0
 
 
@@ -116,10 +148,11 @@ def _plot_metrics(workspace: Any, records: list[Any], name: str | None, path: Pa
         plural = "s" if len(records) > 1 else ""
         ids = ", ".join(r.id for r in records)
         raise UserError(f"nothing to plot: no {what} in run{plural} {ids}{why}")
-    plot.plot_runs(runs, path)
+    labels = run_labels(workspace, list(runs))
+    plot.plot_runs(runs, path, labels)
     names = list(dict.fromkeys(n for curves in runs.values() for n in curves))
     print(f"wrote {path}")
-    print(f"  runs     {', '.join(runs)}")
+    print(f"  runs     {', '.join(labels.values())}")
     print(f"  metrics  {', '.join(names)}")
     if empty:
         print(f"  no numeric metrics in {', '.join(empty)}: not shown")

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
-from expkit.cli.common import open_workspace, print_table, run_record, when
+from expkit.cli.common import metric_cell, open_workspace, print_table, run_record, when
 
 RUN_HELP = "run id, run number, or `latest`"
 
@@ -17,11 +18,35 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(
         dest="runs_command", metavar="ACTION", required=True
     )
-    listing = runs.add_parser("list", help="the latest runs, newest first")
+    listing = runs.add_parser(
+        "list",
+        help="the latest runs, newest first",
+        description="The latest runs, newest first: state, creation time, duration, exit "
+        "code. --param KEY and --metric NAME add a column each, in the order given (both "
+        "may be repeated): the run's parameter KEY (from the job's `args`, or logged by the "
+        "script: `expkit runs show RUN` lists them) and the latest value of its metric NAME; "
+        "blank for a run that has none.",
+    )
     listing.add_argument("--experiment", help="only this experiment's runs")
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    listing.add_argument(
+        "--param",
+        metavar="KEY",
+        action=_Column,
+        dest="columns",
+        const="param",
+        help="a column with each run's parameter KEY (repeatable)",
+    )
+    listing.add_argument(
+        "--metric",
+        metavar="NAME",
+        action=_Column,
+        dest="columns",
+        const="metric",
+        help="a column with the latest value of each run's metric NAME (repeatable)",
+    )
     listing.set_defaults(handler=cmd_runs_list)
-    show = runs.add_parser("show", help="a run's state, stages, metrics and outputs")
+    show = runs.add_parser("show", help="a run's state, stages, params, metrics and outputs")
     show.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=cmd_runs_show)
@@ -61,8 +86,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     download.set_defaults(handler=cmd_runs_download)
 
 
+class _Column(argparse.Action):
+    """`--param KEY` / `--metric NAME`: one more column of `runs list`, kept with the others
+    in the order given on the command line, as ("param" or "metric", name)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        value: Any,
+        option_string: str | None = None,
+    ) -> None:
+        columns = [*(getattr(namespace, self.dest, None) or []), (self.const, value)]
+        setattr(namespace, self.dest, columns)
+
+
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    """The latest runs, newest first: state, creation time, duration, exit code."""
+    """The latest runs, newest first: state, creation time, duration, exit code, then a
+    column for each `--param KEY` and `--metric NAME` (blank where a run has none)."""
     from expkit.console import human_seconds
 
     workspace = open_workspace(args)
@@ -82,12 +123,40 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
                 "-" if r.exit_code is None else str(r.exit_code),
             ]
         )
-    print_table(["RUN", "STATE", "CREATED", "DURATION", "EXIT"], rows)
+    headers = ["RUN", "STATE", "CREATED", "DURATION", "EXIT"]
+    for header, cells in _extra_columns(workspace.history, [r.id for r in records], args):
+        headers.append(header)
+        for row, cell in zip(rows, cells, strict=True):
+            row.append(cell)
+    print_table(headers, rows)
     return 0
 
 
+def _extra_columns(
+    history: Any, run_ids: list[str], args: argparse.Namespace
+) -> list[tuple[str, list[str]]]:
+    """The `--param`/`--metric` columns: (header, a cell per run). The header is the name
+    as given; one given as both a parameter and a metric says which is which."""
+    from expkit.outputs import escaped
+
+    columns = getattr(args, "columns", None) or []
+    params = history.params.of_runs(run_ids) if any(k == "param" for k, _ in columns) else {}
+    both = {n for k, n in columns if k == "param"} & {n for k, n in columns if k == "metric"}
+    found = []
+    for kind, name in columns:
+        header = f"{name} ({kind})" if name in both else name
+        if kind == "param":
+            cells = [escaped(params[run_id].get(name, "")) for run_id in run_ids]
+        else:
+            latest = history.metrics.last_of(run_ids, name)
+            cells = [metric_cell(latest[r]) if r in latest else "" for r in run_ids]
+        found.append((header, cells))
+    return found
+
+
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    """One run's state, stages, metrics, tags, exports and outputs (--json: as JSON)."""
+    """One run's state, stages, parameters, metrics, tags, exports and outputs (--json: as
+    JSON)."""
     from expkit.api import Run
     from expkit.console import format_value, human_seconds, human_size
     from expkit.exports import describe as describe_export
@@ -125,6 +194,15 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     for stage in history.stages.of(record.id):
         took = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         print(f"  {stage.stage:<13} {stage.state:<9} {took:>8}  {stage.message or ''}".rstrip())
+    params = history.params.of(record.id)
+    if params:
+        from expkit.outputs import escaped
+
+        sources = history.params.sources(record.id)
+        print("\nparams")
+        for key, value in params.items():
+            logged = "  (logged by the script)" if sources.get(key) == "script" else ""
+            print(f"  {escaped(key):<24} {escaped(value)}{logged}")
     metrics = history.metrics.latest(record.id)
     if metrics:
         print("\nmetrics (latest value)")

@@ -81,6 +81,20 @@ class Metrics(Part):
         )
         return {r["name"]: metric_value(r) for r in rows}
 
+    def last_of(self, run_ids: list[str], name: str) -> dict[str, Any]:
+        """The last value of metric `name` in each of the runs that logged it, run id ->
+        value (`expkit runs list --metric NAME`): one indexed look-up per run."""
+        found: dict[str, Any] = {}
+        for run_id in run_ids:
+            row = self.db.execute(
+                "SELECT value, payload FROM metrics WHERE run_id = ? AND name = ?"
+                " ORDER BY id DESC LIMIT 1",
+                (run_id, name),
+            ).fetchone()
+            if row is not None:
+                found[run_id] = metric_value(row)
+        return found
+
 
 def metric_value(row: sqlite3.Row) -> Any:
     """A stored metric's value: the number, or the decoded payload (strings, table rows)."""

@@ -18,7 +18,7 @@ Adding a step (a column for Slurm job ids, a table for sweeps):
 3. A new column needs a default (`ALTER TABLE runs ADD COLUMN slurm_job TEXT` is NULL for the
    old rows; `... retries INTEGER NOT NULL DEFAULT 0`), so that every INSERT, which names its
    columns, still works. `RunRecord` reads the columns it declares: add the field with it.
-4. Make a fixture of the previous version with tests/fixtures/make_workspace_v0.py (run from the
+4. Make a fixture of the previous version with tests/fixtures/make_workspace.py (run from the
    commit before yours, see its docstring) and extend tests/test_history_upgrade.py to open it.
 """
 
