@@ -62,3 +62,9 @@ def job_from_azureml(config: Any, experiment: str | None = None) -> JobSpec:
     from expkit_azureml.importer import job_from_azureml as convert
 
     return convert(config, experiment)
+
+
+@hookimpl
+def expkit_import_hooks() -> dict[str, str]:
+    # Inside a run, azureml's Run.get_context() records into the expkit run (see inscript.py)
+    return {"azureml.core.run": "expkit_azureml.inscript:install"}
