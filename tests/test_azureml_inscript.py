@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from expkit import importhooks
+from expkit.api import Model
 from expkit.api import Run as ExpkitRunRecord
 from expkit.workspace import Workspace
 
@@ -63,6 +64,8 @@ run.log_image("loss curve", plot=plt)
 plt.savefig("confusion.png")
 run.log_image("confusion", path="confusion.png")
 
+run.log_table("not_columns", 5)
+run.set_tags("not a dict")
 run.register_model("model", "outputs/model")
 run.register_model("model", "outputs/model")
 print("metrics", run.get_metrics())
@@ -78,15 +81,12 @@ print("done")
 """
 
 
-def write_job(folder: Path, script: str, experiment: str = "aztest") -> Path:
+def write_job(folder: Path, script: str, **spec: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.py").write_text(textwrap.dedent(script))
     job = folder / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {"experiment": experiment, "source_directory": ".", "entry_script": "train.py"}
-        )
-    )
+    spec = {"experiment": "aztest", "source_directory": ".", "entry_script": "train.py", **spec}
+    job.write_text(yaml.safe_dump(spec))
     return job
 
 
@@ -94,7 +94,7 @@ def write_job(folder: Path, script: str, experiment: str = "aztest") -> Path:
 def azureml_run(tmp_path_factory):
     """The Azure ML script above run once by `expkit run`: (result, workspace path, run id)."""
     folder = tmp_path_factory.mktemp("azureml-inscript")
-    job = write_job(folder / "src", AZUREML_SCRIPT)
+    job = write_job(folder / "src", AZUREML_SCRIPT, model={"name": "aztest-model"})
     workspace = Workspace.init(folder / "ws").path
     env = {**os.environ, "EXPKIT_WORKSPACE": str(workspace)}
     env.pop(importhooks.HOOKS_ENV, None)
@@ -135,6 +135,10 @@ def test_the_issue_script_metrics_reach_expkit_metrics_and_get_metrics(azureml_r
     assert metrics["per_class"] == {"cls": [1, 2], "acc": [0.9, 0.8]}
     assert metrics["curve"] == {"epoch": [1, 2], "loss": [0.5, 0.4]}
     assert metrics["from_parent"] == 1.0  # run.parent is the run itself
+    # and the registered model's lineage has them
+    model = Model(_workspace(workspace), "aztest-model")
+    assert model.lineage["run_id"] == run_id
+    assert model.lineage["metrics"]["best_val_acc"] == 0.93
 
 
 def test_steps_and_lists_keep_their_steps(azureml_run):
@@ -188,6 +192,9 @@ def test_unsupported_calls_are_one_notice_each_never_an_exception(azureml_run):
     assert any("Run.experiment.workspace" in n for n in notices)
     assert any("'../escape.txt' is not a path inside outputs/" in n for n in notices)
     assert "metrics None" in result.stdout
+    # a bad argument to a recording call: one notice, the script goes on
+    assert any("Run.log_table() failed (AttributeError" in n for n in notices)
+    assert any("Run.set_tags() failed (AttributeError" in n for n in notices)
 
 
 def _workspace(path: Path) -> Workspace:

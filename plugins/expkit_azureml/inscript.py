@@ -46,6 +46,20 @@ OFFLINE_ONLY = (
     "log_confusion_matrix",
 )
 
+# What ExpkitRun records; whatever they raise (a bad argument) is a notice, never an exception
+# (`log` only queues the value, as expkit's own: it has nothing to raise, and is the hot path).
+RECORDING = (
+    "log_list",
+    "log_row",
+    "log_table",
+    "log_image",
+    "set_tags",
+    "tag",
+    "upload_file",
+    "upload_files",
+    "upload_folder",
+)
+
 _noticed: set[str] = set()
 _noticed_lock = threading.Lock()
 _runs: dict[type, Any] = {}  # one ExpkitRun per process (per _OfflineRun class)
@@ -303,11 +317,29 @@ def _run_class(offline: type) -> type:
             unsupported(attribute)
             return None
 
+    for method in RECORDING:
+        setattr(ExpkitRun, method, _never_raises(ExpkitRun.__dict__[method]))
     for method in OFFLINE_ONLY:
         if hasattr(offline, method):
             setattr(ExpkitRun, method, _noticed_offline(getattr(offline, method), method))
     ExpkitRun.__qualname__ = ExpkitRun.__name__ = "ExpkitRun"
     return ExpkitRun
+
+
+def _never_raises(method: Any) -> Any:
+    """`method`, with whatever it raises turned into one notice (per method) and None: a
+    script's logging call never fails the script."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            name = method.__name__
+            notice(f"Run.{name}() failed ({type(error).__name__}: {error}); ignored", name)
+            return None
+
+    return call
 
 
 def _ignored(*args: Any, **kwargs: Any) -> None:
