@@ -386,3 +386,35 @@ def test_a_compute_target_looked_up_outside_the_file_is_not_told_to_use_except(t
     ), message
     assert message.endswith('remove it, or put it under `if __name__ == "__main__":`')
     assert "except ComputeTargetException" not in message
+
+
+COMPUTE_TARGETS_CELLS = """
+from azureml.core import Environment, ScriptRunConfig, Workspace
+from azureml.core.compute import AmlCompute, ComputeTarget
+
+ws = Workspace.from_config()
+print(ws.get_details())
+
+cluster_name = "cpu-cluster"
+if cluster_name in ws.compute_targets:
+    compute_target = ws.compute_targets[cluster_name]
+else:
+    config = AmlCompute.provisioning_configuration(vm_size="STANDARD_D2_V2", max_nodes=2)
+    compute_target = ComputeTarget.create(ws, cluster_name, config)
+    compute_target.wait_for_completion(show_output=True)
+print("known:", sorted(ws.compute_targets))
+
+src = ScriptRunConfig(source_directory=".", script="train.py", compute_target=compute_target,
+                      environment=Environment.get(ws, "AzureML-sklearn-1.0-ubuntu20.04-py38-cpu"))
+"""
+
+
+def test_ws_compute_targets_and_get_details_answer_offline(tmp_path, capsys):
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    (tmp_path / "cells.py").write_text(textwrap.dedent(COMPUTE_TARGETS_CELLS))
+    raw = import_job(f"{tmp_path}/cells.py:src")
+    assert raw["compute"]["options"]["cluster"] == "cpu-cluster"
+    assert raw["compute"]["options"]["max_nodes"] == 2
+    err = capsys.readouterr().err
+    assert "'location': 'offline'" in err and "'name': 'offline'" in err
+    assert "known: ['cpu-cluster']" in err  # what the module created, nothing from Azure

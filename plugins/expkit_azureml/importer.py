@@ -14,7 +14,8 @@ seed's own code runs unchanged and offline:
     Workspace(...)                                  network (config.json is read for names only;
                                                     ws.name, subscription_id, resource_group
                                                     from it, else "offline"; ws.location
-                                                    "offline")
+                                                    "offline"; get_details() those;
+                                                    compute_targets: the clusters it created)
     ComputeTarget(ws, name), AmlCompute(ws, name)  "not found" (ComputeTargetException), so the
                                                     seed's get-or-create goes on to create it
     ComputeTarget.create(ws, name, config)         an offline AmlCompute; its provisioning
@@ -310,7 +311,16 @@ def offline_azureml(captured: Captured) -> Iterator[None]:
             "Steady", None, None, 0, None, None, None, "Succeeded", None,
             cluster.scale_settings, 0, settings["vm_priority"], settings["vm_size"],
         )  # fmt: skip
+        created[name] = cluster
         return cluster
+
+    def details(self: Any) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "location": OFFLINE,
+            "subscriptionId": self.subscription_id,
+            "resourceGroup": self.resource_group,
+        }
 
     def experiment_init(self: Any, workspace: Any, name: str, *args: Any, **kwargs: Any) -> None:
         self._workspace, self._name, self._id = workspace, name, None
@@ -326,7 +336,10 @@ def offline_azureml(captured: Captured) -> Iterator[None]:
     def wait(self: Any, *args: Any, **kwargs: Any) -> None:
         return None
 
+    created: dict[str, Any] = {}  # the clusters made by ComputeTarget.create, by name
     replacements = [
+        (Workspace, "get_details", details),
+        (Workspace, "compute_targets", property(lambda self: dict(created))),
         (Workspace, "from_config", staticmethod(from_config)),
         (Workspace, "get", staticmethod(workspace_get)),
         (Workspace, "__init__", workspace_init),
