@@ -319,3 +319,24 @@ def test_in_an_expkit_run_allow_offline_false_is_the_expkit_run(monkeypatch):
     assert isinstance(run, module._OfflineRun) and type(run).__name__ == "ExpkitRun"
     assert run.id == "my_exp_12" and run.experiment.name == "my_exp"
     assert module.Run.get_context() is run
+
+
+def test_the_azure_ml_forwarder_never_forwards_to_expkit_s_stand_in():
+    # Were the hook and the Azure ML forwarder ever in one process, off Azure ML, the
+    # forwarder must see an offline run (nothing to forward to), not loop back into expkit.
+    code = textwrap.dedent(
+        """
+        import azureml.core.run as module
+        from expkit_azureml import forward, inscript
+        inscript.install(module)
+        print("stand-in:", type(module.Run.get_context()).__name__)
+        print("forwards to:", forward._azureml_run())
+        """
+    )
+    env = {**os.environ, "EXPKIT_RUN_ID": "fwd_1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "stand-in: ExpkitRun" in result.stdout
+    assert "forwards to: None" in result.stdout
