@@ -418,3 +418,20 @@ def test_ws_compute_targets_and_get_details_answer_offline(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'location': 'offline'" in err and "'name': 'offline'" in err
     assert "known: ['cpu-cluster']" in err  # what the module created, nothing from Azure
+
+
+def test_an_estimator_s_own_python_pin_is_checked_its_framework_s_is_not(monkeypatch):
+    from azureml.train.dnn import PyTorch
+    from azureml.train.estimator import Estimator
+
+    monkeypatch.chdir(REPO)
+    common = {"source_directory": "training", "entry_script": "pytorch_train.py"}
+    pinned = Estimator(compute_target="cpu-cluster", conda_packages=["python=3.6"], **common)
+    with pytest.raises(UserError, match=r"^Estimator: its conda specification pins python=3\.6"):
+        job_from_azureml(pinned, experiment="pinned")
+    # PyTorch 1.4's own Python 3.6 is the framework's, not carried and not checked
+    assert (
+        job_from_azureml(PyTorch(compute_target="cpu-cluster", **common), "fw").experiment == "fw"
+    )
+    plain = Estimator(compute_target="cpu-cluster", **common)  # the SDK's default pin
+    assert job_from_azureml(plain, experiment="plain").experiment == "plain"
