@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -238,3 +239,199 @@ def test_the_seeds_estimator_runs_here_to_completed(run_job):
     assert result.run.get_metrics()["best_val_acc"] > 0
     assert "outputs/model.pt" in result.run.get_file_names()
     assert result.workspace.history.models.find("pt-dnn")["version"] == 1
+
+
+# -- a notebook's cells saved as a .py ----------------------------------------------------------
+NOTEBOOK = SAMPLES / "notebook_cells.py"
+
+
+def test_a_notebook_s_cells_import_with_offline_workspace_details_and_cluster_status(capsys):
+    raw = import_job(str(NOTEBOOK))  # no NAME: what it submitted
+    assert raw == {
+        "experiment": "pytorch-digits-notebook",
+        "source_directory": str(TRAINING),
+        "entry_script": "pytorch_train.py",
+        "args": ARGS,
+        "environment": {"pip": ["pillow"]},  # the conda yaml's pip section
+        "compute": {  # conda's own python and pip are not carried as conda packages
+            "target": "azureml",
+            "options": {"cluster": "gpu-cluster", "vm_size": "STANDARD_NC6s_v3", "max_nodes": 4},
+        },
+        "resources": {"nodes": 1, "processes_per_node": 1, "gpus_per_node": 1},  # a GPU image
+        "distributed": "none",
+    }
+    out, err = capsys.readouterr()
+    assert out == ""
+    # print(ws.name, ws.location, ws.subscription_id, ws.resource_group): placeholders
+    assert "Workspace name: offline\nAzure region: offline\n" in err
+    assert "Subscription id: offline\nResource group: offline\n" in err
+    # print(compute_target.get_status().serialize()): an idle cluster as it was created
+    assert "'allocationState': 'Steady'" in err and "'currentNodeCount': 0" in err
+    assert "'vmSize': 'STANDARD_NC6s_v3'" in err
+    assert "'scaleSettings': {'minNodeCount': 0, 'maxNodeCount': 4" in err
+    AzureMLTarget().check(JobSpec.from_dict(raw, base_dir=REPO))
+
+
+def test_the_workspace_details_come_from_config_json(tmp_path, capsys):
+    (tmp_path / "conda_dependencies.yml").write_text(
+        (SAMPLES / "conda_dependencies.yml").read_text()
+    )
+    (tmp_path / "nb.py").write_text(NOTEBOOK.read_text())
+    (tmp_path / "config.json").write_text(
+        '{"subscription_id": "sub-1", "resource_group": "rg-1", "workspace_name": "ws-1"}'
+    )
+    import_job(f"{tmp_path}/nb.py")
+    err = capsys.readouterr().err
+    assert "Workspace name: ws-1\nAzure region: offline\nSubscription id: sub-1\n" in err
+    assert "Resource group: rg-1\n" in err
+
+
+def test_the_notebook_imports_with_the_expkit_command(expkit_cli, tmp_path):
+    result = expkit_cli("import", "azureml", str(NOTEBOOK), "-o", str(tmp_path / "job.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "Azure region: offline" in result.stderr
+    assert "AttributeError" not in result.stderr and "ComputeTargetException" not in result.stderr
+    job = JobSpec.from_yaml(tmp_path / "job.yaml")
+    assert (job.experiment, job.entry_script) == ("pytorch-digits-notebook", "pytorch_train.py")
+
+
+def _conda_variant(tmp_path: Path, conda_python: str) -> str:
+    """The notebook with its conda yaml's `python=3.11` replaced by `conda_python`."""
+    yml = (SAMPLES / "conda_dependencies.yml").read_text()
+    assert "  - python=3.11\n" in yml
+    (tmp_path / "conda_dependencies.yml").write_text(
+        yml.replace("  - python=3.11\n", f"  - {conda_python}\n")
+    )
+    (tmp_path / "nb.py").write_text(NOTEBOOK.read_text())
+    return f"{tmp_path}/nb.py"
+
+
+def _here() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@pytest.mark.parametrize("pin", ["python=3.6", "python>=3.12.99", "python==3.7.4", "python<3.8"])
+def test_a_conda_python_pin_this_interpreter_does_not_fit_is_one_line_up_front(tmp_path, pin):
+    ref = _conda_variant(tmp_path, pin)
+    with pytest.raises(UserError) as error:
+        import_job(ref)
+    spec = pin.removeprefix("python")
+    assert str(error.value) == (
+        f"ScriptRunConfig: its conda specification pins python{spec}, but expkit runs the job "
+        f"with this interpreter, Python {_here()}, and installs the job's packages for it; "
+        f"import with a Python that fits python{spec}, or remove the pin (python_version=, "
+        f"python=...) if the packages work on {_here()}"
+    )
+    assert error.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "pin",
+    [
+        "python=3.11",  # the sample's own: this interpreter's
+        "python=3.11.2",  # another micro version of the same Python
+        "python>=3.8,<4",
+        "python",
+    ],
+)
+def test_a_conda_python_pin_that_fits_this_interpreter_imports(tmp_path, pin):
+    if sys.version_info[:2] != (3, 11) and pin.startswith("python=3.11"):
+        pytest.skip("the pin is this interpreter's only on Python 3.11")
+    raw = import_job(_conda_variant(tmp_path, pin))
+    assert raw["environment"] == {"pip": ["pillow"]}
+
+
+def test_a_python_version_pin_of_conda_dependencies_is_checked_and_the_sdk_default_is_not(
+    tmp_path,
+):
+    source = (SAMPLES / "script_run_config.py").read_text()
+    assert 'python_version="3.11"' in source
+    (tmp_path / "pinned.py").write_text(
+        source.replace('python_version="3.11"', 'python_version="3.6"')
+    )
+    with pytest.raises(UserError, match=r"pins python=3\.6, but expkit runs the job"):
+        import_job(f"{tmp_path}/pinned.py:src")
+    # CondaDependencies.create() without python_version pins the SDK's default: not the user's
+    (tmp_path / "default.py").write_text(source.replace('python_version="3.11", ', ""))
+    assert import_job(f"{tmp_path}/default.py:src")["entry_script"] == "pytorch_train.py"
+
+
+def test_the_conda_pin_error_is_exit_2_from_the_command(expkit_cli, tmp_path):
+    ref = _conda_variant(tmp_path, "python=3.6")
+    result = expkit_cli("import", "azureml", ref)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("expkit: error: ScriptRunConfig: its conda specification pins python=3.6")
+    )
+    assert "Traceback" not in result.stderr and "ResolutionImpossible" not in result.stderr
+
+
+def test_a_compute_target_looked_up_outside_the_file_is_not_told_to_use_except(tmp_path):
+    (tmp_path / "clusters.py").write_text(
+        "from azureml.core.compute import ComputeTarget\n\n"
+        "def cluster(ws, name):\n    return ComputeTarget(workspace=ws, name=name)\n"
+    )
+    (tmp_path / "m.py").write_text(
+        "from azureml.core import Workspace\nimport clusters\n\n"
+        "ct = clusters.cluster(Workspace.from_config(), 'gpu')\n"
+    )
+    with pytest.raises(UserError) as error:
+        import_job(f"{tmp_path}/m.py:ct")
+    message = str(error.value)
+    assert message.startswith(
+        f"{tmp_path}/m.py, line 4: this call looks a compute target up in Azure, which an "
+        "import does not do (ComputeTargetNotFound"
+    ), message
+    assert message.endswith('remove it, or put it under `if __name__ == "__main__":`')
+    assert "except ComputeTargetException" not in message
+
+
+COMPUTE_TARGETS_CELLS = """
+from azureml.core import Environment, ScriptRunConfig, Workspace
+from azureml.core.compute import AmlCompute, ComputeTarget
+
+ws = Workspace.from_config()
+print(ws.get_details())
+
+cluster_name = "cpu-cluster"
+if cluster_name in ws.compute_targets:
+    compute_target = ws.compute_targets[cluster_name]
+else:
+    config = AmlCompute.provisioning_configuration(vm_size="STANDARD_D2_V2", max_nodes=2)
+    compute_target = ComputeTarget.create(ws, cluster_name, config)
+    compute_target.wait_for_completion(show_output=True)
+print("known:", sorted(ws.compute_targets))
+
+src = ScriptRunConfig(source_directory=".", script="train.py", compute_target=compute_target,
+                      environment=Environment.get(ws, "AzureML-sklearn-1.0-ubuntu20.04-py38-cpu"))
+"""
+
+
+def test_ws_compute_targets_and_get_details_answer_offline(tmp_path, capsys):
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    (tmp_path / "cells.py").write_text(textwrap.dedent(COMPUTE_TARGETS_CELLS))
+    raw = import_job(f"{tmp_path}/cells.py:src")
+    assert raw["compute"]["options"]["cluster"] == "cpu-cluster"
+    assert raw["compute"]["options"]["max_nodes"] == 2
+    err = capsys.readouterr().err
+    assert "'location': 'offline'" in err and "'name': 'offline'" in err
+    assert "known: ['cpu-cluster']" in err  # what the module created, nothing from Azure
+
+
+def test_an_estimator_s_own_python_pin_is_checked_its_framework_s_is_not(monkeypatch):
+    from azureml.train.dnn import PyTorch
+    from azureml.train.estimator import Estimator
+
+    monkeypatch.chdir(REPO)
+    common = {"source_directory": "training", "entry_script": "pytorch_train.py"}
+    pinned = Estimator(compute_target="cpu-cluster", conda_packages=["python=3.6"], **common)
+    with pytest.raises(UserError, match=r"^Estimator: its conda specification pins python=3\.6"):
+        job_from_azureml(pinned, experiment="pinned")
+    # PyTorch 1.4's own Python 3.6 is the framework's, not carried and not checked
+    assert (
+        job_from_azureml(PyTorch(compute_target="cpu-cluster", **common), "fw").experiment == "fw"
+    )
+    plain = Estimator(compute_target="cpu-cluster", **common)  # the SDK's default pin
+    assert job_from_azureml(plain, experiment="plain").experiment == "plain"

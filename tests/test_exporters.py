@@ -542,3 +542,49 @@ def test_check_parity_names_the_first_input_that_fails(tmp_path):
     assert checks["max_abs_error"] == 0.0  # over the inputs that ran
     _, message = exportkit.check_parity(req, expected, lambda x: x[:, :2] * 2, inputs, "ort")
     assert message == "ort gave output shape [1, 2] on random batch 1; the eager model gives [1, 4]"
+
+
+def save_ddp_state(folder: Path, cls: str, tmp_path: Path, **kwargs) -> Path:
+    """The state dict of a `tinymodels.<cls>` wrapped in a real DistributedDataParallel (one
+    gloo process), as a training script that saves `model.state_dict()` leaves it: every key
+    prefixed `module.`."""
+    import tinymodels
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(getattr(tinymodels, cls)(**kwargs))
+        state = model.state_dict()
+    finally:
+        dist.destroy_process_group()
+    assert all(key.startswith("module.") for key in state)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "model.pt")
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_state_dict_saved_from_distributed_data_parallel_exports(fmt, code_dir, tmp_path):
+    model_dir = save_ddp_state(tmp_path / "model", "MLP", tmp_path, hidden=16)
+    load = {"file": "model.pt", "factory": "tinymodels:build", "args": {"hidden": 16}}
+    req = make_request(fmt, model_dir, tmp_path / "out", load, [1, 8], code=code_dir)
+    said: list[str] = []
+    req.say = said.append
+    result = export(req)
+    assert result.ok, result.message
+    assert any("DistributedDataParallel (keys prefixed `module.`)" in line for line in said), said
+
+
+def test_a_ddp_state_dict_that_does_not_fit_says_the_prefix_was_removed(code_dir, tmp_path):
+    model_dir = save_ddp_state(tmp_path / "model", "MLP", tmp_path, hidden=16)
+    load = {"file": "model.pt", "factory": "tinymodels:build", "args": {"hidden": 5}}
+    req = make_request("torchscript", model_dir, tmp_path / "out", load, [1, 8], code=code_dir)
+    result = export(req)
+    assert not result.ok
+    assert_one_line(result.message)
+    assert result.message.startswith(
+        "model.load.file: model.pt does not fit tinymodels:build (after removing the `module.` "
+        "prefix of DistributedDataParallel): RuntimeError: Error(s) in loading state_dict for "
+        "MLP: size mismatch for net.0.weight"
+    ), result.message

@@ -59,6 +59,7 @@ LOG_NAME = "export.log"  # the worker's stdout and stderr, in the request's out_
 SEED = 0  # random check inputs are the same on every run
 MAX_EXAMPLE_ROWS = 64  # rows of `input.examples` checked (the first ones)
 MAX_MESSAGE = 400  # characters of a failure message
+DDP_PREFIX = "module."  # what DistributedDataParallel puts before every key of a state dict
 _KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of a worker that ran out of time
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SOURCE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
@@ -358,11 +359,22 @@ def load_model(req: ExportRequest) -> torch.nn.Module:
                 f"model.load.file: {name} is not a state dict ({describe_error(error)}); "
                 "a whole saved module needs no model.load.factory"
             ) from error
+        stripped = strip_ddp_prefix(state, model)
+        if stripped:
+            req.say(
+                f"{name}: saved from DistributedDataParallel (keys prefixed `module.`), "
+                "loaded without the prefix"
+            )
         try:
             model.load_state_dict(state)
         except Exception as error:
+            how = (
+                " (after removing the `module.` prefix of DistributedDataParallel)"
+                if stripped
+                else ""
+            )
             raise ExportFailed(
-                f"model.load.file: {name} does not fit {factory}: {describe_error(error, 2)}"
+                f"model.load.file: {name} does not fit {factory}{how}: {describe_error(error, 2)}"
             ) from error
     elif _is_torchscript(file):
         model = torch.jit.load(file, map_location="cpu")
@@ -380,6 +392,22 @@ def load_model(req: ExportRequest) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise ExportFailed(f"model.load: {name} holds a {type(model).__name__}, not a torch module")
     return model.cpu().eval()
+
+
+def strip_ddp_prefix(state: Any, model: torch.nn.Module) -> bool:
+    """Remove, in place, the `module.` prefix that a model wrapped in DistributedDataParallel
+    (or DataParallel) puts on every key of its state dict, when `state`'s keys do not match
+    `model`'s as they are and every one of them has that prefix. True when it did."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    if not isinstance(state, dict) or not state:
+        return False
+    if set(state) == set(model.state_dict()) or not all(
+        isinstance(key, str) and key.startswith(DDP_PREFIX) for key in state
+    ):
+        return False
+    consume_prefix_in_state_dict_if_present(state, DDP_PREFIX)
+    return True
 
 
 def _build(factory: str, args: dict[str, Any], code_dir: Path | None) -> torch.nn.Module:

@@ -8,6 +8,9 @@ the job importer `azureml`.
 azureml-core takes seconds to import and `expkit plugins` loads every plugin, so this module
 only checks that azureml-core and azureml-train-core are installed; the modules that use them
 import them when a job does. See target.py for how each stage maps onto Azure ML.
+
+Inside a run off Azure ML, azureml's `Run.get_context()` records into the expkit run: the
+import hook on `azureml.core.run` (inscript.py), named by `expkit_import_hooks`.
 """
 
 from __future__ import annotations
@@ -33,26 +36,31 @@ def _installed(module: str) -> bool:
 if not all(_installed(m) for m in REQUIRED):
     raise PluginUnavailable(INSTALL_HINT)
 
-from expkit_azureml.importer import AzureMLImporter  # noqa: E402  (only once azureml is there)
-from expkit_azureml.registry import AzureMLRegistry  # noqa: E402
-from expkit_azureml.target import AzureMLTarget  # noqa: E402
-
 if TYPE_CHECKING:
     from expkit.plugin import JobSpec
 
 
+# The capabilities' modules are imported by their hooks (at load, in expkit), not here: a run's
+# script imports this package for the import hook alone (inscript.py), and they would cost it
+# a quarter of a second.
 @hookimpl
 def expkit_compute_targets() -> list[ComputeTarget]:
+    from expkit_azureml.target import AzureMLTarget
+
     return [AzureMLTarget()]
 
 
 @hookimpl
 def expkit_model_registries() -> list[ModelRegistry]:
+    from expkit_azureml.registry import AzureMLRegistry
+
     return [AzureMLRegistry()]
 
 
 @hookimpl
 def expkit_job_importers() -> list[JobImporter]:
+    from expkit_azureml.importer import AzureMLImporter
+
     return [AzureMLImporter()]
 
 
@@ -62,3 +70,9 @@ def job_from_azureml(config: Any, experiment: str | None = None) -> JobSpec:
     from expkit_azureml.importer import job_from_azureml as convert
 
     return convert(config, experiment)
+
+
+@hookimpl
+def expkit_import_hooks() -> dict[str, str]:
+    # Inside a run, azureml's Run.get_context() records into the expkit run (see inscript.py)
+    return {"azureml.core.run": "expkit_azureml.inscript:install"}

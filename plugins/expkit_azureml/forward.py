@@ -139,7 +139,9 @@ class AzureMLForwarder:
 
 def _azureml_run() -> Any:
     """azureml's run of this process, or None when azureml finds none (an offline run)."""
-    from azureml.core import Run
+    from azureml.core.run import Run, _OfflineRun
 
     run = Run.get_context()
-    return None if type(run).__name__ == "_OfflineRun" else run
+    # isinstance: expkit's own stand-in (inscript.ExpkitRun) is an offline run too, never a
+    # place to forward to
+    return None if isinstance(run, _OfflineRun) else run

@@ -11,12 +11,18 @@ stderr. The calls of azureml that would reach Azure are replaced while it runs, 
 seed's own code runs unchanged and offline:
 
     Workspace.from_config(), Workspace.get(...),   an offline workspace: no credentials, no
-    Workspace(...)                                  network (config.json is read for names only)
+    Workspace(...)                                  network (config.json is read for names only;
+                                                    ws.name, subscription_id, resource_group
+                                                    from it, else "offline"; ws.location
+                                                    "offline"; get_details() those;
+                                                    compute_targets: the clusters it created)
     ComputeTarget(ws, name), AmlCompute(ws, name)  "not found" (ComputeTargetException), so the
                                                     seed's get-or-create goes on to create it
     ComputeTarget.create(ws, name, config)         an offline AmlCompute; its provisioning
                                                     configuration becomes compute.options
     cluster.wait_for_completion(...)               returns at once
+    cluster.get_status()                           an idle cluster as created (0 nodes, Steady);
+                                                    .serialize() as azureml's
     Experiment(ws, name)                            offline; its name is the job's experiment
     experiment.submit(config)                      stops the module: `config` is the job when
                                                     REF names none (FILE.py alone)
@@ -40,10 +46,13 @@ by them, offline. The job spec carries what the job does, not the estimator's fr
 
 Not carried: framework_version and the estimator's own packages (torch 1.x, horovod 0.18 and
 Python 3.6 for PyTorch 1.4: on Azure expkit installs this interpreter's torch), Python
-versions (expkit uses this interpreter's), data inputs and datasets (a UserError: give them
-as `data:` by hand). Note that the estimator ignores `process_count_per_node` when
-`distributed_training=MpiConfiguration()` is given (the MpiConfiguration's own count, 1 by
-default, is what Azure ML runs): the job spec says what Azure ML would have run.
+versions (expkit uses this interpreter's: a conda specification's own pin, python_version= or
+`python=3.x` in a conda yaml, that excludes it is a UserError up front, not a pip resolution
+error in prepare; the SDK's default pins are not the user's), data inputs and datasets (a
+UserError: give them as `data:` by hand). Note that the estimator ignores
+`process_count_per_node` when `distributed_training=MpiConfiguration()` is given (the
+MpiConfiguration's own count, 1 by default, is what Azure ML runs): the job spec says what
+Azure ML would have run.
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ import sys
 import traceback
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +73,7 @@ from typing import Any
 from expkit.plugin import NAME, NAME_RULE, JobImporter, JobSpec, Option, UserError, declare_options
 
 MODULE_NAME = "__expkit_import__"
+OFFLINE = "offline"  # what the offline workspace says for what only Azure knows (ws.location)
 SCRIPT_RUN_CONFIG_DEFAULT_DURATION = 2592000  # ScriptRunConfig's default: 30 days
 DEFAULT_VARIABLES = {"EXAMPLE_ENV_VAR", "NCCL_TREE_THRESHOLD"}  # the SDK's and the estimator's
 MPI_COMMUNICATORS = ("IntelMpi", "OpenMpi", "Mpi")
@@ -174,12 +184,25 @@ def failure(path: Path, error: Exception) -> str:
     where = f"{path}, line {frames[-1].lineno}" if frames else str(path)
     message = first_line(error)
     if type(error).__name__ == "ComputeTargetException" and "NotFound" in message:
+        if _looked_up_here(error, path):  # ComputeTarget(ws, name) in the file itself
+            return (
+                f"{where}: a compute target is not looked up in Azure during an import; create "
+                "it in `except ComputeTargetException:` as the article does, or pass its name "
+                "as a string (compute_target='gpu-cluster')"
+            )
         return (
-            f"{where}: a compute target is not looked up in Azure during an import; create it "
-            "in `except ComputeTargetException:` as the article does, or pass its name as a "
-            "string (compute_target='gpu-cluster')"
+            f"{where}: this call looks a compute target up in Azure, which an import does not "
+            f'do ({message}); remove it, or put it under `if __name__ == "__main__":`'
         )
     return f"{where}: {type(error).__name__}: {message} (while importing it)"
+
+
+def _looked_up_here(error: Exception, path: Path) -> bool:
+    """Whether `error` came from constructing a ComputeTarget (the lookup) right in FILE.py,
+    not from deeper in a method of one."""
+    frames = traceback.extract_tb(error.__traceback__)
+    mine = [i for i, frame in enumerate(frames) if frame.filename == str(path)]
+    return bool(mine) and mine[-1] + 1 < len(frames) and frames[mine[-1] + 1].name == "__new__"
 
 
 def is_job_object(obj: Any) -> bool:
@@ -230,16 +253,18 @@ def offline_azureml(captured: Captured) -> Iterator[None]:
     """azureml's Azure-facing calls replaced by offline stand-ins, for the `with` block."""
     from azureml.core import Environment, Experiment, Workspace
     from azureml.core.compute import AmlCompute, ComputeTarget
-    from azureml.core.compute.amlcompute import ScaleSettings
+    from azureml.core.compute.amlcompute import AmlComputeStatus, ScaleSettings
 
     def offline_workspace(
         subscription_id: str = "", resource_group: str = "", workspace_name: str = ""
     ) -> Any:
         workspace = Workspace.__new__(Workspace)
-        workspace._subscription_id = subscription_id or "offline"
-        workspace._resource_group = resource_group or "offline"
-        workspace._workspace_name = workspace_name or "offline"
+        workspace._subscription_id = subscription_id or OFFLINE
+        workspace._resource_group = resource_group or OFFLINE
+        workspace._workspace_name = workspace_name or OFFLINE
         workspace._auth = None
+        workspace._location = OFFLINE  # ws.location without asking Azure
+        workspace._workspace_autorest_object = None
         return workspace
 
     def from_config(path: Any = None, auth: Any = None, _logger: Any = None, **_: Any) -> Any:
@@ -278,11 +303,24 @@ def offline_azureml(captured: Captured) -> Iterator[None]:
         cluster.__dict__.update(
             name=name, workspace=workspace, location=None, cluster_location=None,
             vm_size=settings["vm_size"], vm_priority=settings["vm_priority"],
-            provisioning_state="Succeeded", provisioning_errors=None, status=None,
+            provisioning_state="Succeeded", provisioning_errors=None,
             scale_settings=ScaleSettings(settings["min_nodes"], settings["max_nodes"],
                                          settings["idle_seconds_before_scaledown"]),
         )  # fmt: skip
+        cluster.status = AmlComputeStatus(  # what get_status() answers: an idle new cluster
+            "Steady", None, None, 0, None, None, None, "Succeeded", None,
+            cluster.scale_settings, 0, settings["vm_priority"], settings["vm_size"],
+        )  # fmt: skip
+        created[name] = cluster
         return cluster
+
+    def details(self: Any) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "location": OFFLINE,
+            "subscriptionId": self.subscription_id,
+            "resourceGroup": self.resource_group,
+        }
 
     def experiment_init(self: Any, workspace: Any, name: str, *args: Any, **kwargs: Any) -> None:
         self._workspace, self._name, self._id = workspace, name, None
@@ -298,13 +336,17 @@ def offline_azureml(captured: Captured) -> Iterator[None]:
     def wait(self: Any, *args: Any, **kwargs: Any) -> None:
         return None
 
+    created: dict[str, Any] = {}  # the clusters made by ComputeTarget.create, by name
     replacements = [
+        (Workspace, "get_details", details),
+        (Workspace, "compute_targets", property(lambda self: dict(created))),
         (Workspace, "from_config", staticmethod(from_config)),
         (Workspace, "get", staticmethod(workspace_get)),
         (Workspace, "__init__", workspace_init),
         (ComputeTarget, "_get", staticmethod(lambda workspace, name: None)),  # -> "not found"
         (ComputeTarget, "create", staticmethod(create)),
         (AmlCompute, "wait_for_completion", wait),
+        (AmlCompute, "refresh_state", wait),  # get_status(): the state it was created with
         (Experiment, "__init__", experiment_init),
         (Experiment, "submit", submit),
         (Environment, "get", staticmethod(environment_get)),
@@ -331,6 +373,7 @@ class Software:
     curated: str | None = None
     gpu: bool = False
     variables: dict[str, str] = field(default_factory=dict)
+    python: str | None = None  # the user's conda pin of Python ("=3.6", ">=3.8,<3.12")
 
 
 def job_dict(
@@ -346,6 +389,7 @@ def job_dict(
         software = estimator_software(obj, rc) if estimator else config_software(rc, captured)
     if not rc.script:
         raise UserError(f"{type(obj).__name__}: a `command` job is not supported; give a script")
+    check_python(type(obj).__name__, software.python)
     if rc.data or rc.data_references or any(not _scalar(a) for a in rc.arguments or []):
         raise UserError(
             f"{type(obj).__name__}: Azure ML data inputs (inputs, datasets, data references) "
@@ -408,6 +452,7 @@ def estimator_software(estimator: Any, rc: Any) -> Software:
         software.conda = [
             p for p in deps.conda_packages if p not in own_conda and package(p) != "python"
         ]
+        software.python = python_pin(p for p in deps.conda_packages if p not in own_conda)
     image = env.docker.base_image
     if image and image != framework_image and not getattr(estimator, "_use_framework_image", 0):
         software.base_image = image
@@ -432,8 +477,60 @@ def config_software(rc: Any, captured: Captured) -> Software:
     if not env.python.user_managed_dependencies:
         deps = env.python.conda_dependencies
         software.pip = [p for p in deps.pip_packages if package(p) != "azureml-defaults"]
-        software.conda = [p for p in deps.conda_packages if package(p) != "python"]
+        software.conda = [p for p in deps.conda_packages if package(p) not in ("python", "pip")]
+        software.python = python_pin(deps.conda_packages)
     return software
+
+
+def python_pin(conda_packages: Iterable[str]) -> str | None:
+    """The version spec of the `python` entry among `conda_packages` ("=3.6", ">=3.8"); None
+    when there is none, or when it is one of the SDK's defaults (CondaDependencies puts one in
+    every specification: not the user's pin)."""
+    from azureml.core.conda_dependencies import PYTHON_DEFAULT_VERSION, CondaDependencies
+
+    defaults = {PYTHON_DEFAULT_VERSION, CondaDependencies().get_python_version()}
+    for entry in conda_packages:
+        found = re.fullmatch(r"\s*python\s*([=<>!~]*\s*[\d.*][^\s]*)?\s*", str(entry))
+        if found and found.group(1):
+            spec = found.group(1).replace(" ", "")
+            spec = f"={spec}" if spec[0].isdigit() else spec
+            if spec.lstrip("=") not in defaults:
+                return spec
+    return None
+
+
+def check_python(what: str, spec: str | None) -> None:
+    """A UserError, up front, when the conda pin `spec` excludes this interpreter's Python:
+    expkit installs the job's packages for it (here and on Azure), so a pin for another
+    Python would end as a pip resolution error in prepare. Specs it cannot read pass."""
+    if spec is None:
+        return
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import Version
+
+    parts = []
+    for part in spec.split(","):
+        found = re.fullmatch(r"(==|=|>=|<=|>|<|!=|~=)?(\d+(?:\.\d+)*)(\.\*)?", part)
+        if found is None:
+            return
+        operator, version, star = found.groups()
+        if operator in (None, "=", "=="):  # the same Python is major.minor: any micro fits
+            operator, version = "==", ".".join(version.split(".")[:2]) + ".*"
+        parts.append(
+            f"{operator}{version}" if operator == "==" else f"{operator}{version}{star or ''}"
+        )
+    here = sys.version_info
+    try:
+        fits = Version(f"{here.major}.{here.minor}.{here.micro}") in SpecifierSet(",".join(parts))
+    except InvalidSpecifier:
+        return
+    if not fits:
+        raise UserError(
+            f"{what}: its conda specification pins python{spec}, but expkit runs the job with "
+            f"this interpreter, Python {here.major}.{here.minor}, and installs the job's "
+            f"packages for it; import with a Python that fits python{spec}, or remove the pin "
+            f"(python_version=, python=...) if the packages work on {here.major}.{here.minor}"
+        )
 
 
 def package(requirement: str) -> str:
