@@ -167,7 +167,9 @@ def test_a_logged_model_lands_in_outputs_and_unsupported_calls_do_not_raise(
                 return model_input * 2
 
         with mlflow.start_run() as run:
-            info = mlflow.pyfunc.log_model(name="doubler", python_model=Doubler())
+            info = mlflow.pyfunc.log_model(
+                name="doubler", python_model=Doubler(), registered_model_name="doubler"
+            )
             print("model at", info.artifact_path if hasattr(info, "artifact_path") else "")
             loaded = mlflow.pyfunc.load_model(info.model_uri)
             print("loaded", type(loaded).__name__)
@@ -183,6 +185,7 @@ def test_a_logged_model_lands_in_outputs_and_unsupported_calls_do_not_raise(
     assert "script done" in output and "Traceback" not in output
     assert "loaded PyFuncModel" in output
     assert "expkit: mlflow delete_tag" in output  # one notice, the script went on
+    assert output.count("expkit: mlflow model registry: models are registered by expkit") == 1
     run = Run(expkit_workspace, run_id)
     names = run.get_file_names()
     assert "outputs/models/doubler/MLmodel" in names, names
@@ -197,6 +200,7 @@ def test_a_tracking_uri_the_script_sets_still_wins(write_job, expkit_cli, tmp_pa
         mlflow.set_tracking_uri({own!r})
         with mlflow.start_run() as run:
             mlflow.log_metric("mine", 3.0)
+        mlflow.MlflowClient().create_registered_model("mine-model")
         print("own run", run.info.run_id)
     """
     run_id, output, _project = run_script(write_job, expkit_cli, tmp_path, {}, script)
@@ -205,3 +209,4 @@ def test_a_tracking_uri_the_script_sets_still_wins(write_job, expkit_cli, tmp_pa
     assert own_run != run_id
     client = MlflowClient(tracking_uri=own)
     assert client.get_run(own_run).data.metrics == {"mine": 3.0}
+    assert client.get_registered_model("mine-model").name == "mine-model"  # its own registry

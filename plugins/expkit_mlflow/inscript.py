@@ -45,7 +45,9 @@ from mlflow.entities import (
     RunStatus,
     RunTag,
 )
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.store.entities.paged_list import PagedList
+from mlflow.store.model_registry.abstract_store import AbstractStore as RegistryStore
 from mlflow.store.tracking.abstract_store import AbstractStore
 
 from expkit.context import get_context
@@ -53,6 +55,7 @@ from expkit.context import get_context
 SCHEME = "expkit"
 EXPERIMENT_ID = "0"  # MLflow's default experiment id: a script that names none gets this one
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+REGISTRY_URI_ENV = "MLFLOW_REGISTRY_URI"
 RUN_ID_ENV = "EXPKIT_RUN_ID"
 # Tags MLflow adds to every run it creates (user, source file, git commit, run name): the
 # expkit run records these itself, and the sink names its MLflow run.
@@ -63,15 +66,43 @@ _noticed: set[str] = set()
 
 def install(module: ModuleType) -> None:
     """Point the script's MLflow (`module`, just imported) at the expkit run: register the
-    `expkit` tracking-store scheme and set MLFLOW_TRACKING_URI to it. Does nothing outside an
-    expkit run, or when the run's MLflow is Azure ML's own."""
+    `expkit` tracking-store scheme and set MLFLOW_TRACKING_URI to it (and MLFLOW_REGISTRY_URI,
+    unless set: see `_registry_store`). Does nothing outside an expkit run, or when the run's
+    MLflow is Azure ML's own."""
     run_id = os.environ.get(RUN_ID_ENV)
     if not run_id or os.environ.get(TRACKING_URI_ENV, "").startswith("azureml:"):
         return
+    from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils
 
+    uri = f"{SCHEME}:/{run_id}"
     utils._tracking_store_registry.register(SCHEME, ExpkitStore)
-    os.environ[TRACKING_URI_ENV] = f"{SCHEME}:/{run_id}"
+    os.environ[TRACKING_URI_ENV] = uri
+    if not os.environ.get(REGISTRY_URI_ENV):
+        registry_utils._get_store_registry().register(SCHEME, _registry_store)
+        os.environ[REGISTRY_URI_ENV] = uri
+
+
+def _registry_store(store_uri: str | None = None, tracking_uri: str | None = None) -> Any:
+    """The model registry MLflow uses when the script names none. MLflow's own default (the
+    tracking URI) would look for a Spark session, a failed `import pyspark`, at every
+    `log_metric`: a set MLFLOW_REGISTRY_URI spares that. So the registry follows the tracking
+    URI as MLflow's would: the script's own store when it set one, else a registry that keeps
+    versions in this process (models are registered by expkit, the job's `model:`)."""
+    import inspect
+
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service.utils import get_tracking_uri
+
+    tracking = tracking_uri or get_tracking_uri()  # MLflow caches the store per tracking URI
+    if tracking.startswith(f"{SCHEME}:"):
+        return ExpkitRegistry()
+    default = registry_utils._get_default_registry_uri_for_tracking_uri(tracking)
+    # the builder directly: MLflow calls this one holding the lock that get_store takes
+    builder = registry_utils._get_store_registry().get_store_builder(default)
+    if "tracking_uri" in inspect.signature(builder).parameters:
+        return builder(store_uri=default, tracking_uri=tracking)
+    return builder(store_uri=default)
 
 
 class ExpkitStore(AbstractStore):
@@ -321,6 +352,75 @@ class ExpkitStore(AbstractStore):
     def search_logged_models(self, *args: Any, **kwargs: Any) -> PagedList:
         """The models this process logged."""
         return PagedList(list(self._models.values()), None)
+
+
+class ExpkitRegistry(RegistryStore):
+    """The model registry of scheme `expkit`: versions kept in this process, with one
+    notice (expkit registers the run's model itself, from the job's `model:`)."""
+
+    def __init__(self, store_uri: str | None = None, tracking_uri: str | None = None) -> None:
+        super().__init__()
+        self._versions: dict[str, list[ModelVersion]] = {}
+
+    def create_registered_model(self, name: str, *args: Any, **kwargs: Any) -> RegisteredModel:
+        """A registered model, kept in this process."""
+        _notice(
+            "model registry",
+            "models are registered by expkit at the end of the run (the job's `model:`); "
+            "this one is kept in the script's process only",
+        )
+        self._versions.setdefault(name, [])
+        return self.get_registered_model(name)
+
+    def get_registered_model(self, name: str) -> RegisteredModel:
+        """A model registered in this process."""
+        versions = self._versions.get(name, [])
+        return RegisteredModel(name, latest_versions=versions[-1:])
+
+    def create_model_version(
+        self,
+        name: str,
+        source: str,
+        run_id: Any = None,
+        tags: Any = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> ModelVersion:
+        """The next version of `name`, READY at once."""
+        versions = self._versions.setdefault(name, [])
+        version = ModelVersion(
+            name,
+            str(len(versions) + 1),
+            int(time.time() * 1000),
+            source=source,
+            run_id=run_id,
+            tags=tags,
+            model_id=kwargs.get("model_id"),
+        )
+        versions.append(version)
+        return version
+
+    def get_model_version(self, name: str, version: str) -> ModelVersion:
+        """A version registered in this process."""
+        return self._versions[name][int(version) - 1]
+
+    def get_model_version_download_uri(self, name: str, version: str) -> str:
+        """Where the version's files are (in the run's outputs)."""
+        return self.get_model_version(name, version).source
+
+    def get_latest_versions(self, name: str, stages: Any = None) -> list[ModelVersion]:
+        """The latest version of `name`, if any."""
+        return self._versions.get(name, [])[-1:]
+
+    def search_model_versions(self, *args: Any, **kwargs: Any) -> PagedList:
+        """Every version registered in this process."""
+        return PagedList([v for vs in self._versions.values() for v in vs], None)
+
+    def set_model_version_tag(self, name: str, version: str, tag: Any) -> None:
+        """Tags of a version, not kept."""
+
+    def set_registered_model_tag(self, name: str, tag: Any) -> None:
+        """Tags of a model, not kept."""
 
 
 # AbstractStore methods that have no meaning for the expkit run (or raise there): answered
