@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -210,3 +211,22 @@ def test_a_tracking_uri_the_script_sets_still_wins(write_job, expkit_cli, tmp_pa
     client = MlflowClient(tracking_uri=own)
     assert client.get_run(own_run).data.metrics == {"mine": 3.0}
     assert client.get_registered_model("mine-model").name == "mine-model"  # its own registry
+
+
+def test_outside_a_run_or_with_azure_mls_mlflow_the_hook_changes_nothing(monkeypatch):
+    import mlflow
+
+    from expkit_mlflow.inscript import install
+
+    monkeypatch.delenv("EXPKIT_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    install(mlflow)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+
+    azure = "azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/s"
+    monkeypatch.setenv("EXPKIT_RUN_ID", "test_1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", azure)
+    install(mlflow)
+    assert os.environ["MLFLOW_TRACKING_URI"] == azure
+    assert "MLFLOW_REGISTRY_URI" not in os.environ

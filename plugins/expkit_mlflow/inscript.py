@@ -111,8 +111,8 @@ class ExpkitStore(AbstractStore):
 
     def __init__(self, store_uri: str | None = None, artifact_uri: str | None = None) -> None:
         super().__init__()
-        self._context = get_context()
-        self._run_id = os.environ.get(RUN_ID_ENV) or self._context.id or "offline"
+        # get_context() at each call, not kept: a process the script forks has its own
+        self._run_id = os.environ.get(RUN_ID_ENV) or get_context().id or "offline"
         self._outputs = _outputs_folder()
         self._started = int(time.time() * 1000)
         self._status = RunStatus.to_string(RunStatus.RUNNING)
@@ -222,12 +222,12 @@ class ExpkitStore(AbstractStore):
     # -- what the script logs ----------------------------------------------------------------
     def log_metric(self, run_id: str, metric: Metric) -> None:
         """One value of a metric, at the metric's own step."""
-        self._context.log(metric.key, metric.value, metric.step)
+        get_context().log(metric.key, metric.value, metric.step)
         self._metrics[metric.key] = metric
 
     def log_param(self, run_id: str, param: Param) -> None:
         """One parameter (`expkit runs show` lists it; the latest value of a key wins)."""
-        self._context.log_params({param.key: param.value})
+        get_context().log_params({param.key: param.value})
         with self._lock:
             self._params[param.key] = str(param.value)
 
@@ -241,13 +241,13 @@ class ExpkitStore(AbstractStore):
 
     def log_batch(self, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
         """Metrics, params and tags at once (`log_metrics`, `log_params`, `set_tags`)."""
-        log = self._context.log
+        log = get_context().log
         for metric in metrics:
             log(metric.key, metric.value, metric.step)
             self._metrics[metric.key] = metric
         if params:
             values = {p.key: str(p.value) for p in params}
-            self._context.log_params(values)
+            get_context().log_params(values)
             with self._lock:
                 self._params.update(values)
         if tags:
@@ -255,7 +255,7 @@ class ExpkitStore(AbstractStore):
 
     def _set_tags(self, tags: dict[str, Any]) -> None:
         values = {str(k): str(v) for k, v in tags.items()}
-        self._context.set_tags(values)
+        get_context().set_tags(values)
         with self._lock:
             self._tags.update(values)
 
