@@ -10,6 +10,9 @@ the workspace (`mlflow.db`, artifacts in `mlartifacts/`); see `expkit_mlflow.tra
 
 mlflow takes seconds to import, so this module only checks that it is installed: `sink.py`
 and `registry.py` import it when a job uses them, on the sink's own thread or at register.
+
+A script's own MLflow calls (`mlflow.log_metric`, `start_run`, `log_artifact`, ...) record into
+the expkit run: the import hook on `mlflow` points them at the store in `inscript.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from expkit_mlflow.sink import MlflowSink
 @hookimpl
 def expkit_metric_sinks() -> list[MetricSink]:
     return [MlflowSink()]
+
+
+@hookimpl
+def expkit_import_hooks() -> dict[str, str]:
+    return {"mlflow": "expkit_mlflow.inscript:install"}
 
 
 @hookimpl
