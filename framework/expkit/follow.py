@@ -17,7 +17,9 @@ POLL_SECONDS = 0.25
 
 
 class LogTail:
-    """New complete lines of one log file, as bytes."""
+    """What was added to one log file since the last read, as bytes: complete lines, and
+    the line still being written as it is so far (a progress bar redrawn with "\\r" is
+    shown while it moves; the console joins the pieces of a line)."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.offset = path, 0
@@ -29,9 +31,8 @@ class LogTail:
                 data = f.read()
         except FileNotFoundError:
             return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        return data[:end].splitlines(keepends=True)
+        self.offset += len(data)
+        return data.splitlines(keepends=True)
 
 
 def follow(
@@ -88,6 +89,7 @@ def follow(
         if run_stage is not None or not stages:
             print_output()
         if record.finished:
+            console.end_output()
             return True
         if deadline and time.monotonic() > deadline:
             return False

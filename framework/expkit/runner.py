@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, die_with_parent
 
 STOP_GRACE_SECONDS = 10  # between SIGTERM and SIGKILL when the processes are stopped
 LAUNCHER = -1  # the rank number the console shows a launcher's own lines under
+READ_BYTES = 65536  # the most output read at once
 
 Wrap = Callable[[Process], list[str]]
 
@@ -90,6 +92,8 @@ class ProcessGroup:
         self.children: list[tuple[Process, subprocess.Popen[bytes]]] = []
         self.readers: list[threading.Thread] = []
         self._log_dir: int | None = None  # the run's logs folder, opened once (see _open_log)
+        self.last_lines = LastLines()
+        self._ranks: dict[int, set[int | None]] = {}  # by pid: the ranks its output named
 
     def start(self, process: Process) -> subprocess.Popen[bytes]:
         """Start `process` in the run's working folder; its output goes to its rank's log."""
@@ -118,32 +122,50 @@ class ProcessGroup:
             self.preexec()
 
     def _stream(self, popen: subprocess.Popen[bytes], process: Process) -> None:
-        """Copy every line to its rank's log as bytes (kept even if not UTF-8) and echo it.
+        """Copy the output to its rank's log as bytes (kept even if not UTF-8) and echo it.
 
-        A launcher's lines are split by rank; its own lines go to `launcher.log`.
+        Output is passed on as it arrives, in pieces that end with a newline, a carriage
+        return (a progress bar redrawing its line: tqdm) or with nothing yet (the start of a
+        line): the log holds the bytes as written, and the console shows a progress bar
+        while it moves. A launcher's output is split by rank (`split_output`) line by line;
+        its own lines go to `launcher.log`.
         """
         assert popen.stdout is not None
+        fd = popen.stdout.fileno()
         logs: dict[int | None, BinaryIO | None] = {}
+        pending = b""  # a launcher's line not yet ended
         try:
-            for line in iter(popen.stdout.readline, b""):
-                rank, text = (
-                    process.split_output(line) if process.split_output else (process.rank, line)
-                )
-                if rank not in logs:
-                    name = "launcher.log" if rank is None else f"rank-{rank}.log"
-                    logs[rank] = _open_log(self._log_dir, name)
-                log = logs[rank]
-                if log is not None:
-                    try:
-                        log.write(text)
-                    except OSError:  # a full disk: keep reading, or the script would block
-                        log.close()
-                        logs[rank] = None
-                self.ctx.echo(LAUNCHER if rank is None else rank, text)
+            while chunk := os.read(fd, READ_BYTES):
+                if process.split_output is None:
+                    for piece in _pieces(chunk):
+                        self._piece(process.rank, piece, logs)
+                    continue
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self._piece(*process.split_output(line + b"\n"), logs)
+            if pending and process.split_output is not None:
+                self._piece(*process.split_output(pending), logs)
         finally:
             for log in logs.values():
                 if log is not None:
                     log.close()
+
+    def _piece(
+        self, rank: int | None, text: bytes, logs: dict[int | None, BinaryIO | None]
+    ) -> None:
+        """One piece of a rank's output (None: a launcher's own) to its log and the console."""
+        if rank not in logs:
+            name = "launcher.log" if rank is None else f"rank-{rank}.log"
+            logs[rank] = _open_log(self._log_dir, name)
+        log = logs[rank]
+        if log is not None:
+            try:
+                log.write(text)
+            except OSError:  # a full disk: keep reading, or the script would block
+                log.close()
+                logs[rank] = None
+        self.last_lines.add(rank, text)
+        self.ctx.echo(LAUNCHER if rank is None else rank, text)
 
     def wait(self, timeout: float | None) -> int:
         """The exit code once every process has ended: 0 when all succeed, else the first
@@ -163,12 +185,31 @@ class ProcessGroup:
             if self.ctx.canceled():
                 raise Canceled()
             if deadline and time.monotonic() > deadline:
+                running = self._still_running()
                 self.stop()
-                raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`)")
+                raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`); {running}")
             running = next((p for _, p in self.children if p.poll() is None), None)
             if running is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     running.wait(timeout=0.1)  # returns as soon as it exits
+
+    def _still_running(self) -> str:
+        """Which ranks are still running and the last line each wrote, for the timeout error:
+        "still running: rank 1 (last output: epoch 3)"."""
+        ranks: list[int | None] = []
+        for process, popen in self.children:
+            if popen.poll() is None:
+                if process.split_output is None:
+                    ranks.append(process.rank)
+                else:  # a launcher: the ranks it showed output of, else the launcher
+                    shown = sorted(r for r in self.last_lines.seen if r is not None)
+                    ranks.extend(shown or [None])
+        described = []
+        for rank in dict.fromkeys(ranks):
+            name = "the launcher" if rank is None else f"rank {rank}"
+            last = self.last_lines.of(rank)
+            described.append(f"{name} (last output: {last})" if last else f"{name} (no output)")
+        return "still running: " + ", ".join(described) if described else "nothing running"
 
     def stop(self) -> None:
         """SIGTERM every process group, SIGKILL what is still there after the grace period
@@ -217,6 +258,41 @@ def run(
         for process in processes:
             group.start(process)
         return group.wait(limit)
+
+
+class LastLines:
+    """The last line of output each rank wrote (a progress bar's latest state counts), for
+    saying where a rank that never ended was."""
+
+    LIMIT = 4096  # bytes of a line kept
+
+    def __init__(self) -> None:
+        self.seen: set[int | None] = set()
+        self._line: dict[int | None, bytes] = {}  # the line being written
+        self._last: dict[int | None, bytes] = {}  # the last one with something in it
+
+    def add(self, rank: int | None, piece: bytes) -> None:
+        """Take one piece of `rank`'s output (see `_pieces`)."""
+        self.seen.add(rank)
+        line = (self._line.get(rank, b"") + piece)[-self.LIMIT :]
+        if line.strip():
+            self._last[rank] = line
+        self._line[rank] = b"" if piece.endswith((b"\n", b"\r")) else line
+
+    def of(self, rank: int | None) -> str:
+        """`rank`'s last line, decoded and stripped; "" when it wrote nothing."""
+        text = self._last.get(rank, b"").decode("utf-8", errors="replace")
+        parts = [part.strip() for part in text.replace("\r\n", "\n").split("\r")]
+        return next((part for part in reversed(parts) if part), "")
+
+
+def _pieces(chunk: bytes) -> list[bytes]:
+    """`chunk` cut after each newline and each carriage return not followed by a newline;
+    the last piece may end with neither (the start of a line)."""
+    return [piece for piece in _PIECE.findall(chunk) if piece]
+
+
+_PIECE = re.compile(rb"[^\r\n]*(?:\r\n|\n|\r(?!\n)|\r$)|[^\r\n]+$")
 
 
 def _open_folder(path: Path) -> int | None:
