@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from conftest import eventually
+from expkit.pieces import LivePieces
 
 # Draws a progress bar, waits for the file named by its first argument, then ends the line.
 PROGRESS = """
@@ -161,3 +162,18 @@ def test_a_silent_rank_that_never_returns_is_named(run_job):
 
     assert result.state == "failed"
     assert re.search(r"still running: rank 0 \(no output\)$", result.record.error)
+
+
+def test_output_is_shown_in_whole_lines_and_progress_states_whatever_the_chunks():
+    written = b"3 True\nloading\r 10%\r 20%\r\nend"
+    for size in (1, 2, 3, 7, len(written)):
+        live = LivePieces()
+        shown = [p for i in range(0, len(written), size) for p in live.feed(written[i : i + size])]
+        shown.append(live.rest())
+
+        assert b"".join(shown) == written  # nothing lost, nothing twice
+        assert b"3 True\n" in shown  # an ordinary line arrives whole
+        assert shown[-1] == b"end"
+        assert b"loading\r" in shown  # a line's first state, shown when its "\r" comes
+        newline = next(i for i, p in enumerate(shown) if p.endswith(b"\n") and i > 0)
+        assert b"%" in b"".join(shown[:newline])  # the bar's states came before its end

@@ -11,18 +11,20 @@ from pathlib import Path
 
 from expkit.console import Console
 from expkit.history import History, RunRecord, driver_alive
+from expkit.pieces import LivePieces
 from expkit.workspace import Workspace
 
 POLL_SECONDS = 0.25
 
 
 class LogTail:
-    """What was added to one log file since the last read, as bytes: complete lines, and
-    the line still being written as it is so far (a progress bar redrawn with "\\r" is
-    shown while it moves; the console joins the pieces of a line)."""
+    """What was added to one log file since the last read, as bytes: whole lines, and the
+    states of a line redrawn with carriage returns (a progress bar) as they come (see
+    `expkit.pieces`; the console joins the pieces of a line)."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.offset = path, 0
+        self.live = LivePieces()
 
     def read(self) -> list[bytes]:
         try:
@@ -32,7 +34,7 @@ class LogTail:
         except FileNotFoundError:
             return []
         self.offset += len(data)
-        return data.splitlines(keepends=True)
+        return self.live.feed(data)
 
 
 def follow(
@@ -89,6 +91,11 @@ def follow(
         if run_stage is not None or not stages:
             print_output()
         if record.finished:
+            for path, tail in tails.items():  # a last line without a newline
+                if rest := tail.live.rest():
+                    number = path.stem.removeprefix("rank-")
+                    this_rank = int(number) if number.isdigit() else 0
+                    console.output(0 if rank is not None else this_rank, rest)
             console.end_output()
             return True
         if deadline and time.monotonic() > deadline:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from typing import BinaryIO
 
 from expkit.capabilities import Process, RunContext
 from expkit.errors import Canceled, StageFailed
+from expkit.pieces import LivePieces, cut
 from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, die_with_parent
 
 STOP_GRACE_SECONDS = 10  # between SIGTERM and SIGKILL when the processes are stopped
@@ -124,27 +124,32 @@ class ProcessGroup:
     def _stream(self, popen: subprocess.Popen[bytes], process: Process) -> None:
         """Copy the output to its rank's log as bytes (kept even if not UTF-8) and echo it.
 
-        Output is passed on as it arrives, in pieces that end with a newline, a carriage
-        return (a progress bar redrawing its line: tqdm) or with nothing yet (the start of a
-        line): the log holds the bytes as written, and the console shows a progress bar
-        while it moves. A launcher's output is split by rank (`split_output`) line by line;
-        its own lines go to `launcher.log`.
+        The log gets the bytes as they arrive; `ctx.echo` gets whole lines, and the states
+        of a line redrawn with carriage returns (a tqdm bar) as they come (see
+        `expkit.pieces`): the console shows a progress bar while it moves. A launcher's
+        output is split by rank (`split_output`) line by line; its own lines go to
+        `launcher.log`.
         """
         assert popen.stdout is not None
         fd = popen.stdout.fileno()
         logs: dict[int | None, BinaryIO | None] = {}
         pending = b""  # a launcher's line not yet ended
+        live = LivePieces()
         try:
             while chunk := os.read(fd, READ_BYTES):
                 if process.split_output is None:
-                    for piece in _pieces(chunk):
-                        self._piece(process.rank, piece, logs)
+                    self._write_log(process.rank, chunk, logs)
+                    self.last_lines.add(process.rank, chunk)
+                    for piece in live.feed(chunk):
+                        self._echo(process.rank, piece)
                     continue
                 *lines, pending = (pending + chunk).split(b"\n")
                 for line in lines:
                     self._piece(*process.split_output(line + b"\n"), logs)
             if pending and process.split_output is not None:
                 self._piece(*process.split_output(pending), logs)
+            if rest := live.rest():
+                self._echo(process.rank, rest)
         finally:
             for log in logs.values():
                 if log is not None:
@@ -153,18 +158,26 @@ class ProcessGroup:
     def _piece(
         self, rank: int | None, text: bytes, logs: dict[int | None, BinaryIO | None]
     ) -> None:
-        """One piece of a rank's output (None: a launcher's own) to its log and the console."""
+        """A launcher's line, split by rank (None: its own), to its log and the console."""
+        self._write_log(rank, text, logs)
+        self.last_lines.add(rank, text)
+        self._echo(rank, text)
+
+    def _write_log(
+        self, rank: int | None, data: bytes, logs: dict[int | None, BinaryIO | None]
+    ) -> None:
         if rank not in logs:
             name = "launcher.log" if rank is None else f"rank-{rank}.log"
             logs[rank] = _open_log(self._log_dir, name)
         log = logs[rank]
         if log is not None:
             try:
-                log.write(text)
+                log.write(data)
             except OSError:  # a full disk: keep reading, or the script would block
                 log.close()
                 logs[rank] = None
-        self.last_lines.add(rank, text)
+
+    def _echo(self, rank: int | None, text: bytes) -> None:
         self.ctx.echo(LAUNCHER if rank is None else rank, text)
 
     def wait(self, timeout: float | None) -> int:
@@ -271,28 +284,20 @@ class LastLines:
         self._line: dict[int | None, bytes] = {}  # the line being written
         self._last: dict[int | None, bytes] = {}  # the last one with something in it
 
-    def add(self, rank: int | None, piece: bytes) -> None:
-        """Take one piece of `rank`'s output (see `_pieces`)."""
+    def add(self, rank: int | None, data: bytes) -> None:
+        """Take more of `rank`'s output, as it was written."""
         self.seen.add(rank)
-        line = (self._line.get(rank, b"") + piece)[-self.LIMIT :]
-        if line.strip():
-            self._last[rank] = line
-        self._line[rank] = b"" if piece.endswith((b"\n", b"\r")) else line
+        for piece in cut(data):
+            line = (self._line.get(rank, b"") + piece)[-self.LIMIT :]
+            if line.strip():
+                self._last[rank] = line
+            self._line[rank] = b"" if piece.endswith((b"\n", b"\r")) else line
 
     def of(self, rank: int | None) -> str:
         """`rank`'s last line, decoded and stripped; "" when it wrote nothing."""
         text = self._last.get(rank, b"").decode("utf-8", errors="replace")
         parts = [part.strip() for part in text.replace("\r\n", "\n").split("\r")]
         return next((part for part in reversed(parts) if part), "")
-
-
-def _pieces(chunk: bytes) -> list[bytes]:
-    """`chunk` cut after each newline and each carriage return not followed by a newline;
-    the last piece may end with neither (the start of a line)."""
-    return [piece for piece in _PIECE.findall(chunk) if piece]
-
-
-_PIECE = re.compile(rb"[^\r\n]*(?:\r\n|\n|\r(?!\n)|\r$)|[^\r\n]+$")
 
 
 def _open_folder(path: Path) -> int | None:
