@@ -354,8 +354,12 @@ def _number(value: Any) -> Any:
         if type(got) in (int, float, bool):
             return got
     if hasattr(value, "__float__") and not isinstance(value, complex):
-        with contextlib.suppress(TypeError, ValueError):
-            return float(value)  # OverflowError goes up: the value is rejected
+        try:
+            return float(value)
+        except OverflowError:  # too large for a float: the value is rejected
+            raise
+        except Exception:  # not a single number (a tensor of several elements)
+            pass
     tolist = getattr(value, "tolist", None)
     if tolist is not None and callable(tolist):
         with contextlib.suppress(Exception):
