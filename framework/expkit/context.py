@@ -110,6 +110,7 @@ class ScriptRun:
             with contextlib.suppress(AttributeError):  # a forwarder that has no use for it
                 forwarder.before_exit = self.flush
         self._rejected: set[str] = set()  # metrics whose bad values were already reported
+        self._write_failed = False  # a failed write was reported (once)
         if self._path is not None:
             self._start_writer()
             atexit.register(self._at_exit)
@@ -128,7 +129,9 @@ class ScriptRun:
 
     # -- the calls a script makes -------------------------------------------------------
     def log(self, name: str, value: Any, step: int | None = None) -> None:
-        """Record one value of metric `name` (optionally at `step`); returns at once."""
+        """Record one value of metric `name` (optionally at an integer `step`); returns at
+        once. `value`: a number of any kind (float, numpy scalar, 0-d array or tensor: stored
+        as a number, as it was when logged), text, or a list or dict (stored as JSON)."""
         if self._path is None:
             return self._drop()
         if type(value) is not float:
@@ -228,13 +231,18 @@ class ScriptRun:
                     self._file = open(path, "ab", buffering=0)  # noqa: SIM115
                     self._path = path
                 except OSError as error:
-                    _notice(f"a forked process cannot record metrics ({_why(error)})")
+                    _notice(f"a forked process cannot record metrics ({_why(error)})", False)
         self._start_writer()
 
     def _write_loop(self) -> None:
         while True:
             self._wake.wait(FLUSH_SECONDS)
-            self._drain()
+            try:
+                self._drain()
+            except Exception as error:  # never the end of the writer: the next batch is tried
+                if not self._write_failed:
+                    self._write_failed = True
+                    _notice(f"metric values were lost ({_why(error)})", recorded=False)
 
     def _drain(self) -> None:
         with self._lock:
@@ -400,9 +408,10 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _notice(text: str) -> None:
+def _notice(text: str, recorded: bool = True) -> None:
+    tail = "; metrics are recorded by expkit only" if recorded else ""
     with contextlib.suppress(Exception):
-        sys.stderr.write(f"expkit: {text}; metrics are recorded by expkit only\n")
+        sys.stderr.write(f"expkit: {text}{tail}\n")
         sys.stderr.flush()
 
 
