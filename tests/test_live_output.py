@@ -177,3 +177,27 @@ def test_output_is_shown_in_whole_lines_and_progress_states_whatever_the_chunks(
         assert b"loading\r" in shown  # a line's first state, shown when its "\r" comes
         newline = next(i for i, p in enumerate(shown) if p.endswith(b"\n") and i > 0)
         assert b"%" in b"".join(shown[:newline])  # the bar's states came before its end
+
+
+def test_a_launched_rank_that_never_returns_is_named_with_its_last_line(run_job):
+    result = run_job(
+        {
+            "environment": "inherit",
+            "resources": {"processes_per_node": 2},
+            "distributed": "torchrun",
+            "timeout": 20,
+        },
+        script="""
+            import os, time
+            rank = int(os.environ["RANK"])
+            print(f"rank {rank} started", flush=True)
+            if rank == 1:
+                print("rank 1 waits for a peer that never comes", flush=True)
+                time.sleep(300)
+        """,
+    )
+
+    assert result.state == "failed"
+    assert result.record.error.endswith(
+        "still running: rank 1 (last output: rank 1 waits for a peer that never comes)"
+    ), result.record.error

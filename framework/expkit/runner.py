@@ -38,7 +38,7 @@ from typing import BinaryIO
 from expkit.capabilities import Process, RunContext
 from expkit.errors import Canceled, StageFailed
 from expkit.pieces import LivePieces, cut
-from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, die_with_parent
+from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, descendants, die_with_parent
 
 STOP_GRACE_SECONDS = 10  # between SIGTERM and SIGKILL when the processes are stopped
 LAUNCHER = -1  # the rank number the console shows a launcher's own lines under
@@ -214,9 +214,8 @@ class ProcessGroup:
             if popen.poll() is None:
                 if process.split_output is None:
                     ranks.append(process.rank)
-                else:  # a launcher: the ranks it showed output of, else the launcher
-                    shown = sorted(r for r in self.last_lines.seen if r is not None)
-                    ranks.extend(shown or [None])
+                else:  # a launcher: the ranks of its live processes, else the launcher
+                    ranks.extend(_launched_ranks(popen.pid) or [None])
         described = []
         for rank in dict.fromkeys(ranks):
             name = "the launcher" if rank is None else f"rank {rank}"
@@ -280,13 +279,11 @@ class LastLines:
     LIMIT = 4096  # bytes of a line kept
 
     def __init__(self) -> None:
-        self.seen: set[int | None] = set()
         self._line: dict[int | None, bytes] = {}  # the line being written
         self._last: dict[int | None, bytes] = {}  # the last one with something in it
 
     def add(self, rank: int | None, data: bytes) -> None:
         """Take more of `rank`'s output, as it was written."""
-        self.seen.add(rank)
         for piece in cut(data):
             line = (self._line.get(rank, b"") + piece)[-self.LIMIT :]
             if line.strip():
@@ -298,6 +295,26 @@ class LastLines:
         text = self._last.get(rank, b"").decode("utf-8", errors="replace")
         parts = [part.strip() for part in text.replace("\r\n", "\n").split("\r")]
         return next((part for part in reversed(parts) if part), "")
+
+
+_RANK_VARS = (b"RANK=", b"HOROVOD_RANK=", b"OMPI_COMM_WORLD_RANK=", b"PMI_RANK=")
+
+
+def _launched_ranks(launcher: int) -> list[int]:
+    """The global ranks of a launcher's live processes (their RANK variable, as a launcher
+    sets it); empty where /proc cannot tell (not Linux)."""
+    ranks = set()
+    for pid in descendants(launcher):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(_RANK_VARS) and entry.partition(b"=")[2].isdigit():
+                ranks.add(int(entry.partition(b"=")[2]))
+                break
+    return sorted(ranks)
 
 
 def _open_folder(path: Path) -> int | None:
