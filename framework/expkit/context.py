@@ -111,6 +111,7 @@ class ScriptRun:
                 forwarder.before_exit = self.flush
         self._rejected: set[str] = set()  # metrics whose bad values were already reported
         self._write_failed = False  # a failed write was reported (once)
+        self._own_path: str | None = None  # a forked child's channel file, not made yet
         if self._path is not None:
             self._start_writer()
             atexit.register(self._at_exit)
@@ -223,16 +224,19 @@ class ScriptRun:
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
-            if self._path:
-                path = os.path.join(
-                    os.path.dirname(self._path), f"rank-{self.rank}.{os.getpid()}.jsonl"
-                )
-                try:
-                    self._file = open(path, "ab", buffering=0)  # noqa: SIM115
-                    self._path = path
-                except OSError as error:
-                    _notice(f"a forked process cannot record metrics ({_why(error)})", False)
+            if self._path:  # opened when the child logs something (see _open_own)
+                name = f"rank-{self.rank}.{os.getpid()}.jsonl"
+                self._own_path = os.path.join(os.path.dirname(self._path), name)
         self._start_writer()
+
+    def _open_own(self) -> None:
+        """A forked child's channel file, made when it first has something to write."""
+        path, self._own_path = self._own_path, None
+        try:
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - lives with the run
+            self._path = path
+        except OSError as error:
+            _notice(f"a forked process cannot record metrics ({_why(error)})", False)
 
     def _write_loop(self) -> None:
         while True:
@@ -250,6 +254,8 @@ class ScriptRun:
             while queue:
                 pop = queue.popleft
                 items = [pop() for _ in range(min(len(queue), 10_000))]
+                if self._own_path is not None:
+                    self._open_own()
                 if self._file is not None:
                     try:
                         text = "".join(map(self._encode, items))
