@@ -78,3 +78,46 @@ deadline = time.time() + 60
 while len(list(meet.iterdir())) < 2 and time.time() < deadline:
     time.sleep(0.05)
 """
+
+
+def _seen_with(expkit_cli, expkit_workspace, write_job, visible: str, spec: dict) -> str | None:
+    """Run SHOW_GPUS with `expkit run` under the caller's CUDA_VISIBLE_DEVICES=`visible`."""
+    done = expkit_cli(
+        "run", str(write_job(spec, script=SHOW_GPUS)), env={"CUDA_VISIBLE_DEVICES": visible}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = expkit_workspace.history.runs.recent()[0]
+    return json.loads((expkit_workspace.run_dir(record.id) / "outputs" / "gpus.json").read_text())
+
+
+def test_a_leased_gpu_is_one_of_the_callers_visible_gpus(expkit_cli, expkit_workspace, write_job):
+    seen = _seen_with(
+        expkit_cli, expkit_workspace, write_job, "2,3", {"resources": {"gpus_per_node": 1}}
+    )
+
+    assert seen == "2"  # the caller's first GPU, never physical GPU 0
+
+
+def test_gpus_named_by_uuid_are_passed_on_as_uuids(expkit_cli, expkit_workspace, write_job):
+    visible = "GPU-8f6e1c2a-0000-0000-0000-000000000001,GPU-8f6e1c2a-0000-0000-0000-000000000002"
+
+    seen = _seen_with(
+        expkit_cli, expkit_workspace, write_job, visible, {"resources": {"gpus_per_node": 2}}
+    )
+
+    assert seen == visible
+
+
+def test_declaring_more_gpus_than_the_caller_may_use_is_refused(expkit_cli, write_job):
+    spec = {
+        "compute": {"target": "local", "options": {"gpus": 4}},
+        "resources": {"gpus_per_node": 1},
+    }
+
+    done = expkit_cli(
+        "run", str(write_job(spec, script=SHOW_GPUS)), env={"CUDA_VISIBLE_DEVICES": "2,3"}
+    )
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "CUDA_VISIBLE_DEVICES names 2 (2,3)" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -382,7 +382,10 @@ def test_timeout_stops_the_script_and_fails_the_run(run_job):
     )
 
     assert result.state == "failed"
-    assert result.record.error == "run: timed out after 1s (the job's `timeout`)"
+    assert result.record.error == (
+        "run: timed out after 1s (the job's `timeout`); "
+        "still running: rank 0 (last output: started)"
+    )
     assert stages(result)["run"].state == "failed"
     assert stages(result)["post-process"].state == "completed"
     assert "started" in result.output

@@ -37,6 +37,8 @@ class Console:
         self._stage_start = 0.0
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._partial: dict[int, bytes] = {}  # by rank: the start of a line not yet ended
+        self._progress = False  # the status line shows a progress bar, not the ticker
         self.gone = False  # the stream's reader has gone: nothing more is written
 
     # -- styling ------------------------------------------------------------------------------
@@ -48,7 +50,8 @@ class Console:
         return self.style(MARK.get(outcome, "?"), color.get(outcome, "0"))
 
     # -- writing ------------------------------------------------------------------------------
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, status: str | None = None) -> None:
+        """Write `text` under the status line (redrawn after it); `status`: its new text."""
         with self._lock:
             if self.gone:
                 return
@@ -56,6 +59,8 @@ class Console:
                 if self._status:
                     self.stream.write("\r\033[K")
                 self.stream.write(text)
+                if status is not None:
+                    self._status = status
                 if self._status:
                     self.stream.write(self._status)
                 self.stream.flush()
@@ -97,6 +102,7 @@ class Console:
             self.line(f"  {self.style(stage, '36')} │ {text}")
 
     def stage_finished(self, stage: str, outcome: str, seconds: float, note: str = "") -> None:
+        self.end_output()
         self._stage = None
         self._set_status("")
         if not self.quiet or outcome != "completed":
@@ -119,7 +125,7 @@ class Console:
             if stage is None:
                 continue
             elapsed = time.monotonic() - self._stage_start
-            if elapsed >= 1:
+            if elapsed >= 1 and not self._progress:
                 self._set_status(self.style(f"… {stage} {elapsed:.0f}s", "2"))
 
     def close(self) -> None:
@@ -128,21 +134,59 @@ class Console:
 
     # -- the script's output ------------------------------------------------------------------
     def output(self, rank: int, line: bytes) -> None:
-        """One line of a rank's output (rank -1: the launcher's); undecodable bytes replaced."""
+        """A piece of a rank's output (rank -1: the launcher's): a line, or a piece that ends
+        with a carriage return or nothing yet (undecodable bytes are replaced).
+
+        A line is printed whole. On a terminal the latest state of a line still being
+        written (a tqdm bar redrawn with "\\r") is shown at once on the status line, and
+        replaced by the line when it ends; piped, the line is printed when it ends."""
         if self.ranks == "none" or (self.ranks != "all" and rank > 0):
             return
-        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        data = self._partial.pop(rank, b"") + line
+        if not data.endswith(b"\n") and len(data) < PARTIAL_LIMIT:
+            self._partial[rank] = data
+            if self.tty:
+                shown = _last_state(data.decode("utf-8", errors="replace"))
+                self._progress = True
+                self._write("", status=self._prefixed(rank, shown) if shown else "")
+            return
+        text = data.decode("utf-8", errors="replace").rstrip("\r\n")
+        if self.tty:
+            text = _last_state(text)
+        status = None
+        if self._progress and not self._partial:
+            self._progress, status = False, ""
+        self._write(self._prefixed(rank, text) + "\n", status=status)
+
+    def end_output(self) -> None:
+        """Print the lines still being written (the output ended without a newline)."""
+        for rank in list(self._partial):
+            self.output(rank, b"\n")
+
+    def _prefixed(self, rank: int, text: str) -> str:
         if rank < 0:  # a launcher's own line (horovodrun, torchrun): always shown
-            text = f"{self.style('[launcher]', '2')} {text}"
-        elif self.ranks == "all":
-            text = f"{self.style(f'[rank {rank}]', '35')} {text}"
-        self._write(text + "\n")
+            return f"{self.style('[launcher]', '2')} {text}"
+        if self.ranks == "all":
+            return f"{self.style(f'[rank {rank}]', '35')} {text}"
+        return text
 
     # -- the end ------------------------------------------------------------------------------
     def table(self, rows: list[tuple[str, Any]]) -> None:
         width = max((len(k) for k, _ in rows), default=0)
         for key, value in rows:
             self.line(f"  {key:<{width}}  {value}")
+
+
+PARTIAL_LIMIT = 1 << 20  # a line longer than this (bytes) is printed in parts
+
+
+def _last_state(text: str) -> str:
+    """What a terminal shows of a line redrawn with carriage returns: its last non-empty
+    part (tqdm's latest bar)."""
+    if "\r" not in text:
+        return text
+    parts = text.replace("\r\n", "\n").split("\r")
+    return next((part for part in reversed(parts) if part.strip()), "")
 
 
 def human_size(n: float) -> str:

@@ -14,6 +14,19 @@ must hand the batches to a thread of its own and return at once (whatever it nee
 slow to import, it imports there). A forwarder that cannot be loaded, or that raises, is one
 notice, and the script goes on recording to expkit's channel only. Without EXPKIT_FORWARDER
 (or with it empty) nothing is imported for it.
+
+Values: a Python float, int or bool is queued as it is (the fast path). Any other number is
+stored as a number too: numpy scalars, 0-d arrays and tensors, anything with `.item()` or
+`__float__` (duck typing: neither numpy nor torch is imported here). A mutable value (a
+tensor, an array) is copied when logged (`detach().clone()`, `.copy()`: no GPU sync in
+`log()`) and turned into a number on the writer thread. A value or step that cannot be
+recorded (`2**1024`, `step="epoch_1"`, a step outside -2**63..2**63-1) is dropped alone, with
+one notice on stderr per metric naming why; every other value is recorded.
+
+Processes a script forks (`multiprocessing` with the fork start method, `os.fork`) record
+into channel files of their own: the child starts with an empty queue (what the parent had
+queued is the parent's to write) and writes what it logs at exit, also when it leaves through
+`os._exit` as multiprocessing's children do.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import operator
 import os
 import sys
 import threading
@@ -33,6 +47,8 @@ RUN_ID_ENV = "EXPKIT_RUN_ID"
 FLUSH_SECONDS = 0.2
 FORWARDER_ENV = "EXPKIT_FORWARDER"  # `module:attribute` of a forwarder; unset or empty: none
 FORWARDER_EXIT_SECONDS = 30.0  # at exit, how long the forwarder may take to send the rest
+
+STEP_MIN, STEP_MAX = -(2**63), 2**63 - 1  # what SQLite's INTEGER holds
 
 # Environment variables that launchers set for a process's global rank.
 _RANK_VARS = ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -93,11 +109,19 @@ class ScriptRun:
         if forwarder is not None:
             with contextlib.suppress(AttributeError):  # a forwarder that has no use for it
                 forwarder.before_exit = self.flush
+        self._rejected: set[str] = set()  # metrics whose bad values were already reported
+        self._write_failed = False  # a failed write was reported (once)
+        self._own_path: str | None = None  # a forked child's channel file, not made yet
         if self._path is not None:
-            self._writer = threading.Thread(target=self._write_loop, name="expkit-metrics")
-            self._writer.daemon = True
-            self._writer.start()
+            self._start_writer()
             atexit.register(self._at_exit)
+            if hasattr(os, "register_at_fork"):
+                os.register_at_fork(before=self._before_fork, after_in_child=self._after_fork)
+
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="expkit-metrics")
+        self._writer.daemon = True
+        self._writer.start()
 
     @property
     def offline(self) -> bool:
@@ -106,9 +130,13 @@ class ScriptRun:
 
     # -- the calls a script makes -------------------------------------------------------
     def log(self, name: str, value: Any, step: int | None = None) -> None:
-        """Record one value of metric `name` (optionally at `step`); returns at once."""
+        """Record one value of metric `name` (optionally at an integer `step`); returns at
+        once. `value`: a number of any kind (float, numpy scalar, 0-d array or tensor: stored
+        as a number, as it was when logged), text, or a list or dict (stored as JSON)."""
         if self._path is None:
             return self._drop()
+        if type(value) is not float:
+            value = _snapshot(value)
         self._put(("m", name, value, step, time.time()))
 
     def log_list(self, name: str, values: list[Any]) -> None:
@@ -117,13 +145,14 @@ class ScriptRun:
             return self._drop()
         now = time.time()
         for step, value in enumerate(values):
-            self._put(("m", name, value, step, now))
+            self._put(("m", name, _snapshot(value), step, now))
 
     def log_row(self, name: str, **columns: Any) -> None:
         """Record one row of the table `name`, e.g. `log_row("per_class", cls=1, acc=0.9)`."""
         if self._path is None:
             return self._drop()
-        self._put(("r", name, columns, None, time.time()))
+        row = {key: _snapshot(value) for key, value in columns.items()}
+        self._put(("r", name, row, None, time.time()))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Attach tags (string key and value) to the run."""
@@ -169,10 +198,55 @@ class ScriptRun:
         self._forwarder = None
         _notice(f"the forwarder {type(forwarder).__name__} failed ({_why(error)})")
 
+    def _before_fork(self) -> None:
+        """In the parent, before a fork: a multiprocessing child (which leaves through
+        os._exit, skipping atexit) writes what it logged through multiprocessing's own
+        finalizers, registered in the child by `_after_multiprocessing_fork`."""
+        util = sys.modules.get("multiprocessing.util")
+        if util is not None and not getattr(self, "_mp_registered", False):
+            self._mp_registered = True
+            with contextlib.suppress(Exception):
+                util.register_after_fork(self, ScriptRun._after_multiprocessing_fork)
+
+    def _after_multiprocessing_fork(self) -> None:
+        util = sys.modules.get("multiprocessing.util")
+        if util is not None:
+            util.Finalize(None, self._at_exit, exitpriority=100)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a channel file of its own, an empty queue, a new writer."""
+        self._queue = deque()
+        self._put = self._queue.append
+        self._lock = threading.Lock()  # the parent's writer may have held it at the fork
+        self._wake = threading.Event()
+        self._forwarder = None  # its thread stayed in the parent
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+            if self._path:  # opened when the child logs something (see _open_own)
+                name = f"rank-{self.rank}.{os.getpid()}.jsonl"
+                self._own_path = os.path.join(os.path.dirname(self._path), name)
+        self._start_writer()
+
+    def _open_own(self) -> None:
+        """A forked child's channel file, made when it first has something to write."""
+        path, self._own_path = self._own_path, None
+        try:
+            self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - lives with the run
+            self._path = path
+        except OSError as error:
+            _notice(f"a forked process cannot record metrics ({_why(error)})", False)
+
     def _write_loop(self) -> None:
         while True:
             self._wake.wait(FLUSH_SECONDS)
-            self._drain()
+            try:
+                self._drain()
+            except Exception as error:  # never the end of the writer: the next batch is tried
+                if not self._write_failed:
+                    self._write_failed = True
+                    _notice(f"metric values were lost ({_why(error)})", recorded=False)
 
     def _drain(self) -> None:
         with self._lock:
@@ -180,8 +254,14 @@ class ScriptRun:
             while queue:
                 pop = queue.popleft
                 items = [pop() for _ in range(min(len(queue), 10_000))]
+                if self._own_path is not None:
+                    self._open_own()
                 if self._file is not None:
-                    self._file.write("".join(map(self._encode, items)).encode())
+                    try:
+                        text = "".join(map(self._encode, items))
+                    except Exception:  # a value or step that cannot be recorded: one by one
+                        text = "".join(map(self._encode_or_reject, items))
+                    self._file.write(text.encode())
                 forwarder = self._forwarder
                 if forwarder is not None:
                     try:
@@ -194,19 +274,119 @@ class ScriptRun:
         quoted = self._names.get(name)
         if quoted is None:
             quoted = self._names[name] = json.dumps(name)
-        if kind == "m" and type(value) in (int, float, bool):
-            number = (
-                value if value == value and value not in (float("inf"), float("-inf")) else None
-            )
-            if number is None:  # NaN and infinities: JSON's NaN/Infinity, still numbers when read
-                return f'["m",{quoted},{json.dumps(value)},{_step(step)},{ts!r},{self.rank}]\n'
-            return f'["m",{quoted},{float(number)!r},{_step(step)},{ts!r},{self.rank}]\n'
-        payload = json.dumps(value, default=str)
+        if kind == "m":
+            if type(value) not in (int, float, bool) and type(value) is not str:
+                value = _number(value)
+            if type(value) in (int, float, bool):
+                number = float(value)  # OverflowError for an int beyond a float's range
+                if number != number or number in (_INF, -_INF):  # JSON's NaN/Infinity
+                    return f'["m",{quoted},{json.dumps(number)},{_step(step)},{ts!r},{self.rank}]\n'
+                return f'["m",{quoted},{number!r},{_step(step)},{ts!r},{self.rank}]\n'
+        payload = json.dumps(value, default=_jsonable)
         return f'["{kind}",{quoted},{payload},{_step(step)},{ts!r},{self.rank}]\n'
 
+    def _encode_or_reject(self, item: tuple) -> str:
+        """`item`'s channel line, or "" after one notice per metric saying why it is not."""
+        try:
+            return self._encode(item)
+        except Exception as error:
+            kind, name = item[0], item[1]
+            if name not in self._rejected:
+                self._rejected.add(name)
+                what = {"m": "metric", "r": "table"}.get(kind, "call")
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(
+                        f"expkit: {what} {name!r}: a value was not recorded ({_reason(error)}); "
+                        "log a number (or text) with an integer step; further rejected "
+                        "values of it are not reported\n"
+                    )
+                    sys.stderr.flush()
+            return ""
 
-def _step(step: int | None) -> str:
-    return "null" if step is None else str(int(step))
+
+_INF = float("inf")
+
+
+def _step(step: Any) -> str:
+    """A step as the channel writes it: an integer within SQLite's range, or null."""
+    if step is None:
+        return "null"
+    if type(step) is not int:
+        if isinstance(step, float) and step.is_integer():
+            step = int(step)
+        else:
+            try:
+                step = operator.index(step)  # numpy integers, 0-d integer tensors
+            except TypeError:
+                raise StepError(f"step {step!r} is not an integer") from None
+    if not STEP_MIN <= step <= STEP_MAX:
+        raise StepError(f"step {step} is outside -2**63..2**63-1")
+    return str(step)
+
+
+class StepError(ValueError):
+    """A step that cannot be recorded."""
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, StepError):
+        return str(error)
+    if isinstance(error, OverflowError):
+        return "the number is too large for a float"
+    return _why(error)
+
+
+def _snapshot(value: Any) -> Any:
+    """`value` as it is now: a tensor or array is copied (never synced with a GPU), since the
+    script may change it in place before the writer turns it into a number."""
+    kind = type(value)
+    if kind is float or kind is int or kind is str or kind is bool or value is None:
+        return value
+    detach = getattr(value, "detach", None)
+    if detach is not None and callable(detach):  # a torch tensor
+        try:
+            return detach().clone()
+        except Exception:
+            return value
+    if hasattr(value, "__array_interface__") and callable(getattr(value, "copy", None)):
+        try:
+            return value.copy()  # a numpy array (a numpy scalar is immutable: copied cheaply)
+        except Exception:
+            return value
+    return value
+
+
+def _number(value: Any) -> Any:
+    """A number-like `value` (numpy scalar, 0-d array or tensor, Decimal, anything with
+    `.item()` or `__float__`) as a Python number; anything else as it is."""
+    item = getattr(value, "item", None)
+    if item is not None and callable(item):
+        try:
+            got = item()
+        except Exception:  # an array of more than one element
+            got = None
+        if type(got) in (int, float, bool):
+            return got
+    if hasattr(value, "__float__") and not isinstance(value, complex):
+        try:
+            return float(value)
+        except OverflowError:  # too large for a float: the value is rejected
+            raise
+        except Exception:  # not a single number (a tensor of several elements)
+            pass
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None and callable(tolist):
+        with contextlib.suppress(Exception):
+            return tolist()
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """How json.dumps writes what it does not know: numbers as numbers, the rest as text."""
+    number = _number(value)
+    if number is not value:
+        return number
+    return str(value)
 
 
 def load_forwarder(spec: str) -> Forwarder | None:
@@ -234,9 +414,10 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _notice(text: str) -> None:
+def _notice(text: str, recorded: bool = True) -> None:
+    tail = "; metrics are recorded by expkit only" if recorded else ""
     with contextlib.suppress(Exception):
-        sys.stderr.write(f"expkit: {text}; metrics are recorded by expkit only\n")
+        sys.stderr.write(f"expkit: {text}{tail}\n")
         sys.stderr.flush()
 
 

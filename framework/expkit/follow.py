@@ -11,16 +11,20 @@ from pathlib import Path
 
 from expkit.console import Console
 from expkit.history import History, RunRecord, driver_alive
+from expkit.pieces import LivePieces
 from expkit.workspace import Workspace
 
 POLL_SECONDS = 0.25
 
 
 class LogTail:
-    """New complete lines of one log file, as bytes."""
+    """What was added to one log file since the last read, as bytes: whole lines, and the
+    states of a line redrawn with carriage returns (a progress bar) as they come (see
+    `expkit.pieces`; the console joins the pieces of a line)."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.offset = path, 0
+        self.live = LivePieces()
 
     def read(self) -> list[bytes]:
         try:
@@ -29,9 +33,8 @@ class LogTail:
                 data = f.read()
         except FileNotFoundError:
             return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        return data[:end].splitlines(keepends=True)
+        self.offset += len(data)
+        return self.live.feed(data)
 
 
 def follow(
@@ -88,6 +91,12 @@ def follow(
         if run_stage is not None or not stages:
             print_output()
         if record.finished:
+            for path, tail in tails.items():  # a last line without a newline
+                if rest := tail.live.rest():
+                    number = path.stem.removeprefix("rank-")
+                    this_rank = int(number) if number.isdigit() else 0
+                    console.output(0 if rank is not None else this_rank, rest)
+            console.end_output()
             return True
         if deadline and time.monotonic() > deadline:
             return False

@@ -770,8 +770,8 @@ class Lifecycle:
     def post_process(self, state: str) -> None:
         if self.pump is not None:
             self.pump.stop()
-            if self.pump.reader.bad_lines:
-                self.warn(f"{self.pump.reader.bad_lines} unreadable metric lines were skipped")
+            for problem in self.pump.problems():
+                self.warn(problem)
         for worker in self.sinks:
             worker.drain()
             if worker.error is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -32,12 +33,16 @@ class ChannelReader:
     """Reads the complete new lines of every channel file in a folder.
 
     `offsets` (bytes read so far, by file name) starts it where an earlier reader stopped:
-    a driver that re-attaches to a run reads on from what the history holds."""
+    a driver that re-attaches to a run reads on from what the history holds. A line that
+    cannot be recorded (not JSON, a step that is not a 64-bit integer, a number beyond a
+    float's range) is skipped alone: counted in `bad_lines`, and why in `rejected` (by
+    metric name, the first reason each)."""
 
     def __init__(self, folder: Path, offsets: dict[str, int] | None = None) -> None:
         self.folder = folder
         self.offsets: dict[str, int] = dict(offsets or {})
         self.bad_lines = 0
+        self.rejected: dict[str, str] = {}
 
     def read(self) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
         """The new metric rows, tags and parameters (each key's latest value)."""
@@ -54,8 +59,24 @@ class ChannelReader:
                 continue
             self.offsets[path.name] = offset + end
             for line in data[:end].splitlines():
-                self._parse(line, rows, tags, params)
+                try:
+                    self._parse(line, rows, tags, params)
+                except (ValueError, TypeError, OverflowError) as error:
+                    self.reject(_name_of(line), str(error) or type(error).__name__)
         return rows, tags, params
+
+    def reject(self, name: str, why: str) -> None:
+        """Count one line that is not recorded, and why (the first reason per metric)."""
+        self.bad_lines += 1
+        self.rejected.setdefault(name, why)
+
+    def problem(self) -> str | None:
+        """What was skipped, in one line for the run's warnings; None when nothing was."""
+        if not self.bad_lines:
+            return None
+        reasons = "; ".join(f"{name!r}: {why}" for name, why in list(self.rejected.items())[:3])
+        more = ", ..." if len(self.rejected) > 3 else ""
+        return f"{self.bad_lines} unreadable metric lines were skipped ({reasons}{more})"
 
     def _parse(
         self, line: bytes, rows: list[tuple], tags: dict[str, str], params: dict[str, str]
@@ -63,29 +84,58 @@ class ChannelReader:
         try:
             kind, name, value, step, ts, rank = json.loads(line)
         except (ValueError, TypeError):
-            self.bad_lines += 1
+            raise ValueError("not a channel line") from None
+        if not isinstance(name, str):
+            raise TypeError(f"the name {name!r} is not text")
+        if kind in ("t", "p"):
+            if not isinstance(value, dict):
+                raise TypeError("tags or parameters that are not a mapping")
+            (tags if kind == "t" else params).update({str(k): str(v) for k, v in value.items()})
             return
-        if kind == "t":
-            tags.update(value)
-        elif kind == "p":
-            params.update(value)
-        elif kind == "m" and isinstance(value, int | float) and not isinstance(value, bool):
-            if value != value:  # NaN: a REAL column would store NULL; the payload keeps it
-                rows.append((name, step, None, json.dumps(value), ts, rank))
+        if step is not None and (
+            type(step) is not int or not STEP_RANGE[0] <= step <= STEP_RANGE[1]
+        ):
+            raise ValueError(f"step {step!r} is not an integer in -2**63..2**63-1")
+        if type(ts) not in (int, float) or type(rank) is not int:
+            raise TypeError("a time or rank that is not a number")
+        if kind == "m" and type(value) in (int, float):
+            number = float(value)  # OverflowError: beyond a float's range
+            if number != number:  # NaN: a REAL column would store NULL; the payload keeps it
+                rows.append((name, step, None, "NaN", ts, rank))
             else:
-                rows.append((name, step, float(value), None, ts, rank))
-        else:
+                rows.append((name, step, number, None, ts, rank))
+        elif kind in ("m", "r"):
             rows.append((name, step, None, json.dumps(value), ts, rank))
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+
+
+STEP_RANGE = (-(2**63), 2**63 - 1)  # what SQLite's INTEGER holds
+
+
+def _name_of(line: bytes) -> str:
+    """The metric name of a channel line, as well as it can be told ("?" when it cannot)."""
+    try:
+        name = json.loads(line)[1]
+    except Exception:
+        return "?"
+    return name if isinstance(name, str) else "?"
 
 
 class MetricPump:
-    """Moves metrics from the channel into the history until stopped, then drains."""
+    """Moves metrics from the channel into the history until stopped, then drains.
+
+    What one line holds never takes other lines with it: a batch the history refuses is
+    stored row by row, and the rows it still refuses are skipped (see `ChannelReader`).
+    A failure of the history itself (a locked or full disk) leaves the lines unread, to be
+    read again at the next pump; the thread keeps going."""
 
     def __init__(self, history: History, run_id: str, channel: Path) -> None:
         self.history, self.run_id = history, run_id
         self.reader = ChannelReader(channel, history.metrics.offsets_of(run_id))
         self.count = 0
         self.listeners: list[threading.Event] = []
+        self.error: Exception | None = None  # the last failure to store, if any
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="expkit-pump", daemon=True)
 
@@ -94,24 +144,57 @@ class MetricPump:
 
     def _loop(self) -> None:
         while not self._stop.wait(PUMP_SECONDS):
-            self.pump()
+            with contextlib.suppress(Exception):  # recorded in self.error; tried again
+                self.pump()
 
     def pump(self) -> int:
-        rows, tags, params = self.reader.read()
-        if rows or tags or params:
-            self.history.metrics.add(self.run_id, rows, self.reader.offsets, tags, params)
-            self.count += len(rows)
+        before = dict(self.reader.offsets)
+        try:
+            rows, tags, params = self.reader.read()
+            if rows or tags or params:
+                self._store(rows, tags, params)
+        except Exception as error:
+            self.reader.offsets = before  # read again next time
+            self.error = error
+            raise
+        self.count += len(rows)
         if rows or params:
             for event in self.listeners:
                 event.set()
         return len(rows)
+
+    def _store(self, rows: list[tuple], tags: dict[str, str], params: dict[str, str]) -> None:
+        add = self.history.metrics.add
+        try:
+            add(self.run_id, rows, self.reader.offsets, tags, params)
+            return
+        except (sqlite3.InterfaceError, ValueError, OverflowError, TypeError):
+            pass  # a row the database refuses (text it cannot encode, ...): find it
+        kept = []
+        for row in rows:
+            try:
+                add(self.run_id, [row])
+                kept.append(row)
+            except (sqlite3.InterfaceError, ValueError, OverflowError, TypeError) as error:
+                self.reader.reject(str(row[0]).encode("utf-8", "replace").decode(), str(error))
+        rows[:] = kept
+        add(self.run_id, [], self.reader.offsets, tags, params)
 
     def stop(self) -> None:
         """Stop the thread, then read what the processes wrote last."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self.pump()
+        with contextlib.suppress(Exception):  # recorded in self.error
+            self.pump()
+            self.error = None
+
+    def problems(self) -> list[str]:
+        """What the run's warnings should say about the values not recorded."""
+        found = [self.reader.problem()]
+        if self.error is not None:
+            found.append(f"metric values not recorded: {type(self.error).__name__}: {self.error}")
+        return [text for text in found if text]
 
 
 class SinkWorker:

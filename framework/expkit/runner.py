@@ -37,10 +37,12 @@ from typing import BinaryIO
 
 from expkit.capabilities import Process, RunContext
 from expkit.errors import Canceled, StageFailed
-from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, die_with_parent
+from expkit.pieces import LivePieces, cut
+from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, descendants, die_with_parent
 
 STOP_GRACE_SECONDS = 10  # between SIGTERM and SIGKILL when the processes are stopped
 LAUNCHER = -1  # the rank number the console shows a launcher's own lines under
+READ_BYTES = 65536  # the most output read at once
 
 Wrap = Callable[[Process], list[str]]
 
@@ -90,6 +92,8 @@ class ProcessGroup:
         self.children: list[tuple[Process, subprocess.Popen[bytes]]] = []
         self.readers: list[threading.Thread] = []
         self._log_dir: int | None = None  # the run's logs folder, opened once (see _open_log)
+        self.last_lines = LastLines()
+        self._ranks: dict[int, set[int | None]] = {}  # by pid: the ranks its output named
 
     def start(self, process: Process) -> subprocess.Popen[bytes]:
         """Start `process` in the run's working folder; its output goes to its rank's log."""
@@ -118,32 +122,63 @@ class ProcessGroup:
             self.preexec()
 
     def _stream(self, popen: subprocess.Popen[bytes], process: Process) -> None:
-        """Copy every line to its rank's log as bytes (kept even if not UTF-8) and echo it.
+        """Copy the output to its rank's log as bytes (kept even if not UTF-8) and echo it.
 
-        A launcher's lines are split by rank; its own lines go to `launcher.log`.
+        The log gets the bytes as they arrive; `ctx.echo` gets whole lines, and the states
+        of a line redrawn with carriage returns (a tqdm bar) as they come (see
+        `expkit.pieces`): the console shows a progress bar while it moves. A launcher's
+        output is split by rank (`split_output`) line by line; its own lines go to
+        `launcher.log`.
         """
         assert popen.stdout is not None
+        fd = popen.stdout.fileno()
         logs: dict[int | None, BinaryIO | None] = {}
+        pending = b""  # a launcher's line not yet ended
+        live = LivePieces()
         try:
-            for line in iter(popen.stdout.readline, b""):
-                rank, text = (
-                    process.split_output(line) if process.split_output else (process.rank, line)
-                )
-                if rank not in logs:
-                    name = "launcher.log" if rank is None else f"rank-{rank}.log"
-                    logs[rank] = _open_log(self._log_dir, name)
-                log = logs[rank]
-                if log is not None:
-                    try:
-                        log.write(text)
-                    except OSError:  # a full disk: keep reading, or the script would block
-                        log.close()
-                        logs[rank] = None
-                self.ctx.echo(LAUNCHER if rank is None else rank, text)
+            while chunk := os.read(fd, READ_BYTES):
+                if process.split_output is None:
+                    self._write_log(process.rank, chunk, logs)
+                    self.last_lines.add(process.rank, chunk)
+                    for piece in live.feed(chunk):
+                        self._echo(process.rank, piece)
+                    continue
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self._piece(*process.split_output(line + b"\n"), logs)
+            if pending and process.split_output is not None:
+                self._piece(*process.split_output(pending), logs)
+            if rest := live.rest():
+                self._echo(process.rank, rest)
         finally:
             for log in logs.values():
                 if log is not None:
                     log.close()
+
+    def _piece(
+        self, rank: int | None, text: bytes, logs: dict[int | None, BinaryIO | None]
+    ) -> None:
+        """A launcher's line, split by rank (None: its own), to its log and the console."""
+        self._write_log(rank, text, logs)
+        self.last_lines.add(rank, text)
+        self._echo(rank, text)
+
+    def _write_log(
+        self, rank: int | None, data: bytes, logs: dict[int | None, BinaryIO | None]
+    ) -> None:
+        if rank not in logs:
+            name = "launcher.log" if rank is None else f"rank-{rank}.log"
+            logs[rank] = _open_log(self._log_dir, name)
+        log = logs[rank]
+        if log is not None:
+            try:
+                log.write(data)
+            except OSError:  # a full disk: keep reading, or the script would block
+                log.close()
+                logs[rank] = None
+
+    def _echo(self, rank: int | None, text: bytes) -> None:
+        self.ctx.echo(LAUNCHER if rank is None else rank, text)
 
     def wait(self, timeout: float | None) -> int:
         """The exit code once every process has ended: 0 when all succeed, else the first
@@ -163,12 +198,30 @@ class ProcessGroup:
             if self.ctx.canceled():
                 raise Canceled()
             if deadline and time.monotonic() > deadline:
+                running = self._still_running()
                 self.stop()
-                raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`)")
+                raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`); {running}")
             running = next((p for _, p in self.children if p.poll() is None), None)
             if running is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     running.wait(timeout=0.1)  # returns as soon as it exits
+
+    def _still_running(self) -> str:
+        """Which ranks are still running and the last line each wrote, for the timeout error:
+        "still running: rank 1 (last output: epoch 3)"."""
+        ranks: list[int | None] = []
+        for process, popen in self.children:
+            if popen.poll() is None:
+                if process.split_output is None:
+                    ranks.append(process.rank)
+                else:  # a launcher: the ranks of its live processes, else the launcher
+                    ranks.extend(_launched_ranks(popen.pid) or [None])
+        described = []
+        for rank in dict.fromkeys(ranks):
+            name = "the launcher" if rank is None else f"rank {rank}"
+            last = self.last_lines.of(rank)
+            described.append(f"{name} (last output: {last})" if last else f"{name} (no output)")
+        return "still running: " + ", ".join(described) if described else "nothing running"
 
     def stop(self) -> None:
         """SIGTERM every process group, SIGKILL what is still there after the grace period
@@ -217,6 +270,51 @@ def run(
         for process in processes:
             group.start(process)
         return group.wait(limit)
+
+
+class LastLines:
+    """The last line of output each rank wrote (a progress bar's latest state counts), for
+    saying where a rank that never ended was."""
+
+    LIMIT = 4096  # bytes of a line kept
+
+    def __init__(self) -> None:
+        self._line: dict[int | None, bytes] = {}  # the line being written
+        self._last: dict[int | None, bytes] = {}  # the last one with something in it
+
+    def add(self, rank: int | None, data: bytes) -> None:
+        """Take more of `rank`'s output, as it was written."""
+        for piece in cut(data):
+            line = (self._line.get(rank, b"") + piece)[-self.LIMIT :]
+            if line.strip():
+                self._last[rank] = line
+            self._line[rank] = b"" if piece.endswith((b"\n", b"\r")) else line
+
+    def of(self, rank: int | None) -> str:
+        """`rank`'s last line, decoded and stripped; "" when it wrote nothing."""
+        text = self._last.get(rank, b"").decode("utf-8", errors="replace")
+        parts = [part.strip() for part in text.replace("\r\n", "\n").split("\r")]
+        return next((part for part in reversed(parts) if part), "")
+
+
+_RANK_VARS = (b"RANK=", b"HOROVOD_RANK=", b"OMPI_COMM_WORLD_RANK=", b"PMI_RANK=")
+
+
+def _launched_ranks(launcher: int) -> list[int]:
+    """The global ranks of a launcher's live processes (their RANK variable, as a launcher
+    sets it); empty where /proc cannot tell (not Linux)."""
+    ranks = set()
+    for pid in descendants(launcher):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(_RANK_VARS) and entry.partition(b"=")[2].isdigit():
+                ranks.add(int(entry.partition(b"=")[2]))
+                break
+    return sorted(ranks)
 
 
 def _open_folder(path: Path) -> int | None:

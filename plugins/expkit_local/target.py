@@ -1,5 +1,8 @@
 """The `local` compute target: processes on this machine, with leased slots and GPUs.
 
+A GPU lease is an index into the GPUs the caller may use: with CUDA_VISIBLE_DEVICES set
+(indices or UUIDs) lease N is its Nth entry, so a run never sees a GPU the caller hid.
+
 Slots and GPUs are leased through the run's `leases` service (see expkit.leases), so
 concurrent `expkit run`s on one machine never oversubscribe it: a run that does not fit waits
 in state `queued`.
@@ -34,10 +37,36 @@ MAX_GPUS = 256
 
 def detect_gpus() -> int:
     """GPUs this machine can give to runs: CUDA_VISIBLE_DEVICES if set, else /dev/nvidiaN."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = caller_gpus()
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+        return len(visible)
     return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def caller_gpus() -> list[str] | None:
+    """The GPUs the caller's CUDA_VISIBLE_DEVICES names (indices or UUIDs, in its order),
+    up to the first "-1" (CUDA ignores what follows); None when it is not set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    names = []
+    for name in (part.strip() for part in visible.split(",")):
+        if not name:
+            continue
+        if name == "-1":
+            break
+        names.append(name)
+    return names
+
+
+def visible_devices(leased: list[int], caller: list[str] | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the leased GPU indices: positions in the caller's own
+    CUDA_VISIBLE_DEVICES when it names GPUs (with `2,3`, lease 0 is GPU `2`), else the
+    indices themselves. A lease beyond the caller's list (compute.options.gpus declares
+    more GPUs than it names) is refused by `check`."""
+    if not caller:
+        return ",".join(map(str, leased))
+    return ",".join(caller[index] for index in leased)
 
 
 class LocalTarget(ComputeTarget):
@@ -77,6 +106,13 @@ class LocalTarget(ComputeTarget):
             raise UserError(
                 f"resources.processes_per_node: {res.processes_per_node} processes do not fit "
                 f"this machine's {slots} slots (set compute.options.slots to allow more)"
+            )
+        caller = caller_gpus()
+        if caller and gpus > len(caller):
+            raise UserError(
+                f"compute.options.gpus: {gpus} GPUs, but CUDA_VISIBLE_DEVICES names "
+                f"{len(caller)} ({','.join(caller)}); declare at most {len(caller)}, or unset "
+                "CUDA_VISIBLE_DEVICES"
             )
         if res.gpus_per_node > gpus:
             raise UserError(
@@ -122,7 +158,7 @@ class LocalTarget(ComputeTarget):
         )
 
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
-        gpus = ",".join(map(str, allocation.gpus))
+        gpus = visible_devices(allocation.gpus, caller_gpus())
         return runner.run(ctx, processes, {**os.environ, "CUDA_VISIBLE_DEVICES": gpus})
 
     def release(self, ctx: RunContext, allocation: Allocation) -> None:

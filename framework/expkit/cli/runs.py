@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -48,7 +47,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     listing.set_defaults(handler=cmd_runs_list)
     show = runs.add_parser("show", help="a run's state, stages, params, metrics and outputs")
     show.add_argument("run_id", metavar="RUN", help=RUN_HELP)
-    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable output: strict JSON (NaN and infinities as the strings "
+        '"NaN", "Infinity", "-Infinity")',
+    )
     show.set_defaults(handler=cmd_runs_show)
     logs = runs.add_parser("logs", help="a run's output (--follow to watch it live)")
     logs.add_argument("run_id", metavar="RUN", help=RUN_HELP)
@@ -171,7 +175,9 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
             p: {"size": s, "sha256": d} for p, (s, d) in history.outputs.of(record.id).items()
         }
         details["output_links"] = history.outputs.links(record.id)
-        print(json.dumps(details, indent=2, default=str))
+        from expkit.cli import jsonout
+
+        print(jsonout.dumps(details))
         return 0
     print(f"run         {record.id}")
     print(f"experiment  {record.experiment}")
