@@ -514,3 +514,36 @@ def test_the_sample_job_reports_to_an_mlflow_server(mlflow_server, expkit_cli, t
     assert float(version.tags["expkit.metrics.best_val_acc"]) == pytest.approx(
         shown["metrics"]["best_val_acc"]
     )
+
+
+# -- at once, and after a driver died -----------------------------------------------------------
+def test_runs_started_at_once_on_a_fresh_workspace_all_reach_mlflow(
+    write_job, expkit_workspace, background
+):
+    """Four first runs at the same moment: the embedded store is created once, not four
+    times over (which left it half-migrated and every run unlogged)."""
+    job = write_job(
+        {"experiment": "at-once", "metrics": ["mlflow"], "args": {"lr": 0.1}},
+        script="""
+        from expkit import Run
+        run = Run.get_context()
+        for step in range(20):
+            run.log("x", step * 0.5, step=step)
+        """,
+    )
+    assert not (expkit_workspace.path / "mlflow.db").exists()
+    commands = [background("run", str(job)) for _ in range(4)]
+    codes = [command.wait(timeout=600) for command in commands]
+
+    assert codes == [0, 0, 0, 0], "\n".join(c.output for c in commands)
+    for command in commands:
+        assert "warning" not in command.output, command.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{expkit_workspace.path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("at-once")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["expkit.run_id"] for r in runs) == sorted(c.run_id for c in commands)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {"lr": "0.1"}
+        points = client.get_metric_history(run.info.run_id, "x")
+        assert sorted((m.step, m.value) for m in points) == [(s, s * 0.5) for s in range(20)]
