@@ -15,7 +15,6 @@ import logging
 import os
 import posixpath
 import re
-import shlex
 import shutil
 import socket
 import stat
@@ -175,7 +174,7 @@ def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[
         run_name=run.run_id,
     )
     mlflow_run_id = created.info.run_id
-    log_params(client, mlflow_run_id, job_params(run.job))
+    log_params(client, mlflow_run_id, run.params())
     run.set_tags({RUN_TAG: mlflow_run_id})
     return mlflow_run_id, True
 
@@ -205,20 +204,20 @@ def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:
     return found.experiment_id
 
 
-def job_params(job: JobSpec) -> dict[str, str]:
-    """The script's arguments as written in the job spec (`${data.x}` unresolved, so that
-    runs compare); a list of arguments is one param, `args`, the command line."""
-    if isinstance(job.args, list):
-        return {"args": shlex.join(str(a) for a in job.args)} if job.args else {}
-    return {key.lstrip("-"): str(value) for key, value in job.args.items()}
-
-
 def log_params(client: MlflowClient, mlflow_run_id: str, params: dict[str, str]) -> None:
+    """Log `params` as the run's MLflow params (keys and values as MLflow takes them), 100 a
+    call. A param the run already holds must have the same value (MLflow refuses to change
+    one: see `MlflowWriter.log_params`)."""
     from mlflow.entities import Param
 
-    items = [Param(mlflow_key(k), v[:PARAM_LENGTH]) for k, v in params.items()]
+    items = [Param(k, v) for k, v in clean_params(params).items()]
     for i in range(0, len(items), TAGS_PER_CALL):
         client.log_batch(mlflow_run_id, params=items[i : i + TAGS_PER_CALL])
+
+
+def clean_params(params: dict[str, str]) -> dict[str, str]:
+    """Params as MLflow takes them: valid keys, values within its length limit."""
+    return {mlflow_key(k): str(v)[:PARAM_LENGTH] for k, v in params.items()}
 
 
 def log_tags(client: MlflowClient, mlflow_run_id: str, tags: dict[str, Any]) -> None:
