@@ -44,12 +44,17 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float, float]]]:
         size_guidance={event_accumulator.TENSORS: 0},  # 0: keep all, no sampling
     )
     events.Reload()
+    try:
+        scalars = events.PluginTagToContent("scalars")  # not the HParams session's tags
+    except KeyError:  # nothing written yet
+        scalars = {}
     return {
         tag: [
             (e.step, float(tensor_util.make_ndarray(e.tensor_proto)), e.wall_time)
             for e in events.Tensors(tag)
         ]
         for tag in events.Tags()["tensors"]
+        if tag in scalars
     }
 
 
@@ -176,6 +181,52 @@ def test_curves_appear_while_the_run_is_still_going(write_job, expkit_workspace,
 
     assert driver.returncode == 0, output.decode(errors="replace")
     assert [(s, v) for s, v, _ in read_scalars(logdir)["loss"]] == [(1, 0.5), (2, 0.25)]
+
+
+def hparams_session(logdir: Path) -> tuple[dict, str]:
+    """The HParams session in the event files of `logdir`: ({name: value}, end status)."""
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    events = event_accumulator.EventAccumulator(str(logdir))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    values = {}
+    for key, value in start.hparams.items():
+        values[key] = getattr(value, value.WhichOneof("kind"))
+    return values, api_pb2.Status.Name(end.status)
+
+
+def test_the_run_s_parameters_are_its_hparams_session(run_job):
+    result = run_job(
+        {
+            "metrics": ["tensorboard"],
+            "args": {"--lr": 0.1, "optimizer": "sgd", "nesterov": True, "epochs": 2},
+        },
+        script="""
+        from expkit import Run
+        run = Run.get_context()
+        run.log_params({"batch": 64, "optimizer": "adam"})
+        run.log("loss", 0.5, step=0)
+        run.log("loss", 0.25, step=1)
+        """,
+    )
+
+    assert result.state == "completed", result.output
+    logdir = result.run_dir / "tensorboard"
+    values, status = hparams_session(logdir)
+    assert values == {
+        "lr": 0.1,
+        "optimizer": "adam",  # the script's value, logged later, wins
+        "nesterov": True,
+        "epochs": 2.0,
+        "batch": 64.0,
+    }
+    assert status == "STATUS_SUCCESS"
+    assert [(s, v) for s, v, _ in read_scalars(logdir)["loss"]] == [(0, 0.5), (1, 0.25)]
+    (outcome,) = result.workspace.history.events.of(result.record.id, "sink-outcome")
+    assert outcome["message"] == "tensorboard ok (2 values)"
 
 
 # -- what `tensorboard --logdir` shows ------------------------------------------------------------
