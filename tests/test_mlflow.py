@@ -23,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from conftest import REPO
+from conftest import REPO, eventually
 from expkit import metrics as metric_pipeline
 from expkit_mlflow.tracking import HTTP_DEFAULTS
 
@@ -547,3 +547,80 @@ def test_runs_started_at_once_on_a_fresh_workspace_all_reach_mlflow(
         assert run.data.params == {"lr": "0.1"}
         points = client.get_metric_history(run.info.run_id, "x")
         assert sorted((m.step, m.value) for m in points) == [(s, s * 0.5) for s in range(20)]
+
+
+def test_a_run_whose_driver_was_killed_ends_failed_in_mlflow_with_everything_recorded(
+    write_job, expkit_workspace, background, expkit_cli, tmp_path
+):
+    """kill -9 of `expkit run` mid-run: the next command reaps the run, and a background
+    process delivers to each sink what it did not get (nothing twice: TensorBoard would
+    show it twice) and closes it failed."""
+    from test_tensorboard import hparams_session, read_scalars
+
+    release = tmp_path / "release"
+    job = write_job(
+        {"experiment": "killed", "metrics": ["mlflow", "tensorboard"], "args": [str(release)]},
+        script="""
+        import os, sys, time
+        from expkit import Run
+        run = Run.get_context()
+        run.log_params({"batch": 32})
+        for step in range(100):
+            run.log("x", step * 0.5, step=step)
+        run.flush()
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.05)
+        for step in range(100, 200):
+            run.log("x", step * 0.5, step=step)
+        run.flush()
+        print("logged all", flush=True)
+        time.sleep(600)
+        """,
+    )
+    live = background("run", str(job))
+    run_id = live.run_id
+    history = expkit_workspace.history
+    eventually(
+        lambda: history.sink_cursors.get(run_id, "mlflow")[0] > 0,
+        timeout=300,
+        what="the first values in MLflow",
+    )
+    release.touch()
+    live.wait_for("logged all", timeout=60)
+    eventually(lambda: len(history.metrics.of(run_id)) == 200, what="all values recorded")
+    os.kill(live.proc.pid, signal.SIGKILL)  # the driver alone, as a crash would
+    live.proc.wait()
+
+    listed = expkit_cli("runs", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    assert history.runs.get(run_id).state == "failed"
+    client = MlflowClient(tracking_uri=f"sqlite:///{expkit_workspace.path / 'mlflow.db'}")
+    mlflow_run_id = history.tags.of(run_id)["mlflow.run_id"]
+    eventually(
+        lambda: client.get_run(mlflow_run_id).info.status != "RUNNING",
+        timeout=300,
+        what="the MLflow run ended",
+    )
+    run = client.get_run(mlflow_run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["expkit.state"] == "failed"
+    assert run.data.params == {"args": str(release), "batch": "32"}
+    points = client.get_metric_history(mlflow_run_id, "x")
+    assert sorted((m.step, m.value) for m in points) == [(s, s * 0.5) for s in range(200)]
+    logdir = expkit_workspace.run_dir(run_id) / "tensorboard"
+
+    def session_ended() -> bool:
+        try:
+            return hparams_session(logdir)[1] == "STATUS_FAILURE"
+        except KeyError:  # not written yet: the sinks are closed one after the other
+            return False
+
+    eventually(session_ended, timeout=120, what="the HParams session's end")
+    x = read_scalars(logdir)["x"]
+    assert [(s, v) for s, v, _ in x] == [(s, s * 0.5) for s in range(200)]  # each once
+    eventually(lambda: len(history.events.of(run_id, "sink-outcome")) == 2, what="outcomes")
+    outcomes = [e["message"] for e in history.events.of(run_id, "sink-outcome")]
+    assert sorted(o.split(" (")[0] for o in outcomes) == ["mlflow ok", "tensorboard ok"]
+    log = (expkit_workspace.run_dir(run_id) / "driver.log").read_text()
+    assert f"closing the metric sinks of run {run_id}, its driver gone" in log
