@@ -480,7 +480,9 @@ for i in range({count}):
 
 
 @pytest.mark.slow
-def test_the_sample_job_reports_to_an_mlflow_server(mlflow_server, expkit_cli, tmp_path):
+def test_the_sample_job_reports_to_an_mlflow_server(
+    mlflow_server, expkit_cli, expkit_workspace, tmp_path
+):
     sink = f"metrics=[{{name: mlflow, options: {{tracking_uri: '{mlflow_server}'}}}}]"
     done = expkit_cli(
         "run",
@@ -498,7 +500,8 @@ def test_the_sample_job_reports_to_an_mlflow_server(mlflow_server, expkit_cli, t
     )
     assert run.info.status == "FINISHED"
     assert run.data.params["num_epochs"] == "1"
-    assert run.data.params["data_dir"] == "${data.digits}"
+    resolved = expkit_workspace.history.params.of(shown["id"])["data_dir"]
+    assert run.data.params["data_dir"] == resolved != "${data.digits}"  # the data's path
     assert run.data.tags["model"] == "resnet18"
     for name in ("train_loss", "train_acc", "val_loss", "val_acc", "images_per_sec"):
         (point,) = client.get_metric_history(run.info.run_id, name)
@@ -624,3 +627,71 @@ def test_a_run_whose_driver_was_killed_ends_failed_in_mlflow_with_everything_rec
     assert sorted(o.split(" (")[0] for o in outcomes) == ["mlflow ok", "tensorboard ok"]
     log = (expkit_workspace.run_dir(run_id) / "driver.log").read_text()
     assert f"closing the metric sinks of run {run_id}, its driver gone" in log
+
+
+# -- parameters, and the run's summary ----------------------------------------------------------
+def test_the_run_s_parameters_are_mlflow_params_with_data_paths_resolved(run_job, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.txt").write_text("a")
+    result = run_job(
+        {
+            "experiment": "params",
+            "metrics": ["mlflow"],
+            "data": {"birds": {"source": str(images)}},
+            "args": {"--lr": 0.1, "data_dir": "${data.birds}"},
+        },
+        script="""
+        from expkit import Run
+        run = Run.get_context()
+        run.log_params({"batch": 64})
+        run.log("x", 1.0, step=0)
+        run.flush()
+        import os, sqlite3, time
+        history = os.path.join(os.environ["EXPKIT_WORKSPACE"], "history.db")
+        query = "SELECT param_id FROM sink_cursors WHERE run_id = ? AND sink = 'mlflow'"
+        while True:  # until the sink has the first value of lr; then it changes
+            with sqlite3.connect(history) as db:
+                if db.execute(query, (os.environ["EXPKIT_RUN_ID"],)).fetchall():
+                    break
+            time.sleep(0.05)
+        run.log_params({"lr": 0.2, "batch": 64})
+        run.log("x", 2.0, step=1)
+        """,
+    )
+
+    assert result.state == "completed", result.output
+    recorded = result.workspace.history.params.of(result.record.id)
+    assert recorded["data_dir"] != "${data.birds}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{result.workspace.path / 'mlflow.db'}")
+    run = mlflow_run(client, result)
+    assert run.data.params == {"lr": "0.1", "data_dir": recorded["data_dir"], "batch": "64"}
+    assert run.data.tags["expkit.param.lr"] == "0.2"  # MLflow keeps a param's first value
+    assert run.info.status == "FINISHED"
+    assert "sink-failed" not in [
+        e["kind"] for e in result.workspace.history.events.of(result.record.id)
+    ]
+
+
+def test_the_summary_of_expkit_run_says_how_each_sink_fared(write_job, expkit_cli):
+    job = write_job(
+        {
+            "metrics": [
+                "tensorboard",
+                {"name": "mlflow", "options": {"tracking_uri": "nowhere://at/all"}},
+            ],
+        },
+        script="""
+        from expkit import Run
+        for step in range(3):
+            Run.get_context().log("x", step, step=step)
+        """,
+    )
+
+    done = expkit_cli("run", str(job))
+
+    assert done.returncode == 0, done.stdout + done.stderr  # a sink that is not required
+    (line,) = [line for line in done.stdout.splitlines() if line.lstrip().startswith("sinks ")]
+    assert "tensorboard ok (3 values)" in line
+    assert "mlflow failed at open: " in line
+    assert "nowhere" in line
