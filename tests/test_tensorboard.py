@@ -240,7 +240,11 @@ def two_runs(run_job):
         run.log("loss", {scale} / (step + 1), step=step)
     """
     results = [
-        run_job({"metrics": ["tensorboard"]}, script=script.format(scale=scale)) for scale in (1, 2)
+        run_job(
+            {"metrics": ["tensorboard"], "args": {"scale": scale}},
+            script=script.format(scale=scale),
+        )
+        for scale in (1, 2)
     ]
     assert [r.state for r in results] == ["completed", "completed"]
     return results
@@ -303,6 +307,35 @@ def test_a_tensorboard_server_on_the_runs_folder_serves_the_curves(two_runs, exp
             points = get(f"data/plugin/scalars/scalars?run={run}/tensorboard&tag=loss")
             assert [step for _, step, _ in points] == [0, 1, 2, 3]
             assert [v for _, _, v in points] == pytest.approx([scale / (s + 1) for s in range(4)])
+
+        # the HParams dashboard: a row per run, its parameters and final metrics
+        request = urllib.request.Request(
+            url + "data/plugin/hparams/session_groups",
+            data=json.dumps(
+                {
+                    "experimentName": "",
+                    "startIndex": 0,
+                    "sliceSize": 10,
+                    "allowedStatuses": ["STATUS_SUCCESS", "STATUS_FAILURE"],
+                    "colParams": [{"hparam": "scale"}, {"metric": {"tag": "loss"}}],
+                }
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            groups = json.load(response)["sessionGroups"]
+        rows = {
+            g["name"]: (
+                g["hparams"],
+                {m["name"]["tag"]: m["value"] for m in g["metricValues"]},
+                g["sessions"][0]["status"],
+            )
+            for g in groups
+        }
+        assert rows == {
+            "test_1/tensorboard": ({"scale": 1.0}, {"loss": 0.25}, "STATUS_SUCCESS"),
+            "test_2/tensorboard": ({"scale": 2.0}, {"loss": 0.5}, "STATUS_SUCCESS"),
+        }
     finally:
         server.terminate()
         server.wait(timeout=30)
