@@ -556,8 +556,9 @@ def test_a_run_whose_driver_was_killed_ends_failed_in_mlflow_with_everything_rec
     write_job, expkit_workspace, background, expkit_cli, tmp_path
 ):
     """kill -9 of `expkit run` mid-run: the next command reaps the run, and a background
-    process delivers to each sink what it did not get (nothing twice: TensorBoard would
-    show it twice) and closes it failed."""
+    process delivers to each sink what it did not get and closes it failed. MLflow is held
+    (its store locked) while the second half is logged: that half is what it did not get;
+    TensorBoard got everything before the kill, and gets nothing twice (it would show it)."""
     from test_tensorboard import hparams_session, read_scalars
 
     release = tmp_path / "release"
@@ -583,16 +584,30 @@ def test_a_run_whose_driver_was_killed_ends_failed_in_mlflow_with_everything_rec
     live = background("run", str(job))
     run_id = live.run_id
     history = expkit_workspace.history
+    eventually(lambda: len(history.metrics.of(run_id)) == 100, what="the first half recorded")
+    half = history.metrics.last_id(run_id)
     eventually(
-        lambda: history.sink_cursors.get(run_id, "mlflow")[0] > 0,
+        lambda: history.sink_cursors.get(run_id, "mlflow")[0] == half,
         timeout=300,
-        what="the first values in MLflow",
+        what="the first half in MLflow",
     )
-    release.touch()
-    live.wait_for("logged all", timeout=60)
-    eventually(lambda: len(history.metrics.of(run_id)) == 200, what="all values recorded")
-    os.kill(live.proc.pid, signal.SIGKILL)  # the driver alone, as a crash would
-    live.proc.wait()
+    store = sqlite3.connect(expkit_workspace.path / "mlflow.db", isolation_level=None)
+    store.execute("BEGIN EXCLUSIVE")  # MLflow's writes wait: the rest stays undelivered
+    try:
+        release.touch()
+        live.wait_for("logged all", timeout=60)
+        eventually(lambda: len(history.metrics.of(run_id)) == 200, what="all values recorded")
+        last = history.metrics.last_id(run_id)
+        eventually(
+            lambda: history.sink_cursors.get(run_id, "tensorboard")[0] == last,
+            what="everything in TensorBoard",
+        )
+        os.kill(live.proc.pid, signal.SIGKILL)  # the driver alone, as a crash would
+        live.proc.wait()
+    finally:
+        store.execute("ROLLBACK")
+        store.close()
+    assert history.sink_cursors.get(run_id, "mlflow")[0] == half
 
     listed = expkit_cli("runs", "list")
 

@@ -123,7 +123,8 @@ class SinkWorker:
     How far it got is recorded in the history (`history.sink_cursors`, under `key`: the
     sink's name, see `cursor_keys`) after each batch that arrives: whoever takes over the
     run later (a driver that re-attaches, or the recovery of a run whose driver died,
-    `expkit.sinkrecovery`) delivers the rest, and nothing twice."""
+    `expkit.sinkrecovery`) delivers the rest, and nothing twice (but the one batch a driver
+    that died between delivering it and recording so had on its way)."""
 
     def __init__(
         self,

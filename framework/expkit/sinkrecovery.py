@@ -57,19 +57,22 @@ def close_sinks(workspace: Workspace, run_id: str) -> list[SinkWorker]:
     (`SinkWorker.outcome`)."""
     from expkit import services
     from expkit.job import JobSpec
-    from expkit.lifecycle import choose
     from expkit.metrics import SINK_OUTCOME, SinkWorker, cursor_keys
+    from expkit.options import with_defaults
     from expkit.plugins import get_plugins
 
     history = workspace.history
     record = history.runs.get(run_id)
-    choice = choose(JobSpec.from_dict(record.job, source=f"run {run_id}"), get_plugins())
-    info = services.run_info(workspace, run_id, choice.job)
+    job = JobSpec.from_dict(record.job, source=f"run {run_id}")
+    plugins = get_plugins()
+    info = services.run_info(workspace, run_id, job)
     outcome = services.run_outcome(workspace, run_id, record.state, record.error)
-    keys = cursor_keys([spec.name for spec, _ in choice.sinks])
+    keys = cursor_keys([spec.name for spec in job.metrics])
     workers = []
-    for (spec, sink), key in zip(choice.sinks, keys, strict=True):
-        worker = SinkWorker(history, info, sink, spec.options, spec.required, key)
+    for i, (spec, key) in enumerate(zip(job.metrics, keys, strict=True)):
+        sink = plugins.get("metric_sinks", spec.name, f"metrics.{i}")
+        options = with_defaults(sink.takes, spec.options)  # checked when the run started
+        worker = SinkWorker(history, info, sink, options, spec.required, key)
         worker.start()
         worker.drain()
         problem = worker.error or worker.close(outcome)
