@@ -186,6 +186,8 @@ class Writer(MetricWriter):
         self.finished_at: list[float] = []
         self.closed: list[str] = []
         self.attempts = 0
+        self.params: list[dict] = []  # each log_params that went through
+        self.calls: list[str] = []  # "params" and "send", in the order they went through
 
     @property
     def received(self) -> list[tuple]:
@@ -198,6 +200,14 @@ class Writer(MetricWriter):
         time.sleep(self.sink.delay)
         self.batches.append(list(metrics))
         self.finished_at.append(time.time())
+        self.calls.append("send")
+
+    def log_params(self, params) -> None:
+        if self.sink.params_failures > 0:
+            self.sink.params_failures -= 1
+            raise ConnectionError("collector busy")
+        self.params.append(dict(params))
+        self.calls.append("params")
 
     def close(self, outcome) -> None:
         self.closed.append(outcome.state)
@@ -207,8 +217,11 @@ class Sink(expkit.MetricSink):
     description = "keeps what it receives, for the test to look at"
     takes = declare_options(project=Option(str, help="a name the test passes through"))
 
-    def __init__(self, name: str, delay: float = 0.0, fail: bool = False) -> None:
+    def __init__(
+        self, name: str, delay: float = 0.0, fail: bool = False, params_failures: int = 0
+    ) -> None:
         self.name, self.delay, self.fail = name, delay, fail
+        self.params_failures = params_failures  # how many log_params calls raise first
         self.writers: list[Writer] = []
         self._lock = threading.Lock()
 
@@ -318,6 +331,44 @@ def test_a_failing_sink_is_reported_and_the_run_still_completes(
     assert result.run.get_metrics()["loss"] == [1.0 / (s + 1) for s in range(5)]
     shown = expkit_cli("runs", "show", result.record.id)
     assert f"warning: {problem}" in shown.stdout
+
+
+def test_a_sink_gets_the_parameters_new_or_changed_before_the_values_retried_as_send(
+    run_job, register_plugin, quick_retries
+):
+    sink = Sink("params", params_failures=1)
+    register_plugin(SinkPlugin(sink), "params-plugin")
+
+    result = run_job(
+        {"metrics": ["params"], "args": {"lr": 0.1, "epochs": 3}},
+        script="""
+import os, sqlite3, time
+from expkit import Run
+run = Run.get_context()
+run.log("loss", 1.0, step=0)
+run.flush()
+history = os.path.join(os.environ["EXPKIT_WORKSPACE"], "history.db")
+query = "SELECT metric_id FROM sink_cursors WHERE run_id = ? AND sink = 'params'"
+while True:  # until the sink has the first value: then the parameters change
+    with sqlite3.connect(history) as db:
+        if [row for row in db.execute(query, (os.environ["EXPKIT_RUN_ID"],)) if row[0]]:
+            break
+    time.sleep(0.05)
+run.log_params({"lr": 0.2, "batch": 8})
+run.log("loss", 0.5, step=1)
+""",
+    )
+
+    assert result.state == "completed", result.output
+    (writer,) = sink.writers
+    assert writer.params == [{"lr": "0.1", "epochs": "3"}, {"lr": "0.2", "batch": "8"}]
+    assert writer.calls == ["params", "send", "params", "send"]
+    assert writer.received == [("loss", 1.0, 0), ("loss", 0.5, 1)]
+    history = result.workspace.history
+    assert history.sink_cursors.get(result.record.id, "params") == (
+        history.metrics.last_id(result.record.id),
+        max(i for i, _, _ in history.params.after(result.record.id)),
+    )
 
 
 def test_a_sink_that_stops_making_progress_is_reported_at_post_process(

@@ -23,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from conftest import REPO
+from conftest import REPO, eventually
 from expkit import metrics as metric_pipeline
 from expkit_mlflow.tracking import HTTP_DEFAULTS
 
@@ -480,7 +480,9 @@ for i in range({count}):
 
 
 @pytest.mark.slow
-def test_the_sample_job_reports_to_an_mlflow_server(mlflow_server, expkit_cli, tmp_path):
+def test_the_sample_job_reports_to_an_mlflow_server(
+    mlflow_server, expkit_cli, expkit_workspace, tmp_path
+):
     sink = f"metrics=[{{name: mlflow, options: {{tracking_uri: '{mlflow_server}'}}}}]"
     done = expkit_cli(
         "run",
@@ -498,7 +500,8 @@ def test_the_sample_job_reports_to_an_mlflow_server(mlflow_server, expkit_cli, t
     )
     assert run.info.status == "FINISHED"
     assert run.data.params["num_epochs"] == "1"
-    assert run.data.params["data_dir"] == "${data.digits}"
+    resolved = expkit_workspace.history.params.of(shown["id"])["data_dir"]
+    assert run.data.params["data_dir"] == resolved != "${data.digits}"  # the data's path
     assert run.data.tags["model"] == "resnet18"
     for name in ("train_loss", "train_acc", "val_loss", "val_acc", "images_per_sec"):
         (point,) = client.get_metric_history(run.info.run_id, name)
@@ -514,3 +517,196 @@ def test_the_sample_job_reports_to_an_mlflow_server(mlflow_server, expkit_cli, t
     assert float(version.tags["expkit.metrics.best_val_acc"]) == pytest.approx(
         shown["metrics"]["best_val_acc"]
     )
+
+
+# -- at once, and after a driver died -----------------------------------------------------------
+def test_runs_started_at_once_on_a_fresh_workspace_all_reach_mlflow(
+    write_job, expkit_workspace, background
+):
+    """Four first runs at the same moment: the embedded store is created once, not four
+    times over (which left it half-migrated and every run unlogged)."""
+    job = write_job(
+        {"experiment": "at-once", "metrics": ["mlflow"], "args": {"lr": 0.1}},
+        script="""
+        from expkit import Run
+        run = Run.get_context()
+        for step in range(20):
+            run.log("x", step * 0.5, step=step)
+        """,
+    )
+    assert not (expkit_workspace.path / "mlflow.db").exists()
+    commands = [background("run", str(job)) for _ in range(4)]
+    codes = [command.wait(timeout=600) for command in commands]
+
+    assert codes == [0, 0, 0, 0], "\n".join(c.output for c in commands)
+    for command in commands:
+        assert "warning" not in command.output, command.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{expkit_workspace.path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("at-once")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["expkit.run_id"] for r in runs) == sorted(c.run_id for c in commands)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {"lr": "0.1"}
+        points = client.get_metric_history(run.info.run_id, "x")
+        assert sorted((m.step, m.value) for m in points) == [(s, s * 0.5) for s in range(20)]
+
+
+def test_a_run_whose_driver_was_killed_ends_failed_in_mlflow_with_everything_recorded(
+    write_job, expkit_workspace, background, expkit_cli, tmp_path
+):
+    """kill -9 of `expkit run` mid-run: the next command reaps the run, and a background
+    process delivers to each sink what it did not get and closes it failed. MLflow is held
+    (its store locked) while the second half is logged: that half is what it did not get;
+    TensorBoard got everything before the kill, and gets nothing twice (it would show it)."""
+    from test_tensorboard import hparams_session, read_scalars
+
+    release = tmp_path / "release"
+    job = write_job(
+        {"experiment": "killed", "metrics": ["mlflow", "tensorboard"], "args": [str(release)]},
+        script="""
+        import os, sys, time
+        from expkit import Run
+        run = Run.get_context()
+        run.log_params({"batch": 32})
+        for step in range(100):
+            run.log("x", step * 0.5, step=step)
+        run.flush()
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.05)
+        for step in range(100, 200):
+            run.log("x", step * 0.5, step=step)
+        run.flush()
+        print("logged all", flush=True)
+        time.sleep(600)
+        """,
+    )
+    live = background("run", str(job))
+    run_id = live.run_id
+    history = expkit_workspace.history
+    eventually(lambda: len(history.metrics.of(run_id)) == 100, what="the first half recorded")
+    half = history.metrics.last_id(run_id)
+    eventually(
+        lambda: history.sink_cursors.get(run_id, "mlflow")[0] == half,
+        timeout=300,
+        what="the first half in MLflow",
+    )
+    store = sqlite3.connect(expkit_workspace.path / "mlflow.db", isolation_level=None)
+    store.execute("BEGIN EXCLUSIVE")  # MLflow's writes wait: the rest stays undelivered
+    try:
+        release.touch()
+        live.wait_for("logged all", timeout=60)
+        eventually(lambda: len(history.metrics.of(run_id)) == 200, what="all values recorded")
+        last = history.metrics.last_id(run_id)
+        eventually(
+            lambda: history.sink_cursors.get(run_id, "tensorboard")[0] == last,
+            what="everything in TensorBoard",
+        )
+        os.kill(live.proc.pid, signal.SIGKILL)  # the driver alone, as a crash would
+        live.proc.wait()
+    finally:
+        store.execute("ROLLBACK")
+        store.close()
+    assert history.sink_cursors.get(run_id, "mlflow")[0] == half
+
+    listed = expkit_cli("runs", "list")
+
+    assert listed.returncode == 0, listed.stderr
+    assert history.runs.get(run_id).state == "failed"
+    client = MlflowClient(tracking_uri=f"sqlite:///{expkit_workspace.path / 'mlflow.db'}")
+    mlflow_run_id = history.tags.of(run_id)["mlflow.run_id"]
+    eventually(
+        lambda: client.get_run(mlflow_run_id).info.status != "RUNNING",
+        timeout=300,
+        what="the MLflow run ended",
+    )
+    run = client.get_run(mlflow_run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["expkit.state"] == "failed"
+    assert run.data.params == {"args": str(release), "batch": "32"}
+    points = client.get_metric_history(mlflow_run_id, "x")
+    assert sorted((m.step, m.value) for m in points) == [(s, s * 0.5) for s in range(200)]
+    logdir = expkit_workspace.run_dir(run_id) / "tensorboard"
+
+    def session_ended() -> bool:
+        try:
+            return hparams_session(logdir)[1] == "STATUS_FAILURE"
+        except KeyError:  # not written yet: the sinks are closed one after the other
+            return False
+
+    eventually(session_ended, timeout=120, what="the HParams session's end")
+    x = read_scalars(logdir)["x"]
+    assert [(s, v) for s, v, _ in x] == [(s, s * 0.5) for s in range(200)]  # each once
+    eventually(lambda: len(history.events.of(run_id, "sink-outcome")) == 2, what="outcomes")
+    outcomes = [e["message"] for e in history.events.of(run_id, "sink-outcome")]
+    assert sorted(o.split(" (")[0] for o in outcomes) == ["mlflow ok", "tensorboard ok"]
+    log = (expkit_workspace.run_dir(run_id) / "driver.log").read_text()
+    assert f"closing the metric sinks of run {run_id}, its driver gone" in log
+
+
+# -- parameters, and the run's summary ----------------------------------------------------------
+def test_the_run_s_parameters_are_mlflow_params_with_data_paths_resolved(run_job, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.txt").write_text("a")
+    result = run_job(
+        {
+            "experiment": "params",
+            "metrics": ["mlflow"],
+            "data": {"birds": {"source": str(images)}},
+            "args": {"--lr": 0.1, "data_dir": "${data.birds}"},
+        },
+        script="""
+        from expkit import Run
+        run = Run.get_context()
+        run.log_params({"batch": 64})
+        run.log("x", 1.0, step=0)
+        run.flush()
+        import os, sqlite3, time
+        history = os.path.join(os.environ["EXPKIT_WORKSPACE"], "history.db")
+        query = "SELECT param_id FROM sink_cursors WHERE run_id = ? AND sink = 'mlflow'"
+        while True:  # until the sink has the first value of lr; then it changes
+            with sqlite3.connect(history) as db:
+                if db.execute(query, (os.environ["EXPKIT_RUN_ID"],)).fetchall():
+                    break
+            time.sleep(0.05)
+        run.log_params({"lr": 0.2, "batch": 64})
+        run.log("x", 2.0, step=1)
+        """,
+    )
+
+    assert result.state == "completed", result.output
+    recorded = result.workspace.history.params.of(result.record.id)
+    assert recorded["data_dir"] != "${data.birds}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{result.workspace.path / 'mlflow.db'}")
+    run = mlflow_run(client, result)
+    assert run.data.params == {"lr": "0.1", "data_dir": recorded["data_dir"], "batch": "64"}
+    assert run.data.tags["expkit.param.lr"] == "0.2"  # MLflow keeps a param's first value
+    assert run.info.status == "FINISHED"
+    assert "sink-failed" not in [
+        e["kind"] for e in result.workspace.history.events.of(result.record.id)
+    ]
+
+
+def test_the_summary_of_expkit_run_says_how_each_sink_fared(write_job, expkit_cli):
+    job = write_job(
+        {
+            "metrics": [
+                "tensorboard",
+                {"name": "mlflow", "options": {"tracking_uri": "nowhere://at/all"}},
+            ],
+        },
+        script="""
+        from expkit import Run
+        for step in range(3):
+            Run.get_context().log("x", step, step=step)
+        """,
+    )
+
+    done = expkit_cli("run", str(job))
+
+    assert done.returncode == 0, done.stdout + done.stderr  # a sink that is not required
+    (line,) = [line for line in done.stdout.splitlines() if line.lstrip().startswith("sinks ")]
+    assert "tensorboard ok (3 values)" in line
+    assert "mlflow failed at open: " in line
+    assert "nowhere" in line

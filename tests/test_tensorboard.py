@@ -44,12 +44,17 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float, float]]]:
         size_guidance={event_accumulator.TENSORS: 0},  # 0: keep all, no sampling
     )
     events.Reload()
+    try:
+        scalars = events.PluginTagToContent("scalars")  # not the HParams session's tags
+    except KeyError:  # nothing written yet
+        scalars = {}
     return {
         tag: [
             (e.step, float(tensor_util.make_ndarray(e.tensor_proto)), e.wall_time)
             for e in events.Tensors(tag)
         ]
         for tag in events.Tags()["tensors"]
+        if tag in scalars
     }
 
 
@@ -178,6 +183,52 @@ def test_curves_appear_while_the_run_is_still_going(write_job, expkit_workspace,
     assert [(s, v) for s, v, _ in read_scalars(logdir)["loss"]] == [(1, 0.5), (2, 0.25)]
 
 
+def hparams_session(logdir: Path) -> tuple[dict, str]:
+    """The HParams session in the event files of `logdir`: ({name: value}, end status)."""
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    events = event_accumulator.EventAccumulator(str(logdir))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    values = {}
+    for key, value in start.hparams.items():
+        values[key] = getattr(value, value.WhichOneof("kind"))
+    return values, api_pb2.Status.Name(end.status)
+
+
+def test_the_run_s_parameters_are_its_hparams_session(run_job):
+    result = run_job(
+        {
+            "metrics": ["tensorboard"],
+            "args": {"--lr": 0.1, "optimizer": "sgd", "nesterov": True, "epochs": 2},
+        },
+        script="""
+        from expkit import Run
+        run = Run.get_context()
+        run.log_params({"batch": 64, "optimizer": "adam"})
+        run.log("loss", 0.5, step=0)
+        run.log("loss", 0.25, step=1)
+        """,
+    )
+
+    assert result.state == "completed", result.output
+    logdir = result.run_dir / "tensorboard"
+    values, status = hparams_session(logdir)
+    assert values == {
+        "lr": 0.1,
+        "optimizer": "adam",  # the script's value, logged later, wins
+        "nesterov": True,
+        "epochs": 2.0,
+        "batch": 64.0,
+    }
+    assert status == "STATUS_SUCCESS"
+    assert [(s, v) for s, v, _ in read_scalars(logdir)["loss"]] == [(0, 0.5), (1, 0.25)]
+    (outcome,) = result.workspace.history.events.of(result.record.id, "sink-outcome")
+    assert outcome["message"] == "tensorboard ok (2 values)"
+
+
 # -- what `tensorboard --logdir` shows ------------------------------------------------------------
 @pytest.fixture
 def two_runs(run_job):
@@ -189,7 +240,11 @@ def two_runs(run_job):
         run.log("loss", {scale} / (step + 1), step=step)
     """
     results = [
-        run_job({"metrics": ["tensorboard"]}, script=script.format(scale=scale)) for scale in (1, 2)
+        run_job(
+            {"metrics": ["tensorboard"], "args": {"scale": scale}},
+            script=script.format(scale=scale),
+        )
+        for scale in (1, 2)
     ]
     assert [r.state for r in results] == ["completed", "completed"]
     return results
@@ -252,6 +307,35 @@ def test_a_tensorboard_server_on_the_runs_folder_serves_the_curves(two_runs, exp
             points = get(f"data/plugin/scalars/scalars?run={run}/tensorboard&tag=loss")
             assert [step for _, step, _ in points] == [0, 1, 2, 3]
             assert [v for _, _, v in points] == pytest.approx([scale / (s + 1) for s in range(4)])
+
+        # the HParams dashboard: a row per run, its parameters and final metrics
+        request = urllib.request.Request(
+            url + "data/plugin/hparams/session_groups",
+            data=json.dumps(
+                {
+                    "experimentName": "",
+                    "startIndex": 0,
+                    "sliceSize": 10,
+                    "allowedStatuses": ["STATUS_SUCCESS", "STATUS_FAILURE"],
+                    "colParams": [{"hparam": "scale"}, {"metric": {"tag": "loss"}}],
+                }
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            groups = json.load(response)["sessionGroups"]
+        rows = {
+            g["name"]: (
+                g["hparams"],
+                {m["name"]["tag"]: m["value"] for m in g["metricValues"]},
+                g["sessions"][0]["status"],
+            )
+            for g in groups
+        }
+        assert rows == {
+            "test_1/tensorboard": ({"scale": 1.0}, {"loss": 0.25}, "STATUS_SUCCESS"),
+            "test_2/tensorboard": ({"scale": 2.0}, {"loss": 0.5}, "STATUS_SUCCESS"),
+        }
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -43,7 +43,7 @@ from expkit.errors import Canceled, Detached, NoSpace, PluginError, StageFailed,
 from expkit.history import RunRecord, no_room
 from expkit.history import params as params_source
 from expkit.job import JobSpec
-from expkit.metrics import MetricPump, SinkWorker
+from expkit.metrics import SINK_OUTCOME, MetricPump, SinkWorker, cursor_keys
 from expkit.plugins import Plugins, call, get_plugins
 from expkit.procs import (
     WORKSPACE_ENV,
@@ -513,7 +513,8 @@ class Lifecycle:
         """Tell every sink the run's final state, after the last stage. A close that raises
         is a warning and a sink-failed event; a required sink's fails a completed run (its
         model version is then not kept). Required sinks are told first, so that the others
-        are told "failed" when one of those fails."""
+        are told "failed" when one of those fails. Each sink's outcome is recorded for the
+        run's summary (a SINK_OUTCOME event: `mlflow ok (1,234 values)`)."""
         for worker in sorted(self.sinks, key=lambda w: not w.required):
             problem = worker.close(services.run_outcome(self.ws, self.run_id, state, error))
             if problem is None:
@@ -522,6 +523,8 @@ class Lifecycle:
             self.history.events.add(self.run_id, "sink-failed", str(problem))
             if worker.required and state == RunState.COMPLETED:
                 state, error = RunState.FAILED, f"required {problem}"
+        for worker in self.sinks:
+            self.history.events.add(self.run_id, SINK_OUTCOME, worker.outcome())
         return state, error
 
     def wrap_up(
@@ -727,12 +730,10 @@ class Lifecycle:
             for process in processes:
                 process.env = {**script.env, **process.env}
         self.pump = MetricPump(self.history, self.run_id, self.run_dir / "metrics")
-        # A driver that re-attaches sends the sinks what is recorded from now on only.
-        after = self.history.metrics.last_id(self.run_id) if self.reattaching else 0
-        for spec, sink in self.choice.sinks:
-            worker = SinkWorker(
-                self.history, self.info, sink, spec.options, spec.required, after_id=after
-            )
+        # A driver that re-attaches sends each sink what it did not get yet (its cursor).
+        keys = cursor_keys([spec.name for spec, _ in self.choice.sinks])
+        for (spec, sink), key in zip(self.choice.sinks, keys, strict=True):
+            worker = SinkWorker(self.history, self.info, sink, spec.options, spec.required, key)
             self.pump.listeners.append(worker.wake)
             self.sinks.append(worker)
             worker.start()

@@ -27,6 +27,7 @@ SINK_BATCH = 5000
 RETRY_DELAYS = (0.5, 1.0, 2.0)
 SINK_NICENESS = 10  # sink threads give way to the training script when the cores are busy
 DRAIN_STALL_SECONDS = 300.0  # post-process gives up on a sink that delivers nothing for this long
+SINK_OUTCOME = "sink-outcome"  # the event that records how a sink fared (`SinkWorker.outcome`)
 
 
 class ChannelReader:
@@ -198,12 +199,14 @@ class MetricPump:
 
 
 class SinkWorker:
-    """Delivers a run's metrics to one sink on a background thread, with retries.
+    """Delivers a run's metrics and parameters to one sink on a background thread, with
+    retries.
 
-    `after_id`: deliver the rows recorded after this metric row id only. A driver that
-    re-attaches to a run passes the last id recorded when it took over: what the driver
-    before it recorded is not sent twice (what it recorded and had not yet delivered is
-    lost to the sink, never to the history)."""
+    How far it got is recorded in the history (`history.sink_cursors`, under `key`: the
+    sink's name, see `cursor_keys`) after each batch that arrives: whoever takes over the
+    run later (a driver that re-attaches, or the recovery of a run whose driver died,
+    `expkit.sinkrecovery`) delivers the rest, and nothing twice (but the one batch a driver
+    that died between delivering it and recording so had on its way)."""
 
     def __init__(
         self,
@@ -212,14 +215,15 @@ class SinkWorker:
         sink: MetricSink,
         options: dict[str, Any],
         required: bool,
-        after_id: int = 0,
+        key: str | None = None,
     ) -> None:
         self.history, self.run, self.sink = history, run, sink
         self.options, self.required = options, required
+        self.key = key or sink.name
         self.wake = threading.Event()
         self.error: PluginError | None = None
-        self.delivered = 0
-        self._cursor = after_id
+        self.delivered = 0  # metric values delivered by this worker
+        self._cursor, self._param_cursor = history.sink_cursors.get(run.run_id, self.key)
         self._writer: MetricWriter | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"expkit-sink-{sink.name}")
@@ -246,8 +250,11 @@ class SinkWorker:
         self._deliver()
 
     def _deliver(self) -> bool:
-        """Send everything new; False once the sink has failed for good."""
+        """Send everything new, parameters before each batch; False once the sink has
+        failed for good."""
         while self.error is None:
+            if not self._deliver_params():
+                return False
             rows = self.history.metrics.of(self.run.run_id, after_id=self._cursor, limit=SINK_BATCH)
             if not rows:
                 return True
@@ -258,7 +265,41 @@ class SinkWorker:
                 return False
             self._cursor = rows[-1]["id"]
             self.delivered += len(rows)
+            self._save_cursors()
         return False
+
+    def _deliver_params(self) -> bool:
+        """`MetricWriter.log_params` with the parameters new or changed since the last call
+        (each key's latest value); False once the sink has failed for good."""
+        new = self.history.params.after(self.run.run_id, self._param_cursor)
+        if not new:
+            return True
+        params = {key: value for _, key, value in new}
+        if not self._call("log_params", params, on=self._writer)[0]:
+            return False
+        self._param_cursor = new[-1][0]
+        self._save_cursors()
+        return True
+
+    def _save_cursors(self) -> None:
+        """Record how far the sink got. A history that cannot be written now (a full disk)
+        only means that a later recovery sends the last batch again."""
+        with contextlib.suppress(sqlite3.OperationalError):
+            self.history.sink_cursors.set(
+                self.run.run_id, self.key, self._cursor, self._param_cursor
+            )
+
+    def outcome(self) -> str:
+        """How the sink fared, for the run's summary: `mlflow ok (1,234 values)` or
+        `tensorboard failed at send: <reason>`."""
+        if self.error is None:
+            return f"{self.sink.name} ok ({self.delivered:,} values)"
+        text = str(self.error)
+        prefix = f"plugin {self.sink.plugin}, {self.label} "
+        if text.startswith(prefix):
+            method, _, reason = text[len(prefix) :].partition(": ")
+            return f"{self.sink.name} failed at {method}: {reason}"
+        return f"{self.sink.name} failed: {text}"
 
     def _call(self, method: str, *args: Any, on: object | None = None) -> tuple[bool, Any]:
         """The sink's (or its writer's) `method`, tried again with the very same arguments
@@ -311,6 +352,17 @@ class SinkWorker:
             self.error = self._problem("close", error)
             return self.error
         return None
+
+
+def cursor_keys(names: list[str]) -> list[str]:
+    """The key under which each of a job's sinks records how far it got: its name, and
+    `name.i` for a sink the job names again at index i (`metrics.i`)."""
+    seen: set[str] = set()
+    keys = []
+    for i, name in enumerate(names):
+        keys.append(name if name not in seen else f"{name}.{i}")
+        seen.add(name)
+    return keys
 
 
 def _yield_cpu() -> None:

@@ -2,7 +2,9 @@
 
 The run is marked failed (`Runs.reap_orphans`), what it left running is stopped, what its
 script wrote into outputs/ is kept where the user can find it (and said so in the record), its
-working copy is removed, and the temporary folders of cache builds whose builder died go.
+working copy is removed, its metric sinks get the rest of its metrics and are told it failed
+(in the background, `expkit.sinkrecovery`), and the temporary folders of cache builds whose
+builder died go.
 A run whose job goes on without its driver (a Slurm job) is not failed: a background driver
 re-attaches to it (`expkit.driver`), follows the job to its end and finishes the run.
 Nothing here needs to write to run on a full disk: a read-only command still answers.
@@ -18,7 +20,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from expkit import data
+from expkit import data, sinkrecovery
 from expkit.capabilities import ENV_COMPLETE
 from expkit.console import human_size
 from expkit.history import History, no_room
@@ -50,6 +52,9 @@ def recover(workspace: Workspace, history: History) -> list[str]:
         stop_run_processes(run_id, workspace=workspace.path)
         with contextlib.suppress(OSError, sqlite3.OperationalError):
             salvage(workspace, history, run_id)
+        with contextlib.suppress(OSError, sqlite3.OperationalError):
+            if sinkrecovery.needs_closing(history, run_id):  # in the background: not slow
+                sinkrecovery.start(workspace, run_id)
     remove_stale_builds(workspace)
     return reaped
 

@@ -4,7 +4,9 @@ It runs on expkit's sink thread, fed from the run history in batches, so the tra
 never waits for MLflow: the only cost to the script is the history it writes anyway.
 
 What goes where:
-- params: the script's arguments as the job spec writes them (at open);
+- params: the run's parameters (`RunInfo.params`): the job's `args`, data placeholders
+  resolved to paths (at open), then what the script logs as params (as they come). MLflow
+  keeps a param's first value: a later, different value is the tag `expkit.param.<key>`;
 - tags: the expkit run id, workspace, snapshot and environment hashes and the job's tags (at
   open); the script's tags, each stage's seconds, the final state and error (at close);
 - metrics: every numeric value with its step and its timestamp, 1000 a `log_batch` call. A
@@ -34,10 +36,12 @@ from expkit_mlflow.tracking import (
     NAME,
     RUN_TAG,
     TAKES,
+    clean_params,
     connect,
     ensure_run,
     log_logs,
     log_outputs,
+    log_params,
     log_tags,
     mlflow_key,
     outputs_logged,
@@ -71,6 +75,8 @@ class MlflowWriter(MetricWriter):
         self._numbers: list[Any] = []  # a retried send resumes after the last call that
         self._texts: dict[str, str] = {}  # succeeded instead of sending it all again
         self._sent = 0
+        self._params: dict[str, str] | None = None  # the MLflow run's params, once read
+        self._retagged: set[str] = set()  # params whose later values are tags
         self.closed = False
 
     def send(self, metrics: list[Metric]) -> None:
@@ -84,6 +90,26 @@ class MlflowWriter(MetricWriter):
         if self._texts:
             log_tags(self.client, self.mlflow_run_id, self._texts)
             self._texts = {}
+
+    def log_params(self, params: dict[str, str]) -> None:
+        """A new param becomes an MLflow param. MLflow keeps a param's first value and
+        refuses another: a param that changes afterwards becomes the tag
+        `expkit.param.<key>`, holding its latest value. A retried call sends again only
+        what MLflow does not hold yet (the same value of a param is accepted twice)."""
+        if self._params is None:
+            self._params = dict(self.client.get_run(self.mlflow_run_id).data.params)
+        new, changed = {}, {}
+        for key, value in clean_params(params).items():
+            known = self._params.get(key)
+            if known is None:
+                new[key] = value
+            elif known != value or key in self._retagged:
+                changed[f"expkit.param.{key}"] = value
+                self._retagged.add(key)
+        log_params(self.client, self.mlflow_run_id, new)
+        self._params.update(new)
+        if changed:
+            log_tags(self.client, self.mlflow_run_id, changed)
 
     def _split(self, metrics: list[Metric]) -> tuple[list[Any], dict[str, str]]:
         """MLflow metrics for the numbers; tags for the strings; rows kept for close."""

@@ -9,16 +9,18 @@ by `expkit runs show`), and the registry reads it back; when no sink made one (a
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import logging
 import os
 import posixpath
 import re
-import shlex
 import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -101,7 +103,11 @@ def resolve(run: RunInfo, options: dict[str, Any]) -> Tracking:
 
 
 def connect(tracking: Tracking) -> MlflowClient:
-    """A client for `tracking` (this is where mlflow is imported)."""
+    """A client for `tracking` (this is where mlflow is imported), its store ready.
+
+    A SQLite store is created or upgraded here, by one process at a time (`store_lock`):
+    MLflow migrates an empty database on first use, and runs that start at once on a fresh
+    workspace would otherwise migrate it together and leave it half-made for every run."""
     for variable, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(variable, value)
     # Creating or upgrading a SQLite store logs a few INFO lines per run: noise in the terminal.
@@ -109,7 +115,39 @@ def connect(tracking: Tracking) -> MlflowClient:
         logging.getLogger(logger).setLevel(logging.WARNING)
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking.uri)
+    database = sqlite_file(tracking.uri)
+    if database is None:
+        return MlflowClient(tracking_uri=tracking.uri)
+    with store_lock(database):
+        client = MlflowClient(tracking_uri=tracking.uri)
+        client.search_experiments(max_results=1)  # the store open: created, migrated
+    return client
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI; None for any other store (and
+    for an in-memory SQLite database)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def store_lock(database: Path) -> Iterator[None]:
+    """Hold `<database>.lock` (an exclusive flock) while the block runs: one process at a
+    time creates or upgrades the SQLite store. Without a writable folder there is no lock
+    (nor a store to create there)."""
+    try:
+        fd = os.open(database.with_name(database.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[str, bool]:
@@ -136,7 +174,7 @@ def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[
         run_name=run.run_id,
     )
     mlflow_run_id = created.info.run_id
-    log_params(client, mlflow_run_id, job_params(run.job))
+    log_params(client, mlflow_run_id, run.params())
     run.set_tags({RUN_TAG: mlflow_run_id})
     return mlflow_run_id, True
 
@@ -166,20 +204,20 @@ def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:
     return found.experiment_id
 
 
-def job_params(job: JobSpec) -> dict[str, str]:
-    """The script's arguments as written in the job spec (`${data.x}` unresolved, so that
-    runs compare); a list of arguments is one param, `args`, the command line."""
-    if isinstance(job.args, list):
-        return {"args": shlex.join(str(a) for a in job.args)} if job.args else {}
-    return {key.lstrip("-"): str(value) for key, value in job.args.items()}
-
-
 def log_params(client: MlflowClient, mlflow_run_id: str, params: dict[str, str]) -> None:
+    """Log `params` as the run's MLflow params (keys and values as MLflow takes them), 100 a
+    call. A param the run already holds must have the same value (MLflow refuses to change
+    one: see `MlflowWriter.log_params`)."""
     from mlflow.entities import Param
 
-    items = [Param(mlflow_key(k), v[:PARAM_LENGTH]) for k, v in params.items()]
+    items = [Param(k, v) for k, v in clean_params(params).items()]
     for i in range(0, len(items), TAGS_PER_CALL):
         client.log_batch(mlflow_run_id, params=items[i : i + TAGS_PER_CALL])
+
+
+def clean_params(params: dict[str, str]) -> dict[str, str]:
+    """Params as MLflow takes them: valid keys, values within its length limit."""
+    return {mlflow_key(k): str(v)[:PARAM_LENGTH] for k, v in params.items()}
 
 
 def log_tags(client: MlflowClient, mlflow_run_id: str, tags: dict[str, Any]) -> None:

@@ -1,9 +1,11 @@
-"""The `tensorboard` metric sink: numeric metrics become TensorBoard scalars.
+"""The `tensorboard` metric sink: numeric metrics become TensorBoard scalars, the run's
+parameters HParams.
 
 It runs on the driver's sink worker thread (see `expkit.metrics`), never in the training
-script: the script never waits for it. tensorboard's writer costs about 80 µs per scalar
-(checksums in pure Python), so a script that logs faster than that sees its curves late, and
-the rest is written at post-process.
+script: the script never waits for it. tensorboard's event writer costs about 80 µs per
+scalar (checksums in pure Python), so a script that logs faster than that sees its curves
+late, and the rest is written at post-process. At close the run becomes an HParams session
+(`expkit_tensorboard.hparams`): its parameters as recorded then, and its final state.
 """
 
 from __future__ import annotations
@@ -30,13 +32,27 @@ class TensorBoardSink(MetricSink):
 
 
 class TensorBoardWriter(MetricWriter):
-    """One event file per run, written with tensorboard's own writer (no torch needed)."""
+    """One event file per writer, written with tensorboard's own event writer (no torch)."""
 
     def __init__(self, run: RunInfo) -> None:
-        from tensorboard.summary import Writer  # heavy (numpy, protobuf): only when used
+        # heavy (numpy, protobuf): only when used
+        import numpy as np
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.util import tensor_util
 
+        self._float32, self._tensor, self._event = (
+            np.float32,
+            tensor_util.make_tensor_proto,
+            event_pb2.Event,
+        )
+        self._scalar_metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+            data_class=summary_pb2.DataClass.DATA_CLASS_SCALAR,
+        )
+        self.run = run
         self.logdir = run.run_dir / FOLDER
-        self.writer = Writer(str(self.logdir))
+        self.events = EventFileWriter(str(self.logdir))
         self.counters: dict[str, int] = {}  # the next running step of each tag logged stepless
         self.closed = False
 
@@ -50,10 +66,25 @@ class TensorBoardWriter(MetricWriter):
             if step is None:
                 step = self.counters.get(tag, 0)
                 self.counters[tag] = step + 1
-            self.writer.add_scalar(tag, metric.value, step, wall_time=metric.timestamp)
-        self.writer.flush()  # so that a running `tensorboard` shows the curves as they come
+            self.events.add_event(self._scalar(tag, metric.value, step, metric.timestamp))
+        self.events.flush()  # so that a running `tensorboard` shows the curves as they come
+
+    def _scalar(self, tag: str, value: float, step: int, wall_time: float) -> Any:
+        """A scalar as tensorboard's own `Writer.add_scalar` writes it: a float32 tensor
+        summary of the scalars plugin."""
+        event = self._event(wall_time=wall_time, step=int(step))
+        tensor = self._tensor(self._float32(value))
+        event.summary.value.add(tag=tag, tensor=tensor, metadata=self._scalar_metadata)
+        return event
 
     def close(self, outcome: RunOutcome) -> None:
-        if not self.closed:  # once: a second close does nothing
-            self.closed = True
-            self.writer.close()
+        """The run's HParams session (its parameters, its final state), then the file
+        closed; a second close does nothing."""
+        if self.closed:
+            return
+        from expkit_tensorboard.hparams import session_events
+
+        for event in session_events(self.run.params(), outcome.state, self.run.created):
+            self.events.add_event(event)
+        self.closed = True
+        self.events.close()

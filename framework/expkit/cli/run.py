@@ -218,9 +218,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def print_summary(workspace: Any, record: Any, console: Any) -> None:
-    """The summary under a finished run: its stages, latest metrics, outputs, exports."""
+    """The summary under a finished run: its stages, latest metrics, how each metric sink
+    fared, outputs, exports."""
     from expkit.console import format_value, human_seconds, human_size
     from expkit.exports import describe as describe_export
+    from expkit.metrics import SINK_OUTCOME
 
     history = workspace.history
     state_color = {"completed": "32", "failed": "31", "canceled": "33"}.get(record.state, "0")
@@ -234,6 +236,9 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     if metrics:
         shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
         rows.append(("metrics", ", ".join(shown)))
+    sinks = history.events.of(record.id, SINK_OUTCOME)
+    if sinks:
+        rows.append(("sinks", ", ".join(event["message"] for event in sinks)))
     outputs = history.outputs.of(record.id)
     links = history.outputs.links(record.id)
     note = (
