@@ -140,10 +140,6 @@ def test_with_the_mlflow_sink_there_is_exactly_one_mlflow_run(
     assert_no_mlflow_store(tmp_path / "cwd", project, project / "src")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sink sends params to MLflow through MetricWriter.log_params (sink.py's part)",
-)
 def test_the_scripts_params_reach_the_mlflow_run(write_job, expkit_cli, expkit_workspace, tmp_path):
     run_script(write_job, expkit_cli, tmp_path, {"metrics": ["mlflow"]}, MLFLOW_SCRIPT)
 

@@ -232,6 +232,8 @@ class ScriptRun:
     def _open_own(self) -> None:
         """A forked child's channel file, made when it first has something to write."""
         path, self._own_path = self._own_path, None
+        if path is None:
+            return
         try:
             self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - lives with the run
             self._path = path

@@ -201,10 +201,10 @@ class ProcessGroup:
                 running = self._still_running()
                 self.stop()
                 raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`); {running}")
-            running = next((p for _, p in self.children if p.poll() is None), None)
-            if running is not None:
+            alive = next((p for _, p in self.children if p.poll() is None), None)
+            if alive is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    running.wait(timeout=0.1)  # returns as soon as it exits
+                    alive.wait(timeout=0.1)  # returns as soon as it exits
 
     def _still_running(self) -> str:
         """Which ranks are still running and the last line each wrote, for the timeout error:
@@ -215,7 +215,8 @@ class ProcessGroup:
                 if process.split_output is None:
                     ranks.append(process.rank)
                 else:  # a launcher: the ranks of its live processes, else the launcher
-                    ranks.extend(_launched_ranks(popen.pid) or [None])
+                    launched: list[int | None] = list(_launched_ranks(popen.pid))
+                    ranks.extend(launched or [None])
         described = []
         for rank in dict.fromkeys(ranks):
             name = "the launcher" if rank is None else f"rank {rank}"

@@ -175,7 +175,7 @@ def _run_class(offline: type) -> type:
     """The ExpkitRun class on azureml's `_OfflineRun` (a subclass, so that scripts' offline
     checks keep their meaning)."""
 
-    class ExpkitRun(offline):  # type: ignore[misc, valid-type]
+    class ExpkitRun(offline):  # type: ignore[misc, valid-type, unused-ignore]
         """An azureml run object that records into the expkit run (`expkit.context`)."""
 
         def __init__(self, run_id: str) -> None:

@@ -96,7 +96,7 @@ def _registry_store(store_uri: str | None = None, tracking_uri: str | None = Non
 
     tracking = tracking_uri or get_tracking_uri()  # MLflow caches the store per tracking URI
     if tracking.startswith(f"{SCHEME}:"):
-        return ExpkitRegistry()
+        return ExpkitRegistry()  # type: ignore[abstract]  # mlflow's ABC is not enforced
     default = registry_utils._get_default_registry_uri_for_tracking_uri(tracking)
     # the builder directly: MLflow calls this one holding the lock that get_store takes
     builder = registry_utils._get_store_registry().get_store_builder(default)
@@ -406,7 +406,7 @@ class ExpkitRegistry(RegistryStore):
 
     def get_model_version_download_uri(self, name: str, version: str) -> str:
         """Where the version's files are (in the run's outputs)."""
-        return self.get_model_version(name, version).source
+        return str(self.get_model_version(name, version).source)
 
     def get_latest_versions(self, name: str, stages: Any = None) -> list[ModelVersion]:
         """The latest version of `name`, if any."""
