@@ -1,5 +1,5 @@
-"""What a script's `mlflow.log_metric` costs inside an expkit run, next to expkit's own
-`run.log()` and to bare MLflow.
+"""What a script's `mlflow.log_metric` and Azure ML's `Run.log` cost inside an expkit run,
+next to expkit's own `run.log()` and to bare MLflow.
 
     python benchmarks/bench_inscript.py [--log-calls 1000000] [--inscript-calls 20000]
                                         [--mlflow-calls 100]
@@ -8,11 +8,13 @@ Each loop runs in a fresh Python process, as a training script would:
 1. `run.log()` (expkit's in-script API) calls per second;
 2. `mlflow.log_metric` inside an expkit run: the import hook on `mlflow` (as the driver sets
    it up) points MLflow at the `expkit` tracking store, which writes to the run's channel;
-3. bare `mlflow.log_metric` on MLflow's file store and on a SQLite store, in a temporary
+3. Azure ML's `Run.get_context().log()` inside an expkit run (the import hook on
+   `azureml.core.run`: a run that records into expkit's channel);
+4. bare `mlflow.log_metric` on MLflow's file store and on a SQLite store, in a temporary
    folder (MLflow's default local stores).
 Every value is checked to have arrived (channel lines; the MLflow store's metric history).
 Prints a table with the ratios, and the figures as JSON on stdout's last line. About 30 s
-(most of it importing mlflow, twice).
+(most of it importing mlflow and azureml).
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ for i in range(n):
 elapsed = time.perf_counter() - start
 run.flush()
 print(n / elapsed)
+"""
+
+AZUREML_LOOP = """
+import sys, time
+from azureml.core.run import Run
+run = Run.get_context()
+n = int(sys.argv[1])
+log = run.log
+start = time.perf_counter()
+for i in range(n):
+    log("loss", 0.5)
+elapsed = time.perf_counter() - start
+from expkit.context import get_context
+get_context().flush()
+print(type(run).__name__, n / elapsed)
 """
 
 MLFLOW_LOOP = """
@@ -102,6 +119,17 @@ def bench(folder: Path, log_calls: int, inscript_calls: int, mlflow_calls: int) 
     assert scheme == "expkit", f"MLflow used {scheme}, not expkit's store"
     assert channel_lines(channel) == inscript_calls + 1
     results["mlflow.log_metric under expkit"] = float(rate)
+
+    channel = folder / "channel-azureml"
+    channel.mkdir()
+    hooks = importhooks.script_env(
+        {"azureml.core.run": ["expkit_azureml.inscript:install"]}, dict(os.environ)
+    )
+    env = {**run_env, **hooks, "EXPKIT_METRICS_DIR": str(channel)}
+    kind, rate = python(AZUREML_LOOP, [str(log_calls)], env, folder / "run" / "work")[-2:]
+    assert kind == "ExpkitRun", f"Run.get_context() gave {kind}, not expkit's run"
+    assert channel_lines(channel) == log_calls
+    results["azureml Run.log under expkit"] = float(rate)
 
     bare = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}  # the file store, still supported
     uris = [(folder / "mlruns").as_uri(), f"sqlite:///{folder / 'mlflow.db'}"]
