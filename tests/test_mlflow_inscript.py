@@ -75,6 +75,9 @@ def test_mlflow_calls_record_into_the_run_and_nothing_else_without_the_sink(
     assert "seen ['loss', 'val_acc', 'val_f1'] ['batch_size', 'lr', 'optimizer']" in output
     assert "leftovers []" in output
     assert "Traceback" not in output
+    # the run MLflow starts again after end_run is a second one: said once, where it goes
+    said = f"all of this script's MLflow runs record into expkit run {run_id}"
+    assert output.count(said) == 1, output
 
     run = Run(expkit_workspace, run_id)
     assert run.get_status() == "completed"
@@ -164,6 +167,9 @@ def test_a_logged_model_lands_in_outputs_and_unsupported_calls_do_not_raise(
                 return model_input * 2
 
         with mlflow.start_run() as run:
+            mlflow.log_metric("acc", 0.9)  # step 0: the model's step, linked to it
+            mlflow.log_metric("loss", 0.5, step=0)
+            mlflow.log_metric("loss", 0.25, step=1)
             info = mlflow.pyfunc.log_model(
                 name="doubler", python_model=Doubler(), registered_model_name="doubler"
             )
@@ -177,23 +183,40 @@ def test_a_logged_model_lands_in_outputs_and_unsupported_calls_do_not_raise(
         mlflow.MlflowClient().delete_experiment("0")
         print("script done")
     """
-    run_id, output, project = run_script(write_job, expkit_cli, tmp_path, {}, script)
+    run_id, output, project = run_script(
+        write_job, expkit_cli, tmp_path, {"metrics": ["mlflow"]}, script
+    )
 
     assert "script done" in output and "Traceback" not in output
     assert "loaded PyFuncModel" in output
+    # the nested run: one notice saying where all the script's MLflow runs record
+    assert output.count(f"record into expkit run {run_id}") == 1, output
     assert "expkit: mlflow delete_tag" in output  # one notice, the script went on
     assert output.count("expkit: mlflow model registry: models are registered by expkit") == 1
     run = Run(expkit_workspace, run_id)
     names = run.get_file_names()
     assert "outputs/models/doubler/MLmodel" in names, names
     assert run.get_metrics()["inner"] == 1.0 and run.get_metrics()["queued"] == 2.0
-    assert_no_mlflow_store(tmp_path / "cwd", project, project / "src", expkit_workspace.path)
+    # log_model logs the run's metrics at its step again, linked to the model: once here
+    history = expkit_workspace.history
+    assert [(r["step"], r["value"]) for r in history.metrics.of(run_id, "acc")] == [(0, 0.9)]
+    assert [(r["step"], r["value"]) for r in history.metrics.of(run_id, "loss")] == [
+        (0, 0.5),
+        (1, 0.25),
+    ]
+    client = MlflowClient(tracking_uri=f"sqlite:///{expkit_workspace.path / 'mlflow.db'}")
+    (mlflow_run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [
+        (m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "acc")
+    ] == [(0, 0.9)]
+    assert_no_mlflow_store(tmp_path / "cwd", project, project / "src")
 
 
 def test_a_tracking_uri_the_script_sets_still_wins(write_job, expkit_cli, tmp_path):
     own = f"sqlite:///{tmp_path / 'own.db'}"
     script = f"""
         import mlflow
+        mlflow.set_tracking_uri("sqlite:///mine.db")  # relative: in the working copy
         mlflow.set_tracking_uri({own!r})
         with mlflow.start_run() as run:
             mlflow.log_metric("mine", 3.0)
@@ -204,6 +227,14 @@ def test_a_tracking_uri_the_script_sets_still_wins(write_job, expkit_cli, tmp_pa
 
     own_run = output.split("own run ", 1)[1].split()[0]
     assert own_run != run_id
+    # each URI set is said once: where the calls go now, and that a relative path is lost
+    notices = [line for line in output.splitlines() if "expkit: mlflow set_tracking_uri" in line]
+    assert len(notices) == 2, notices
+    assert f"now go to sqlite:///mine.db, not into expkit run {run_id}" in notices[0]
+    assert "'mine.db' is relative to the run's working copy" in notices[0]
+    assert "use an absolute path, or one under outputs/" in notices[0]
+    assert f"now go to {own}, not into expkit run {run_id}" in notices[1]
+    assert "relative" not in notices[1]
     client = MlflowClient(tracking_uri=own)
     assert client.get_run(own_run).data.metrics == {"mine": 3.0}
     assert client.get_registered_model("mine-model").name == "mine-model"  # its own registry

@@ -12,14 +12,16 @@ returned, untouched; the `azureml` target's forwarder already sends expkit's cal
 
 `ExpkitRun` subclasses azureml's `_OfflineRun`, so `isinstance(run, _OfflineRun)` still says
 "not on Azure ML"; its `id` is the expkit run id (so `run.id.startswith("OfflineRun")` is
-false: the script records as it would on Azure ML). What it cannot do here (register_model,
-get_metrics, child runs, ...) is a no-op with one notice on stderr per method, never an
-exception in the script. Standard library only beyond what azureml already imported.
+false: the script records as it would on Azure ML). `get_metrics()` answers as azureml's,
+read back from the run's metric channel (every process's). What it cannot do here
+(register_model, child runs, datasets, ...) is a no-op with one notice on stderr per method,
+never an exception in the script. Standard library only beyond what azureml already imported.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -34,17 +36,19 @@ RUN_ID_ENV = context.RUN_ID_ENV
 RUN_DIR_ENV = "EXPKIT_RUN_DIR"
 OUTPUTS = "outputs"
 
-# _OfflineRun methods that do nothing useful here: a notice, then azureml's offline behaviour.
+# _OfflineRun methods that do nothing useful here: one notice, and nothing else (azureml's
+# offline ones only print "Attempted to ..." again); child_run still returns azureml's
+# offline child run, which the script may go on calling.
 OFFLINE_ONLY = (
     "add_properties",
     "fail",
     "cancel",
-    "child_run",
     "log_residuals",
     "log_predictions",
     "log_accuracy_table",
     "log_confusion_matrix",
 )
+OFFLINE_CHILD = "child_run"
 
 # What ExpkitRun records; whatever they raise (a bad argument) is a notice, never an exception
 # (`log` only queues the value, as expkit's own: it has nothing to raise, and is the hot path).
@@ -236,6 +240,28 @@ def _run_class(offline: type) -> type:
                 return notice(f"log_image({name!r}) failed ({type(error).__name__}: {error})")
             self.set_tags({f"image.{name}": f"{OUTPUTS}/{target.name}"})
 
+        def get_metrics(
+            self, name: str | None = None, recursive: bool = False, *args: Any, **kwargs: Any
+        ) -> dict[str, Any]:
+            """What the run's processes logged so far, as azureml answers: {name: value} for a
+            metric logged once, {name: [values]} for one logged repeatedly, {name: {column:
+            [values]}} for a table; `recursive`: {run id: that} (there are no child runs)."""
+            context.get_context().flush()
+            metrics = channel_metrics(os.environ.get(context.CHANNEL_ENV), name)
+            return {self.id: metrics} if recursive else metrics
+
+        @property
+        def input_datasets(self) -> dict[str, Any]:
+            """{}: Azure ML datasets are not delivered to an expkit run (the job's `data:` is)."""
+            notice("Run.input_datasets is {} in an expkit run: the job's data: is on disk", "ds")
+            return {}
+
+        @property
+        def output_datasets(self) -> dict[str, Any]:
+            """{}: write outputs under outputs/, which expkit seals with the run."""
+            notice("Run.output_datasets is {} in an expkit run: write under outputs/", "out-ds")
+            return {}
+
         # -- tags -----------------------------------------------------------------------------
         def set_tags(self, tags: dict[str, Any]) -> None:
             """Tag the run (values as text; None is "")."""
@@ -320,8 +346,9 @@ def _run_class(offline: type) -> type:
     for method in RECORDING:
         setattr(ExpkitRun, method, _never_raises(ExpkitRun.__dict__[method]))
     for method in OFFLINE_ONLY:
-        if hasattr(offline, method):
-            setattr(ExpkitRun, method, _noticed_offline(getattr(offline, method), method))
+        setattr(ExpkitRun, method, _noticed_only(method))
+    if hasattr(offline, OFFLINE_CHILD):
+        setattr(ExpkitRun, OFFLINE_CHILD, _noticed_offline(getattr(offline, OFFLINE_CHILD)))
     ExpkitRun.__qualname__ = ExpkitRun.__name__ = "ExpkitRun"
     return ExpkitRun
 
@@ -346,10 +373,55 @@ def _ignored(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _noticed_offline(method: Any, name: str) -> Any:
+def _noticed_only(name: str) -> Any:
+    """A method that does nothing but say once that it is not supported here."""
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> None:
+        unsupported(f"{name}()")
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"`{name}`: not supported in an expkit run outside Azure ML (one notice)."
+    return call
+
+
+def _noticed_offline(method: Any) -> Any:
+    """azureml's offline `method`, after one notice that it is not supported here."""
+
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        unsupported(f"{name}()")
+        unsupported(f"{method.__name__}()")
         return method(self, *args, **kwargs)
 
     return call
+
+
+def channel_metrics(folder: str | None, name: str | None = None) -> dict[str, Any]:
+    """The metrics in the run's channel `folder` (every process's `*.jsonl`, lines as
+    `expkit.context` writes them), in the order they were logged, shaped as azureml's
+    `get_metrics` shapes them; only `name` when given. {} without a channel; a line being
+    written (or unreadable) is skipped."""
+    grouped: dict[str, list[tuple[float, Any]]] = {}
+    for path in sorted(Path(folder).glob("*.jsonl")) if folder else ():
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                kind, key, value, _step, ts, *_rank = json.loads(line)
+            except (ValueError, TypeError):
+                continue
+            if kind in ("m", "r") and (name is None or key == name):
+                grouped.setdefault(key, []).append((ts, value))
+    result: dict[str, Any] = {}
+    for key, stamped in grouped.items():
+        values = [value for _ts, value in sorted(stamped, key=lambda pair: pair[0])]
+        if all(isinstance(v, dict) for v in values):
+            columns: dict[str, list[Any]] = {}
+            for row in values:
+                for column, cell in row.items():
+                    columns.setdefault(column, []).append(cell)
+            result[key] = columns
+        else:
+            result[key] = values[0] if len(values) == 1 else values
+    return result

@@ -5,7 +5,9 @@ record into the expkit run, with no change to the script.
 Python processes, right after the script imports mlflow, it registers the tracking-store
 scheme `expkit` with MLflow and sets MLFLOW_TRACKING_URI to `expkit:/<run id>`. MLflow reads
 that variable only when nothing else named a store, so a script's own
-`mlflow.set_tracking_uri(...)` still wins; on Azure ML (`azureml:` URIs) nothing is changed.
+`mlflow.set_tracking_uri(...)` still wins, with one notice saying so (its calls no longer
+reach the expkit run; a relative local path lies in the run's working copy, removed at the
+end); on Azure ML (`azureml:` URIs) nothing is changed.
 
 `ExpkitStore` is that store. It lives in the script's process and talks to no server and no
 file: a metric goes to `expkit.context.get_context().log(key, value, step)`, params to
@@ -16,13 +18,17 @@ history becomes exactly one MLflow run (the sink's); without it nothing is writt
 and whose artifact URI is the run's `outputs/` folder: `log_artifact`, `log_dict` and the
 files of a logged model land there and are sealed with the run's outputs.
 
-Every `start_run` (new, nested or resumed by id) answers with that run; `end_run` marks it
-finished for MLflow only, never the expkit run. Calls this store cannot honour (traces,
+Every `start_run` (new, nested or resumed by id) answers with that run (the second new or
+nested one with one notice: the script's MLflow runs share the expkit run); `end_run` marks
+it finished for MLflow only, never the expkit run. What a flavor's `log_model` logs again to
+link the run's metrics to the model (the same values, with a `model_id`) is not recorded
+twice. Calls this store cannot honour (traces,
 datasets, deleting) are no-ops with one notice each, never an exception in the script.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -62,6 +68,7 @@ RUN_ID_ENV = "EXPKIT_RUN_ID"
 SYSTEM_TAG_PREFIX = "mlflow."
 
 _noticed: set[str] = set()
+_runs_started = 0  # MLflow runs this process started (`create_run`): a second one is said
 
 
 def install(module: ModuleType) -> None:
@@ -81,6 +88,52 @@ def install(module: ModuleType) -> None:
     if not os.environ.get(REGISTRY_URI_ENV):
         registry_utils._get_store_registry().register(SCHEME, _registry_store)
         os.environ[REGISTRY_URI_ENV] = uri
+    mlflow: Any = module
+    original = mlflow.set_tracking_uri
+    if not getattr(original, "_expkit", False):
+
+        @functools.wraps(original)
+        def set_tracking_uri(uri: Any) -> None:
+            original(uri)
+            _own_store_notice(str(uri), run_id)
+
+        set_tracking_uri._expkit = True  # type: ignore[attr-defined]
+        mlflow.set_tracking_uri = set_tracking_uri
+
+
+def _own_store_notice(uri: str, run_id: str) -> None:
+    """The notice (one per URI) for a script that sets a tracking URI of its own: its calls go
+    there, not into the expkit run; a relative local path is inside the run's working copy,
+    which expkit removes when the run ends."""
+    if uri.startswith(f"{SCHEME}:"):
+        return
+    text = (
+        f"expkit: mlflow set_tracking_uri: the script's MLflow calls now go to {uri}, "
+        f"not into expkit run {run_id}"
+    )
+    path = _local_path(uri)
+    if path is not None and not os.path.isabs(path):
+        parts = Path(path).parts
+        if parts[:1] != ("outputs",):
+            text += (
+                f"; {path!r} is relative to the run's working copy ({os.getcwd()}), which "
+                "expkit removes when the run ends: use an absolute path, or one under outputs/"
+            )
+    _notice_once(f"own store {uri}", text)
+
+
+def _local_path(uri: str) -> str | None:
+    """The file path a local tracking URI names (`sqlite:///mine.db` is "mine.db",
+    `file:mlruns` "mlruns", a bare path itself); None for a server or another scheme."""
+    for prefix in ("sqlite:///", "file://", "file:"):
+        if uri.startswith(prefix):
+            rest = uri[len(prefix) :]
+            return rest.split("?", 1)[0] if prefix == "sqlite:///" else rest
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    # http:, databricks, ... (a drive letter, C:, is a path)
+    if uri.startswith("databricks") or (len(scheme) > 1 and "/" not in scheme):
+        return None
+    return uri
 
 
 def _registry_store(store_uri: str | None = None, tracking_uri: str | None = None) -> Any:
@@ -180,6 +233,16 @@ class ExpkitStore(AbstractStore):
     ) -> Run:
         """The expkit run (every `start_run` lands in it); the caller's own tags are
         recorded, MLflow's `mlflow.*` ones are not."""
+        global _runs_started
+        _runs_started += 1
+        if _runs_started == 2:
+            _notice_once(
+                "runs",
+                f"expkit: mlflow start_run: another MLflow run started (a second or nested "
+                f"one): all of this script's MLflow runs record into expkit run {self._run_id}, "
+                "their metrics' steps side by side, and a param logged again replaces the "
+                "earlier value)",
+            )
         own = {t.key: t.value for t in tags or () if not t.key.startswith(SYSTEM_TAG_PREFIX)}
         if own:
             self._set_tags(own)
@@ -222,8 +285,24 @@ class ExpkitStore(AbstractStore):
     # -- what the script logs ----------------------------------------------------------------
     def log_metric(self, run_id: str, metric: Metric) -> None:
         """One value of a metric, at the metric's own step."""
+        if self._relinked(metric):
+            return
         get_context().log(metric.key, metric.value, metric.step)
         self._metrics[metric.key] = metric
+
+    def _relinked(self, metric: Metric) -> bool:
+        """True for a value MLflow logs again only to link it to a logged model (a flavor's
+        `log_model` re-logs the run's metrics at the model's step with its `model_id`): the
+        same key, step and value as the latest this process logged, recorded once already."""
+        if not metric.model_id:
+            return False
+        latest = self._metrics.get(metric.key)
+        if latest is None or latest.step != metric.step:
+            return False
+        same = latest.value == metric.value or (
+            latest.value != latest.value and metric.value != metric.value  # both NaN
+        )
+        return bool(same)
 
     def log_param(self, run_id: str, param: Param) -> None:
         """One parameter (`expkit runs show` lists it; the latest value of a key wins)."""
@@ -243,6 +322,8 @@ class ExpkitStore(AbstractStore):
         """Metrics, params and tags at once (`log_metrics`, `log_params`, `set_tags`)."""
         log = get_context().log
         for metric in metrics:
+            if self._relinked(metric):
+                continue
             log(metric.key, metric.value, metric.step)
             self._metrics[metric.key] = metric
         if params:
@@ -466,12 +547,17 @@ def _outputs_folder() -> Path:
     return Path.cwd().resolve() / "outputs"
 
 
-def _notice(what: str, why: str) -> None:
-    if what in _noticed:
+def _notice_once(key: str, text: str) -> None:
+    """`text` on stderr, once per `key` in this process."""
+    if key in _noticed:
         return
-    _noticed.add(what)
+    _noticed.add(key)
     try:
-        sys.stderr.write(f"expkit: mlflow {what}: {why}; the script goes on\n")
+        sys.stderr.write(text + "\n")
         sys.stderr.flush()
     except Exception:
         pass
+
+
+def _notice(what: str, why: str) -> None:
+    _notice_once(what, f"expkit: mlflow {what}: {why}; the script goes on")
