@@ -281,3 +281,37 @@ def test_values_of_a_forked_child_that_leaves_through_os_exit_are_recorded_once(
 
     assert got["w"] == [0.0, 1.0, 2.0, 3.0]
     assert got["main"] == 1.0
+
+
+KILLED = """
+import multiprocessing as mp
+import os
+import signal
+import sys
+from expkit import Run
+
+def work(i):
+    Run.get_context().log("w", float(i), step=i)
+    os.kill(os.getpid(), signal.SIGKILL)  # no exit handler, no writer thread gets a turn
+
+if __name__ == "__main__":
+    method = mp.get_context(sys.argv[1])
+    children = [method.Process(target=work, args=(i,)) for i in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join()
+    print("exit codes", [child.exitcode for child in children])
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_value_is_in_the_childs_channel_once_log_returns(
+    expkit_cli, write_job, expkit_workspace, method
+):
+    done = expkit_cli("run", str(write_job({"args": [method]}, script=KILLED)))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "exit codes [-9, -9, -9]" in out, out
+    run_id = re.search(r"run (\S+): completed", out).group(1)
+
+    assert sorted(_all(expkit_workspace, run_id)["w"]) == [0.0, 1.0, 2.0]
