@@ -221,3 +221,97 @@ def test_runs_show_json_is_strict_json(expkit_cli, write_job, value):
 
     assert got["v"] == {math.inf: "Infinity", -math.inf: "-Infinity"}.get(value, "NaN")
     assert isinstance(Run, type)
+
+
+POOL = """
+import multiprocessing as mp
+import sys
+from expkit import Run
+
+def work(i):
+    Run.get_context().log("w", float(i), step=i)  # the last thing a worker does: it is killed
+    return i
+
+if __name__ == "__main__":
+    run = Run.get_context()
+    mp.set_start_method(sys.argv[1])
+    with mp.Pool(4) as pool:  # __exit__ terminates the workers (SIGTERM), at once
+        print("mapped", pool.map(work, range(8)))
+    run.log("main", 1.0)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_values_of_pool_workers_terminated_by_the_pool_are_recorded_once(
+    expkit_cli, write_job, expkit_workspace, method
+):
+    job = write_job({"args": [method]}, script=POOL)
+    done = expkit_cli("run", str(job))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "mapped [0, 1, 2, 3, 4, 5, 6, 7]" in out, out
+    run_id = re.search(r"run (\S+): completed", out).group(1)
+
+    got = _all(expkit_workspace, run_id)
+
+    assert sorted(got["w"]) == [float(i) for i in range(8)]
+    assert got["main"] == 1.0
+
+
+OS_EXIT = """
+import os
+from expkit import Run
+
+run = Run.get_context()
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        Run.get_context().log("w", float(i), step=i)
+        os._exit(0)  # no atexit, no multiprocessing finalizers
+    os.waitpid(pid, 0)
+run.log("main", 1.0)
+"""
+
+
+def test_values_of_a_forked_child_that_leaves_through_os_exit_are_recorded_once(
+    expkit_cli, write_job, expkit_workspace
+):
+    run_id, _ = _run(expkit_cli, write_job, OS_EXIT)
+
+    got = _all(expkit_workspace, run_id)
+
+    assert got["w"] == [0.0, 1.0, 2.0, 3.0]
+    assert got["main"] == 1.0
+
+
+KILLED = """
+import multiprocessing as mp
+import os
+import signal
+import sys
+from expkit import Run
+
+def work(i):
+    Run.get_context().log("w", float(i), step=i)
+    os.kill(os.getpid(), signal.SIGKILL)  # no exit handler, no writer thread gets a turn
+
+if __name__ == "__main__":
+    method = mp.get_context(sys.argv[1])
+    children = [method.Process(target=work, args=(i,)) for i in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join()
+    print("exit codes", [child.exitcode for child in children])
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_value_is_in_the_childs_channel_once_log_returns(
+    expkit_cli, write_job, expkit_workspace, method
+):
+    done = expkit_cli("run", str(write_job({"args": [method]}, script=KILLED)))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "exit codes [-9, -9, -9]" in out, out
+    run_id = re.search(r"run (\S+): completed", out).group(1)
+
+    assert sorted(_all(expkit_workspace, run_id)["w"]) == [0.0, 1.0, 2.0]

@@ -257,3 +257,32 @@ def test_outside_a_run_or_with_azure_mls_mlflow_the_hook_changes_nothing(monkeyp
     install(mlflow)
     assert os.environ["MLFLOW_TRACKING_URI"] == azure
     assert "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_mlflow_metrics_logged_in_forked_pool_workers_are_recorded_once(
+    write_job, expkit_cli, expkit_workspace, tmp_path
+):
+    script = """
+        import multiprocessing as mp
+        import mlflow
+
+        def work(i):
+            mlflow.log_metric("w", float(i), step=i)
+            return mlflow.active_run().info.run_id
+
+        if __name__ == "__main__":
+            with mlflow.start_run() as run:
+                pool = mp.get_context("fork").Pool(2)
+                print("worker runs", sorted(set(pool.map(work, range(4)))))
+                pool.close()
+                pool.join()
+                with mp.get_context("fork").Pool(2) as pool:  # terminated at __exit__
+                    pool.map(work, range(10, 14))
+                mlflow.log_metric("main", 1.0)
+    """
+    run_id, output, _project = run_script(write_job, expkit_cli, tmp_path, {}, script)
+
+    assert f"worker runs ['{run_id}']" in output and "Traceback" not in output
+    metrics = Run(expkit_workspace, run_id).get_metrics()
+    assert sorted(metrics["w"]) == [0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0]
+    assert metrics["main"] == 1.0

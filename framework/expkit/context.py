@@ -23,10 +23,16 @@ tensor, an array) is copied when logged (`detach().clone()`, `.copy()`: no GPU s
 recorded (`2**1024`, `step="epoch_1"`, a step outside -2**63..2**63-1) is dropped alone, with
 one notice on stderr per metric naming why; every other value is recorded.
 
-Processes a script forks (`multiprocessing` with the fork start method, `os.fork`) record
-into channel files of their own: the child starts with an empty queue (what the parent had
-queued is the parent's to write) and writes what it logs at exit, also when it leaves through
-`os._exit` as multiprocessing's children do.
+Processes a script starts record into channel files of their own. The script's own process
+(and each torchrun/MPI rank) queues, as above. A child of it does not: a process it forks
+(`os.fork`, `multiprocessing` with the fork start method) or starts with `multiprocessing`
+(spawn, forkserver: `multiprocessing.parent_process()` is set) writes each call to its channel
+file before the call returns, on the calling thread (a tensor is turned into a number there).
+Such a child is often ended with no chance to write what it holds (`os._exit`, the SIGTERM of
+`Pool.__exit__`): whatever it logged is recorded all the same. A forked child starts with an
+empty queue (what the parent had queued is the parent's to write) and no forwarder (its thread
+stayed in the parent). A fork is seen by this module's fork hook, so a process forked before
+expkit.context was first imported in its parent is not known as a child: it queues.
 """
 
 from __future__ import annotations
@@ -113,15 +119,15 @@ class ScriptRun:
         self._write_failed = False  # a failed write was reported (once)
         self._own_path: str | None = None  # a forked child's channel file, not made yet
         if self._path is not None:
-            self._start_writer()
+            if _child_process():
+                self._put = self._put_now
+            else:
+                self._writer = threading.Thread(target=self._write_loop, name="expkit-metrics")
+                self._writer.daemon = True
+                self._writer.start()
             atexit.register(self._at_exit)
             if hasattr(os, "register_at_fork"):
-                os.register_at_fork(before=self._before_fork, after_in_child=self._after_fork)
-
-    def _start_writer(self) -> None:
-        self._writer = threading.Thread(target=self._write_loop, name="expkit-metrics")
-        self._writer.daemon = True
-        self._writer.start()
+                os.register_at_fork(after_in_child=self._after_fork)
 
     @property
     def offline(self) -> bool:
@@ -198,27 +204,13 @@ class ScriptRun:
         self._forwarder = None
         _notice(f"the forwarder {type(forwarder).__name__} failed ({_why(error)})")
 
-    def _before_fork(self) -> None:
-        """In the parent, before a fork: a multiprocessing child (which leaves through
-        os._exit, skipping atexit) writes what it logged through multiprocessing's own
-        finalizers, registered in the child by `_after_multiprocessing_fork`."""
-        util = sys.modules.get("multiprocessing.util")
-        if util is not None and not getattr(self, "_mp_registered", False):
-            self._mp_registered = True
-            with contextlib.suppress(Exception):
-                util.register_after_fork(self, ScriptRun._after_multiprocessing_fork)
-
-    def _after_multiprocessing_fork(self) -> None:
-        util = sys.modules.get("multiprocessing.util")
-        if util is not None:
-            util.Finalize(None, self._at_exit, exitpriority=100)
-
     def _after_fork(self) -> None:
-        """In a forked child: a channel file of its own, an empty queue, a new writer."""
+        """In a forked child: a channel file of its own (made when it first logs), an empty
+        queue, and each call written before it returns (see `_put_now`): the writer thread
+        stayed in the parent, and the child may be ended at any moment."""
         self._queue = deque()
-        self._put = self._queue.append
+        self._put = self._put_now
         self._lock = threading.Lock()  # the parent's writer may have held it at the fork
-        self._wake = threading.Event()
         self._forwarder = None  # its thread stayed in the parent
         if self._file is not None:
             with contextlib.suppress(OSError):
@@ -227,7 +219,15 @@ class ScriptRun:
             if self._path:  # opened when the child logs something (see _open_own)
                 name = f"rank-{self.rank}.{os.getpid()}.jsonl"
                 self._own_path = os.path.join(os.path.dirname(self._path), name)
-        self._start_writer()
+
+    def _put_now(self, item: tuple) -> None:
+        """A child process's `_put`: `item` is in its channel file when this returns (a
+        call made meanwhile on another thread may write it, under the lock)."""
+        self._queue.append(item)
+        try:
+            self._drain()
+        except Exception as error:  # never an exception in the script
+            self._lost(error)
 
     def _open_own(self) -> None:
         """A forked child's channel file, made when it first has something to write."""
@@ -246,9 +246,13 @@ class ScriptRun:
             try:
                 self._drain()
             except Exception as error:  # never the end of the writer: the next batch is tried
-                if not self._write_failed:
-                    self._write_failed = True
-                    _notice(f"metric values were lost ({_why(error)})", recorded=False)
+                self._lost(error)
+
+    def _lost(self, error: Exception) -> None:
+        """A write failed: one notice per process."""
+        if not self._write_failed:
+            self._write_failed = True
+            _notice(f"metric values were lost ({_why(error)})", recorded=False)
 
     def _drain(self) -> None:
         with self._lock:
@@ -421,6 +425,31 @@ def _notice(text: str, recorded: bool = True) -> None:
     with contextlib.suppress(Exception):
         sys.stderr.write(f"expkit: {text}{tail}\n")
         sys.stderr.flush()
+
+
+_forked = False  # set in a process forked after this module was imported
+
+
+def _mark_forked() -> None:
+    global _forked, _context_lock
+    _forked = True
+    _context_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _child_process() -> bool:
+    """True in a process the script forked or started with multiprocessing (not in the
+    script's own process, nor in a rank a launcher started): it writes each call at once."""
+    if _forked:
+        return True
+    multiprocessing = sys.modules.get("multiprocessing")
+    try:
+        return multiprocessing is not None and multiprocessing.parent_process() is not None
+    except Exception:
+        return False
 
 
 _context: ScriptRun | None = None
