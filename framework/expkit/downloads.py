@@ -238,13 +238,28 @@ def _special_kind(mode: int) -> str | None:
     return "not a regular file"
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Within: SIGINT, SIGTERM and SIGHUP wait (blocked, then delivered at the end of the
+    block), so that a stop never comes between two steps that must go together."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _stage(item: Wanted, warn: Callable[[str], None], temporary: list[Path]) -> Path:
     """A private temporary file next to the target holding an intact copy of `item`; its
     name is added to `temporary` as soon as it exists (the caller removes it)."""
     bad: list[tuple[Path, str]] = []
-    fd, name = _at_destination_value(_temporary, item.target.parent, item.target)
-    tmp = Path(name)
-    temporary.append(tmp)
+    with _signals_held():  # a stop between making the file and naming it would leave it
+        fd, name = _at_destination_value(_temporary, item.target.parent, item.target)
+        tmp = Path(name)
+        temporary.append(tmp)
     with os.fdopen(fd, "r+b") as out:
         for copy in item.copies():
             try:
