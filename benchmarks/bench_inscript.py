@@ -27,21 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_core import LOG_LOOP  # the same loop as bench_core's run.log() figure
 from expkit import importhooks
-
-EXPKIT_LOOP = """
-import sys, time
-from expkit import Run
-run = Run.get_context()
-n = int(sys.argv[1])
-log = run.log
-start = time.perf_counter()
-for i in range(n):
-    log("loss", 0.5, step=i)
-elapsed = time.perf_counter() - start
-run.flush()
-print(n / elapsed)
-"""
 
 AZUREML_LOOP = """
 import sys, time
@@ -105,7 +92,7 @@ def bench(folder: Path, log_calls: int, inscript_calls: int, mlflow_calls: int) 
     channel = folder / "channel-log"
     channel.mkdir()
     out = python(
-        EXPKIT_LOOP, [str(log_calls)], {**run_env, "EXPKIT_METRICS_DIR": str(channel)}, folder
+        LOG_LOOP, [str(log_calls)], {**run_env, "EXPKIT_METRICS_DIR": str(channel)}, folder
     )
     assert channel_lines(channel) == log_calls
     results["expkit run.log()"] = float(out[-1])

@@ -23,19 +23,31 @@ def start_driver(workspace: Workspace, run_id: str, reattach: bool = False) -> i
     """Start a background driver for run `run_id` and record it as the run's driver; returns
     its pid. The caller must be the run's driver or hold the run (`Runs.take_over`), so that
     no other process starts one too."""
+    argv = ["expkit.driver", str(workspace.path), run_id, *(["--reattach"] if reattach else [])]
+    pid = start_background(workspace, run_id, argv)
+    workspace.history.runs.claim(run_id, pid)
+    return pid
+
+
+def start_background(
+    workspace: Workspace, run_id: str, module_args: list[str], env: dict[str, str] | None = None
+) -> int:
+    """Start `python -m MODULE ARGS...` (`module_args`) for run `run_id` in a session of its
+    own, so that it goes on when the command that started it or its terminal ends, its output
+    appended to the run's driver.log; returns its pid. `env`: its environment (default: this
+    process's)."""
     run_dir = workspace.run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "expkit.driver", str(workspace.path), run_id]
     with open(run_dir / DRIVER_LOG, "ab") as log:
-        driver = subprocess.Popen(
-            [*argv, "--reattach"] if reattach else argv,
+        process = subprocess.Popen(
+            [sys.executable, "-m", *module_args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # the run goes on when this process or its terminal ends
+            env=env,
+            start_new_session=True,
         )
-    workspace.history.runs.claim(run_id, driver.pid)
-    return driver.pid
+    return process.pid
 
 
 def main(argv: list[str]) -> int:

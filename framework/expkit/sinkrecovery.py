@@ -12,11 +12,10 @@ outcome is recorded as the driver records it (`SINK_OUTCOME` and `sink-failed` e
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from expkit.driver import DRIVER_LOG
+from expkit.driver import start_background
 from expkit.procs import RUN_ID_ENV
 
 if TYPE_CHECKING:
@@ -36,19 +35,10 @@ def needs_closing(history: History, run_id: str) -> bool:
 def start(workspace: Workspace, run_id: str) -> int:
     """Start the background process that closes the sinks of the dead run `run_id`; returns
     its pid. It carries no run marker: stopping the run's processes leaves it alone."""
-    run_dir = workspace.run_dir(run_id)
-    argv = [sys.executable, "-m", "expkit.sinkrecovery", str(workspace.path), run_id]
     env = {k: v for k, v in os.environ.items() if k != RUN_ID_ENV}
-    with open(run_dir / DRIVER_LOG, "ab") as log:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # goes on when the command that found the run ends
-        )
-    return process.pid
+    return start_background(
+        workspace, run_id, ["expkit.sinkrecovery", str(workspace.path), run_id], env
+    )
 
 
 def close_sinks(workspace: Workspace, run_id: str) -> list[SinkWorker]:
