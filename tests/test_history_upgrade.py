@@ -1,12 +1,12 @@
 """A workspace made by an older expkit opens and is upgraded in place; one made by a newer
 expkit is refused before anything is written to it.
 
-tests/fixtures/workspace_v0 was made by expkit before its history had a version, workspace_v2
-by expkit at history version 2, before parameters (step 3) were recorded (see
-tests/fixtures/make_workspace.py). Each holds three runs of experiment `fixture` (1 and 3
-completed and registered `digits` versions 1 and 2, 2 failed with exit code 3; their job had
-`args`), each with metrics (steps, a number, a string, a table row), a tag and an output, and an
-export of fixture_3.
+tests/fixtures/workspace_v0 was made by expkit before its history had a version, workspace_v2 by
+expkit at history version 2, before parameters (step 3) were recorded, workspace_v3 before
+sweeps (step 4) (see tests/fixtures/make_workspace.py). Each holds three runs of experiment
+`fixture` (1 and 3 completed and registered `digits` versions 1 and 2, 2 failed with exit code
+3; their job had `args`), each with metrics (steps, a number, a string, a table row), a tag and
+an output, and an export of fixture_3.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
@@ -86,7 +87,7 @@ def old(tmp_path: Path) -> Path:
     return copy_of(0, tmp_path)
 
 
-@pytest.mark.parametrize("version", [0, 2])
+@pytest.mark.parametrize("version", [0, 2, 3])
 def test_an_old_workspace_shows_every_run_metric_tag_and_model(
     version: int, tmp_path: Path
 ) -> None:
@@ -138,10 +139,15 @@ def test_an_old_workspace_shows_every_run_metric_tag_and_model(
             **(read if version >= 2 else {}),
             "0.jsonl": 42,
         }
-        # Step 3: parameters (none recorded for the runs made before it), sinks' cursors.
+        # Step 3: parameters (the job's args, from version 3 on), sinks' cursors.
         for run_id in RUNS:
-            assert history.params.of(run_id) == {}
+            assert history.params.of(run_id) == ({"args": ANY} if version >= 3 else {})
             assert history.sink_cursors.get(run_id, "mlflow") == (0, 0)
+        # Step 4: sweeps (none yet); the old runs are trials of none.
+        assert history.sweeps.recent() == []
+        assert {(r.sweep, r.trial, r.cancel_reason) for r in map(history.runs.get, RUNS)} == {
+            (None, None, None)
+        }
     finally:
         history.close()
     assert user_version(old / ".expkit" / "history.db") == schema.latest()
@@ -183,7 +189,7 @@ def test_a_version_2_workspace_takes_parameters_and_keeps_its_runs(tmp_path: Pat
         "fixture_2": "-1",
         "fixture_1": "0.5",
     }  # blank lr: the column's last word is acc
-    assert user_version(old / ".expkit" / "history.db") == schema.latest() == 3
+    assert user_version(old / ".expkit" / "history.db") == schema.latest()
 
     (old / "train.py").write_text(
         "from expkit import Run\nRun.get_context().log_params({'seed': 11})\n"

@@ -297,6 +297,11 @@ class RunInfo:
     params: Callable[[], dict[str, str]] = _no_tags
     # The workspace config.json's section named `section` (e.g. the plugin's name), {} if none.
     plugin_config: Callable[[str], dict[str, Any]] = _no_config
+    # The sweep this run is a trial of (its id, e.g. "pytorch-digits_sweep_1") and its trial
+    # number there, None for a run of its own: a sink may group trials (MLflow: child runs of
+    # the sweep's parent run).
+    sweep: str | None = None
+    trial: int | None = None
 
 
 @dataclass

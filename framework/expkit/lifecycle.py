@@ -176,12 +176,15 @@ def _with_checked_options(
     return job.replace(**changes)
 
 
-def submit(workspace: Workspace, job: JobSpec) -> RunRecord:
-    """Record a new run of `job` (state queued) after checking every plugin it names."""
+def submit(
+    workspace: Workspace, job: JobSpec, sweep: str | None = None, trial: int | None = None
+) -> RunRecord:
+    """Record a new run of `job` (state queued) after checking every plugin it names;
+    `sweep` and `trial`: the sweep it is a trial of and its trial number there."""
     compute = choose(job, get_plugins()).compute  # first: a target may refuse data outright
     check_data_sources(workspace, job)
     call(compute, "preflight", job)
-    return workspace.history.runs.create(job.experiment, job.to_dict())
+    return workspace.history.runs.create(job.experiment, job.to_dict(), sweep, trial)
 
 
 def note_signals(early: list[str]) -> Any:
@@ -294,6 +297,7 @@ class Lifecycle:
         self.terminated_by: str | None = None  # the name of the signal that ended the run
         self._interruptible = False
         self.remote_job = record.remote_job  # a job that goes on without this driver
+        self.sweep = record.sweep  # the sweep this run is a trial of: it registers no model
         self.reattaching = False  # this driver took over the run from one that died
         self.hand_over = False  # let go of the run: a background driver re-attaches
         self.ctx = services.run_context(
@@ -540,9 +544,11 @@ class Lifecycle:
         if self.terminated_by and state == RunState.COMPLETED:  # the signal came in post-process
             state, error = RunState.CANCELED, self.stop_reason()
             self.say(f"{self.terminated_by}: outputs sealed; the run ends canceled")
-        if state == RunState.COMPLETED and self.job.model:
+        if state == RunState.COMPLETED and self.job.model and not self.sweep:
             with self.stage(Stage.REGISTER):
                 self.register()
+        elif state == RunState.COMPLETED and self.job.model:
+            self.skip(Stage.REGISTER, f"a trial of {self.sweep}: the sweep registers its best")
         else:
             reason = "no model named in the job" if state == RunState.COMPLETED else f"run {state}"
             self.skip(Stage.REGISTER, reason)
@@ -641,7 +647,7 @@ class Lifecycle:
             outcome = None  # the stage goes on without this driver: its record stays running
             raise
         except (Canceled, KeyboardInterrupt) as stop:
-            outcome, message = Outcome.CANCELED, _cancel_reason(stop)
+            outcome, message = Outcome.CANCELED, self._canceled_because(stop)
             raise
         except BaseException as failure:
             outcome, message = Outcome.FAILED, str(failure) or type(failure).__name__
@@ -954,7 +960,12 @@ class Lifecycle:
 
     def stop_reason(self) -> str:
         """What the record says about the signal that stopped the run: Ctrl-C (SIGINT) is
-        "canceled by the user", the others "terminated by SIGTERM" (or SIGHUP)."""
+        "canceled by the user", the others "terminated by SIGTERM" (or SIGHUP); a cancel asked
+        for with a reason (a sweep's early termination, `Runs.request_cancel`) is that reason."""
+        if self.terminated_by is None and self._cancel.is_set():
+            reason = self.history.runs.get(self.run_id).cancel_reason
+            if reason:
+                return reason
         if self.terminated_by in (None, "SIGINT"):
             return "canceled by the user"
         return f"terminated by {self.terminated_by}"
@@ -964,8 +975,11 @@ class Lifecycle:
         return self.stop_reason() if self.terminated_by else None
 
     def _canceled_because(self, stop: BaseException) -> str:
-        """The reason a cancel is recorded with: the first signal's, else the exception's."""
-        return self.stop_reason() if self.terminated_by else _cancel_reason(stop)
+        """The reason a cancel is recorded with: the first signal's, else the exception's, else
+        the one it was asked for with (`stop_reason`)."""
+        if self.terminated_by or not (isinstance(stop, Canceled) and str(stop)):
+            return self.stop_reason()
+        return str(stop)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: the run ends canceled, for the first signal's reason.
@@ -1049,11 +1063,6 @@ def _on_signals(handler: Any) -> Any:
     return {
         sig: signal.signal(sig, handler.get(sig) or signal.SIG_DFL) for sig in TERMINATING_SIGNALS
     }
-
-
-def _cancel_reason(stop: BaseException) -> str:
-    """What the record says about a cancel: the signal, or the user (Ctrl-C, runs cancel)."""
-    return str(stop) if isinstance(stop, Canceled) and str(stop) else "canceled by the user"
 
 
 def _first(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:

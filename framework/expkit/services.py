@@ -51,6 +51,8 @@ def run_info(workspace: Workspace, run_id: str, job: JobSpec) -> RunInfo:
         outputs=lambda: history.outputs.of(run_id),
         params=lambda: history.params.of(run_id),
         plugin_config=plugin_config(workspace),
+        sweep=record.sweep,
+        trial=record.trial,
     )
 
 

@@ -122,6 +122,10 @@ class Workspace:
     def run_dir(self, run_id: str) -> Path:
         return self.path / "runs" / run_id
 
+    def sweep_dir(self, sweep_id: str) -> Path:
+        """The sweep's own folder: its Optuna study journal and its driver's log."""
+        return self.path / "sweeps" / sweep_id
+
     @property
     def blobs_dir(self) -> Path:
         return self.path / "blobs"

@@ -3,7 +3,7 @@
 Modules: `store` (History: opening, upgrading, the connection and the write transaction),
 `connection` (the SQLite layer: checks, damaged files, locks, a full disk), `schema` (the
 versioned schema and its steps), and one per aggregate: `runs` (runs, stages, events, tags,
-outputs), `metrics`, `models` (model versions, their files, exports).
+outputs), `metrics`, `params`, `models` (model versions, their files, exports), `sweeps`.
 """
 
 from expkit.history.connection import DamagedHistory, connect, no_room, patiently
@@ -23,9 +23,11 @@ from expkit.history.runs import (
     driver_alive,
 )
 from expkit.history.store import History
+from expkit.history.sweeps import FINAL_SWEEP_STATES, SweepRecord, Sweeps
 
 __all__ = [
     "FINAL_STATES",
+    "FINAL_SWEEP_STATES",
     "STAGES",
     "DamagedHistory",
     "Events",
@@ -41,6 +43,8 @@ __all__ = [
     "SinkCursors",
     "StageRecord",
     "Stages",
+    "SweepRecord",
+    "Sweeps",
     "Tags",
     "connect",
     "driver_alive",

@@ -44,6 +44,9 @@ class RunRecord:
     driver_host: str | None
     cancel_requested: int
     remote_job: str | None = None  # the compute target's id of a job that outlives the driver
+    sweep: str | None = None  # the sweep this run is a trial of (expkit.history.sweeps)
+    trial: int | None = None  # its trial number in that sweep (Optuna's, from 0)
+    cancel_reason: str | None = None  # why it was asked to stop, when not by the user
 
     @property
     def finished(self) -> bool:
@@ -97,9 +100,16 @@ class Runs(Part):
         super().__init__(history)
         self._run_taken = run_taken
 
-    def create(self, experiment: str, job: dict[str, Any]) -> RunRecord:
+    def create(
+        self,
+        experiment: str,
+        job: dict[str, Any],
+        sweep: str | None = None,
+        trial: int | None = None,
+    ) -> RunRecord:
         """A new run in state `queued`, owned by this process until a driver claims it; its
-        number is past every recorded one and every run folder found (`run_taken`)."""
+        number is past every recorded one and every run folder found (`run_taken`). `sweep`
+        and `trial`: the sweep it is a trial of, and its trial number there."""
         with self.transaction() as db:
             (number,) = db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM runs").fetchone()
             while self._run_taken(f"{experiment}_{number}"):  # a run the history lost
@@ -108,7 +118,8 @@ class Runs(Part):
             pid = os.getpid()
             db.execute(
                 "INSERT INTO runs (id, number, experiment, state, job, created, driver_pid,"
-                " driver_start, driver_host) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                " driver_start, driver_host, sweep, trial)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     number,
@@ -118,6 +129,8 @@ class Runs(Part):
                     pid,
                     process_start(pid),
                     socket.gethostname(),
+                    sweep,
+                    trial,
                 ),
             )
         return self.get(run_id)
@@ -172,9 +185,23 @@ class Runs(Part):
                 (state, error, time.time(), run_id),
             )
 
-    def request_cancel(self, run_id: str) -> None:
-        """Ask the run's driver to cancel it (it polls `cancel_requested`)."""
-        self.update(run_id, cancel_requested=1)
+    def request_cancel(self, run_id: str, reason: str | None = None) -> None:
+        """Ask the run's driver to cancel it (it polls `cancel_requested`); `reason`, when it
+        is not the user asking (a sweep's early termination), becomes the run's error. A
+        second request keeps the first reason."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET cancel_requested = 1,"
+                " cancel_reason = COALESCE(cancel_reason, ?) WHERE id = ?",
+                (reason, run_id),
+            )
+
+    def of_sweep(self, sweep_id: str) -> list[RunRecord]:
+        """The trials of sweep `sweep_id`, by trial number (a re-asked trial: oldest first)."""
+        rows = self.db.execute(
+            "SELECT * FROM runs WHERE sweep = ? ORDER BY trial, number", (sweep_id,)
+        )
+        return [RunRecord.from_row(r) for r in rows]
 
     def cancel_requested(self, run_id: str) -> bool:
         """Whether someone asked to cancel the run."""

@@ -126,8 +126,35 @@ CREATE TABLE sink_cursors (
 )
 """
 
+# Step 4: sweeps. A sweep is a record of its own (its spec, state, best trial, driver); each
+# of its trials is an ordinary run that names the sweep and its trial number (Optuna's).
+# `cancel_reason`: why a run was asked to stop (an early-termination policy's rule), recorded
+# as the canceled run's error instead of "canceled by the user".
+V4 = """
+CREATE TABLE sweeps (
+    id TEXT PRIMARY KEY,
+    number INTEGER NOT NULL UNIQUE,
+    experiment TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created REAL NOT NULL,
+    ended REAL,
+    error TEXT,
+    best_run TEXT,
+    model TEXT,
+    driver_pid INTEGER,
+    driver_start TEXT,
+    driver_host TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+ALTER TABLE runs ADD COLUMN sweep TEXT;
+ALTER TABLE runs ADD COLUMN trial INTEGER;
+ALTER TABLE runs ADD COLUMN cancel_reason TEXT;
+CREATE INDEX runs_by_sweep ON runs (sweep, trial)
+"""
+
 # Append only (see above): a database at version N has taken MIGRATIONS[:N].
-MIGRATIONS: list[Step] = [V1, V2, V3]
+MIGRATIONS: list[Step] = [V1, V2, V3, V4]
 
 # The tables and indexes a history without expkit's application_id may hold: one written
 # before that mark, which is expkit's (version 0, so step 1's names), an empty database, or

@@ -4,7 +4,8 @@
 schema up to date (expkit.history.schema), and owns each thread's connection and the write
 transaction. What it records is reached through its parts, one per aggregate, which share
 that connection: `history.runs`, `.stages`, `.events`, `.tags`, `.outputs` (runs.py),
-`.metrics` (metrics.py), `.models` and `.exports` (models.py).
+`.metrics` (metrics.py), `.params` and `.sink_cursors` (params.py), `.models` and
+`.exports` (models.py), `.sweeps` (sweeps.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from expkit.history.metrics import Metrics
 from expkit.history.models import Exports, Models
 from expkit.history.params import Params, SinkCursors
 from expkit.history.runs import Events, Outputs, Runs, Stages, Tags
+from expkit.history.sweeps import Sweeps
 
 
 class History:
@@ -69,6 +71,7 @@ class History:
         self.sink_cursors = SinkCursors(self)
         self.models = Models(self, model_taken or (lambda name, version: False))
         self.exports = Exports(self)
+        self.sweeps = Sweeps(self)
         size = check_regular_file(self.path)
         if size == 0 and self._has_records():  # before SQLite writes a header into it
             raise self._lost()
