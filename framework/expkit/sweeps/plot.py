@@ -103,12 +103,16 @@ def _figure(axes: Any) -> Any:
 
 
 def _pixels(figure: Any) -> Any:
-    """The figure drawn into an RGBA array."""
-    import numpy
+    """The figure drawn into an RGBA array, cut to what it shows (Optuna puts legends
+    outside the axes, past the figure's edge)."""
+    import io
 
-    figure.set_dpi(DPI)
-    figure.canvas.draw()
-    return numpy.asarray(figure.canvas.buffer_rgba()).copy()
+    from matplotlib.image import imread
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    buffer.seek(0)
+    return imread(buffer, format="png")
 
 
 def _save(panels: list[Any], path: Path, title: str) -> None:

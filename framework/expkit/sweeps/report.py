@@ -98,8 +98,9 @@ def space_names(spec: dict[str, Any]) -> list[str]:
     for name, parameter in items:
         values = parameter.get("values") if isinstance(parameter, dict) else None
         paired = [v for v in values or () if isinstance(v, dict)]
-        keys = [str(k) for v in paired for k in v] if paired else [name]
-        names += [k for k in keys if k not in names]
+        for key in [str(k) for v in paired for k in v] if paired else [name]:
+            if key not in names:
+                names.append(key)
     return names
 
 
