@@ -112,8 +112,8 @@ def trial_state(record: RunRecord) -> str:
 
 
 def trial_rows(workspace: Workspace, sweep: SweepRecord) -> list[TrialRow]:
-    """The trials of `sweep`, by trial number: three queries in all (the trials, their
-    parameters, their primary metric's values)."""
+    """The trials of `sweep`, by trial number: four queries in all, whatever the number of
+    trials (the trials, their parameters, two for their primary metric's values)."""
     history = workspace.history
     records = history.runs.of_sweep(sweep.id)
     if not records:
@@ -125,9 +125,8 @@ def trial_rows(workspace: Workspace, sweep: SweepRecord) -> list[TrialRow]:
     now = time.time()
     rows = []
     for record in records:
-        logged = values.get(record.id, [])
-        finite = [v for v in logged if not math.isnan(v)]
-        best = (max if goal == "maximize" else min)(finite) if finite else None
+        logged = values.get(record.id)
+        best = None if logged is None else logged.high if goal == "maximize" else logged.low
         rows.append(
             TrialRow(
                 trial=record.trial,
@@ -135,9 +134,9 @@ def trial_rows(workspace: Workspace, sweep: SweepRecord) -> list[TrialRow]:
                 run_number=record.number,
                 state=trial_state(record),
                 params=_sampled(names, params.get(record.id, {}), record.job),
-                latest=logged[-1] if logged else None,
+                latest=None if logged is None else logged.last,
                 best=best,
-                steps=len(logged),
+                steps=0 if logged is None else logged.steps,
                 error=record.error,
                 seconds=(record.ended or now) - record.created,
             )
@@ -145,21 +144,43 @@ def trial_rows(workspace: Workspace, sweep: SweepRecord) -> list[TrialRow]:
     return rows
 
 
-def _metric_values(workspace: Workspace, sweep_id: str, metric: str) -> dict[str, list[float]]:
-    """Every numeric value each trial of the sweep logged of `metric`, run id -> values in
-    the order logged (one query, through the metrics' (run_id, name, id) index)."""
-    found: dict[str, list[float]] = {}
+@dataclass(frozen=True)
+class _Logged:
+    """What a trial logged of the primary metric: how many numeric values, the smallest,
+    the largest, and the last."""
+
+    steps: int
+    low: float
+    high: float
+    last: float
+
+
+def _metric_values(workspace: Workspace, sweep_id: str, metric: str) -> dict[str, _Logged]:
+    """What each trial of the sweep logged of `metric` (numbers only), by run id: two
+    aggregate queries over the metrics' (run_id, name, id) index, whatever the number of
+    values (a redraw reads one row per trial, not every value)."""
     if not metric:
-        return found
-    rows = workspace.history.db.execute(
-        "SELECT run_id, value FROM metrics WHERE name = ? AND value IS NOT NULL AND run_id IN"
-        " (SELECT id FROM runs WHERE sweep = ?) ORDER BY run_id, id",
+        return {}
+    db = workspace.history.db
+    trials = "SELECT id FROM runs WHERE sweep = ?"
+    rows = db.execute(
+        "SELECT run_id, COUNT(value), MIN(value), MAX(value), MAX(id) FROM metrics"
+        f" WHERE name = ? AND value IS NOT NULL AND run_id IN ({trials}) GROUP BY run_id",
         (metric, sweep_id),
+    ).fetchall()
+    last = dict(
+        db.execute(
+            "SELECT run_id, value FROM metrics WHERE id IN"
+            " (SELECT MAX(id) FROM metrics WHERE name = ? AND value IS NOT NULL"
+            f" AND run_id IN ({trials}) GROUP BY run_id)",
+            (metric, sweep_id),
+        ).fetchall()
     )
-    for run_id, value in rows:
-        if isinstance(value, int | float):
-            found.setdefault(run_id, []).append(float(value))
-    return found
+    return {
+        run_id: _Logged(count, float(low), float(high), float(last[run_id]))
+        for run_id, count, low, high, _ in rows
+        if run_id in last
+    }
 
 
 def _sampled(names: list[str], params: dict[str, str], job: dict[str, Any]) -> dict[str, str]:
