@@ -489,3 +489,58 @@ def test_show_names_the_registered_model(expkit_workspace, expkit_plugins, tmp_p
     assert "parameters       lr=0.05" in out
     models = expkit_cli("models", "show", "net:1")
     assert record.id in models.stdout, models.stdout
+
+
+def test_show_reads_the_spec_as_the_sweep_spec_writes_it(expkit_workspace, expkit_cli, tmp_path):
+    """A record holding `SweepSpec.to_dict()` (HyperDrive's form, a paired choice): the spec
+    in brief, and a column per argument the trials were given."""
+    from expkit.sweeps.space import trial_job
+    from expkit.sweeps.spec import SweepSpec
+
+    (tmp_path / "train.py").write_text("")
+    raw = {
+        "job": {
+            "experiment": "birds",
+            "source_directory": str(tmp_path),
+            "entry_script": "train.py",
+            "args": {"epochs": 2},
+        },
+        "search_space": {
+            "lr": "loguniform(-9.2, -2.3)",
+            "arch": {"type": "choice", "values": [{"depth": 2, "width": 64}, {"depth": 4}]},
+        },
+        "sampling_algorithm": {"type": "random", "seed": 3},
+        "objective": {"primary_metric": "val_loss", "goal": "minimize"},
+        "early_termination": {"type": "median_stopping", "delay_evaluation": 2},
+        "limits": {"max_total_trials": 4, "timeout": 600},
+        "register_best": True,
+    }
+    spec = SweepSpec.from_dict(raw, base_dir=tmp_path)
+    history = expkit_workspace.history
+    record = history.sweeps.create("birds", spec.to_dict())
+    for trial, (lr, arch) in enumerate([(0.001, {"depth": 2, "width": 64}), (0.01, {"depth": 4})]):
+        job = trial_job(spec, {"lr": lr, **arch})
+        run = history.runs.create("birds", job.to_dict(), sweep=record.id, trial=trial)
+        history.metrics.add(run.id, [("val_loss", 0, 0.5 - lr, None, time.time(), 0)])
+
+    out = expkit_cli("sweeps", "show", record.id).stdout
+
+    for expected in (
+        "search space       lr: loguniform(min_value=-9.2, max_value=-2.3)",
+        "arch: choice({'depth': 2, 'width': 64}, {'depth': 4})",
+        "sampling           random (seed 3, rule random)",
+        "objective          minimize val_loss",
+        "early termination  median_stopping (evaluation_interval 1, delay_evaluation 2)",
+        "register best      yes",
+    ):
+        assert expected in out, out
+    table = out[out.index(" TRIAL") :].splitlines()
+    assert table[0].split()[:6] == ["TRIAL", "RUN", "STATE", "lr", "depth", "width"]
+    # Sorted by val_loss, lowest first (0.49, then 0.499).
+    assert table[1].split()[:5] == ["1", "birds_2", "queued", "0.01", "4"]
+    assert table[2].split()[:8] == ["0", "birds_1", "queued", "0.001", "2", "64", "0.499", "0.499"]
+    rows = trial_rows(expkit_workspace, history.sweeps.get(record.id))
+    assert [row.params for row in rows] == [
+        {"lr": "0.001", "depth": "2", "width": "64"},
+        {"lr": "0.01", "depth": "4"},
+    ]
