@@ -531,6 +531,7 @@ def test_show_reads_the_spec_as_the_sweep_spec_writes_it(expkit_workspace, expki
         "sampling           random (seed 3, rule random)",
         "objective          minimize val_loss",
         "early termination  median_stopping (evaluation_interval 1, delay_evaluation 2)",
+        "limits             max_total_trials 4, max_concurrent_trials 1, timeout 600 s",
         "register best      yes",
     ):
         assert expected in out, out

@@ -203,13 +203,19 @@ def _expression(parameter: Any) -> str:
     return f"{kind}(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
 
 
+def _setting(name: str, value: Any) -> str:
+    """One setting's value: a number as written (600, not 600.0), timeouts in seconds."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{text} s" if name in ("timeout", "trial_timeout") else text
+
+
 def _settings(value: Any, named: bool = True) -> str:
     """A mapping of settings on one line: `bandit (slack_factor 0.1, delay_evaluation 2)`
     (`named`: its `type` first), unset ones left out."""
     if not isinstance(value, dict):
         return str(value)
     rest = {k: v for k, v in value.items() if k != "type" and v is not None}
-    text = ", ".join(f"{k} {v}" for k, v in rest.items())
+    text = ", ".join(f"{k} {_setting(k, v)}" for k, v in rest.items())
     if named:
         kind = str(value.get("type", "?"))
         return f"{kind} ({text})" if text else kind
