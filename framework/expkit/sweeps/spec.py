@@ -378,7 +378,8 @@ class _Parser:
         extra = frozenset({"$schema"} | ({"type"} if raw.get("type") == "sweep" else set()))
         self.unknown(raw, TOP_LEVEL, "", ignore=extra)
         for name in ("job", "search_space", "objective"):
-            if raw.get(name) is None:
+            renamed = any(_RENAMED.get(key, "").startswith(name) for key in raw if key != name)
+            if raw.get(name) is None and not renamed:  # `trial:` has its own line
                 example = {
                     "job": "training/job.yaml (the trial's job spec) or the job inline",
                     "search_space": "{lr: {type: uniform, min_value: 0.01, max_value: 0.1}}",
