@@ -823,3 +823,16 @@ def test_floats_reach_the_script_exactly(project):
         assert text is not None and text == repr(spec.job.args["learning_rate"])
         assert float(argv[argv.index("--lr") + 1]) == values["lr"]
     assert re.fullmatch(r"[0-9.e-]+", repr(space.preview(spec, 1)[0]["lr"]))
+
+
+def test_azure_ml_header_fields_and_python_parameters_are_accepted(project):
+    raw = yaml.safe_load(ISSUE_SWEEP)
+    raw["$schema"] = "https://azuremlschemas.azureedge.net/latest/sweepJob.schema.json"
+    raw["type"] = "sweep"
+    spec = SweepSpec.from_dict(raw, source="sweep.yaml", base_dir=project)
+    raw = spec.to_dict()
+    raw["search_space"] = list(spec.search_space)  # SweepSpec's own shape
+    assert SweepSpec.from_dict(raw, source=spec.source) == spec
+    raw = yaml.safe_load(ISSUE_SWEEP) | {"type": "command"}
+    with pytest.raises(JobSpecError, match=r"sweep\.yaml: type: unknown field"):
+        SweepSpec.from_dict(raw, source="sweep.yaml", base_dir=project)

@@ -480,6 +480,8 @@ class _Parser:
     # -- search space ------------------------------------------------------------------------------
     def space(self, raw: Any) -> tuple[Parameter, ...]:
         example = "{learning_rate: {type: loguniform, min_value: -9.2, max_value: -2.3}}"
+        if isinstance(raw, list | tuple) and raw and all(isinstance(p, Parameter) for p in raw):
+            raw = {p.name: p for p in raw}  # SweepSpec's own shape, from Python
         space = self.mapping(raw, "search_space", example)
         if space is None:
             return ()
