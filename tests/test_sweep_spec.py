@@ -479,6 +479,11 @@ BAD: dict[str, tuple[str, str]] = {
         _replace("register_best: true", "register_best: yes please"),
         "register_best: must be true or false, not 'yes please'",
     ),
+    "a job file that is not there": (
+        _replace("job: training/job.yaml", "job: training/jobs.yaml"),
+        "job: training/jobs.yaml: no such file; `job:` is the path of the trial's job spec, "
+        "relative to the sweep file's folder",
+    ),
     "a bad field of an inline job": (
         _replace(
             "job: training/job.yaml",

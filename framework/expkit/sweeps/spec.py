@@ -452,6 +452,15 @@ class _Parser:
                 path = Path(raw)
                 if self.base_dir is not None and not path.is_absolute():
                     path = self.base_dir / path
+                if not path.exists():
+                    folder = "the sweep file's folder" if self.base_dir else "the current folder"
+                    self.problem(
+                        "job",
+                        f"{printable(raw)}: no such file; `job:` is the path of the trial's job "
+                        f"spec, relative to {folder} ({printable(str(path.parent.absolute()))}), "
+                        "or the job spec inline",
+                    )
+                    return None
                 return JobSpec.from_yaml(path, self.job_overrides)
             if isinstance(raw, dict):
                 for item in self.job_overrides:
