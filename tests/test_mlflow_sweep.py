@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -226,7 +225,8 @@ import sys, time
 from pathlib import Path
 from expkit.job import JobSpec
 from expkit.plugin import Metric, RunInfo, RunOutcome
-from expkit_mlflow.sink import MlflowSink
+from expkit_mlflow.sink import MlflowWriter
+from expkit_mlflow.tracking import connect, ensure_run, resolve
 
 workspace, source, go, trial = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 spec = {"objective": {"primary_metric": "val_acc", "goal": "maximize"}}
@@ -237,36 +237,48 @@ info = RunInfo(
     job=job, created=time.time(), workspace_dir=workspace, tags=lambda: dict(tags),
     set_tags=tags.update, sweep="sw_sweep_1", trial=trial, sweep_spec=lambda: spec,
 )
-import mlflow  # the slow part, before the start line
+tracking = resolve(info, {})
+client = connect(tracking)  # what takes time and holds the store's lock, before the start
+(go.parent / f"ready-{trial}").touch()
 while not go.exists():
-    time.sleep(0.01)
-writer = MlflowSink().open(info, {})
+    time.sleep(0.005)
+writer = MlflowWriter(client, ensure_run(client, info, tracking)[0], info)  # as the sink opens
 writer.send([Metric("val_acc", 0.1 * (trial + 1), None, time.time())])
 writer.close(RunOutcome("completed"))
 """
 
 
+@pytest.mark.slow
 def test_trials_opening_at_the_same_moment_in_separate_processes_make_one_parent(
     expkit_workspace, tmp_path
 ):
-    """Five processes open a trial's sink at once (each as a trial's driver does): one
-    parent, five children, and the best so far logged once per completed trial."""
+    """Four processes open a trial's sink at once (each as a trial's driver does, its store
+    connected beforehand): one parent, four children, and the best so far logged once per
+    completed trial."""
     source = tmp_path / "src"
     source.mkdir()
     (source / "train.py").write_text("")
     go = tmp_path / "go"
-    count = 5
+    count = 4
+    folders = [str(expkit_workspace.path), str(source), str(go)]
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", OPEN_AND_CLOSE, str(expkit_workspace.path), str(source)]
-            + [str(go), str(trial)],
+            [sys.executable, "-c", OPEN_AND_CLOSE, *folders, str(trial)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for trial in range(count)
     ]
-    go.touch()
+    eventually(
+        lambda: (
+            all((tmp_path / f"ready-{t}").exists() for t in range(count))
+            or any(p.poll() is not None for p in processes)
+        ),
+        timeout=300,
+        what="the processes ready",
+    )
+    go.touch()  # all at once
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert [p.returncode for p in processes] == [0] * count, "\n".join(outputs)
 
