@@ -333,3 +333,40 @@ def test_trials_whose_driver_died_nest_when_their_sinks_are_closed_later(
     assert {k.info.status for k in kids.values()} == {"FAILED"}
     assert parent.info.status == "FAILED"
     assert client.get_metric_history(parent.info.run_id, "best_val_acc") == []
+
+
+def test_the_parent_s_params_read_as_the_sweep_s_yaml_in_any_of_its_forms():
+    """HyperDrive's function forms are kept as written, paired parameters (a choice of
+    mappings) shown whole, a sweep without early termination says so, and a spec that
+    names no objective gives no best to keep."""
+    from expkit_mlflow.sweeps import objective, spec_params
+
+    spec = {
+        "search_space": {
+            "batch_size": "choice(16, 32, 64)",
+            "pair": {"type": "choice", "values": [{"lr": 0.1, "bs": 16}, {"lr": 0.01, "bs": 64}]},
+            "act": {"type": "choice", "values": ["relu", "tanh"]},
+            "steps": {"type": "quniform", "min_value": 1, "max_value": 9, "q": 2},
+            "noise": {"type": "normal", "mu": 0, "sigma": 1.5},
+            "layers": {"type": "randint", "upper": 4},
+        },
+        "sampling_algorithm": "grid",
+        "objective": {"primary_metric": "loss", "goal": "Minimize"},
+        "early_termination": None,
+    }
+
+    assert spec_params(spec) == {
+        "search_space.batch_size": "choice(16, 32, 64)",
+        "search_space.pair": 'choice({"lr": 0.1, "bs": 16}, {"lr": 0.01, "bs": 64})',
+        "search_space.act": 'choice("relu", "tanh")',
+        "search_space.steps": "quniform(1, 9, 2)",
+        "search_space.noise": "normal(0, 1.5)",
+        "search_space.layers": "randint(4)",
+        "sampling_algorithm": "grid",
+        "objective.primary_metric": "loss",
+        "objective.goal": "Minimize",
+        "early_termination": "none",
+    }
+    assert objective(spec) == ("loss", "minimize")
+    assert objective({}) == (None, "maximize")
+    assert spec_params({}) == {}
