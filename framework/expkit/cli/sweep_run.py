@@ -147,8 +147,8 @@ def watch(workspace: Any, sweep_id: str) -> int:
     total = limits.get("max_total_trials")
     print(
         f"sweep {sweep_id} in workspace {workspace.path}: "
-        f"{'up to ' + str(total) if total else 'trials'} trials, "
-        f"{limits.get('max_concurrent_trials', 1)} at once; Ctrl-C cancels it",
+        + (f"up to {total} trials, " if total else "")
+        + f"{limits.get('max_concurrent_trials', 1)} at once; Ctrl-C cancels it",
         flush=True,
     )
     reporter: Reporter = LiveTable(sys.stdout) if sys.stdout.isatty() else LineReporter(sys.stdout)
@@ -209,11 +209,16 @@ def dry_run(source: str, spec: Any) -> int:
             for k, v in dataclasses.asdict(parameter).items()
             if k not in ("name", "type") and v not in (None, ())
         }
-        shown = ", ".join(repr(v) if k == "values" else f"{k}={v}" for k, v in fields.items())
+        shown = ", ".join(
+            ", ".join(map(repr, v)) if k == "values" else f"{k}={v}" for k, v in fields.items()
+        )
         described.append(f"{parameter.name}: {parameter.type}({shown})")
     sampling = spec.sampling.type + (f", seed {spec.sampling.seed}" if spec.sampling.seed else "")
     if spec.sampling.type == "random" and spec.sampling.rule != "random":
         sampling += f", rule {spec.sampling.rule}"
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     size = grid_size(spec)
     caps = [n for n in (limits.max_total_trials, size) if n is not None]
     count = min([PREVIEW_TRIALS, *caps])
@@ -248,5 +253,10 @@ def dry_run(source: str, spec: Any) -> int:
 def _policy(policy: Any) -> str:
     import dataclasses
 
-    fields = {k: v for k, v in dataclasses.asdict(policy).items() if k != "type" and v is not None}
+    halving = policy.type in ("successive_halving", "hyperband")
+    fields = {
+        k: v
+        for k, v in dataclasses.asdict(policy).items()
+        if k != "type" and v is not None and (halving or k != "reduction_factor")
+    }
     return f"{policy.type} (" + ", ".join(f"{k} {v}" for k, v in fields.items()) + ")"

@@ -312,9 +312,19 @@ class SweepDriver:
         from optuna.trial import TrialState
 
         for number, watched in list(self.watched.items()):
-            self.study.tell(number, state=TrialState.FAIL)
+            self.tell(number, state=TrialState.FAIL)
             watched.view.state, watched.view.note = "failed", self.stopping or "sweep ended"
             del self.watched[number]
+
+    def tell(self, trial: Any, value: float | None = None, state: Any = None) -> None:
+        """`study.tell`, but for the GridSampler's `study.stop()` once the grid is done: it
+        raises outside `study.optimize`, after the trial's state was stored (the limits
+        here know the grid's size)."""
+        try:
+            self.study.tell(trial, value, state=state)
+        except RuntimeError as error:
+            if "Study.stop" not in str(error):
+                raise
 
     # -- limits -------------------------------------------------------------------------------
     def counted(self) -> int:
@@ -353,7 +363,7 @@ class SweepDriver:
                 self.ws, trial_job(self.spec, values), sweep=self.id, trial=trial.number
             )
         except BaseException:
-            self.study.tell(trial, state=TrialState.FAIL)
+            self.tell(trial, state=TrialState.FAIL)
             raise
         trial.set_user_attr(RUN_ID, record.id)
         trial.set_user_attr(VALUES, _jsonable(values))
@@ -416,7 +426,7 @@ class SweepDriver:
         from optuna.trial import TrialState
 
         self.study._storage.set_trial_user_attr(frozen._trial_id, NEVER_STARTED, True)
-        self.study.tell(frozen.number, state=TrialState.FAIL)
+        self.tell(frozen.number, state=TrialState.FAIL)
         self.study.enqueue_trial(dict(frozen.params))
         view.state, view.note = "failed", "its driver died before it started; asked again"
         self.reporter.note(f"trial {frozen.number}: never started; its parameters asked again")
@@ -486,10 +496,10 @@ class SweepDriver:
 
         view = watched.view
         if run.state == "completed" and watched.last_value is not None:
-            self.study.tell(number, watched.last_value)
+            self.tell(number, watched.last_value)
             view.state, view.value = "completed", watched.last_value
         elif run.state == "completed":
-            self.study.tell(number, state=TrialState.FAIL)
+            self.tell(number, state=TrialState.FAIL)
             view.state = "failed"
             view.note = f"completed without logging {self.metric}: told failed"
             self.reporter.note(
@@ -497,10 +507,10 @@ class SweepDriver:
                 "metric with run.log(...)"
             )
         elif run.state == "canceled" and watched.reason and run.error == watched.reason:
-            self.study.tell(number, state=TrialState.PRUNED)
+            self.tell(number, state=TrialState.PRUNED)
             view.state, view.note = "pruned", run.error
         else:
-            self.study.tell(number, state=TrialState.FAIL)
+            self.tell(number, state=TrialState.FAIL)
             view.state, view.note = run.state, run.error
         del self.watched[number]
         self.update_best()
