@@ -407,3 +407,36 @@ def test_dry_run_shows_the_first_trials_and_starts_nothing(expkit_workspace, exp
         assert "--steps 3" in command
     assert expkit_workspace.history.sweeps.recent() == []
     assert not (expkit_workspace.path / "sweeps").exists()
+
+
+# -- the live table -----------------------------------------------------------------------------
+def test_on_a_terminal_the_trials_are_a_table_redrawn_in_place(expkit_workspace, tmp_path):
+    import pty
+
+    sweep = write_sweep(tmp_path, {"limits": {"max_total_trials": 2, "max_concurrent_trials": 2}})
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `expkit sweep` with a terminal as its output
+        os.environ["EXPKIT_WORKSPACE"] = str(expkit_workspace.path)
+        os.execv(sys.executable, [sys.executable, "-m", "expkit", "sweep", str(sweep)])
+    shown = bytearray()
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # the child ended: the terminal closed
+            break
+        if not data:
+            break
+        shown.extend(data)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, shown.decode(errors="replace")
+    text = shown.decode(errors="replace").replace("\r\n", "\n")
+    assert "\x1b[J" in text  # redrawn in place
+    runs = expkit_workspace.history.runs.of_sweep("sw_sweep_1")
+    best = min(runs, key=lambda r: abs(lr_of(r) - 0.01))
+    last = text.rsplit("\x1b[J", 1)[1]  # the table as it was left on the screen
+    assert re.match(rf"2 trials, 0 running; best so far: trial {best.trial}, acc ", last), last
+    assert re.search(r"^trial\s+run\s+parameters\s+state\s+acc$", last, re.M)
+    for run in runs:
+        mark = r"\s+\*" if run is best else ""
+        assert re.search(rf"^{run.trial}\s+{run.id}\s+lr=\S+\s+completed\s+\S+{mark}$", last, re.M)
+    assert f"best trial: {best.trial} (run {best.id}), acc " in last

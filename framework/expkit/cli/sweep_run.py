@@ -151,7 +151,10 @@ def watch(workspace: Any, sweep_id: str) -> int:
         + f"{limits.get('max_concurrent_trials', 1)} at once; Ctrl-C cancels it",
         flush=True,
     )
-    reporter: Reporter = LiveTable(sys.stdout) if sys.stdout.isatty() else LineReporter(sys.stdout)
+    metric = record.spec["objective"]["primary_metric"]
+    reporter: Reporter = (
+        LiveTable(sys.stdout, metric) if sys.stdout.isatty() else LineReporter(sys.stdout)
+    )
     try:
         record = drive(workspace, sweep_id, reporter)
     finally:
@@ -164,7 +167,6 @@ def watch(workspace: Any, sweep_id: str) -> int:
         run = workspace.history.runs.get(record.best_run)
         from expkit.history.metrics import metric_value
 
-        metric = record.spec["objective"]["primary_metric"]
         rows = workspace.history.metrics.of(run.id, metric)
         value = metric_value(rows[-1]) if rows else None
         values = best.values if best is not None and best.run_id == run.id else _values(run)

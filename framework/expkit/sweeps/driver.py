@@ -383,9 +383,9 @@ class SweepDriver:
         from optuna.trial import TrialState
 
         runs: dict[int, RunRecord] = {}
-        for run in self.history.runs.of_sweep(self.id):
-            if run.trial is not None:
-                runs[run.trial] = run  # a trial's latest run
+        for trial_run in self.history.runs.of_sweep(self.id):
+            if trial_run.trial is not None:
+                runs[trial_run.trial] = trial_run  # a trial's latest run
         for frozen in self.study.get_trials(deepcopy=False):
             run = runs.get(frozen.number)
             values = frozen.user_attrs.get(VALUES) or dict(frozen.params)
@@ -451,7 +451,9 @@ class SweepDriver:
             elif time.monotonic() - watched.checked > LIVENESS_SECONDS:
                 watched.checked = time.monotonic()
                 if not driver_alive(run.driver_pid, run.driver_start):
-                    self.history.runs.reap_orphans([run.id])  # ends failed: told next poll
+                    from expkit.recovery import recover
+
+                    recover(self.ws, self.history)  # it ends failed: told at the next poll
 
     def read_values(self, watched: _Watched) -> list[float]:
         """The trial's primary metric values logged since the last look (numbers only)."""
@@ -547,12 +549,14 @@ class SweepDriver:
 
     def register_best(self) -> str | None:
         """Register the best trial's model (`expkit.sweeps.best.register_best`): "name:version"."""
-        try:
-            from expkit.sweeps.best import register_best  # type: ignore[attr-defined]
-        except ImportError:  # TODO: expkit.sweeps.best lands with the sweep's records
+        import importlib
+
+        try:  # TODO: import it plainly once expkit.sweeps.best is in main
+            best = importlib.import_module("expkit.sweeps.best")
+        except ImportError:
             self.reporter.note("register_best: expkit.sweeps.best is not there yet")
             return None
-        result = register_best(self.ws, self.id)
+        result = best.register_best(self.ws, self.id)
         return None if result is None else str(result)
 
 

@@ -7,18 +7,22 @@ from typing import IO
 
 from expkit.sweeps.driver import Reporter, TrialView, format_number, format_values
 
+REDRAW_SECONDS = 0.2  # the least time between two redraws for a new metric value
+
 
 class LiveTable(Reporter):
-    """The trials as a table redrawn in place on a terminal (ANSI cursor movement): trial,
-    run, parameters, state, latest primary metric, best so far. Notes print above it."""
+    """The trials as a table redrawn in place (ANSI cursor movement; use it only when the
+    stream is a terminal): trial, run, parameters, state, latest value of the primary metric
+    (the trial's value once it completed), the best so far marked `*` and named above the
+    table. Why a trial ended early, and notes about the sweep, print above it and stay."""
 
-    MAX_ROWS = 20  # the latest trials shown (the best one always)
+    MAX_ROWS = 20  # the latest trials shown (and the best one)
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], metric: str = "metric") -> None:
         self.stream = stream
+        self.metric = metric
         self.views: dict[int, TrialView] = {}
-        self.best: TrialView | None = None
-        self.drawn = 0  # lines of the table on the screen now
+        self.drawn: list[str] = []  # the table's lines on the screen now
         self.last_draw = 0.0
 
     def started(self, view: TrialView) -> None:
@@ -31,7 +35,9 @@ class LiveTable(Reporter):
 
     def ended(self, view: TrialView, best: TrialView | None) -> None:
         self.views[view.number] = view
-        self.best = best
+        if view.state != "completed" and view.note:
+            shown = "canceled" if view.state == "pruned" else view.state
+            self.note(f"trial {view.number} (run {view.run_id}) {shown}: {view.note}")
         self.draw(force=True)
 
     def note(self, text: str) -> None:
@@ -40,44 +46,55 @@ class LiveTable(Reporter):
         self.draw(force=True)
 
     def clear(self) -> None:
+        """Take the table off the screen (the cursor back where it began)."""
         if self.drawn:
-            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
-            self.drawn = 0
+            self.stream.write(f"\x1b[{len(self.drawn)}F\x1b[J")
+            self.drawn = []
 
-    def rows(self) -> list[list[str]]:
-        shown = sorted(self.views.values(), key=lambda v: v.number)[-self.MAX_ROWS :]
+    def lines(self) -> list[str]:
+        """The table as it is now: a title naming the best trial so far, then the rows."""
+        views = sorted(self.views.values(), key=lambda v: v.number)
+        shown = views[-self.MAX_ROWS :]
         if self.best is not None and self.best not in shown:
             shown = [self.best, *shown[1:]]
-        rows = []
+        running = sum(v.state in ("queued", "scaling", "running") for v in views)
+        title = f"{len(views)} trials, {running} running"
+        if self.best is not None:
+            title += (
+                f"; best so far: trial {self.best.number}, {self.metric} "
+                f"{format_number(self.best.value)}"
+            )
+        headers = ["trial", "run", "parameters", "state", self.metric, ""]
+        rows = [headers]
         for view in shown:
-            mark = "*" if view is self.best else ""
-            state = "canceled" if view.state == "pruned" else view.state
             rows.append(
                 [
                     str(view.number),
                     view.run_id or "-",
                     format_values(view.values),
-                    state,
+                    "canceled" if view.state == "pruned" else view.state,
                     format_number(view.latest if view.value is None else view.value),
-                    mark,
+                    "*" if view is self.best else "",
                 ]
             )
-        return rows
+        widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+        table = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+        return [title, *(line.rstrip() for line in table)]
 
     def draw(self, force: bool = False) -> None:
+        """Redraw the table if it changed (a new metric value: at most every REDRAW_SECONDS)."""
         now = time.monotonic()
-        if not force and now - self.last_draw < 0.2:
+        if not force and now - self.last_draw < REDRAW_SECONDS:
+            return
+        lines = self.lines()
+        if lines == self.drawn:
             return
         self.last_draw = now
-        headers = ["trial", "run", "parameters", "state", "metric", "best"]
-        rows = self.rows()
-        widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
-                 for r in [headers, *rows]]  # fmt: skip
         self.clear()
         self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()
-        self.drawn = len(lines)
+        self.drawn = lines
 
     def close(self) -> None:
+        """Leave the table as it last was, on the screen."""
         self.draw(force=True)
