@@ -440,3 +440,31 @@ def test_on_a_terminal_the_trials_are_a_table_redrawn_in_place(expkit_workspace,
         mark = r"\s+\*" if run is best else ""
         assert re.search(rf"^{run.trial}\s+{run.id}\s+lr=\S+\s+completed\s+\S+{mark}$", last, re.M)
     assert f"best trial: {best.trial} (run {best.id}), acc " in last
+
+
+def test_sweeps_cancel_of_a_sweep_whose_driver_died_cancels_its_trials_itself(
+    expkit_workspace, expkit_cli, tmp_path
+):
+    sweep = write_sweep(
+        tmp_path,
+        {"limits": {"max_total_trials": 4, "max_concurrent_trials": 2}},
+        {"steps": 100, "sleep": 0.1},
+    )
+    assert expkit_cli("sweep", str(sweep), "--detach").returncode == 0
+    history = expkit_workspace.history
+    eventually(lambda: len(history.runs.of_sweep("sw_sweep_1")) == 2, what="two trials")
+    driver = history.sweeps.get("sw_sweep_1").driver_pid
+    os.kill(driver, signal.SIGKILL)
+    eventually(lambda: not alive(driver), what="the sweep's driver gone")
+
+    canceled = expkit_cli("sweeps", "cancel", "sw_sweep_1")
+    assert canceled.returncode == 0, canceled.stderr
+    assert "sweep sw_sweep_1 canceled (its driver was gone)" in canceled.stdout
+    record = history.sweeps.get("sw_sweep_1")
+    assert (record.state, record.error) == ("canceled", "sweep sw_sweep_1 canceled")
+    assert set(trial_states(expkit_workspace, record.id).values()) == {"FAIL"}
+    # The trials' own drivers stop them, with the sweep's reason.
+    for run in history.runs.of_sweep(record.id):
+        eventually(lambda run=run: history.runs.get(run.id).finished, what=f"{run.id} stopping")
+        stopped = history.runs.get(run.id)
+        assert (stopped.state, stopped.error) == ("canceled", "sweep sw_sweep_1 canceled")
