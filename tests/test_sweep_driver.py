@@ -452,7 +452,10 @@ def test_sweeps_cancel_of_a_sweep_whose_driver_died_cancels_its_trials_itself(
     )
     assert expkit_cli("sweep", str(sweep), "--detach").returncode == 0
     history = expkit_workspace.history
-    eventually(lambda: len(history.runs.of_sweep("sw_sweep_1")) == 2, what="two trials")
+    eventually(
+        lambda: [r.state for r in history.runs.of_sweep("sw_sweep_1")] == ["running"] * 2,
+        what="two trials running",
+    )
     driver = history.sweeps.get("sw_sweep_1").driver_pid
     os.kill(driver, signal.SIGKILL)
     eventually(lambda: not alive(driver), what="the sweep's driver gone")
@@ -468,3 +471,22 @@ def test_sweeps_cancel_of_a_sweep_whose_driver_died_cancels_its_trials_itself(
         eventually(lambda run=run: history.runs.get(run.id).finished, what=f"{run.id} stopping")
         stopped = history.runs.get(run.id)
         assert (stopped.state, stopped.error) == ("canceled", "sweep sw_sweep_1 canceled")
+
+
+def test_a_trial_past_its_trial_timeout_fails_and_the_sweep_goes_on(
+    expkit_workspace, expkit_cli, tmp_path
+):
+    sweep = write_sweep(
+        tmp_path,
+        {"limits": {"max_total_trials": 2, "max_concurrent_trials": 2, "trial_timeout": 1}},
+        {"steps": 100, "sleep": 0.1},
+    )
+    result = expkit_cli("sweep", str(sweep))
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = expkit_workspace.history.runs.of_sweep("sw_sweep_1")
+    assert [r.job["timeout"] for r in runs] == [1, 1]
+    assert [r.state for r in runs] == ["failed", "failed"]
+    assert all(r.error.startswith("run: timed out after 1s") for r in runs), runs[0].error
+    assert trial_states(expkit_workspace, "sw_sweep_1") == {0: "FAIL", 1: "FAIL"}
+    assert expkit_workspace.history.sweeps.get("sw_sweep_1").best_run is None
+    assert "best trial: none completed" in result.stdout

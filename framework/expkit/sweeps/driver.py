@@ -36,7 +36,7 @@ LIVENESS_SECONDS = 2.0  # how often it checks that each trial's driver still run
 CANCEL_WAIT_SECONDS = 60.0  # how long a canceled sweep waits for its trials' drivers to stop
 # Trial user attributes (kept in the study's journal).
 RUN_ID = "run_id"  # the run the trial is
-VALUES = "values"  # the arguments the trial's run got ({name: value})
+VALUES = "values"  # the arguments the trial's run got ({name: value}; set by space.suggest)
 TERMINATION = "termination"  # why the early termination policy stopped it
 NEVER_STARTED = "never_started"  # its driver died before its run was recorded: re-asked
 
@@ -366,7 +366,6 @@ class SweepDriver:
             self.tell(trial, state=TrialState.FAIL)
             raise
         trial.set_user_attr(RUN_ID, record.id)
-        trial.set_user_attr(VALUES, _jsonable(values))
         start_driver(self.ws, record.id)
         view = TrialView(trial.number, record.id, values, run_number=record.number)
         self.views[trial.number] = view
@@ -561,20 +560,6 @@ class SweepDriver:
 
 
 _FINISHED_VIEW = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed"}
-
-
-def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` with what JSON cannot hold as text (the study's journal is JSON)."""
-    import json
-
-    out = {}
-    for key, value in values.items():
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            value = str(value)
-        out[str(key)] = value
-    return out
 
 
 class _quiet:
