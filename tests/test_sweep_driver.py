@@ -490,3 +490,34 @@ def test_a_trial_past_its_trial_timeout_fails_and_the_sweep_goes_on(
     assert trial_states(expkit_workspace, "sw_sweep_1") == {0: "FAIL", 1: "FAIL"}
     assert expkit_workspace.history.sweeps.get("sw_sweep_1").best_run is None
     assert "best trial: none completed" in result.stdout
+
+
+def test_register_best_registers_the_best_trials_model(expkit_workspace, expkit_cli, tmp_path):
+    from expkit.registry import ModelStore
+
+    sweep = write_sweep(
+        tmp_path,
+        {
+            "search_space": {"lr": {"type": "choice", "values": [0.0, 0.01, 0.03]}},
+            "sampling_algorithm": {"type": "grid"},
+            "limits": {"max_concurrent_trials": 2},
+            "register_best": True,
+        },
+        {"steps": 1, "sleep": 0.0},
+    )
+    job = tmp_path / "project" / "job.yaml"
+    job.write_text(job.read_text() + "model: {name: swmodel, path: outputs/}\n")
+    result = expkit_cli("sweep", str(sweep))
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = expkit_workspace.history.sweeps.get("sw_sweep_1")
+    best = expkit_workspace.history.runs.get(record.best_run)
+    assert lr_of(best) == 0.01
+    assert record.model == "swmodel:1"
+    model = ModelStore(expkit_workspace).get("swmodel", 1)
+    assert model.lineage["run_id"] == best.id
+    assert model.lineage["sweep"] == record.id
+    assert "registered model: swmodel:1" in result.stdout
+    # The trials themselves registered nothing: the sweep registers its best.
+    for run in expkit_workspace.history.runs.of_sweep(record.id):
+        register = [s for s in expkit_workspace.history.stages.of(run.id) if s.stage == "register"]
+        assert register[0].state == "skipped"

@@ -13,6 +13,7 @@ lines in the sweep's driver.log).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -235,7 +236,6 @@ class SweepDriver:
         self.best: TrialView | None = None
         self.signals: list[str] = []
         self.stopping: str | None = None  # why the sweep stops early (canceled, timeout)
-        self.stop_state = "canceled"
         self.canceling_since: float | None = None
         self.study: Any = None
 
@@ -260,13 +260,15 @@ class SweepDriver:
             error = str(failure) or type(failure).__name__
             self.reporter.note(f"sweep {self.id} failed: {error}")
             self.cancel_trials(f"sweep {self.id} failed")
-            self.abandon()
+            if self.study is not None:
+                with contextlib.suppress(Exception):  # the study may be what failed
+                    self.abandon()
             self.history.sweeps.finish(self.id, "failed", error)
             return self.history.sweeps.get(self.id)
         if self.watched:  # a second signal: their drivers finish canceling them
             self.abandon()
         if self.stopping is not None:
-            self.history.sweeps.finish(self.id, self.stop_state, self.stopping)
+            self.history.sweeps.finish(self.id, "canceled", self.stopping)
         else:
             self.finish_completed()
         return self.history.sweeps.get(self.id)
@@ -275,7 +277,7 @@ class SweepDriver:
         """SIGINT (Ctrl-C), SIGTERM, SIGHUP: cancel the sweep (noted here, acted on by the loop)."""
         self.signals.append(signal.Signals(signum).name)
         if len(self.signals) > 1:
-            with _quiet():
+            with contextlib.suppress(OSError):  # the terminal may be gone
                 os.write(2, b"expkit: not waiting for the trials to finish canceling\n")
 
     def check_stop(self) -> None:
@@ -547,7 +549,8 @@ class SweepDriver:
         self.history.sweeps.finish(self.id, "completed")
 
     def register_best(self) -> str | None:
-        """Register the best trial's model (`expkit.sweeps.best.register_best`): "name:version"."""
+        """Register the best trial's model (`expkit.sweeps.best.register_best`, which also
+        records it on the sweep): its "name:version"."""
         import importlib
 
         try:  # TODO: import it plainly once expkit.sweeps.best is in main
@@ -555,21 +558,11 @@ class SweepDriver:
         except ImportError:
             self.reporter.note("register_best: expkit.sweeps.best is not there yet")
             return None
-        result = best.register_best(self.ws, self.id)
-        return None if result is None else str(result)
+        model = best.register_best(self.ws, self.id)
+        return f"{model.name}:{model.version}"
 
 
 _FINISHED_VIEW = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed"}
-
-
-class _quiet:
-    """Suppress OSError (the terminal may be gone)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def main(argv: list[str]) -> int:
