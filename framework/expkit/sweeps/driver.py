@@ -314,19 +314,9 @@ class SweepDriver:
         from optuna.trial import TrialState
 
         for number, watched in list(self.watched.items()):
-            self.tell(number, state=TrialState.FAIL)
+            self.study.tell(number, state=TrialState.FAIL)
             watched.view.state, watched.view.note = "failed", self.stopping or "sweep ended"
             del self.watched[number]
-
-    def tell(self, trial: Any, value: float | None = None, state: Any = None) -> None:
-        """`study.tell`, but for the GridSampler's `study.stop()` once the grid is done: it
-        raises outside `study.optimize`, after the trial's state was stored (the limits
-        here know the grid's size)."""
-        try:
-            self.study.tell(trial, value, state=state)
-        except RuntimeError as error:
-            if "Study.stop" not in str(error):
-                raise
 
     # -- limits -------------------------------------------------------------------------------
     def counted(self) -> int:
@@ -365,7 +355,7 @@ class SweepDriver:
                 self.ws, trial_job(self.spec, values), sweep=self.id, trial=trial.number
             )
         except BaseException:
-            self.tell(trial, state=TrialState.FAIL)
+            self.study.tell(trial, state=TrialState.FAIL)
             raise
         trial.set_user_attr(RUN_ID, record.id)
         start_driver(self.ws, record.id)
@@ -427,7 +417,7 @@ class SweepDriver:
         from optuna.trial import TrialState
 
         self.study._storage.set_trial_user_attr(frozen._trial_id, NEVER_STARTED, True)
-        self.tell(frozen.number, state=TrialState.FAIL)
+        self.study.tell(frozen.number, state=TrialState.FAIL)
         self.study.enqueue_trial(dict(frozen.params))
         view.state, view.note = "failed", "its driver died before it started; asked again"
         self.reporter.note(f"trial {frozen.number}: never started; its parameters asked again")
@@ -499,10 +489,10 @@ class SweepDriver:
 
         view = watched.view
         if run.state == "completed" and watched.last_value is not None:
-            self.tell(number, watched.last_value)
+            self.study.tell(number, watched.last_value)
             view.state, view.value = "completed", watched.last_value
         elif run.state == "completed":
-            self.tell(number, state=TrialState.FAIL)
+            self.study.tell(number, state=TrialState.FAIL)
             view.state = "failed"
             view.note = f"completed without logging {self.metric}: told failed"
             self.reporter.note(
@@ -510,10 +500,10 @@ class SweepDriver:
                 "metric with run.log(...)"
             )
         elif run.state == "canceled" and watched.reason and run.error == watched.reason:
-            self.tell(number, state=TrialState.PRUNED)
+            self.study.tell(number, state=TrialState.PRUNED)
             view.state, view.note = "pruned", run.error
         else:
-            self.tell(number, state=TrialState.FAIL)
+            self.study.tell(number, state=TrialState.FAIL)
             view.state, view.note = run.state, run.error
         del self.watched[number]
         self.update_best()
