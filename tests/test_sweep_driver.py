@@ -370,9 +370,14 @@ def test_resume_reasks_a_trial_whose_run_was_never_recorded(expkit_workspace, ex
     gone.wait()
     expkit_workspace.history.sweeps.claim(record.id, gone.pid)
 
-    resumed = expkit_cli("sweeps", "resume", record.id)
+    resumed = expkit_cli("sweeps", "resume", record.id, "--detach")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "trial 0: never started; its parameters asked again" in resumed.stdout
+    assert f"sweep 1 ({record.id}) goes on in the background" in resumed.stdout
+    history = expkit_workspace.history
+    eventually(lambda: history.sweeps.get(record.id).finished, what="the resumed sweep's end")
+    assert history.sweeps.get(record.id).state == "completed"
+    log = (expkit_workspace.sweep_dir(record.id) / "driver.log").read_text()
+    assert "trial 0: never started; its parameters asked again" in log
     runs = expkit_workspace.history.runs.of_sweep(record.id)
     assert [r.trial for r in runs] == [1, 2]  # limits count trials that ran
     assert lr_of(runs[0]) == lr  # the same parameters, asked again
