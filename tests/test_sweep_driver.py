@@ -500,8 +500,6 @@ def test_a_trial_past_its_trial_timeout_fails_and_the_sweep_goes_on(
 def test_register_best_registers_the_best_trials_model(expkit_workspace, expkit_cli, tmp_path):
     from expkit.registry import ModelStore
 
-    pytest.importorskip("expkit.sweeps.best")  # TODO: drop once the sweep's records are merged
-
     sweep = write_sweep(
         tmp_path,
         {

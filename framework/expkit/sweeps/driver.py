@@ -531,24 +531,17 @@ class SweepDriver:
                 self.reporter.note(error)
                 self.history.sweeps.finish(self.id, "failed", error)
                 return
-            if model:
-                self.history.sweeps.update(self.id, model=model)
-                self.reporter.note(f"registered the best trial's model as {model}")
+            self.reporter.note(f"registered the best trial's model as {model}")
         elif self.spec.register_best:
             self.reporter.note("no trial completed: no model registered")
         self.history.sweeps.finish(self.id, "completed")
 
-    def register_best(self) -> str | None:
+    def register_best(self) -> str:
         """Register the best trial's model (`expkit.sweeps.best.register_best`, which also
         records it on the sweep): its "name:version"."""
-        import importlib
+        from expkit.sweeps.best import register_best
 
-        try:  # TODO: import it plainly once expkit.sweeps.best is in main
-            best = importlib.import_module("expkit.sweeps.best")
-        except ImportError:
-            self.reporter.note("register_best: expkit.sweeps.best is not there yet")
-            return None
-        model = best.register_best(self.ws, self.id)
+        model = register_best(self.ws, self.id)
         return f"{model.name}:{model.version}"
 
 
