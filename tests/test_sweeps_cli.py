@@ -74,9 +74,10 @@ def add_trial(history, sweep, trial, lr, batch_size, values, state="completed", 
 
 @pytest.fixture
 def sweep(expkit_workspace):
-    """A finished sweep of five trials: 0 completed 0.7, 1 completed 0.9 (the best), 2
-    early-terminated at 0.3, 3 failed without a value, 4 completed 0.8 (better values
-    before its last); and its Optuna study in the journal (the same values told)."""
+    """A finished sweep of five trials: 0 completed 0.5 then 0.7, 1 completed 0.6 then 0.9, 2
+    early-terminated at 0.2 then 0.3, 3 failed without a value, 4 completed 0.95 then 0.8 (the
+    best: a trial's value is the best it logged, as HyperDrive ranks child runs); and its
+    Optuna study in the journal (the same values told)."""
     history = expkit_workspace.history
     record = history.sweeps.create("birds", sweep_spec(JOB))
     add_trial(history, record, 0, 0.01, 16, [0.5, 0.7])
@@ -85,7 +86,7 @@ def sweep(expkit_workspace):
     add_trial(history, record, 3, 0.09, 32, [], state="failed", error="run: exit code 1")
     add_trial(history, record, 4, 0.03, 16, [0.95, 0.8])
     history.sweeps.finish(record.id, "completed")
-    write_study(expkit_workspace, record.id, [(0.01, 16, 0.7), (0.05, 32, 0.9), (0.03, 16, 0.8)])
+    write_study(expkit_workspace, record.id, [(0.01, 16, 0.7), (0.05, 32, 0.9), (0.03, 16, 0.95)])
     return history.sweeps.get(record.id)
 
 
@@ -139,12 +140,12 @@ def test_the_table_is_sorted_by_the_objective_the_best_marked(expkit_workspace, 
 
     lines = render(rows, ("acc", "maximize"), space_names(sweep.spec))
     assert lines[0].split()[:7] == ["TRIAL", "RUN", "STATE", "lr", "batch_size", "acc", "BEST"]
-    # By the last value (0.9, 0.8, 0.7, 0.3), the trial without a value last.
-    assert [line.split()[0] for line in lines[1:]] == ["*1", "4", "0", "2", "3"]
+    # By the best value each logged (0.95, 0.9, 0.7, 0.3), the trial without a value last.
+    assert [line.split()[0] for line in lines[1:]] == ["*4", "1", "0", "2", "3"]
     assert "exit code 1" in lines[-1]
 
     lines = render(rows, ("acc", "minimize"), space_names(sweep.spec))
-    assert [line.split()[0].lstrip("*") for line in lines[1:]] == ["2", "0", "4", "1", "3"]
+    assert [line.split()[0].lstrip("*") for line in lines[1:]] == ["2", "0", "1", "4", "3"]
 
 
 def test_the_table_reads_a_sweep_in_a_few_queries(expkit_workspace, sweep):
@@ -199,7 +200,7 @@ def test_sweeps_list(sweep, expkit_cli):
     assert header.split() == ["SWEEP", "STATE", "CREATED", "TRIALS", "BEST"]
     assert line.startswith("birds_sweep_1  completed")
     assert "5 (3 completed, 1 early-terminated, 1 failed)" in line
-    assert line.endswith("trial 1 (birds_2): acc 0.9")
+    assert line.endswith("trial 4 (birds_5): acc 0.95")
 
 
 def test_sweeps_list_without_sweeps(expkit_cli):
@@ -224,12 +225,12 @@ def test_sweeps_show(sweep, expkit_cli):
         "early termination  bandit (slack_factor 0.1, evaluation_interval 1)",
         "limits             max_total_trials 5, max_concurrent_trials 2",
         "trials             5 (3 completed, 1 early-terminated, 1 failed)",
-        "best trial         1 (run birds_2): acc 0.9",
-        "parameters       lr=0.05, batch_size=32",
+        "best trial         4 (run birds_5): acc 0.95",
+        "parameters       lr=0.03, batch_size=16",
     ):
         assert expected in out, out
     table = out[out.index(" TRIAL") :].splitlines()
-    assert [line.split()[0] for line in table[1:]] == ["*1", "4", "0", "2", "3"]
+    assert [line.split()[0] for line in table[1:]] == ["*4", "1", "0", "2", "3"]
     assert REASON in out
 
 
@@ -247,13 +248,13 @@ def test_sweeps_show_json_is_strict_and_sorted(sweep, expkit_cli, expkit_workspa
     assert details["id"] == sweep.id and details["state"] == "completed"
     assert details["objective"] == {"primary_metric": "acc", "goal": "maximize"}
     assert details["best"] == {
-        "trial": 1,
-        "run_id": "birds_2",
-        "value": 0.9,
-        "params": {"lr": "0.05", "batch_size": "32"},
+        "trial": 4,
+        "run_id": "birds_5",
+        "value": 0.95,
+        "params": {"lr": "0.03", "batch_size": "16"},
     }
     assert details["model"] == "birds-net:3"
-    assert [t["trial"] for t in details["trials"]] == [1, 4, 0, 2, 3]
+    assert [t["trial"] for t in details["trials"]] == [4, 1, 0, 2, 3]
     assert details["trials"][3]["state"] == "early-terminated"
     assert details["counts"] == {"completed": 3, "early-terminated": 1, "failed": 1}
     assert details["spec"]["search_space"] == SPACE
@@ -353,9 +354,9 @@ def test_runs_show_names_the_sweep_and_trial(sweep, expkit_cli):
 
 
 # -- the best trial and its model -----------------------------------------------------------
-def test_best_trial_is_the_last_value_best_by_the_goal(expkit_workspace, sweep):
-    # Trial 4 logged 0.95 first: the trial's value is its last (0.8), as told to Optuna.
-    assert best_trial(expkit_workspace, sweep.id).trial == 1
+def test_best_trial_is_the_best_value_it_logged_by_the_goal(expkit_workspace, sweep):
+    # Trial 4 logged 0.95, then 0.8: its value is its best (0.95), as HyperDrive ranks runs.
+    assert best_trial(expkit_workspace, sweep.id).trial == 4
 
     history = expkit_workspace.history
     low = history.sweeps.create("birds", sweep_spec(JOB, goal="minimize"))

@@ -44,7 +44,7 @@ def cmd_sweeps_list(args: argparse.Namespace) -> int:
 def _best_cell(best: Any, metric: str) -> str:
     if best is None:
         return "-"
-    return f"trial {best.trial} ({best.run_id}): {metric} {best.latest:.4g}"
+    return f"trial {best.trial} ({best.run_id}): {metric} {best.best:.4g}"
 
 
 def cmd_sweeps_show(args: argparse.Namespace) -> int:
@@ -89,7 +89,7 @@ def cmd_sweeps_show(args: argparse.Namespace) -> int:
         print(f"{label:<18} {text}")
     print(f"trials             {count_states(trials)}")
     if best is not None:
-        print(f"best trial         {best.trial} (run {best.run_id}): {metric} {best.latest:.4g}")
+        print(f"best trial         {best.trial} (run {best.run_id}): {metric} {best.best:.4g}")
         if best.params:
             shown = ", ".join(f"{k}={v}" for k, v in best.params.items())
             print(f"  parameters       {shown}")
@@ -130,7 +130,7 @@ def _details(workspace: Any, sweep: Any, trials: list[Any], best: Any) -> dict[s
         else {
             "trial": best.trial,
             "run_id": best.run_id,
-            "value": best.latest,
+            "value": best.best,
             "params": best.params,
         },
         "model": sweep.model,

@@ -81,7 +81,7 @@ def register_best(workspace: Workspace, sweep_id: str) -> ModelVersion:
     lineage = {
         "sweep": sweep.id,
         "trial": best.trial,
-        "primary_metric": {"name": metric, "goal": goal, "value": row.latest},
+        "primary_metric": {"name": metric, "goal": goal, "value": row.best},
     }
     model = register_run_model(workspace, best.id, job, lineage)
     workspace.history.sweeps.update(

@@ -133,7 +133,7 @@ class _Watched:
     last_id: int = 0
     skip: int = 0  # values of the metric already reported by an earlier driver (resume)
     step: int = 0
-    last_value: float | None = None
+    value: float | None = None  # the best value logged so far, by the goal: the trial's value
     reason: str | None = None  # why the policy stopped it (the run was asked to cancel)
     checked: float = field(default_factory=time.monotonic)  # when its driver was last seen
 
@@ -458,7 +458,7 @@ class SweepDriver:
                 continue
             if watched.skip:
                 watched.skip -= 1
-                watched.last_value = float(value)
+                self.keep_best(watched, float(value))
                 continue
             values.append(float(value))
         return values
@@ -470,7 +470,8 @@ class SweepDriver:
             watched.step += 1
             if math.isfinite(value):
                 watched.trial.report(value, watched.step)
-        watched.last_value = values[-1]
+        for value in values:
+            self.keep_best(watched, value)
         watched.view.latest = values[-1]
         if run.finished or watched.reason is not None or self.stopping is not None:
             return
@@ -481,16 +482,26 @@ class SweepDriver:
             watched.trial.set_user_attr(TERMINATION, reason)
             self.history.runs.request_cancel(watched.run_id, reason)
 
+    def keep_best(self, watched: _Watched, value: float) -> None:
+        """Keep `value` as the trial's value if it is finite and better, by the goal, than the
+        best it logged before."""
+        if not math.isfinite(value):
+            return
+        best = watched.value
+        if best is None or (value > best if self.maximize else value < best):
+            watched.value = value
+
     def end(self, number: int, watched: _Watched, run: RunRecord) -> None:
-        """Tell the study how trial `number` ended: its run completed -> COMPLETE with the last
-        value of the primary metric (FAIL, with a warning, when it logged none); canceled by the
-        policy -> PRUNED; anything else -> FAIL."""
+        """Tell the study how trial `number` ended: its run completed -> COMPLETE with the best
+        value it logged of the primary metric, by the goal, as Azure ML's HyperDrive ranks child
+        runs by their best primary metric (FAIL, with a warning, when it logged none); canceled
+        by the policy -> PRUNED; anything else -> FAIL."""
         from optuna.trial import TrialState
 
         view = watched.view
-        if run.state == "completed" and watched.last_value is not None:
-            self.study.tell(number, watched.last_value)
-            view.state, view.value = "completed", watched.last_value
+        if run.state == "completed" and watched.value is not None:
+            self.study.tell(number, watched.value)
+            view.state, view.value = "completed", watched.value
         elif run.state == "completed":
             self.study.tell(number, state=TrialState.FAIL)
             view.state = "failed"

@@ -42,8 +42,9 @@ class TrialRow:
 
     `state`: the run's state, `early-terminated` for a run the policy canceled; `params`:
     the sampled values (the run's parameters named in the search space, as text); `latest`:
-    the last value it logged of the primary metric (the trial's value, what the driver tells
-    Optuna), `best`: the best of them by the goal, `steps`: how many it logged (the driver's
+    the last value it logged of the primary metric; `best`: the best of them by the goal (the
+    trial's value, what the driver tells Optuna: Azure ML's HyperDrive ranks child runs by
+    their best primary metric); `steps`: how many it logged (the driver's
     report steps); `error`: why it failed or was stopped; `seconds`: from its creation to its
     end (or now)."""
 
@@ -70,8 +71,8 @@ class TrialRow:
             "run_number": self.run_number,
             "state": self.state,
             "params": dict(self.params),
-            "value": self.latest,
-            "best": self.best,
+            "value": self.best,
+            "latest": self.latest,
             "steps": self.steps,
             "error": self.error,
             "seconds": self.seconds,
@@ -228,7 +229,7 @@ def sort_key(goal: str) -> Any:
     without a value last, ties by trial number."""
 
     def key(row: TrialRow) -> tuple[int, float, int]:
-        value = row.latest
+        value = row.best
         if value is None or math.isnan(value):
             return (1, 0.0, _number(row))
         return (0, -value if goal == "maximize" else value, _number(row))
@@ -246,10 +247,10 @@ def sorted_rows(rows: list[TrialRow], goal: str) -> list[TrialRow]:
 
 
 def best_row(rows: list[TrialRow], goal: str) -> TrialRow | None:
-    """The best completed trial: the best last value of the primary metric by `goal`
-    among the completed trials that logged one; ties: the lower trial number."""
-    done = [r for r in rows if r.state == "completed" and r.latest is not None]
-    done = [r for r in done if not math.isnan(r.latest or 0.0)]
+    """The best completed trial: the best value of the primary metric by `goal` among the
+    completed trials that logged one; ties: the lower trial number."""
+    done = [r for r in rows if r.state == "completed" and r.best is not None]
+    done = [r for r in done if not math.isnan(r.best or 0.0)]
     return sorted_rows(done, goal)[0] if done else None
 
 
