@@ -118,7 +118,6 @@ run.log("acc", round(1 - abs(lr - 0.05), 4))
 def test_submit_a_sweep_file(expkit_workspace, tmp_path):
     """Experiment.submit of a sweep YAML starts its driver in the background and returns a
     SweepRun at once; its trials are runs of this experiment."""
-    pytest.importorskip("expkit.sweeps.driver", reason="the sweep driver is not merged yet")
     source = tmp_path / "src"
     source.mkdir()
     (source / "train.py").write_text(TRAIN)

@@ -67,12 +67,10 @@ class Experiment:
     def _submit_sweep(self, sweep: Any, overrides: Sequence[str]) -> SweepRun:
         """Record the sweep (its trials' experiment is this one) and start its driver."""
         import dataclasses
-        import importlib
 
         from expkit.job import JobSpec
+        from expkit.sweeps import driver
         from expkit.sweeps.spec import SweepSpec
-
-        driver = importlib.import_module("expkit.sweeps.driver")  # the sweep driver's side
 
         if not isinstance(sweep, SweepSpec):
             sweep = SweepSpec.from_yaml(sweep, list(overrides))
@@ -82,10 +80,9 @@ class Experiment:
             {**sweep.job.to_dict(), "experiment": self.name}, source="JobSpec", base_dir=Path()
         )
         sweep = dataclasses.replace(sweep, job=job)
-        started = driver.start(self.workspace, sweep)
-        sweep_id = getattr(started, "id", started)
-        driver.start_background(self.workspace, sweep_id)
-        return SweepRun(self.workspace, sweep_id)
+        record = driver.start(self.workspace, sweep)
+        driver.start_background(self.workspace, record.id)
+        return SweepRun(self.workspace, record.id)
 
     def get_runs(self) -> list[Run]:
         """This experiment's runs, newest first."""

@@ -299,7 +299,7 @@ def render(
                 f"{mark}{'-' if row.trial is None else row.trial}",
                 row.run_id,
                 row.state,
-                *(escaped(row.params.get(n, "")) for n in names),
+                *(_param_cell(row.params.get(n, "")) for n in names),
                 _value(row.latest),
                 _value(row.best),
                 str(row.steps),
@@ -317,6 +317,19 @@ def render(
         line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
         lines.append(line if width is None or len(line) <= width else line[: width - 1] + "…")
     return lines
+
+
+def _param_cell(text: str) -> str:
+    """A sampled value in a cell: a float to 4 significant digits (0.04950375722519532 is
+    0.0495; `--json` keeps it whole), anything else as recorded, escaped to one line."""
+    from expkit.outputs import escaped
+
+    if "." in text or "e" in text.lower():
+        try:
+            return f"{float(text):.4g}"
+        except ValueError:
+            pass
+    return escaped(text)
 
 
 def _value(value: float | None) -> str:
