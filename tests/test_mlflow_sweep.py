@@ -33,7 +33,7 @@ parser.add_argument("--exit", type=int, default=0)
 args = parser.parse_args()
 run = Run.get_context()
 for epoch in range(3):
-    run.log("val_acc", round(args.lr * (epoch + 1), 6))  # the last value: 3 * lr
+    run.log("val_acc", round(args.lr * (epoch + 1), 6))  # lr, 2 * lr, 3 * lr
 if args.wait:
     run.flush()
     while not os.path.exists(args.wait):
@@ -181,8 +181,8 @@ def test_trials_started_at_once_nest_under_one_parent_run_and_a_plain_run_does_n
 def test_the_parent_runs_while_a_trial_does_and_ends_with_the_best_completed_trial(
     expkit_workspace, trials, tmp_path
 ):
-    """Goal minimize. Trial 0 completes while trial 1 still runs: the parent stays RUNNING
-    with trial 0 the best; trial 1 fails: the parent FINISHED (a trial completed), the best
+    """Goal minimize, so a trial's value is the least it logged (lr, its first). Trial 0
+    completes while trial 1 still runs: the parent stays RUNNING with trial 0 the best; trial 1 fails: the parent FINISHED (a trial completed), the best
     unchanged. A trial started afterwards (a resumed sweep) joins the same parent, which
     ends FINISHED again with the new best."""
     history = expkit_workspace.history
@@ -197,7 +197,7 @@ def test_the_parent_runs_while_a_trial_does_and_ends_with_the_best_completed_tri
     (parent,) = parents(client, sweep.id)
     parent_id = parent.info.run_id
     assert parent.info.status == "RUNNING"
-    assert best_history(client, parent_id) == [(1, pytest.approx(0.6))]
+    assert best_history(client, parent_id) == [(1, pytest.approx(0.2))]
     assert parent.data.tags["expkit.best_trial"] == "0"
 
     release.touch()
@@ -205,7 +205,7 @@ def test_the_parent_runs_while_a_trial_does_and_ends_with_the_best_completed_tri
     assert history.runs.get(waiting).state == "failed"
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    assert best_history(client, parent_id) == [(1, pytest.approx(0.6))]
+    assert best_history(client, parent_id) == [(1, pytest.approx(0.2))]
     assert parent.data.tags["expkit.best_trial"] == "0"
 
     later = trials.start({"lr": 0.05}, sweep.id, 2)
@@ -215,7 +215,7 @@ def test_the_parent_runs_while_a_trial_does_and_ends_with_the_best_completed_tri
     assert statuses == {"0": "FINISHED", "1": "FAILED", "2": "FINISHED"}
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    assert best_history(client, parent_id) == [(1, pytest.approx(0.6)), (2, pytest.approx(0.15))]
+    assert best_history(client, parent_id) == [(1, pytest.approx(0.2)), (2, pytest.approx(0.05))]
     assert parent.data.tags["expkit.best_trial"] == "2"
     assert parent.data.tags["expkit.best_run"] == later
 

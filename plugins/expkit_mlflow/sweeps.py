@@ -9,9 +9,10 @@ sweep's YAML (`search_space.lr: loguniform(-9.2, -2.3)`, `sampling_algorithm: ba
 and compares sweeps by. After each trial ends, its metric `best_<primary metric>` is the best
 value so far among the completed trials (step: how many trials completed), and its tags
 `expkit.best_trial`, `expkit.best_run` (the expkit run) and `expkit.best_mlflow_run` name
-that trial. A trial's value is its latest value of the primary metric, as MLflow keeps it
-(the sink gives values logged without a step the next step, so it is the last one logged);
-ties go to the lower trial number, as the sweep's own best does.
+that trial. A trial's value is the best value it logged of the primary metric, by the goal
+(as Azure ML's HyperDrive ranks child runs, and as the sweep's own best does), read from its
+metric history once when it ends and kept as its tag `expkit.value`; ties go to the lower
+trial number.
 
 Every trial of the sweep is a separate driver process, and several start at once: the parent
 is found (by its tags `expkit.sweep` and `expkit.sweep_parent`, and the workspace) or created
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -48,6 +50,7 @@ LOCK_NAME = "mlflow-sweeps.lock"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under its parent
 SWEEP_TAG = "expkit.sweep"
 TRIAL_TAG = "expkit.trial"
+VALUE_TAG = "expkit.value"  # a completed trial's value: the best it logged of the primary metric
 PARENT_MARK = "expkit.sweep_parent"  # "true" on the parent: trials carry expkit.sweep too
 WORKSPACE_TAG = "expkit.workspace"
 UNFINISHED = ("RUNNING", "SCHEDULED")
@@ -143,9 +146,11 @@ def trial_ended(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> None:
     parent_id = trial.data.tags.get(PARENT_TAG)
     if not parent_id:
         return
+    primary, goal = objective(run.sweep_spec())
+    if primary and trial.info.status == "FINISHED":
+        keep_value(client, mlflow_run_id, mlflow_key(primary), goal)
     parent = client.get_run(parent_id)
     trials = children(client, parent.info.experiment_id, parent_id)
-    primary, goal = objective(run.sweep_spec())
     if primary:
         key = mlflow_key(primary)
         completed = [t for t in trials if t.info.status == "FINISHED" and key in t.data.metrics]
@@ -176,7 +181,27 @@ def log_best(
     completed trials), unless that step holds it already (a trial's end handled twice)."""
     if any(m.step == completed for m in client.get_metric_history(parent_id, name)):
         return
-    client.log_metric(parent_id, name, best.data.metrics[key], step=completed)
+    client.log_metric(parent_id, name, trial_value(best, key), step=completed)
+
+
+def keep_value(client: MlflowClient, mlflow_run_id: str, key: str, goal: str) -> None:
+    """Tag the completed trial `mlflow_run_id` with its value (`VALUE_TAG`): the best finite
+    value of its metric `key` by `goal`; nothing when it logged none."""
+    values = [m.value for m in client.get_metric_history(mlflow_run_id, key)]
+    finite = [v for v in values if math.isfinite(v)]
+    if finite:
+        best = max(finite) if goal == "maximize" else min(finite)
+        client.set_tag(mlflow_run_id, VALUE_TAG, repr(best))
+
+
+def trial_value(trial: Run, key: str) -> float:
+    """A trial's value: its `VALUE_TAG`, else (a trial ended before the tag existed) the latest
+    value of its metric `key`."""
+    tagged = trial.data.tags.get(VALUE_TAG)
+    try:
+        return float(tagged) if tagged is not None else trial.data.metrics[key]
+    except ValueError:
+        return trial.data.metrics[key]
 
 
 def parent_status(statuses: list[str]) -> str:
@@ -195,7 +220,7 @@ def best_trial(completed: list[Run], key: str, goal: str) -> Run | None:
 
     def rank(trial: Run) -> tuple[float, float]:
         number = trial.data.tags.get(TRIAL_TAG, "")
-        return sign * trial.data.metrics[key], float(number) if number.isdigit() else 1e18
+        return sign * trial_value(trial, key), float(number) if number.isdigit() else 1e18
 
     return min(completed, key=rank) if completed else None
 
