@@ -181,10 +181,10 @@ def test_trials_started_at_once_nest_under_one_parent_run_and_a_plain_run_does_n
 def test_the_parent_runs_while_a_trial_does_and_ends_with_the_best_completed_trial(
     expkit_workspace, trials, tmp_path
 ):
-    """Goal minimize, so a trial's value is the least it logged (lr, its first). Trial 0
-    completes while trial 1 still runs: the parent stays RUNNING with trial 0 the best; trial 1 fails: the parent FINISHED (a trial completed), the best
-    unchanged. A trial started afterwards (a resumed sweep) joins the same parent, which
-    ends FINISHED again with the new best."""
+    """Goal minimize, so a trial's value is the least it logged (lr, its first). Trial 0 completes
+    while trial 1 still runs: the parent stays RUNNING with trial 0 the best; trial 1 fails:
+    the parent FINISHED (a trial completed), the best unchanged. A trial started afterwards
+    (a resumed sweep) joins the same parent, which ends FINISHED again with the new best."""
     history = expkit_workspace.history
     sweep = history.sweeps.create("sw", sweep_spec(goal="minimize"))
     release = tmp_path / "release"

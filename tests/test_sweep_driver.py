@@ -526,3 +526,16 @@ def test_register_best_registers_the_best_trials_model(expkit_workspace, expkit_
     for run in expkit_workspace.history.runs.of_sweep(record.id):
         register = [s for s in expkit_workspace.history.stages.of(run.id) if s.stage == "register"]
         assert register[0].state == "skipped"
+
+
+def test_a_sweep_whose_every_trial_failed_ends_failed(expkit_workspace, expkit_cli, tmp_path):
+    sweep = write_sweep(
+        tmp_path, {"limits": {"max_total_trials": 2, "max_concurrent_trials": 2}}, {"steps": "x"}
+    )
+    result = expkit_cli("sweep", str(sweep))
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    record = expkit_workspace.history.sweeps.find("latest")
+    assert record.state == "failed"
+    assert record.error.startswith("every trial failed (trial 0: run: ")
+    assert trial_states(expkit_workspace, record.id) == {0: "FAIL", 1: "FAIL"}

@@ -533,7 +533,15 @@ class SweepDriver:
 
     # -- the end ------------------------------------------------------------------------------
     def finish_completed(self) -> None:
-        """End the sweep completed, registering the best trial's model if the spec asks."""
+        """End the sweep completed, registering the best trial's model if the spec asks; a
+        sweep whose every trial failed ends failed, with the first one's error."""
+        views = [self.views[n] for n in sorted(self.views)]
+        if views and all(v.state == "failed" for v in views):
+            first = views[0]
+            error = f"every trial failed (trial {first.number}: {first.note or 'failed'})"
+            self.reporter.note(error)
+            self.history.sweeps.finish(self.id, "failed", error)
+            return
         if self.spec.register_best and self.best is not None:
             try:
                 model = self.register_best()
