@@ -1,7 +1,9 @@
 """An Azure ML job as an expkit job spec: an `azureml.train.dnn.PyTorch` estimator (or another
-azureml.train Estimator) or a `ScriptRunConfig`.
+azureml.train Estimator) or a `ScriptRunConfig`; a `HyperDriveConfig` of one of those as a sweep
+spec with its trial's job spec (hyperdrive.py has that mapping).
 
     expkit import azureml train_azure.py:estimator -o job.yaml      # the command
+    expkit import azureml hyperdrive.py -o sweep.yaml               # + sweep-job.yaml, the trial
     from expkit_azureml import job_from_azureml                     # Python, on a built object
     job = job_from_azureml(estimator)                                # -> expkit JobSpec
 
@@ -24,8 +26,9 @@ seed's own code runs unchanged and offline:
     cluster.get_status()                           an idle cluster as created (0 nodes, Steady);
                                                     .serialize() as azureml's
     Experiment(ws, name)                            offline; its name is the job's experiment
-    experiment.submit(config)                      stops the module: `config` is the job when
-                                                    REF names none (FILE.py alone)
+    experiment.submit(config)                      stops the module: `config` is the job (or
+                                                    the HyperDriveConfig) when REF names none
+                                                    (FILE.py alone)
     Environment.get(ws, name)                       a curated environment, by name
 
 Everything else is the real azureml-core and azureml-train-core, and the estimator is built
@@ -78,9 +81,10 @@ SCRIPT_RUN_CONFIG_DEFAULT_DURATION = 2592000  # ScriptRunConfig's default: 30 da
 DEFAULT_VARIABLES = {"EXAMPLE_ENV_VAR", "NCCL_TREE_THRESHOLD"}  # the SDK's and the estimator's
 MPI_COMMUNICATORS = ("IntelMpi", "OpenMpi", "Mpi")
 WHAT = (
-    "an azureml.train.dnn.PyTorch estimator (or another azureml.train Estimator) "
-    "or a ScriptRunConfig"
+    "an azureml.train.dnn.PyTorch estimator (or another azureml.train Estimator), "
+    "a ScriptRunConfig or a HyperDriveConfig"
 )
+JOB_CLASSES = ("ScriptRunConfig", "MMLBaseEstimator", "HyperDriveConfig")
 
 
 @dataclass
@@ -115,15 +119,30 @@ class AzureMLImporter(JobImporter):
     )
 
     def import_job(self, ref: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The job spec of the estimator or ScriptRunConfig `ref` names, or, for a
+        HyperDriveConfig, the sweep spec with its trial's job spec inline (hyperdrive.py)."""
+        from expkit_azureml.hyperdrive import is_hyperdrive_config, sweep_dict, trial_object
+
         path, name = parse_ref(ref)
         namespace, captured = load(path)
         obj = pick(namespace, captured, name, path, ref)
-        return job_dict(obj, captured, path.parent, options.get("experiment"), default=path.stem)
+        experiment = options.get("experiment")
+        if not is_hyperdrive_config(obj):
+            return job_dict(obj, captured, path.parent, experiment, default=path.stem)
+        job = job_dict(trial_object(obj), captured, path.parent, experiment, default=path.stem)
+        return sweep_dict(obj, job, namespace)
 
 
 def job_from_azureml(config: Any, experiment: str | None = None) -> JobSpec:
     """The expkit job spec of an estimator or ScriptRunConfig built in this process (paths
     relative to the current folder)."""
+    from expkit_azureml.hyperdrive import is_hyperdrive_config
+
+    if is_hyperdrive_config(config):
+        raise UserError(
+            "job_from_azureml: a HyperDriveConfig is a sweep, not a job; give its estimator "
+            "or run_config, or convert the file with `expkit import azureml FILE.py -o sweep.yaml`"
+        )
     if not is_job_object(config):
         raise UserError(f"job_from_azureml: {type(config).__name__} is not {WHAT}")
     raw = job_dict(config, Captured(), Path.cwd(), experiment, default="imported")
@@ -206,8 +225,10 @@ def _looked_up_here(error: Exception, path: Path) -> bool:
 
 
 def is_job_object(obj: Any) -> bool:
+    """Whether `obj` is what the importer converts: an estimator, a ScriptRunConfig, or a
+    HyperDriveConfig (a sweep of one of those)."""
     names = {(c.__module__.split(".")[0], c.__name__) for c in type(obj).__mro__}
-    return ("azureml", "ScriptRunConfig") in names or ("azureml", "MMLBaseEstimator") in names
+    return bool(names & {("azureml", n) for n in JOB_CLASSES})
 
 
 def pick(
