@@ -435,3 +435,255 @@ def test_an_estimator_s_own_python_pin_is_checked_its_framework_s_is_not(monkeyp
     )
     plain = Estimator(compute_target="cpu-cluster", **common)  # the SDK's default pin
     assert job_from_azureml(plain, experiment="plain").experiment == "plain"
+
+
+# -- a HyperDriveConfig: a sweep spec and its trial's job ---------------------------------------
+HYPERDRIVE = SAMPLES / "hyperdrive.py"
+SEED_SWEEP = {  # the seed notebook's HyperDrive cell, in Azure ML v2's names
+    "search_space": {
+        "learning_rate": {"type": "uniform", "min_value": 0.0005, "max_value": 0.005},
+        "momentum": {"type": "uniform", "min_value": 0.9, "max_value": 0.99},
+    },
+    "sampling_algorithm": {"type": "random"},
+    "objective": {"primary_metric": "best_val_acc", "goal": "maximize"},
+    "early_termination": {
+        "type": "bandit",
+        "slack_factor": 0.15,
+        "evaluation_interval": 1,
+        "delay_evaluation": 10,
+    },
+    "limits": {"max_total_trials": 8, "max_concurrent_trials": 4},
+}
+
+
+def test_the_seed_notebook_s_hyperdrive_becomes_a_sweep_with_the_estimator_as_its_trial():
+    raw = import_job(str(HYPERDRIVE))  # no NAME: what it submitted, the HyperDriveConfig
+    job = raw.pop("job")
+    assert raw == SEED_SWEEP
+    assert job == {  # the estimator, as `expkit import` of it alone gives it
+        **import_job(f"{SAMPLES}/seed_estimator.py:estimator"),
+        "args": {"num_epochs": 30, "output_dir": "./outputs"},  # the sampled ones come on top
+    }
+    assert import_job(f"{HYPERDRIVE}:hyperdrive_config") == {"job": job, **raw}
+    # the trial's script takes the parameters the sweep gives it
+    script = (TRAINING / "pytorch_train.py").read_text()
+    assert '"--learning_rate"' in script and '"--momentum"' in script
+
+
+SWEEP_CELLS = """
+from azureml.core import Experiment, ScriptRunConfig, Workspace
+from azureml.train.hyperdrive import *
+
+ws = Workspace.from_config()
+experiment = Experiment(ws, "tune")
+src = ScriptRunConfig(source_directory=".", script="train.py",
+                      arguments=["--epochs", 3, "--lr", 0.1], compute_target="local")
+sampling = {sampling}
+policy = {policy}
+config = HyperDriveConfig(run_config=src, hyperparameter_sampling=sampling, policy=policy,
+                          primary_metric_name="loss", primary_metric_goal=PrimaryMetricGoal.{goal},
+                          max_total_runs=6, {more})
+run = experiment.submit(config)
+"""
+
+
+def sweep_file(tmp_path: Path, **cells: str) -> str:
+    """A notebook-style file whose HyperDriveConfig has the given sampling, policy, ..."""
+    given = {
+        "sampling": "RandomParameterSampling({'--lr': uniform(0.01, 0.1)})",
+        "policy": "None",
+        "goal": "MINIMIZE",
+        "more": "max_concurrent_runs=2",
+        **cells,
+    }
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    (tmp_path / "tune.py").write_text(textwrap.dedent(SWEEP_CELLS).format(**given))
+    return f"{tmp_path}/tune.py"
+
+
+def test_a_script_run_config_sweep_keeps_the_job_s_args_and_its_limits(tmp_path):
+    raw = import_job(sweep_file(tmp_path, more="max_duration_minutes=90"))
+    assert raw["job"]["experiment"] == "tune"
+    assert raw["job"]["args"] == {"epochs": 3, "lr": 0.1}  # --lr is overridden by each trial
+    assert raw["job"]["compute"] == "local"
+    assert raw["search_space"] == {"lr": {"type": "uniform", "min_value": 0.01, "max_value": 0.1}}
+    assert raw["objective"] == {"primary_metric": "loss", "goal": "minimize"}
+    assert "early_termination" not in raw  # policy=None: HyperDrive's NoTerminationPolicy
+    # max_concurrent_runs defaults to max_total_runs; minutes become seconds
+    assert raw["limits"] == {"max_total_trials": 6, "max_concurrent_trials": 6, "timeout": 5400}
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("choice(16, 32, 64)", {"type": "choice", "values": [16, 32, 64]}),
+        ("choice([16, 32])", {"type": "choice", "values": [16, 32]}),
+        ("choice(range(3))", {"type": "choice", "values": [0, 1, 2]}),
+        ("choice('adam', 'sgd')", {"type": "choice", "values": ["adam", "sgd"]}),
+        ("randint(10)", {"type": "randint", "upper": 10}),
+        ("uniform(0.8, 0.99)", {"type": "uniform", "min_value": 0.8, "max_value": 0.99}),
+        (
+            "quniform(8, 64, 8)",
+            {"type": "quniform", "min_value": 8, "max_value": 64, "q": 8},
+        ),
+        (
+            "loguniform(-9.2, -2.3)",  # the bounds are exponents, in both versions
+            {"type": "loguniform", "min_value": -9.2, "max_value": -2.3},
+        ),
+        (
+            "qloguniform(1, 5, 2)",
+            {"type": "qloguniform", "min_value": 1, "max_value": 5, "q": 2},
+        ),
+        ("normal(0.5, 0.1)", {"type": "normal", "mu": 0.5, "sigma": 0.1}),
+        ("qnormal(10, 3, 2)", {"type": "qnormal", "mu": 10, "sigma": 3, "q": 2}),
+        ("lognormal(-3, 1)", {"type": "lognormal", "mu": -3, "sigma": 1}),
+        ("qlognormal(2, 1, 4)", {"type": "qlognormal", "mu": 2, "sigma": 1, "q": 4}),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_each_parameter_expression_maps_to_its_v2_form(tmp_path, expression, expected):
+    sampling = f"RandomParameterSampling({{'--x': {expression}, 'y': choice(1, 2)}})"
+    raw = import_job(sweep_file(tmp_path, sampling=sampling))
+    assert raw["search_space"] == {"x": expected, "y": {"type": "choice", "values": [1, 2]}}
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        ("RandomParameterSampling({'lr': uniform(0, 1)})", {"type": "random"}),
+        (
+            "RandomParameterSampling({'lr': uniform(0, 1)}, properties={'seed': 42})",
+            {"type": "random", "seed": 42},
+        ),
+        (
+            "RandomParameterSampling({'lr': uniform(0, 1)}, "
+            "properties={'rule': 'sobol', 'seed': 7})",
+            {"type": "random", "seed": 7, "rule": "sobol"},
+        ),
+        ("GridParameterSampling({'lr': choice(0.1, 0.01)})", {"type": "grid"}),
+        ("BayesianParameterSampling({'lr': uniform(0, 1)})", {"type": "bayesian"}),
+    ],
+    ids=["random", "random-seed", "random-sobol", "grid", "bayesian"],
+)
+def test_each_sampling_maps_to_its_sampling_algorithm(tmp_path, sampling, expected):
+    raw = import_job(sweep_file(tmp_path, sampling=sampling))
+    assert raw["sampling_algorithm"] == expected
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (
+            "BanditPolicy(slack_factor=0.1, evaluation_interval=2, delay_evaluation=5)",
+            {
+                "type": "bandit",
+                "slack_factor": 0.1,
+                "evaluation_interval": 2,
+                "delay_evaluation": 5,
+            },
+        ),
+        (
+            "BanditPolicy(slack_amount=0.05)",
+            {
+                "type": "bandit",
+                "slack_amount": 0.05,
+                "evaluation_interval": 1,
+                "delay_evaluation": 0,
+            },
+        ),
+        (
+            "MedianStoppingPolicy(evaluation_interval=1, delay_evaluation=3)",
+            {"type": "median_stopping", "evaluation_interval": 1, "delay_evaluation": 3},
+        ),
+        (
+            "TruncationSelectionPolicy(truncation_percentage=20, delay_evaluation=2)",
+            {
+                "type": "truncation_selection",
+                "truncation_percentage": 20,
+                "evaluation_interval": 1,
+                "delay_evaluation": 2,
+            },
+        ),
+        ("NoTerminationPolicy()", None),
+    ],
+    ids=["bandit-factor", "bandit-amount", "median", "truncation", "none"],
+)
+def test_each_policy_maps_to_its_early_termination(tmp_path, policy, expected):
+    raw = import_job(sweep_file(tmp_path, policy=policy, goal="MAXIMIZE"))
+    assert raw.get("early_termination") == expected
+    assert raw["objective"]["goal"] == "maximize"
+
+
+CUSTOM_POLICY = """
+from azureml.train.hyperdrive import EarlyTerminationPolicy
+
+class PatiencePolicy(EarlyTerminationPolicy):
+    def __init__(self):
+        super().__init__("Patience", {"patience": 3})
+"""
+
+
+@pytest.mark.parametrize(
+    ("cells", "message"),
+    [
+        (
+            {"policy": "PatiencePolicy()"},
+            "HyperDriveConfig: the early termination policy 'PatiencePolicy' is not converted; "
+            "use one of BanditPolicy, MedianStoppingPolicy, TruncationSelectionPolicy, "
+            "NoTerminationPolicy",
+        ),
+        (
+            {"sampling": "RandomParameterSampling({'lr': ['beta', [1, 2]]})"},
+            "HyperDriveConfig: parameter 'lr': the expression 'beta' is not converted; use one "
+            "of azureml.train.hyperdrive's choice, randint, uniform",
+        ),
+        (
+            {"sampling": "RandomParameterSampling({'lr': uniform(0, 1)}, {'jitter': 1})"},
+            "HyperDriveConfig: RandomParameterSampling's properties jitter are not converted "
+            "(it takes seed, rule); remove them",
+        ),
+        (
+            {"sampling": "RandomParameterSampling({'lr': uniform(0, 1), '--lr': uniform(0, 2)})"},
+            "HyperDriveConfig: parameters '--lr' and another name the same argument --lr",
+        ),
+    ],
+    ids=["policy", "expression", "property", "twice"],
+)
+def test_what_a_sweep_cannot_convert_is_one_line_naming_it(tmp_path, cells, message):
+    ref = sweep_file(tmp_path, **cells)
+    Path(ref).write_text(CUSTOM_POLICY + Path(ref).read_text())
+    with pytest.raises(UserError) as error:
+        import_job(ref)
+    assert str(error.value).startswith(message), str(error.value)
+    assert error.value.exit_code == 2 and "\n" not in str(error.value)
+
+
+def test_an_unknown_policy_is_exit_2_from_the_command(expkit_cli, tmp_path):
+    ref = sweep_file(tmp_path, policy="PatiencePolicy()")
+    Path(ref).write_text(CUSTOM_POLICY + Path(ref).read_text())
+    result = expkit_cli("import", "azureml", ref, "-o", str(tmp_path / "sweep.yaml"))
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("expkit: error: HyperDriveConfig: the early termination policy "), last
+    assert "'PatiencePolicy'" in last and "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep.yaml").exists() and not (tmp_path / "sweep-job.yaml").exists()
+
+
+def test_job_from_azureml_points_a_hyperdrive_config_to_the_command():
+    from azureml.core import ScriptRunConfig
+    from azureml.train.hyperdrive import (
+        HyperDriveConfig,
+        PrimaryMetricGoal,
+        RandomParameterSampling,
+        uniform,
+    )
+
+    config = HyperDriveConfig(
+        run_config=ScriptRunConfig(source_directory=str(TRAINING), script="pytorch_train.py"),
+        hyperparameter_sampling=RandomParameterSampling({"lr": uniform(0, 1)}),
+        primary_metric_name="best_val_acc",
+        primary_metric_goal=PrimaryMetricGoal.MAXIMIZE,
+        max_total_runs=2,
+    )
+    with pytest.raises(UserError, match="a HyperDriveConfig is a sweep, not a job"):
+        job_from_azureml(config)
