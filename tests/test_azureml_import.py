@@ -687,3 +687,58 @@ def test_job_from_azureml_points_a_hyperdrive_config_to_the_command():
     )
     with pytest.raises(UserError, match="a HyperDriveConfig is a sweep, not a job"):
         job_from_azureml(config)
+
+
+def test_the_command_writes_the_sweep_and_its_trial_s_job_which_load(expkit_cli, tmp_path):
+    import yaml
+
+    from expkit.sweeps.spec import SweepSpec
+
+    output = tmp_path / "sweep.yaml"
+    result = expkit_cli("import", "azureml", str(HYPERDRIVE), "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"wrote {output} (the sweep) and {tmp_path / 'sweep-job.yaml'} (its trial's job); "
+        f"run it with: expkit sweep {output}"
+    )
+    assert yaml.safe_load(output.read_text()) == {"job": "sweep-job.yaml", **SEED_SWEEP}
+    job = JobSpec.from_yaml(tmp_path / "sweep-job.yaml")  # its code where it was
+    assert (job.source_directory, job.entry_script) == (str(TRAINING), "pytorch_train.py")
+
+    spec = SweepSpec.from_yaml(output)  # what `expkit sweep sweep.yaml` reads
+    assert spec.job == job
+    assert [(p.name, p.type, p.min_value, p.max_value) for p in spec.search_space] == [
+        ("learning_rate", "uniform", 0.0005, 0.005),
+        ("momentum", "uniform", 0.9, 0.99),
+    ]
+    assert (spec.objective.primary_metric, spec.objective.goal) == ("best_val_acc", "maximize")
+    assert spec.sampling.type == "random"
+    assert spec.early_termination is not None
+    assert (spec.early_termination.type, spec.early_termination.slack_factor) == ("bandit", 0.15)
+    assert spec.early_termination.delay_evaluation == 10
+    assert (spec.limits.max_total_trials, spec.limits.max_concurrent_trials) == (8, 4)
+
+    # without -o: the sweep spec printed, its job inline; --set changes the sweep's fields
+    printed = expkit_cli("import", "azureml", str(HYPERDRIVE), "--set", "limits.max_total_trials=2")
+    assert printed.returncode == 0, printed.stderr
+    raw = yaml.safe_load(printed.stdout)
+    assert raw["limits"] == {"max_total_trials": 2, "max_concurrent_trials": 4}
+    assert raw["job"]["entry_script"] == "pytorch_train.py"
+
+
+def test_the_sample_sweep_tunes_what_the_notebook_s_hyperdrive_tunes():
+    """training/sweep.yaml is the notebook's HyperDrive over job.yaml, scaled down: the same
+    arguments (which pytorch_train.py takes), primary metric, goal and policy."""
+    from expkit.sweeps.spec import SweepSpec
+
+    sample = SweepSpec.from_yaml(TRAINING / "sweep.yaml")
+    imported = import_job(str(HYPERDRIVE))
+    assert sample.job == JobSpec.from_yaml(TRAINING / "job.yaml")
+    tuned = {p.name for p in sample.search_space if p.type != "choice" or len(p.values) > 1}
+    assert tuned == set(imported["search_space"])
+    assert sample.objective.primary_metric == imported["objective"]["primary_metric"]
+    assert sample.objective.goal == imported["objective"]["goal"]
+    assert sample.early_termination is not None
+    assert sample.early_termination.type == imported["early_termination"]["type"]
+    script = (TRAINING / "pytorch_train.py").read_text()
+    assert all(f'"--{p.name}"' in script for p in sample.search_space)
