@@ -742,3 +742,34 @@ def test_the_sample_sweep_tunes_what_the_notebook_s_hyperdrive_tunes():
     assert sample.early_termination.type == imported["early_termination"]["type"]
     script = (TRAINING / "pytorch_train.py").read_text()
     assert all(f'"--{p.name}"' in script for p in sample.search_space)
+
+
+def test_a_single_run_submitted_before_the_sweep_is_left_out_with_what_uses_it(capsys):
+    """The notebook's first training run (`run = experiment.submit(estimator)`, then
+    `run.wait_for_completion()`, `print(run.get_metrics())`) comes before its HyperDrive cell:
+    the import goes on to the sweep, and says which lines it left out."""
+    source = HYPERDRIVE.read_text()
+    lines = source.splitlines()
+    submit = lines.index("run = experiment.submit(estimator)") + 1
+    import_job(str(HYPERDRIVE))
+    err = capsys.readouterr().err
+    assert (
+        f"hyperdrive.py: left out lines {submit}, {submit + 1}, {submit + 2}: a run submitted "
+        "before the sweep, and what uses it"
+    ) in err
+    # the module ran on to the sweep's submit: the estimator is there by its name too
+    assert import_job(f"{HYPERDRIVE}:estimator")["entry_script"] == "pytorch_train.py"
+
+
+def test_a_name_error_of_something_else_is_still_the_module_s_error(tmp_path):
+    ref = sweep_file(tmp_path)
+    text = Path(ref).read_text()
+    before = "run = experiment.submit(src)\nrun.wait_for_completion()\nprint(missing)\n"
+    changed = text.replace("sampling = ", before + "sampling = ", 1)
+    Path(ref).write_text(changed)
+    with pytest.raises(UserError) as error:
+        import_job(ref)
+    line = changed.splitlines().index("print(missing)") + 1
+    assert str(error.value) == (
+        f"{ref}, line {line}: NameError: name 'missing' is not defined (while importing it)"
+    )

@@ -6,9 +6,9 @@ HyperDrive over its learning rate and momentum with a Bandit policy, as the note
 
 The importer runs it offline (no Azure contacted) and stops at `experiment.submit(
 hyperdrive_config)`: the HyperDriveConfig becomes sweep.yaml (Azure ML v2 names) and its
-estimator the trial's job, sweep-job.yaml. Two changes from the notebook: the project folder is
-training/ (pytorch_train.py is there already), and the single training run's cell
-(`run = experiment.submit(estimator)`) is left out: an import stops at the first submit.
+estimator the trial's job, sweep-job.yaml. The notebook's single training run before the sweep
+(`run = experiment.submit(estimator)` and the lines that use `run`) is left out. One change from
+the notebook: the project folder is training/ (pytorch_train.py is there already).
 """
 
 # fmt: off
@@ -63,7 +63,12 @@ estimator = PyTorch(source_directory=project_folder,
                     use_gpu=True,
                     pip_packages=['pillow==5.4.1'])
 
-# In[5]: tune the hyperparameters
+# In[5]: one training run first
+run = experiment.submit(estimator)
+run.wait_for_completion(show_output=True)
+print(run.get_metrics())
+
+# In[6]: tune the hyperparameters
 param_sampling = RandomParameterSampling( {
         'learning_rate': uniform(0.0005, 0.005),
         'momentum': uniform(0.9, 0.99)
@@ -80,11 +85,11 @@ hyperdrive_config = HyperDriveConfig(estimator=estimator,
                                      max_total_runs=8,
                                      max_concurrent_runs=4)
 
-# In[6]:
+# In[7]:
 hyperdrive_run = experiment.submit(hyperdrive_config)
 hyperdrive_run.wait_for_completion(show_output=True)
 
-# In[7]:
+# In[8]:
 best_run = hyperdrive_run.get_best_run_by_primary_metric()
 print(best_run.get_details()['runDefinition']['arguments'])
 model = best_run.register_model(model_name='pytorch-birds', model_path='outputs/model.pt')
