@@ -423,25 +423,20 @@ def test_hyperband_with_one_bracket_is_successive_halving() -> None:
     assert stopped == halving_expected("hyperband", False, " of bracket 0")
 
 
-@pytest.mark.parametrize(
-    ("ours", "theirs"),
-    [
-        (SuccessiveHalving(min_resource=1, reduction_factor=2), None),
-        (Hyperband(min_resource=1, max_resource=8, reduction_factor=2), None),
-    ],
-    ids=["successive_halving", "hyperband"],
-)
-def test_halving_decisions_are_optunas(ours: Policy, theirs: None) -> None:
+@pytest.mark.parametrize("name", ["successive_halving", "hyperband"])
+def test_halving_decisions_are_optunas(name: str) -> None:
     """Many trials through several brackets and rungs: the same trials stop as with Optuna's
     own pruner (asked through Trial.should_prune)."""
     curves = [[((7 * i) % 11) / 10 + s / 100 for s in range(1, 9)] for i in range(24)]
-    mine = one_by_one(ours, curves, rounds=(1, 2, 4, 8))
-    if isinstance(ours, SuccessiveHalving):
-        plain: optuna.pruners.BasePruner = optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=1, reduction_factor=2
-        )
+    ours: Policy
+    plain: optuna.pruners.BasePruner
+    if name == "successive_halving":
+        ours = SuccessiveHalving(min_resource=1, reduction_factor=2)
+        plain = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     else:
+        ours = Hyperband(min_resource=1, max_resource=8, reduction_factor=2)
         plain = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=8, reduction_factor=2)
+    mine = one_by_one(ours, curves, rounds=(1, 2, 4, 8))
     study = new_study(plain)
     trials = [study.ask() for _ in curves]
     theirs_stopped: set[int] = set()

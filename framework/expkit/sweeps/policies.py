@@ -296,11 +296,11 @@ class TruncationSelection(_AzurePolicy):
     https://learn.microsoft.com/python/api/azureml-train-core/azureml.train.hyperdrive.truncationselectionpolicy).
 
     Here, at step N, the trial's value at N is ranked among the n trials with a value at N
-    (itself included, finished trials too: Azure ML's SDKs have no setting to leave them out).
-    It is in the lowest X % when the trials as bad as or worse than it, itself included, are at
-    most X % of n (k * 100 <= X * n): with 5 trials and 20 %, the worst one; with 4 trials and
-    20 %, none (the worst is at 25 %); tied trials count against each other, so ties never
-    stop more than X %."""
+    (itself included; finished trials too: Azure ML's TruncationSelectionPolicy classes, v1
+    and v2, have no parameter to leave them out). It is in the lowest X % when the k trials as
+    bad as or worse than it, itself included, are at most X % of n (k * 100 <= X * n): with 5
+    trials and 20 %, the worst one; with 4 trials and 20 %, none (the worst is at 25 %); tied
+    trials count against each other, so ties never stop more than X %."""
 
     name = "truncation_selection"
 

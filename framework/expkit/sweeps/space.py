@@ -23,7 +23,8 @@ Samplers: `random` and `random` with `rule: sobol` are expkit's own `PointSample
 draws trial n's point from the seed and n alone (a seeded RandomState, or the n-th point of a
 scrambled Sobol' sequence): the same trial number always gets the same values, whatever the
 order trials are asked or resumed in, and `preview` shows exactly what the sweep runs.
-`grid` is Optuna's GridSampler (trial n gets combination n of a seeded shuffle); `bayesian`
+`grid` is Optuna's GridSampler (trial n gets combination n of a seeded shuffle; `tell`
+never stops the study); `bayesian`
 is Optuna's TPESampler, its startup trials drawn by the same per-trial random sampler. A
 sweep without a seed draws one once and keeps it in the study (`study.user_attrs["seed"]`).
 
@@ -59,7 +60,7 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     sampling = spec.sampling
     if sampling.type == "grid":
         grid = {p.name: _categories(p) for p in spec.search_space}
-        return optuna.samplers.GridSampler(grid, seed=sampling.seed)
+        return _grid_sampler_class()(grid, seed=sampling.seed)
     points = _point_sampler_class()(spec)
     if sampling.type == "bayesian":
         tpe = optuna.samplers.TPESampler(seed=sampling.seed)
@@ -247,6 +248,19 @@ def _is_flag(token: Any) -> bool:
     except ValueError:
         return True
     return False
+
+
+def _grid_sampler_class() -> type:
+    """Optuna's GridSampler without its `study.stop()` once every combination started: that
+    works inside `study.optimize` only (with ask and tell it raises from `tell`); the
+    driver stops at `limits.max_total_trials`, the grid's size at most."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return GridSampler
 
 
 def _point_sampler_class() -> type:

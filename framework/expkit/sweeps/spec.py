@@ -378,7 +378,8 @@ class _Parser:
         extra = frozenset({"$schema"} | ({"type"} if raw.get("type") == "sweep" else set()))
         self.unknown(raw, TOP_LEVEL, "", ignore=extra)
         for name in ("job", "search_space", "objective"):
-            if raw.get(name) is None:
+            renamed = any(_RENAMED.get(key, "").startswith(name) for key in raw if key != name)
+            if raw.get(name) is None and not renamed:  # `trial:` has its own line
                 example = {
                     "job": "training/job.yaml (the trial's job spec) or the job inline",
                     "search_space": "{lr: {type: uniform, min_value: 0.01, max_value: 0.1}}",
@@ -451,6 +452,15 @@ class _Parser:
                 path = Path(raw)
                 if self.base_dir is not None and not path.is_absolute():
                     path = self.base_dir / path
+                if not path.exists():
+                    folder = "the sweep file's folder" if self.base_dir else "the current folder"
+                    self.problem(
+                        "job",
+                        f"{printable(raw)}: no such file; `job:` is the path of the trial's job "
+                        f"spec, relative to {folder} ({printable(str(path.parent.absolute()))}), "
+                        "or the job spec inline",
+                    )
+                    return None
                 return JobSpec.from_yaml(path, self.job_overrides)
             if isinstance(raw, dict):
                 for item in self.job_overrides:
@@ -479,6 +489,8 @@ class _Parser:
     # -- search space ------------------------------------------------------------------------------
     def space(self, raw: Any) -> tuple[Parameter, ...]:
         example = "{learning_rate: {type: loguniform, min_value: -9.2, max_value: -2.3}}"
+        if isinstance(raw, list | tuple) and raw and all(isinstance(p, Parameter) for p in raw):
+            raw = {p.name: p for p in raw}  # SweepSpec's own shape, from Python
         space = self.mapping(raw, "search_space", example)
         if space is None:
             return ()
