@@ -511,6 +511,8 @@ def test_a_script_run_config_sweep_keeps_the_job_s_args_and_its_limits(tmp_path)
     assert "early_termination" not in raw  # policy=None: HyperDrive's NoTerminationPolicy
     # max_concurrent_runs defaults to max_total_runs; minutes become seconds
     assert raw["limits"] == {"max_total_trials": 6, "max_concurrent_trials": 6, "timeout": 5400}
+    renamed = import_job(sweep_file(tmp_path), experiment="tune-lr")  # --experiment: the job's
+    assert renamed["job"]["experiment"] == "tune-lr"
 
 
 @pytest.mark.parametrize(
