@@ -775,3 +775,21 @@ def test_a_name_error_of_something_else_is_still_the_module_s_error(tmp_path):
     assert str(error.value) == (
         f"{ref}, line {line}: NameError: name 'missing' is not defined (while importing it)"
     )
+
+
+def test_a_bad_sweep_from_set_is_exit_2_and_nothing_is_written(expkit_cli, tmp_path):
+    output = tmp_path / "sweep.yaml"
+    result = expkit_cli(
+        "import",
+        "azureml",
+        str(HYPERDRIVE),
+        "-o",
+        str(output),
+        "--set",
+        "limits.max_total_trials=0",
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("expkit: error: ") and "limits.max_total_trials" in last, last
+    assert "Traceback" not in result.stderr
+    assert not output.exists() and not (tmp_path / "sweep-job.yaml").exists()
