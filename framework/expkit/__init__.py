@@ -17,7 +17,9 @@ _EXPORTS = {
     "Workspace": "expkit.api",
     "Experiment": "expkit.api",
     "Model": "expkit.api",
+    "SweepRun": "expkit.api",
     "JobSpec": "expkit.job",
+    "SweepSpec": "expkit.sweeps.spec",
     "hookimpl": "expkit.hookspecs",
     "ComputeTarget": "expkit.capabilities",
     "DistributedBackend": "expkit.capabilities",
@@ -37,7 +39,9 @@ __all__ = [  # noqa: RUF022 - grouped by what they are for
     "Workspace",
     "Experiment",
     "Model",
+    "SweepRun",
     "JobSpec",
+    "SweepSpec",
     "hookimpl",
     "ComputeTarget",
     "DistributedBackend",
@@ -53,7 +57,7 @@ __all__ = [  # noqa: RUF022 - grouped by what they are for
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from expkit.api import Experiment, Model, Run, Workspace
+    from expkit.api import Experiment, Model, Run, SweepRun, Workspace
     from expkit.capabilities import (
         ComputeTarget,
         DistributedBackend,
@@ -68,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from expkit.errors import PluginUnavailable, UserError
     from expkit.hookspecs import hookimpl
     from expkit.job import JobSpec
+    from expkit.sweeps.spec import SweepSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -25,8 +25,9 @@ from expkit.workspace import Workspace
 if TYPE_CHECKING:
     from expkit.capabilities import ModelVersion
     from expkit.job import JobSpec
+    from expkit.sweeps.spec import SweepSpec
 
-__all__ = ["Experiment", "Model", "Run", "RunFailed", "Workspace"]
+__all__ = ["Experiment", "Model", "Run", "RunFailed", "SweepRun", "Workspace"]
 
 
 class RunFailed(Exception):
@@ -39,12 +40,18 @@ class Experiment:
     def __init__(self, workspace: Workspace, name: str) -> None:
         self.workspace, self.name = workspace, name
 
-    def submit(self, job: JobSpec | str | Path, overrides: Sequence[str] = ()) -> Run:
-        """Start `job` in a background driver process and return its run at once."""
+    def submit(self, job: JobSpec | SweepSpec | str | Path, overrides: Sequence[str] = ()) -> Any:
+        """Start `job` in a background driver process and return its `Run` at once; a sweep
+        (a SweepSpec, or a YAML file with a `search_space`) starts a sweep driver in the
+        background instead and returns its `SweepRun` (Azure ML's HyperDriveRun)."""
         from expkit import lifecycle
         from expkit.driver import start_driver
         from expkit.job import JobSpec
 
+        if not isinstance(job, JobSpec) and (
+            not isinstance(job, str | Path) or _is_sweep_file(Path(job))
+        ):
+            return self._submit_sweep(job, overrides)
         if not isinstance(job, JobSpec):
             job = JobSpec.from_yaml(job, list(overrides))
         elif overrides:
@@ -56,6 +63,29 @@ class Experiment:
         record = lifecycle.submit(self.workspace, job)
         start_driver(self.workspace, record.id)
         return Run(self.workspace, record.id)
+
+    def _submit_sweep(self, sweep: Any, overrides: Sequence[str]) -> SweepRun:
+        """Record the sweep (its trials' experiment is this one) and start its driver."""
+        import dataclasses
+        import importlib
+
+        from expkit.job import JobSpec
+        from expkit.sweeps.spec import SweepSpec
+
+        driver = importlib.import_module("expkit.sweeps.driver")  # the sweep driver's side
+
+        if not isinstance(sweep, SweepSpec):
+            sweep = SweepSpec.from_yaml(sweep, list(overrides))
+        elif overrides:
+            raise UserError("overrides apply to a sweep spec file; change the SweepSpec instead")
+        job = JobSpec.from_dict(
+            {**sweep.job.to_dict(), "experiment": self.name}, source="JobSpec", base_dir=Path()
+        )
+        sweep = dataclasses.replace(sweep, job=job)
+        started = driver.start(self.workspace, sweep)
+        sweep_id = getattr(started, "id", started)
+        driver.start_background(self.workspace, sweep_id)
+        return SweepRun(self.workspace, sweep_id)
 
     def get_runs(self) -> list[Run]:
         """This experiment's runs, newest first."""
@@ -103,6 +133,8 @@ class Run:
             "exit_code": record.exit_code,
             "snapshot_hash": record.snapshot_hash,
             "environment_hash": record.environment_hash,
+            "sweep": record.sweep,
+            "trial": record.trial,
             "stages": {
                 s.stage: {"state": s.state, "seconds": s.seconds}
                 for s in history.stages.of(self.id)
@@ -283,6 +315,130 @@ class Run:
     def cancel(self) -> None:
         """Ask the run's driver to stop it (the run ends as canceled)."""
         self.workspace.history.runs.request_cancel(self.id)
+
+
+class SweepRun:
+    """A sweep, as Azure ML's HyperDriveRun: its trials are runs (`get_children`), the best
+    one by the primary metric (`get_best_run_by_primary_metric`); `expkit sweeps show ID`
+    shows the same."""
+
+    def __init__(self, workspace: Workspace, sweep_id: str) -> None:
+        self.workspace, self.id = workspace, sweep_id
+
+    def __repr__(self) -> str:
+        return f"SweepRun({self.id!r}, status={self.get_status()!r})"
+
+    @property
+    def _record(self) -> Any:
+        return self.workspace.history.sweeps.get(self.id)
+
+    def get_status(self) -> str:
+        """running, completed, failed or canceled."""
+        return self._record.state
+
+    def get_details(self) -> dict[str, Any]:
+        """The sweep's record: state, error, spec, the best trial's run and the registered
+        model ("name:version"), and how many trials are in each state."""
+        from expkit.sweeps.report import trial_rows
+
+        record = self._record
+        counts: dict[str, int] = {}
+        for row in trial_rows(self.workspace, record):
+            counts[row.state] = counts.get(row.state, 0) + 1
+        return {
+            "id": record.id,
+            "experiment": record.experiment,
+            "state": record.state,
+            "error": record.error,
+            "created": record.created,
+            "ended": record.ended,
+            "spec": record.spec,
+            "best_run": record.best_run,
+            "model": record.model,
+            "trials": counts,
+        }
+
+    def get_children(self) -> list[Run]:
+        """The trials, each an ordinary run, by trial number."""
+        return [Run(self.workspace, r.id) for r in self.workspace.history.runs.of_sweep(self.id)]
+
+    def get_best_run_by_primary_metric(self) -> Run | None:
+        """The completed trial with the best last value of the primary metric by the goal
+        (ties: the lower trial number), None while none completed with a value."""
+        from expkit.sweeps.best import best_trial
+
+        best = best_trial(self.workspace, self.id)
+        return None if best is None else Run(self.workspace, best.id)
+
+    def get_metrics(self) -> dict[str, dict[str, Any]]:
+        """Each trial's metrics, {run id: Run.get_metrics()} (as HyperDriveRun's)."""
+        return {run.id: run.get_metrics() for run in self.get_children()}
+
+    def register_best_model(self) -> Model:
+        """Register the best trial's model (as `register_best: true` does; see
+        `expkit.sweeps.best.register_best`): the version already registered if it was."""
+        from expkit.sweeps.best import register_best
+
+        return Model._from_version(self.workspace, register_best(self.workspace, self.id))
+
+    def wait_for_completion(
+        self, show_output: bool = False, timeout: float | None = None, raise_on_error: bool = True
+    ) -> dict[str, Any]:
+        """Block until the sweep ends; with `show_output`, print each trial as its state
+        changes, then the trials' table. Raises RunFailed (with `raise_on_error`) when it
+        failed or was canceled, or when its driver is gone before its end (`expkit sweeps
+        resume ID` goes on with it), TimeoutError after `timeout` seconds."""
+        from expkit.history import driver_alive
+        from expkit.sweeps.report import objective_of, render, space_names, trial_rows
+
+        deadline = time.monotonic() + timeout if timeout else None
+        seen: dict[str, str] = {}
+        while True:
+            record = self._record
+            if show_output:
+                for row in trial_rows(self.workspace, record):
+                    if seen.get(row.run_id) != row.state:
+                        seen[row.run_id] = row.state
+                        print(f"trial {row.trial} ({row.run_id}): {row.state}", flush=True)
+            if record.finished:
+                break
+            if not driver_alive(record.driver_pid, record.driver_start):
+                time.sleep(0.5)  # a driver taking over has recorded itself by now
+                record = self._record
+                if not record.finished and not driver_alive(record.driver_pid, record.driver_start):
+                    raise RunFailed(
+                        f"sweep {self.id}: its driver process (pid {record.driver_pid}) is "
+                        f"gone; `expkit sweeps resume {self.id}` goes on with it"
+                    )
+                continue
+            if deadline and time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {self.id} still {record.state} after {timeout}s")
+            time.sleep(0.2)
+        if show_output:
+            rows = trial_rows(self.workspace, record)
+            for line in render(rows, objective_of(record.spec), space_names(record.spec)):
+                print(line)
+        details = self.get_details()
+        if raise_on_error and details["state"] != "completed":
+            raise RunFailed(f"sweep {self.id} {details['state']}: {details['error']}")
+        return details
+
+    def cancel(self) -> None:
+        """Ask the sweep's driver to stop it: its running trials are canceled (their
+        outputs kept) and it ends canceled."""
+        self.workspace.history.sweeps.request_cancel(self.id)
+
+
+def _is_sweep_file(path: Path) -> bool:
+    """Whether the YAML file `path` is a sweep spec (it has a `search_space`) rather than a
+    job spec; a file that cannot be read is left to the job spec's errors."""
+    from expkit.job import load_yaml
+
+    try:
+        raw = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ValueError, UserError):
+        return False
+    return isinstance(raw, dict) and "search_space" in raw
 
 
 class Model:

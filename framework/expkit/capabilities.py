@@ -267,6 +267,10 @@ def _no_config(section: str) -> dict[str, Any]:
     return {}
 
 
+def _no_spec() -> dict[str, Any]:
+    return {}
+
+
 @dataclass
 class RunInfo:
     """What a metric sink, a model registry or an event hook is told about the run it serves.
@@ -302,6 +306,9 @@ class RunInfo:
     # the sweep's parent run).
     sweep: str | None = None
     trial: int | None = None
+    # That sweep's spec as its record keeps it (`SweepSpec.to_dict`: Azure ML v2's names,
+    # `objective`, `search_space`, ...), read when asked; {} for a run of its own.
+    sweep_spec: Callable[[], dict[str, Any]] = _no_spec
 
 
 @dataclass

@@ -53,7 +53,7 @@ from expkit.procs import (
     stop_run_processes,
 )
 from expkit.recovery import RESERVE_NAME, salvage
-from expkit.registry import ModelStore, select_model_files
+from expkit.registry import NoModelFiles, register_run_model
 from expkit.stages import Outcome, RunState, Stage
 from expkit.workspace import Workspace
 
@@ -852,49 +852,14 @@ class Lifecycle:
 
     # -- register: the next version of the job's model ----------------------------------------
     def register(self) -> None:
+        """The next version of the job's model from the sealed outputs (see
+        `expkit.registry.register_run_model`), then in each of the job's registries."""
         spec = self.job.model
         assert spec is not None
-        outputs = self.history.outputs.of(self.run_id)
-        files, base = select_model_files(outputs, spec.path)
-        if not files:
-            links = self.history.outputs.links(self.run_id)
-            named = spec.path.removeprefix("outputs").strip("/") or "."
-            if named in links:
-                raise StageFailed(
-                    f"model.path {spec.path!r} is a link to {links[named]}, out of the run: "
-                    "recorded, not stored, so not registered"
-                )
-            raise StageFailed(f"model.path {spec.path!r} matched no file in the run's outputs")
-        record = self.history.runs.get(self.run_id)
-        numbers = {
-            k: v
-            for k, v in self.history.metrics.latest(self.run_id).items()
-            if isinstance(v, int | float)
-        }
-        lineage: dict[str, Any] = {
-            "run_id": self.run_id,
-            "experiment": self.job.experiment,
-            "snapshot_hash": record.snapshot_hash,
-            "environment_hash": record.environment_hash,
-            "entry_script": self.job.entry_script,
-            "metrics": numbers,
-        }
-        prefix = f"{base}/" if base else ""
-        for export in self.history.exports.of(self.run_id):
-            if export.ok:  # the export's files, wherever model.path points within its folder
-                files.update({p.removeprefix(prefix): v for p, v in export.files.items()})
-                lineage.setdefault("exports", {})[export.format] = exports.lineage_entry(
-                    export, prefix
-                )
-        store = ModelStore(self.ws)
-        model = store.register(
-            spec.name,
-            files,
-            self.run_dir / "outputs" / base,
-            self.run_id,
-            lineage,
-            {**self.job.tags, **spec.tags},
-        )
+        try:
+            model = register_run_model(self.ws, self.run_id, self.job)
+        except NoModelFiles as nothing:
+            raise StageFailed(str(nothing)) from None
         self.stage_note = f"model {model.name} version {model.version}"
         for entry, registry in zip(spec.registries, self.choice.registries, strict=True):
             try:

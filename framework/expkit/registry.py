@@ -11,12 +11,20 @@ import os
 import shutil
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expkit.blobs import BlobStore, copy_private, manifest, short_temporary_name, stored_mode
 from expkit.capabilities import ModelVersion
 from expkit.errors import UserError
 from expkit.workspace import Workspace
+
+if TYPE_CHECKING:
+    from expkit.job import JobSpec
+
+
+class NoModelFiles(UserError):
+    """The job's `model.path` names no stored file among the run's outputs (nothing matched,
+    or a link out of the run that was recorded, not stored): nothing to register."""
 
 
 class ModelStore:
@@ -230,6 +238,60 @@ def check_model_name(name: str, field: str = "model.name") -> None:
 
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UserError(f"{field} {name!r}: {NAME_RULE}, at most 100 characters")
+
+
+def register_run_model(
+    workspace: Workspace, run_id: str, job: JobSpec, lineage: dict[str, Any] | None = None
+) -> ModelVersion:
+    """Register the next version of `job.model` from run `run_id`'s sealed outputs, as a
+    run's register stage does: the files `model.path` names, with its passing exports'
+    files; lineage: the run, its experiment, snapshot and environment hashes, entry script,
+    last numeric metrics and exports, then `lineage` (e.g. the sweep a trial belongs to);
+    tags: the job's, then the model's. Used by the register stage (`Lifecycle.register`) and
+    by a sweep registering its best trial (`expkit.sweeps.best.register_best`). Raises
+    NoModelFiles when `model.path` matches no stored output, UserError for a bad name."""
+    from expkit import exports
+
+    spec = job.model
+    if spec is None:
+        raise UserError(f"run {run_id}: its job names no model (model.name)")
+    history = workspace.history
+    files, base = select_model_files(history.outputs.of(run_id), spec.path)
+    if not files:
+        links = history.outputs.links(run_id)
+        named = spec.path.removeprefix("outputs").strip("/") or "."
+        if named in links:
+            raise NoModelFiles(
+                f"model.path {spec.path!r} is a link to {links[named]}, out of the run: "
+                "recorded, not stored, so not registered"
+            )
+        raise NoModelFiles(f"model.path {spec.path!r} matched no file in the run's outputs")
+    record = history.runs.get(run_id)
+    numbers = {
+        k: v for k, v in history.metrics.latest(run_id).items() if isinstance(v, int | float)
+    }
+    found: dict[str, Any] = {
+        "run_id": run_id,
+        "experiment": job.experiment,
+        "snapshot_hash": record.snapshot_hash,
+        "environment_hash": record.environment_hash,
+        "entry_script": job.entry_script,
+        "metrics": numbers,
+    }
+    prefix = f"{base}/" if base else ""
+    for export in history.exports.of(run_id):
+        if export.ok:  # the export's files, wherever model.path points within its folder
+            files.update({p.removeprefix(prefix): v for p, v in export.files.items()})
+            found.setdefault("exports", {})[export.format] = exports.lineage_entry(export, prefix)
+    found.update(lineage or {})
+    return ModelStore(workspace).register(
+        spec.name,
+        files,
+        workspace.run_dir(run_id) / "outputs" / base,
+        run_id,
+        found,
+        {**job.tags, **spec.tags},
+    )
 
 
 def select_model_files(

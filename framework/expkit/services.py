@@ -53,7 +53,19 @@ def run_info(workspace: Workspace, run_id: str, job: JobSpec) -> RunInfo:
         plugin_config=plugin_config(workspace),
         sweep=record.sweep,
         trial=record.trial,
+        sweep_spec=lambda: _sweep_spec(workspace, record.sweep),
     )
+
+
+def _sweep_spec(workspace: Workspace, sweep_id: str | None) -> dict[str, Any]:
+    """The spec of sweep `sweep_id` as its record keeps it; {} for no sweep, or one the
+    history does not hold."""
+    if sweep_id is None:
+        return {}
+    try:
+        return dict(workspace.history.sweeps.get(sweep_id).spec)
+    except KeyError:
+        return {}
 
 
 def run_context(

@@ -8,6 +8,10 @@ The tracking URI comes from the sink's options, else the workspace's config.json
 (`{"mlflow": {"tracking_uri": ...}}`), else `$MLFLOW_TRACKING_URI`, else a SQLite store inside
 the workspace (`mlflow.db`, artifacts in `mlartifacts/`); see `expkit_mlflow.tracking`.
 
+A sweep's trials are child runs of one parent run per sweep (tag `mlflow.parentRunId`),
+which holds the sweep spec in brief, its best so far and a status kept true by the trials'
+ends: see `expkit_mlflow.sweeps`.
+
 mlflow takes seconds to import, so this module only checks that it is installed: `sink.py`
 and `registry.py` import it when a job uses them, on the sink's own thread or at register.
 

@@ -21,7 +21,9 @@ What goes where:
   layout (columns, data), at close. The run history keeps every one of them;
 - artifacts: the run's logs/ and outputs/ (at close, unless the registry uploaded outputs/):
   the files of the outputs manifest, never a link the script left there;
-- status: completed -> FINISHED, failed -> FAILED, canceled -> KILLED.
+- status: completed -> FINISHED, failed -> FAILED, canceled -> KILLED;
+- a sweep's trial: a child run of the sweep's parent run (`expkit_mlflow.sweeps`), named
+  "<run id> (trial N)"; its end updates the parent's best so far and status.
 """
 
 from __future__ import annotations
@@ -151,6 +153,13 @@ class MlflowWriter(MetricWriter):
         log_logs(self.client, self.mlflow_run_id, self.run)
         if not outputs_logged(self.client, self.mlflow_run_id):
             log_outputs(self.client, self.mlflow_run_id, self.run)
-        end = int(time.time() * 1000)
-        self.client.set_terminated(self.mlflow_run_id, STATUS.get(outcome.state, "FAILED"), end)
+        status = STATUS.get(outcome.state, "FAILED")
+        if self.run.sweep is None:
+            self.client.set_terminated(self.mlflow_run_id, status, int(time.time() * 1000))
+        else:  # the trial's status and its parent's in one hold of the sweep's lock
+            from expkit_mlflow.sweeps import sweep_lock, trial_ended
+
+            with sweep_lock(self.run.workspace_dir):
+                self.client.set_terminated(self.mlflow_run_id, status, int(time.time() * 1000))
+                trial_ended(self.client, self.mlflow_run_id, self.run)
         self.closed = True

@@ -152,31 +152,79 @@ def store_lock(database: Path) -> Iterator[None]:
 
 def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[str, bool]:
     """The id of the MLflow run mirroring `run`, created (with params and tags) if there is
-    none yet; and whether it was created now. A retried `open` finds the run it made before."""
+    none yet; and whether it was created now. A retried `open` finds the run it made before.
+
+    A trial of a sweep (`run.sweep`) is created as a child of the sweep's parent run, found
+    or created with it under the workspace's sweep lock (`expkit_mlflow.sweeps`); a trial
+    whose run exists already (the sink of a dead driver, closed by `expkit.sinkrecovery`)
+    gets that parent's tag if it lacks it."""
     existing = run.tags().get(RUN_TAG)
     if existing:
+        if run.sweep is not None:
+            _nest(client, run, existing, tracking)
         return existing, False
+    common = _source_tags(run)
     tags = {
         "expkit.run_id": run.run_id,
         "expkit.experiment": run.experiment,
-        "expkit.workspace": f"{socket.gethostname()}:{run.workspace_dir}",
+        "expkit.workspace": workspace_name(run),
         "expkit.snapshot_hash": run.snapshot_hash,
         "expkit.environment_hash": run.environment_hash,
-        "mlflow.source.name": run.job.entry_script,
-        "mlflow.source.type": "LOCAL",
-        "mlflow.user": _user(),
+        **common,
         **run.job.tags,
     }
-    created = client.create_run(
-        experiment_id(client, run.experiment, tracking),
-        start_time=int(run.created * 1000),
-        tags=clean_tags(tags),
-        run_name=run.run_id,
-    )
+    experiment = experiment_id(client, run.experiment, tracking)
+    if run.sweep is None:
+        created = client.create_run(
+            experiment,
+            start_time=int(run.created * 1000),
+            tags=clean_tags(tags),
+            run_name=run.run_id,
+        )
+    else:
+        from expkit_mlflow.sweeps import parent_run, sweep_lock, trial_name, trial_tags
+
+        # The parent, and this trial's run under it, in one hold of the lock: a trial that
+        # ends meanwhile sees this one running and leaves the parent RUNNING.
+        with sweep_lock(run.workspace_dir):
+            parent = parent_run(client, run, experiment, workspace_name(run), common)
+            created = client.create_run(
+                experiment,
+                start_time=int(run.created * 1000),
+                tags=clean_tags({**tags, **trial_tags(run, parent)}),
+                run_name=trial_name(run),
+            )
     mlflow_run_id = created.info.run_id
     log_params(client, mlflow_run_id, run.params())
     run.set_tags({RUN_TAG: mlflow_run_id})
     return mlflow_run_id, True
+
+
+def _nest(client: MlflowClient, run: RunInfo, mlflow_run_id: str, tracking: Tracking) -> None:
+    """Make the existing MLflow run of trial `run` a child of its sweep's parent, if it is
+    not one already (the parent found or created as for a new trial)."""
+    from expkit_mlflow.sweeps import PARENT_TAG, parent_run, sweep_lock, trial_tags
+
+    if PARENT_TAG in client.get_run(mlflow_run_id).data.tags:
+        return
+    experiment = experiment_id(client, run.experiment, tracking)
+    with sweep_lock(run.workspace_dir):
+        parent = parent_run(client, run, experiment, workspace_name(run), _source_tags(run))
+        log_tags(client, mlflow_run_id, trial_tags(run, parent))
+
+
+def _source_tags(run: RunInfo) -> dict[str, str]:
+    """MLflow's own tags for who ran what: a run's, and its sweep's parent's."""
+    return {
+        "mlflow.source.name": run.job.entry_script,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": _user(),
+    }
+
+
+def workspace_name(run: RunInfo) -> str:
+    """The workspace as the runs' tag `expkit.workspace` names it: "host:/its/path"."""
+    return f"{socket.gethostname()}:{run.workspace_dir}"
 
 
 def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:

@@ -24,10 +24,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "code. --param KEY and --metric NAME add a column each, in the order given (both "
         "may be repeated): the run's parameter KEY (from the job's `args`, or logged by the "
         "script: `expkit runs show RUN` lists them) and the latest value of its metric NAME; "
-        "blank for a run that has none.",
+        "blank for a run that has none. --sweep SWEEP lists that sweep's trials instead, by "
+        "trial number, with a TRIAL column.",
     )
     listing.add_argument("--experiment", help="only this experiment's runs")
-    listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    listing.add_argument(
+        "--sweep",
+        metavar="SWEEP",
+        help="only the trials of this sweep (id, number or `latest`), by trial number",
+    )
+    listing.add_argument(
+        "--limit", type=int, default=None, help="how many (default 20; with --sweep: all)"
+    )
     listing.add_argument(
         "--param",
         metavar="KEY",
@@ -111,15 +119,33 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     from expkit.console import human_seconds
 
     workspace = open_workspace(args)
-    records = workspace.history.runs.recent(args.experiment, args.limit)
-    if not records:
-        print("no runs yet; start one with `expkit run JOB`")
-        return 0
+    sweep = None
+    if getattr(args, "sweep", None):
+        from expkit.sweeps.best import sweep_record
+
+        sweep = sweep_record(workspace, args.sweep)
+        records = workspace.history.runs.of_sweep(sweep.id)
+        if args.experiment:
+            records = [r for r in records if r.experiment == args.experiment]
+        if args.limit is not None:
+            records = records[: args.limit]
+        if not records:
+            print(f"sweep {sweep.id} has no trials yet")
+            return 0
+    else:
+        records = workspace.history.runs.recent(
+            args.experiment, 20 if args.limit is None else args.limit
+        )
+        if not records:
+            print("no runs yet; start one with `expkit run JOB`")
+            return 0
     rows = []
     for r in records:
         took = (r.ended or time.time()) - r.created
+        trial = [] if sweep is None else ["-" if r.trial is None else str(r.trial)]
         rows.append(
             [
+                *trial,
                 r.id,
                 f"{r.state}: {r.status}" if r.status else r.state,  # queued: Priority
                 when(r.created),
@@ -128,6 +154,8 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             ]
         )
     headers = ["RUN", "STATE", "CREATED", "DURATION", "EXIT"]
+    if sweep is not None:
+        headers.insert(0, "TRIAL")
     for header, cells in _extra_columns(workspace.history, [r.id for r in records], args):
         headers.append(header)
         for row, cell in zip(rows, cells, strict=True):
@@ -185,6 +213,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     print(f"created     {when(record.created)}")
     if record.ended:
         print(f"ended       {when(record.ended)}")
+    if record.sweep:
+        print(f"sweep       {record.sweep} (trial {record.trial})")
     if record.remote_job:
         print(f"remote job  {record.remote_job}")
     if record.exit_code is not None:

@@ -17,6 +17,9 @@ Modules, one job each:
   and stops those the policy terminates; `python -m expkit.sweeps.driver` in the background.
 - `report`: the table of a sweep's trials (the live one and `expkit sweeps show`).
 - `best`: the best trial, and registering its model (`register_best`).
+- `plot`: the optimization history and the parameters' importances in a picture
+  (`expkit sweeps show --plot`).
 
-Optuna is imported only by `space`, `policies`, `study` and the driver, never at start-up.
+Optuna is imported only by `space`, `policies`, `study`, `plot` and the driver, never at
+start-up.
 """
