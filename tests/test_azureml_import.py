@@ -793,3 +793,55 @@ def test_a_bad_sweep_from_set_is_exit_2_and_nothing_is_written(expkit_cli, tmp_p
     assert last.startswith("expkit: error: ") and "limits.max_total_trials" in last, last
     assert "Traceback" not in result.stderr
     assert not output.exists() and not (tmp_path / "sweep-job.yaml").exists()
+
+
+# -- the imported sweep, run by `expkit sweep` ---------------------------------------------------
+HERE = [  # the seed's estimator on this machine: no GPU, the digits, pillow of today
+    "job.compute=local",
+    "job.resources.gpus_per_node=0",
+    "job.environment={pip: [pillow]}",
+    "job.args.data_dir=${data.digits}",
+    "job.data.digits.prepare=python prepare_digits.py --out {dest}",
+]
+
+
+def _imported(expkit_cli, tmp_path: Path) -> Path:
+    output = tmp_path / "sweep.yaml"
+    result = expkit_cli("import", "azureml", str(HYPERDRIVE), "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def test_the_imported_sweep_dry_runs(expkit_cli, tmp_path):
+    output = _imported(expkit_cli, tmp_path)
+    sets = [item for override in HERE for item in ("--set", override)]
+    result = expkit_cli("sweep", str(output), "--dry-run", *sets)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "learning_rate" in result.stdout and "momentum" in result.stdout
+    assert expkit_cli("sweeps", "list").stdout.count("_sweep_") == 0  # nothing started
+
+
+@pytest.mark.slow
+def test_the_imported_sweep_runs_the_sample_script_here(expkit_cli, expkit_workspace, tmp_path):
+    """The notebook's HyperDrive, imported unchanged, then run here with `--set`: two trials
+    of one epoch, each an ordinary run of pytorch_train.py with the sampled arguments."""
+    output = _imported(expkit_cli, tmp_path)
+    changes = [
+        *HERE,
+        "job.args.num_epochs=1",
+        "job.exports=[]",
+        "limits.max_total_trials=2",
+        "limits.max_concurrent_trials=2",
+    ]
+    sets = [item for override in changes for item in ("--set", override)]
+    result = expkit_cli("sweep", str(output), *sets, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = expkit_workspace.history
+    sweep = history.sweeps.find("latest")
+    assert sweep is not None and sweep.state == "completed", sweep
+    trials = history.runs.of_sweep(sweep.id)
+    assert [t.state for t in trials] == ["completed", "completed"]
+    for trial in trials:
+        args = trial.job["args"]
+        assert 0.0005 <= args["learning_rate"] <= 0.005 and 0.9 <= args["momentum"] <= 0.99
+        assert history.metrics.latest(trial.id)["best_val_acc"] > 0
