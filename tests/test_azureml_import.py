@@ -435,3 +435,413 @@ def test_an_estimator_s_own_python_pin_is_checked_its_framework_s_is_not(monkeyp
     )
     plain = Estimator(compute_target="cpu-cluster", **common)  # the SDK's default pin
     assert job_from_azureml(plain, experiment="plain").experiment == "plain"
+
+
+# -- a HyperDriveConfig: a sweep spec and its trial's job ---------------------------------------
+HYPERDRIVE = SAMPLES / "hyperdrive.py"
+SEED_SWEEP = {  # the seed notebook's HyperDrive cell, in Azure ML v2's names
+    "search_space": {
+        "learning_rate": {"type": "uniform", "min_value": 0.0005, "max_value": 0.005},
+        "momentum": {"type": "uniform", "min_value": 0.9, "max_value": 0.99},
+    },
+    "sampling_algorithm": {"type": "random"},
+    "objective": {"primary_metric": "best_val_acc", "goal": "maximize"},
+    "early_termination": {
+        "type": "bandit",
+        "slack_factor": 0.15,
+        "evaluation_interval": 1,
+        "delay_evaluation": 10,
+    },
+    "limits": {"max_total_trials": 8, "max_concurrent_trials": 4},
+}
+
+
+def test_the_seed_notebook_s_hyperdrive_becomes_a_sweep_with_the_estimator_as_its_trial():
+    raw = import_job(str(HYPERDRIVE))  # no NAME: what it submitted, the HyperDriveConfig
+    job = raw.pop("job")
+    assert raw == SEED_SWEEP
+    assert job == {  # the estimator, as `expkit import` of it alone gives it
+        **import_job(f"{SAMPLES}/seed_estimator.py:estimator"),
+        "args": {"num_epochs": 30, "output_dir": "./outputs"},  # the sampled ones come on top
+    }
+    assert import_job(f"{HYPERDRIVE}:hyperdrive_config") == {"job": job, **raw}
+    # the trial's script takes the parameters the sweep gives it
+    script = (TRAINING / "pytorch_train.py").read_text()
+    assert '"--learning_rate"' in script and '"--momentum"' in script
+
+
+SWEEP_CELLS = """
+from azureml.core import Experiment, ScriptRunConfig, Workspace
+from azureml.train.hyperdrive import *
+
+ws = Workspace.from_config()
+experiment = Experiment(ws, "tune")
+src = ScriptRunConfig(source_directory=".", script="train.py",
+                      arguments=["--epochs", 3, "--lr", 0.1], compute_target="local")
+sampling = {sampling}
+policy = {policy}
+config = HyperDriveConfig(run_config=src, hyperparameter_sampling=sampling, policy=policy,
+                          primary_metric_name="loss", primary_metric_goal=PrimaryMetricGoal.{goal},
+                          max_total_runs=6, {more})
+run = experiment.submit(config)
+"""
+
+
+def sweep_file(tmp_path: Path, **cells: str) -> str:
+    """A notebook-style file whose HyperDriveConfig has the given sampling, policy, ..."""
+    given = {
+        "sampling": "RandomParameterSampling({'--lr': uniform(0.01, 0.1)})",
+        "policy": "None",
+        "goal": "MINIMIZE",
+        "more": "max_concurrent_runs=2",
+        **cells,
+    }
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    (tmp_path / "tune.py").write_text(textwrap.dedent(SWEEP_CELLS).format(**given))
+    return f"{tmp_path}/tune.py"
+
+
+def test_a_script_run_config_sweep_keeps_the_job_s_args_and_its_limits(tmp_path):
+    raw = import_job(sweep_file(tmp_path, more="max_duration_minutes=90"))
+    assert raw["job"]["experiment"] == "tune"
+    assert raw["job"]["args"] == {"epochs": 3, "lr": 0.1}  # --lr is overridden by each trial
+    assert raw["job"]["compute"] == "local"
+    assert raw["search_space"] == {"lr": {"type": "uniform", "min_value": 0.01, "max_value": 0.1}}
+    assert raw["objective"] == {"primary_metric": "loss", "goal": "minimize"}
+    assert "early_termination" not in raw  # policy=None: HyperDrive's NoTerminationPolicy
+    # max_concurrent_runs defaults to max_total_runs; minutes become seconds
+    assert raw["limits"] == {"max_total_trials": 6, "max_concurrent_trials": 6, "timeout": 5400}
+    renamed = import_job(sweep_file(tmp_path), experiment="tune-lr")  # --experiment: the job's
+    assert renamed["job"]["experiment"] == "tune-lr"
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("choice(16, 32, 64)", {"type": "choice", "values": [16, 32, 64]}),
+        ("choice([16, 32])", {"type": "choice", "values": [16, 32]}),
+        ("choice(range(3))", {"type": "choice", "values": [0, 1, 2]}),
+        ("choice('adam', 'sgd')", {"type": "choice", "values": ["adam", "sgd"]}),
+        ("randint(10)", {"type": "randint", "upper": 10}),
+        ("uniform(0.8, 0.99)", {"type": "uniform", "min_value": 0.8, "max_value": 0.99}),
+        (
+            "quniform(8, 64, 8)",
+            {"type": "quniform", "min_value": 8, "max_value": 64, "q": 8},
+        ),
+        (
+            "loguniform(-9.2, -2.3)",  # the bounds are exponents, in both versions
+            {"type": "loguniform", "min_value": -9.2, "max_value": -2.3},
+        ),
+        (
+            "qloguniform(1, 5, 2)",
+            {"type": "qloguniform", "min_value": 1, "max_value": 5, "q": 2},
+        ),
+        ("normal(0.5, 0.1)", {"type": "normal", "mu": 0.5, "sigma": 0.1}),
+        ("qnormal(10, 3, 2)", {"type": "qnormal", "mu": 10, "sigma": 3, "q": 2}),
+        ("lognormal(-3, 1)", {"type": "lognormal", "mu": -3, "sigma": 1}),
+        ("qlognormal(2, 1, 4)", {"type": "qlognormal", "mu": 2, "sigma": 1, "q": 4}),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_each_parameter_expression_maps_to_its_v2_form(tmp_path, expression, expected):
+    sampling = f"RandomParameterSampling({{'--x': {expression}, 'y': choice(1, 2)}})"
+    raw = import_job(sweep_file(tmp_path, sampling=sampling))
+    assert raw["search_space"] == {"x": expected, "y": {"type": "choice", "values": [1, 2]}}
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        ("RandomParameterSampling({'lr': uniform(0, 1)})", {"type": "random"}),
+        (
+            "RandomParameterSampling({'lr': uniform(0, 1)}, properties={'seed': 42})",
+            {"type": "random", "seed": 42},
+        ),
+        (
+            "RandomParameterSampling({'lr': uniform(0, 1)}, "
+            "properties={'rule': 'sobol', 'seed': 7})",
+            {"type": "random", "seed": 7, "rule": "sobol"},
+        ),
+        ("GridParameterSampling({'lr': choice(0.1, 0.01)})", {"type": "grid"}),
+        ("BayesianParameterSampling({'lr': uniform(0, 1)})", {"type": "bayesian"}),
+    ],
+    ids=["random", "random-seed", "random-sobol", "grid", "bayesian"],
+)
+def test_each_sampling_maps_to_its_sampling_algorithm(tmp_path, sampling, expected):
+    raw = import_job(sweep_file(tmp_path, sampling=sampling))
+    assert raw["sampling_algorithm"] == expected
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (
+            "BanditPolicy(slack_factor=0.1, evaluation_interval=2, delay_evaluation=5)",
+            {
+                "type": "bandit",
+                "slack_factor": 0.1,
+                "evaluation_interval": 2,
+                "delay_evaluation": 5,
+            },
+        ),
+        (
+            "BanditPolicy(slack_amount=0.05)",
+            {
+                "type": "bandit",
+                "slack_amount": 0.05,
+                "evaluation_interval": 1,
+                "delay_evaluation": 0,
+            },
+        ),
+        (
+            "MedianStoppingPolicy(evaluation_interval=1, delay_evaluation=3)",
+            {"type": "median_stopping", "evaluation_interval": 1, "delay_evaluation": 3},
+        ),
+        (
+            "TruncationSelectionPolicy(truncation_percentage=20, delay_evaluation=2)",
+            {
+                "type": "truncation_selection",
+                "truncation_percentage": 20,
+                "evaluation_interval": 1,
+                "delay_evaluation": 2,
+            },
+        ),
+        ("NoTerminationPolicy()", None),
+    ],
+    ids=["bandit-factor", "bandit-amount", "median", "truncation", "none"],
+)
+def test_each_policy_maps_to_its_early_termination(tmp_path, policy, expected):
+    raw = import_job(sweep_file(tmp_path, policy=policy, goal="MAXIMIZE"))
+    assert raw.get("early_termination") == expected
+    assert raw["objective"]["goal"] == "maximize"
+
+
+CUSTOM_POLICY = """
+from azureml.train.hyperdrive import EarlyTerminationPolicy
+
+class PatiencePolicy(EarlyTerminationPolicy):
+    def __init__(self):
+        super().__init__("Patience", {"patience": 3})
+"""
+
+
+@pytest.mark.parametrize(
+    ("cells", "message"),
+    [
+        (
+            {"policy": "PatiencePolicy()"},
+            "HyperDriveConfig: the early termination policy 'PatiencePolicy' is not converted; "
+            "use one of BanditPolicy, MedianStoppingPolicy, TruncationSelectionPolicy, "
+            "NoTerminationPolicy",
+        ),
+        (
+            {"sampling": "RandomParameterSampling({'lr': ['beta', [1, 2]]})"},
+            "HyperDriveConfig: parameter 'lr': the expression 'beta' is not converted; use one "
+            "of azureml.train.hyperdrive's choice, randint, uniform",
+        ),
+        (
+            {"sampling": "RandomParameterSampling({'lr': uniform(0, 1)}, {'jitter': 1})"},
+            "HyperDriveConfig: RandomParameterSampling's properties jitter are not converted "
+            "(it takes seed, rule); remove them",
+        ),
+        (
+            {"sampling": "RandomParameterSampling({'lr': uniform(0, 1), '--lr': uniform(0, 2)})"},
+            "HyperDriveConfig: parameters '--lr' and another name the same argument --lr",
+        ),
+    ],
+    ids=["policy", "expression", "property", "twice"],
+)
+def test_what_a_sweep_cannot_convert_is_one_line_naming_it(tmp_path, cells, message):
+    ref = sweep_file(tmp_path, **cells)
+    Path(ref).write_text(CUSTOM_POLICY + Path(ref).read_text())
+    with pytest.raises(UserError) as error:
+        import_job(ref)
+    assert str(error.value).startswith(message), str(error.value)
+    assert error.value.exit_code == 2 and "\n" not in str(error.value)
+
+
+def test_an_unknown_policy_is_exit_2_from_the_command(expkit_cli, tmp_path):
+    ref = sweep_file(tmp_path, policy="PatiencePolicy()")
+    Path(ref).write_text(CUSTOM_POLICY + Path(ref).read_text())
+    result = expkit_cli("import", "azureml", ref, "-o", str(tmp_path / "sweep.yaml"))
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("expkit: error: HyperDriveConfig: the early termination policy "), last
+    assert "'PatiencePolicy'" in last and "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep.yaml").exists() and not (tmp_path / "sweep-job.yaml").exists()
+
+
+def test_job_from_azureml_points_a_hyperdrive_config_to_the_command():
+    from azureml.core import ScriptRunConfig
+    from azureml.train.hyperdrive import (
+        HyperDriveConfig,
+        PrimaryMetricGoal,
+        RandomParameterSampling,
+        uniform,
+    )
+
+    config = HyperDriveConfig(
+        run_config=ScriptRunConfig(source_directory=str(TRAINING), script="pytorch_train.py"),
+        hyperparameter_sampling=RandomParameterSampling({"lr": uniform(0, 1)}),
+        primary_metric_name="best_val_acc",
+        primary_metric_goal=PrimaryMetricGoal.MAXIMIZE,
+        max_total_runs=2,
+    )
+    with pytest.raises(UserError, match="a HyperDriveConfig is a sweep, not a job"):
+        job_from_azureml(config)
+
+
+def test_the_command_writes_the_sweep_and_its_trial_s_job_which_load(expkit_cli, tmp_path):
+    import yaml
+
+    from expkit.sweeps.spec import SweepSpec
+
+    output = tmp_path / "sweep.yaml"
+    result = expkit_cli("import", "azureml", str(HYPERDRIVE), "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"wrote {output} (the sweep) and {tmp_path / 'sweep-job.yaml'} (its trial's job); "
+        f"run it with: expkit sweep {output}"
+    )
+    assert yaml.safe_load(output.read_text()) == {"job": "sweep-job.yaml", **SEED_SWEEP}
+    job = JobSpec.from_yaml(tmp_path / "sweep-job.yaml")  # its code where it was
+    assert (job.source_directory, job.entry_script) == (str(TRAINING), "pytorch_train.py")
+
+    spec = SweepSpec.from_yaml(output)  # what `expkit sweep sweep.yaml` reads
+    assert spec.job == job
+    assert [(p.name, p.type, p.min_value, p.max_value) for p in spec.search_space] == [
+        ("learning_rate", "uniform", 0.0005, 0.005),
+        ("momentum", "uniform", 0.9, 0.99),
+    ]
+    assert (spec.objective.primary_metric, spec.objective.goal) == ("best_val_acc", "maximize")
+    assert spec.sampling.type == "random"
+    assert spec.early_termination is not None
+    assert (spec.early_termination.type, spec.early_termination.slack_factor) == ("bandit", 0.15)
+    assert spec.early_termination.delay_evaluation == 10
+    assert (spec.limits.max_total_trials, spec.limits.max_concurrent_trials) == (8, 4)
+
+    # without -o: the sweep spec printed, its job inline; --set changes the sweep's fields
+    printed = expkit_cli("import", "azureml", str(HYPERDRIVE), "--set", "limits.max_total_trials=2")
+    assert printed.returncode == 0, printed.stderr
+    raw = yaml.safe_load(printed.stdout)
+    assert raw["limits"] == {"max_total_trials": 2, "max_concurrent_trials": 4}
+    assert raw["job"]["entry_script"] == "pytorch_train.py"
+
+
+def test_the_sample_sweep_tunes_what_the_notebook_s_hyperdrive_tunes():
+    """training/sweep.yaml is the notebook's HyperDrive over job.yaml, scaled down: the same
+    arguments (which pytorch_train.py takes), primary metric, goal and policy."""
+    from expkit.sweeps.spec import SweepSpec
+
+    sample = SweepSpec.from_yaml(TRAINING / "sweep.yaml")
+    imported = import_job(str(HYPERDRIVE))
+    assert sample.job == JobSpec.from_yaml(TRAINING / "job.yaml")
+    tuned = {p.name for p in sample.search_space if p.type != "choice" or len(p.values) > 1}
+    assert tuned == set(imported["search_space"])
+    assert sample.objective.primary_metric == imported["objective"]["primary_metric"]
+    assert sample.objective.goal == imported["objective"]["goal"]
+    assert sample.early_termination is not None
+    assert sample.early_termination.type == imported["early_termination"]["type"]
+    script = (TRAINING / "pytorch_train.py").read_text()
+    assert all(f'"--{p.name}"' in script for p in sample.search_space)
+
+
+def test_a_single_run_submitted_before_the_sweep_is_left_out_with_what_uses_it(capsys):
+    """The notebook's first training run (`run = experiment.submit(estimator)`, then
+    `run.wait_for_completion()`, `print(run.get_metrics())`) comes before its HyperDrive cell:
+    the import goes on to the sweep, and says which lines it left out."""
+    source = HYPERDRIVE.read_text()
+    lines = source.splitlines()
+    submit = lines.index("run = experiment.submit(estimator)") + 1
+    import_job(str(HYPERDRIVE))
+    err = capsys.readouterr().err
+    assert (
+        f"hyperdrive.py: left out lines {submit}, {submit + 1}, {submit + 2}: a run submitted "
+        "before the sweep, and what uses it"
+    ) in err
+    # the module ran on to the sweep's submit: the estimator is there by its name too
+    assert import_job(f"{HYPERDRIVE}:estimator")["entry_script"] == "pytorch_train.py"
+
+
+def test_a_name_error_of_something_else_is_still_the_module_s_error(tmp_path):
+    ref = sweep_file(tmp_path)
+    text = Path(ref).read_text()
+    before = "run = experiment.submit(src)\nrun.wait_for_completion()\nprint(missing)\n"
+    changed = text.replace("sampling = ", before + "sampling = ", 1)
+    Path(ref).write_text(changed)
+    with pytest.raises(UserError) as error:
+        import_job(ref)
+    line = changed.splitlines().index("print(missing)") + 1
+    assert str(error.value) == (
+        f"{ref}, line {line}: NameError: name 'missing' is not defined (while importing it)"
+    )
+
+
+def test_a_bad_sweep_from_set_is_exit_2_and_nothing_is_written(expkit_cli, tmp_path):
+    output = tmp_path / "sweep.yaml"
+    result = expkit_cli(
+        "import",
+        "azureml",
+        str(HYPERDRIVE),
+        "-o",
+        str(output),
+        "--set",
+        "limits.max_total_trials=0",
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("expkit: error: ") and "limits.max_total_trials" in last, last
+    assert "Traceback" not in result.stderr
+    assert not output.exists() and not (tmp_path / "sweep-job.yaml").exists()
+
+
+# -- the imported sweep, run by `expkit sweep` ---------------------------------------------------
+HERE = [  # the seed's estimator on this machine: no GPU, the digits, pillow of today
+    "job.compute=local",
+    "job.resources.gpus_per_node=0",
+    "job.environment={pip: [pillow]}",
+    "job.args.data_dir=${data.digits}",
+    "job.data.digits.prepare=python prepare_digits.py --out {dest}",
+]
+
+
+def _imported(expkit_cli, tmp_path: Path) -> Path:
+    output = tmp_path / "sweep.yaml"
+    result = expkit_cli("import", "azureml", str(HYPERDRIVE), "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def test_the_imported_sweep_dry_runs(expkit_cli, tmp_path):
+    output = _imported(expkit_cli, tmp_path)
+    sets = [item for override in HERE for item in ("--set", override)]
+    result = expkit_cli("sweep", str(output), "--dry-run", *sets)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "learning_rate" in result.stdout and "momentum" in result.stdout
+    assert expkit_cli("sweeps", "list").stdout.count("_sweep_") == 0  # nothing started
+
+
+@pytest.mark.slow
+def test_the_imported_sweep_runs_the_sample_script_here(expkit_cli, expkit_workspace, tmp_path):
+    """The notebook's HyperDrive, imported unchanged, then run here with `--set`: two trials
+    of one epoch, each an ordinary run of pytorch_train.py with the sampled arguments."""
+    output = _imported(expkit_cli, tmp_path)
+    changes = [
+        *HERE,
+        "job.args.num_epochs=1",
+        "job.exports=[]",
+        "limits.max_total_trials=2",
+        "limits.max_concurrent_trials=2",
+    ]
+    sets = [item for override in changes for item in ("--set", override)]
+    result = expkit_cli("sweep", str(output), *sets, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = expkit_workspace.history
+    sweep = history.sweeps.find("latest")
+    assert sweep is not None and sweep.state == "completed", sweep
+    trials = history.runs.of_sweep(sweep.id)
+    assert [t.state for t in trials] == ["completed", "completed"]
+    for trial in trials:
+        args = trial.job["args"]
+        assert 0.0005 <= args["learning_rate"] <= 0.005 and 0.9 <= args["momentum"] <= 0.99
+        assert history.metrics.latest(trial.id)["best_val_acc"] > 0

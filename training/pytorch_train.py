@@ -11,7 +11,9 @@ The same script runs data-parallel under torchrun or horovodrun (distributed.py 
 launcher): each rank trains on its share of the data with gradients averaged, and rank 0 logs
 the metrics (averaged over all ranks) and writes the outputs.
 
-Metrics go through expkit's in-script API (a no-op outside expkit); the best epoch's weights
+Metrics go through expkit's in-script API (a no-op outside expkit), best_val_acc (the best
+validation accuracy so far) each epoch as the seed's script logs it, so that a sweep's early
+termination policy compares trials epoch by epoch (training/sweep.yaml); the best epoch's weights
 are saved to OUTPUT_DIR/model.pt (a state dict of `build_model(num_classes)`) with the class
 names in OUTPUT_DIR/classes.json and 16 validation images as the model takes them in
 OUTPUT_DIR/example_inputs.npy (the real inputs an ONNX export is checked on).
@@ -338,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             ("val_loss", val_loss),
             ("val_acc", val_acc),
             ("images_per_sec", images / train_seconds),
+            ("best_val_acc", best_acc),  # each epoch, as the seed's: a sweep's primary metric
         ):
             run.log(name, value, step=epoch)
         print(
@@ -348,7 +351,6 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     if dist.is_main:
-        run.log("best_val_acc", best_acc)
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(best_state, output_dir / "model.pt")

@@ -703,7 +703,9 @@ class JobImporter(Capability, ABC):
     @abstractmethod
     def import_job(self, ref: str, options: dict[str, Any]) -> dict[str, Any]:
         """The job spec (as the dict a job.yaml holds) for what `ref` names, valid for
-        `JobSpec.from_dict`; UserError naming `ref` if there is none. `options` (e.g. the
+        `JobSpec.from_dict`; for a sweep (e.g. Azure ML's HyperDriveConfig), the sweep spec's
+        dict with its trial's job spec inline as `job` (valid for `SweepSpec.from_dict`); a
+        UserError naming `ref` if there is none. `options` (e.g. the
         experiment's name) are checked against `takes`. Must not contact a service or run
         the user's code beyond what naming `ref` requires."""
 

@@ -84,7 +84,12 @@ def prepare(
         raise UserError(f"data.{name}.prepare: `{item.prepare}` exited with code {proc.returncode}")
     if not tmp.exists():
         raise UserError(f"data.{name}.prepare: `{item.prepare}` wrote nothing into {{dest}}")
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # a folder: another run (a sweep's trial) prepared the same data meanwhile
+        if not dest.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the same key: its copy is as good as ours
     return dest
 
 

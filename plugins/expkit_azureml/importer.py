@@ -1,7 +1,9 @@
 """An Azure ML job as an expkit job spec: an `azureml.train.dnn.PyTorch` estimator (or another
-azureml.train Estimator) or a `ScriptRunConfig`.
+azureml.train Estimator) or a `ScriptRunConfig`; a `HyperDriveConfig` of one of those as a sweep
+spec with its trial's job spec (hyperdrive.py has that mapping).
 
     expkit import azureml train_azure.py:estimator -o job.yaml      # the command
+    expkit import azureml hyperdrive.py -o sweep.yaml               # + sweep-job.yaml, the trial
     from expkit_azureml import job_from_azureml                     # Python, on a built object
     job = job_from_azureml(estimator)                                # -> expkit JobSpec
 
@@ -24,8 +26,13 @@ seed's own code runs unchanged and offline:
     cluster.get_status()                           an idle cluster as created (0 nodes, Steady);
                                                     .serialize() as azureml's
     Experiment(ws, name)                            offline; its name is the job's experiment
-    experiment.submit(config)                      stops the module: `config` is the job when
-                                                    REF names none (FILE.py alone)
+    experiment.submit(config)                      stops the module: `config` is the job (or
+                                                    the HyperDriveConfig) when REF names none
+                                                    (FILE.py alone); in a module that builds a
+                                                    HyperDriveConfig, a submit of a single run
+                                                    before it is left out, and so are the
+                                                    lines that use that run (the notebook's
+                                                    first training run)
     Environment.get(ws, name)                       a curated environment, by name
 
 Everything else is the real azureml-core and azureml-train-core, and the estimator is built
@@ -57,6 +64,7 @@ Azure ML would have run.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import os
@@ -78,9 +86,11 @@ SCRIPT_RUN_CONFIG_DEFAULT_DURATION = 2592000  # ScriptRunConfig's default: 30 da
 DEFAULT_VARIABLES = {"EXAMPLE_ENV_VAR", "NCCL_TREE_THRESHOLD"}  # the SDK's and the estimator's
 MPI_COMMUNICATORS = ("IntelMpi", "OpenMpi", "Mpi")
 WHAT = (
-    "an azureml.train.dnn.PyTorch estimator (or another azureml.train Estimator) "
-    "or a ScriptRunConfig"
+    "an azureml.train.dnn.PyTorch estimator (or another azureml.train Estimator), "
+    "a ScriptRunConfig or a HyperDriveConfig"
 )
+JOB_CLASSES = ("ScriptRunConfig", "MMLBaseEstimator", "HyperDriveConfig")
+SWEEP_CLASSES = ("HyperDriveConfig", "HyperDriveRunConfig")
 
 
 @dataclass
@@ -91,6 +101,7 @@ class Captured:
     clusters: dict[str, dict[str, Any]] = field(default_factory=dict)
     curated: set[str] = field(default_factory=set)
     submitted: Any = None
+    left_out: list[int] = field(default_factory=list)  # lines of a submit before the sweep's
 
 
 class _Submitted(Exception):
@@ -115,15 +126,37 @@ class AzureMLImporter(JobImporter):
     )
 
     def import_job(self, ref: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The job spec of the estimator or ScriptRunConfig `ref` names, or, for a
+        HyperDriveConfig, the sweep spec with its trial's job spec inline (hyperdrive.py)."""
+        from expkit_azureml.hyperdrive import is_hyperdrive_config, sweep_dict, trial_object
+
         path, name = parse_ref(ref)
         namespace, captured = load(path)
+        if captured.left_out:
+            lines = ", ".join(map(str, captured.left_out))
+            print(
+                f"{path.name}: left out line{'s' * (len(captured.left_out) > 1)} {lines}: a "
+                "run submitted before the sweep, and what uses it",
+                file=sys.stderr,
+            )
         obj = pick(namespace, captured, name, path, ref)
-        return job_dict(obj, captured, path.parent, options.get("experiment"), default=path.stem)
+        experiment = options.get("experiment")
+        if not is_hyperdrive_config(obj):
+            return job_dict(obj, captured, path.parent, experiment, default=path.stem)
+        job = job_dict(trial_object(obj), captured, path.parent, experiment, default=path.stem)
+        return sweep_dict(obj, job, namespace)
 
 
 def job_from_azureml(config: Any, experiment: str | None = None) -> JobSpec:
     """The expkit job spec of an estimator or ScriptRunConfig built in this process (paths
     relative to the current folder)."""
+    from expkit_azureml.hyperdrive import is_hyperdrive_config
+
+    if is_hyperdrive_config(config):
+        raise UserError(
+            "job_from_azureml: a HyperDriveConfig is a sweep, not a job; give its estimator "
+            "or run_config, or convert the file with `expkit import azureml FILE.py -o sweep.yaml`"
+        )
     if not is_job_object(config):
         raise UserError(f"job_from_azureml: {type(config).__name__} is not {WHAT}")
     raw = job_dict(config, Captured(), Path.cwd(), experiment, default="imported")
@@ -146,7 +179,9 @@ def parse_ref(ref: str) -> tuple[Path, str | None]:
 def load(path: Path) -> tuple[dict[str, Any], Captured]:
     """Run FILE.py offline (see the module's docstring); its globals and what it captured."""
     try:
-        code = compile(path.read_bytes(), str(path), "exec")
+        source = path.read_bytes()
+        tree = ast.parse(source, str(path))
+        code = compile(tree, str(path), "exec")
     except SyntaxError as error:
         raise UserError(f"{path}, line {error.lineno}: {error.msg}") from None
     module = types.ModuleType(MODULE_NAME)
@@ -158,7 +193,10 @@ def load(path: Path) -> tuple[dict[str, Any], Captured]:
     os.chdir(path.parent)
     try:
         with quiet(), offline_azureml(captured):
-            exec(code, module.__dict__)
+            if sweep_lines(tree):
+                run_to_the_sweep(tree, path, module.__dict__, captured)
+            else:
+                exec(code, module.__dict__)
     except _Submitted as stop:
         captured.submitted = stop.config
     except SystemExit as stop:
@@ -174,6 +212,70 @@ def load(path: Path) -> tuple[dict[str, Any], Captured]:
         else:
             sys.modules[MODULE_NAME] = previous_module
     return module.__dict__, captured
+
+
+def sweep_lines(tree: ast.Module) -> list[int]:
+    """The lines where the module builds a HyperDriveConfig (a sweep), by its source."""
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and _called(node.func) in SWEEP_CLASSES
+    ]
+
+
+def _called(func: ast.expr) -> str:
+    return func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+
+
+def run_to_the_sweep(
+    tree: ast.Module, path: Path, namespace: dict[str, Any], captured: Captured
+) -> None:
+    """Run a module that builds a HyperDriveConfig up to its submit, one top-level statement
+    at a time: as the seed's notebook does, it may first submit a single run of the estimator
+    (`run = experiment.submit(estimator)`). Such a submit before the sweep is built is left
+    out, and so is every later statement that uses what it bound (`run.wait_for_completion()`,
+    `model = run.register_model(...)`): a NameError of one of those names. Anything else is as
+    when the module runs whole: the sweep's submit stops it (_Submitted)."""
+    import __future__
+
+    from expkit_azureml.hyperdrive import is_hyperdrive_config
+
+    flags = 0
+    left_out: set[str] = set()
+    sweeps = sweep_lines(tree)
+    for statement in tree.body:
+        if isinstance(statement, ast.ImportFrom) and statement.module == "__future__":
+            for alias in statement.names:
+                flags |= getattr(__future__, alias.name).compiler_flag
+        code = compile(ast.Module([statement], type_ignores=[]), str(path), "exec", flags, True)
+        try:
+            exec(code, namespace)
+        except _Submitted as stop:
+            end = statement.end_lineno or statement.lineno
+            if is_hyperdrive_config(stop.config) or not any(line > end for line in sweeps):
+                raise
+            captured.left_out.append(statement.lineno)
+            left_out |= bound_names(statement)
+        except NameError as error:
+            if error.name not in left_out:
+                raise
+            captured.left_out.append(statement.lineno)
+            left_out |= bound_names(statement)
+
+
+def bound_names(statement: ast.stmt) -> set[str]:
+    """The names a statement binds (assigned, imported, defined), for what uses them next."""
+    names = {
+        n.id
+        for n in ast.walk(statement)
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store | ast.Del)
+    }
+    for node in ast.walk(statement):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
 
 
 def failure(path: Path, error: Exception) -> str:
@@ -206,8 +308,10 @@ def _looked_up_here(error: Exception, path: Path) -> bool:
 
 
 def is_job_object(obj: Any) -> bool:
+    """Whether `obj` is what the importer converts: an estimator, a ScriptRunConfig, or a
+    HyperDriveConfig (a sweep of one of those)."""
     names = {(c.__module__.split(".")[0], c.__name__) for c in type(obj).__mro__}
-    return ("azureml", "ScriptRunConfig") in names or ("azureml", "MMLBaseEstimator") in names
+    return bool(names & {("azureml", n) for n in JOB_CLASSES})
 
 
 def pick(

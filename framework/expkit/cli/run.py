@@ -53,7 +53,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
     importer = commands.add_parser(
         "import",
-        help="turn another tool's job (an Azure ML estimator, ...) into a job spec",
+        help="turn another tool's job (an Azure ML estimator, ...) into a job spec, or its "
+        "sweep (a HyperDriveConfig) into a sweep spec",
         usage="expkit import FROM REF [-o JOB.yaml] [--experiment NAME] [--set KEY=VALUE]",
         description="Turn the job definition REF of another tool into an expkit job spec, "
         "written to -o or printed. FROM names a job importer (`expkit plugins` lists them), "
@@ -62,7 +63,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     importer.add_argument("source", metavar="FROM", help="the importer, e.g. azureml")
     importer.add_argument("ref", metavar="REF", help="what to import, e.g. FILE.py:NAME")
-    importer.add_argument("-o", "--output", metavar="JOB.yaml", help="write the job spec here")
+    importer.add_argument(
+        "-o",
+        "--output",
+        metavar="JOB.yaml",
+        help="write the job spec here (a sweep's spec, and its trial's job beside it as "
+        "NAME-job.yaml)",
+    )
     importer.add_argument("--experiment", help="the experiment name (default: the importer's)")
     importer.add_argument(
         "--set",
@@ -184,12 +191,14 @@ def _count(number: int, noun: str) -> str:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Turn another tool's job into a job spec with the importer FROM, checked as `expkit
-    run` would check it, and write it to -o (or print it)."""
+    run` would check it, and write it to -o (or print it); a sweep into a sweep spec and its
+    trial's job spec (cli/sweep_import.py)."""
     import contextlib
     import os
 
     import yaml
 
+    from expkit.cli.sweep_import import is_sweep, write_sweep
     from expkit.job import JobSpec, apply_override
     from expkit.options import check as check_options
     from expkit.plugins import call, get_plugins
@@ -199,6 +208,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     options = check_options(importer, given, "options")
     with contextlib.redirect_stdout(sys.stderr):  # what the imported code prints, aside
         raw = call(importer, "import_job", args.ref, options)
+    if is_sweep(raw):  # a sweep (Azure ML's HyperDriveConfig): sweep.yaml and its trial's job
+        return write_sweep(args, raw)
     for item in args.overrides:
         apply_override(raw, item)
     output = Path(args.output) if args.output else None
