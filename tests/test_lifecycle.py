@@ -267,6 +267,55 @@ def test_prepared_data_is_made_once_cached_and_linked_into_runs(
     assert "data 'digits': cache hit" in second.output
 
 
+MAKE_DATA_TOGETHER = """
+import argparse, os, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--out")
+out = parser.parse_args().out
+os.makedirs(out)
+with open(os.path.join({meet!r}, str(os.getpid())), "w"):
+    pass
+deadline = time.time() + 60
+while len(os.listdir({meet!r})) < 2 and time.time() < deadline:  # both runs are preparing
+    time.sleep(0.05)
+with open(os.path.join(out, "digits.txt"), "w") as f:
+    f.write("0123456789")
+"""
+
+
+def test_two_runs_preparing_the_same_data_at_once_both_complete(tmp_path):
+    # A sweep's first trials in a fresh workspace: both miss the cache and prepare the data;
+    # the second to finish uses the first one's copy instead of failing its prepare.
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "make.py").write_text(MAKE_DATA_TOGETHER.format(meet=str(meet)))
+    (source / "train.py").write_text(
+        "import sys\nprint(open(sys.argv[2] + '/digits.txt').read())\n"
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "experiment: test\nsource_directory: src\nentry_script: train.py\n"
+        "data: {digits: {prepare: 'python make.py --out {dest}'}}\n"
+        "args: {data: '${data.digits}'}\n"
+    )
+    command = [sys.executable, "-m", "expkit", "run", str(job)]
+    subprocess.run([sys.executable, "-m", "expkit", "init", str(tmp_path / "ws")], check=True)
+    env = {**os.environ, "EXPKIT_WORKSPACE": str(tmp_path / "ws" / ".expkit")}
+    runs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=300)[0].decode() for run in runs]
+
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert len(os.listdir(meet)) == 2  # both prepared at once
+    assert all("0123456789" in output for output in outputs)
+    cached = list((tmp_path / "ws" / ".expkit" / "data").glob("digits-*"))
+    assert len(cached) == 1 and (cached[0] / "digits.txt").read_text() == "0123456789"
+
+
 def test_data_source_folder_in_copy_mode_is_copied(run_job, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
