@@ -487,7 +487,7 @@ def test_a_trial_past_its_trial_timeout_fails_and_the_sweep_goes_on(
         {"steps": 100, "sleep": 0.1},
     )
     result = expkit_cli("sweep", str(sweep))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr  # every trial failed
     runs = expkit_workspace.history.runs.of_sweep("sw_sweep_1")
     assert [r.job["timeout"] for r in runs] == [1, 1]
     assert [r.state for r in runs] == ["failed", "failed"]
