@@ -397,6 +397,8 @@ class _Parser:
             self.problem("register_best", f"must be true or false, not {quoted(register_best)}")
         if sampling is not None and space:
             self.sampler_supports(sampling, space)
+        if job is not None:
+            self.job_fits(job, space, register_best)
         if self.lines:
             raise self.fail()
         assert job is not None and objective is not None and sampling is not None
@@ -485,6 +487,27 @@ class _Parser:
             return None
         self.problem("job", f"must be the path of a job spec or a mapping, not {_kind(raw)}")
         return None
+
+    def job_fits(self, job: JobSpec, space: tuple[Parameter, ...], register_best: Any) -> None:
+        """What the trial's job must have for the rest of the spec: a model to register the
+        best trial's, list args whose swept values can be told from positional ones."""
+        if register_best is True and job.model is None:
+            self.problem(
+                "register_best",
+                "is true but the trial's job has no job.model to register; add model: "
+                "{name: ..., path: ...} to the job, or drop register_best",
+            )
+        if isinstance(job.args, list):
+            from expkit.sweeps.space import list_arg_problem
+
+            for parameter in space:
+                for argument in parameter.arguments:
+                    values = list(parameter.values or ())
+                    if parameter.paired:
+                        values = [v[argument] for v in values if argument in v]
+                    reason = list_arg_problem(list(job.args), argument, values)
+                    if reason:
+                        self.problem(f"search_space.{parameter.name}", reason)
 
     # -- search space ------------------------------------------------------------------------------
     def space(self, raw: Any) -> tuple[Parameter, ...]:
