@@ -17,6 +17,7 @@ import optuna
 import pytest
 import yaml
 
+from conftest import error_line
 from expkit.errors import JobSpecError
 from expkit.sweeps import space
 from expkit.sweeps.spec import (
@@ -921,3 +922,36 @@ def test_register_best_needs_a_model_in_the_job(project):
     assert "job.model" in message
     spec = SweepSpec.from_yaml(sweep_file(project, ISSUE_SWEEP.replace("true", "false")))
     assert spec.register_best is False
+
+
+# -- the wrong file for the command (e2e through `python -m expkit`) -------------------------
+def test_the_wrong_kind_of_file_is_one_line_naming_the_right_command(project, expkit_cli):
+    sweep = sweep_file(project, ISSUE_SWEEP)
+    job = project / "training" / "job.yaml"
+
+    result = expkit_cli("run", str(sweep))
+    assert result.returncode == 2
+    assert error_line(result) == (
+        f"expkit: error: {sweep}: is a sweep spec (it has search_space); "
+        f"run it with `expkit sweep {sweep}`"
+    )
+    result = expkit_cli("sweep", str(job), "--dry-run")
+    assert result.returncode == 2
+    assert error_line(result) == (
+        f"expkit: error: {job}: is a job spec, not a sweep spec; run it with `expkit run {job}`, "
+        f"or write a sweep spec with job: {job} (see README: Sweeps)"
+    )
+    result = expkit_cli("sweep", str(project))
+    assert result.returncode == 2
+    assert error_line(result) == f"expkit: error: {project}: is a folder; name the sweep spec YAML"
+
+
+def test_dry_run_catches_register_best_without_a_model(project, expkit_cli):
+    (project / "training" / "job.yaml").write_text(
+        "experiment: sweepy\nentry_script: train.py\nargs: {learning_rate: 0.01}\n"
+    )
+    sweep = sweep_file(project, ISSUE_SWEEP)
+    result = expkit_cli("sweep", str(sweep), "--dry-run")
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith(f"expkit: error: {sweep}: register_best: ") and "job.model" in line

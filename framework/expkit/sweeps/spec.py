@@ -166,6 +166,8 @@ class SweepSpec:
 
         path = Path(path)
         source = printable(str(path))
+        if path.is_dir():
+            raise JobSpecError(source, "", "is a folder; name the sweep spec YAML")
         try:
             data = _read_job_file(path, source)
         except FileNotFoundError:
@@ -182,6 +184,13 @@ class SweepSpec:
         raw = load_yaml(text, source)
         if not isinstance(raw, dict):
             raise JobSpecError(source, "", "a sweep spec is a YAML mapping (key: value lines)")
+        if "search_space" not in raw and "entry_script" in raw:
+            raise JobSpecError(
+                source,
+                "",
+                f"is a job spec, not a sweep spec; run it with `expkit run {source}`, or write "
+                f"a sweep spec with job: {source} (see README: Sweeps)",
+            )
         overrides = list(overrides or [])
         job_overrides: list[str] = []
         for key in ("sampling_algorithm", "early_termination"):  # `--set x.seed=1` on `x: random`
