@@ -955,3 +955,19 @@ def test_dry_run_catches_register_best_without_a_model(project, expkit_cli):
     assert result.returncode == 2
     line = error_line(result)
     assert line.startswith(f"expkit: error: {sweep}: register_best: ") and "job.model" in line
+
+
+def test_a_function_form_split_by_a_flow_mapping_is_one_line_saying_to_quote_it(project):
+    text = ISSUE_SWEEP.split("search_space:")[0] + (
+        "search_space: {lr: uniform(0, 1), bs: choice(16, 32, 64), m: 'uniform(0.8, 0.9)'}\n"
+        + "objective: {primary_metric: acc, goal: maximize}\n"
+    )
+    with pytest.raises(JobSpecError) as error:
+        SweepSpec.from_yaml(sweep_file(project, text))
+    source = str(project / "sweep.yaml")
+    assert str(error.value).splitlines() == [
+        f"{source}: search_space.lr: `uniform(0, 1)` in a flow mapping {{...}} is split at its "
+        "comma by YAML; quote it (lr: 'uniform(0, 1)') or use block style",
+        f"{source}: search_space.bs: `choice(16, 32, 64)` in a flow mapping {{...}} is split "
+        "at its comma by YAML; quote it (bs: 'choice(16, 32, 64)') or use block style",
+    ]

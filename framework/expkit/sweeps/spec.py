@@ -529,8 +529,11 @@ class _Parser:
         if not space:
             self.problem("search_space", f"is empty; name the arguments to sweep, e.g. {example}")
         parameters = []
+        split = self.flow_split(space)
         for name, entry in space.items():
             path = f"search_space.{printable(str(name), 60)}"
+            if name in split:
+                continue
             if not isinstance(name, str) or not name.strip("-") or any(c.isspace() for c in name):
                 self.problem(
                     path, "a parameter's name is the argument it sets, e.g. `learning_rate`"
@@ -551,6 +554,36 @@ class _Parser:
                     )
                 seen.setdefault(key, parameter.name)
         return tuple(parameters)
+
+    def flow_split(self, space: dict[Any, Any]) -> set[Any]:
+        """The keys of function forms YAML split at their commas in a flow mapping
+        (`{lr: uniform(0, 1)}` reads as `{lr: 'uniform(0', '1)': null}`), each form said
+        once on its own line; the parameter and its pieces are then skipped."""
+        split: set[Any] = set()
+        items = list(space.items())
+        for i, (name, entry) in enumerate(items):
+            if not isinstance(entry, str) or entry.count("(") <= entry.count(")"):
+                continue
+            if name in split:
+                continue
+            pieces = []
+            for key, value in items[i + 1 :]:
+                if value is not None:
+                    break
+                pieces.append(key)
+                if str(key).count(")") > str(key).count("("):
+                    break
+            if not pieces:
+                continue
+            text = ", ".join([entry, *map(str, pieces)])
+            split.update([name, *pieces])
+            self.problem(
+                f"search_space.{printable(str(name), 60)}",
+                f"`{printable(text, 80)}` in a flow mapping {{...}} is split at its comma by "
+                f"YAML; quote it ({printable(str(name), 60)}: '{printable(text, 80)}') or use "
+                "block style",
+            )
+        return split
 
     def parameter(self, name: str, raw: Any, path: str) -> Parameter | None:
         if isinstance(raw, Parameter):
