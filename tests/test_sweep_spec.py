@@ -971,3 +971,14 @@ def test_a_function_form_split_by_a_flow_mapping_is_one_line_saying_to_quote_it(
         f"{source}: search_space.bs: `choice(16, 32, 64)` in a flow mapping {{...}} is split "
         "at its comma by YAML; quote it (bs: 'choice(16, 32, 64)') or use block style",
     ]
+
+
+def test_sweep_help_points_to_the_spec_format(expkit_cli):
+    from expkit.sweeps.spec import TOP_LEVEL
+
+    result = expkit_cli("sweep", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in TOP_LEVEL:
+        assert f"{name} (" in text
+    assert "See README: Sweeps." in text
