@@ -17,6 +17,7 @@ import optuna
 import pytest
 import yaml
 
+from conftest import error_line
 from expkit.errors import JobSpecError
 from expkit.sweeps import space
 from expkit.sweeps.spec import (
@@ -87,6 +88,7 @@ def project(tmp_path: Path) -> Path:
     (training / "job.yaml").write_text(
         "experiment: sweepy\nentry_script: train.py\n"
         "args: {num_epochs: 2, learning_rate: 0.01, batch_size: 8}\n"
+        "model: {name: net, path: outputs/}\n"
     )
     return tmp_path
 
@@ -169,7 +171,8 @@ def test_an_inline_job_resolves_against_the_sweep_files_folder(project, monkeypa
     monkeypatch.chdir("/")
     text = ISSUE_SWEEP.replace(
         "job: training/job.yaml",
-        "job: {experiment: inline, source_directory: training, entry_script: train.py}",
+        "job: {experiment: inline, source_directory: training, entry_script: train.py,"
+        " model: {name: net, path: outputs/}}",
     )
     spec = SweepSpec.from_yaml(sweep_file(project, text))
     assert spec.job.experiment == "inline"
@@ -188,7 +191,8 @@ def test_set_overrides_the_sweep_and_the_trials_job(project):
     assert (spec.sampling.type, spec.sampling.seed) == ("random", 3)
     inline = ISSUE_SWEEP.replace(
         "job: training/job.yaml",
-        "job: {experiment: x, source_directory: training, entry_script: train.py}",
+        "job: {experiment: x, source_directory: training, entry_script: train.py,"
+        " model: {name: net, path: outputs/}}",
     )
     spec = SweepSpec.from_yaml(sweep_file(project, inline, "inline.yaml"), ["job.args.epochs=5"])
     assert spec.job.args == {"epochs": 5}
@@ -841,3 +845,140 @@ def test_azure_ml_header_fields_and_python_parameters_are_accepted(project):
     raw = yaml.safe_load(ISSUE_SWEEP) | {"type": "command"}
     with pytest.raises(JobSpecError, match=r"sweep\.yaml: type: unknown field"):
         SweepSpec.from_dict(raw, source="sweep.yaml", base_dir=project)
+
+
+def list_args_spec(project, args):
+    base = spec_with(project)
+    return base.__class__(**{**base.__dict__, "job": base.job.replace(args=args)})
+
+
+def test_a_switch_in_list_args_never_drops_the_positional_argument_after_it(project):
+    spec = list_args_spec(project, ["--amp", "data.csv", "--lr", 0.01])
+    argv = {v: space.trial_job(spec, {"amp": v}).command_args({}) for v in (True, False, None)}
+    assert argv[True] == ["--amp", "data.csv", "--lr", "0.01"]
+    assert argv[False] == argv[None] == ["data.csv", "--lr", "0.01"]
+    spec = list_args_spec(project, ["data.csv", "--lr", 0.01])  # not there: added, or not
+    assert space.trial_job(spec, {"amp": True}).command_args({})[-1] == "--amp"
+    assert space.trial_job(spec, {"amp": False}).command_args({}) == ["data.csv", "--lr", "0.01"]
+    # a boolean word after the flag is its value: replaced by one token
+    spec = list_args_spec(project, ["--amp", "false", "data.csv"])
+    assert space.trial_job(spec, {"amp": True}).command_args({}) == ["--amp", "True", "data.csv"]
+    assert space.trial_job(spec, {"amp": None}).command_args({}) == ["data.csv"]
+    spec = list_args_spec(project, ["--amp=yes", "data.csv"])
+    assert space.trial_job(spec, {"amp": False}).command_args({}) == ["--amp=False", "data.csv"]
+
+
+def test_a_value_in_list_args_replaces_exactly_one_token(project):
+    spec = list_args_spec(project, ["--mode", "ok", "positional", "--lr", "0.1", "tail"])
+    got = space.trial_job(spec, {"mode": "crash", "lr": 0.5}).command_args({})
+    assert got == ["--mode", "crash", "positional", "--lr", "0.5", "tail"]
+    spec = list_args_spec(project, ["--mode", "--lr", "0.1"])  # no value yet: inserted
+    got = space.trial_job(spec, {"mode": "crash"}).command_args({})
+    assert got == ["--mode", "crash", "--lr", "0.1"]
+
+
+def test_a_paired_choice_over_list_args_keeps_the_positional_argument(project, tmp_path):
+    (project / "training" / "list.yaml").write_text(
+        'experiment: sweepy\nentry_script: train.py\nargs: ["--mode", "ok", "positional"]\n'
+    )
+    path = sweep_file(
+        project,
+        "job: training/list.yaml\n"
+        "search_space:\n  combo: {type: choice, values: [{mode: crash}, {mode: ok}]}\n"
+        "objective: {primary_metric: acc, goal: maximize}\n",
+    )
+    spec = SweepSpec.from_yaml(path)
+    for values in space.preview(spec, 2):
+        argv = space.trial_job(spec, values).command_args({})
+        assert argv == ["--mode", values["mode"], "positional"]
+
+
+def test_a_list_value_over_several_list_tokens_is_refused_at_load(project):
+    (project / "training" / "list.yaml").write_text(
+        'experiment: sweepy\nentry_script: train.py\nargs: ["--shape", 3, 4, "data.csv"]\n'
+    )
+    path = sweep_file(
+        project,
+        "job: training/list.yaml\n"
+        "search_space:\n  shape: {type: choice, values: [[1, 2], [5, 6]]}\n"
+        "objective: {primary_metric: acc, goal: maximize}\n",
+    )
+    with pytest.raises(JobSpecError) as error:
+        SweepSpec.from_yaml(path)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert "sweep.yaml: search_space.shape: job.args has several tokens after --shape" in message
+
+
+def test_register_best_needs_a_model_in_the_job(project):
+    (project / "training" / "job.yaml").write_text(
+        "experiment: sweepy\nentry_script: train.py\nargs: {learning_rate: 0.01}\n"
+    )
+    with pytest.raises(JobSpecError) as error:
+        SweepSpec.from_yaml(sweep_file(project, ISSUE_SWEEP))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"{project / 'sweep.yaml'}: register_best: ")
+    assert "job.model" in message
+    spec = SweepSpec.from_yaml(sweep_file(project, ISSUE_SWEEP.replace("true", "false")))
+    assert spec.register_best is False
+
+
+# -- the wrong file for the command (e2e through `python -m expkit`) -------------------------
+def test_the_wrong_kind_of_file_is_one_line_naming_the_right_command(project, expkit_cli):
+    sweep = sweep_file(project, ISSUE_SWEEP)
+    job = project / "training" / "job.yaml"
+
+    result = expkit_cli("run", str(sweep))
+    assert result.returncode == 2
+    assert error_line(result) == (
+        f"expkit: error: {sweep}: is a sweep spec (it has search_space); "
+        f"run it with `expkit sweep {sweep}`"
+    )
+    result = expkit_cli("sweep", str(job), "--dry-run")
+    assert result.returncode == 2
+    assert error_line(result) == (
+        f"expkit: error: {job}: is a job spec, not a sweep spec; run it with `expkit run {job}`, "
+        f"or write a sweep spec with job: {job} (see README: Sweeps)"
+    )
+    result = expkit_cli("sweep", str(project))
+    assert result.returncode == 2
+    assert error_line(result) == f"expkit: error: {project}: is a folder; name the sweep spec YAML"
+
+
+def test_dry_run_catches_register_best_without_a_model(project, expkit_cli):
+    (project / "training" / "job.yaml").write_text(
+        "experiment: sweepy\nentry_script: train.py\nargs: {learning_rate: 0.01}\n"
+    )
+    sweep = sweep_file(project, ISSUE_SWEEP)
+    result = expkit_cli("sweep", str(sweep), "--dry-run")
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith(f"expkit: error: {sweep}: register_best: ") and "job.model" in line
+
+
+def test_a_function_form_split_by_a_flow_mapping_is_one_line_saying_to_quote_it(project):
+    text = ISSUE_SWEEP.split("search_space:")[0] + (
+        "search_space: {lr: uniform(0, 1), bs: choice(16, 32, 64), m: 'uniform(0.8, 0.9)'}\n"
+        + "objective: {primary_metric: acc, goal: maximize}\n"
+    )
+    with pytest.raises(JobSpecError) as error:
+        SweepSpec.from_yaml(sweep_file(project, text))
+    source = str(project / "sweep.yaml")
+    assert str(error.value).splitlines() == [
+        f"{source}: search_space.lr: `uniform(0, 1)` in a flow mapping {{...}} is split at its "
+        "comma by YAML; quote it (lr: 'uniform(0, 1)') or use block style",
+        f"{source}: search_space.bs: `choice(16, 32, 64)` in a flow mapping {{...}} is split "
+        "at its comma by YAML; quote it (bs: 'choice(16, 32, 64)') or use block style",
+    ]
+
+
+def test_sweep_help_points_to_the_spec_format(expkit_cli):
+    from expkit.sweeps.spec import TOP_LEVEL
+
+    result = expkit_cli("sweep", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in TOP_LEVEL:
+        assert f"{name} (" in text
+    assert "See README: Sweeps." in text

@@ -505,6 +505,7 @@ def test_show_reads_the_spec_as_the_sweep_spec_writes_it(expkit_workspace, expki
             "source_directory": str(tmp_path),
             "entry_script": "train.py",
             "args": {"epochs": 2},
+            "model": {"name": "birds-net", "path": "outputs/"},
         },
         "search_space": {
             "lr": "loguniform(-9.2, -2.3)",

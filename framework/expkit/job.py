@@ -332,6 +332,12 @@ class JobSpec(_Spec):
         raw = load_yaml(text, source)
         if not isinstance(raw, dict):
             raise JobSpecError(source, "", "a job spec is a YAML mapping (key: value lines)")
+        if "search_space" in raw:  # not a line per sweep field `expkit run` does not know
+            raise JobSpecError(
+                source,
+                "",
+                f"is a sweep spec (it has search_space); run it with `expkit sweep {source}`",
+            )
         for item in overrides:
             apply_override(raw, item)
         try:

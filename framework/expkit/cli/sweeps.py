@@ -23,7 +23,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "those the early_termination policy names canceled early; a live table of trials, "
         "then the best trial (and its registered model, with register_best: true). Ctrl-C "
         "cancels the sweep and its running trials; `expkit sweeps resume` goes on with one "
-        "whose driver was killed.",
+        "whose driver was killed. FILE is a YAML mapping (Azure ML v2's sweep job names): "
+        "job (the trial's job spec: a path, or inline), search_space (argument: expression, "
+        "e.g. lr: {type: uniform, min_value: 0.01, max_value: 0.1} or 'uniform(0.01, 0.1)'), "
+        "sampling_algorithm (random, grid, bayesian), objective (primary_metric, goal: "
+        "maximize|minimize), early_termination (bandit, median_stopping, "
+        "truncation_selection, successive_halving, hyperband), limits (max_total_trials, "
+        "max_concurrent_trials, timeout, trial_timeout), register_best (true: register the "
+        "best trial's model). See README: Sweeps.",
     )
     sweep.add_argument("file", metavar="FILE", help="the sweep spec (YAML)")
     sweep.add_argument(

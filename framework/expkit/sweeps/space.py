@@ -213,29 +213,74 @@ def _trial_seed(seed: int, number: int, name: str) -> int:
 
 # -- list args ------------------------------------------------------------------------------------
 def _set_list_arg(args: list[Any], name: str, value: Any) -> list[Any]:
-    """`args` (a command line as a list) with `--name value` set: the value after an existing
-    `--name` replaced (or `--name=old` rewritten), else `--name value` appended; true is the
-    bare flag, false or null removes the flag."""
+    """`args` (a command line as a list) with `--name` set to `value`, never dropping another
+    token. The rule, as a list cannot say which tokens are a flag's:
+    - `--name=old` is rewritten in place (true: bare `--name`; false or null: removed);
+    - `--name` followed by a token that is not a flag: that ONE token is its value and is
+      replaced (a list value by its items); a list value over several old tokens replaces
+      the whole run up to the next flag (the spec refuses such args at load: see
+      `list_arg_problem`);
+    - a switch (true, false, null) keeps or adds the bare `--name` (true) or removes the
+      `--name` token alone (false, null), leaving the token after it (`--amp data.csv`: a
+      positional argument) in place, unless that token is a boolean word (`--amp false`),
+      which is then the flag's value and is replaced by `True`/`False` (null removes both);
+    - no `--name`: `--name value` appended (true: `--name`; false or null: nothing)."""
     flag = name if name.startswith("-") else f"--{name}"
     items = list(value) if isinstance(value, list) else [value]
+    switch = value is True or value is False or value is None
     for i, token in enumerate(args):
         text = str(token)
         if text.startswith(f"{flag}="):
-            if value is True or value is False or value is None:
+            if switch and not _is_bool_word(text[len(flag) + 1 :]):
                 return args[:i] + ([flag] if value is True else []) + args[i + 1 :]
+            if value is None:
+                return args[:i] + args[i + 1 :]
             return [*args[:i], f"{flag}={' '.join(map(str, items))}", *args[i + 1 :]]
-        if text == flag:
-            end = i + 1
-            while end < len(args) and not _is_flag(args[end]):
-                end += 1  # the flag's old value(s)
-            if value is True:
-                return args[: i + 1] + args[end:]
-            if value is False or value is None:
-                return args[:i] + args[end:]
+        if text != flag:
+            continue
+        end = i + 1
+        while end < len(args) and not _is_flag(args[end]):
+            end += 1
+        if switch:
+            if end > i + 1 and _is_bool_word(args[i + 1]):  # `--amp false`: its value
+                if value is None:
+                    return args[:i] + args[i + 2 :]
+                return [*args[: i + 1], value, *args[i + 2 :]]
+            return args if value is True else args[:i] + args[i + 1 :]
+        if isinstance(value, list) and end > i + 2:
             return [*args[: i + 1], *items, *args[end:]]
+        return [*args[: i + 1], *items, *args[min(i + 2, end) :]]
     if value is False or value is None:
         return args
     return [*args, flag] if value is True else [*args, flag, *items]
+
+
+def list_arg_problem(args: list[Any], name: str, values: list[Any]) -> str | None:
+    """Why `trial_job` cannot tell which of list `args`' tokens are `--name`'s old value
+    when a list value is drawn (several tokens after `--name`: its value, or positional
+    arguments?), or None."""
+    if not any(isinstance(v, list) for v in values):
+        return None
+    flag = name if name.startswith("-") else f"--{name}"
+    for i, token in enumerate(args):
+        if str(token) != flag:
+            continue
+        end = i + 1
+        while end < len(args) and not _is_flag(args[end]):
+            end += 1
+        if end > i + 2:
+            shown = " ".join(str(t) for t in args[i + 1 : end])
+            return (
+                f"job.args has several tokens after {flag} ({shown}) and a list value is drawn "
+                f"for it: expkit cannot tell its value from positional arguments; give {flag} "
+                "one token in the job's args, or write args as a mapping"
+            )
+    return None
+
+
+def _is_bool_word(token: Any) -> bool:
+    """Whether a token is a boolean written out (`true`, `False`, `yes`, `no`, or a bool)."""
+    return isinstance(token, bool) or str(token).lower() in ("true", "false", "yes", "no")
 
 
 def _is_flag(token: Any) -> bool:

@@ -166,6 +166,8 @@ class SweepSpec:
 
         path = Path(path)
         source = printable(str(path))
+        if path.is_dir():
+            raise JobSpecError(source, "", "is a folder; name the sweep spec YAML")
         try:
             data = _read_job_file(path, source)
         except FileNotFoundError:
@@ -182,6 +184,13 @@ class SweepSpec:
         raw = load_yaml(text, source)
         if not isinstance(raw, dict):
             raise JobSpecError(source, "", "a sweep spec is a YAML mapping (key: value lines)")
+        if "search_space" not in raw and "entry_script" in raw:
+            raise JobSpecError(
+                source,
+                "",
+                f"is a job spec, not a sweep spec; run it with `expkit run {source}`, or write "
+                f"a sweep spec with job: {source} (see README: Sweeps)",
+            )
         overrides = list(overrides or [])
         job_overrides: list[str] = []
         for key in ("sampling_algorithm", "early_termination"):  # `--set x.seed=1` on `x: random`
@@ -397,6 +406,8 @@ class _Parser:
             self.problem("register_best", f"must be true or false, not {quoted(register_best)}")
         if sampling is not None and space:
             self.sampler_supports(sampling, space)
+        if job is not None:
+            self.job_fits(job, space, register_best)
         if self.lines:
             raise self.fail()
         assert job is not None and objective is not None and sampling is not None
@@ -486,6 +497,27 @@ class _Parser:
         self.problem("job", f"must be the path of a job spec or a mapping, not {_kind(raw)}")
         return None
 
+    def job_fits(self, job: JobSpec, space: tuple[Parameter, ...], register_best: Any) -> None:
+        """What the trial's job must have for the rest of the spec: a model to register the
+        best trial's, list args whose swept values can be told from positional ones."""
+        if register_best is True and job.model is None:
+            self.problem(
+                "register_best",
+                "is true but the trial's job has no job.model to register; add model: "
+                "{name: ..., path: ...} to the job, or drop register_best",
+            )
+        if isinstance(job.args, list):
+            from expkit.sweeps.space import list_arg_problem
+
+            for parameter in space:
+                for argument in parameter.arguments:
+                    values = list(parameter.values or ())
+                    if parameter.paired:
+                        values = [v[argument] for v in values if argument in v]
+                    reason = list_arg_problem(list(job.args), argument, values)
+                    if reason:
+                        self.problem(f"search_space.{parameter.name}", reason)
+
     # -- search space ------------------------------------------------------------------------------
     def space(self, raw: Any) -> tuple[Parameter, ...]:
         example = "{learning_rate: {type: loguniform, min_value: -9.2, max_value: -2.3}}"
@@ -497,8 +529,11 @@ class _Parser:
         if not space:
             self.problem("search_space", f"is empty; name the arguments to sweep, e.g. {example}")
         parameters = []
+        split = self.flow_split(space)
         for name, entry in space.items():
             path = f"search_space.{printable(str(name), 60)}"
+            if name in split:
+                continue
             if not isinstance(name, str) or not name.strip("-") or any(c.isspace() for c in name):
                 self.problem(
                     path, "a parameter's name is the argument it sets, e.g. `learning_rate`"
@@ -519,6 +554,36 @@ class _Parser:
                     )
                 seen.setdefault(key, parameter.name)
         return tuple(parameters)
+
+    def flow_split(self, space: dict[Any, Any]) -> set[Any]:
+        """The keys of function forms YAML split at their commas in a flow mapping
+        (`{lr: uniform(0, 1)}` reads as `{lr: 'uniform(0', '1)': null}`), each form said
+        once on its own line; the parameter and its pieces are then skipped."""
+        split: set[Any] = set()
+        items = list(space.items())
+        for i, (name, entry) in enumerate(items):
+            if not isinstance(entry, str) or entry.count("(") <= entry.count(")"):
+                continue
+            if name in split:
+                continue
+            pieces = []
+            for key, value in items[i + 1 :]:
+                if value is not None:
+                    break
+                pieces.append(key)
+                if str(key).count(")") > str(key).count("("):
+                    break
+            if not pieces:
+                continue
+            text = ", ".join([entry, *map(str, pieces)])
+            split.update([name, *pieces])
+            self.problem(
+                f"search_space.{printable(str(name), 60)}",
+                f"`{printable(text, 80)}` in a flow mapping {{...}} is split at its comma by "
+                f"YAML; quote it ({printable(str(name), 60)}: '{printable(text, 80)}') or use "
+                "block style",
+            )
+        return split
 
     def parameter(self, name: str, raw: Any, path: str) -> Parameter | None:
         if isinstance(raw, Parameter):
