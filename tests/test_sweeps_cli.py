@@ -341,6 +341,13 @@ def test_plot_errors_are_one_line(sweep, expkit_cli, expkit_workspace, tmp_path)
     assert result.returncode == 2
     assert "has no study yet" in error_line(result)
 
+    write_study(expkit_workspace, fresh.id, [])  # a study, no trial completed
+    result = expkit_cli("sweeps", "show", fresh.id, "--plot", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert error_line(result).endswith("no completed trial to plot yet")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no Optuna warning
+    assert not (tmp_path / "x.png").exists()
+
 
 def test_plot_without_matplotlib_names_the_extra(sweep, expkit_cli, tmp_path):
     blocker = tmp_path / "blocker"
