@@ -598,3 +598,21 @@ def test_a_sweep_whose_every_trial_failed_ends_failed(expkit_workspace, expkit_c
     assert record.state == "failed"
     assert record.error.startswith("every trial failed (trial 0: run: ")
     assert trial_states(expkit_workspace, record.id) == {0: "FAIL", 1: "FAIL"}
+
+
+def test_a_sweep_whose_trials_logged_no_primary_metric_ends_failed(
+    expkit_workspace, expkit_cli, tmp_path
+):
+    """A run that completed without logging the primary metric is a failed trial everywhere:
+    Optuna's FAIL, the live log, `sweeps show`; no trial completed: the sweep failed."""
+    sweep = write_sweep(tmp_path, {"limits": {"max_total_trials": 1}}, {"steps": 0})
+    result = expkit_cli("sweep", str(sweep))
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ": 1 trial, 1 at once;" in result.stdout
+    record = expkit_workspace.history.sweeps.find("latest")
+    assert record.state == "failed"
+    assert "completed without logging acc" in record.error
+    assert trial_states(expkit_workspace, record.id) == {0: "FAIL"}
+    shown = expkit_cli("sweeps", "show", record.id)
+    assert "1 (1 failed)" in shown.stdout, shown.stdout
