@@ -126,9 +126,10 @@ def test_a_sweep_runs_its_trials_as_runs_within_its_limits(expkit_workspace, exp
         assert trial.value == pytest.approx(1 - 100 * (lr_of(run) - 0.01) ** 2)
     best = min(runs, key=lambda r: abs(lr_of(r) - 0.01))
     assert record.best_run == best.id
-    # The user saw each trial start and end, then the best trial.
+    # The user saw each trial queued (it may wait for a slot), run and end, then the best.
+    assert "up to 5 trials, 2 at once" in result.stdout
     for run in runs:
-        assert f"trial {run.trial} (run {run.id}) started: lr=" in result.stdout
+        assert f"trial {run.trial} (run {run.id}) queued: lr=" in result.stdout
         assert f"trial {run.trial} (run {run.id}) completed: value " in result.stdout
     assert f"best trial: {best.trial} (run {best.id}), acc " in result.stdout
     assert f"sweep {record.id}: completed" in result.stdout
@@ -209,21 +210,24 @@ def test_early_termination_cancels_the_trials_the_policy_names(
         good.trial: "COMPLETE",
         bad.trial: "PRUNED",
     }
-    assert f"trial {bad.trial} (run {bad.id}) canceled: early termination: bandit" in result.stdout
+    said = f"trial {bad.trial} (run {bad.id}) early-terminated: early termination: bandit"
+    assert said in result.stdout
     assert history.sweeps.get("sw_sweep_1").best_run == good.id
 
 
 # -- stopping a sweep -------------------------------------------------------------------------
 def test_the_sweep_timeout_cancels_its_running_trials(expkit_workspace, expkit_cli, tmp_path):
+    """As Azure ML's timeout: the sweep ends completed (exit 0), its running trials canceled."""
     sweep = write_sweep(
         tmp_path,
         {"limits": {"max_total_trials": 6, "max_concurrent_trials": 2, "timeout": 2}},
         {"steps": 40, "sleep": 0.1},
     )
     result = expkit_cli("sweep", str(sweep))
-    assert result.returncode == 130, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stopped at limits.timeout (2 s)" in result.stdout
     record = expkit_workspace.history.sweeps.get("sw_sweep_1")
-    assert (record.state, record.error) == ("canceled", "sweep timeout (2 s)")
+    assert (record.state, record.error) == ("completed", None)
     runs = expkit_workspace.history.runs.of_sweep(record.id)
     assert len(runs) == 2
     for run in runs:
@@ -244,16 +248,18 @@ def test_ctrl_c_cancels_the_sweep_and_its_running_trials(expkit_workspace, backg
         lambda: all(expkit_workspace.history.metrics.of(r, "acc") for r in run_ids),
         what="both trials logging",
     )
+    for run_id in run_ids:  # said once its run runs
+        live.wait_for(re.compile(rf"trial \d \(run {run_id}\) running\n"))
     os.killpg(live.proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
     assert live.wait(timeout=60) == 130, live.output
     history = expkit_workspace.history
     record = history.sweeps.get("sw_sweep_1")
-    assert (record.state, record.error) == ("canceled", "sweep sw_sweep_1 canceled")
+    assert (record.state, record.error) == ("canceled", "canceled by Ctrl-C")
     for run in history.runs.of_sweep(record.id):
         assert (run.state, run.error) == ("canceled", "sweep sw_sweep_1 canceled")
         assert "started.txt" in history.outputs.of(run.id)
     assert len(history.runs.of_sweep(record.id)) == 2  # none started after the cancel
-    assert "sweep sw_sweep_1: canceled" in live.output
+    assert "sweep sw_sweep_1: canceled by Ctrl-C\n" in live.output
 
 
 def test_sweeps_cancel_stops_a_detached_sweep(expkit_workspace, expkit_cli, tmp_path):
@@ -274,7 +280,7 @@ def test_sweeps_cancel_stops_a_detached_sweep(expkit_workspace, expkit_cli, tmp_
     assert canceled.returncode == 0, canceled.stderr
     assert "sweep sw_sweep_1 canceled" in canceled.stdout
     record = history.sweeps.get("sw_sweep_1")
-    assert record.state == "canceled"
+    assert (record.state, record.error) == ("canceled", "canceled by `expkit sweeps cancel`")
     runs = history.runs.of_sweep(record.id)
     assert [(r.state, r.error) for r in runs] == [("canceled", "sweep sw_sweep_1 canceled")] * 2
     log = (expkit_workspace.sweep_dir(record.id) / "driver.log").read_text()
@@ -292,7 +298,7 @@ def test_a_trial_canceled_by_the_user_fails_and_the_sweep_goes_on(
         {"steps": 8, "sleep": 0.1},
     )
     live = background("sweep", str(sweep))
-    first = live.wait_for(re.compile(r"trial 0 \(run (\S+)\) started")).group(1)
+    first = live.wait_for(re.compile(r"trial 0 \(run (\S+)\) queued")).group(1)
     canceled = expkit_cli("runs", "cancel", first)
     assert canceled.returncode == 0, canceled.stderr
     assert live.wait(timeout=60) == 0, live.output
@@ -384,6 +390,56 @@ def test_resume_reasks_a_trial_whose_run_was_never_recorded(expkit_workspace, ex
     assert trial_states(expkit_workspace, record.id) == {0: "FAIL", 1: "COMPLETE", 2: "COMPLETE"}
 
 
+def test_resume_reasks_a_trial_whose_run_died_with_the_sweeps_driver(
+    expkit_workspace, expkit_cli, tmp_path
+):
+    """kill -9 of the sweep and its trials' drivers: the run is reaped (failed), the trial
+    told FAIL and its grid point asked again, counted once against the limits."""
+    from expkit import lifecycle
+    from expkit.sweeps.driver import RUN_ID, start
+    from expkit.sweeps.space import suggest, trial_job
+    from expkit.sweeps.spec import SweepSpec
+    from expkit.sweeps.study import open_study
+
+    path = write_sweep(
+        tmp_path,
+        {
+            "search_space": {"lr": {"type": "choice", "values": [0.01, 0.02]}},
+            "sampling_algorithm": {"type": "grid"},
+            "limits": {"max_concurrent_trials": 1},
+        },
+    )
+    spec = SweepSpec.from_yaml(path)
+    record = start(expkit_workspace, spec)
+    study = open_study(expkit_workspace, record.id, spec)
+    asked = study.ask()
+    values = suggest(asked, spec)
+    history = expkit_workspace.history
+    run = lifecycle.submit(
+        expkit_workspace, trial_job(spec, values), sweep=record.id, trial=asked.number
+    )
+    asked.set_user_attr(RUN_ID, run.id)
+    history.runs.finish(run.id, "failed", "the driver process (pid 4321) ended without finishing")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    history.sweeps.claim(record.id, gone.pid)
+
+    result = expkit_cli("sweeps", "resume", record.id)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        f"trial 0 (run {run.id}): its run died with the sweep's driver; its parameters asked again"
+        in result.stdout
+    )
+    assert "trial 0: asked again as trial 1" in result.stdout
+    runs = history.runs.of_sweep(record.id)
+    assert [r.trial for r in runs] == [0, 1, 2]  # the grid's 2 points, none lost
+    assert sorted(lr_of(r) for r in runs[1:]) == [0.01, 0.02]
+    assert lr_of(runs[1]) == lr_of(run)
+    assert trial_states(expkit_workspace, record.id) == {0: "FAIL", 1: "COMPLETE", 2: "COMPLETE"}
+    assert history.sweeps.get(record.id).state == "completed"
+
+
 # -- dry run ----------------------------------------------------------------------------------
 def test_dry_run_shows_the_first_trials_and_starts_nothing(expkit_workspace, expkit_cli, tmp_path):
     sweep = write_sweep(
@@ -469,7 +525,7 @@ def test_sweeps_cancel_of_a_sweep_whose_driver_died_cancels_its_trials_itself(
     assert canceled.returncode == 0, canceled.stderr
     assert "sweep sw_sweep_1 canceled (its driver was gone)" in canceled.stdout
     record = history.sweeps.get("sw_sweep_1")
-    assert (record.state, record.error) == ("canceled", "sweep sw_sweep_1 canceled")
+    assert (record.state, record.error) == ("canceled", "canceled by `expkit sweeps cancel`")
     assert set(trial_states(expkit_workspace, record.id).values()) == {"FAIL"}
     # The trials' own drivers stop them, with the sweep's reason.
     for run in history.runs.of_sweep(record.id):
@@ -490,6 +546,9 @@ def test_a_trial_past_its_trial_timeout_fails_and_the_sweep_goes_on(
     assert result.returncode == 1, result.stdout + result.stderr  # every trial failed
     runs = expkit_workspace.history.runs.of_sweep("sw_sweep_1")
     assert [r.job["timeout"] for r in runs] == [1, 1]
+    assert f"trial 0 (run {runs[0].id}) failed: past limits.trial_timeout (1 s): run: " in (
+        result.stdout
+    )
     assert [r.state for r in runs] == ["failed", "failed"]
     assert all(r.error.startswith("run: timed out after 1s") for r in runs), runs[0].error
     assert trial_states(expkit_workspace, "sw_sweep_1") == {0: "FAIL", 1: "FAIL"}
@@ -539,3 +598,21 @@ def test_a_sweep_whose_every_trial_failed_ends_failed(expkit_workspace, expkit_c
     assert record.state == "failed"
     assert record.error.startswith("every trial failed (trial 0: run: ")
     assert trial_states(expkit_workspace, record.id) == {0: "FAIL", 1: "FAIL"}
+
+
+def test_a_sweep_whose_trials_logged_no_primary_metric_ends_failed(
+    expkit_workspace, expkit_cli, tmp_path
+):
+    """A run that completed without logging the primary metric is a failed trial everywhere:
+    Optuna's FAIL, the live log, `sweeps show`; no trial completed: the sweep failed."""
+    sweep = write_sweep(tmp_path, {"limits": {"max_total_trials": 1}}, {"steps": 0})
+    result = expkit_cli("sweep", str(sweep))
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ": 1 trial, 1 at once;" in result.stdout
+    record = expkit_workspace.history.sweeps.find("latest")
+    assert record.state == "failed"
+    assert "completed without logging acc" in record.error
+    assert trial_states(expkit_workspace, record.id) == {0: "FAIL"}
+    shown = expkit_cli("sweeps", "show", record.id)
+    assert "1 (1 failed)" in shown.stdout, shown.stdout

@@ -135,6 +135,36 @@ def test_trial_rows_give_state_params_and_values(expkit_workspace, sweep):
     assert rows[2].error == REASON
 
 
+def test_a_completed_run_without_the_metric_is_a_failed_trial(expkit_workspace):
+    """As the driver tells Optuna FAIL: the table, the counts and --json say failed."""
+    history = expkit_workspace.history
+    record = history.sweeps.create("birds", sweep_spec(JOB))
+    add_trial(history, record, 0, 0.01, 16, [])
+    add_trial(history, record, 1, 0.02, 32, [0.5])
+
+    rows = {row.trial: row for row in trial_rows(expkit_workspace, record)}
+
+    assert (rows[0].state, rows[0].error) == ("failed", "completed without logging acc")
+    assert rows[1].state == "completed" and rows[1].error is None
+
+
+def test_non_finite_values_are_never_a_trials_value(expkit_workspace, expkit_cli):
+    """inf/-inf are left out like NaN: never the best, and --json has numbers or null."""
+    history = expkit_workspace.history
+    record = history.sweeps.create("birds", sweep_spec(JOB))
+    add_trial(history, record, 0, 0.01, 16, [0.5, float("inf"), 0.6, float("nan")])
+    add_trial(history, record, 1, 0.02, 32, [float("inf")])
+
+    rows = {row.trial: row for row in trial_rows(expkit_workspace, record)}
+    assert (rows[0].best, rows[0].latest, rows[0].steps) == (0.6, 0.6, 2)
+    assert rows[1].best is None and rows[1].state == "failed"
+
+    result = expkit_cli("sweeps", "show", record.id, "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} in --json"))
+    assert shown["trials"][0]["value"] == 0.6
+
+
 def test_the_table_is_sorted_by_the_objective_the_best_marked(expkit_workspace, sweep):
     rows = trial_rows(expkit_workspace, sweep)
 
@@ -201,6 +231,16 @@ def test_sweeps_list(sweep, expkit_cli):
     assert line.startswith("birds_sweep_1  completed")
     assert "5 (3 completed, 1 early-terminated, 1 failed)" in line
     assert line.endswith("trial 4 (birds_5): acc 0.95")
+
+
+def test_sweeps_list_names_a_running_sweep_whose_driver_is_gone(expkit_workspace, expkit_cli):
+    record = expkit_workspace.history.sweeps.create("birds", sweep_spec(JOB))
+    expkit_workspace.history.sweeps.claim(record.id, 2**22 + 12345)  # no such process
+
+    result = expkit_cli("sweeps", "list")
+
+    assert result.returncode == 0, result.stderr
+    assert "running (driver gone: expkit sweeps resume 1)" in result.stdout
 
 
 def test_sweeps_list_without_sweeps(expkit_cli):
@@ -300,6 +340,13 @@ def test_plot_errors_are_one_line(sweep, expkit_cli, expkit_workspace, tmp_path)
     result = expkit_cli("sweeps", "show", fresh.id, "--plot", str(tmp_path / "x.png"))
     assert result.returncode == 2
     assert "has no study yet" in error_line(result)
+
+    write_study(expkit_workspace, fresh.id, [])  # a study, no trial completed
+    result = expkit_cli("sweeps", "show", fresh.id, "--plot", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert error_line(result).endswith("no completed trial to plot yet")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no Optuna warning
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_plot_without_matplotlib_names_the_extra(sweep, expkit_cli, tmp_path):

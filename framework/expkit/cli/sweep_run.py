@@ -4,7 +4,8 @@ driver's side of the CLI (starting, watching, resuming, stopping a sweep).
 `expkit sweep` drives the sweep in this process (`expkit.sweeps.driver.drive`) and shows a
 live table of its trials, redrawn in place on a terminal, one line per change otherwise;
 `--detach` leaves it to a background driver. Exit codes are the sweep's end: 0 completed,
-1 failed, 130 canceled (Ctrl-C, `expkit sweeps cancel`, its timeout).
+1 failed, 130 canceled (Ctrl-C, `expkit sweeps cancel`); a sweep stopped by its
+`limits.timeout` ends completed (0), as Azure ML's.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def cmd_sweeps_resume(args: argparse.Namespace) -> int:
     if driver_alive(record.driver_pid, record.driver_start) or not take_over(workspace, record.id):
         raise UserError(
             f"sweep {record.id} is still driven (pid {record.driver_pid}); "
-            f"`expkit sweeps show {record.number}` follows it, `expkit sweeps cancel` stops it"
+            f"`expkit sweeps show {record.number}` shows it, `expkit sweeps cancel` stops it"
         )
     if args.detach:
         start_background(workspace, record.id)
@@ -110,7 +111,7 @@ def cancel_orphaned(workspace: Any, sweep_id: str) -> None:
     study = open_study(workspace, sweep_id, spec)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(trial.number, state=TrialState.FAIL)
-    history.sweeps.finish(sweep_id, "canceled", reason)
+    history.sweeps.finish(sweep_id, "canceled", "canceled by `expkit sweeps cancel`")
 
 
 def sweep_record(workspace: Any, ref: str) -> Any:
@@ -145,10 +146,11 @@ def watch(workspace: Any, sweep_id: str) -> int:
     record = workspace.history.sweeps.get(sweep_id)
     limits = record.spec.get("limits", {})
     total = limits.get("max_total_trials")
+    at_once = limits.get("max_concurrent_trials", 1)
     print(
         f"sweep {sweep_id} in workspace {workspace.path}: "
-        + (f"up to {total} trials, " if total else "")
-        + f"{limits.get('max_concurrent_trials', 1)} at once; Ctrl-C cancels it",
+        + (f"up to {total} trials, " if total and total > 1 else "1 trial, " if total else "")
+        + f"{at_once} at once; Ctrl-C cancels it",
         flush=True,
     )
     metric = record.spec["objective"]["primary_metric"]
@@ -161,7 +163,11 @@ def watch(workspace: Any, sweep_id: str) -> int:
         if isinstance(reporter, LiveTable):
             reporter.close()
     print()
-    print(f"sweep {record.id}: {record.state}" + (f" ({record.error})" if record.error else ""))
+    said = record.error or ""
+    if said.startswith(record.state):
+        print(f"sweep {record.id}: {said}")  # "canceled by Ctrl-C"
+    else:
+        print(f"sweep {record.id}: {record.state}" + (f" ({said})" if said else ""))
     best = reporter.best
     if record.best_run:
         run = workspace.history.runs.get(record.best_run)

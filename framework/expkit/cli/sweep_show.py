@@ -31,7 +31,7 @@ def cmd_sweeps_list(args: argparse.Namespace) -> int:
         rows.append(
             [
                 sweep.id,
-                sweep.state,
+                sweep.state + _driver_gone(sweep),
                 when(sweep.created),
                 count_states(trials),
                 _best_cell(best, metric),
@@ -39,6 +39,15 @@ def cmd_sweeps_list(args: argparse.Namespace) -> int:
         )
     print_table(["SWEEP", "STATE", "CREATED", "TRIALS", "BEST"], rows)
     return 0
+
+
+def _driver_gone(sweep: Any) -> str:
+    """For a running sweep whose driver is dead: how to go on with it (`sweeps list`)."""
+    from expkit.history import driver_alive
+
+    if sweep.finished or driver_alive(sweep.driver_pid, sweep.driver_start):
+        return ""
+    return f" (driver gone: expkit sweeps resume {sweep.number})"
 
 
 def _best_cell(best: Any, metric: str) -> str:

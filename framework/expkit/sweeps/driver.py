@@ -40,6 +40,9 @@ RUN_ID = "run_id"  # the run the trial is
 VALUES = "values"  # the arguments the trial's run got ({name: value}; set by space.suggest)
 TERMINATION = "termination"  # why the early termination policy stopped it
 NEVER_STARTED = "never_started"  # its driver died before its run was recorded: re-asked
+REASKED = "reasked"  # its run died with the sweep's driver (reaped): re-asked
+REASK_OF = "reask_of"  # on an enqueued trial: the number of the trial it asks again
+REAPED = "the driver process (pid"  # how a reaped run's error begins (history.runs)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class TrialView:
     value: float | None = None
     note: str | None = None
     run_number: int | None = None
+    reattached: bool = False  # watched again by a resumed driver
 
 
 class Reporter:
@@ -83,14 +87,22 @@ class LineReporter(Reporter):
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream
+        self.said: dict[int, str] = {}  # the state last printed of each trial
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)
 
     def started(self, view: TrialView) -> None:
-        self._print(
-            f"trial {view.number} ({_run_name(view)}) started: {format_values(view.values)}"
-        )
+        """Says "queued" when its run was submitted (it may wait for a slot), "re-attached" on
+        resume; then `changed` says "running" when it runs."""
+        said = "re-attached" if view.reattached else "queued"
+        self.said[view.number] = "running" if view.state == "running" else view.state
+        self._print(f"trial {view.number} ({_run_name(view)}) {said}: {format_values(view.values)}")
+
+    def changed(self, view: TrialView) -> None:
+        if view.state == "running" and self.said.get(view.number) != "running":
+            self.said[view.number] = "running"
+            self._print(f"trial {view.number} ({_run_name(view)}) running")
 
     def ended(self, view: TrialView, best: TrialView | None) -> None:
         if view.state == "completed":
@@ -99,11 +111,17 @@ class LineReporter(Reporter):
                 text += " (best so far)"
         else:
             text = view.note or ""
-        shown = "canceled" if view.state == "pruned" else view.state
+        shown = shown_state(view.state)
         self._print(f"trial {view.number} ({_run_name(view)}) {shown}: {text}".rstrip(": "))
 
     def note(self, text: str) -> None:
         self._print(text)
+
+
+def shown_state(state: str) -> str:
+    """A trial's state as every table and log says it: Optuna's PRUNED is Azure ML's
+    "early-terminated" (as `expkit sweeps show` says)."""
+    return "early-terminated" if state == "pruned" else state
 
 
 def _run_name(view: TrialView) -> str:
@@ -236,8 +254,11 @@ class SweepDriver:
         self.best: TrialView | None = None
         self.signals: list[str] = []
         self.stopping: str | None = None  # why the sweep stops early (canceled, timeout)
+        self.timed_out = False  # stopped by limits.timeout: it ends completed
+        self.cause = ""  # the sweep's error: "canceled by Ctrl-C", "... `expkit sweeps cancel`"
         self.canceling_since: float | None = None
         self.study: Any = None
+        self.reasked: dict[int, str] = {}  # trial re-asked on resume -> what to say of it
 
     # -- the loop -----------------------------------------------------------------------------
     def drive(self) -> SweepRecord:
@@ -267,8 +288,8 @@ class SweepDriver:
             return self.history.sweeps.get(self.id)
         if self.watched:  # a second signal: their drivers finish canceling them
             self.abandon()
-        if self.stopping is not None:
-            self.history.sweeps.finish(self.id, "canceled", self.stopping)
+        if self.stopping is not None and not self.timed_out:
+            self.history.sweeps.finish(self.id, "canceled", self.cause or self.stopping)
         else:
             self.finish_completed()
         return self.history.sweeps.get(self.id)
@@ -282,18 +303,25 @@ class SweepDriver:
 
     def check_stop(self) -> None:
         """Start stopping the sweep when it was canceled (a signal, `expkit sweeps cancel`) or
-        its `limits.timeout` (seconds since it was created, across resumes) has passed."""
+        its `limits.timeout` (seconds since it was created, across resumes) has passed: as
+        Azure ML's timeout, that ends the sweep completed (its best so far), its running
+        trials canceled with reason "sweep timeout (N s)"."""
         if self.stopping is not None:
             return
         timeout = self.spec.limits.timeout
         if self.signals or self.history.sweeps.cancel_requested(self.id):
             reason = f"sweep {self.id} canceled"
+            by = {"SIGINT": "Ctrl-C"}.get(self.signals[0], self.signals[0]) if self.signals else ""
+            self.cause = f"canceled by {by or '`expkit sweeps cancel`'}"
         elif timeout is not None and time.time() - self.created >= timeout:
             reason = f"sweep timeout ({timeout:g} s)"
+            self.timed_out = True
+            self.reporter.note(f"stopped at limits.timeout ({timeout:g} s)")
         else:
             return
         self.stopping = reason
-        self.reporter.note(f"{reason}: canceling its running trials (their outputs are kept)")
+        if self.watched:
+            self.reporter.note(f"{reason}: canceling its running trials (their outputs are kept)")
         self.cancel_trials(reason)
 
     def cancel_trials(self, reason: str) -> None:
@@ -321,9 +349,13 @@ class SweepDriver:
     # -- limits -------------------------------------------------------------------------------
     def counted(self) -> int:
         """The trials the limits count: every one in the study (failed ones and those from
-        before a resume too) but for those whose run was never recorded (re-asked)."""
+        before a resume too) but for those asked again on resume (never started, or their
+        run died with the sweep's driver): the trial that asks again replaces it in the count,
+        so `max_total_trials` and a grid's size count each set of parameters once."""
         return sum(
-            1 for t in self.study.get_trials(deepcopy=False) if NEVER_STARTED not in t.user_attrs
+            1
+            for t in self.study.get_trials(deepcopy=False)
+            if NEVER_STARTED not in t.user_attrs and REASKED not in t.user_attrs
         )
 
     def may_ask(self) -> bool:
@@ -362,6 +394,9 @@ class SweepDriver:
         view = TrialView(trial.number, record.id, values, run_number=record.number)
         self.views[trial.number] = view
         self.watched[trial.number] = _Watched(trial, record.id, view)
+        asks_again = self.reasked.pop(trial.user_attrs.get(REASK_OF, -1), None)
+        if asks_again:
+            self.reporter.note(f"{asks_again} as trial {trial.number}")
         self.reporter.started(view)
 
     # -- resuming -----------------------------------------------------------------------------
@@ -373,6 +408,9 @@ class SweepDriver:
         as they ended."""
         from optuna.trial import TrialState
 
+        from expkit.recovery import recover
+
+        recover(self.ws, self.history)  # runs whose driver died with ours end failed now
         runs: dict[int, RunRecord] = {}
         for trial_run in self.history.runs.of_sweep(self.id):
             if trial_run.trial is not None:
@@ -397,6 +435,9 @@ class SweepDriver:
                 if run is not None and view.state != "completed":
                     view.note = run.error
                 continue
+            if run is not None and run.state == "failed" and (run.error or "").startswith(REAPED):
+                self.reask(frozen, view, run)
+                continue
             if run is None or (run.state == "failed" and not self.history.stages.of(run.id)):
                 self.reask(frozen, view)
                 continue
@@ -409,18 +450,32 @@ class SweepDriver:
             watched.step = watched.skip
             watched.reason = frozen.user_attrs.get(TERMINATION)
             self.watched[frozen.number] = watched
+            view.reattached = True
             self.reporter.started(view)
         self.update_best()
 
-    def reask(self, frozen: optuna.trial.FrozenTrial, view: TrialView) -> None:
-        """Trial `frozen` never got going: FAIL, and the same parameters enqueued anew."""
+    def reask(
+        self, frozen: optuna.trial.FrozenTrial, view: TrialView, died: RunRecord | None = None
+    ) -> None:
+        """Trial `frozen` never got going, or its run `died` with the sweep's driver (reaped,
+        as a kill -9 of the sweep leaves it): FAIL, and the same parameters enqueued anew
+        (for a grid too: Optuna's GridSampler counts a failed combination as visited, so the
+        point is run again as the enqueued trial). The trial asking again replaces it in
+        the limits' count (`counted`)."""
         from optuna.trial import TrialState
 
-        self.study._storage.set_trial_user_attr(frozen._trial_id, NEVER_STARTED, True)
+        attr = REASKED if died else NEVER_STARTED
+        self.study._storage.set_trial_user_attr(frozen._trial_id, attr, True)
         self.study.tell(frozen.number, state=TrialState.FAIL)
-        self.study.enqueue_trial(dict(frozen.params))
-        view.state, view.note = "failed", "its driver died before it started; asked again"
-        self.reporter.note(f"trial {frozen.number}: never started; its parameters asked again")
+        self.study.enqueue_trial(dict(frozen.params), user_attrs={REASK_OF: frozen.number})
+        if died is not None:
+            view.state, view.note = "failed", "its run died with the sweep's driver; asked again"
+            text = f"trial {frozen.number} (run {died.id}): its run died with the sweep's driver"
+        else:
+            view.state, view.note = "failed", "its driver died before it started; asked again"
+            text = f"trial {frozen.number}: never started"
+        self.reporter.note(f"{text}; its parameters asked again")
+        self.reasked[frozen.number] = f"trial {frozen.number}: asked again"
 
     # -- watching -----------------------------------------------------------------------------
     def poll(self) -> None:
@@ -516,6 +571,9 @@ class SweepDriver:
         else:
             self.study.tell(number, state=TrialState.FAIL)
             view.state, view.note = run.state, run.error
+            limit = self.spec.limits.trial_timeout
+            if limit is not None and (run.error or "").startswith("run: timed out after"):
+                view.note = f"past limits.trial_timeout ({limit:g} s): {run.error}"
         del self.watched[number]
         self.update_best()
         self.reporter.ended(view, self.best)

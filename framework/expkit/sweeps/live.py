@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 from typing import IO
 
-from expkit.sweeps.driver import Reporter, TrialView, format_number, format_values
+from expkit.sweeps.driver import (
+    Reporter,
+    TrialView,
+    format_number,
+    format_values,
+    shown_state,
+)
 
 REDRAW_SECONDS = 0.2  # the least time between two redraws for a new metric value
 
@@ -36,7 +42,7 @@ class LiveTable(Reporter):
     def ended(self, view: TrialView, best: TrialView | None) -> None:
         self.views[view.number] = view
         if view.state != "completed" and view.note:
-            shown = "canceled" if view.state == "pruned" else view.state
+            shown = shown_state(view.state)
             self.note(f"trial {view.number} (run {view.run_id}) {shown}: {view.note}")
         self.draw(force=True)
 
@@ -72,7 +78,7 @@ class LiveTable(Reporter):
                     str(view.number),
                     view.run_id or "-",
                     format_values(view.values),
-                    "canceled" if view.state == "pruned" else view.state,
+                    shown_state(view.state),
                     format_number(view.latest if view.value is None else view.value),
                     "*" if view is self.best else "",
                 ]

@@ -50,7 +50,8 @@ def plot_sweep(workspace: Workspace, sweep: SweepRecord, path: Path) -> str:
     """Draw the sweep's optimization history and its parameters' importances (parallel
     coordinates when importances cannot be computed: fewer than two completed trials, or
     one parameter) into `path`; returns the name of the second panel. UserError (exit 2)
-    when matplotlib or optuna is missing, or the file cannot be written."""
+    when matplotlib or optuna is missing, no trial completed yet (nothing to draw), or the
+    file cannot be written."""
     try:
         import matplotlib
         import optuna  # noqa: F401 - said missing here, not inside Optuna's plotting
@@ -60,6 +61,10 @@ def plot_sweep(workspace: Workspace, sweep: SweepRecord, path: Path) -> str:
 
     check_file(path)
     study = load_study(workspace, sweep)
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise UserError(f"sweep {sweep.id}: no completed trial to plot yet")
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
@@ -75,9 +80,13 @@ def plot_sweep(workspace: Workspace, sweep: SweepRecord, path: Path) -> str:
 
 
 def _history(study: optuna.Study) -> Any:
+    """The optimization history, trial numbers as whole numbers on its x axis."""
+    from matplotlib.ticker import MaxNLocator
     from optuna.visualization.matplotlib import plot_optimization_history
 
-    return plot_optimization_history(study)
+    axes = plot_optimization_history(study)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return axes
 
 
 def _second_panel(study: optuna.Study) -> tuple[Any, str]:

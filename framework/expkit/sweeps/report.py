@@ -114,7 +114,9 @@ def trial_state(record: RunRecord) -> str:
 
 def trial_rows(workspace: Workspace, sweep: SweepRecord) -> list[TrialRow]:
     """The trials of `sweep`, by trial number: four queries in all, whatever the number of
-    trials (the trials, their parameters, two for their primary metric's values)."""
+    trials (the trials, their parameters, two for their primary metric's values). A run that
+    completed without logging a finite value of the primary metric is a `failed` trial, as
+    the driver tells Optuna (error "completed without logging METRIC" unless it has one)."""
     history = workspace.history
     records = history.runs.of_sweep(sweep.id)
     if not records:
@@ -128,17 +130,20 @@ def trial_rows(workspace: Workspace, sweep: SweepRecord) -> list[TrialRow]:
     for record in records:
         logged = values.get(record.id)
         best = None if logged is None else logged.high if goal == "maximize" else logged.low
+        state, error = trial_state(record), record.error
+        if state == "completed" and best is None:  # as the driver tells Optuna: FAIL
+            state, error = "failed", error or f"completed without logging {metric}"
         rows.append(
             TrialRow(
                 trial=record.trial,
                 run_id=record.id,
                 run_number=record.number,
-                state=trial_state(record),
+                state=state,
                 params=_sampled(names, params.get(record.id, {}), record.job),
                 latest=None if logged is None else logged.last,
                 best=best,
                 steps=0 if logged is None else logged.steps,
-                error=record.error,
+                error=error,
                 seconds=(record.ended or now) - record.created,
             )
         )
@@ -156,8 +161,14 @@ class _Logged:
     last: float
 
 
+# A finite number: NaN is stored as NULL by SQLite, and +-inf lie outside the doubles' range.
+# Non-finite values are left out everywhere (as the driver leaves them out of the trial's
+# value), so an inf is never a trial's best and `--json` has numbers or null only.
+_FINITE = "value BETWEEN -1.7976931348623157e308 AND 1.7976931348623157e308"
+
+
 def _metric_values(workspace: Workspace, sweep_id: str, metric: str) -> dict[str, _Logged]:
-    """What each trial of the sweep logged of `metric` (numbers only), by run id: two
+    """What each trial of the sweep logged of `metric` (finite numbers only), by run id: two
     aggregate queries over the metrics' (run_id, name, id) index, whatever the number of
     values (a redraw reads one row per trial, not every value)."""
     if not metric:
@@ -166,13 +177,13 @@ def _metric_values(workspace: Workspace, sweep_id: str, metric: str) -> dict[str
     trials = "SELECT id FROM runs WHERE sweep = ?"
     rows = db.execute(
         "SELECT run_id, COUNT(value), MIN(value), MAX(value), MAX(id) FROM metrics"
-        f" WHERE name = ? AND value IS NOT NULL AND run_id IN ({trials}) GROUP BY run_id",
+        f" WHERE name = ? AND {_FINITE} AND run_id IN ({trials}) GROUP BY run_id",
         (metric, sweep_id),
     ).fetchall()
     last = dict(
         db.execute(
             "SELECT run_id, value FROM metrics WHERE id IN"
-            " (SELECT MAX(id) FROM metrics WHERE name = ? AND value IS NOT NULL"
+            f" (SELECT MAX(id) FROM metrics WHERE name = ? AND {_FINITE}"
             f" AND run_id IN ({trials}) GROUP BY run_id)",
             (metric, sweep_id),
         ).fetchall()
