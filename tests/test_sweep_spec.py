@@ -6,7 +6,6 @@ and the job each trial runs."""
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import math
@@ -532,13 +531,6 @@ def test_a_function_form_never_runs_code(project, tmp_path):
     assert not marker.exists()
 
 
-def _dry_run_ready() -> bool:
-    from expkit.cli import sweep_run
-
-    return "NotImplementedError" not in inspect.getsource(sweep_run.cmd_sweep)
-
-
-@pytest.mark.skipif(not _dry_run_ready(), reason="`expkit sweep --dry-run` not written yet")
 @pytest.mark.parametrize(
     "case", ["min >= max", "grid with a continuous expression", "bad goal", "zero trials"]
 )
