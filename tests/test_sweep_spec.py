@@ -935,7 +935,9 @@ def test_the_wrong_kind_of_file_is_one_line_naming_the_right_command(project, ex
     )
     result = expkit_cli("sweep", str(project))
     assert result.returncode == 2
-    assert error_line(result) == f"expkit: error: {project}: is a folder; name the sweep spec YAML"
+    assert (
+        error_line(result) == f"expkit: error: {project}: is a folder; a sweep spec is a YAML file"
+    )
 
 
 def test_dry_run_catches_register_best_without_a_model(project, expkit_cli):

@@ -313,25 +313,7 @@ class JobSpec(_Spec):
         (through aliases) to more than MAX_VALUES values, and for any invalid field."""
         path = Path(path)
         source = printable(str(path))
-        try:
-            data = _read_job_file(path, source)
-        except FileNotFoundError:
-            raise JobSpecError(source, "", "no such file") from None
-        except OSError as error:
-            raise JobSpecError(source, "", error.strerror or str(error)) from None
-        except ValueError:  # a NUL byte in the path
-            raise JobSpecError(source, "", "a path cannot contain a NUL byte") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            byte = data[error.start : error.start + 1].hex()
-            line = data.count(b"\n", 0, error.start) + 1
-            raise JobSpecError(
-                source, f"line {line}", f"not UTF-8 text (byte 0x{byte}); save it as UTF-8"
-            ) from None
-        raw = load_yaml(text, source)
-        if not isinstance(raw, dict):
-            raise JobSpecError(source, "", "a job spec is a YAML mapping (key: value lines)")
+        raw = read_spec_file(path, "a job spec")
         if "search_space" in raw:  # not a line per sweep field `expkit run` does not know
             raise JobSpecError(
                 source,
@@ -479,9 +461,37 @@ def _check_args_values(args: dict[str, Any] | list[Any]) -> None:
 
 
 # -- reading ---------------------------------------------------------------------------------
-def _read_job_file(path: Path, source: str) -> bytes:
-    """The bytes of a job file: a regular file of at most MAX_JOB_BYTES, checked before it
-    is opened (a FIFO would block, /dev/zero never ends); a JobSpecError otherwise."""
+def read_spec_file(path: Path, what: str) -> dict[str, Any]:
+    """The YAML mapping in spec file `path` (a job spec, a sweep spec: `what`, for the
+    message), read within MAX_JOB_BYTES. Raises JobSpecError naming the file: it cannot be
+    read, is a folder, is not UTF-8, is not YAML (or too deep, too big), or not a mapping."""
+    source = printable(str(path))
+    try:
+        data = _read_job_file(path, source, what)
+    except FileNotFoundError:
+        raise JobSpecError(source, "", "no such file") from None
+    except OSError as error:
+        raise JobSpecError(source, "", error.strerror or str(error)) from None
+    except ValueError:  # a NUL byte in the path
+        raise JobSpecError(source, "", "a path cannot contain a NUL byte") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = data[error.start : error.start + 1].hex()
+        line = data.count(b"\n", 0, error.start) + 1
+        raise JobSpecError(
+            source, f"line {line}", f"not UTF-8 text (byte 0x{byte}); save it as UTF-8"
+        ) from None
+    raw = load_yaml(text, source)
+    if not isinstance(raw, dict):
+        raise JobSpecError(source, "", f"{what} is a YAML mapping (key: value lines)")
+    return raw
+
+
+def _read_job_file(path: Path, source: str, what: str = "a job spec") -> bytes:
+    """The bytes of a spec file (`what`: a job spec, a sweep spec): a regular file of at most
+    MAX_JOB_BYTES, checked before it is opened (a FIFO would block, /dev/zero never ends); a
+    JobSpecError otherwise."""
     import stat
 
     info = os.stat(path)
@@ -491,8 +501,8 @@ def _read_job_file(path: Path, source: str) -> bytes:
             kind = "a FIFO"
         elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
             kind = "a device"
-        raise JobSpecError(source, "", f"is {kind}; a job spec is a YAML file")
-    limit = f"a job spec may be at most {MAX_JOB_BYTES // 1024} KiB"
+        raise JobSpecError(source, "", f"is {kind}; {what} is a YAML file")
+    limit = f"{what} may be at most {MAX_JOB_BYTES // 1024} KiB"
     if info.st_size > MAX_JOB_BYTES:
         raise JobSpecError(source, "", f"is {info.st_size} bytes; {limit}")
     with open(path, "rb") as f:

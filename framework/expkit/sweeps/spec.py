@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from expkit.errors import JobSpecError, printable, quoted
-from expkit.job import JobSpec, apply_override, blame_overrides, load_yaml
+from expkit.job import JobSpec, apply_override, blame_overrides
 
 # The search-space expressions (same names in HyperDrive and Azure ML v2).
 EXPRESSIONS = (
@@ -162,28 +162,11 @@ class SweepSpec:
         to a job spec (`limits.max_total_trials=4`); `job.FIELD=VALUE` overrides a field of
         the trial's job, also when `job:` names a file. Raises JobSpecError (exit 2, one line
         per problem naming the file and the field)."""
-        from expkit.job import _read_job_file
+        from expkit.job import read_spec_file
 
         path = Path(path)
         source = printable(str(path))
-        if path.is_dir():
-            raise JobSpecError(source, "", "is a folder; name the sweep spec YAML")
-        try:
-            data = _read_job_file(path, source)
-        except FileNotFoundError:
-            raise JobSpecError(source, "", "no such file") from None
-        except OSError as error:
-            raise JobSpecError(source, "", error.strerror or str(error)) from None
-        except ValueError:  # a NUL byte in the path
-            raise JobSpecError(source, "", "a path cannot contain a NUL byte") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            line = data.count(b"\n", 0, error.start) + 1
-            raise JobSpecError(source, f"line {line}", "not UTF-8 text; save it as UTF-8") from None
-        raw = load_yaml(text, source)
-        if not isinstance(raw, dict):
-            raise JobSpecError(source, "", "a sweep spec is a YAML mapping (key: value lines)")
+        raw = read_spec_file(path, "a sweep spec")
         if "search_space" not in raw and "entry_script" in raw:
             raise JobSpecError(
                 source,
