@@ -3,10 +3,10 @@ expkit is refused before anything is written to it.
 
 tests/fixtures/workspace_v0 was made by expkit before its history had a version, workspace_v2 by
 expkit at history version 2, before parameters (step 3) were recorded, workspace_v3 before
-sweeps (step 4) (see tests/fixtures/make_workspace.py). Each holds three runs of experiment
-`fixture` (1 and 3 completed and registered `digits` versions 1 and 2, 2 failed with exit code
-3; their job had `args`), each with metrics (steps, a number, a string, a table row), a tag and
-an output, and an export of fixture_3.
+sweeps (step 4), workspace_v4 before attempts (step 5) (see tests/fixtures/make_workspace.py).
+Each holds three runs of experiment `fixture` (1 and 3 completed and registered `digits` versions
+1 and 2, 2 failed with exit code 3; their job had `args`), each with metrics (steps, a number, a
+string, a table row), a tag and an output, and an export of fixture_3.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def old(tmp_path: Path) -> Path:
     return copy_of(0, tmp_path)
 
 
-@pytest.mark.parametrize("version", [0, 2, 3])
+@pytest.mark.parametrize("version", [0, 2, 3, 4])
 def test_an_old_workspace_shows_every_run_metric_tag_and_model(
     version: int, tmp_path: Path
 ) -> None:

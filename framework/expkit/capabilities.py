@@ -263,6 +263,10 @@ def _ignore(*args: Any) -> None:
     return None
 
 
+def _never(*args: Any) -> bool:
+    return False
+
+
 def _no_config(section: str) -> dict[str, Any]:
     return {}
 
@@ -384,7 +388,16 @@ class RunContext:
     re-attaches with `ComputeTarget.reattach`, instead of failing it. `command` is the
     script's command line and its environment, known once prepare has placed the data: for
     a target that submits the job when it acquires resources (a batch scheduler), and for
-    `launches_ranks` targets, which run it as it is. Services: `leases` (slots and GPUs of
+    `launches_ranks` targets, which run it as it is.
+    Attempts (the job's `retry:` and `checkpoints:`): `attempt` is the current attempt's number
+    (from 1; the script sees it as EXPKIT_ATTEMPT); `stop_signal` and `stop_grace` (seconds)
+    say how to stop the ranks when the stop is planned (a timeout, a requeue, a cancel): send
+    `stop_signal` to each rank's own process (not its process group, not a launcher) and wait
+    up to `stop_grace` for them to exit, before SIGTERM (`runner` does it; None: no checkpoints,
+    SIGTERM at once); `requeued(outcome, reason)` is for a target whose service starts the job
+    again by itself (a Slurm requeue): it records the end of the current attempt and the start
+    of the next, and returns False when the job's `retry` allows no more (the target then ends
+    the job and raises Interrupted(outcome, ...)). Services: `leases` (slots and GPUs of
     this machine, shared with concurrent runs, see expkit.leases); `cache_dir`, the
     workspace's folder of built environments, kept across runs (a builder keeps each in a
     subfolder named by its hash); `plugin_config(section)`, the workspace config.json's
@@ -409,6 +422,10 @@ class RunContext:
     environment: Environment | None = None
     set_remote_job: Callable[[str], None] = _ignore
     command: Process | None = None
+    attempt: int = 1
+    stop_signal: int | None = None
+    stop_grace: float = 0.0
+    requeued: Callable[[str, str], bool] = _never
 
 
 @dataclass

@@ -50,6 +50,10 @@ from typing import Any, Protocol
 
 CHANNEL_ENV = "EXPKIT_METRICS_DIR"
 RUN_ID_ENV = "EXPKIT_RUN_ID"
+# The attempt this process belongs to (from 1; see the job's `retry:`), and the absolute path
+# of the checkpoint folder kept from one attempt to the next (the job's `checkpoints:`).
+ATTEMPT_ENV = "EXPKIT_ATTEMPT"
+CHECKPOINT_ENV = "EXPKIT_CHECKPOINT_DIR"
 FLUSH_SECONDS = 0.2
 FORWARDER_ENV = "EXPKIT_FORWARDER"  # `module:attribute` of a forwarder; unset or empty: none
 FORWARDER_EXIT_SECONDS = 30.0  # at exit, how long the forwarder may take to send the rest
@@ -67,6 +71,12 @@ def process_rank() -> int:
         if value and value.isdigit():
             return int(value)
     return 0
+
+
+def attempt_number() -> int:
+    """EXPKIT_ATTEMPT as a number from 1 (1 when it is not set or not a whole number)."""
+    value = os.environ.get(ATTEMPT_ENV, "")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
 
 
 class Forwarder(Protocol):
@@ -128,6 +138,19 @@ class ScriptRun:
             atexit.register(self._at_exit)
             if hasattr(os, "register_at_fork"):
                 os.register_at_fork(after_in_child=self._after_fork)
+
+    @property
+    def attempt(self) -> int:
+        """Which attempt of the run this is, from 1 (a retry, a requeue or `expkit runs
+        resume` starts the next); 1 outside expkit."""
+        return attempt_number()
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """The folder to write checkpoints into and resume from (the job's `checkpoints:`):
+        what it holds when an attempt ends is there when the next one starts. None when the
+        job names none, or outside expkit."""
+        return os.environ.get(CHECKPOINT_ENV) or None
 
     @property
     def offline(self) -> bool:
@@ -476,6 +499,11 @@ def get_context() -> ScriptRun:
                         folder = None
                 path = None
                 if folder:
-                    path = os.path.join(folder, f"rank-{process_rank()}.{os.getpid()}.jsonl")
+                    # One file per process and attempt (a requeued job may reuse a pid): the
+                    # driver records each value with the attempt its file names.
+                    attempt = attempt_number()
+                    suffix = f".a{attempt}" if attempt > 1 else ""
+                    name = f"rank-{process_rank()}.{os.getpid()}{suffix}.jsonl"
+                    path = os.path.join(folder, name)
                 _context = ScriptRun(os.environ.get(RUN_ID_ENV), path, forwarder)
     return _context

@@ -43,6 +43,18 @@ class StageFailed(Exception):
     """A stage could not finish (the script failed, a timeout, no outputs); one-line reason."""
 
 
+class Interrupted(StageFailed):
+    """The attempt ended without its script failing on its own: `outcome` is "preempted",
+    "node_failure" or "time_limit" (expkit.stages.AttemptOutcome), which `retry.on` may name
+    as retryable. Raised by a compute target's `execute` (Slurm's PREEMPTED, NODE_FAIL,
+    TIMEOUT; the local runner at the job's `timeout`); a StageFailed, so that code that does
+    not know attempts fails the run with its message."""
+
+    def __init__(self, outcome: str, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.outcome, self.exit_code = outcome, exit_code
+
+
 class Canceled(Exception):
     """The run was canceled (Ctrl-C, SIGTERM or `expkit runs cancel`)."""
 

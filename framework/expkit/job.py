@@ -245,6 +245,108 @@ class ExportSpec(_Spec):
     timeout: float = field(default=600.0, metadata=_limits(gt=0))  # seconds, export and check
 
 
+# What `retry.on` may name: how an attempt that did not complete ended (AttemptOutcome's
+# words), besides `{exit_codes: [...]}`. Preempted: the service took the machine back (Slurm's
+# PREEMPTED, a requeue, `expkit runs cancel --requeue`); node_failure: a node died (NODE_FAIL,
+# BOOT_FAIL); time_limit: the attempt reached its time limit (the job's `timeout`, Slurm's).
+RETRYABLE = ("preempted", "node_failure", "time_limit")
+SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
+# Where the checkpoint folder may not be: folders expkit itself fills or seals in the working
+# copy (outputs are sealed and registered, logs collected, data placed).
+_NOT_CHECKPOINTS = ("outputs", "logs", "data")
+
+
+@dataclass
+class RetrySpec(_Spec):
+    """How often a run's script is started again, and after what (`retry:`).
+
+    `max_attempts` counts every attempt, the first included (1: no retry); `on` lists what
+    makes an attempt that did not complete retryable: `preempted`, `node_failure`,
+    `time_limit`, and `{exit_codes: [75, 143]}` (the script's own exit codes; a signal N is
+    128 + N, as a shell says it); a failure not listed fails the run at once. Each retry
+    waits `backoff_seconds` first. `in_place`: restarts of every rank within one attempt by
+    the distributed launcher itself (torchrun's `--max-restarts`), without a new attempt.
+    The names follow TorchX (`max_retries`), SageMaker (`MaximumRetryAttempts`) and Slurm
+    (preempted, node failure, time limit)."""
+
+    max_attempts: int = field(default=1, metadata=_limits(ge=1))
+    on: list[str | dict[str, list[int]]] = field(
+        default_factory=lambda: ["preempted", "node_failure"]
+    )
+    backoff_seconds: float = field(default=0.0, metadata=_limits(ge=0))
+    in_place: int = field(default=0, metadata=_limits(ge=0))
+
+    def _check(self) -> None:
+        if self.max_attempts > 100:
+            raise _Invalid("max_attempts", f"must be at most 100, not {self.max_attempts}")
+        for i, item in enumerate(self.on):
+            if isinstance(item, str):
+                if item not in RETRYABLE:
+                    hint = difflib.get_close_matches(item, RETRYABLE, n=1)
+                    more = f" (did you mean {hint[0]!r}?)" if hint else ""
+                    raise _Invalid(
+                        f"on.{i}",
+                        f"{quoted(item)} is not a failure expkit retries{more}; use "
+                        f"{', '.join(RETRYABLE)} or {{exit_codes: [75]}}",
+                    )
+            elif set(item) != {"exit_codes"}:
+                raise _Invalid(f"on.{i}", "a mapping here is {exit_codes: [75, 143]}")
+            elif any(not 1 <= code <= 255 for code in item["exit_codes"]):
+                raise _Invalid(f"on.{i}.exit_codes", "exit codes are whole numbers 1 to 255")
+
+    def retryable(self, outcome: str, exit_code: int | None = None) -> bool:
+        """Whether an attempt that ended with `outcome` (an AttemptOutcome value) and
+        `exit_code` (the script's; negative -N for a signal N, matched as 128 + N) may be
+        retried, by `on` alone (the attempts left are the caller's to count)."""
+        if outcome in self.on:
+            return True
+        if outcome != "failed" or exit_code is None:
+            return False
+        code = 128 - exit_code if exit_code < 0 else exit_code
+        return any(isinstance(i, dict) and code in i["exit_codes"] for i in self.on)
+
+
+@dataclass
+class CheckpointSpec(_Spec):
+    """The script's checkpoint folder, kept from one attempt to the next (`checkpoints:`).
+
+    `path` is relative to the working folder (`./checkpoints`); the script finds it as
+    `Run.get_context().checkpoint_dir` (or EXPKIT_CHECKPOINT_DIR) and resumes from what it
+    holds. What the folder holds when an attempt ends, also one that failed or was stopped,
+    is there when the next attempt starts (and for `expkit runs resume`). Before a planned
+    stop (a time limit, a preemption, `expkit runs cancel --requeue`, a cancel) each rank gets
+    `signal` (SIGUSR1 by default, as PyTorch Lightning and submitit use) and `grace_seconds`
+    to write a checkpoint and exit, before SIGTERM and then SIGKILL."""
+
+    short_form = "path"
+    path: str = "checkpoints"
+    signal: str = "SIGUSR1"
+    grace_seconds: float = field(default=30.0, metadata=_limits(gt=0))
+
+    def _check(self) -> None:
+        parts = Path(self.path).parts
+        if Path(self.path).is_absolute() or ".." in parts or not parts or parts == (".",):
+            raise _Invalid(
+                "path", "must be a folder inside the working folder, e.g. `./checkpoints`"
+            )
+        first = next(p for p in parts if p != ".")
+        if first in _NOT_CHECKPOINTS:
+            raise _Invalid(
+                "path",
+                f"{self.path} is inside {first}/, which expkit fills itself; "
+                "use a folder of its own, e.g. `./checkpoints`",
+            )
+        if self.signal not in SIGNALS:
+            raise _Invalid(
+                "signal", f"must be one of {', '.join(SIGNALS)}, not {quoted(self.signal)}"
+            )
+
+    @property
+    def folder(self) -> str:
+        """`path` without a leading `./` (`checkpoints`)."""
+        return str(Path(self.path))
+
+
 @dataclass
 class JobSpec(_Spec):
     """Everything one run needs; `expkit run job.yaml` and `Experiment.submit(job)` take it."""
@@ -261,8 +363,10 @@ class JobSpec(_Spec):
     metrics: list[SinkSpec] = field(default_factory=list)
     model: ModelSpec | None = None
     exports: list[ExportSpec] = field(default_factory=list)
-    timeout: float | None = field(default=None, metadata=_limits(gt=0))  # seconds of the run stage
+    timeout: float | None = field(default=None, metadata=_limits(gt=0))  # seconds of an attempt
     tags: dict[str, str] = field(default_factory=dict)
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    checkpoints: CheckpointSpec | None = None
 
     def _check(self) -> None:
         _check_args_values(self.args)

@@ -216,6 +216,15 @@ def check_data_sources(workspace: Workspace, job: JobSpec) -> None:
         )
 
 
+def reopen(workspace: Workspace, run_id: str) -> RunRecord:
+    """Make failed or canceled run `run_id` queued for its next attempt (`expkit runs
+    resume`), after checking that it can be: its snapshot, prepared environment and data are
+    still there. Raises UserError naming what is missing (a completed run, a trial of a
+    sweep, a run made before attempts were recorded, a run still going). The caller then
+    drives it with `drive(..., resume=True)`."""
+    raise NotImplementedError("expkit runs resume: being written")
+
+
 def drive(
     workspace: Workspace,
     run_id: str,
@@ -224,6 +233,7 @@ def drive(
     own_process: bool = False,
     early: list[str] | None = None,
     reattach: bool = False,
+    resume: bool = False,
 ) -> RunRecord:
     """Drive a queued run through every stage in this process; returns the final record.
 
@@ -232,6 +242,10 @@ def drive(
     target's `reattach` replaces `acquire`, and the run goes on from its scale or run stage.
     A driver that lets go of such a run (SIGHUP: the terminal closed) starts a background
     driver that re-attaches (`expkit.driver`) and returns the record still unfinished.
+
+    `resume`: the next attempt of a run `reopen` made queued again: prepare is not done
+    again (the working copy is made again from the snapshot, the data placed and the
+    checkpoint folder put back), then scale, run, post-process and register as usual.
 
     `own_process`: this process drives this one run and nothing else (`expkit run`, the
     background driver). It then becomes the subreaper of what the script starts, and every

@@ -45,10 +45,12 @@ What flows between the stages
 
 Errors
     UserError: bad input, one line, exit 2. StageFailed: the stage cannot finish (one-line
-    reason). Canceled: raise it when `ctx.canceled()` turns true. Detached (a BaseException):
-    the driver lets go of a job that goes on without it; never cancel the job for it.
-    Anything else a plugin
-    raises is reported as a PluginError naming the plugin and the method.
+    reason). Interrupted(outcome, message): a StageFailed for an attempt that ended because
+    of the machine, not the script ("preempted", "node_failure", "time_limit"), which the
+    job's `retry.on` may retry. Canceled: raise it when `ctx.canceled()` turns true. Detached
+    (a BaseException): the driver lets go of a job that goes on without it; never cancel the
+    job for it. Anything else a plugin raises is reported as a PluginError naming the plugin
+    and the method.
 
 The process runner (`runner`)
     `runner.run(ctx, processes, env, wrap=..., preexec=...)` starts processes on this
@@ -120,6 +122,7 @@ _ERRORS = (
     "Canceled",
     "Detached",
     "StageFailed",
+    "Interrupted",
     "PluginUnavailable",
     "PluginError",
     "quoted",
@@ -190,6 +193,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and editors see
     from expkit.errors import (
         Canceled,
         Detached,
+        Interrupted,
         PluginError,
         PluginUnavailable,
         StageFailed,

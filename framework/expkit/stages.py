@@ -54,6 +54,19 @@ class RunState(StrEnum):
         return self in FINAL_STATES
 
 
+class AttemptOutcome(StrEnum):
+    """How one attempt of a run ended (`expkit runs show` lists them; `retry.on` names the
+    ones that may be retried, see expkit.job.RetrySpec)."""
+
+    COMPLETED = "completed"  # the script exited 0
+    FAILED = "failed"  # the script exited non-zero (the attempt's exit_code says how)
+    PREEMPTED = "preempted"  # the service took the resources back, or a requeue was asked
+    NODE_FAILURE = "node_failure"  # a node of the attempt died (Slurm's NODE_FAIL, BOOT_FAIL)
+    TIME_LIMIT = "time_limit"  # the attempt reached its time limit (`timeout`, Slurm's)
+    CANCELED = "canceled"  # the user stopped the run
+    LOST = "lost"  # the driver died during the attempt (kill -9): found by a later command
+
+
 FINAL_STATES = (RunState.COMPLETED, RunState.FAILED, RunState.CANCELED)
 _STATE_IN = {
     Stage.PREPARE: RunState.PREPARING,

@@ -79,9 +79,38 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     follow.add_argument("--rank", type=int, default=0, help="which rank's output (default 0)")
     follow.add_argument("--all-ranks", action="store_true", help="show every rank's output")
     follow.set_defaults(handler=cmd_runs_follow)
-    cancel = runs.add_parser("cancel", help="stop a run (its outputs are kept)")
+    cancel = runs.add_parser(
+        "cancel",
+        help="stop a run (its outputs are kept)",
+        description="Stop a run: its script gets the job's stop signal and grace period "
+        "(`checkpoints:`) to write a checkpoint, then SIGTERM. Its outputs are kept, and "
+        "`expkit runs resume RUN` starts it again from its last checkpoint.",
+    )
     cancel.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    cancel.add_argument(
+        "--requeue",
+        action="store_true",
+        help="stop only the current attempt and start the next one, from the checkpoint the "
+        "script writes on the stop signal (counts as a preemption; needs attempts left in "
+        "the job's `retry.max_attempts`)",
+    )
     cancel.set_defaults(handler=cmd_runs_cancel)
+    resume = runs.add_parser(
+        "resume",
+        help="start a failed or canceled run again from its last checkpoint",
+        description="Start the next attempt of a failed or canceled run, with the same "
+        "snapshot, environment and data, its checkpoint folder (`checkpoints:`) as the last "
+        "attempt left it. The run's metrics, attempts and outputs so far are kept; a step "
+        "logged again supersedes the earlier value in `expkit metrics`.",
+    )
+    resume.add_argument("run_id", metavar="RUN", help=RUN_HELP)
+    resume.add_argument(
+        "--detach",
+        action="store_true",
+        help="drive the run in the background and return at once (follow it with "
+        "`expkit runs follow RUN`)",
+    )
+    resume.set_defaults(handler=cmd_runs_resume)
     files = runs.add_parser("files", help="the run's files (outputs/ and logs/)")
     files.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     files.set_defaults(handler=cmd_runs_files)
@@ -328,6 +357,12 @@ def cmd_runs_cancel(args: argparse.Namespace) -> int:
     workspace.history.runs.request_cancel(record.id)
     print(f"asked run {record.id} to stop; its driver stops the script and keeps its outputs")
     return 0
+
+
+def cmd_runs_resume(args: argparse.Namespace) -> int:
+    """Start the next attempt of a failed or canceled run (`lifecycle.reopen` checks it can
+    be resumed), in the foreground as `expkit run` does, or in the background (--detach)."""
+    raise NotImplementedError("expkit runs resume: being written")
 
 
 def cmd_runs_files(args: argparse.Namespace) -> int:

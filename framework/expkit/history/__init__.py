@@ -3,9 +3,11 @@
 Modules: `store` (History: opening, upgrading, the connection and the write transaction),
 `connection` (the SQLite layer: checks, damaged files, locks, a full disk), `schema` (the
 versioned schema and its steps), and one per aggregate: `runs` (runs, stages, events, tags,
-outputs), `metrics`, `params`, `models` (model versions, their files, exports), `sweeps`.
+outputs), `attempts`, `metrics`, `params`, `models` (model versions, their files, exports),
+`sweeps`.
 """
 
+from expkit.history.attempts import AttemptRecord, Attempts
 from expkit.history.connection import DamagedHistory, connect, no_room, patiently
 from expkit.history.metrics import Metrics, metric_value
 from expkit.history.models import ExportRecord, Exports, Models
@@ -29,6 +31,8 @@ __all__ = [
     "FINAL_STATES",
     "FINAL_SWEEP_STATES",
     "STAGES",
+    "AttemptRecord",
+    "Attempts",
     "DamagedHistory",
     "Events",
     "ExportRecord",

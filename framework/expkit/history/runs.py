@@ -47,6 +47,8 @@ class RunRecord:
     sweep: str | None = None  # the sweep this run is a trial of (expkit.history.sweeps)
     trial: int | None = None  # its trial number in that sweep (Optuna's, from 0)
     cancel_reason: str | None = None  # why it was asked to stop, when not by the user
+    attempt: int = 1  # the current attempt (expkit.history.attempts), from 1
+    requeue_requested: int = 0  # `expkit runs cancel --requeue`: stop this attempt, start the next
 
     @property
     def finished(self) -> bool:
@@ -195,6 +197,41 @@ class Runs(Part):
                 " cancel_reason = COALESCE(cancel_reason, ?) WHERE id = ?",
                 (reason, run_id),
             )
+
+    def request_requeue(self, run_id: str) -> None:
+        """Ask the run's driver to stop the current attempt as a planned stop (the script gets
+        the job's stop signal and its grace period, see `expkit.job.CheckpointSpec`) and to
+        start the next attempt from the checkpoint it wrote (`expkit runs cancel --requeue`).
+        The driver clears the request when it acts on it (`clear_requeue`)."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET requeue_requested = 1 WHERE id = ?", (run_id,))
+
+    def clear_requeue(self, run_id: str) -> None:
+        """The driver acted on a requeue request: a later one is a new request."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET requeue_requested = 0, cancel_requested = 0 WHERE id = ?",
+                (run_id,),
+            )
+
+    def reopen(self, run_id: str) -> RunRecord:
+        """Make a failed or canceled run unfinished again, queued for its next attempt and
+        owned by this process until a driver claims it (`expkit runs resume`); its stages,
+        attempts, metrics and outputs stay as recorded. Raises ValueError when the run is not
+        failed or canceled (another process resumed it first, or it completed)."""
+        pid = os.getpid()
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None or row[0] not in ("failed", "canceled"):
+                raise ValueError(f"run {run_id} is {row[0] if row else 'not recorded'}")
+            db.execute(
+                "UPDATE runs SET state = 'queued', status = NULL, ended = NULL, error = NULL,"
+                " exit_code = NULL, cancel_requested = 0, cancel_reason = NULL,"
+                " requeue_requested = 0, driver_pid = ?, driver_start = ?, driver_host = ?"
+                " WHERE id = ?",
+                (pid, process_start(pid), socket.gethostname(), run_id),
+            )
+        return self.get(run_id)
 
     def of_sweep(self, sweep_id: str) -> list[RunRecord]:
         """The trials of sweep `sweep_id`, by trial number (a re-asked trial: oldest first)."""

@@ -153,8 +153,31 @@ ALTER TABLE runs ADD COLUMN cancel_reason TEXT;
 CREATE INDEX runs_by_sweep ON runs (sweep, trial)
 """
 
+# Step 5: attempts. A run may execute its script more than once (the job's `retry:`, a Slurm
+# requeue, `expkit runs resume`): each execution is an attempt, recorded with its start, end,
+# outcome (expkit.stages.AttemptOutcome) and reason; `runs.attempt` is the current one.
+# `runs.requeue_requested`: `expkit runs cancel --requeue` asked the driver to stop the current
+# attempt (the script gets the stop signal first) and start the next. `metrics.attempt`: the
+# attempt that logged the value, so that a step logged again by a later attempt supersedes it.
+V5 = """
+CREATE TABLE attempts (
+    run_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    outcome TEXT,
+    reason TEXT,
+    exit_code INTEGER,
+    remote_job TEXT,
+    PRIMARY KEY (run_id, attempt)
+);
+ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN requeue_requested INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE metrics ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1
+"""
+
 # Append only (see above): a database at version N has taken MIGRATIONS[:N].
-MIGRATIONS: list[Step] = [V1, V2, V3, V4]
+MIGRATIONS: list[Step] = [V1, V2, V3, V4, V5]
 
 # The tables and indexes a history without expkit's application_id may hold: one written
 # before that mark, which is expkit's (version 0, so step 1's names), an empty database, or

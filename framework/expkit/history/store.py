@@ -18,6 +18,7 @@ from pathlib import Path
 
 from expkit.errors import UserError, shown_path
 from expkit.history import schema
+from expkit.history.attempts import Attempts
 from expkit.history.connection import (
     APPLICATION_ID,
     DamagedHistory,
@@ -72,6 +73,7 @@ class History:
         self.models = Models(self, model_taken or (lambda name, version: False))
         self.exports = Exports(self)
         self.sweeps = Sweeps(self)
+        self.attempts = Attempts(self)
         size = check_regular_file(self.path)
         if size == 0 and self._has_records():  # before SQLite writes a header into it
             raise self._lost()
