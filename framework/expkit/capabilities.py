@@ -572,6 +572,10 @@ class DistributedBackend(Capability, ABC):
     """Turns one command into the processes of a (possibly distributed) launch."""
 
     kind = "distributed backend"
+    # Whether `launch` honours the job's `retry.in_place` (restarting every rank within one
+    # attempt, as torchrun's --max-restarts does); a job asking for it of a backend that does
+    # not is refused before any run.
+    restarts_in_place: bool = False
 
     @abstractmethod
     def launch(self, ctx: RunContext, command: list[str], allocation: Allocation) -> list[Process]:

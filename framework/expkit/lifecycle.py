@@ -107,6 +107,13 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
     backend = None
     if not compute.launches_ranks:
         backend = plugins.get("distributed_backends", job.distributed.backend, "distributed")
+    launcher = backend if backend is not None else compute  # who starts the ranks
+    if job.retry.in_place and not getattr(launcher, "restarts_in_place", False):
+        raise UserError(
+            f"retry.in_place: distributed: {job.distributed.backend} on compute: "
+            f"{job.compute.target} does not restart the ranks within an attempt (torchrun "
+            "does); use retry.max_attempts for a new attempt instead"
+        )
     builder = plugins.get("environment_builders", job.environment.builder, "environment")
     sinks = [plugins.get("metric_sinks", s.name, f"metrics.{i}") for i, s in enumerate(job.metrics)]
     named = job.model.registries if job.model else []

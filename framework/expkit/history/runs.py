@@ -202,9 +202,13 @@ class Runs(Part):
         """Ask the run's driver to stop the current attempt as a planned stop (the script gets
         the job's stop signal and its grace period, see `expkit.job.CheckpointSpec`) and to
         start the next attempt from the checkpoint it wrote (`expkit runs cancel --requeue`).
-        The driver clears the request when it acts on it (`clear_requeue`)."""
+        It also asks for a cancel, which is how the driver learns of it (`cancel_requested`);
+        the driver clears both when it acts on it (`clear_requeue`)."""
         with self.transaction() as db:
-            db.execute("UPDATE runs SET requeue_requested = 1 WHERE id = ?", (run_id,))
+            db.execute(
+                "UPDATE runs SET requeue_requested = 1, cancel_requested = 1 WHERE id = ?",
+                (run_id,),
+            )
 
     def clear_requeue(self, run_id: str) -> None:
         """The driver acted on a requeue request: a later one is a new request."""
