@@ -15,9 +15,14 @@ import os
 import re
 import signal
 
+import pytest
+
 from conftest import alive, eventually
 from expkit import lifecycle
 from expkit.console import Console
+from expkit.driver import start_driver
+from expkit.errors import UserError
+from expkit.job import JobSpec
 
 # Attempt N (EXPKIT_ATTEMPT) exits with the N-th of the codes given as args (0 past the last),
 # after noting in its checkpoint folder and outputs which attempt it was and what it found.
@@ -312,3 +317,84 @@ def test_resume_of_a_failed_run_restores_its_working_copy_and_checkpoints(
         "register": "completed",
     }
     assert "checkpoint folder ckpt put back: 1 files" in stream.getvalue()
+
+
+def test_resume_refuses_what_cannot_be_resumed_in_one_line(
+    expkit_workspace, expkit_plugins, run_job, write_job
+):
+    done = run_job({}, script="print('done')\n")
+    with pytest.raises(UserError, match=r"completed: there is nothing to resume"):
+        lifecycle.reopen(expkit_workspace, done.record.id)
+
+    job = JobSpec.from_dict({"experiment": "test", "entry_script": "train.py"}, source="t")
+    queued = expkit_workspace.history.runs.create("test", job.to_dict())
+    with pytest.raises(UserError, match=r"is queued: only a failed or canceled run"):
+        lifecycle.reopen(expkit_workspace, queued.id)
+
+    failed = run_job({}, script="raise SystemExit(3)\n")
+    assert failed.state == "failed"
+    sweep = expkit_workspace.history.sweeps.create("test", {})
+    history = expkit_workspace.history
+    history.runs.update(failed.record.id, sweep=sweep.id, trial=4)
+    with pytest.raises(UserError, match=rf"trial 4 of sweep {sweep.id}: resume the sweep"):
+        lifecycle.reopen(expkit_workspace, failed.record.id)
+
+    history.runs.update(failed.record.id, sweep=None, trial=None)
+    prepared = failed.run_dir / "prepared.json"
+    saved = json.loads(prepared.read_text())
+    del saved["data"]  # as an expkit before resume wrote it
+    prepared.write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=r"cannot be resumed: what prepare made"):
+        lifecycle.reopen(expkit_workspace, failed.record.id)
+    assert history.runs.get(failed.record.id).state == "failed"  # left as it was
+
+
+def test_a_background_driver_resumes_a_run_reopened_for_it(expkit_cli, expkit_workspace, write_job):
+    job = write_job({"args": ["3"], "checkpoints": "./ckpt"}, script=FLAKY)
+    assert expkit_cli("run", str(job)).returncode == 1
+    record = only_run(expkit_workspace)
+    lifecycle.reopen(expkit_workspace, record.id)
+    start_driver(expkit_workspace, record.id, resume=True)
+
+    eventually(
+        lambda: expkit_workspace.history.runs.get(record.id).finished, what="the resumed run"
+    )
+    assert expkit_workspace.history.runs.get(record.id).state == "completed"
+    second = json.loads(
+        (expkit_workspace.run_dir(record.id) / "outputs" / "attempt-2.json").read_text()
+    )
+    assert second["found"] == {"epoch": 10, "written_by": 1}
+
+
+# -- a driver that re-attaches to a Slurm job -----------------------------------------------
+def test_a_driver_that_re_attaches_goes_on_with_the_same_attempt(
+    slurm_cluster, expkit_workspace, expkit_cli, expkit_cli_background, write_job
+):
+    script = """
+import os, time
+print("attempt", os.environ.get("EXPKIT_ATTEMPT"), flush=True)
+time.sleep(6)
+os.makedirs("outputs", exist_ok=True)
+open("outputs/attempt.txt", "w").write(os.environ.get("EXPKIT_ATTEMPT", "?"))
+"""
+    spec = {
+        "compute": {"target": "slurm", "options": {"poll_seconds": 0.5}},
+        "distributed": "none",
+        "timeout": 120,
+        "retry": {"max_attempts": 2},
+    }
+    live = expkit_cli_background("run", str(write_job(spec, script)), env=slurm_cluster.env)
+    live.wait_for("attempt 1", timeout=60)
+    run_id = live.run_id
+    os.killpg(live.proc.pid, signal.SIGKILL)  # the driver gone; the Slurm job goes on
+    live.proc.wait()
+
+    result = expkit_cli("runs", "follow", run_id, env=slurm_cluster.env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = expkit_workspace.history.runs.get(run_id)
+    assert record.state == "completed", record.error
+    rows = attempts_of(expkit_workspace, run_id)
+    assert [(a.attempt, a.outcome) for a in rows] == [(1, "completed")]
+    assert rows[0].remote_job and rows[0].remote_job.startswith("slurm:")
+    outputs = expkit_workspace.run_dir(run_id) / "outputs" / "attempt.txt"
+    assert outputs.read_text() == "1"

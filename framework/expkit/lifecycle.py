@@ -428,9 +428,6 @@ class Lifecycle:
             echo=console.output,
         )
         self.ctx.attempt = self.attempt
-        if job.checkpoints is not None:  # a planned stop lets the script write a checkpoint
-            self.ctx.stop_signal = int(signal.Signals[job.checkpoints.signal])
-            self.ctx.stop_grace = job.checkpoints.grace_seconds
         self.ctx.requeued = self.requeued
         recorded = self.ctx.set_remote_job
 
