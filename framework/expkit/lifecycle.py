@@ -40,7 +40,13 @@ from expkit.capabilities import (
     RankFailure,
 )
 from expkit.console import Console, human_size
-from expkit.context import ATTEMPT_ENV, CHANNEL_ENV, CHECKPOINT_ENV, RUN_ID_ENV
+from expkit.context import (
+    ATTEMPT_ENV,
+    CHANNEL_ENV,
+    CHECKPOINT_ENV,
+    RUN_ID_ENV,
+    STOP_SIGNAL_ENV,
+)
 from expkit.errors import (
     Canceled,
     Detached,
@@ -417,6 +423,7 @@ class Lifecycle:
         if job.checkpoints is not None:
             folder = checkpoint_folder.working_folder(self.work_dir, job.checkpoints)
             script_env[CHECKPOINT_ENV] = str(folder)
+            script_env[STOP_SIGNAL_ENV] = job.checkpoints.signal  # what a planned stop sends
         self.ctx = services.run_context(
             ws,
             record.id,
