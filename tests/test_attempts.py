@@ -23,6 +23,8 @@ from expkit.console import Console
 from expkit.driver import start_driver
 from expkit.errors import UserError
 from expkit.job import JobSpec
+from expkit.plugin import hookimpl
+from expkit_local.target import LocalTarget
 
 # Attempt N (EXPKIT_ATTEMPT) exits with the N-th of the codes given as args (0 past the last),
 # after noting in its checkpoint folder and outputs which attempt it was and what it found.
@@ -398,3 +400,70 @@ open("outputs/attempt.txt", "w").write(os.environ.get("EXPKIT_ATTEMPT", "?"))
     assert rows[0].remote_job and rows[0].remote_job.startswith("slurm:")
     outputs = expkit_workspace.run_dir(run_id) / "outputs" / "attempt.txt"
     assert outputs.read_text() == "1"
+
+
+# -- the next attempt started by someone else -----------------------------------------------
+def test_a_requeue_asked_for_during_an_attempt_preempts_it_and_the_next_one_starts(
+    expkit_workspace, background, write_job
+):
+    script = """
+import os, sys, time
+attempt = os.environ["EXPKIT_ATTEMPT"]
+print("attempt", attempt, "up", flush=True)
+if attempt == "1":
+    time.sleep(600)
+"""
+    live = background("run", str(write_job({"retry": {"max_attempts": 2}}, script=script)))
+    run_id = live.run_id
+    live.wait_for("attempt 1 up")
+    expkit_workspace.history.runs.request_requeue(run_id)  # `expkit runs cancel --requeue`
+
+    assert live.wait(timeout=60) == 0, live.output
+    record = expkit_workspace.history.runs.get(run_id)
+    assert record.state == "completed"
+    assert record.requeue_requested == 0 and record.cancel_requested == 0
+    rows = attempts_of(expkit_workspace, run_id)
+    assert [(a.attempt, a.outcome) for a in rows] == [(1, "preempted"), (2, "completed")]
+    assert "requeue" in rows[0].reason
+    assert "attempt 1 of 2 preempted: a requeue was asked for" in live.output
+
+
+class RequeuedByItsService(LocalTarget):
+    """The local target, as a service that starts the job again by itself would tell it: a
+    requeue before the processes start, asked for twice."""
+
+    name = "requeuing"
+
+    def __init__(self) -> None:
+        self.answers: list[bool] = []
+
+    def execute(self, ctx, processes, allocation):
+        self.answers.append(ctx.requeued("preempted", "the node was taken back"))
+        self.answers.append(ctx.requeued("preempted", "the node was taken back again"))
+        for process in processes:  # as the service's next start would see it
+            process.env["EXPKIT_ATTEMPT"] = str(ctx.attempt)
+        return super().execute(ctx, processes, allocation)
+
+
+def test_requeued_records_the_next_attempt_until_none_are_left(register_plugin, run_job):
+    target = RequeuedByItsService()
+
+    class Plugin:
+        @hookimpl
+        def expkit_compute_targets(self):
+            return [target]
+
+    register_plugin(Plugin(), "requeuing")
+    script = "import os\nprint('attempt', os.environ['EXPKIT_ATTEMPT'])\n"
+    result = run_job(
+        {"compute": {"target": "requeuing"}, "retry": {"max_attempts": 2}}, script=script
+    )
+
+    assert result.state == "completed", result.output
+    assert target.answers == [True, False]  # one requeue allowed by max_attempts: 2
+    rows = attempts_of(result.workspace, result.record.id)
+    assert [(a.attempt, a.outcome, a.reason) for a in rows] == [
+        (1, "preempted", "the node was taken back"),
+        (2, "completed", "exit code 0"),
+    ]
+    assert "attempt 2" in (result.run_dir / "logs" / "rank-0.log").read_text()
