@@ -696,12 +696,15 @@ class Lifecycle:
     def make_room(self, error: str | None) -> None:
         """After "no space left": free what the run no longer needs, so that its outputs can
         be sealed and its record written. The room set aside goes, and the working copy
-        (outputs/ and logs/ stay for post-process), then stages the full disk left open are
-        closed as failed."""
+        (outputs/ and logs/ stay for post-process, the checkpoint folder for a resume), then
+        stages the full disk left open are closed as failed."""
         self.release_room()
+        kept = {"outputs", "logs"}
+        if self.job.checkpoints is not None:
+            kept.add(Path(self.job.checkpoints.folder).parts[0])
         if self.work_dir.is_dir() and not self.work_dir.is_symlink():
             for path in self.work_dir.iterdir():
-                if path.name in ("outputs", "logs") and not path.is_symlink():
+                if path.name in kept and not path.is_symlink():
                     continue
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
