@@ -1,0 +1,272 @@
+"""Planned stops on this machine (the job's `checkpoints:`), `expkit runs cancel --requeue` and
+`expkit runs resume`.
+
+What a user relies on: at the job's timeout, on a cancel or a requeue, each rank's own process
+gets the job's stop signal (SIGUSR1) and the grace period to write a checkpoint before SIGTERM;
+what a rank started (DataLoader workers) and a launcher (torchrun) do not get it, and the
+siblings of a failing rank are stopped at once. The runner-level tests drive
+`expkit.runner.ProcessGroup` as a compute target does, with real processes and signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import eventually
+from expkit import options as declared
+from expkit.capabilities import Allocation, Process, RunContext
+from expkit.errors import Canceled, Interrupted
+from expkit.job import JobSpec
+from expkit.runner import ProcessGroup
+
+# On the stop signal: notes it in `signals-<rank>.txt`, sleeps a moment (a checkpoint takes
+# time), then writes `saved-<rank>.txt`
+# with whether its parent and its own child were still alive then, and exits 0. Starts a child
+# (in its process group, as a DataLoader worker is) with no handler: SIGUSR1 would kill it.
+HANDLES = """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rank = os.environ.get("RANK", sys.argv[1] if len(sys.argv) > 1 else "0")
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        except OSError:
+            return False
+
+
+    def save(signum, frame):
+        with open(f"signals-{rank}.txt", "a") as f:
+            f.write("stop signal\\n")
+        time.sleep(0.5)
+        text = f"parent {alive(os.getppid())} worker {alive(worker.pid)}"
+        with open(f"saved-{rank}.txt.tmp", "w") as f:
+            f.write(text)
+        os.replace(f"saved-{rank}.txt.tmp", f"saved-{rank}.txt")
+        worker.kill()
+        sys.exit(0)
+
+
+    signal.signal(signal.SIGUSR1, save)
+    open(f"ready-{rank}", "w").close()
+    print(f"rank {rank} training", flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+# No handler: SIGUSR1's default action ends it.
+NO_HANDLER = """
+    import sys
+    import time
+
+    open(f"ready-{sys.argv[1]}", "w").close()
+    while True:
+        time.sleep(0.05)
+"""
+
+# Rank 1 fails once rank 0 is ready; rank 0 handles the stop signal as HANDLES does.
+ONE_FAILS = """
+    import os
+    import signal
+    import sys
+    import time
+
+    rank = sys.argv[1]
+    if rank == "1":
+        while not os.path.exists("ready-0"):
+            time.sleep(0.05)
+        sys.exit(3)
+
+
+    def save(signum, frame):
+        open("saved-0.txt", "w").close()
+        sys.exit(0)
+
+
+    signal.signal(signal.SIGUSR1, save)
+    open("ready-0", "w").close()
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def context(tmp_path: Path, *, grace: float, canceled=lambda: False, **job: object) -> RunContext:
+    """The RunContext of a run whose working folder is tmp_path/work, stop signal SIGUSR1."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    spec = JobSpec.from_dict(
+        {"experiment": "test", "source_directory": ".", "entry_script": "train.py", **job},
+        source="<test job>",
+    )
+    return RunContext(
+        run_id="r1",
+        job=spec,
+        run_dir=tmp_path,
+        work_dir=work,
+        log_dir=tmp_path / "logs",
+        script_env={},
+        say=lambda text: None,
+        waiting=lambda text: None,
+        canceled=canceled,
+        echo=lambda rank, line: None,
+        stop_signal=signal.SIGUSR1,
+        stop_grace=grace,
+    )
+
+
+def ranks(work: Path, script: str, count: int = 1) -> list[Process]:
+    """`count` plain ranks running `script` (written to work/train.py), their rank as argument."""
+    (work / "train.py").write_text(textwrap.dedent(script))
+    return [Process([sys.executable, "train.py", str(r)], rank=r) for r in range(count)]
+
+
+def cancel_when(*paths: Path):
+    """A `ctx.canceled` that turns true once every file in `paths` exists."""
+    return lambda: all(p.exists() for p in paths)
+
+
+# -- the runner ------------------------------------------------------------------------------
+def test_at_the_timeout_each_rank_gets_the_stop_signal_and_writes_its_checkpoint(tmp_path):
+    ctx = context(tmp_path, grace=60, timeout=2)
+    work = ctx.work_dir
+    with ProcessGroup(ctx, dict(os.environ)) as group, pytest.raises(Interrupted) as stop:
+        for process in ranks(work, HANDLES, count=2):
+            group.start(process)
+        group.wait(ctx.job.timeout)
+    assert stop.value.outcome == "time_limit"
+    assert str(stop.value).startswith("timed out after 2s (the job's `timeout`); still running:")
+    for rank in (0, 1):  # its own process only: the worker in its group was still there
+        assert (work / f"saved-{rank}.txt").read_text() == "parent True worker True"
+
+
+def test_a_cancel_is_a_planned_stop_too(tmp_path):
+    work = tmp_path / "work"
+    ctx = context(tmp_path, grace=60, canceled=cancel_when(work / "ready-0"))
+    with ProcessGroup(ctx, dict(os.environ)) as group, pytest.raises(Canceled):
+        for process in ranks(work, HANDLES):
+            group.start(process)
+        group.wait(None)
+    assert (work / "saved-0.txt").read_text() == "parent True worker True"
+
+
+def test_a_script_without_a_handler_is_stopped_by_the_signal_without_waiting_the_grace(tmp_path):
+    work = tmp_path / "work"
+    ctx = context(tmp_path, grace=300, canceled=cancel_when(work / "ready-0", work / "ready-1"))
+    started = time.monotonic()
+    with ProcessGroup(ctx, dict(os.environ)) as group, pytest.raises(Canceled):
+        for process in ranks(work, NO_HANDLER, count=2):
+            group.start(process)
+        group.wait(None)
+    assert time.monotonic() - started < 60  # not the 300 s of grace
+    assert [popen.returncode for _, popen in group.children] == [-signal.SIGUSR1] * 2
+
+
+def test_a_failing_rank_s_siblings_are_stopped_at_once_without_the_stop_signal(tmp_path):
+    ctx = context(tmp_path, grace=60)
+    with ProcessGroup(ctx, dict(os.environ)) as group:
+        for process in ranks(ctx.work_dir, ONE_FAILS, count=2):
+            group.start(process)
+        assert group.wait(None) == 3
+    assert not (ctx.work_dir / "saved-0.txt").exists()
+    assert group.children[0][1].returncode == -signal.SIGTERM
+
+
+def test_without_checkpoints_a_cancel_sends_sigterm_at_once(tmp_path):
+    work = tmp_path / "work"
+    ctx = context(tmp_path, grace=60, canceled=cancel_when(work / "ready-0"))
+    ctx.stop_signal = None  # the job has no `checkpoints:`
+    with ProcessGroup(ctx, dict(os.environ)) as group, pytest.raises(Canceled):
+        for process in ranks(work, HANDLES):
+            group.start(process)
+        group.wait(None)
+    assert not (work / "saved-0.txt").exists()
+    assert group.children[0][1].returncode == -signal.SIGTERM
+
+
+@contextmanager
+def driver_signalled_after(seconds: float) -> Iterator[None]:
+    """A SIGALRM in `seconds` raising Canceled in this process, as a Ctrl-C or SIGTERM of the
+    driver raises it from its handler; the previous handler is put back on leaving."""
+
+    def raise_canceled(signum, frame):
+        raise Canceled("canceled by the user")
+
+    previous = signal.signal(signal.SIGALRM, raise_canceled)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_signal_to_the_driver_stops_the_ranks_as_planned(tmp_path):
+    """The driver's Ctrl-C or SIGTERM handler raises Canceled wherever the driver is (here
+    in `wait`, before it saw the cancel): leaving the block is then a planned stop."""
+    work = tmp_path / "work"
+    ctx = context(tmp_path, grace=60)
+    with pytest.raises(Canceled), ProcessGroup(ctx, dict(os.environ)) as group:
+        for process in ranks(work, HANDLES):
+            group.start(process)
+        eventually((work / "ready-0").exists, what="the rank started")
+        with driver_signalled_after(0.1):
+            group.wait(None)
+    assert (work / "saved-0.txt").read_text() == "parent True worker True"
+    assert group.children[0][1].returncode == 0
+
+
+def test_a_signal_to_the_driver_during_the_grace_period_does_not_cut_it_short(tmp_path):
+    """Ctrl-C while a planned stop waits leaves the block, whose stop goes on waiting for the
+    same grace period: the script's handler runs once and is not cut short."""
+    work = tmp_path / "work"
+    ctx = context(tmp_path, grace=60, canceled=cancel_when(work / "ready-0"))
+    with pytest.raises(Canceled) as stop, ProcessGroup(ctx, dict(os.environ)) as group:
+        for process in ranks(work, HANDLES):
+            group.start(process)
+        eventually((work / "ready-0").exists, what="the rank started")
+        with driver_signalled_after(0.2):  # during the handler's 0.5 s
+            group.wait(None)
+    assert str(stop.value) == "canceled by the user"  # the signal's, not wait's own
+    assert (work / "signals-0.txt").read_text() == "stop signal\n"
+    assert (work / "saved-0.txt").read_text() == "parent True worker True"
+    assert group.children[0][1].returncode == 0
+
+
+def test_torchrun_s_ranks_get_the_stop_signal_and_torchrun_does_not(tmp_path, expkit_plugins):
+    """torchrun dies on SIGUSR1's default action: its ranks get the signal, and it is still
+    there while they write their checkpoints (their parent, alive in the handler)."""
+    work = tmp_path / "work"
+    ctx = context(
+        tmp_path,
+        grace=60,
+        canceled=cancel_when(work / "ready-0", work / "ready-1"),
+        resources={"processes_per_node": 2},
+        distributed="torchrun",
+    )
+    backend = expkit_plugins.get("distributed_backends", "torchrun")
+    options = declared.check(backend, ctx.job.distributed.options, "distributed.options")
+    ctx.job = ctx.job.replace(distributed=ctx.job.distributed.replace(options=options))
+    (work / "train.py").write_text(textwrap.dedent(HANDLES))
+    [launcher] = backend.launch(ctx, [sys.executable, "train.py"], Allocation(["local"], [0, 1]))
+    with ProcessGroup(ctx, dict(os.environ)) as group, pytest.raises(Canceled):
+        group.start(launcher)
+        group.wait(None)
+    for rank in (0, 1):
+        assert (work / f"signals-{rank}.txt").read_text() == "stop signal\n"
+        assert (work / f"saved-{rank}.txt").read_text() == "parent True worker True"
