@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import eventually
+from conftest import error_line, eventually
 from expkit import options as declared
 from expkit.capabilities import Allocation, Process, RunContext
 from expkit.errors import Canceled, Interrupted
@@ -270,3 +270,45 @@ def test_torchrun_s_ranks_get_the_stop_signal_and_torchrun_does_not(tmp_path, ex
     for rank in (0, 1):
         assert (work / f"signals-{rank}.txt").read_text() == "stop signal\n"
         assert (work / f"saved-{rank}.txt").read_text() == "parent True worker True"
+
+
+# -- expkit runs cancel --requeue: what is refused -------------------------------------------
+QUICK = """
+    print("done", flush=True)
+"""
+
+# Prints a line, then sleeps until stopped.
+WAITS = """
+    import time
+
+    print("training", flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_requeue_of_a_finished_run_is_refused_in_one_line(expkit_cli, write_job):
+    job = write_job({"environment": "inherit", "retry": {"max_attempts": 3}}, script=QUICK)
+    assert expkit_cli("run", str(job)).returncode == 0
+    result = expkit_cli("runs", "cancel", "latest", "--requeue")
+    assert result.returncode == 2
+    assert error_line(result) == "expkit: error: run 1 is already completed: nothing to requeue"
+
+
+def test_requeue_of_a_run_on_its_last_attempt_is_refused_and_leaves_it_running(
+    background, expkit_cli, expkit_workspace, write_job
+):
+    job = write_job({"environment": "inherit"}, script=WAITS)  # retry.max_attempts: 1
+    live = background("run", str(job))
+    live.wait_for("training", timeout=60)
+    result = expkit_cli("runs", "cancel", "1", "--requeue")
+    assert result.returncode == 2
+    assert error_line(result) == (
+        "expkit: error: run 1 is on its last attempt (1 of 1); a requeue needs one left (the "
+        "job's `retry.max_attempts`): `expkit runs cancel 1` stops it, then `expkit runs "
+        "resume 1` starts its next attempt"
+    )
+    record = expkit_workspace.history.runs.get(live.run_id)
+    assert record.state == "running" and not record.cancel_requested
+    live.interrupt()
+    assert live.wait(timeout=60) == 130

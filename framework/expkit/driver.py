@@ -1,6 +1,9 @@
-"""`python -m expkit.driver WORKSPACE RUN_ID [--reattach]`: drive a run in the background.
+"""`python -m expkit.driver WORKSPACE RUN_ID [--reattach | --resume]`: drive a run in the
+background.
 
-`Experiment.submit()` and `expkit run --detach` start one for a new run; an expkit command
+`Experiment.submit()` and `expkit run --detach` start one for a new run, `expkit runs resume
+--detach` and `Run.resume()` one with `--resume` for the next attempt of a run that
+`lifecycle.reopen` made queued again; an expkit command
 that finds a run whose job outlives its driver (a Slurm job, see `RunContext.set_remote_job`)
 with that driver gone starts one with `--reattach`, which takes the run over and follows the
 job to its end. Each runs in its own session, so the run goes on when the command that started
@@ -19,11 +22,14 @@ if TYPE_CHECKING:
 DRIVER_LOG = "driver.log"
 
 
-def start_driver(workspace: Workspace, run_id: str, reattach: bool = False) -> int:
+def start_driver(
+    workspace: Workspace, run_id: str, reattach: bool = False, resume: bool = False
+) -> int:
     """Start a background driver for run `run_id` and record it as the run's driver; returns
     its pid. The caller must be the run's driver or hold the run (`Runs.take_over`), so that
-    no other process starts one too."""
-    argv = ["expkit.driver", str(workspace.path), run_id, *(["--reattach"] if reattach else [])]
+    no other process starts one too. `reattach`, `resume`: as `lifecycle.drive` takes them."""
+    flags = ["--reattach"] * reattach + ["--resume"] * resume
+    argv = ["expkit.driver", str(workspace.path), run_id, *flags]
     pid = start_background(workspace, run_id, argv)
     workspace.history.runs.claim(run_id, pid)
     return pid
@@ -55,10 +61,17 @@ def main(argv: list[str]) -> int:
     from expkit.lifecycle import drive
     from expkit.workspace import Workspace
 
-    reattach = "--reattach" in argv
-    workspace_path, run_id = [a for a in argv if a != "--reattach"]
+    flags = {"--reattach", "--resume"}
+    workspace_path, run_id = [a for a in argv if a not in flags]
     console = Console(sys.stdout, ranks="none")
-    record = drive(Workspace(workspace_path), run_id, console, own_process=True, reattach=reattach)
+    record = drive(
+        Workspace(workspace_path),
+        run_id,
+        console,
+        own_process=True,
+        reattach="--reattach" in argv,
+        resume="--resume" in argv,
+    )
     return 0 if record.state == "completed" else 1
 
 

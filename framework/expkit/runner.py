@@ -20,7 +20,8 @@ then SIGTERM and SIGKILL as above. Only the rank's own process gets it, not its 
 DataLoader worker dies on SIGUSR1's default action), and for a launcher (`split_output`, e.g.
 torchrun) the ranks it started, not the launcher itself (torchrun dies on it). A `wrap` must
 therefore exec the command (as `nice` and `taskset` do), or the wrapper gets the signal. The
-siblings of a rank that failed are stopped at once: that stop is not planned.
+siblings of a rank that failed are stopped at once: that stop is not planned. A subclass that
+overrides `stop()` keeps this: `stop_planned()` signals, waits, then calls it.
 
 Two consequences for `wrap` and `preexec`: the child already leads its session, so
 `os.setsid()` in `preexec` fails (EPERM); and a wrapper that leaves the group (`setsid`,
@@ -78,7 +79,9 @@ class ProcessGroup:
     `ctx.log_dir/rank-N.log` (bytes as written) and echoed with `ctx.echo`.
 
     Use it as a context manager: leaving the block stops every process still there (and what
-    each left in its process group) and closes the logs, whatever happened.
+    each left in its process group) and closes the logs, whatever happened; as planned
+    (`stop_planned`) when the block raised Canceled or KeyboardInterrupt (the driver's Ctrl-C
+    or SIGTERM), at once otherwise.
 
     `base_env`: the environment of every process (each `Process.env` is added to it).
     `wrap(process)`: the argv to start instead of `process.argv` (a prefix such as `nice`).
@@ -198,7 +201,7 @@ class ProcessGroup:
         failure's (which stops the rest at once; negative -N for a process killed by signal
         N). Raises Canceled when `ctx.canceled()` turns true, and Interrupted("time_limit",
         "timed out after Ns ...") after `timeout` seconds (None: no limit), both after a
-        planned stop (`stop(planned=True)`) of every process."""
+        planned stop (`stop_planned`) of every process."""
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             codes = [popen.poll() for _, popen in self.children]
@@ -209,11 +212,11 @@ class ProcessGroup:
             if all(c == 0 for c in codes):
                 return 0
             if self.ctx.canceled():
-                self.stop(planned=True)
+                self.stop_planned()
                 raise Canceled()
             if deadline and time.monotonic() > deadline:
                 running = self._still_running()
-                self.stop(planned=True)
+                self.stop_planned()
                 message = f"timed out after {timeout:g}s (the job's `timeout`); {running}"
                 raise Interrupted("time_limit", message)
             alive = next((p for _, p in self.children if p.poll() is None), None)
@@ -239,18 +242,21 @@ class ProcessGroup:
             described.append(f"{name} (last output: {last})" if last else f"{name} (no output)")
         return "still running: " + ", ".join(described) if described else "nothing running"
 
-    def stop(self, planned: bool = False) -> None:
-        """SIGTERM every process group, SIGKILL what is still there after `stop_grace`
-        seconds (also what the processes that ended left in their groups).
-
-        `planned` (a timeout, a cancel, a requeue: not a rank's failure) with
-        `ctx.stop_signal` set (the job's `checkpoints:`): first send that signal to each
+    def stop_planned(self) -> None:
+        """A planned stop (a timeout, a cancel, a requeue: not a rank's failure): with
+        `ctx.stop_signal` set (the job's `checkpoints:`), first send that signal to each
         rank's own process (a launcher's ranks, not the launcher) and wait up to
         `ctx.stop_grace` seconds for every process to exit, for the script to write a
-        checkpoint."""
-        if planned and self.ctx.stop_signal is not None and self._grace_ends is None:
+        checkpoint; then `stop()`. The signal is sent once: a later call goes on waiting."""
+        if self.ctx.stop_signal is not None and self._grace_ends is None:
             self._signal_ranks(self.ctx.stop_signal, self.ctx.stop_grace)
-        self._wait_for_ranks()  # a planned stop under way is never cut short
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM every process group, SIGKILL what is still there after `stop_grace`
+        seconds (also what the processes that ended left in their groups). A planned stop
+        under way (`stop_planned`) is never cut short: its grace period is waited for first."""
+        self._wait_for_ranks()
         alive = [p for _, p in self.children if p.poll() is None]
         for popen in alive:
             _killpg(popen.pid, signal.SIGTERM)
@@ -289,8 +295,10 @@ class ProcessGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        # A Ctrl-C or SIGTERM of the driver raised in the block is a cancel: a planned stop.
-        self.stop(planned=isinstance(exc[1], (Canceled, KeyboardInterrupt)))
+        if isinstance(exc[1], (Canceled, KeyboardInterrupt)):  # the driver's Ctrl-C, SIGTERM
+            self.stop_planned()
+        else:
+            self.stop()
         for reader in self.readers:
             reader.join(timeout=5)
         if self._log_dir is not None:
