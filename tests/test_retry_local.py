@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import error_line, eventually
-from expkit import options as declared
-from expkit.capabilities import Allocation, Process, RunContext
+from expkit.capabilities import Process, RunContext
 from expkit.errors import Canceled, Interrupted
 from expkit.job import JobSpec
 from expkit.runner import ProcessGroup
@@ -246,30 +245,6 @@ def test_a_signal_to_the_driver_during_the_grace_period_does_not_cut_it_short(tm
     assert (work / "signals-0.txt").read_text() == "stop signal\n"
     assert (work / "saved-0.txt").read_text() == "parent True worker True"
     assert group.children[0][1].returncode == 0
-
-
-def test_torchrun_s_ranks_get_the_stop_signal_and_torchrun_does_not(tmp_path, expkit_plugins):
-    """torchrun dies on SIGUSR1's default action: its ranks get the signal, and it is still
-    there while they write their checkpoints (their parent, alive in the handler)."""
-    work = tmp_path / "work"
-    ctx = context(
-        tmp_path,
-        grace=60,
-        canceled=cancel_when(work / "ready-0", work / "ready-1"),
-        resources={"processes_per_node": 2},
-        distributed="torchrun",
-    )
-    backend = expkit_plugins.get("distributed_backends", "torchrun")
-    options = declared.check(backend, ctx.job.distributed.options, "distributed.options")
-    ctx.job = ctx.job.replace(distributed=ctx.job.distributed.replace(options=options))
-    (work / "train.py").write_text(textwrap.dedent(HANDLES))
-    [launcher] = backend.launch(ctx, [sys.executable, "train.py"], Allocation(["local"], [0, 1]))
-    with ProcessGroup(ctx, dict(os.environ)) as group, pytest.raises(Canceled):
-        group.start(launcher)
-        group.wait(None)
-    for rank in (0, 1):
-        assert (work / f"signals-{rank}.txt").read_text() == "stop signal\n"
-        assert (work / f"saved-{rank}.txt").read_text() == "parent True worker True"
 
 
 # -- expkit runs cancel --requeue: what is refused -------------------------------------------
