@@ -1,13 +1,12 @@
 """`python -m expkit.driver WORKSPACE RUN_ID [--reattach | --resume]`: drive a run in the
 background.
 
-`Experiment.submit()` and `expkit run --detach` start one for a new run, `expkit runs resume
---detach` and `Run.resume()` one with `--resume` for the next attempt of a run that
-`lifecycle.reopen` made queued again; an expkit command
+`Experiment.submit()` and `expkit run --detach` start one for a new run; an expkit command
 that finds a run whose job outlives its driver (a Slurm job, see `RunContext.set_remote_job`)
 with that driver gone starts one with `--reattach`, which takes the run over and follows the
-job to its end. Each runs in its own session, so the run goes on when the command that started
-it ends or its terminal closes; its stage lines go to the run's `driver.log`.
+job to its end; `expkit runs resume --detach` one with `--resume`, for the run's next
+attempt. Each runs in its own session, so the run goes on when the command that started it
+ends or its terminal closes; its stage lines go to the run's `driver.log`.
 """
 
 from __future__ import annotations
@@ -27,8 +26,9 @@ def start_driver(
 ) -> int:
     """Start a background driver for run `run_id` and record it as the run's driver; returns
     its pid. The caller must be the run's driver or hold the run (`Runs.take_over`), so that
-    no other process starts one too. `reattach`, `resume`: as `lifecycle.drive` takes them."""
-    flags = ["--reattach"] * reattach + ["--resume"] * resume
+    no other process starts one too. `reattach`, `resume`: as `expkit.lifecycle.drive`'s
+    (`resume`: a run `lifecycle.reopen` made queued again)."""
+    flags = [*(["--reattach"] if reattach else []), *(["--resume"] if resume else [])]
     argv = ["expkit.driver", str(workspace.path), run_id, *flags]
     pid = start_background(workspace, run_id, argv)
     workspace.history.runs.claim(run_id, pid)
@@ -61,16 +61,16 @@ def main(argv: list[str]) -> int:
     from expkit.lifecycle import drive
     from expkit.workspace import Workspace
 
-    flags = {"--reattach", "--resume"}
-    workspace_path, run_id = [a for a in argv if a not in flags]
+    reattach, resume = "--reattach" in argv, "--resume" in argv
+    workspace_path, run_id = [a for a in argv if a not in ("--reattach", "--resume")]
     console = Console(sys.stdout, ranks="none")
     record = drive(
         Workspace(workspace_path),
         run_id,
         console,
         own_process=True,
-        reattach="--reattach" in argv,
-        resume="--resume" in argv,
+        reattach=reattach,
+        resume=resume,
     )
     return 0 if record.state == "completed" else 1
 
