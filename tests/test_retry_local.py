@@ -11,6 +11,7 @@ siblings of a failing rank are stopped at once. The runner-level tests drive
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from conftest import error_line, eventually
 from expkit.capabilities import Process, RunContext
 from expkit.errors import Canceled, Interrupted
 from expkit.job import JobSpec
+from expkit.procs import run_processes
 from expkit.runner import ProcessGroup
 
 # On the stop signal: notes it in `signals-<rank>.txt`, sleeps a moment (a checkpoint takes
@@ -287,3 +289,229 @@ def test_requeue_of_a_run_on_its_last_attempt_is_refused_and_leaves_it_running(
     assert record.state == "running" and not record.cancel_requested
     live.interrupt()
     assert live.wait(timeout=60) == 130
+
+
+# -- end to end: the planned stop through `expkit run` (the checkpoint kept in the run) -------
+# On SIGUSR1 writes ckpt/saved.txt (as a checkpoint) and exits; else runs until stopped.
+CHECKPOINTS_ON_SIGNAL = """
+    import os
+    import signal
+    import sys
+    import time
+
+    folder = os.environ["EXPKIT_CHECKPOINT_DIR"]
+
+
+    def save(signum, frame):
+        with open(os.path.join(folder, "saved.txt"), "w") as f:
+            f.write(f"step 7 of attempt {os.environ['EXPKIT_ATTEMPT']}")
+        sys.exit(0)
+
+
+    signal.signal(signal.SIGUSR1, save)
+    print("training", flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def run_id_of(output: str) -> str:
+    return re.search(r"^run (\S+) in workspace ", output, re.M).group(1)
+
+
+def test_at_the_timeout_the_script_writes_its_checkpoint_kept_in_the_run(
+    expkit_cli, expkit_workspace, write_job
+):
+    spec = {
+        "environment": "inherit",
+        "timeout": 3,
+        "checkpoints": {"path": "ckpt", "grace_seconds": 20},
+    }
+    result = expkit_cli("run", str(write_job(spec, script=CHECKPOINTS_ON_SIGNAL)), timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    record = expkit_workspace.history.runs.get(run_id_of(result.stdout))
+    assert record.state == "failed"
+    assert record.error.startswith("run: timed out after 3s (the job's `timeout`); still running")
+    saved = expkit_workspace.run_dir(record.id) / "checkpoints" / "saved.txt"
+    assert saved.read_text() == "step 7 of attempt 1"
+    [attempt] = expkit_workspace.history.attempts.of(record.id)
+    assert attempt.outcome == "time_limit"
+
+
+def test_a_script_without_a_handler_is_still_stopped_at_the_timeout(
+    expkit_cli, expkit_workspace, write_job
+):
+    spec = {
+        "environment": "inherit",
+        "timeout": 2,
+        "checkpoints": {"path": "ckpt", "grace_seconds": 300},
+    }
+    started = time.monotonic()
+    result = expkit_cli("run", str(write_job(spec, script=WAITS)), timeout=200)
+    assert time.monotonic() - started < 100  # SIGUSR1's default action, not 300 s of grace
+    assert result.returncode == 1, result.stdout + result.stderr
+    record = expkit_workspace.history.runs.get(run_id_of(result.stdout))
+    assert record.error.startswith("run: timed out after 2s")
+
+
+# Each rank: on SIGUSR1, after a moment, writes ckpt/rank-R.txt saying whether torchrun (its
+# parent) is still alive, and exits.
+TORCHRUN_RANKS = """
+    import os
+    import signal
+    import sys
+    import time
+
+    rank = os.environ["RANK"]
+
+
+    def save(signum, frame):
+        time.sleep(0.5)
+        launcher = os.path.exists(f"/proc/{os.getppid()}") and os.getppid() != 1
+        with open(os.path.join(os.environ["EXPKIT_CHECKPOINT_DIR"], f"rank-{rank}.txt"), "w") as f:
+            f.write(f"torchrun alive: {launcher}")
+        sys.exit(0)
+
+
+    signal.signal(signal.SIGUSR1, save)
+    print(f"rank {rank} training", flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_a_cancel_of_a_torchrun_job_signals_both_ranks_not_torchrun(
+    background, expkit_cli, expkit_workspace, write_job
+):
+    spec = {
+        "environment": "inherit",
+        "resources": {"processes_per_node": 2},
+        "distributed": "torchrun",
+        "checkpoints": {"path": "ckpt", "grace_seconds": 30},
+    }
+    live = background("run", str(write_job(spec, script=TORCHRUN_RANKS)), "--all-ranks")
+    live.wait_for("[rank 0] rank 0 training", timeout=60)
+    live.wait_for("[rank 1] rank 1 training", timeout=60)
+    assert expkit_cli("runs", "cancel", live.run_id).returncode == 0
+    assert live.wait(timeout=120) == 130
+    record = expkit_workspace.history.runs.get(live.run_id)
+    assert record.state == "canceled"
+    saved = expkit_workspace.run_dir(record.id) / "checkpoints"
+    for rank in (0, 1):
+        assert (saved / f"rank-{rank}.txt").read_text() == "torchrun alive: True"
+    assert run_processes(record.id, expkit_workspace.path) == []
+
+
+# -- end to end: a requeue and a resume go on from the checkpoint ----------------------------
+# Attempt 1 trains until SIGUSR1, then checkpoints "step 7"; a later attempt says where it
+# resumes from, writes it to outputs/resumed.txt, and waits for the file its argument names.
+RESUMES = """
+    import os
+    import signal
+    import sys
+    import time
+
+    checkpoint = os.path.join(os.environ["EXPKIT_CHECKPOINT_DIR"], "state.txt")
+    attempt = os.environ["EXPKIT_ATTEMPT"]
+    if os.path.exists(checkpoint):
+        with open(checkpoint) as f:
+            state = f.read()
+        print(f"attempt {attempt} resuming from {state}", flush=True)
+        os.makedirs("outputs", exist_ok=True)
+        with open("outputs/resumed.txt", "w") as f:
+            f.write(state)
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.05)
+        sys.exit(0)
+
+
+    def save(signum, frame):
+        with open(checkpoint, "w") as f:
+            f.write("step 7")
+        sys.exit(0)
+
+
+    signal.signal(signal.SIGUSR1, save)
+    print(f"attempt {attempt} training", flush=True)
+    if len(sys.argv) > 2:  # fails once it has checkpointed
+        with open(checkpoint, "w") as f:
+            f.write("step 7")
+        sys.exit(1)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_a_requeue_stops_the_attempt_with_its_checkpoint_and_the_next_resumes_from_it(
+    background, expkit_cli, expkit_workspace, write_job, tmp_path
+):
+    finish = tmp_path / "finish"
+    spec = {
+        "environment": "inherit",
+        "args": [str(finish)],
+        "retry": {"max_attempts": 2},
+        "checkpoints": {"path": "ckpt", "grace_seconds": 30},
+    }
+    live = background("run", str(write_job(spec, script=RESUMES)))
+    live.wait_for("attempt 1 training", timeout=60)
+    requeued = expkit_cli("runs", "cancel", live.run_id, "--requeue")
+    assert requeued.returncode == 0, requeued.stderr
+    assert requeued.stdout == (
+        "asked run 1 to stop attempt 1 (the script gets its stop signal to write a "
+        "checkpoint) and start attempt 2 of 2\n"
+    )
+    live.wait_for("attempt 2 resuming from step 7", timeout=60)
+    again = expkit_cli("runs", "cancel", live.run_id, "--requeue")  # 2 of 2: none left
+    assert again.returncode == 2
+    assert "run 1 is on its last attempt (2 of 2)" in error_line(again)
+    finish.touch()
+    assert live.wait(timeout=60) == 0, live.output
+    record = expkit_workspace.history.runs.get(live.run_id)
+    assert record.state == "completed" and record.attempt == 2
+    attempts = expkit_workspace.history.attempts.of(record.id)
+    assert [a.outcome for a in attempts] == ["preempted", "completed"]
+    run_dir = expkit_workspace.run_dir(record.id)
+    assert (run_dir / "outputs" / "resumed.txt").read_text() == "step 7"
+
+
+def test_resume_of_a_failed_run_completes_from_its_checkpoint(
+    expkit_cli, expkit_workspace, write_job, tmp_path
+):
+    finish = tmp_path / "finish"
+    finish.touch()
+    spec = {"environment": "inherit", "args": [str(finish), "fail"], "checkpoints": "ckpt"}
+    failed = expkit_cli("run", str(write_job(spec, script=RESUMES)), timeout=120)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    run_id = run_id_of(failed.stdout)
+
+    resumed = expkit_cli("runs", "resume", "1", timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "attempt 2 resuming from step 7" in resumed.stdout
+    assert f"run {run_id}: completed" in resumed.stdout  # the summary, as `expkit run` ends
+    record = expkit_workspace.history.runs.get(run_id)
+    assert record.state == "completed" and record.attempt == 2
+    attempts = expkit_workspace.history.attempts.of(run_id)
+    assert [a.outcome for a in attempts] == ["failed", "completed"]
+    outputs = expkit_workspace.run_dir(run_id) / "outputs"
+    assert (outputs / "resumed.txt").read_text() == "step 7"
+
+    refused = expkit_cli("runs", "resume", "1")  # completed: nothing to resume
+    assert refused.returncode == 2
+    error_line(refused)
+
+
+def test_resume_detach_drives_the_next_attempt_in_the_background(
+    expkit_cli, expkit_workspace, write_job, tmp_path
+):
+    finish = tmp_path / "finish"
+    finish.touch()
+    spec = {"environment": "inherit", "args": [str(finish), "fail"], "checkpoints": "ckpt"}
+    assert expkit_cli("run", str(write_job(spec, script=RESUMES))).returncode == 1
+
+    resumed = expkit_cli("runs", "resume", "1", "--detach")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "goes on in the background" in resumed.stdout
+    followed = expkit_cli("runs", "follow", "1", timeout=120)
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    record = expkit_workspace.history.runs.get(expkit_workspace.history.runs.find("1").id)
+    assert record.state == "completed" and record.attempt == 2
