@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from conftest import error_line, eventually
+from expkit.api import Run
 from expkit.capabilities import Process, RunContext
-from expkit.errors import Canceled, Interrupted
+from expkit.errors import Canceled, Interrupted, UserError
 from expkit.job import JobSpec
 from expkit.procs import run_processes
 from expkit.runner import ProcessGroup
@@ -515,3 +516,19 @@ def test_resume_detach_drives_the_next_attempt_in_the_background(
     assert followed.returncode == 0, followed.stdout + followed.stderr
     record = expkit_workspace.history.runs.get(expkit_workspace.history.runs.find("1").id)
     assert record.state == "completed" and record.attempt == 2
+
+
+def test_run_resume_in_python_completes_from_the_checkpoint(
+    expkit_cli, expkit_workspace, write_job, tmp_path
+):
+    finish = tmp_path / "finish"
+    finish.touch()
+    spec = {"environment": "inherit", "args": [str(finish), "fail"], "checkpoints": "ckpt"}
+    assert expkit_cli("run", str(write_job(spec, script=RESUMES))).returncode == 1
+    run = Run(expkit_workspace, expkit_workspace.history.runs.find("1").id)
+
+    details = run.resume().wait_for_completion(timeout=120)
+    assert details["state"] == "completed"
+    assert (run.run_dir / "outputs" / "resumed.txt").read_text() == "step 7"
+    with pytest.raises(UserError):  # completed: nothing to resume
+        run.resume()
