@@ -313,6 +313,18 @@ class Run:
         """Ask the run's driver to stop it (the run ends as canceled)."""
         self.workspace.history.runs.request_cancel(self.id)
 
+    def resume(self) -> Run:
+        """Start the next attempt of this failed or canceled run from its last checkpoint, as
+        `expkit runs resume` does, driven in the background; returns this run (wait for it
+        with `wait_for_completion`). Raises UserError saying why when it cannot be resumed
+        (it completed, its snapshot is gone, ...: see `lifecycle.reopen`)."""
+        from expkit import lifecycle
+        from expkit.driver import start_driver
+
+        lifecycle.reopen(self.workspace, self.id)
+        start_driver(self.workspace, self.id, resume=True)
+        return self
+
 
 class SweepRun:
     """A sweep, as Azure ML's HyperDriveRun: its trials are runs (`get_children`), the best

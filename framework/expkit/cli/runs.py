@@ -110,6 +110,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="drive the run in the background and return at once (follow it with "
         "`expkit runs follow RUN`)",
     )
+    resume.add_argument("--all-ranks", action="store_true", help="show every rank's output")
+    resume.add_argument("--quiet", action="store_true", help="show the script's output only")
     resume.set_defaults(handler=cmd_runs_resume)
     files = runs.add_parser("files", help="the run's files (outputs/ and logs/)")
     files.add_argument("run_id", metavar="RUN", help=RUN_HELP)
@@ -348,9 +350,12 @@ def cmd_runs_follow(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_cancel(args: argparse.Namespace) -> int:
-    """Ask a run's driver to stop it (its outputs are kept); a finished run is left as is."""
+    """Ask a run's driver to stop it (its outputs are kept); a finished run is left as is.
+    With --requeue, ask it to stop only the current attempt and start the next (`requeue`)."""
     workspace = open_workspace(args)
     record = run_record(workspace, args.run_id)
+    if args.requeue:
+        return requeue(workspace, record)
     if record.finished:
         print(f"run {record.id} already {record.state}")
         return 0
@@ -359,10 +364,63 @@ def cmd_runs_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def requeue(workspace: Any, record: Any) -> int:
+    """`expkit runs cancel RUN --requeue`: the driver stops the running attempt as planned
+    (the stop signal and grace of the job's `checkpoints:`) and starts the next one, counted
+    as a preemption. Raises UserError (exit 2) when that cannot happen: the run is finished
+    or not in its run stage, it is on its last attempt (`retry.max_attempts`), or its job
+    does not retry a preemption (`retry.on`)."""
+    from expkit.errors import UserError
+
+    number = record.number
+    if record.finished:
+        again = f"; `expkit runs resume {number}` starts its next attempt" * (
+            record.state != "completed"
+        )
+        raise UserError(f"run {number} is already {record.state}: nothing to requeue{again}")
+    if record.state != "running":
+        raise UserError(
+            f"run {number} is {record.state}, not running an attempt: nothing to requeue; "
+            f"`expkit runs cancel {number}` stops it"
+        )
+    retry = record.job.get("retry") or {}
+    limit = int(retry.get("max_attempts", 1))
+    if record.attempt >= limit:
+        raise UserError(
+            f"run {number} is on its last attempt ({record.attempt} of {limit}); a requeue "
+            f"needs one left (the job's `retry.max_attempts`): `expkit runs cancel {number}` "
+            f"stops it, then `expkit runs resume {number}` starts its next attempt"
+        )
+    if "preempted" not in retry.get("on", ["preempted"]):
+        raise UserError(
+            f"run {number}'s job does not retry a preemption (`retry.on` has no `preempted`), "
+            f"which a requeue is: `expkit runs cancel {number}` stops it, then `expkit runs "
+            f"resume {number}` starts its next attempt"
+        )
+    workspace.history.runs.request_requeue(record.id)
+    checkpoint = " (the script gets its stop signal to write a checkpoint)" * bool(
+        record.job.get("checkpoints")
+    )
+    print(
+        f"asked run {number} to stop attempt {record.attempt}{checkpoint} and start attempt "
+        f"{record.attempt + 1} of {limit}"
+    )
+    return 0
+
+
 def cmd_runs_resume(args: argparse.Namespace) -> int:
     """Start the next attempt of a failed or canceled run (`lifecycle.reopen` checks it can
-    be resumed), in the foreground as `expkit run` does, or in the background (--detach)."""
-    raise NotImplementedError("expkit runs resume: being written")
+    be resumed; UserError, exit 2, when not), in the foreground as `expkit run` does, or in
+    the background (--detach); the exit code is `expkit run`'s."""
+    from expkit import lifecycle
+    from expkit.cli.run import drive_here
+
+    workspace = open_workspace(args)
+    record = run_record(workspace, args.run_id)
+    early: list[str] = []  # a signal from now on cancels the run once it is reopened
+    lifecycle.note_signals(early)
+    record = lifecycle.reopen(workspace, record.id)
+    return drive_here(args, workspace, record, early, resume=True)
 
 
 def cmd_runs_files(args: argparse.Namespace) -> int:
