@@ -228,50 +228,71 @@ def test_get_metrics_and_plots_show_the_current_curve(history, expkit_workspace)
     assert curves["loss"].ys == got["loss"]
 
 
-# -- expkit metrics on a run with two attempts ----------------------------------------------------
-def second_attempt(workspace, run_id: str, steps) -> None:
-    """Record a second attempt of the finished run `run_id`, which went back to a checkpoint
-    and logged `steps` of `loss` again, as the run's attempts and metrics say it."""
-    history = workspace.history
-    if not history.attempts.of(run_id):
-        history.attempts.start(run_id, 1)
-    history.attempts.finish(run_id, 1, "preempted", "preempted by a higher-priority job")
-    history.attempts.start(run_id, 2)
-    history.metrics.add(run_id, [("loss", s, 50.0 + s, None, time.time(), 0, 2) for s in steps])
-    history.attempts.finish(run_id, 2, "completed", exit_code=0)
+# -- expkit metrics on a run whose second attempt went back to a checkpoint ----------------------
+# Attempt 1 logs steps 0..9, checkpointing after step 5, and exits 75 (retryable); attempt 2
+# resumes from the checkpoint at step 6 and logs steps 6..8. loss = 100 * attempt + step.
+RESUMING = """
+import json, os, sys
+from expkit import Run
+
+run = Run.get_context()
+path = os.path.join(run.checkpoint_dir, "step.json")
+start = json.load(open(path))["step"] if os.path.exists(path) else 0
+for step in range(start, 10 if run.attempt == 1 else 9):
+    run.log("loss", 100.0 * run.attempt + step, step=step)
+    if step == 5:
+        with open(path, "w") as f:
+            json.dump({"step": step + 1}, f)
+run.log("lap", float(run.attempt))  # no step
+print(f"attempt {run.attempt} from step {start}", flush=True)
+sys.exit(75 if run.attempt == 1 else 0)
+"""
+
+RETRY = {"retry": {"max_attempts": 3, "on": [{"exit_codes": [75]}]}, "checkpoints": "./checkpoints"}
+
+
+@pytest.fixture
+def retried(expkit_cli, expkit_workspace, write_job):
+    """A run completed on its second attempt, which resumed from attempt 1's checkpoint."""
+    out = ok(expkit_cli("run", str(write_job(RETRY, script=RESUMING))))
+    assert "attempt 2 from step 6" in out, out
+    (record,) = expkit_workspace.history.runs.recent(limit=10)
+    assert (record.state, record.attempt) == ("completed", 2)
+    return record
 
 
 def test_expkit_metrics_shows_the_current_curve_and_all_attempts_on_request(
-    run_job, expkit_cli, expkit_workspace
+    retried, expkit_cli, expkit_workspace
 ):
-    result = run_job({}, script=TRAIN)
-    assert result.state == "completed", result.output
-    run_id = result.record.id
-    second_attempt(expkit_workspace, run_id, [6, 7, 8])
-
-    out = ok(expkit_cli("metrics", run_id, "loss"))
+    out = ok(expkit_cli("metrics", retried.id, "loss"))
     lines = out.splitlines()
     assert lines[0].split() == ["METRIC", "STEP", "ATTEMPT", "VALUE", "TIME"]
     shown = [line.split()[:4] for line in lines[1:-1]]
-    assert shown == [["loss", str(s), "1", f"{10.0 - s:.4g}"] for s in range(6)] + [
-        ["loss", str(s), "2", f"{50.0 + s:.4g}"] for s in (6, 7, 8)
+    assert shown == [["loss", str(s), "1", f"{100 + s}"] for s in range(6)] + [
+        ["loss", str(s), "2", f"{200 + s}"] for s in (6, 7, 8)
     ]
     assert lines[-1] == (
         "(4 values of earlier attempts superseded by a later attempt's steps are not shown; "
         "--all-attempts shows them)"
     )
 
-    everything = ok(expkit_cli("metrics", run_id, "loss", "--all-attempts")).splitlines()
+    everything = ok(expkit_cli("metrics", retried.id, "loss", "--all-attempts")).splitlines()
     assert everything[0].split() == ["METRIC", "STEP", "ATTEMPT", "VALUE", "TIME"]
-    assert [line.split()[:3] for line in everything[1:]] == [
-        ["loss", str(s), "1"] for s in range(10)
-    ] + [["loss", str(s), "2"] for s in (6, 7, 8)]
+    assert [line.split()[:4] for line in everything[1:]] == [
+        ["loss", str(s), "1", f"{100 + s}"] for s in range(10)
+    ] + [["loss", str(s), "2", f"{200 + s}"] for s in (6, 7, 8)]
 
-    # All metrics of the run: the unstepped one is kept; the latest values are the current.
-    whole = ok(expkit_cli("metrics", run_id)).splitlines()
-    assert [line.split()[:3] for line in whole if line.startswith("lap")] == [["lap", "-", "1"]]
-    shown = ok(expkit_cli("runs", "show", run_id))
-    assert "  loss                     58" in shown.splitlines()
+    # The whole run: the unstepped values of both attempts are kept.
+    whole = ok(expkit_cli("metrics", retried.id)).splitlines()
+    assert [line.split()[:4] for line in whole if line.startswith("lap")] == [
+        ["lap", "-", "1", "1"],
+        ["lap", "-", "2", "2"],
+    ]
+    # The latest values are the current ones; the API gives the current curve.
+    assert "  loss                     208" in ok(expkit_cli("runs", "show", retried.id))
+    got = Run(expkit_workspace, retried.id).get_metrics()
+    assert got["loss"] == [100.0 + s for s in range(6)] + [206.0, 207.0, 208.0]
+    assert got["lap"] == [1.0, 2.0]
 
 
 def test_a_run_with_one_attempt_shows_no_attempt_column(run_job, expkit_cli):
@@ -294,37 +315,33 @@ def test_all_attempts_is_for_one_run_listed(run_job, expkit_cli, tmp_path):
 
 
 # -- the run's attempts in runs list / runs show ---------------------------------------------------
-RETRY = {"retry": {"max_attempts": 3}, "checkpoints": "./checkpoints"}
-
-
-def test_runs_show_lists_the_attempts_and_json_has_them(run_job, expkit_cli, expkit_workspace):
-    result = run_job(RETRY, script=TRAIN)
-    assert result.state == "completed", result.output
-    run_id = result.record.id
-    second_attempt(expkit_workspace, run_id, [6, 7, 8])
-
-    out = ok(expkit_cli("runs", "show", run_id)).splitlines()
+def test_runs_show_lists_the_attempts_and_json_has_them(retried, expkit_cli, expkit_workspace):
+    out = ok(expkit_cli("runs", "show", retried.id)).splitlines()
+    assert "state       completed (attempt 2 of 3)" in out
     start = out.index("attempts (at most 3)")
     table = out[start + 1 : start + 4]
     assert table[0].split() == ["#", "STARTED", "DURATION", "OUTCOME", "EXIT", "REASON"]
     # #, STARTED (a date and a time), DURATION, OUTCOME, EXIT, REASON
     first, second = (line.split() for line in table[1:])
-    assert first[0] == "1"
-    assert " ".join(first[4:]) == "preempted - preempted by a higher-priority job"
-    assert second[0] == "2" and second[4:] == ["completed", "0"]
-    assert "state       completed (attempt 2 of 3)" in out
+    assert first[0] == "1" and first[4:6] == ["failed", "75"]
+    assert "the script exited with code 75" in table[1]
+    assert second[0] == "2" and second[4:6] == ["completed", "0"]
 
-    details = json.loads(ok(expkit_cli("runs", "show", run_id, "--json")))
+    details = json.loads(ok(expkit_cli("runs", "show", retried.id, "--json")))
     assert details["attempt"] == 2
-    assert [
-        (a["attempt"], a["outcome"], a["reason"], a["exit_code"]) for a in details["attempts"]
-    ] == [
-        (1, "preempted", "preempted by a higher-priority job", None),
-        (2, "completed", None, 0),
+    attempts = details["attempts"]
+    assert [(a["attempt"], a["outcome"], a["exit_code"]) for a in attempts] == [
+        (1, "failed", 75),
+        (2, "completed", 0),
     ]
-    assert all(a["ended"] >= a["started"] > 0 for a in details["attempts"])
-    assert details["metrics"]["loss"] == 58.0
-    assert Run(expkit_workspace, run_id).get_details()["attempts"] == details["attempts"]
+    assert "the script exited with code 75" in attempts[0]["reason"]
+    assert all(a["ended"] >= a["started"] > 0 for a in attempts)
+    assert set(attempts[0]) == {"attempt", "started", "ended", "outcome", "reason", "exit_code"}
+    assert details["metrics"]["loss"] == 208.0
+    assert Run(expkit_workspace, retried.id).get_details()["attempts"] == attempts
+
+    listing = ok(expkit_cli("runs", "list")).splitlines()
+    assert listing[1].split()[:5] == [retried.id, "completed", "(attempt", "2", "of"]
 
 
 def test_a_run_with_one_attempt_and_no_retries_shows_no_attempts(run_job, expkit_cli):
@@ -334,34 +351,33 @@ def test_a_run_with_one_attempt_and_no_retries_shows_no_attempts(run_job, expkit
     assert "state       completed\n" in out
     listing = ok(expkit_cli("runs", "list")).splitlines()
     assert listing[1].split()[:2] == ["test_1", "completed"]
+    assert "attempt" not in listing[1]
 
 
+# Attempt N waits for the file ARG + N, then exits 75 (retryable) in attempt 1, 0 after.
 WAIT_FOR_GO = """
 import os
 import sys
 import time
 
-print("waiting for the go file", flush=True)
-while not os.path.exists(sys.argv[1]):
+attempt = int(os.environ["EXPKIT_ATTEMPT"])
+print(f"attempt {attempt} waits", flush=True)
+while not os.path.exists(sys.argv[1] + str(attempt)):
     time.sleep(0.05)
+sys.exit(75 if attempt == 1 else 0)
 """
 
 
-def test_runs_list_shows_the_attempt_of_a_running_run(
-    background, write_job, expkit_cli, expkit_workspace, tmp_path
-):
+def test_runs_list_shows_the_attempt_of_a_running_run(background, write_job, expkit_cli, tmp_path):
     go = tmp_path / "go"
     job = write_job({**RETRY, "args": [str(go)]}, script=WAIT_FOR_GO)
     live = background("run", str(job))
     try:
-        live.wait_for("waiting for the go file")
+        live.wait_for("attempt 1 waits")
         listing = ok(expkit_cli("runs", "list")).splitlines()
         assert "running (attempt 1 of 3)" in listing[1], listing
-        history = expkit_workspace.history
-        if not history.attempts.of("test_1"):  # recorded by the driver where it records them
-            history.attempts.start("test_1", 1)
-        history.attempts.finish("test_1", 1, "preempted", "preempted")
-        history.attempts.start("test_1", 2)
+        (tmp_path / "go1").touch()
+        live.wait_for("attempt 2 waits")
         listing = ok(expkit_cli("runs", "list")).splitlines()
         assert "running (attempt 2 of 3)" in listing[1], listing
         shown = ok(expkit_cli("runs", "show", "test_1"))
@@ -369,10 +385,10 @@ def test_runs_list_shows_the_attempt_of_a_running_run(
         lines = shown.splitlines()
         table = lines[lines.index("attempts (at most 3)") + 1 :][:3]
         assert [line.split()[0] for line in table] == ["#", "1", "2"]
-        assert table[1].split()[4:] == ["preempted", "-", "preempted"]
+        assert table[1].split()[4:6] == ["failed", "75"]
         assert table[2].split()[4:] == ["running", "-"]
     finally:
-        go.touch()
+        (tmp_path / "go2").touch()
         assert live.wait() == 0
     listing = ok(expkit_cli("runs", "list")).splitlines()
     assert "completed (attempt 2 of 3)" in listing[1], listing
