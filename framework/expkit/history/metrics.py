@@ -34,8 +34,8 @@ class Metrics(Part):
     ) -> None:
         """Append (name, step, value, payload, ts, rank, attempt) rows in one transaction (a row
         without its attempt is attempt 1's), with how far each file of the metric channel
-        has now been read (`offsets`, bytes by file name),
-        so that a driver that re-attaches to the run reads on from there (`offsets_of`), and
+        has now been read (`offsets`, bytes by file name), so that a driver that
+        re-attaches to the run reads on from there (`offsets_of`), and
         the tags and parameters (source "script") read from the same lines: what was read
         is recorded whole or not at all."""
         with self.transaction() as db:
@@ -96,26 +96,34 @@ class Metrics(Part):
         same metric, on the same rank, at a step <= s: that attempt went back to a checkpoint
         taken before s and logged those steps again, so the curve does not zigzag. A value
         logged without a step is never superseded. Two queries on the run's rows: the first
-        step each attempt logged of each metric and rank, then the rows; a run with one
-        attempt gets its rows as `of` gives them."""
-        where, args = "run_id = ?", [run_id]
+        step each attempt logged of each metric and rank (from which `_cutoffs`), then the
+        rows; a run with one attempt gets its rows as `of` gives them."""
+        where, args = "m.run_id = ?", [run_id]
         if name:
-            where, args = where + " AND name = ?", [*args, name]
+            where, args = where + " AND m.name = ?", [*args, name]
         firsts = self.db.execute(
-            f"SELECT name, rank, attempt, MIN(step) FROM metrics WHERE {where}"
+            f"SELECT name, rank, attempt, MIN(step) FROM metrics m WHERE {where}"
             " AND step IS NOT NULL GROUP BY name, rank, attempt",
             args,
         ).fetchall()
         cutoffs = _cutoffs(firsts)
-        rows = self.db.execute(f"SELECT * FROM metrics WHERE {where} ORDER BY id", args)
         if not cutoffs:
-            return rows.fetchall()
-        kept = []
-        for row in rows:
-            cutoff = cutoffs.get((row["name"], row["rank"], row["attempt"]))
-            if cutoff is None or row["step"] is None or row["step"] < cutoff:
-                kept.append(row)
-        return kept
+            return self.db.execute(
+                f"SELECT * FROM metrics m WHERE {where} ORDER BY id", args
+            ).fetchall()
+        # The cutoffs travel as one JSON parameter (there may be more than SQLite allows
+        # parameters): a row is kept unless its attempt's cutoff is at or below its step.
+        found = json.dumps([[n, r, a, cutoff] for (n, r, a), cutoff in cutoffs.items()])
+        return self.db.execute(
+            "WITH cut (name, rank, attempt, cutoff) AS (SELECT json_extract(value, '$[0]'),"
+            " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
+            " json_extract(value, '$[3]') FROM json_each(?))"
+            " SELECT m.* FROM metrics m LEFT JOIN cut c"
+            " ON c.name = m.name AND c.rank = m.rank AND c.attempt = m.attempt"
+            f" WHERE {where} AND (c.cutoff IS NULL OR m.step IS NULL OR m.step < c.cutoff)"
+            " ORDER BY m.id",
+            [found, *args],
+        ).fetchall()
 
     def latest(self, run_id: str) -> dict[str, Any]:
         """The last value of each metric, in the order the names were first logged: its
