@@ -165,10 +165,14 @@ def test_a_later_attempt_supersedes_the_steps_it_logged_again(history):
     assert curve(history, "r", "loss", rank=1) == [(1, s, 100.0 + s) for s in range(10)]
     assert curve(history, "r", "acc") == [(1, s, 100.0 + s) for s in range(4)]
     assert curve(history, "r", "lap") == [(1, None, 100.0), (2, None, 200.0)]  # both kept
+    # Any metric name (the rule's cutoffs go to SQLite as JSON).
+    history.metrics.add("r", rows(1, range(3), name='val/ácc "✓"'))
+    history.metrics.add("r", rows(2, [1], name='val/ácc "✓"'))
+    assert curve(history, "r", 'val/ácc "✓"') == [(1, 0, 100.0), (2, 1, 201.0)]
     # The whole run at once: the same rows, in the order they arrived.
     every = history.metrics.current("r")
     assert [r["id"] for r in every] == sorted(r["id"] for r in every)
-    assert len(every) == 6 + 3 + 10 + 4 + 2
+    assert len(every) == 6 + 3 + 10 + 4 + 2 + 2
     # Both attempts' values stay in the history.
     assert history.metrics.count("r", "loss") == 10 + 3 + 10
     assert len(history.metrics.of("r", "loss")) == 23
