@@ -81,6 +81,14 @@ def attempt_number() -> int:
     return int(value) if value.isdigit() and int(value) >= 1 else 1
 
 
+def channel_file_name(rank: int, pid: int) -> str:
+    """The channel file of process `pid` of rank `rank`: one per process and attempt (a
+    requeued job may reuse a pid), `rank-R.PID.jsonl` in attempt 1, `rank-R.PID.aN.jsonl`
+    in attempt N > 1; the driver records each value with the attempt its file names."""
+    attempt = attempt_number()
+    return f"rank-{rank}.{pid}" + (f".a{attempt}" if attempt > 1 else "") + ".jsonl"
+
+
 class Forwarder(Protocol):
     """Also sends a script's calls elsewhere (a service's own run), named by EXPKIT_FORWARDER.
 
@@ -250,7 +258,7 @@ class ScriptRun:
                 self._file.close()
             self._file = None
             if self._path:  # opened when the child logs something (see _open_own)
-                name = f"rank-{self.rank}.{os.getpid()}.jsonl"
+                name = channel_file_name(self.rank, os.getpid())
                 self._own_path = os.path.join(os.path.dirname(self._path), name)
 
     def _put_now(self, item: tuple) -> None:
@@ -511,9 +519,7 @@ def get_context() -> ScriptRun:
                 if folder:
                     # One file per process and attempt (a requeued job may reuse a pid): the
                     # driver records each value with the attempt its file names.
-                    attempt = attempt_number()
-                    suffix = f".a{attempt}" if attempt > 1 else ""
-                    name = f"rank-{process_rank()}.{os.getpid()}{suffix}.jsonl"
+                    name = channel_file_name(process_rank(), os.getpid())
                     path = os.path.join(folder, name)
                 _context = ScriptRun(os.environ.get(RUN_ID_ENV), path, forwarder)
     return _context

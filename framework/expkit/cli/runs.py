@@ -178,7 +178,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             [
                 *trial,
                 r.id,
-                f"{r.state}: {r.status}" if r.status else r.state,  # queued: Priority
+                state_cell(r),
                 when(r.created),
                 human_seconds(took),
                 "-" if r.exit_code is None else str(r.exit_code),
@@ -193,6 +193,31 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             row.append(cell)
     print_table(headers, rows)
     return 0
+
+
+def max_attempts(job: dict[str, Any]) -> int:
+    """How many attempts the run's job allows in all (its `retry.max_attempts`; 1 for a job
+    recorded without `retry:`)."""
+    return int((job.get("retry") or {}).get("max_attempts", 1))
+
+
+def attempt_label(record: Any) -> str:
+    """`attempt 2 of 3` for a running run whose job allows retries or that is past its first
+    attempt, and for a finished one past its first attempt (a run resumed beyond its job's
+    `max_attempts`: `attempt 4`); "" otherwise (a queued run's next attempt is not started)."""
+    most = max_attempts(record.job)
+    shown = record.attempt > 1 or (record.state == "running" and most > 1)
+    if not shown or record.state == "queued":
+        return ""
+    return f"attempt {record.attempt}" + (f" of {most}" if record.attempt <= most else "")
+
+
+def state_cell(record: Any) -> str:
+    """A run's state in `runs list`: `queued: Priority` (the compute target's status),
+    `running (attempt 2 of 3)` (see `attempt_label`), or the state alone."""
+    cell = f"{record.state}: {record.status}" if record.status else record.state
+    label = attempt_label(record)
+    return f"{cell} ({label})" if label else cell
 
 
 def _extra_columns(
@@ -240,7 +265,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         return 0
     print(f"run         {record.id}")
     print(f"experiment  {record.experiment}")
-    print(f"state       {record.state}" + (f" ({record.status})" if record.status else ""))
+    label = ", ".join(x for x in (record.status, attempt_label(record)) if x)
+    print(f"state       {record.state}" + (f" ({label})" if label else ""))
     print(f"created     {when(record.created)}")
     if record.ended:
         print(f"ended       {when(record.ended)}")
@@ -261,6 +287,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     for stage in history.stages.of(record.id):
         took = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         print(f"  {stage.stage:<13} {stage.state:<9} {took:>8}  {stage.message or ''}".rstrip())
+    _print_attempts(record, history.attempts.of(record.id))
     params = history.params.of(record.id)
     if params:
         from expkit.outputs import escaped
@@ -300,6 +327,33 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     ):
         print(f"\nwarning: {event['message']}")
     return 0
+
+
+def _print_attempts(record: Any, attempts: list[Any]) -> None:
+    """`runs show`'s attempts table (number, start, duration, outcome, exit code, reason),
+    when the run had more than one attempt or its job has `retry:` or `checkpoints:`."""
+    from expkit.console import human_seconds
+    from expkit.outputs import escaped
+
+    retries = max_attempts(record.job) > 1 or record.job.get("checkpoints")
+    if not attempts or (len(attempts) == 1 and not retries):
+        return
+    most = max_attempts(record.job)
+    print(f"\nattempts (at most {most})" if most > 1 else "\nattempts")
+    rows = []
+    for a in attempts:
+        going = a.ended is None and not record.finished
+        rows.append(
+            [
+                str(a.attempt),
+                when(a.started),
+                human_seconds(a.seconds) if a.ended is not None or going else "-",
+                a.outcome or ("running" if going else "-"),
+                "-" if a.exit_code is None else str(a.exit_code),
+                escaped(a.reason or ""),
+            ]
+        )
+    print_table(["#", "STARTED", "DURATION", "OUTCOME", "EXIT", "REASON"], rows, indent="  ")
 
 
 def cmd_runs_logs(args: argparse.Namespace) -> int:
