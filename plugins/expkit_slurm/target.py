@@ -11,8 +11,17 @@ expkit_slurm.states):
 * run (`execute`): the job runs `launch.py` on its first node, which starts every rank with one
   srun step (expkit_slurm.launch); each rank writes `logs/rank-N.log` itself, on the file
   system the nodes share, and this driver shows their lines as they come. The job's `timeout`
-  is enforced here to the second (Slurm's own `--time`, in minutes, is the backstop when no
-  driver follows the job). Ctrl-C and `expkit runs cancel` call `scancel`.
+  (per attempt) is enforced here to the second (Slurm's own `--time`, in minutes, is the
+  backstop when no driver follows the job). Ctrl-C and `expkit runs cancel` call `scancel`.
+  For a job with `checkpoints:`, the timeout and a cancel are planned stops: each rank gets
+  the job's stop signal first (relayed by launch.py) and `ctx.stop_grace` seconds to write a
+  checkpoint and exit; Slurm's time limit does the same without a driver (`--signal`).
+* Attempts (the job's `retry:`): a job submitted with `--requeue` that Slurm starts again (a
+  preemption, `scontrol requeue`, a node failure: its restart count grows) is the run's next
+  attempt (`ctx.requeued`), in the same run folder; the ranks see EXPKIT_ATTEMPT = the attempt
+  it was submitted as + SLURM_RESTART_COUNT. A job that ends PREEMPTED, NODE_FAIL, BOOT_FAIL
+  or TIMEOUT (or stopped at its time limit) raises Interrupted, which the lifecycle may retry
+  with a new job.
 * A driver that dies leaves the job running: the next expkit command starts a driver that
   re-attaches (`reattach`) and finishes the run when the job ends.
 
@@ -36,6 +45,7 @@ from expkit.plugin import (
     Canceled,
     ComputeTarget,
     Detached,
+    Interrupted,
     JobSpec,
     Process,
     RankFailure,
@@ -129,6 +139,8 @@ class SlurmTarget(ComputeTarget):
             res.gpus_per_node,
             run_dir / "logs",
             command,
+            stop_signal=job.checkpoints.signal if job.checkpoints else None,
+            state_dir=run_dir / "slurm" if job.checkpoints else None,
         )
         return batch.script(batch.directives(job, job.compute.options, run_id, run_dir), body)
 
@@ -140,7 +152,9 @@ class SlurmTarget(ComputeTarget):
         folder.mkdir(exist_ok=True)
         path = folder / "job.sh"
         path.write_text(self._script(ctx.job, ctx.run_id, ctx.run_dir, ctx.command.argv))
-        job_id = batch.submit(path, self._env(ctx))
+        # The ranks' EXPKIT_ATTEMPT is this plus Slurm's restart count (launch.py).
+        job_id = batch.submit(path, {**self._env(ctx), "EXPKIT_ATTEMPT": str(ctx.attempt)})
+        _submitted_as(ctx, job_id).write_text(f"{ctx.attempt}\n", encoding="utf-8")
         ctx.set_remote_job(f"slurm:{job_id}")
         ctx.set_tags({"slurm.job_id": job_id})
         ctx.say(f"submitted Slurm job {job_id}: {shlex.join(batch.command_line(path))}")
@@ -211,27 +225,41 @@ class SlurmTarget(ComputeTarget):
 
     # -- run --------------------------------------------------------------------------------
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
-        """Follow the job to its end: show the ranks' lines, enforce the timeout, cancel
-        on request; the exit code of the job (srun's: the first failed rank's)."""
+        """Follow the job to its end: show the ranks' lines, enforce the timeout of each
+        attempt, cancel on request, record each restart by Slurm as the next attempt; the
+        exit code of the job (srun's: the first failed rank's). Raises Interrupted when the
+        attempt ended by the machine (time limit, node failure, preemption), Canceled when
+        canceled."""
         job_id = _job_id(allocation)
         env, poll = self._env(ctx), float(ctx.job.compute.options["poll_seconds"])
         timeout = ctx.job.timeout
-        deadline = None if timeout is None else self._deadline(ctx, timeout)
         tails = RankLogs(ctx)
         state = self._query(job_id, env)
+        # Restarts already recorded as attempts (a driver that re-attaches): the attempt now
+        # recorded minus the one the job was submitted as.
+        seen = max(0, ctx.attempt - _read_number(_submitted_as(ctx, job_id), ctx.attempt))
+        nodes, deadline = list(state.nodes), None
         asked = silent = 0.0  # when Slurm was last asked; since when it has not answered
-        while not state.finished:
+        while True:
+            if state.restarts > seen:
+                self._restarted(ctx, job_id, seen, state.restarts, nodes, env)
+                seen, deadline = state.restarts, None
+            if state.finished:
+                break
+            if state.state == "RUNNING":
+                nodes = list(state.nodes) or nodes
+                if deadline is None and timeout is not None:
+                    deadline = self._deadline(ctx, timeout, job_id, state.restarts)
             tails.show()
             if ctx.canceled():
-                self._cancel(ctx, job_id)
-                tails.show()
+                self._stop(ctx, job_id, tails, "the run is canceled")
                 raise Canceled()
             if deadline is not None and time.monotonic() > deadline:
-                self._cancel(ctx, job_id)
-                tails.show()
-                raise StageFailed(
+                self._stop(ctx, job_id, tails, f"the attempt reached its timeout ({timeout:g}s)")
+                raise Interrupted(
+                    "time_limit",
                     f"timed out after {timeout:g}s (the job's `timeout`); Slurm job {job_id} "
-                    "canceled"
+                    "canceled",
                 )
             time.sleep(TAIL_SECONDS)
             if time.monotonic() - asked >= poll:
@@ -246,16 +274,27 @@ class SlurmTarget(ComputeTarget):
                     continue
                 silent = 0.0
                 if fresh.state != state.state:
-                    ctx.status(f"slurm {fresh.state} on {', '.join(fresh.nodes) or '?'}")
+                    why = f" ({fresh.reason})" if fresh.state == "PENDING" and fresh.reason else ""
+                    ctx.status(f"slurm {fresh.state}{why} on {', '.join(fresh.nodes) or '?'}")
                 state = fresh
         tails.show(final=True)
         ctx.set_tags({"slurm.state": state.state})
         ctx.status(None)
         verdict, reason = states.outcome(state, timeout)
+        stopped = launch_mark(ctx, job_id, state.restarts)
+        if verdict in ("completed", "failed") and stopped.exists():
+            # The ranks got the stop signal before Slurm's time limit and ended by themselves.
+            limit = f"{timeout:g}s (the job's `timeout`)" if timeout else "Slurm's time limit"
+            raise Interrupted(
+                "time_limit",
+                f"stopped at the time limit of {limit} to checkpoint (Slurm job {job_id})",
+            )
         if verdict == "completed":
             return 0
         if verdict == "canceled":
             raise Canceled(reason or f"Slurm job {job_id} was canceled")
+        if verdict in ("time_limit", "node_failure", "preempted"):
+            raise Interrupted(verdict, reason or f"Slurm job {job_id} ended {state.state}")
         if state.state == "FAILED" and state.exit_code is not None:
             failure = self.failure(ctx)
             if failure and failure.exit_code is not None:
@@ -265,6 +304,67 @@ class SlurmTarget(ComputeTarget):
                 raise StageFailed(f"Slurm job {job_id} failed before its ranks started: {said}")
             return state.exit_code or 1
         raise StageFailed(reason or f"Slurm job {job_id} ended {state.state}")
+
+    def _restarted(
+        self,
+        ctx: RunContext,
+        job_id: str,
+        seen: int,
+        restarts: int,
+        nodes: list[str],
+        env: dict[str, str],
+    ) -> None:
+        """Slurm started the job again (`restarts` times, `seen` of them recorded): record
+        each as the end of an attempt and the start of the next (`ctx.requeued`): a node
+        failure when one of the job's `nodes` is now down or drained, else a preemption (or
+        `scontrol requeue`: Slurm does not tell them apart without accounting). When the
+        job's `retry` allows no more attempts, the job is canceled and Interrupted raised."""
+        try:
+            unwell = states.unwell_nodes(nodes, env)
+        except StageFailed:
+            unwell = {}
+        for count in range(seen + 1, restarts + 1):
+            if unwell:
+                said = "; ".join(f"{name} is {why}" for name, why in unwell.items())
+                outcome = "node_failure"
+                reason = f"Slurm requeued job {job_id} after a node failed ({said})"
+            else:
+                outcome = "preempted"
+                reason = f"Slurm requeued job {job_id} (preempted, or `scontrol requeue`)"
+            if not ctx.requeued(outcome, reason):
+                self._cancel(ctx, job_id)
+                raise Interrupted(outcome, reason)
+            ctx.status(f"slurm: job {job_id} requeued (restart {count}); waiting for it to run")
+
+    def _stop(self, ctx: RunContext, job_id: str, tails: RankLogs, why: str) -> None:
+        """A planned stop (the timeout, a cancel): for a job with `checkpoints`, each rank
+        first gets the job's stop signal (through launch.py's relay) and up to
+        `ctx.stop_grace` seconds to checkpoint and exit; then `scancel`."""
+        checkpoints = ctx.job.checkpoints
+        if checkpoints is not None:
+            env = self._env(ctx)
+            try:
+                sent = states.signal_steps(job_id, batch.RELAY_SIGNAL, env)
+            except StageFailed:
+                sent = False
+            if sent:
+                grace = ctx.stop_grace or checkpoints.grace_seconds
+                ctx.say(
+                    f"{why}: the ranks of Slurm job {job_id} get {checkpoints.signal} and "
+                    f"{grace:g}s to write a checkpoint"
+                )
+                end = time.monotonic() + grace
+                while time.monotonic() < end:
+                    tails.show()
+                    try:
+                        state = states.query(job_id, env)
+                    except StageFailed:
+                        state = None
+                    if state is None or state.finished:
+                        break
+                    time.sleep(0.2)
+        self._cancel(ctx, job_id)
+        tails.show()
 
     def failure(self, ctx: RunContext) -> RankFailure | None:
         """The first rank srun reported failed, from the batch log (launcher.log)."""
@@ -288,12 +388,13 @@ class SlurmTarget(ComputeTarget):
             self._cancel(ctx, job_id)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _deadline(self, ctx: RunContext, timeout: float) -> float:
-        """When the run stage's `timeout` (seconds) ends, on time.monotonic()'s clock: counted
-        from the first time a driver followed the running job, which is written in the
-        run's folder (`slurm/run-started`, seconds since the epoch), so that a driver that
-        re-attaches does not give the job its whole timeout again."""
-        mark = ctx.run_dir / "slurm" / "run-started"
+    def _deadline(self, ctx: RunContext, timeout: float, job_id: str, restarts: int) -> float:
+        """When the attempt's `timeout` (seconds) ends, on time.monotonic()'s clock: counted
+        from the first time a driver followed the running job on this start of it (Slurm's
+        `restarts`), which is written in the run's folder (`slurm/started.JOB.RESTARTS`,
+        seconds since the epoch), so that a driver that re-attaches does not give the job its
+        whole timeout again, and a requeued job gets a whole one."""
+        mark = ctx.run_dir / "slurm" / f"started.{job_id}.{restarts}"
         try:
             started = float(mark.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -372,6 +473,27 @@ class RankLogs:
             rank = int(path.stem.removeprefix("rank-"))
             for line in data[:end].splitlines(keepends=True):
                 self.ctx.echo(rank, line)
+
+
+def _submitted_as(ctx: RunContext, job_id: str) -> Path:
+    """The file that keeps the attempt Slurm job `job_id` was submitted as."""
+    return ctx.run_dir / "slurm" / f"attempt.{job_id}"
+
+
+def launch_mark(ctx: RunContext, job_id: str, restarts: int) -> Path:
+    """The file launch.py writes when Slurm's time-limit signal reached it (see there)."""
+    from expkit_slurm import launch
+
+    return launch.time_limit_mark(ctx.run_dir / "slurm", job_id, restarts)
+
+
+def _read_number(path: Path, default: int) -> int:
+    """The whole number a small file holds, else `default`."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return default
+    return int(text) if text.isdigit() else default
 
 
 def _last_line(path: Path) -> str | None:
