@@ -461,7 +461,10 @@ class RankLogs:
                     self.offsets.setdefault(path, 0)
         for path, offset in self.offsets.items():
             try:
-                if path.stat().st_size <= offset:
+                size = path.stat().st_size
+                if size < offset:  # written anew (a requeued job on a cluster that truncates)
+                    offset = 0
+                if size <= offset:
                     continue
                 with open(path, "rb") as f:
                     f.seek(offset)
