@@ -54,6 +54,8 @@ RUN_ID_ENV = "EXPKIT_RUN_ID"
 # of the checkpoint folder kept from one attempt to the next (the job's `checkpoints:`).
 ATTEMPT_ENV = "EXPKIT_ATTEMPT"
 CHECKPOINT_ENV = "EXPKIT_CHECKPOINT_DIR"
+# The name of the signal a planned stop sends first (`checkpoints.signal`: "SIGUSR1").
+STOP_SIGNAL_ENV = "EXPKIT_STOP_SIGNAL"
 FLUSH_SECONDS = 0.2
 FORWARDER_ENV = "EXPKIT_FORWARDER"  # `module:attribute` of a forwarder; unset or empty: none
 FORWARDER_EXIT_SECONDS = 30.0  # at exit, how long the forwarder may take to send the rest
@@ -151,6 +153,14 @@ class ScriptRun:
         what it holds when an attempt ends is there when the next one starts. None when the
         job names none, or outside expkit."""
         return os.environ.get(CHECKPOINT_ENV) or None
+
+    @property
+    def stop_signal(self) -> str | None:
+        """The name of the signal ("SIGUSR1") each rank gets before a planned stop (a time
+        limit, a preemption, a requeue, a cancel), with the job's grace period to write a
+        checkpoint and exit: handle it with `signal.signal(getattr(signal, name), handler)`.
+        None when the job names no checkpoint folder, or outside expkit."""
+        return os.environ.get(STOP_SIGNAL_ENV) or None
 
     @property
     def offline(self) -> bool:
