@@ -32,6 +32,7 @@ channel, outputs), which therefore must be on a file system the nodes share.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -152,9 +153,12 @@ class SlurmTarget(ComputeTarget):
         folder.mkdir(exist_ok=True)
         path = folder / "job.sh"
         path.write_text(self._script(ctx.job, ctx.run_id, ctx.run_dir, ctx.command.argv))
+        # An earlier attempt's lines stay in the ranks' logs: this job's start after them.
+        sizes = {p.name: p.stat().st_size for p in RankLogs.logs(ctx.log_dir)}
         # The ranks' EXPKIT_ATTEMPT is this plus Slurm's restart count (launch.py).
         job_id = batch.submit(path, {**self._env(ctx), "EXPKIT_ATTEMPT": str(ctx.attempt)})
         _submitted_as(ctx, job_id).write_text(f"{ctx.attempt}\n", encoding="utf-8")
+        _logs_at(ctx, job_id).write_text(json.dumps(sizes), encoding="utf-8")
         ctx.set_remote_job(f"slurm:{job_id}")
         ctx.set_tags({"slurm.job_id": job_id})
         ctx.say(f"submitted Slurm job {job_id}: {shlex.join(batch.command_line(path))}")
@@ -233,7 +237,7 @@ class SlurmTarget(ComputeTarget):
         job_id = _job_id(allocation)
         env, poll = self._env(ctx), float(ctx.job.compute.options["poll_seconds"])
         timeout = ctx.job.timeout
-        tails = RankLogs(ctx)
+        tails = RankLogs(ctx, _read_json(_logs_at(ctx, job_id)))
         state = self._query(job_id, env)
         # Restarts already recorded as attempts (a driver that re-attaches): the attempt now
         # recorded minus the one the job was submitted as.
@@ -447,18 +451,28 @@ class RankLogs:
     Cheap enough to call every TAIL_SECONDS: the folder is listed once a second, and a log is
     read only when its size grew."""
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, start: dict[str, int] | None = None) -> None:
         self.ctx = ctx
         self.offsets: dict[Path, int] = {}
         self.listed = 0.0
+        self.start = start or {}  # where this job's lines begin, by log name
+
+    @staticmethod
+    def logs(log_dir: Path) -> list[Path]:
+        """The ranks' logs in `log_dir` (`rank-N.log`, no links), by name."""
+        return [
+            path
+            for path in sorted(log_dir.glob("rank-*.log"))
+            if path.stem.removeprefix("rank-").isdigit() and not path.is_symlink()
+        ]
 
     def show(self, final: bool = False) -> None:
         """Echo each rank's new complete lines (and, when `final`, a last unfinished one)."""
         if final or time.monotonic() - self.listed >= 1.0:
             self.listed = time.monotonic()
-            for path in sorted(self.ctx.log_dir.glob("rank-*.log")):
-                if path.stem.removeprefix("rank-").isdigit() and not path.is_symlink():
-                    self.offsets.setdefault(path, 0)
+            for path in self.logs(self.ctx.log_dir):
+                start = self.start.get(path.name, 0)
+                self.offsets.setdefault(path, start if isinstance(start, int) else 0)
         for path, offset in self.offsets.items():
             try:
                 size = path.stat().st_size
@@ -488,6 +502,21 @@ def launch_mark(ctx: RunContext, job_id: str, restarts: int) -> Path:
     from expkit_slurm import launch
 
     return launch.time_limit_mark(ctx.run_dir / "slurm", job_id, restarts)
+
+
+def _logs_at(ctx: RunContext, job_id: str) -> Path:
+    """The file that keeps the sizes of the ranks' logs when Slurm job `job_id` was
+    submitted: where its own lines begin."""
+    return ctx.run_dir / "slurm" / f"logs.{job_id}.json"
+
+
+def _read_json(path: Path) -> dict:
+    """The mapping a small JSON file holds, else an empty one."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _read_number(path: Path, default: int) -> int:
