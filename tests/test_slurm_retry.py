@@ -321,3 +321,41 @@ def test_the_time_limit_makes_the_script_checkpoint_and_the_next_attempt_resumes
     reached = int(result.stdout.split("checkpoint written at step ")[1].split()[0])
     assert f"resuming from checkpoint: step {reached} (attempt 2)" in result.stdout
     assert history.outputs.of(run.id).keys() == {"done.txt"}
+
+
+@pytest.mark.slow
+def test_without_a_driver_slurms_time_limit_signal_makes_the_script_checkpoint(
+    slurm_cluster, expkit_workspace, expkit_cli, expkit_cli_background, write_job
+):
+    """Slurm's own `--signal=B:URG@N` (no driver follows: it was killed): the launcher relays
+    the stop signal, the script checkpoints and ends; the driver that re-attaches ends the
+    attempt `time_limit` and the next attempt resumes. Slurm checks the time about every
+    30 s, so the signal comes 0-60 s early or late of the nominal 10 s here."""
+    spec = job_spec(
+        timeout=10,
+        retry={"max_attempts": 2, "on": ["time_limit"]},
+        checkpoints={"path": "./ckpt", "grace_seconds": 20},
+    )
+    live = expkit_cli_background(
+        "run", str(write_job(spec, CHECKPOINTS_AT_THE_STOP)), env=slurm_cluster.env
+    )
+    live.wait_for("attempt 1 running", timeout=60)
+    run_id = live.run_id
+    os.killpg(live.proc.pid, signal.SIGKILL)  # no driver follows the job any more
+    live.proc.wait()
+    log = expkit_workspace.run_dir(run_id) / "logs" / "rank-0.log"
+    eventually(
+        lambda: "checkpoint written at step" in log.read_text(),
+        timeout=150,
+        what="Slurm's signal before the time limit",
+    )
+    result = expkit_cli("runs", "follow", run_id, env=slurm_cluster.env, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = expkit_workspace.history
+    run = history.runs.get(run_id)
+    assert run.state == "completed" and run.attempt == 2, run.error
+    attempts = history.attempts.of(run_id)
+    assert [(a.attempt, a.outcome) for a in attempts] == [(1, "time_limit"), (2, "completed")]
+    assert "stopped at the time limit" in (attempts[0].reason or "")
+    reached = int(log.read_text().split("checkpoint written at step ")[1].split()[0])
+    assert f"resuming from checkpoint: step {reached} (attempt 2)" in log.read_text()
