@@ -262,6 +262,37 @@ def test_a_driver_that_re_attaches_records_the_requeue_it_did_not_see(
     assert [(a.attempt, a.outcome) for a in attempts] == [(1, "preempted"), (2, "completed")]
 
 
+def test_a_job_slurm_requeues_after_its_node_failed_is_the_next_attempt(
+    slurm_cluster2, expkit_workspace, expkit_cli_background, write_job
+):
+    env = {**os.environ, **slurm_cluster2.env}
+    live = expkit_cli_background(
+        "run",
+        str(write_job(job_spec(retry={"max_attempts": 2}), WAITS_FOR_A_REQUEUE)),
+        env=slurm_cluster2.env,
+    )
+    live.wait_for("attempt 1 in job", timeout=60)
+    node = expkit_workspace.history.tags.of(live.run_id)["slurm.nodes"]
+    update = ["scontrol", "update", f"nodename={node}"]
+    try:
+        subprocess.run([*update, "state=drain", "reason=disk on fire"], env=env, check=True)
+        subprocess.run([*update, "state=down", "reason=disk on fire"], env=env, check=True)
+        assert live.wait(timeout=120) == 0, live.output  # attempt 2 on the other node
+    finally:
+        subprocess.run([*update, "state=resume"], env=env)
+        eventually(
+            lambda: set(slurm(env, "sinfo", "-h", "-o", "%t").stdout.split()) == {"idle"},
+            timeout=60,
+            what=f"{node} back in service",
+        )
+    run = expkit_workspace.history.runs.get(live.run_id)
+    assert run.state == "completed" and run.attempt == 2, run.error
+    attempts = expkit_workspace.history.attempts.of(run.id)
+    assert [(a.attempt, a.outcome) for a in attempts] == [(1, "node_failure"), (2, "completed")]
+    reason = attempts[0].reason or ""
+    assert f"after a node failed ({node} is " in reason and "DRAIN: disk on fire" in reason, reason
+
+
 # The stop signal's handler writes the step reached; an attempt that finds it resumes there.
 CHECKPOINTS_AT_THE_STOP = """
     import signal, sys
