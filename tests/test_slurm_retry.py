@@ -390,3 +390,27 @@ def test_without_a_driver_slurms_time_limit_signal_makes_the_script_checkpoint(
     assert "stopped at the time limit" in (attempts[0].reason or "")
     reached = int(log.read_text().split("checkpoint written at step ")[1].split()[0])
     assert f"resuming from checkpoint: step {reached} (attempt 2)" in log.read_text()
+
+
+def test_a_requeue_request_stops_the_attempt_with_the_stop_signal_and_the_next_resumes(
+    slurm_cluster, expkit_workspace, expkit_cli_background, write_job
+):
+    """`expkit runs cancel --requeue` (the request it records): a planned stop, so the ranks
+    get the stop signal and checkpoint before scancel; the next attempt resumes."""
+    spec = job_spec(
+        retry={"max_attempts": 2},
+        checkpoints={"path": "./ckpt", "grace_seconds": 30},
+    )
+    live = expkit_cli_background(
+        "run", str(write_job(spec, CHECKPOINTS_AT_THE_STOP)), env=slurm_cluster.env
+    )
+    live.wait_for("attempt 1 running", timeout=60)
+    expkit_workspace.history.runs.request_requeue(live.run_id)
+    assert live.wait(timeout=120) == 0, live.output
+    assert "get SIGUSR1 and 30s to write a checkpoint" in live.output
+    reached = int(live.output.split("checkpoint written at step ")[1].split()[0])
+    assert f"resuming from checkpoint: step {reached} (attempt 2)" in live.output
+    run = expkit_workspace.history.runs.get(live.run_id)
+    assert run.state == "completed" and run.attempt == 2, run.error
+    attempts = expkit_workspace.history.attempts.of(run.id)
+    assert [(a.attempt, a.outcome) for a in attempts] == [(1, "preempted"), (2, "completed")]
