@@ -616,3 +616,52 @@ def test_a_sweep_whose_trials_logged_no_primary_metric_ends_failed(
     assert trial_states(expkit_workspace, record.id) == {0: "FAIL"}
     shown = expkit_cli("sweeps", "show", record.id)
     assert "1 (1 failed)" in shown.stdout, shown.stdout
+
+
+RETRIED = """\
+import argparse
+import os
+
+from expkit import Run
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--lr", type=float, default=0.01)
+args = parser.parse_args()
+run = Run.get_context()
+folder = run.checkpoint_dir
+done = int(open(os.path.join(folder, "step")).read()) if os.listdir(folder) else 0
+for step in range(done, 5):
+    run.log("acc", step / 10 + args.lr, step=step)
+    if step == 1:
+        open(os.path.join(folder, "step"), "w").write("1")  # a checkpoint of step 0 done
+    if step == 2 and run.attempt == 1:
+        raise SystemExit(75)
+"""
+
+
+def test_a_retried_trials_repeated_steps_are_not_new_intervals(
+    expkit_workspace, expkit_cli, tmp_path
+):
+    """Attempt 1 logs steps 0-2 and fails retryably; attempt 2 resumes at step 1 and logs 1-4.
+    The trial reports 5 intervals (steps 0-4), not 7, and its value is its best."""
+    sweep = write_sweep(
+        tmp_path,
+        {
+            "search_space": {"lr": {"type": "choice", "values": [0.01]}},
+            "sampling_algorithm": {"type": "grid"},
+        },
+    )
+    (sweep.parent / "src" / "train.py").write_text(RETRIED)
+    job = yaml.safe_load((sweep.parent / "job.yaml").read_text())
+    job["args"] = {}
+    job["retry"] = {"max_attempts": 2, "on": [{"exit_codes": [75]}]}
+    job["checkpoints"] = "./ckpt"
+    (sweep.parent / "job.yaml").write_text(yaml.safe_dump(job))
+    result = expkit_cli("sweep", str(sweep))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run,) = expkit_workspace.history.runs.of_sweep("sw_sweep_1")
+    assert run.state == "completed" and run.attempt == 2
+    (trial,) = study_of(expkit_workspace, "sw_sweep_1").get_trials()
+    assert trial.state.name == "COMPLETE"
+    assert sorted(trial.intermediate_values) == [1, 2, 3, 4, 5]
+    assert trial.value == pytest.approx(0.41)

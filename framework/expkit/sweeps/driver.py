@@ -152,6 +152,9 @@ class _Watched:
     skip: int = 0  # values of the metric already reported by an earlier driver (resume)
     step: int = 0
     value: float | None = None  # the best value logged so far, by the goal: the trial's value
+    attempt: int = 1  # the attempt of the run whose values were read last
+    top: int | None = None  # the highest step of the metric read so far
+    covered: int | None = None  # the highest step earlier attempts logged (a retry repeats them)
     reason: str | None = None  # why the policy stopped it (the run was asked to cancel)
     checked: float = field(default_factory=time.monotonic)  # when its driver was last seen
 
@@ -502,7 +505,11 @@ class SweepDriver:
                     recover(self.ws, self.history)  # it ends failed: told at the next poll
 
     def read_values(self, watched: _Watched) -> list[float]:
-        """The trial's primary metric values logged since the last look (numbers only)."""
+        """The trial's primary metric values logged since the last look (numbers only).
+
+        A value a later attempt of the trial's run logged at a step an earlier attempt had
+        reached (it resumed from a checkpoint, see the job's `retry:`) is no new interval:
+        it counts towards the trial's value, and is not reported to the policy again."""
         from expkit.history.metrics import metric_value
 
         values = []
@@ -511,6 +518,14 @@ class SweepDriver:
             value = metric_value(row)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
+            if row["attempt"] > watched.attempt:  # the run's next attempt: what it repeats
+                watched.attempt, watched.covered = row["attempt"], watched.top
+            step = row["step"]
+            if step is not None:
+                watched.top = step if watched.top is None else max(watched.top, step)
+                if watched.covered is not None and step <= watched.covered:
+                    self.keep_best(watched, float(value))
+                    continue
             if watched.skip:
                 watched.skip -= 1
                 self.keep_best(watched, float(value))
