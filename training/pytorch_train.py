@@ -429,10 +429,6 @@ def main(argv: list[str] | None = None) -> None:
         if improved:
             best_acc, best_state = val_acc, copy.deepcopy(net.state_dict())
         completed = epoch + 1
-        if folder is not None and dist.is_main:
-            best = None if improved else best_state  # None: this epoch's model is the best
-            state = checkpoint_state(net, optimizer, scheduler, best_acc, best, generator)
-            checkpointing.save(folder, completed, state)
         if dist.is_main:
             for name, value in (
                 ("train_loss", train_loss),
@@ -443,6 +439,11 @@ def main(argv: list[str] | None = None) -> None:
                 ("best_val_acc", best_acc),  # each epoch, as the seed's: a sweep's primary metric
             ):
                 run.log(name, value, step=epoch)  # a resumed epoch logs at the same step
+            if folder is not None:
+                run.flush()  # the epoch's values written before its checkpoint: a kill loses none
+                best = None if improved else best_state  # None: this epoch's model is the best
+                state = checkpoint_state(net, optimizer, scheduler, best_acc, best, generator)
+                checkpointing.save(folder, completed, state)
             print(
                 f"epoch {epoch + 1}/{args.num_epochs}  train loss {train_loss:.4f} "
                 f"acc {train_acc:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}  "
