@@ -687,6 +687,30 @@ def test_a_full_disk_fails_the_run_naming_the_disk_and_reading_still_works(
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
+def test_a_full_disk_keeps_the_checkpoint_folder_for_a_resume(small_disk, write_job, monkeypatch):
+    """The room made after "no space left" never costs the run the checkpoint it wrote: the
+    folder is kept in the run (for `expkit runs resume`), while scratch files go."""
+    workspace = Workspace.init(small_disk)
+    monkeypatch.setenv("EXPKIT_WORKSPACE", str(workspace.path))
+    script = FILLS_THE_DISK.replace("{end}", "raise SystemExit(1)").replace(
+        'os.makedirs("outputs", exist_ok=True)',
+        'open(os.path.join(os.environ["EXPKIT_CHECKPOINT_DIR"], "epoch-1.pt"), "w").write("w")\n'
+        '    os.makedirs("outputs", exist_ok=True)',
+    )
+    job = write_job({"checkpoints": "./ckpt"}, script=script)
+    result = subprocess.run(
+        [sys.executable, "-m", "expkit", "run", str(job)], capture_output=True, text=True
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    history = Workspace(workspace.path).history
+    (record,) = history.runs.recent()
+    assert "No space left on device" in (record.error or ""), record.error
+    run_dir = workspace.run_dir(record.id)
+    assert (run_dir / "checkpoints" / "epoch-1.pt").read_text() == "w"
+    assert not (run_dir / "work").exists()
+    history.close()
+
+
 # -- more signals after the first -----------------------------------------------------------
 @pytest.mark.parametrize("gap", [0.0, 0.1, 0.3, 1.0])
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],

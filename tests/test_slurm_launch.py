@@ -134,6 +134,7 @@ def test_the_step_asks_for_the_gpus_of_each_node(tmp_path, monkeypatch):
         "--ntasks-per-node=4",
         "--distribution=block",
         f"--output={tmp_path}/rank-%t.log",
+        "--open-mode=append",
         "--input=none",
         "--gpus-per-node=4",
     ]

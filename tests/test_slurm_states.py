@@ -157,7 +157,7 @@ def test_a_job_past_its_time_limit_ends_timeout(env, tmp_path):
     job_id = sbatch(env, "--time=1", wrap="sleep 300", cwd=tmp_path)
     done = poll(job_id, env, lambda s: s.finished, "the time limit", timeout=300)
     assert done.state == "TIMEOUT"
-    assert states.outcome(done, 30) == ("failed", "time limit of 30 s reached")
+    assert states.outcome(done, 30) == ("time_limit", "time limit of 30 s reached")
 
 
 def test_a_job_nobody_knows_is_none(env):
@@ -223,7 +223,7 @@ def test_a_node_failing_under_a_job_is_named(slurm_cluster2, tmp_path):
     assert done.state == "NODE_FAIL"
     assert list(done.failed_nodes) == [second]
     run_state, reason = states.outcome(done, None)
-    assert run_state == "failed"
+    assert run_state == "node_failure"
     assert reason.startswith(f"node {second} failed (Slurm: NODE_FAIL; {second} is ")
     assert reason.endswith("DRAIN: disk on fire)")
 
@@ -284,17 +284,17 @@ def job(state: str, nodes=("n1",), exit_code=0, signal=None) -> JobState:
     [
         ("COMPLETED", ["n1"], ("completed", None)),
         ("CANCELLED", ["n1"], ("canceled", "canceled by Slurm (scancel)")),
-        ("TIMEOUT", ["n1"], ("failed", "time limit of 7200 s reached")),
-        ("NODE_FAIL", ["n2"], ("failed", "node n2 failed (Slurm: NODE_FAIL)")),
+        ("TIMEOUT", ["n1"], ("time_limit", "time limit of 7200 s reached")),
+        ("NODE_FAIL", ["n2"], ("node_failure", "node n2 failed (Slurm: NODE_FAIL)")),
         (
             "BOOT_FAIL",
             ["n1", "n2"],
-            ("failed", "a node of n1, n2 failed to boot (Slurm: BOOT_FAIL)"),
+            ("node_failure", "a node of n1, n2 failed to boot (Slurm: BOOT_FAIL)"),
         ),
-        ("NODE_FAIL", ["n1", "n2"], ("failed", "a node of n1, n2 failed (Slurm: NODE_FAIL)")),
+        ("NODE_FAIL", ["n1", "n2"], ("node_failure", "a node of n1, n2 failed (Slurm: NODE_FAIL)")),
         ("OUT_OF_MEMORY", ["n1"], ("failed", "out of memory on n1 (Slurm: OUT_OF_MEMORY)")),
-        ("PREEMPTED", ["n1"], ("failed", "preempted by another job (Slurm: PREEMPTED)")),
-        ("BOOT_FAIL", ["n3"], ("failed", "node n3 failed to boot (Slurm: BOOT_FAIL)")),
+        ("PREEMPTED", ["n1"], ("preempted", "preempted by another job (Slurm: PREEMPTED)")),
+        ("BOOT_FAIL", ["n3"], ("node_failure", "node n3 failed to boot (Slurm: BOOT_FAIL)")),
         ("DEADLINE", ["n1"], ("failed", "the job's deadline passed (Slurm: DEADLINE)")),
         ("SPECIAL_EXIT", ["n1"], ("failed", "Slurm ended the job with state SPECIAL_EXIT")),
     ],
@@ -307,14 +307,14 @@ def test_a_node_slurm_holds_down_is_the_one_named():
     failed = job("NODE_FAIL", ["n1", "n2"])
     failed.failed_nodes = {"n2": "DOWN: Not responding"}
     assert states.outcome(failed, None) == (
-        "failed",
+        "node_failure",
         "node n2 failed (Slurm: NODE_FAIL; n2 is DOWN: Not responding)",
     )
 
 
 def test_time_limit_without_a_timeout_says_slurms_limit():
     assert states.outcome(job("TIMEOUT"), None) == (
-        "failed",
+        "time_limit",
         "Slurm's time limit for the job reached (Slurm: TIMEOUT)",
     )
 

@@ -99,6 +99,9 @@ def test_every_option_has_a_help_line():
         ("--export=NONE", "--export=ALL"),
         ("--gres=gpu:2", "resources.gpus_per_node"),
         ("--gres", "--gres=nvme:1"),
+        ("--requeue", "retry.max_attempts"),
+        ("--no-requeue", "retry.max_attempts"),
+        ("--signal=B:USR1@60", "checkpoints"),
     ],
 )
 def test_sbatch_args_refuse_the_flags_expkit_sets(arg, instead):
@@ -108,8 +111,8 @@ def test_sbatch_args_refuse_the_flags_expkit_sets(arg, instead):
 
 @pytest.mark.parametrize(
     "arg",
-    ["--exclusive", "--requeue", "--nodelist=n1", "--mem-per-cpu=2G", "--time-min=5",
-     "--signal=B:USR1@60", "--dependency=afterok:12", "-w", "--gres=nvme:1"],
+    ["--exclusive", "--nodelist=n1", "--mem-per-cpu=2G", "--time-min=5",
+     "--dependency=afterok:12", "-w", "--gres=nvme:1"],
 )  # fmt: skip
 def test_sbatch_args_take_what_expkit_leaves_to_the_user(arg):
     assert TAKES["sbatch_args"].problem([arg]) is None

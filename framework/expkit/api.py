@@ -120,6 +120,10 @@ class Run:
         return self._record.state
 
     def get_details(self) -> dict[str, Any]:
+        """The run's record as a dict: state, error, hashes, stages, tags, parameters, and
+        its attempts ("attempt": the current one, from 1; "attempts": each one's number,
+        start and end in seconds since the epoch, outcome, reason and exit code, first
+        first; empty for a run whose script never started)."""
         record = self._record
         history = self.workspace.history
         return {
@@ -139,15 +143,29 @@ class Run:
             "tags": history.tags.of(self.id),
             "params": history.params.of(self.id),
             "param_sources": history.params.sources(self.id),
+            "attempt": record.attempt,
+            "attempts": [
+                {
+                    "attempt": a.attempt,
+                    "started": a.started,
+                    "ended": a.ended,
+                    "outcome": a.outcome,
+                    "reason": a.reason,
+                    "exit_code": a.exit_code,
+                }
+                for a in history.attempts.of(self.id)
+            ],
         }
 
     def get_metrics(self, name: str | None = None) -> dict[str, Any]:
         """{name: value} for a metric logged once, {name: [values]} for one logged repeatedly;
-        a table logged with `log_row` comes back as {name: {column: [values]}}."""
+        a table logged with `log_row` comes back as {name: {column: [values]}}. The values
+        are the run's current curve: a step a later attempt logged again has the later
+        value only (`expkit metrics RUN --all-attempts` lists both)."""
         from expkit.history import metric_value
 
         grouped: dict[str, list[Any]] = {}
-        for row in self.workspace.history.metrics.of(self.id, name):
+        for row in self.workspace.history.metrics.current(self.id, name):
             grouped.setdefault(row["name"], []).append(metric_value(row))
         result: dict[str, Any] = {}
         for key, values in grouped.items():
@@ -312,6 +330,18 @@ class Run:
     def cancel(self) -> None:
         """Ask the run's driver to stop it (the run ends as canceled)."""
         self.workspace.history.runs.request_cancel(self.id)
+
+    def resume(self) -> Run:
+        """Start the next attempt of this failed or canceled run from its last checkpoint, as
+        `expkit runs resume` does, driven in the background; returns this run (wait for it
+        with `wait_for_completion`). Raises UserError saying why when it cannot be resumed
+        (it completed, its snapshot is gone, ...: see `lifecycle.reopen`)."""
+        from expkit import lifecycle
+        from expkit.driver import start_driver
+
+        lifecycle.reopen(self.workspace, self.id)
+        start_driver(self.workspace, self.id, resume=True)
+        return self
 
 
 class SweepRun:

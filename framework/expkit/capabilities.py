@@ -527,9 +527,13 @@ class ComputeTarget(Capability, ABC):
           that failed (then stop the others); -N for a process killed by signal N (as
           `subprocess` reports it, never a shell's 128 + N).
         * Enforce the job's timeout, `ctx.job.timeout` seconds (None: no limit): stop the
-          processes and raise StageFailed("timed out after Ns (the job's `timeout`)").
+          processes and raise Interrupted("time_limit", "timed out after Ns (the job's
+          `timeout`)"), a StageFailed.
         * Poll `ctx.canceled()` (at least every second or so) and, once it is true, stop the
           processes and raise Canceled.
+        * Stop them as planned at the timeout and on a cancel: with `ctx.stop_signal` set,
+          that signal to each rank's own process and up to `ctx.stop_grace` seconds to exit
+          before SIGTERM (`expkit.runner` does it).
         * Leave no process behind when it returns or raises: every process started, and
           what they started in their process groups, has ended by then.
         * Raise StageFailed with a one-line reason when the service fails (a lost contact,

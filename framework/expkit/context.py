@@ -54,6 +54,8 @@ RUN_ID_ENV = "EXPKIT_RUN_ID"
 # of the checkpoint folder kept from one attempt to the next (the job's `checkpoints:`).
 ATTEMPT_ENV = "EXPKIT_ATTEMPT"
 CHECKPOINT_ENV = "EXPKIT_CHECKPOINT_DIR"
+# The name of the signal a planned stop sends first (`checkpoints.signal`: "SIGUSR1").
+STOP_SIGNAL_ENV = "EXPKIT_STOP_SIGNAL"
 FLUSH_SECONDS = 0.2
 FORWARDER_ENV = "EXPKIT_FORWARDER"  # `module:attribute` of a forwarder; unset or empty: none
 FORWARDER_EXIT_SECONDS = 30.0  # at exit, how long the forwarder may take to send the rest
@@ -77,6 +79,14 @@ def attempt_number() -> int:
     """EXPKIT_ATTEMPT as a number from 1 (1 when it is not set or not a whole number)."""
     value = os.environ.get(ATTEMPT_ENV, "")
     return int(value) if value.isdigit() and int(value) >= 1 else 1
+
+
+def channel_file_name(rank: int, pid: int) -> str:
+    """The channel file of process `pid` of rank `rank`: one per process and attempt (a
+    requeued job may reuse a pid), `rank-R.PID.jsonl` in attempt 1, `rank-R.PID.aN.jsonl`
+    in attempt N > 1; the driver records each value with the attempt its file names."""
+    attempt = attempt_number()
+    return f"rank-{rank}.{pid}" + (f".a{attempt}" if attempt > 1 else "") + ".jsonl"
 
 
 class Forwarder(Protocol):
@@ -151,6 +161,14 @@ class ScriptRun:
         what it holds when an attempt ends is there when the next one starts. None when the
         job names none, or outside expkit."""
         return os.environ.get(CHECKPOINT_ENV) or None
+
+    @property
+    def stop_signal(self) -> str | None:
+        """The name of the signal ("SIGUSR1") each rank gets before a planned stop (a time
+        limit, a preemption, a requeue, a cancel), with the job's grace period to write a
+        checkpoint and exit: handle it with `signal.signal(getattr(signal, name), handler)`.
+        None when the job names no checkpoint folder, or outside expkit."""
+        return os.environ.get(STOP_SIGNAL_ENV) or None
 
     @property
     def offline(self) -> bool:
@@ -240,7 +258,7 @@ class ScriptRun:
                 self._file.close()
             self._file = None
             if self._path:  # opened when the child logs something (see _open_own)
-                name = f"rank-{self.rank}.{os.getpid()}.jsonl"
+                name = channel_file_name(self.rank, os.getpid())
                 self._own_path = os.path.join(os.path.dirname(self._path), name)
 
     def _put_now(self, item: tuple) -> None:
@@ -501,9 +519,7 @@ def get_context() -> ScriptRun:
                 if folder:
                     # One file per process and attempt (a requeued job may reuse a pid): the
                     # driver records each value with the attempt its file names.
-                    attempt = attempt_number()
-                    suffix = f".a{attempt}" if attempt > 1 else ""
-                    name = f"rank-{process_rank()}.{os.getpid()}{suffix}.jsonl"
+                    name = channel_file_name(process_rank(), os.getpid())
                     path = os.path.join(folder, name)
                 _context = ScriptRun(os.environ.get(RUN_ID_ENV), path, forwarder)
     return _context

@@ -1,10 +1,12 @@
-"""`python -m expkit.driver WORKSPACE RUN_ID [--reattach]`: drive a run in the background.
+"""`python -m expkit.driver WORKSPACE RUN_ID [--reattach | --resume]`: drive a run in the
+background.
 
 `Experiment.submit()` and `expkit run --detach` start one for a new run; an expkit command
 that finds a run whose job outlives its driver (a Slurm job, see `RunContext.set_remote_job`)
 with that driver gone starts one with `--reattach`, which takes the run over and follows the
-job to its end. Each runs in its own session, so the run goes on when the command that started
-it ends or its terminal closes; its stage lines go to the run's `driver.log`.
+job to its end; `expkit runs resume --detach` one with `--resume`, for the run's next
+attempt. Each runs in its own session, so the run goes on when the command that started it
+ends or its terminal closes; its stage lines go to the run's `driver.log`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ if TYPE_CHECKING:
 DRIVER_LOG = "driver.log"
 
 
-def start_driver(workspace: Workspace, run_id: str, reattach: bool = False) -> int:
+def start_driver(
+    workspace: Workspace, run_id: str, reattach: bool = False, resume: bool = False
+) -> int:
     """Start a background driver for run `run_id` and record it as the run's driver; returns
     its pid. The caller must be the run's driver or hold the run (`Runs.take_over`), so that
-    no other process starts one too."""
-    argv = ["expkit.driver", str(workspace.path), run_id, *(["--reattach"] if reattach else [])]
+    no other process starts one too. `reattach`, `resume`: as `expkit.lifecycle.drive`'s
+    (`resume`: a run `lifecycle.reopen` made queued again)."""
+    flags = [*(["--reattach"] if reattach else []), *(["--resume"] if resume else [])]
+    argv = ["expkit.driver", str(workspace.path), run_id, *flags]
     pid = start_background(workspace, run_id, argv)
     workspace.history.runs.claim(run_id, pid)
     return pid
@@ -55,10 +61,17 @@ def main(argv: list[str]) -> int:
     from expkit.lifecycle import drive
     from expkit.workspace import Workspace
 
-    reattach = "--reattach" in argv
-    workspace_path, run_id = [a for a in argv if a != "--reattach"]
+    reattach, resume = "--reattach" in argv, "--resume" in argv
+    workspace_path, run_id = [a for a in argv if a not in ("--reattach", "--resume")]
     console = Console(sys.stdout, ranks="none")
-    record = drive(Workspace(workspace_path), run_id, console, own_process=True, reattach=reattach)
+    record = drive(
+        Workspace(workspace_path),
+        run_id,
+        console,
+        own_process=True,
+        reattach=reattach,
+        resume=resume,
+    )
     return 0 if record.state == "completed" else 1
 
 

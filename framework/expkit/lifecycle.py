@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expkit import checkpoints as checkpoint_folder
 from expkit import data as data_inputs
 from expkit import exports, importhooks, options, services, snapshot
 from expkit import outputs as run_outputs
@@ -38,8 +40,22 @@ from expkit.capabilities import (
     RankFailure,
 )
 from expkit.console import Console, human_size
-from expkit.context import CHANNEL_ENV, RUN_ID_ENV
-from expkit.errors import Canceled, Detached, NoSpace, PluginError, StageFailed, UserError
+from expkit.context import (
+    ATTEMPT_ENV,
+    CHANNEL_ENV,
+    CHECKPOINT_ENV,
+    RUN_ID_ENV,
+    STOP_SIGNAL_ENV,
+)
+from expkit.errors import (
+    Canceled,
+    Detached,
+    Interrupted,
+    NoSpace,
+    PluginError,
+    StageFailed,
+    UserError,
+)
 from expkit.history import RunRecord, no_room
 from expkit.history import params as params_source
 from expkit.job import JobSpec
@@ -54,15 +70,18 @@ from expkit.procs import (
 )
 from expkit.recovery import RESERVE_NAME, salvage
 from expkit.registry import NoModelFiles, register_run_model
-from expkit.stages import Outcome, RunState, Stage
+from expkit.stages import AttemptOutcome, Outcome, RunState, Stage
 from expkit.workspace import Workspace
 
 CANCEL_POLL_SECONDS = 0.5
+BACKOFF_POLL_SECONDS = 0.1  # how often a wait between attempts looks for a cancel
 # Room set aside on the workspace's disk while a run goes (a file in the run's folder, see
 # `Lifecycle.reserve_room`): when the disk fills, it is freed so that the run's record can
 # be finished, however full the script left the disk (its outputs are kept).
 RESERVE_BYTES = 1 << 20
 LOG_TAIL_LINES = 5
+# The reason of an attempt stopped by `expkit runs cancel --requeue`.
+REQUEUE_REASON = "a requeue was asked for (`expkit runs cancel --requeue`)"
 # What prepare made, kept in the run's folder for a driver that re-attaches to the run (the
 # environment and the script's command line): it does not prepare again.
 PREPARED_NAME = "prepared.json"
@@ -229,7 +248,70 @@ def reopen(workspace: Workspace, run_id: str) -> RunRecord:
     still there. Raises UserError naming what is missing (a completed run, a trial of a
     sweep, a run made before attempts were recorded, a run still going). The caller then
     drives it with `drive(..., resume=True)`."""
-    raise NotImplementedError("expkit runs resume: being written")
+    history = workspace.history
+    try:
+        record = history.runs.get(run_id)
+    except KeyError:
+        raise UserError(f"run {run_id}: no such run; `expkit runs list` lists them") from None
+    number = record.number
+    if record.state == RunState.COMPLETED:
+        raise UserError(
+            f"run {run_id} completed: there is nothing to resume; start a new run with `expkit run`"
+        )
+    if not record.finished:
+        raise UserError(
+            f"run {run_id} is {record.state}: only a failed or canceled run can be resumed; "
+            f"wait for it, or stop it with `expkit runs cancel {number}`"
+        )
+    if record.sweep is not None:
+        raise UserError(
+            f"run {run_id} is trial {record.trial} of sweep {record.sweep}: resume the sweep "
+            f"(`expkit sweeps resume {record.sweep}`), not one of its trials"
+        )
+    run_dir = workspace.run_dir(run_id)
+    prepared = _read_prepared(run_dir)
+    snap = run_dir / "snapshot"
+    if prepared is None or not snap.is_dir() or snap.is_symlink():
+        what = "its snapshot" if prepared is not None else f"what prepare made ({PREPARED_NAME})"
+        raise UserError(
+            f"run {run_id} cannot be resumed: {what} is missing (it failed before its script "
+            "started, or was made by an expkit that did not record it); start a new run with "
+            "`expkit run`"
+        )
+    for name, entry in prepared["data"].items():
+        origin = Path(entry["origin"])
+        if not origin.exists():
+            raise UserError(
+                f"run {run_id} cannot be resumed: data.{name}: {origin} is gone; put it back, "
+                "or start a new run with `expkit run`"
+            )
+    python = Path(prepared["environment"].get("python") or "")
+    if python.is_absolute() and not python.exists():
+        raise UserError(
+            f"run {run_id} cannot be resumed: its environment's interpreter {python} is gone; "
+            "start a new run with `expkit run` (it builds the environment again)"
+        )
+    try:
+        return history.runs.reopen(run_id)
+    except ValueError as changed:  # another command resumed it first
+        raise UserError(f"run {run_id} cannot be resumed: {changed}") from None
+
+
+def _read_prepared(run_dir: Path) -> dict[str, Any] | None:
+    """What prepare recorded (prepared.json) when it holds all a resume needs (the data's
+    origins included), else None."""
+    path = run_dir / PREPARED_NAME
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or not all(
+        isinstance(saved.get(key), dict) for key in ("environment", "command", "data")
+    ):
+        return None
+    return saved
 
 
 def drive(
@@ -273,6 +355,10 @@ def drive(
     lifecycle.own_process = own_process
     lifecycle.terminated_by = early[0] if early else None
     lifecycle.reattaching = reattach
+    if resume:  # the attempt after the last one recorded
+        lifecycle.resuming = True
+        done = workspace.history.attempts.of(run_id)
+        lifecycle.set_attempt(max((a.attempt for a in done), default=0) + 1)
     # The run's own handler replaces the early one with no gap in between, and puts back
     # `previous` when the run is recorded.
     record = lifecycle.drive(previous)
@@ -320,30 +406,42 @@ class Lifecycle:
         self.remote_job = record.remote_job  # a job that goes on without this driver
         self.sweep = record.sweep  # the sweep this run is a trial of: it registers no model
         self.reattaching = False  # this driver took over the run from one that died
+        self.resuming = False  # the next attempt of a failed or canceled run (runs resume)
         self.hand_over = False  # let go of the run: a background driver re-attaches
+        self.allocation: Allocation | None = None  # what the current attempt holds
+        self.attempt = record.attempt or 1  # the current attempt (a re-attaching driver's)
+        script_env = {
+            RUN_ID_ENV: record.id,
+            CHANNEL_ENV: str(self.run_dir / "metrics"),
+            "EXPKIT_RUN_DIR": str(self.run_dir),
+            "EXPKIT_WORKSPACE": str(ws.path),
+            "PYTHONUNBUFFERED": "1",
+            ATTEMPT_ENV: str(self.attempt),
+            # other trackers' in-script APIs (Azure ML's, MLflow's) record into this run
+            **importhooks.script_env(plugins.import_hooks(), dict(os.environ)),
+        }
+        if job.checkpoints is not None:
+            folder = checkpoint_folder.working_folder(self.work_dir, job.checkpoints)
+            script_env[CHECKPOINT_ENV] = str(folder)
+            script_env[STOP_SIGNAL_ENV] = job.checkpoints.signal  # what a planned stop sends
         self.ctx = services.run_context(
             ws,
             record.id,
             job,
-            script_env={
-                RUN_ID_ENV: record.id,
-                CHANNEL_ENV: str(self.run_dir / "metrics"),
-                "EXPKIT_RUN_DIR": str(self.run_dir),
-                "EXPKIT_WORKSPACE": str(ws.path),
-                "PYTHONUNBUFFERED": "1",
-                # other trackers' in-script APIs (Azure ML's, MLflow's) record into this run
-                **importhooks.script_env(plugins.import_hooks(), dict(os.environ)),
-            },
+            script_env=script_env,
             say=self.say,
             waiting=self.waiting,
             canceled=self.canceled,
             echo=console.output,
         )
+        self.ctx.attempt = self.attempt
+        self.ctx.requeued = self.requeued
         recorded = self.ctx.set_remote_job
 
         def set_remote_job(remote_job: str) -> None:
             recorded(remote_job)
             self.remote_job = remote_job
+            self.history.attempts.set_remote_job(self.run_id, self.attempt, remote_job)
 
         self.ctx.set_remote_job = set_remote_job
 
@@ -360,32 +458,26 @@ class Lifecycle:
                 become_subreaper()
             state: str = RunState.COMPLETED
             error: str | None = None
-            allocation: Allocation | None = None
             script_started = out_of_room = False
             self.console.info(f"run {self.run_id} in workspace {self.ws.path}")
             try:
                 try:
                     if self.reattaching:
-                        allocation = self.reattach_scale()
+                        self.allocation = self.reattach_scale()
                     else:
                         with self.stage(Stage.PREPARE):
-                            self.prepare()
+                            if self.resuming:
+                                self.restore()
+                            else:
+                                self.prepare()
                         with self.stage(Stage.SCALE):
-                            allocation = self.scale()
+                            self.allocation = self.scale()
                     script_started = True
                     with self.stage(Stage.RUN, resumed=self.reattaching):
-                        if allocation is None:  # the job was running when its driver died
-                            allocation = self.reattach_job()
-                        try:
-                            self.run(allocation)
-                        except Detached:
-                            raise  # the job goes on: nothing is released
-                        except BaseException:
-                            self.release(allocation, failing=True)
-                            raise
-                        self.release(allocation, failing=False)  # a failure is the stage's
+                        self.run_attempts()
                 finally:
                     letting_go = isinstance(sys.exc_info()[1], Detached)
+                    allocation = self.allocation
                     if allocation is not None and not self.released and not letting_go:
                         self.release(allocation, failing=True)  # stopped before the run stage
                     if not letting_go:  # the job's processes go on (on this host, too)
@@ -446,6 +538,7 @@ class Lifecycle:
         saved = json.loads((self.run_dir / PREPARED_NAME).read_text(encoding="utf-8"))
         self.ctx.environment = Environment(**saved["environment"])
         self.ctx.command = Process(argv=saved["command"]["argv"], env=saved["command"]["env"])
+        self.set_attempt(self.attempt)  # prepared.json keeps attempt 1's EXPKIT_ATTEMPT
         self.console.info(f"re-attaching to {self.remote_job}")
         scale = {s.stage: s for s in self.history.stages.of(self.run_id)}.get(Stage.SCALE)
         if scale is not None and scale.state == Outcome.COMPLETED:
@@ -519,6 +612,10 @@ class Lifecycle:
         state, error = self.close_sinks(state, error)
         if state != RunState.COMPLETED:
             self.withdraw_versions(state)
+        if script_started:  # an attempt a full disk or a bug left open
+            with suppress(Exception):
+                outcome = AttemptOutcome.CANCELED if state == RunState.CANCELED else "failed"
+                self.history.attempts.finish(self.run_id, self.attempt, outcome, error)
         try:
             self.history.runs.finish(self.run_id, state, error)
         except Exception as failure:
@@ -560,6 +657,7 @@ class Lifecycle:
             with self.stage(Stage.POST_PROCESS):
                 self.post_process(state)
         else:
+            self.keep_checkpoints()  # those a resumed run put back
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.skip(Stage.POST_PROCESS, "the script never started")
         if self.terminated_by and state == RunState.COMPLETED:  # the signal came in post-process
@@ -598,12 +696,15 @@ class Lifecycle:
     def make_room(self, error: str | None) -> None:
         """After "no space left": free what the run no longer needs, so that its outputs can
         be sealed and its record written. The room set aside goes, and the working copy
-        (outputs/ and logs/ stay for post-process), then stages the full disk left open are
-        closed as failed."""
+        (outputs/ and logs/ stay for post-process, the checkpoint folder for a resume), then
+        stages the full disk left open are closed as failed."""
         self.release_room()
+        kept = {"outputs", "logs"}
+        if self.job.checkpoints is not None:
+            kept.add(Path(self.job.checkpoints.folder).parts[0])
         if self.work_dir.is_dir() and not self.work_dir.is_symlink():
             for path in self.work_dir.iterdir():
-                if path.name in ("outputs", "logs") and not path.is_symlink():
+                if path.name in kept and not path.is_symlink():
                     continue
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
@@ -716,13 +817,17 @@ class Lifecycle:
         self.info.environment_hash = env.hash
 
         snapshot.working_copy(self.run_dir / "snapshot", self.work_dir)
+        if self.job.checkpoints is not None:
+            checkpoint_folder.make_empty(self.work_dir, self.job.checkpoints)
         process_env = {**os.environ, **env.env, **self._markers()}
+        placed_data = {}
         for name, item in self.job.data.items():
             origin = data_inputs.prepare(
                 name, item, source, self.ws.data_dir, env.python, self.say, process_env
             )
             placed = data_inputs.place(name, origin, item.mode, self.work_dir)
             self.data_paths[name] = str(placed)
+            placed_data[name] = {"origin": str(origin), "mode": item.mode}
             self.say(f"data {name!r}: {item.mode} {origin}")
         command = [env.python, self.job.entry_script, *self.job.command_args(self.data_paths)]
         self.history.params.set(self.run_id, self.job.params(self.data_paths), params_source.JOB)
@@ -730,9 +835,44 @@ class Lifecycle:
         saved = {
             "environment": vars(env),
             "command": {"argv": command, "env": self.ctx.command.env},
+            "data": placed_data,  # where each input came from: `expkit runs resume` places it
         }
         (self.run_dir / PREPARED_NAME).write_text(json.dumps(saved, indent=1), encoding="utf-8")
         self.stage_note = env.reason
+
+    def restore(self) -> None:
+        """Prepare for a resumed run (`expkit runs resume`): what prepare made is read back
+        (prepared.json), the working copy made again from the run's snapshot, the data placed
+        again from where prepare found it, and the checkpoint folder put back. A working copy
+        its dead driver left is removed first, its checkpoint folder kept."""
+        saved = json.loads((self.run_dir / PREPARED_NAME).read_text(encoding="utf-8"))
+        self.ctx.environment = Environment(**saved["environment"])
+        self.ctx.command = Process(argv=saved["command"]["argv"], env=saved["command"]["env"])
+        self.set_attempt(self.attempt)
+        spec = self.job.checkpoints
+        if self.work_dir.is_symlink():
+            self.work_dir.unlink()
+        elif self.work_dir.is_dir():
+            if spec is not None:
+                for warning in checkpoint_folder.rescue(self.work_dir, self.run_dir, spec):
+                    self.warn(warning)
+            shutil.rmtree(self.work_dir)
+        snapshot.working_copy(self.run_dir / "snapshot", self.work_dir)
+        self.say(f"working copy made again from the run's snapshot for attempt {self.attempt}")
+        sealed = self.run_dir / "outputs"
+        if sealed.is_dir() and not sealed.is_symlink():  # the next attempt goes on from them
+            shutil.copytree(sealed, self.work_dir / "outputs", copy_function=_copy_writable)
+        for name, entry in saved["data"].items():
+            origin = Path(entry["origin"])
+            placed = data_inputs.place(name, origin, entry["mode"], self.work_dir)
+            self.data_paths[name] = str(placed)
+            self.say(f"data {name!r}: {entry['mode']} {origin}")
+        if spec is not None:
+            count, warnings = checkpoint_folder.restore(self.work_dir, self.run_dir, spec)
+            for warning in warnings:
+                self.warn(warning)
+            self.say(f"checkpoint folder {spec.folder} put back: {count} files")
+        self.stage_note = f"resumed for attempt {self.attempt}"
 
     # -- scale: hold the resources ----------------------------------------------------------
     def scale(self) -> Allocation:
@@ -742,20 +882,150 @@ class Lifecycle:
         self.stage_note = allocation.description
         return allocation
 
-    # -- run: launch the processes and stream their output and metrics ----------------------
-    def run(self, allocation: Allocation) -> None:
-        script = self.ctx.command
-        assert script is not None
-        command = script.argv
-        if not self.reattaching:
-            self.say("$ " + shlex.join([Path(command[0]).name, *command[1:]]))
-        backend = self.choice.backend
-        if backend is None:  # the target's service starts the ranks from the job spec
-            processes = [Process(argv=list(command), env=dict(script.env))]
-        else:
-            processes = call(backend, "launch", self.ctx, list(command), allocation)
-            for process in processes:
-                process.env = {**script.env, **process.env}
+    # -- run: every attempt of the script, its output and metrics streamed -------------------
+    def run_attempts(self) -> None:
+        """The run stage: attempt after attempt of the script until one completes, one ends
+        in a way the job's `retry` does not retry, or no attempts are left (StageFailed with
+        the last attempt's reason). One metric pump and one set of sink workers serve every
+        attempt. Between two attempts the allocation is released, the attempt's end recorded
+        and said, `retry.backoff_seconds` waited (a cancel then cancels the run) and the
+        resources acquired again; the working copy, with its checkpoint folder, stays."""
+        self.start_metrics()
+        self.history.attempts.start(self.run_id, self.attempt, self.remote_job)
+        try:
+            if self.allocation is None:  # the job was running when its driver died
+                self.allocation = self.reattach_job()
+            while True:
+                outcome, reason, code = self.one_attempt(self.allocation)
+                self.history.attempts.finish(self.run_id, self.attempt, outcome, reason, code)
+                if outcome == AttemptOutcome.COMPLETED:
+                    self.release(self.allocation, failing=False)  # a failure is the stage's
+                    self.stage_note = "exit code 0" + self.of_attempts()
+                    return
+                if not self.retrying(outcome, code):
+                    raise StageFailed(reason + self.of_attempts())
+                self.next_attempt(outcome, reason)
+        except Detached:
+            raise  # the job goes on: nothing is released, its attempt goes on
+        except BaseException as stop:
+            canceled = isinstance(stop, Canceled | KeyboardInterrupt)
+            outcome = AttemptOutcome.CANCELED if canceled else AttemptOutcome.FAILED
+            with suppress(Exception):  # a full disk: the run's own record says it
+                reason = self._canceled_because(stop) if canceled else str(stop)
+                self.history.attempts.finish(self.run_id, self.attempt, outcome, reason)
+            if self.allocation is not None and not self.released:
+                self.release(self.allocation, failing=True)
+            raise
+
+    def one_attempt(self, allocation: Allocation) -> tuple[str, str, int | None]:
+        """Run the script once; how the attempt ended: (AttemptOutcome, reason, exit code).
+        Exit code 0 completes it, another fails it; Interrupted gives its own outcome; a
+        cancel asked for as a requeue (`expkit runs cancel --requeue`) preempts it (the
+        request is then cleared); another StageFailed fails it. A cancel raises Canceled."""
+        try:
+            code = self.execute(allocation)
+        except Interrupted as stop:
+            return stop.outcome, str(stop), stop.exit_code
+        except StageFailed as failure:
+            return AttemptOutcome.FAILED, str(failure), None
+        except Canceled:
+            if self.terminated_by is None and self.history.runs.get(self.run_id).requeue_requested:
+                self.history.runs.clear_requeue(self.run_id)
+                self._cancel.clear()
+                return AttemptOutcome.PREEMPTED, REQUEUE_REASON, None
+            raise
+        if code == 0:
+            return AttemptOutcome.COMPLETED, "exit code 0", 0
+        return AttemptOutcome.FAILED, self._failure(code), code
+
+    def retrying(self, outcome: str, exit_code: int | None) -> bool:
+        """Whether an attempt that ended so starts another: the job's `retry.on` names it and
+        attempts are left (`retry.max_attempts` counts them all)."""
+        retry = self.job.retry
+        return retry.retryable(outcome, exit_code) and self.attempt < retry.max_attempts
+
+    def of_attempts(self) -> str:
+        """The text " (attempt 2 of 3)" for a job that allows more than one attempt (or a run on its
+        second), else ""."""
+        most = self.job.retry.max_attempts
+        if most <= 1 and self.attempt <= 1:
+            return ""
+        if self.attempt > most:  # resumed past what `retry` allows by itself
+            return f" (attempt {self.attempt}, resumed)"
+        return f" (attempt {self.attempt} of {most})"
+
+    def next_attempt(self, outcome: str, reason: str) -> None:
+        """Between two attempts: release the allocation, say why the attempt ended, wait
+        the job's backoff (a cancel cancels the run, a requeue request ends the wait), then
+        start the next attempt and acquire its resources (within the run stage)."""
+        allocation = self.allocation
+        assert allocation is not None
+        self.release(allocation, failing=False)
+        stop_run_processes(self.run_id, grace=2, workspace=self.ws.path)  # what it left
+        if self.remote_job is not None:  # that job ended: a driver dying now is reaped
+            self.remote_job = None
+            self.history.runs.update(self.run_id, remote_job=None)
+        backoff = self.job.retry.backoff_seconds
+        most = self.job.retry.max_attempts
+        self.say(
+            f"attempt {self.attempt} of {most} {outcome}: {reason}; "
+            f"attempt {self.attempt + 1} in {backoff:g}s"
+        )
+        self._interruptible = True  # release made the stage's work uninterruptible
+        if self.terminated_by:  # the signal came while releasing
+            raise Canceled(self.stop_reason())
+        self.wait_backoff(backoff)
+        self.set_attempt(self.attempt + 1)
+        self.history.attempts.start(self.run_id, self.attempt)
+        self.allocation, self.released = None, False
+        self.allocation = call(self.choice.compute, "acquire", self.ctx)
+        self.history.runs.update(self.run_id, state=RunState.RUNNING, status=None)
+        self.say(f"attempt {self.attempt} of {most}: {self.allocation.description}")
+
+    def wait_backoff(self, seconds: float) -> None:
+        """Wait `seconds` before the next attempt. Canceled when the run is canceled
+        meanwhile; a requeue asked for meanwhile ends the wait (the next attempt starts)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.canceled():
+                record = self.history.runs.get(self.run_id)
+                if self.terminated_by is None and record.requeue_requested:
+                    self.history.runs.clear_requeue(self.run_id)
+                    self._cancel.clear()
+                    return
+                raise Canceled(self.stop_reason())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, BACKOFF_POLL_SECONDS))
+
+    def set_attempt(self, attempt: int) -> None:
+        """Make `attempt` the current one for what starts from now on: ctx.attempt and
+        EXPKIT_ATTEMPT in the script's environment (prepared.json keeps attempt 1's)."""
+        self.attempt = self.ctx.attempt = attempt
+        self.ctx.script_env[ATTEMPT_ENV] = str(attempt)
+        if self.ctx.command is not None:
+            self.ctx.command.env[ATTEMPT_ENV] = str(attempt)
+
+    def requeued(self, outcome: str, reason: str) -> bool:
+        """RunContext.requeued: the compute target's service started the job again by
+        itself (a Slurm requeue after a preemption). Records the end of the current attempt
+        and the start of the next, and says so; False (nothing recorded) when the job's
+        `retry` does not retry `outcome` or no attempts are left."""
+        if not self.retrying(outcome, None):
+            return False
+        most = self.job.retry.max_attempts
+        self.history.attempts.finish(self.run_id, self.attempt, outcome, reason)
+        self.say(
+            f"attempt {self.attempt} of {most} {outcome}: {reason}; attempt "
+            f"{self.attempt + 1} started by {self.choice.compute.name}"
+        )
+        self.set_attempt(self.attempt + 1)
+        self.history.attempts.start(self.run_id, self.attempt, self.remote_job)
+        return True
+
+    def start_metrics(self) -> None:
+        """The metric pump and one sink worker per sink, for the whole run stage."""
         self.pump = MetricPump(self.history, self.run_id, self.run_dir / "metrics")
         # A driver that re-attaches sends each sink what it did not get yet (its cursor).
         keys = cursor_keys([spec.name for spec, _ in self.choice.sinks])
@@ -765,12 +1035,26 @@ class Lifecycle:
             self.sinks.append(worker)
             worker.start()
         self.pump.start()
+
+    def execute(self, allocation: Allocation) -> int:
+        """Launch the script's processes for the current attempt and wait for them
+        (ComputeTarget.execute); returns the exit code, which the record keeps."""
+        script = self.ctx.command
+        assert script is not None
+        command = script.argv
+        if not self.reattaching and self.attempt == 1:
+            self.say("$ " + shlex.join([Path(command[0]).name, *command[1:]]))
+        backend = self.choice.backend
+        if backend is None:  # the target's service starts the ranks from the job spec
+            processes = [Process(argv=list(command), env=dict(script.env))]
+        else:
+            processes = call(backend, "launch", self.ctx, list(command), allocation)
+            for process in processes:
+                process.env = {**script.env, **process.env}
         compute = self.choice.compute
-        code = call(compute, "execute", self.ctx, processes, allocation)
+        code: int = call(compute, "execute", self.ctx, processes, allocation)
         self.history.runs.update(self.run_id, exit_code=code)
-        if code != 0:
-            raise StageFailed(self._failure(code))
-        self.stage_note = "exit code 0"
+        return code
 
     def _failure(self, code: int) -> str:
         """Why the run stage failed: the rank that failed first and its node (when the
@@ -807,8 +1091,11 @@ class Lifecycle:
                 self.history.events.add(self.run_id, "sink-failed", str(worker.error))
         for warning in run_outputs.own_folders(self.run_dir):  # never through a link
             self.warn(warning)
+        if self.resuming:  # the working copy's outputs/ holds the earlier ones, and newer
+            _drop_sealed(self.work_dir, self.run_dir / "outputs")
         outputs = self.seal_outputs()
         self.collect_script_logs()
+        self.keep_checkpoints()
         shutil.rmtree(self.work_dir, ignore_errors=True)
         size = sum(s for s, _ in outputs.values())
         self.stage_note = f"{len(outputs)} files in outputs/ ({human_size(size)})"
@@ -865,6 +1152,15 @@ class Lifecycle:
             self.warn(warning)
         self.history.outputs.set(self.run_id, sealed.files, sealed.links)
         return sealed.files
+
+    def keep_checkpoints(self) -> None:
+        """The checkpoint folder, as the last attempt left it, moved to the run's folder
+        (`<run_dir>/checkpoints`) for `expkit runs resume`; never through a link."""
+        spec = self.job.checkpoints
+        if spec is None or not self.work_dir.is_dir() or self.work_dir.is_symlink():
+            return
+        for warning in checkpoint_folder.keep(self.work_dir, self.run_dir, spec):
+            self.warn(warning)
 
     def collect_script_logs(self) -> None:
         """The script's own ./logs folder joins the run's logs (as Azure ML streams it)."""
@@ -1009,6 +1305,24 @@ def _note(text: str) -> None:
     the signal comes), and nothing raised when the terminal has gone."""
     with suppress(OSError):
         os.write(2, f"expkit: {text}\n".encode(errors="replace"))
+
+
+def _copy_writable(source: str, dest: str) -> str:
+    """A copy of a sealed output for the working copy of a resumed run: a file of its own
+    (never the store's), which the script may change."""
+    shutil.copyfile(source, dest)
+    os.chmod(dest, stat.S_IMODE(os.stat(source).st_mode) | stat.S_IWUSR)
+    return dest
+
+
+def _drop_sealed(work_dir: Path, sealed: Path) -> None:
+    """Remove the run's sealed outputs/ of an earlier driver once the working copy has an
+    outputs/ of its own to seal instead (a resumed run: copies of them, and what the
+    resumed attempt wrote). The store keeps their content; nothing through a link."""
+    source = work_dir / "outputs"
+    real = sealed.is_dir() and not sealed.is_symlink()
+    if source.is_dir() and not source.is_symlink() and real:
+        shutil.rmtree(sealed)
 
 
 def _describe_exit(code: int) -> str:

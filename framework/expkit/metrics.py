@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -30,6 +31,16 @@ DRAIN_STALL_SECONDS = 300.0  # post-process gives up on a sink that delivers not
 SINK_OUTCOME = "sink-outcome"  # the event that records how a sink fared (`SinkWorker.outcome`)
 
 
+CHANNEL_ATTEMPT = re.compile(r"\.a([1-9][0-9]*)\.jsonl$")
+
+
+def attempt_of_file(name: str) -> int:
+    """The attempt whose process wrote channel file `name` (see `expkit.context`):
+    `rank-R.PID.aN.jsonl` is attempt N, `rank-R.PID.jsonl` (and any other name) attempt 1."""
+    found = CHANNEL_ATTEMPT.search(name)
+    return int(found.group(1)) if found else 1
+
+
 class ChannelReader:
     """Reads the complete new lines of every channel file in a folder.
 
@@ -37,7 +48,12 @@ class ChannelReader:
     a driver that re-attaches to a run reads on from what the history holds. A line that
     cannot be recorded (not JSON, a step that is not a 64-bit integer, a number beyond a
     float's range) is skipped alone: counted in `bad_lines`, and why in `rejected` (by
-    metric name, the first reason each)."""
+    metric name, the first reason each).
+
+    Each value is read with its attempt, from the name of its file (`attempt_of_file`), and
+    the files are read attempt by attempt: an earlier attempt's values get the lower row ids
+    even when one read takes the end of one attempt and the start of the next, so that the
+    last row of a metric is always its current value (`expkit.history.metrics`)."""
 
     def __init__(self, folder: Path, offsets: dict[str, int] | None = None) -> None:
         self.folder = folder
@@ -46,11 +62,13 @@ class ChannelReader:
         self.rejected: dict[str, str] = {}
 
     def read(self) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
-        """The new metric rows, tags and parameters (each key's latest value)."""
+        """The new metric rows (name, step, value, payload, ts, rank, attempt), tags and
+        parameters (each key's latest value)."""
         rows: list[tuple] = []
         tags: dict[str, str] = {}
         params: dict[str, str] = {}
-        for path in sorted(self.folder.glob("*.jsonl")):
+        files = sorted(self.folder.glob("*.jsonl"), key=lambda p: (attempt_of_file(p.name), p.name))
+        for path in files:
             offset = self.offsets.get(path.name, 0)
             with open(path, "rb") as f:
                 f.seek(offset)
@@ -59,9 +77,10 @@ class ChannelReader:
             if not end:
                 continue
             self.offsets[path.name] = offset + end
+            attempt = attempt_of_file(path.name)
             for line in data[:end].splitlines():
                 try:
-                    self._parse(line, rows, tags, params)
+                    self._parse(line, attempt, rows, tags, params)
                 except (ValueError, TypeError, OverflowError) as error:
                     self.reject(_name_of(line), str(error) or type(error).__name__)
         return rows, tags, params
@@ -80,7 +99,12 @@ class ChannelReader:
         return f"{self.bad_lines} unreadable metric lines were skipped ({reasons}{more})"
 
     def _parse(
-        self, line: bytes, rows: list[tuple], tags: dict[str, str], params: dict[str, str]
+        self,
+        line: bytes,
+        attempt: int,
+        rows: list[tuple],
+        tags: dict[str, str],
+        params: dict[str, str],
     ) -> None:
         try:
             kind, name, value, step, ts, rank = json.loads(line)
@@ -102,11 +126,11 @@ class ChannelReader:
         if kind == "m" and type(value) in (int, float):
             number = float(value)  # OverflowError: beyond a float's range
             if number != number:  # NaN: a REAL column would store NULL; the payload keeps it
-                rows.append((name, step, None, "NaN", ts, rank))
+                rows.append((name, step, None, "NaN", ts, rank, attempt))
             else:
-                rows.append((name, step, number, None, ts, rank))
+                rows.append((name, step, number, None, ts, rank, attempt))
         elif kind in ("m", "r"):
-            rows.append((name, step, None, json.dumps(value), ts, rank))
+            rows.append((name, step, None, json.dumps(value), ts, rank, attempt))
         else:
             raise ValueError(f"unknown kind {kind!r}")
 

@@ -43,11 +43,13 @@ def curves(
     """The run's numeric metrics as curves by name, and the names that are not numeric.
 
     Values logged without a step are numbered in the order logged, per metric, as the
-    TensorBoard sink does; other ranks than 0 get curves of their own, `name/rank-N`.
+    TensorBoard sink does; other ranks than 0 get curves of their own, `name/rank-N`. The
+    curves are the run's current ones: a step a later attempt logged again is drawn with its
+    later value (`expkit.history.metrics.Metrics.current`).
     """
     found: dict[str, Curve] = {}
     names: dict[str, bool] = {}  # every name logged: whether it had a number
-    for row in history.metrics.of(run_id, name):
+    for row in history.metrics.current(run_id, name):
         value = metric_value(row)
         names[row["name"]] = names.get(row["name"], False) or is_number(value)
         if not is_number(value):

@@ -54,8 +54,9 @@ Errors
 
 The process runner (`runner`)
     `runner.run(ctx, processes, env, wrap=..., preexec=...)` starts processes on this
-    machine and keeps every obligation of `ComputeTarget.execute` (timeout, cancel, logs,
-    exit codes, nothing left behind); `ProcessGroup` is the same in pieces. `run_markers(ctx)`
+    machine and keeps every obligation of `ComputeTarget.execute` (timeout, cancel, the
+    planned stop with the job's stop signal, logs, exit codes, nothing left behind);
+    `ProcessGroup` is the same in pieces. `run_markers(ctx)`
     and `die_with_parent` are for anything else a plugin starts for a run, `guarded(argv)`
     for such a helper that starts processes of its own (pip).
 

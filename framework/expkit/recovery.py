@@ -94,6 +94,7 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
     work = run_dir / "work"
     if not work.is_dir() or work.is_symlink():
         return None
+    keep_checkpoints(history, run_id, work, run_dir)
     sealed = run_dir / "outputs"
     source = work / "outputs"
     if source.is_dir() and not source.is_symlink() and not sealed.exists():
@@ -117,6 +118,24 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
         record = history.runs.get(run_id)
         history.runs.update(run_id, error=f"{record.error}; {note}" if record.error else note)
     return note
+
+
+def keep_checkpoints(history: History, run_id: str, work: Path, run_dir: Path) -> None:
+    """The checkpoint folder (the job's `checkpoints:`) of a dead driver's working copy,
+    kept in the run's folder for `expkit runs resume` (see expkit.checkpoints)."""
+    job = history.runs.get(run_id).job
+    if not job.get("checkpoints"):
+        return
+    from expkit.checkpoints import rescue
+    from expkit.job import JobSpec
+
+    try:
+        spec = JobSpec.from_dict(job, source=f"run {run_id}").checkpoints
+    except Exception:  # a job this version cannot read: its folder stays unknown
+        return
+    if spec is not None:
+        for warning in rescue(work, run_dir, spec):
+            history.events.add(run_id, "warning", warning)
 
 
 def remove_stale_builds(workspace: Workspace) -> list[Path]:

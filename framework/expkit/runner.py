@@ -13,6 +13,16 @@ exec (e.g. `os.sched_setaffinity(0, {0})`); the child always also gets `die_with
 that a kill -9 of the driver stops it. Each process runs in its own session, and stopping one
 signals its whole process group, so what a script starts in its group goes with it.
 
+A planned stop (the job's timeout, a cancel, a requeue) of a job with `checkpoints:` first
+sends `ctx.stop_signal` (SIGUSR1 by default) to each rank's own process and waits up to
+`ctx.stop_grace` seconds for every process to exit, so that the script can write a checkpoint;
+then SIGTERM and SIGKILL as above. Only the rank's own process gets it, not its group (a
+DataLoader worker dies on SIGUSR1's default action), and for a launcher (`split_output`, e.g.
+torchrun) the ranks it started, not the launcher itself (torchrun dies on it). A `wrap` must
+therefore exec the command (as `nice` and `taskset` do), or the wrapper gets the signal. The
+siblings of a rank that failed are stopped at once: that stop is not planned. A subclass that
+overrides `stop()` keeps this: `stop_planned()` signals, waits, then calls it.
+
 Two consequences for `wrap` and `preexec`: the child already leads its session, so
 `os.setsid()` in `preexec` fails (EPERM); and a wrapper that leaves the group (`setsid`,
 `nohup ... &`, anything that daemonises) returns at once, so the runner sees the rank end and
@@ -36,7 +46,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from expkit.capabilities import Process, RunContext
-from expkit.errors import Canceled, StageFailed
+from expkit.errors import Canceled, Interrupted
 from expkit.pieces import LivePieces, cut
 from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, descendants, die_with_parent
 
@@ -69,7 +79,9 @@ class ProcessGroup:
     `ctx.log_dir/rank-N.log` (bytes as written) and echoed with `ctx.echo`.
 
     Use it as a context manager: leaving the block stops every process still there (and what
-    each left in its process group) and closes the logs, whatever happened.
+    each left in its process group) and closes the logs, whatever happened; as planned
+    (`stop_planned`) when the block raised Canceled or KeyboardInterrupt (the driver's Ctrl-C
+    or SIGTERM), at once otherwise.
 
     `base_env`: the environment of every process (each `Process.env` is added to it).
     `wrap(process)`: the argv to start instead of `process.argv` (a prefix such as `nice`).
@@ -94,6 +106,10 @@ class ProcessGroup:
         self._log_dir: int | None = None  # the run's logs folder, opened once (see _open_log)
         self.last_lines = LastLines()
         self._ranks: dict[int, set[int | None]] = {}  # by pid: the ranks its output named
+        # A planned stop under way: the processes expected to exit and when their grace ends
+        # (any later stop, e.g. on a signal to the driver during the grace, goes on waiting).
+        self._stopping: list[subprocess.Popen[bytes]] = []
+        self._grace_ends: float | None = None
 
     def start(self, process: Process) -> subprocess.Popen[bytes]:
         """Start `process` in the run's working folder; its output goes to its rank's log."""
@@ -182,10 +198,10 @@ class ProcessGroup:
 
     def wait(self, timeout: float | None) -> int:
         """The exit code once every process has ended: 0 when all succeed, else the first
-        failure's (which stops the rest; negative -N for a process killed by signal N).
-        Raises Canceled when `ctx.canceled()` turns true, StageFailed "timed out after Ns"
-        after `timeout` seconds (None: no limit); the processes are then still to be stopped
-        (leaving the `with` block does it)."""
+        failure's (which stops the rest at once; negative -N for a process killed by signal
+        N). Raises Canceled when `ctx.canceled()` turns true, and Interrupted("time_limit",
+        "timed out after Ns ...") after `timeout` seconds (None: no limit), both after a
+        planned stop (`stop_planned`) of every process."""
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             codes = [popen.poll() for _, popen in self.children]
@@ -196,11 +212,13 @@ class ProcessGroup:
             if all(c == 0 for c in codes):
                 return 0
             if self.ctx.canceled():
+                self.stop_planned()
                 raise Canceled()
             if deadline and time.monotonic() > deadline:
                 running = self._still_running()
-                self.stop()
-                raise StageFailed(f"timed out after {timeout:g}s (the job's `timeout`); {running}")
+                self.stop_planned()
+                message = f"timed out after {timeout:g}s (the job's `timeout`); {running}"
+                raise Interrupted("time_limit", message)
             alive = next((p for _, p in self.children if p.poll() is None), None)
             if alive is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -224,9 +242,21 @@ class ProcessGroup:
             described.append(f"{name} (last output: {last})" if last else f"{name} (no output)")
         return "still running: " + ", ".join(described) if described else "nothing running"
 
+    def stop_planned(self) -> None:
+        """A planned stop (a timeout, a cancel, a requeue: not a rank's failure): with
+        `ctx.stop_signal` set (the job's `checkpoints:`), first send that signal to each
+        rank's own process (a launcher's ranks, not the launcher) and wait up to
+        `ctx.stop_grace` seconds for every process to exit, for the script to write a
+        checkpoint; then `stop()`. The signal is sent once: a later call goes on waiting."""
+        if self.ctx.stop_signal is not None and self._grace_ends is None:
+            self._signal_ranks(self.ctx.stop_signal, self.ctx.stop_grace)
+        self.stop()
+
     def stop(self) -> None:
-        """SIGTERM every process group, SIGKILL what is still there after the grace period
-        (also what the processes that ended left in their groups)."""
+        """SIGTERM every process group, SIGKILL what is still there after `stop_grace`
+        seconds (also what the processes that ended left in their groups). A planned stop
+        under way (`stop_planned`) is never cut short: its grace period is waited for first."""
+        self._wait_for_ranks()
         alive = [p for _, p in self.children if p.poll() is None]
         for popen in alive:
             _killpg(popen.pid, signal.SIGTERM)
@@ -238,11 +268,37 @@ class ProcessGroup:
             _killpg(popen.pid, signal.SIGKILL)  # also what the leaders left in their groups
             popen.wait()
 
+    def _signal_ranks(self, signum: int, grace: float) -> None:
+        """Send `signum` to each live rank's own process (for a launcher: the ranks it
+        started, found by their RANK variable; a launcher with none yet gets nothing and is
+        not waited for), and give them until `grace` seconds from now to exit."""
+        self._grace_ends = time.monotonic() + grace
+        for process, popen in self.children:
+            if popen.poll() is not None:
+                continue
+            own = [popen.pid] if process.split_output is None else _rank_processes(popen.pid)
+            for pid in own:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
+            if own:
+                self._stopping.append(popen)
+
+    def _wait_for_ranks(self) -> None:
+        """Wait until the processes sent the stop signal have exited or their grace period
+        has passed (at once when there is no planned stop)."""
+        while self._grace_ends is not None and time.monotonic() < self._grace_ends:
+            if all(popen.poll() is not None for popen in self._stopping):
+                return
+            time.sleep(0.05)
+
     def __enter__(self) -> ProcessGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if isinstance(exc[1], (Canceled, KeyboardInterrupt)):  # the driver's Ctrl-C, SIGTERM
+            self.stop_planned()
+        else:
+            self.stop()
         for reader in self.readers:
             reader.join(timeout=5)
         if self._log_dir is not None:
@@ -263,8 +319,8 @@ def run(
     what is left: the body of a `ComputeTarget.execute` for processes on this machine.
 
     Returns the exit code (see `ProcessGroup.wait`); `timeout` defaults to the job's
-    (`ctx.job.timeout`). Raises Canceled or StageFailed as `wait` does, with every process
-    already stopped.
+    (`ctx.job.timeout`). Raises Canceled or Interrupted (the timeout) as `wait` does, with
+    every process already stopped.
     """
     limit = ctx.job.timeout if timeout is None else timeout
     with ProcessGroup(ctx, env, wrap=wrap, preexec=preexec) as group:
@@ -304,8 +360,21 @@ _RANK_VARS = (b"RANK=", b"HOROVOD_RANK=", b"OMPI_COMM_WORLD_RANK=", b"PMI_RANK="
 def _launched_ranks(launcher: int) -> list[int]:
     """The global ranks of a launcher's live processes (their RANK variable, as a launcher
     sets it); empty where /proc cannot tell (not Linux)."""
-    ranks = set()
-    for pid in descendants(launcher):
+    return sorted(set(_ranks_of(descendants(launcher)).values()))
+
+
+def _rank_processes(launcher: int) -> list[int]:
+    """The pids of the rank processes a launcher started: its live descendants with a RANK
+    variable whose parent has none (not what a rank started itself, such as DataLoader
+    workers, which inherit it); empty where /proc cannot tell (not Linux)."""
+    ranked = _ranks_of(descendants(launcher))
+    return [pid for pid in ranked if _parent(pid) not in ranked]
+
+
+def _ranks_of(pids: list[int]) -> dict[int, int]:
+    """{pid: global rank} of those of `pids` with a RANK variable (as a launcher sets it)."""
+    ranks = {}
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = f.read().split(b"\0")
@@ -313,9 +382,18 @@ def _launched_ranks(launcher: int) -> list[int]:
             continue
         for entry in environ:
             if entry.startswith(_RANK_VARS) and entry.partition(b"=")[2].isdigit():
-                ranks.add(int(entry.partition(b"=")[2]))
+                ranks[pid] = int(entry.partition(b"=")[2])
                 break
-    return sorted(ranks)
+    return ranks
+
+
+def _parent(pid: int) -> int | None:
+    """The parent pid of `pid`, from /proc; None when it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _open_folder(path: Path) -> int | None:

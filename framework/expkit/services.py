@@ -9,6 +9,7 @@ from the workspace, so that the lifecycle and the commands that run one stage by
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,16 @@ def run_context(
     echo: Callable[[int, bytes], None],
     work_dir: Path | None = None,
 ) -> RunContext:
-    """The RunContext of run `run_id`: its folders, the given callbacks, and the services
-    bound to the workspace (status and tags recorded in the history, leases, the cache)."""
+    """The RunContext of run `run_id`: its folders, the given callbacks, the services bound
+    to the workspace (status and tags recorded in the history, leases, the cache), and how a
+    planned stop goes: with the job's `checkpoints:`, its signal and grace period; without,
+    SIGTERM at once (`stop_signal` None). The lifecycle sets `attempt` and `requeued`."""
     history = workspace.history
     run_dir = workspace.run_dir(run_id)
+    stop_signal, stop_grace = None, 0.0
+    if job.checkpoints is not None:
+        stop_signal = int(signal.Signals[job.checkpoints.signal])
+        stop_grace = job.checkpoints.grace_seconds
     return RunContext(
         run_id=run_id,
         job=job,
@@ -101,6 +108,8 @@ def run_context(
         leases=RunLeases(Leases(history), run_id, lambda: workspace.recover(history)),
         cache_dir=workspace.envs_dir,
         plugin_config=plugin_config(workspace),
+        stop_signal=stop_signal,
+        stop_grace=stop_grace,
     )
 
 

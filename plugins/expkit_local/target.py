@@ -158,6 +158,9 @@ class LocalTarget(ComputeTarget):
         )
 
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
+        """Run the processes here on the leased GPUs (`expkit.runner`): the job's timeout
+        raises Interrupted("time_limit", ...), and it and a cancel or requeue stop them as
+        planned (the stop signal of the job's `checkpoints:` and its grace, then SIGTERM)."""
         gpus = visible_devices(allocation.gpus, caller_gpus())
         return runner.run(ctx, processes, {**os.environ, "CUDA_VISIBLE_DEVICES": gpus})
 

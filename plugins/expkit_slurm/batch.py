@@ -36,21 +36,44 @@ _NOT_INSTALLED = (
 _UNREACHABLE = "Unable to contact slurm controller"
 _NO_CONFIG = "Could not establish a configuration source"
 _SET_CONF = "export SLURM_CONF=<your cluster's slurm.conf>"
+# The signal Slurm sends the batch script (the launcher, expkit_slurm.launch) before the time
+# limit, for a job with `checkpoints:`: the launcher then has each rank's wrapper pass the
+# job's stop signal to its rank's own process (see launch.py). SIGURG, whose default action is
+# to do nothing, so that no other process of the job is stopped by it.
+RELAY_SIGNAL = "URG"
+# The longest warning Slurm's --signal takes (sbatch(1): sig_time is 0 to 65535 seconds).
+_MAX_SIGNAL_SECONDS = 65535
 
 
-def time_limit(timeout: float | None) -> int | None:
-    """Slurm's time limit in whole minutes for a run stage of `timeout` seconds: rounded up,
-    plus TIME_MARGIN_MINUTES; None (no limit) for None."""
+def time_limit(timeout: float | None, grace: float = 0.0) -> int | None:
+    """Slurm's time limit in whole minutes for an attempt of `timeout` seconds whose script
+    gets `grace` seconds to checkpoint after it (the job's `checkpoints.grace_seconds`; 0
+    without checkpoints): rounded up, plus TIME_MARGIN_MINUTES; None (no limit) for None."""
     if timeout is None:
         return None
-    return math.ceil(timeout / 60) + TIME_MARGIN_MINUTES
+    return math.ceil((timeout + grace) / 60) + TIME_MARGIN_MINUTES
+
+
+def signal_seconds(timeout: float | None, grace: float) -> int:
+    """How long before Slurm's time limit Slurm signals the launcher (`--signal=B:URG@N`) for
+    an attempt of `timeout` seconds with `grace` seconds to checkpoint: at `timeout` into
+    the attempt (when the driver's own timeout would stop it), so that the ranks have their
+    grace period and the margin before the limit; `grace` before the limit when the job has
+    no `timeout` (the partition's limit). Slurm may send it up to 60 s earlier than asked
+    (sbatch(1), --signal)."""
+    minutes = time_limit(timeout, grace)
+    if minutes is None or timeout is None:
+        return min(math.ceil(grace), _MAX_SIGNAL_SECONDS)
+    return min(minutes * 60 - math.floor(timeout), _MAX_SIGNAL_SECONDS)
 
 
 def directives(job: JobSpec, options: Mapping, run_id: str, run_dir: Path) -> list[str]:
     """The sbatch flags of `job`'s batch job, in the order the script shows them: the job's
     name and shape (nodes, processes and GPUs per node, time limit), where it writes and runs
-    (`run_dir`'s logs/launcher.log and work/), then `options` (`compute.options`, checked,
-    with defaults filled in) and the user's own `sbatch_args` last."""
+    (`run_dir`'s logs/launcher.log and work/), whether Slurm may start it again (`--requeue`
+    when the job's `retry` allows more than one attempt) and, for a job with `checkpoints`,
+    the signal before the time limit; then `options` (`compute.options`, checked, with
+    defaults filled in) and the user's own `sbatch_args` last."""
     res = job.resources
     flags = [
         f"--job-name=expkit-{run_id}",
@@ -69,20 +92,27 @@ def directives(job: JobSpec, options: Mapping, run_id: str, run_dir: Path) -> li
             flags.append(f"--gres={gres}")
         else:
             flags.append(f"--gpus-per-node={kind}{res.gpus_per_node}")
-    minutes = time_limit(job.timeout)
+    grace = job.checkpoints.grace_seconds if job.checkpoints else 0.0
+    minutes = time_limit(job.timeout, grace)
     if minutes is not None:
         flags.append(f"--time={minutes}")
     flags += [
         # Slurm reads %j, %N, ... in --output as patterns: a % of the path is written %%
         f"--output={str(run_dir / 'logs' / 'launcher.log').replace('%', '%%')}",
-        "--open-mode=append",  # a job requeued by the user's --requeue adds to its log
-        # A node failure or preemption ends the run (NODE_FAIL, PREEMPTED) instead of Slurm
-        # silently starting the training again in the same run folder (most clusters requeue
-        # by default); `sbatch_args: [--requeue]` asks for that back.
-        "--no-requeue",
+        "--open-mode=append",  # a requeued job adds to its log
+        # With `retry` (more than one attempt), Slurm starts the job again after a preemption,
+        # a node failure or `scontrol requeue`, in the same run folder: the driver sees the
+        # restart count grow and records the next attempt. Without it a node failure or a
+        # preemption ends the run (NODE_FAIL, PREEMPTED) instead of Slurm silently starting
+        # the training again (most clusters requeue by default).
+        "--requeue" if job.retry.max_attempts > 1 else "--no-requeue",
         f"--chdir={run_dir / 'work'}",
         "--export=ALL",
     ]
+    if job.checkpoints is not None:
+        # To the batch script only (B:): the launcher relays the job's stop signal to each
+        # rank's own process, not to every process of the job (data loader workers).
+        flags.append(f"--signal=B:{RELAY_SIGNAL}@{signal_seconds(job.timeout, grace)}")
     for name in ("partition", "account", "qos", "constraint", "mem", "reservation"):
         if options.get(name) is not None:
             flags.append(f"--{name}={options[name]}")

@@ -17,7 +17,9 @@ slurmd port, `cpus_per_node` CPUs and `memory_mb` MB (what the node *says* it ha
 `debug` (every node, the default) and `small` (the first node only, at most 10 minutes), so that
 the choice of partition visibly matters. `EnforcePartLimits=ALL` makes a request a partition can
 never satisfy fail at submit instead of pending forever. A batch job starts within about a second
-of its submission (`batch_sched_delay=0`; Slurm's default waits up to 3 s).
+of its submission (`batch_sched_delay=0`; Slurm's default waits up to 3 s), and a requeued one
+starts again about 6 s after `scontrol requeue` (`cred_expire=5`, `sched_interval=1`; with
+Slurm's defaults, 120 s plus up to a minute).
 
 What it needs: Slurm's daemons and munge (as root: `bash .ci/install`, which runs
 `apt-get install slurmctld slurmd slurm-client munge`). Not root: any user can start one (checked
@@ -161,7 +163,10 @@ SlurmdUser={user}
 SlurmctldPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge/munge.socket
+# cred_expire: a requeued job (`scontrol requeue`, a preemption) is held that long (+1 s) before
+# it may start again (Slurm's default 120 s); it is also how long a step's credential is good
+# for, which needs well under a second here.
+AuthInfo=socket={d}/munge/munge.socket,cred_expire=5
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/run/slurmctld.pid
@@ -176,8 +181,10 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# Schedule a submitted batch job at the next pass (about 1 s) rather than up to 3 s later.
-SchedulerParameters=batch_sched_delay=0
+# Schedule a submitted batch job at the next pass (about 1 s) rather than up to 3 s later, and
+# try the whole queue every second (default 60 s): a requeued job whose hold (cred_expire)
+# ends is started by that pass, nothing else wakes the scheduler for it.
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={d}/log/jobcomp.txt

@@ -25,8 +25,18 @@ local target):
   starts each rank with the HOROVOD_* variables horovodrun's gloo mode sets.
 
 OMP_NUM_THREADS=1 when a node runs more than one rank and the job did not set it (as torchrun).
+EXPKIT_ATTEMPT is the attempt the job was submitted as plus Slurm's restart count
+(SLURM_RESTART_COUNT: a requeued job is the run's next attempt).
 SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 sent to the batch step are passed on to srun, which
-passes them to every rank (`sbatch --signal=B:USR1@60` warns the training script).
+passes them to every rank.
+
+The planned stop of a job with `checkpoints:` (`--stop-signal SIG`): Slurm delivers a signal to
+every process of a step, a rank's data loader workers included, which die of SIGUSR1 (or run
+the rank's handler). So the stop goes through RELAY (SIGURG, which does nothing by default):
+each rank's wrapper (`task`) passes it on as the job's stop signal to its rank's own process
+only. The driver sends RELAY to the steps (`scancel --signal=URG JOB`); before the time limit
+Slurm sends it to this program (`sbatch --signal=B:URG@N`), which notes the time limit in
+`--state-dir` (`time-limit.JOB.RESTART`, read by the driver) and relays it to the steps.
 The exit status is the first failed rank's exit code (128 + N for a rank killed by signal N),
 else srun's. The meaning of each srun flag used: https://slurm.schedmd.com/srun.html
 """
@@ -51,6 +61,7 @@ from pathlib import Path
 from typing import IO, Any
 
 BACKENDS = ("none", "torchrun", "horovod")
+RELAY = signal.SIGURG  # see the module's docstring: the planned stop, passed on by `task`
 
 # Set per task (`task`) from Slurm's own numbering: srun sets SLURM_PROCID (the global rank),
 # SLURM_LOCALID (the rank on its node), SLURM_NODEID (the node's index in the step) and
@@ -127,9 +138,13 @@ def launcher_argv(
     gpus_per_node: int,
     log_dir: Path,
     command: list[str],
+    stop_signal: str | None = None,
+    state_dir: Path | None = None,
 ) -> list[str]:
     """The batch script's last command: `python` running this file (by its absolute path, so
     the job's python needs no expkit) to start `command` as nodes x processes_per_node ranks.
+    `stop_signal` (`SIGUSR1`, the job's `checkpoints.signal`) is what each rank gets at a
+    planned stop, `state_dir` where the time limit's signal is noted (see the docstring).
 
     Raises ValueError for an unknown backend, for `none` with more than one process, or for a
     log folder with a "%" in its path (srun would read it as a pattern).
@@ -142,7 +157,11 @@ def launcher_argv(
         str(Path(__file__).resolve()),
         *("--backend", backend, "--nodes", str(nodes)),
         *("--processes-per-node", str(processes_per_node), "--gpus-per-node", str(gpus_per_node)),
-        *("--log-dir", str(Path(log_dir).absolute()), "--", *command),
+        *("--log-dir", str(Path(log_dir).absolute())),
+        *(("--stop-signal", stop_signal) if stop_signal else ()),
+        *(("--state-dir", str(Path(state_dir).absolute())) if state_dir else ()),
+        "--",
+        *command,
     ]
 
 
@@ -170,6 +189,7 @@ def srun_argv(nodes: int, processes_per_node: int, gpus_per_node: int, log_dir: 
         # when the job was submitted with another --distribution.
         "--distribution=block",
         f"--output={log_dir}/rank-%t.log",  # %t: the task id, the rank; stderr goes there too
+        "--open-mode=append",  # a requeued job's next attempt adds to its ranks' logs
         "--input=none",
     ]
     if gpus_per_node:
@@ -271,9 +291,13 @@ def launch(
     gpus_per_node: int,
     log_dir: Path,
     command: list[str],
+    stop_signal: str | None = None,
+    state_dir: Path | None = None,
 ) -> int:
     """Run `command` as every rank of the allocation with one srun step; return the exit
-    status (the first failed rank's, else srun's). The signals in FORWARDED go to srun."""
+    status (the first failed rank's, else srun's). The signals in FORWARDED go to srun; with
+    `stop_signal`, RELAY from Slurm (the time limit's) is noted in `state_dir` and relayed to
+    the ranks (see the module's docstring)."""
     _check(backend, nodes, processes_per_node, gpus_per_node)
     if not log_dir.parent.is_dir():  # the run's folder is not on this node's file systems
         node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
@@ -284,8 +308,13 @@ def launch(
     log_dir.mkdir(exist_ok=True)
     names = job_nodes()[:nodes]
     env, server = ranks_env(backend, names, processes_per_node, gpus_per_node)
+    env["EXPKIT_ATTEMPT"] = str(attempt())
     argv = srun_argv(nodes, processes_per_node, gpus_per_node, log_dir)
-    argv += [sys.executable, str(Path(__file__).resolve()), "--task", backend, "--"]
+    argv += [sys.executable, str(Path(__file__).resolve()), "--task", backend]
+    if stop_signal:
+        argv += ["--stop-signal", stop_signal]
+        signal.signal(RELAY, lambda number, frame: _time_limit(state_dir))
+    argv.append("--")
     # Signals for the batch step (scancel --batch, sbatch --signal=B:USR1@60, the time limit's
     # SIGTERM) are passed to srun, which passes them to every rank; one arriving before srun
     # runs waits for it.
@@ -322,9 +351,49 @@ def launch(
     return 128 - code if code < 0 else code
 
 
-def task(backend: str, command: list[str]) -> int:
+def attempt() -> int:
+    """The run's attempt this job is: the one it was submitted as (EXPKIT_ATTEMPT in the
+    submitting environment, which sbatch --export=ALL passes on; 1 when unset) plus the
+    times Slurm started it again (SLURM_RESTART_COUNT, set from the first restart on)."""
+    submitted = os.environ.get("EXPKIT_ATTEMPT", "")
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "")
+    return (int(submitted) if submitted.isdigit() and int(submitted) >= 1 else 1) + (
+        int(restarts) if restarts.isdigit() else 0
+    )
+
+
+def time_limit_mark(state_dir: Path, job_id: str, restarts: int) -> Path:
+    """The file that says Slurm's time-limit signal reached the launcher of job `job_id` on
+    its start number `restarts` (the driver ends that attempt as `time_limit`)."""
+    return state_dir / f"time-limit.{job_id}.{restarts}"
+
+
+def _time_limit(state_dir: Path | None) -> None:
+    """Slurm's signal before the time limit reached this program: note it, then relay the
+    planned stop to every rank (`scancel --signal=URG`: the steps, not this program)."""
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "")
+    print(
+        f"launch.py: Slurm's time limit is near: stopping the ranks (job {job_id})", file=sys.stderr
+    )
+    if state_dir is not None and job_id:
+        with contextlib.suppress(OSError):
+            mark = time_limit_mark(state_dir, job_id, int(restarts) if restarts.isdigit() else 0)
+            mark.write_text(f"{time.time()}\n")
+    if job_id:
+        threading.Thread(
+            target=subprocess.run,
+            args=(["scancel", f"--signal={RELAY.name.removeprefix('SIG')}", job_id],),
+            kwargs={"stdin": subprocess.DEVNULL},
+            daemon=True,
+        ).start()
+
+
+def task(backend: str, command: list[str], stop_signal: str | None = None) -> int:
     """One rank, as srun starts it: `command` with the rank's variables (PER_TASK), in a
-    process group of its own (Slurm signals it with the rest of the step). When the rank ends,
+    process group of its own (Slurm signals it with the rest of the step). With
+    `stop_signal` (`SIGUSR1`), RELAY reaching this process is passed on as `stop_signal` to
+    the rank's own process, not its group (a planned stop). When the rank ends,
     what it started in its group and left running is stopped (SIGTERM, then SIGKILL after
     LEFTOVER_GRACE seconds), on clusters that track a step's processes by cgroup and on those
     that do not (proctrack/linuxproc loses a child whose parent exited). Returns the rank's
@@ -336,7 +405,23 @@ def task(backend: str, command: list[str]) -> int:
     # a signal on as well would deliver it twice. This process only outlives it, to clean up.
     for forwarded in FORWARDED:
         signal.signal(forwarded, lambda number, frame: None)
+    ranks: list[subprocess.Popen] = []
+    asked: list[int] = []
+    if stop_signal:
+        stop = signal.Signals[stop_signal]
+
+        def relay(number: int, frame: object) -> None:
+            if ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ranks[0].pid, stop)
+            else:
+                asked.append(stop)
+
+        signal.signal(RELAY, relay)
     rank = subprocess.Popen(command, env=env, preexec_fn=os.setpgrp)
+    ranks.append(rank)
+    for number in asked:  # a stop that came while the rank was being started
+        os.kill(rank.pid, number)
     code = rank.wait()
     for number, wait in ((signal.SIGTERM, LEFTOVER_GRACE), (signal.SIGKILL, 0.0)):
         try:
@@ -377,7 +462,9 @@ def _copy_stderr(stream: IO[bytes], messages: list[bytes]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The command line that `launcher_argv` builds; returns the exit status (2: bad input)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--task"]:  # one rank, as srun starts it: --task BACKEND -- COMMAND...
+    if argv[:1] == ["--task"]:  # one rank: --task BACKEND [--stop-signal SIG] -- COMMAND...
+        if argv[2] == "--stop-signal":
+            return task(argv[1], argv[5:], argv[3])
         return task(argv[1], argv[3:])
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, required=True)
@@ -385,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes-per-node", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=0)
     parser.add_argument("--log-dir", type=Path, required=True)
+    parser.add_argument("--stop-signal", choices=[s.name for s in signal.Signals])
+    parser.add_argument("--state-dir", type=Path)
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
     try:
@@ -395,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             args.gpus_per_node,
             args.log_dir,
             args.command,
+            args.stop_signal,
+            args.state_dir,
         )
     except ValueError as error:
         print(f"launch.py: error: {error}", file=sys.stderr)

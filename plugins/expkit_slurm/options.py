@@ -1,8 +1,9 @@
 """The options the `slurm` target takes (`compute.options`), named as Slurm names them.
 
 Each becomes one sbatch flag (see `expkit_slurm.batch.directives`); anything else a Slurm user
-needs (`--exclusive`, `--nodelist`, `--requeue`, `--signal`) goes through `sbatch_args`, which
-refuses the flags expkit sets itself and names what to set instead.
+needs (`--exclusive`, `--nodelist`, `--mail-type`) goes through `sbatch_args`, which
+refuses the flags expkit sets itself and names what to set instead (`--requeue` comes from the
+job's `retry:`, `--signal` from its `checkpoints:`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ SET_BY_EXPKIT: dict[str, tuple[str | None, str]] = {
     "mem": (None, "compute.options.mem"),
     "reservation": (None, "compute.options.reservation"),
     "cpus-per-task": ("c", "compute.options.cpus_per_task"),
+    "requeue": (None, "retry.max_attempts (more than 1: Slurm may requeue the job)"),
+    "no-requeue": (None, "retry.max_attempts (1: Slurm never requeues the job)"),
+    "signal": (None, "checkpoints (its signal and grace_seconds before the time limit)"),
 }
 _BY_LETTER = {letter: name for name, (letter, _) in SET_BY_EXPKIT.items() if letter}
 
@@ -156,7 +160,7 @@ TAKES = declare_options(
         max_length=64,
         validate=_check_sbatch_args,
         text="a list of sbatch flags, e.g. ['--exclusive']",
-        help="more sbatch flags, e.g. ['--exclusive', '--requeue']; flags expkit sets from "
+        help="more sbatch flags, e.g. ['--exclusive']; flags expkit sets from "
         "the job (--nodes, --time, --output, ...) are refused",
     ),
     poll_seconds=Option(

@@ -18,12 +18,18 @@ How Slurm's states end a run (the README's table):
 | COMPLETED     | completed |                                                               |
 | FAILED        | failed    | `Slurm job failed with exit code N` (or `killed by signal N`) |
 | CANCELLED     | canceled  | `canceled by Slurm (scancel)`                                 |
-| TIMEOUT       | failed    | `time limit of N s reached` (N: the job's `timeout`)          |
-| NODE_FAIL     | failed    | `node n2 failed (Slurm: NODE_FAIL; n2 is DOWN: <why>)`        |
+| TIMEOUT       | failed (*)| `time limit of N s reached` (N: the job's `timeout`)          |
+| NODE_FAIL     | failed (*)| `node n2 failed (Slurm: NODE_FAIL; n2 is DOWN: <why>)`        |
 | OUT_OF_MEMORY | failed    | `out of memory on n1 (Slurm: OUT_OF_MEMORY)`                  |
-| PREEMPTED     | failed    | `preempted by another job (Slurm: PREEMPTED)`                 |
-| BOOT_FAIL     | failed    | `node n1 failed to boot (Slurm: BOOT_FAIL)`                   |
+| PREEMPTED     | failed (*)| `preempted by another job (Slurm: PREEMPTED)`                 |
+| BOOT_FAIL     | failed (*)| `node n1 failed to boot (Slurm: BOOT_FAIL)`                   |
 | DEADLINE      | failed    | `the job's deadline passed (Slurm: DEADLINE)`                 |
+
+(*) the attempt ends `time_limit` (TIMEOUT), `node_failure` (NODE_FAIL, BOOT_FAIL) or
+`preempted` (PREEMPTED): the target raises Interrupted, and the job's `retry.on` may start
+another attempt (a new Slurm job); the run fails when it does not. A job Slurm itself starts
+again (`--requeue`: a preemption, `scontrol requeue`, a node failure; `Restarts=N` in
+`scontrol show job`) goes back to PENDING and stays the same run: the next attempt.
 
 Every command takes `env`: the environment Slurm's commands run with (the caller's plus
 SLURM_CONF).
@@ -84,7 +90,9 @@ class JobState:
     TIMEOUT, ...), `reason` the pending reason (Priority, Resources, ...; None when Slurm
     gives none), `nodes` the node names once it has them, `exit_code` and `signal` the batch
     step's (None when unknown, or no signal), `finished` true for a final state,
-    `failed_nodes` which of its nodes Slurm says are unwell after a node failure."""
+    `failed_nodes` which of its nodes Slurm says are unwell after a node failure,
+    `restarts` how often Slurm started the job again (Slurm's restart count: a requeue, a
+    preemption or a node failure of a job submitted with --requeue; 0 when unknown)."""
 
     job_id: str
     state: str
@@ -96,6 +104,7 @@ class JobState:
     # After NODE_FAIL or BOOT_FAIL: the job's nodes Slurm now holds down, drained or not
     # responding, each with its state and Slurm's reason (`IDLE+DRAIN: testing`).
     failed_nodes: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0
 
 
 def query(job_id: str, env: Mapping[str, str]) -> JobState | None:
@@ -144,9 +153,11 @@ def never_starts(state: JobState) -> str | None:
 
 
 def outcome(state: JobState, timeout: float | None) -> tuple[str, str | None]:
-    """The run's end for a finished job: ("completed" | "failed" | "canceled", the failure's
-    one-line reason or None). `timeout` is the job's `timeout` in seconds, named when Slurm's
-    time limit stopped it. See the table in this module's docstring.
+    """How a finished job ended the attempt: ("completed" | "failed" | "canceled" |
+    "time_limit" | "node_failure" | "preempted", the one-line reason or None); the last three
+    are the attempt outcomes (expkit.stages.AttemptOutcome) that the job's `retry.on` may
+    retry. `timeout` is the job's `timeout` in seconds, named when Slurm's time limit stopped
+    it. See the table in this module's docstring.
 
     Raises ValueError for a job that has not finished."""
     if not state.finished:
@@ -159,14 +170,16 @@ def outcome(state: JobState, timeout: float | None) -> tuple[str, str | None]:
         return "canceled", "canceled by Slurm (scancel)"
     if name == "TIMEOUT":
         if timeout is None:  # a limit the user set through sbatch_args or the partition's
-            return "failed", "Slurm's time limit for the job reached (Slurm: TIMEOUT)"
-        return "failed", f"time limit of {timeout:g} s reached"
+            return "time_limit", "Slurm's time limit for the job reached (Slurm: TIMEOUT)"
+        return "time_limit", f"time limit of {timeout:g} s reached"
+    if name in ("NODE_FAIL", "BOOT_FAIL"):
+        how = "failed" if name == "NODE_FAIL" else "failed to boot"
+        return "node_failure", f"{_failed(state)} {how} (Slurm: {name}{_said(state)})"
+    if name == "PREEMPTED":
+        return "preempted", "preempted by another job (Slurm: PREEMPTED)"
     reasons = {
         "FAILED": _exit_text(state),
-        "NODE_FAIL": f"{_failed(state)} failed (Slurm: NODE_FAIL{_said(state)})",
         "OUT_OF_MEMORY": f"out of memory on {nodes} (Slurm: OUT_OF_MEMORY)",
-        "PREEMPTED": "preempted by another job (Slurm: PREEMPTED)",
-        "BOOT_FAIL": f"{_failed(state)} failed to boot (Slurm: BOOT_FAIL{_said(state)})",
         "DEADLINE": "the job's deadline passed (Slurm: DEADLINE)",
     }
     return "failed", reasons.get(name, f"Slurm ended the job with state {name}")
@@ -182,6 +195,15 @@ def cancel(job_id: str, env: Mapping[str, str]) -> None:
         text = done.stderr.strip()
         if not re.search(r"already completing or completed|Invalid job id", text):
             raise StageFailed(f"scancel {job_id} failed: {text.splitlines()[-1]}")
+
+
+def signal_steps(job_id: str, signal_name: str, env: Mapping[str, str]) -> bool:
+    """Send `signal_name` (`URG`) to every process of the job's steps, not to the batch
+    script (`scancel --signal`, Slurm's default for a signal). True when Slurm took it; False
+    for a job that has no step running (pending, ended) or that Slurm refuses to signal.
+
+    Raises StageFailed when the controller does not answer."""
+    return _run(["scancel", f"--signal={signal_name}", job_id], env).returncode == 0
 
 
 def unwell_nodes(nodes: list[str], env: Mapping[str, str]) -> dict[str, str]:
@@ -223,10 +245,12 @@ def hostnames(hostlist: str, env: Mapping[str, str]) -> list[str]:
 
 # -- the sources, cheapest first -------------------------------------------------------------
 def _squeue(job_id: str, env: Mapping[str, str]) -> JobState | None:
-    """A live job from `squeue` (PENDING, RUNNING, COMPLETING, ...); None once it ended."""
-    done = _asked(["squeue", "-h", "-j", job_id, "-o", "%i|%T|%N|%r"], env)
+    """A live job from `squeue` (PENDING, RUNNING, COMPLETING, ...); None once it ended.
+    The long format (-O; width 0: nothing cut) is the one that has the restart count."""
+    form = "JobID:0|,State:0|,RestartCnt:0|,NodeList:0|,Reason:0"
+    done = _asked(["squeue", "-h", "-j", job_id, "-O", form], env)
     for line in done.stdout.splitlines():
-        got, state, nodes, reason = [*line.split("|", 3), "", "", ""][:4]
+        got, state, restarts, nodes, reason = [*line.split("|", 4), "", "", "", ""][:5]
         if got.strip() == job_id:
             return JobState(
                 job_id,
@@ -234,6 +258,7 @@ def _squeue(job_id: str, env: Mapping[str, str]) -> JobState | None:
                 reason=_reason(reason),
                 nodes=hostnames(nodes, env),
                 finished=state.strip() in FINAL_STATES,
+                restarts=int(restarts) if restarts.strip().isdigit() else 0,
             )
     return None
 
@@ -251,6 +276,7 @@ def _scontrol(job_id: str, env: Mapping[str, str]) -> JobState | None:
                 fields.get("NodeList", ""),
                 env,
                 reason=fields.get("Reason"),
+                restarts=fields.get("Restarts", ""),
             )
     return None
 
@@ -287,6 +313,7 @@ def _state(
     nodes: str,
     env: Mapping[str, str],
     reason: str | None = None,
+    restarts: str = "",
 ) -> JobState:
     word = state.split()[0] if state.split() else "UNKNOWN"  # "CANCELLED by 1000"
     code, signal = _exit_code(exit_code)
@@ -298,6 +325,7 @@ def _state(
         exit_code=code,
         signal=signal,
         finished=word in FINAL_STATES,
+        restarts=int(restarts) if restarts.isdigit() else 0,
     )
 
 

@@ -11,8 +11,17 @@ expkit_slurm.states):
 * run (`execute`): the job runs `launch.py` on its first node, which starts every rank with one
   srun step (expkit_slurm.launch); each rank writes `logs/rank-N.log` itself, on the file
   system the nodes share, and this driver shows their lines as they come. The job's `timeout`
-  is enforced here to the second (Slurm's own `--time`, in minutes, is the backstop when no
-  driver follows the job). Ctrl-C and `expkit runs cancel` call `scancel`.
+  (per attempt) is enforced here to the second (Slurm's own `--time`, in minutes, is the
+  backstop when no driver follows the job). Ctrl-C and `expkit runs cancel` call `scancel`.
+  For a job with `checkpoints:`, the timeout and a cancel are planned stops: each rank gets
+  the job's stop signal first (relayed by launch.py) and `ctx.stop_grace` seconds to write a
+  checkpoint and exit; Slurm's time limit does the same without a driver (`--signal`).
+* Attempts (the job's `retry:`): a job submitted with `--requeue` that Slurm starts again (a
+  preemption, `scontrol requeue`, a node failure: its restart count grows) is the run's next
+  attempt (`ctx.requeued`), in the same run folder; the ranks see EXPKIT_ATTEMPT = the attempt
+  it was submitted as + SLURM_RESTART_COUNT. A job that ends PREEMPTED, NODE_FAIL, BOOT_FAIL
+  or TIMEOUT (or stopped at its time limit) raises Interrupted, which the lifecycle may retry
+  with a new job.
 * A driver that dies leaves the job running: the next expkit command starts a driver that
   re-attaches (`reattach`) and finishes the run when the job ends.
 
@@ -23,6 +32,7 @@ channel, outputs), which therefore must be on a file system the nodes share.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -36,6 +46,7 @@ from expkit.plugin import (
     Canceled,
     ComputeTarget,
     Detached,
+    Interrupted,
     JobSpec,
     Process,
     RankFailure,
@@ -129,6 +140,8 @@ class SlurmTarget(ComputeTarget):
             res.gpus_per_node,
             run_dir / "logs",
             command,
+            stop_signal=job.checkpoints.signal if job.checkpoints else None,
+            state_dir=run_dir / "slurm" if job.checkpoints else None,
         )
         return batch.script(batch.directives(job, job.compute.options, run_id, run_dir), body)
 
@@ -140,7 +153,12 @@ class SlurmTarget(ComputeTarget):
         folder.mkdir(exist_ok=True)
         path = folder / "job.sh"
         path.write_text(self._script(ctx.job, ctx.run_id, ctx.run_dir, ctx.command.argv))
-        job_id = batch.submit(path, self._env(ctx))
+        # An earlier attempt's lines stay in the ranks' logs: this job's start after them.
+        sizes = {p.name: p.stat().st_size for p in RankLogs.logs(ctx.log_dir)}
+        # The ranks' EXPKIT_ATTEMPT is this plus Slurm's restart count (launch.py).
+        job_id = batch.submit(path, {**self._env(ctx), "EXPKIT_ATTEMPT": str(ctx.attempt)})
+        _submitted_as(ctx, job_id).write_text(f"{ctx.attempt}\n", encoding="utf-8")
+        _logs_at(ctx, job_id).write_text(json.dumps(sizes), encoding="utf-8")
         ctx.set_remote_job(f"slurm:{job_id}")
         ctx.set_tags({"slurm.job_id": job_id})
         ctx.say(f"submitted Slurm job {job_id}: {shlex.join(batch.command_line(path))}")
@@ -211,27 +229,41 @@ class SlurmTarget(ComputeTarget):
 
     # -- run --------------------------------------------------------------------------------
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
-        """Follow the job to its end: show the ranks' lines, enforce the timeout, cancel
-        on request; the exit code of the job (srun's: the first failed rank's)."""
+        """Follow the job to its end: show the ranks' lines, enforce the timeout of each
+        attempt, cancel on request, record each restart by Slurm as the next attempt; the
+        exit code of the job (srun's: the first failed rank's). Raises Interrupted when the
+        attempt ended by the machine (time limit, node failure, preemption), Canceled when
+        canceled."""
         job_id = _job_id(allocation)
         env, poll = self._env(ctx), float(ctx.job.compute.options["poll_seconds"])
         timeout = ctx.job.timeout
-        deadline = None if timeout is None else self._deadline(ctx, timeout)
-        tails = RankLogs(ctx)
+        tails = RankLogs(ctx, _read_json(_logs_at(ctx, job_id)))
         state = self._query(job_id, env)
+        # Restarts already recorded as attempts (a driver that re-attaches): the attempt now
+        # recorded minus the one the job was submitted as.
+        seen = max(0, ctx.attempt - _read_number(_submitted_as(ctx, job_id), ctx.attempt))
+        nodes, deadline = list(state.nodes), None
         asked = silent = 0.0  # when Slurm was last asked; since when it has not answered
-        while not state.finished:
+        while True:
+            if state.restarts > seen:
+                self._restarted(ctx, job_id, seen, state.restarts, nodes, env)
+                seen, deadline = state.restarts, None
+            if state.finished:
+                break
+            if state.state == "RUNNING":
+                nodes = list(state.nodes) or nodes
+                if deadline is None and timeout is not None:
+                    deadline = self._deadline(ctx, timeout, job_id, state.restarts)
             tails.show()
             if ctx.canceled():
-                self._cancel(ctx, job_id)
-                tails.show()
+                self._stop(ctx, job_id, tails, "the run is canceled")
                 raise Canceled()
             if deadline is not None and time.monotonic() > deadline:
-                self._cancel(ctx, job_id)
-                tails.show()
-                raise StageFailed(
+                self._stop(ctx, job_id, tails, f"the attempt reached its timeout ({timeout:g}s)")
+                raise Interrupted(
+                    "time_limit",
                     f"timed out after {timeout:g}s (the job's `timeout`); Slurm job {job_id} "
-                    "canceled"
+                    "canceled",
                 )
             time.sleep(TAIL_SECONDS)
             if time.monotonic() - asked >= poll:
@@ -246,16 +278,27 @@ class SlurmTarget(ComputeTarget):
                     continue
                 silent = 0.0
                 if fresh.state != state.state:
-                    ctx.status(f"slurm {fresh.state} on {', '.join(fresh.nodes) or '?'}")
+                    why = f" ({fresh.reason})" if fresh.state == "PENDING" and fresh.reason else ""
+                    ctx.status(f"slurm {fresh.state}{why} on {', '.join(fresh.nodes) or '?'}")
                 state = fresh
         tails.show(final=True)
         ctx.set_tags({"slurm.state": state.state})
         ctx.status(None)
         verdict, reason = states.outcome(state, timeout)
+        stopped = launch_mark(ctx, job_id, state.restarts)
+        if verdict in ("completed", "failed") and stopped.exists():
+            # The ranks got the stop signal before Slurm's time limit and ended by themselves.
+            limit = f"{timeout:g}s (the job's `timeout`)" if timeout else "Slurm's time limit"
+            raise Interrupted(
+                "time_limit",
+                f"stopped at the time limit of {limit} to checkpoint (Slurm job {job_id})",
+            )
         if verdict == "completed":
             return 0
         if verdict == "canceled":
             raise Canceled(reason or f"Slurm job {job_id} was canceled")
+        if verdict in ("time_limit", "node_failure", "preempted"):
+            raise Interrupted(verdict, reason or f"Slurm job {job_id} ended {state.state}")
         if state.state == "FAILED" and state.exit_code is not None:
             failure = self.failure(ctx)
             if failure and failure.exit_code is not None:
@@ -265,6 +308,67 @@ class SlurmTarget(ComputeTarget):
                 raise StageFailed(f"Slurm job {job_id} failed before its ranks started: {said}")
             return state.exit_code or 1
         raise StageFailed(reason or f"Slurm job {job_id} ended {state.state}")
+
+    def _restarted(
+        self,
+        ctx: RunContext,
+        job_id: str,
+        seen: int,
+        restarts: int,
+        nodes: list[str],
+        env: dict[str, str],
+    ) -> None:
+        """Slurm started the job again (`restarts` times, `seen` of them recorded): record
+        each as the end of an attempt and the start of the next (`ctx.requeued`): a node
+        failure when one of the job's `nodes` is now down or drained, else a preemption (or
+        `scontrol requeue`: Slurm does not tell them apart without accounting). When the
+        job's `retry` allows no more attempts, the job is canceled and Interrupted raised."""
+        try:
+            unwell = states.unwell_nodes(nodes, env)
+        except StageFailed:
+            unwell = {}
+        for count in range(seen + 1, restarts + 1):
+            if unwell:
+                said = "; ".join(f"{name} is {why}" for name, why in unwell.items())
+                outcome = "node_failure"
+                reason = f"Slurm requeued job {job_id} after a node failed ({said})"
+            else:
+                outcome = "preempted"
+                reason = f"Slurm requeued job {job_id} (preempted, or `scontrol requeue`)"
+            if not ctx.requeued(outcome, reason):
+                self._cancel(ctx, job_id)
+                raise Interrupted(outcome, reason)
+            ctx.status(f"slurm: job {job_id} requeued (restart {count}); waiting for it to run")
+
+    def _stop(self, ctx: RunContext, job_id: str, tails: RankLogs, why: str) -> None:
+        """A planned stop (the timeout, a cancel): for a job with `checkpoints`, each rank
+        first gets the job's stop signal (through launch.py's relay) and up to
+        `ctx.stop_grace` seconds to checkpoint and exit; then `scancel`."""
+        checkpoints = ctx.job.checkpoints
+        if checkpoints is not None:
+            env = self._env(ctx)
+            try:
+                sent = states.signal_steps(job_id, batch.RELAY_SIGNAL, env)
+            except StageFailed:
+                sent = False
+            if sent:
+                grace = ctx.stop_grace or checkpoints.grace_seconds
+                ctx.say(
+                    f"{why}: the ranks of Slurm job {job_id} get {checkpoints.signal} and "
+                    f"{grace:g}s to write a checkpoint"
+                )
+                end = time.monotonic() + grace
+                while time.monotonic() < end:
+                    tails.show()
+                    try:
+                        state = states.query(job_id, env)
+                    except StageFailed:
+                        state = None
+                    if state is None or state.finished:
+                        break
+                    time.sleep(0.2)
+        self._cancel(ctx, job_id)
+        tails.show()
 
     def failure(self, ctx: RunContext) -> RankFailure | None:
         """The first rank srun reported failed, from the batch log (launcher.log)."""
@@ -288,12 +392,13 @@ class SlurmTarget(ComputeTarget):
             self._cancel(ctx, job_id)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _deadline(self, ctx: RunContext, timeout: float) -> float:
-        """When the run stage's `timeout` (seconds) ends, on time.monotonic()'s clock: counted
-        from the first time a driver followed the running job, which is written in the
-        run's folder (`slurm/run-started`, seconds since the epoch), so that a driver that
-        re-attaches does not give the job its whole timeout again."""
-        mark = ctx.run_dir / "slurm" / "run-started"
+    def _deadline(self, ctx: RunContext, timeout: float, job_id: str, restarts: int) -> float:
+        """When the attempt's `timeout` (seconds) ends, on time.monotonic()'s clock: counted
+        from the first time a driver followed the running job on this start of it (Slurm's
+        `restarts`), which is written in the run's folder (`slurm/started.JOB.RESTARTS`,
+        seconds since the epoch), so that a driver that re-attaches does not give the job its
+        whole timeout again, and a requeued job gets a whole one."""
+        mark = ctx.run_dir / "slurm" / f"started.{job_id}.{restarts}"
         try:
             started = float(mark.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -346,21 +451,34 @@ class RankLogs:
     Cheap enough to call every TAIL_SECONDS: the folder is listed once a second, and a log is
     read only when its size grew."""
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, start: dict[str, int] | None = None) -> None:
         self.ctx = ctx
         self.offsets: dict[Path, int] = {}
         self.listed = 0.0
+        self.start = start or {}  # where this job's lines begin, by log name
+
+    @staticmethod
+    def logs(log_dir: Path) -> list[Path]:
+        """The ranks' logs in `log_dir` (`rank-N.log`, no links), by name."""
+        return [
+            path
+            for path in sorted(log_dir.glob("rank-*.log"))
+            if path.stem.removeprefix("rank-").isdigit() and not path.is_symlink()
+        ]
 
     def show(self, final: bool = False) -> None:
         """Echo each rank's new complete lines (and, when `final`, a last unfinished one)."""
         if final or time.monotonic() - self.listed >= 1.0:
             self.listed = time.monotonic()
-            for path in sorted(self.ctx.log_dir.glob("rank-*.log")):
-                if path.stem.removeprefix("rank-").isdigit() and not path.is_symlink():
-                    self.offsets.setdefault(path, 0)
+            for path in self.logs(self.ctx.log_dir):
+                start = self.start.get(path.name, 0)
+                self.offsets.setdefault(path, start if isinstance(start, int) else 0)
         for path, offset in self.offsets.items():
             try:
-                if path.stat().st_size <= offset:
+                size = path.stat().st_size
+                if size < offset:  # written anew (a requeued job on a cluster that truncates)
+                    offset = 0
+                if size <= offset:
                     continue
                 with open(path, "rb") as f:
                     f.seek(offset)
@@ -372,6 +490,42 @@ class RankLogs:
             rank = int(path.stem.removeprefix("rank-"))
             for line in data[:end].splitlines(keepends=True):
                 self.ctx.echo(rank, line)
+
+
+def _submitted_as(ctx: RunContext, job_id: str) -> Path:
+    """The file that keeps the attempt Slurm job `job_id` was submitted as."""
+    return ctx.run_dir / "slurm" / f"attempt.{job_id}"
+
+
+def launch_mark(ctx: RunContext, job_id: str, restarts: int) -> Path:
+    """The file launch.py writes when Slurm's time-limit signal reached it (see there)."""
+    from expkit_slurm import launch
+
+    return launch.time_limit_mark(ctx.run_dir / "slurm", job_id, restarts)
+
+
+def _logs_at(ctx: RunContext, job_id: str) -> Path:
+    """The file that keeps the sizes of the ranks' logs when Slurm job `job_id` was
+    submitted: where its own lines begin."""
+    return ctx.run_dir / "slurm" / f"logs.{job_id}.json"
+
+
+def _read_json(path: Path) -> dict:
+    """The mapping a small JSON file holds, else an empty one."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _read_number(path: Path, default: int) -> int:
+    """The whole number a small file holds, else `default`."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return default
+    return int(text) if text.isdigit() else default
 
 
 def _last_line(path: Path) -> str | None:

@@ -1,5 +1,9 @@
-"""`expkit metrics RUN [RUN ...] [NAME] [--plot FILE]`: one run's metrics, several side by
-side, or their curves in a picture."""
+"""`expkit metrics RUN [RUN ...] [NAME] [--plot FILE] [--all-attempts]`: one run's metrics,
+several side by side, or their curves in a picture.
+
+A run whose later attempt resumed from a checkpoint logged some steps twice: what is shown is
+the current curve (`expkit.history.metrics.Metrics.current`); `--all-attempts` lists every
+value kept, with the attempt that logged it."""
 
 from __future__ import annotations
 
@@ -16,8 +20,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     metrics = commands.add_parser(
         "metrics",
         help="a run's metrics, or several runs side by side (--plot: a picture)",
-        usage="expkit metrics RUN [RUN ...] [NAME] [--plot FILE.png]",
-        description="One RUN: every logged value with its step. Several: the latest value of "
+        usage="expkit metrics RUN [RUN ...] [NAME] [--plot FILE.png] [--all-attempts]",
+        description="One RUN: every logged value with its step; where a later attempt of the "
+        "run (a retry, a requeue, `expkit runs resume`) logged a step again, its value "
+        "supersedes the earlier one (--all-attempts: both, with their attempt). Several: the "
+        "latest value of "
         "each metric, one column per run, each run named by its id and the parameters whose "
         "values differ between the runs (`test_3 (lr=0.01)`). NAME (a last argument that is "
         "not a run) keeps that metric only. --plot draws the numeric metrics' curves "
@@ -27,36 +34,68 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "refs", nargs="+", metavar="RUN", help="run id, run number, or `latest`; then NAME"
     )
     metrics.add_argument("--plot", metavar="FILE", help="write a picture (.png, .svg, .pdf)")
+    metrics.add_argument(
+        "--all-attempts",
+        action="store_true",
+        help="one run's every value, with the attempt that logged it, also those a later "
+        "attempt superseded by logging the same step again",
+    )
     metrics.set_defaults(handler=cmd_metrics)
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    """One run's metrics with their steps, several runs' latest values side by side, or
-    (--plot) their curves in a picture; UserError for an unknown run or nothing to plot."""
-    from expkit.console import format_value
-    from expkit.history import metric_value
+    """One run's metrics with their steps (its current curve; --all-attempts: every value
+    with its attempt), several runs' latest values side by side, or (--plot) their curves in
+    a picture; UserError for an unknown run, nothing to plot, or --all-attempts with --plot
+    or several runs."""
+    from expkit.errors import UserError
 
     workspace = open_workspace(args)
     records, name = _metric_refs(workspace, args.refs)
+    all_attempts = getattr(args, "all_attempts", False)
+    if all_attempts and (args.plot or len(records) > 1):
+        raise UserError(
+            "--all-attempts: lists one run's values (plots and comparisons show the current "
+            "curves); give one run, without --plot"
+        )
     if args.plot:
         return _plot_metrics(workspace, records, name, Path(args.plot))
     if len(records) > 1:
         return _compare_metrics(workspace, records, name)
-    record = records[0]
-    rows = workspace.history.metrics.of(record.id, name)
+    return _one_run(workspace, records[0], name, all_attempts)
+
+
+def _one_run(workspace: Any, record: Any, name: str | None, all_attempts: bool) -> int:
+    """One run's values with their steps: its current curve, or (all_attempts) every value
+    kept. An ATTEMPT column when the values shown come from more than one attempt (always
+    with all_attempts), and a last line saying how many superseded values are not shown."""
+    from expkit.console import format_value
+    from expkit.history import metric_value
+
+    metrics = workspace.history.metrics
+    rows = metrics.of(record.id, name) if all_attempts else metrics.current(record.id, name)
     if not rows:
         print(f"run {record.id} has no metrics" + _named(name))
         return 0
+    attempts = all_attempts or len({r["attempt"] for r in rows}) > 1
     table = [
         [
             r["name"],
             "-" if r["step"] is None else str(r["step"]),
+            *([str(r["attempt"])] if attempts else []),
             format_value(metric_value(r)),
             when(r["ts"]),
         ]
         for r in rows
     ]
-    print_table(["METRIC", "STEP", "VALUE", "TIME"], table)
+    print_table(["METRIC", "STEP", *(["ATTEMPT"] if attempts else []), "VALUE", "TIME"], table)
+    hidden = 0 if all_attempts else metrics.count(record.id, name) - len(rows)
+    if hidden:
+        values = "value" if hidden == 1 else "values"
+        print(
+            f"({hidden} {values} of earlier attempts superseded by a later attempt's steps "
+            "are not shown; --all-attempts shows them)"
+        )
     return 0
 
 

@@ -87,10 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     showing it live; the exit code is the run's state (0 completed, 1 failed, 130 canceled;
     3 when the driver let go of a cluster job that goes on).
     With --dry-run, print the plan instead (`dry_run`)."""
-    import contextlib
-
     from expkit import lifecycle
-    from expkit.console import Console
     from expkit.errors import NoSpace, UserError
     from expkit.job import JobSpec, blame_overrides
 
@@ -113,10 +110,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"No space left on device on {lifecycle.mount_point(workspace.path)}: the run "
             "cannot be recorded; free some space and run again (reading runs still works)"
         ) from None
+    return drive_here(args, workspace, record, early)
+
+
+def drive_here(
+    args: argparse.Namespace, workspace: Any, record: Any, early: list[str], resume: bool = False
+) -> int:
+    """Drive the queued run `record` (`expkit run`, `expkit runs resume`): with --detach, by
+    a background driver, returning 0 at once; else in this process, showing it live, then
+    its summary; the exit code is the run's state (0 completed, 1 failed, 130 canceled; 3
+    when the driver let go of a cluster job that goes on). `early`: the signals noted since
+    the run was recorded (`lifecycle.note_signals`); `resume`: the next attempt of a run
+    `lifecycle.reopen` made queued again."""
+    import contextlib
+
+    from expkit import lifecycle
+    from expkit.console import Console
+
     if args.detach:
         from expkit.driver import DRIVER_LOG, start_driver
 
-        start_driver(workspace, record.id)
+        start_driver(workspace, record.id, resume=resume)
         print(f"run {record.number} ({record.id}) goes on in the background")
         print(f"  follow it:  expkit runs follow {record.number}")
         print(f"  stop it:    expkit runs cancel {record.number}")
@@ -124,7 +138,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     console = Console(ranks="all" if args.all_ranks else "0", quiet=args.quiet)
     try:
-        record = lifecycle.drive(workspace, record.id, console, own_process=True, early=early)
+        record = lifecycle.drive(
+            workspace, record.id, console, own_process=True, early=early, resume=resume
+        )
     finally:
         console.close()
     if not record.finished:  # the driver let go: the job goes on without it

@@ -110,6 +110,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="drive the run in the background and return at once (follow it with "
         "`expkit runs follow RUN`)",
     )
+    resume.add_argument("--all-ranks", action="store_true", help="show every rank's output")
+    resume.add_argument("--quiet", action="store_true", help="show the script's output only")
     resume.set_defaults(handler=cmd_runs_resume)
     files = runs.add_parser("files", help="the run's files (outputs/ and logs/)")
     files.add_argument("run_id", metavar="RUN", help=RUN_HELP)
@@ -176,7 +178,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             [
                 *trial,
                 r.id,
-                f"{r.state}: {r.status}" if r.status else r.state,  # queued: Priority
+                state_cell(r),
                 when(r.created),
                 human_seconds(took),
                 "-" if r.exit_code is None else str(r.exit_code),
@@ -191,6 +193,31 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             row.append(cell)
     print_table(headers, rows)
     return 0
+
+
+def max_attempts(job: dict[str, Any]) -> int:
+    """How many attempts the run's job allows in all (its `retry.max_attempts`; 1 for a job
+    recorded without `retry:`)."""
+    return int((job.get("retry") or {}).get("max_attempts", 1))
+
+
+def attempt_label(record: Any) -> str:
+    """`attempt 2 of 3` for a running run whose job allows retries or that is past its first
+    attempt, and for a finished one past its first attempt (a run resumed beyond its job's
+    `max_attempts`: `attempt 4`); "" otherwise (a queued run's next attempt is not started)."""
+    most = max_attempts(record.job)
+    shown = record.attempt > 1 or (record.state == "running" and most > 1)
+    if not shown or record.state == "queued":
+        return ""
+    return f"attempt {record.attempt}" + (f" of {most}" if record.attempt <= most else "")
+
+
+def state_cell(record: Any) -> str:
+    """A run's state in `runs list`: `queued: Priority` (the compute target's status),
+    `running (attempt 2 of 3)` (see `attempt_label`), or the state alone."""
+    cell = f"{record.state}: {record.status}" if record.status else record.state
+    label = attempt_label(record)
+    return f"{cell} ({label})" if label else cell
 
 
 def _extra_columns(
@@ -238,7 +265,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         return 0
     print(f"run         {record.id}")
     print(f"experiment  {record.experiment}")
-    print(f"state       {record.state}" + (f" ({record.status})" if record.status else ""))
+    label = ", ".join(x for x in (record.status, attempt_label(record)) if x)
+    print(f"state       {record.state}" + (f" ({label})" if label else ""))
     print(f"created     {when(record.created)}")
     if record.ended:
         print(f"ended       {when(record.ended)}")
@@ -259,6 +287,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     for stage in history.stages.of(record.id):
         took = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         print(f"  {stage.stage:<13} {stage.state:<9} {took:>8}  {stage.message or ''}".rstrip())
+    _print_attempts(record, history.attempts.of(record.id))
     params = history.params.of(record.id)
     if params:
         from expkit.outputs import escaped
@@ -298,6 +327,33 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     ):
         print(f"\nwarning: {event['message']}")
     return 0
+
+
+def _print_attempts(record: Any, attempts: list[Any]) -> None:
+    """`runs show`'s attempts table (number, start, duration, outcome, exit code, reason),
+    when the run had more than one attempt or its job has `retry:` or `checkpoints:`."""
+    from expkit.console import human_seconds
+    from expkit.outputs import escaped
+
+    retries = max_attempts(record.job) > 1 or record.job.get("checkpoints")
+    if not attempts or (len(attempts) == 1 and not retries):
+        return
+    most = max_attempts(record.job)
+    print(f"\nattempts (at most {most})" if most > 1 else "\nattempts")
+    rows = []
+    for a in attempts:
+        going = a.ended is None and not record.finished
+        rows.append(
+            [
+                str(a.attempt),
+                when(a.started),
+                human_seconds(a.seconds) if a.ended is not None or going else "-",
+                a.outcome or ("running" if going else "-"),
+                "-" if a.exit_code is None else str(a.exit_code),
+                escaped(a.reason or ""),
+            ]
+        )
+    print_table(["#", "STARTED", "DURATION", "OUTCOME", "EXIT", "REASON"], rows, indent="  ")
 
 
 def cmd_runs_logs(args: argparse.Namespace) -> int:
@@ -348,9 +404,12 @@ def cmd_runs_follow(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_cancel(args: argparse.Namespace) -> int:
-    """Ask a run's driver to stop it (its outputs are kept); a finished run is left as is."""
+    """Ask a run's driver to stop it (its outputs are kept); a finished run is left as is.
+    With --requeue, ask it to stop only the current attempt and start the next (`requeue`)."""
     workspace = open_workspace(args)
     record = run_record(workspace, args.run_id)
+    if args.requeue:
+        return requeue(workspace, record)
     if record.finished:
         print(f"run {record.id} already {record.state}")
         return 0
@@ -359,10 +418,63 @@ def cmd_runs_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def requeue(workspace: Any, record: Any) -> int:
+    """`expkit runs cancel RUN --requeue`: the driver stops the running attempt as planned
+    (the stop signal and grace of the job's `checkpoints:`) and starts the next one, counted
+    as a preemption. Raises UserError (exit 2) when that cannot happen: the run is finished
+    or not in its run stage, it is on its last attempt (`retry.max_attempts`), or its job
+    does not retry a preemption (`retry.on`)."""
+    from expkit.errors import UserError
+
+    number = record.number
+    if record.finished:
+        again = f"; `expkit runs resume {number}` starts its next attempt" * (
+            record.state != "completed"
+        )
+        raise UserError(f"run {number} is already {record.state}: nothing to requeue{again}")
+    if record.state != "running":
+        raise UserError(
+            f"run {number} is {record.state}, not running an attempt: nothing to requeue; "
+            f"`expkit runs cancel {number}` stops it"
+        )
+    retry = record.job.get("retry") or {}
+    limit = int(retry.get("max_attempts", 1))
+    if record.attempt >= limit:
+        raise UserError(
+            f"run {number} is on its last attempt ({record.attempt} of {limit}); a requeue "
+            f"needs one left (the job's `retry.max_attempts`): `expkit runs cancel {number}` "
+            f"stops it, then `expkit runs resume {number}` starts its next attempt"
+        )
+    if "preempted" not in retry.get("on", ["preempted"]):
+        raise UserError(
+            f"run {number}'s job does not retry a preemption (`retry.on` has no `preempted`), "
+            f"which a requeue is: `expkit runs cancel {number}` stops it, then `expkit runs "
+            f"resume {number}` starts its next attempt"
+        )
+    workspace.history.runs.request_requeue(record.id)
+    checkpoint = " (the script gets its stop signal to write a checkpoint)" * bool(
+        record.job.get("checkpoints")
+    )
+    print(
+        f"asked run {number} to stop attempt {record.attempt}{checkpoint} and start attempt "
+        f"{record.attempt + 1} of {limit}"
+    )
+    return 0
+
+
 def cmd_runs_resume(args: argparse.Namespace) -> int:
     """Start the next attempt of a failed or canceled run (`lifecycle.reopen` checks it can
-    be resumed), in the foreground as `expkit run` does, or in the background (--detach)."""
-    raise NotImplementedError("expkit runs resume: being written")
+    be resumed; UserError, exit 2, when not), in the foreground as `expkit run` does, or in
+    the background (--detach); the exit code is `expkit run`'s."""
+    from expkit import lifecycle
+    from expkit.cli.run import drive_here
+
+    workspace = open_workspace(args)
+    record = run_record(workspace, args.run_id)
+    early: list[str] = []  # a signal from now on cancels the run once it is reopened
+    lifecycle.note_signals(early)
+    record = lifecycle.reopen(workspace, record.id)
+    return drive_here(args, workspace, record, early, resume=True)
 
 
 def cmd_runs_files(args: argparse.Namespace) -> int:

@@ -1,4 +1,11 @@
-"""The metrics each run logged: one row per value, in the order they arrived."""
+"""The metrics each run logged: one row per value, in the order they arrived.
+
+Each value is kept with the attempt that logged it (`expkit.history.attempts`). A later
+attempt that resumes from a checkpoint logs again the steps since that checkpoint: the run's
+current curve (`Metrics.current`, what `expkit metrics`, plots and `Run.get_metrics` show)
+keeps the later values, the history keeps both (`expkit metrics --all-attempts`), and the
+metric sinks get every row as it arrived.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,11 @@ from expkit.history.connection import Part
 
 
 class Metrics(Part):
-    """Metric rows: (name, step, value, payload, ts, rank) per logged value; `value` holds a
-    number, `payload` the JSON of anything else (strings, table rows)."""
+    """Metric rows: (name, step, value, payload, ts, rank, attempt) per logged value; `value`
+    holds a number, `payload` the JSON of anything else (strings, table rows).
+
+    Row ids follow the attempts (the pump reads an earlier attempt's files first, see
+    `expkit.metrics.ChannelReader`): the last row of a metric is its current value."""
 
     def add(
         self,
@@ -22,16 +32,17 @@ class Metrics(Part):
         tags: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
     ) -> None:
-        """Append (name, step, value, payload, ts, rank) rows in one transaction, with how far
-        each file of the metric channel has now been read (`offsets`, bytes by file name),
-        so that a driver that re-attaches to the run reads on from there (`offsets_of`), and
+        """Append (name, step, value, payload, ts, rank, attempt) rows in one transaction (a row
+        without its attempt is attempt 1's), with how far each file of the metric channel
+        has now been read (`offsets`, bytes by file name), so that a driver that
+        re-attaches to the run reads on from there (`offsets_of`), and
         the tags and parameters (source "script") read from the same lines: what was read
         is recorded whole or not at all."""
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                ((run_id, *row) for row in rows),
+                "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank, attempt)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                ((run_id, *row, 1) if len(row) == 6 else (run_id, *row) for row in rows),
             )
             db.executemany(
                 "INSERT OR REPLACE INTO channel_offsets (run_id, file, offset) VALUES (?, ?, ?)",
@@ -59,6 +70,13 @@ class Metrics(Part):
         row = self.db.execute("SELECT MAX(id) FROM metrics WHERE run_id = ?", (run_id,)).fetchone()
         return row[0] or 0
 
+    def count(self, run_id: str, name: str | None = None) -> int:
+        """How many values the run logged (of metric `name`, or all), every attempt's."""
+        sql, args = "SELECT COUNT(*) FROM metrics WHERE run_id = ?", [run_id]
+        if name:
+            sql, args = sql + " AND name = ?", [*args, name]
+        return int(self.db.execute(sql, args).fetchone()[0])
+
     def of(
         self, run_id: str, name: str | None = None, after_id: int = 0, limit: int = -1
     ) -> list[sqlite3.Row]:
@@ -70,8 +88,46 @@ class Metrics(Part):
             sql, args = sql + " AND name = ?", [*args, name]
         return self.db.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
 
+    def current(self, run_id: str, name: str | None = None) -> list[sqlite3.Row]:
+        """The run's current curve (of metric `name`, or all), oldest first: every row but
+        those a later attempt superseded.
+
+        A value an attempt logged at step s is superseded when a later attempt logged the
+        same metric, on the same rank, at a step <= s: that attempt went back to a checkpoint
+        taken before s and logged those steps again, so the curve does not zigzag. A value
+        logged without a step is never superseded. Two queries on the run's rows: the first
+        step each attempt logged of each metric and rank (from which `_cutoffs`), then the
+        rows; a run with one attempt gets its rows as `of` gives them."""
+        where, args = "m.run_id = ?", [run_id]
+        if name:
+            where, args = where + " AND m.name = ?", [*args, name]
+        firsts = self.db.execute(
+            f"SELECT name, rank, attempt, MIN(step) FROM metrics m WHERE {where}"
+            " AND step IS NOT NULL GROUP BY name, rank, attempt",
+            args,
+        ).fetchall()
+        cutoffs = _cutoffs(firsts)
+        if not cutoffs:
+            return self.db.execute(
+                f"SELECT * FROM metrics m WHERE {where} ORDER BY id", args
+            ).fetchall()
+        # The cutoffs travel as one JSON parameter (there may be more than SQLite allows
+        # parameters): a row is kept unless its attempt's cutoff is at or below its step.
+        found = json.dumps([[n, r, a, cutoff] for (n, r, a), cutoff in cutoffs.items()])
+        return self.db.execute(
+            "WITH cut (name, rank, attempt, cutoff) AS (SELECT json_extract(value, '$[0]'),"
+            " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
+            " json_extract(value, '$[3]') FROM json_each(?))"
+            " SELECT m.* FROM metrics m LEFT JOIN cut c"
+            " ON c.name = m.name AND c.rank = m.rank AND c.attempt = m.attempt"
+            f" WHERE {where} AND (c.cutoff IS NULL OR m.step IS NULL OR m.step < c.cutoff)"
+            " ORDER BY m.id",
+            [found, *args],
+        ).fetchall()
+
     def latest(self, run_id: str) -> dict[str, Any]:
-        """The last value of each metric, in the order the names were first logged."""
+        """The last value of each metric, in the order the names were first logged: its
+        current value (the latest attempt's, see the class)."""
         rows = self.db.execute(
             "SELECT name, value, payload FROM metrics WHERE id IN"
             " (SELECT MAX(id) FROM metrics WHERE run_id = ? GROUP BY name)"
@@ -83,7 +139,8 @@ class Metrics(Part):
 
     def last_of(self, run_ids: list[str], name: str) -> dict[str, Any]:
         """The last value of metric `name` in each of the runs that logged it, run id ->
-        value (`expkit runs list --metric NAME`): one indexed look-up per run."""
+        value (`expkit runs list --metric NAME`): one indexed look-up per run. The last
+        value is the current one (the latest attempt's, see the class)."""
         found: dict[str, Any] = {}
         for run_id in run_ids:
             row = self.db.execute(
@@ -94,6 +151,24 @@ class Metrics(Part):
             if row is not None:
                 found[run_id] = metric_value(row)
         return found
+
+
+def _cutoffs(firsts: list[tuple[str, int, int, int]]) -> dict[tuple[str, int, int], int]:
+    """From (name, rank, attempt, first step logged) rows: for each (name, rank, attempt)
+    that a later attempt rewound, the lowest first step of the later attempts; the attempt's
+    values from that step on are superseded (`Metrics.current`)."""
+    by_series: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for name, rank, attempt, first in firsts:
+        by_series.setdefault((name, rank), []).append((attempt, first))
+    cutoffs: dict[tuple[str, int, int], int] = {}
+    for (name, rank), attempts in by_series.items():
+        attempts.sort()
+        lowest: int | None = None  # the lowest first step of the attempts after this one
+        for attempt, first in reversed(attempts):
+            if lowest is not None:
+                cutoffs[(name, rank, attempt)] = lowest
+            lowest = first if lowest is None else min(lowest, first)
+    return cutoffs
 
 
 def metric_value(row: sqlite3.Row) -> Any:

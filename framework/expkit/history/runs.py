@@ -273,18 +273,22 @@ class Runs(Part):
     def reap_orphans(self, run_ids: list[str] | None = None) -> list[str]:
         """Mark failed every unfinished run of this host whose driver process is gone, but
         for those a new driver re-attaches to (see `orphans`; `run_ids`: those `orphans`
-        gave to reap, when the caller asked already); returns the reaped ids."""
+        gave to reap, when the caller asked already); returns the reaped ids.
+
+        The attempt the driver was in is recorded `lost`; when the driver died during or
+        between attempts of a job that can go on (`checkpoints:`, or `retry.max_attempts`
+        above 1), the error says how: `expkit runs resume N` starts the next attempt."""
         reaped = []
         for run_id in self.orphans()[0] if run_ids is None else run_ids:
-            pid = self.get(run_id).driver_pid
-            reason = f"the driver process (pid {pid}) ended without finishing the run"
             now = time.time()
             with self.transaction() as db:
                 row = db.execute(
-                    "SELECT state, driver_pid, driver_start FROM runs WHERE id = ?", (run_id,)
+                    "SELECT state, driver_pid, driver_start, number, job FROM runs WHERE id = ?",
+                    (run_id,),
                 ).fetchone()
                 if row[0] in FINAL_STATES or driver_alive(row[1], row[2]):  # taken meanwhile
                     continue
+                reason = _reap_reason(db, run_id, row[0], row[1], row[3], row[4], now)
                 db.execute(
                     "UPDATE stages SET state = 'failed', ended = ?, message = ?"
                     " WHERE run_id = ? AND state = 'running'",
@@ -313,6 +317,48 @@ class Runs(Part):
                 (pid, process_start(pid), socket.gethostname(), run_id),
             )
         return True
+
+
+def _reap_reason(
+    db: sqlite3.Connection,
+    run_id: str,
+    state: str,
+    pid: int | None,
+    number: int,
+    job_text: str,
+    now: float,
+) -> str:
+    """Why a run whose driver died is failed; closes its open attempt as lost (in `db`'s
+    transaction). A run that died during or between attempts of a job that can go on says
+    how to resume it."""
+    reason = f"the driver process (pid {pid}) ended without finishing the run"
+    (last,) = db.execute("SELECT MAX(attempt) FROM attempts WHERE run_id = ?", (run_id,)).fetchone()
+    if last is None:
+        return reason  # the script never started
+    (open_attempt,) = db.execute(
+        "SELECT MAX(attempt) FROM attempts WHERE run_id = ? AND outcome IS NULL", (run_id,)
+    ).fetchone()
+    if open_attempt is not None:
+        reason = f"the driver process (pid {pid}) ended during attempt {open_attempt}"
+        db.execute(
+            "UPDATE attempts SET ended = ?, outcome = 'lost', reason = ?"
+            " WHERE run_id = ? AND outcome IS NULL",
+            (now, reason, run_id),
+        )
+    elif state == "running":
+        reason = f"the driver process (pid {pid}) ended between attempts {last} and {last + 1}"
+    else:
+        return reason  # after the last attempt: post-process or register
+    try:
+        job = json.loads(job_text)
+        checkpoints = bool(job.get("checkpoints"))
+        retries = int((job.get("retry") or {}).get("max_attempts", 1)) > 1
+    except (ValueError, TypeError, AttributeError):
+        return reason
+    if checkpoints or retries:
+        reason += f"; `expkit runs resume {number}` starts attempt {last + 1}"
+        reason += " from its last checkpoint" if checkpoints else ""
+    return reason
 
 
 class Stages(Part):
