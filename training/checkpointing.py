@@ -2,7 +2,7 @@
 
     folder = checkpoint_folder(args.checkpoint_dir)  # --checkpoint_dir or expkit's; None: off
     state = load_latest(folder)                       # the newest checkpoint, or None
-    stop = StopSignal.install()                       # SIGUSR1, or EXPKIT_STOP_SIGNAL
+    stop = StopSignal.install()                       # the job's signal; SIGUSR1
     for epoch in ...:
         ...                                           # `if stop.requested: break` per batch
         save(folder, epoch + 1, {...})                # rank 0 only; atomic
@@ -41,7 +41,7 @@ from expkit import Run
 # The exit code of a script that stopped on the stop signal after saving (sysexits.h's
 # EX_TEMPFAIL): a job's `retry: {on: [{exit_codes: [75]}]}` starts the next attempt.
 STOPPED = 75
-STOP_SIGNAL_ENV = "EXPKIT_STOP_SIGNAL"  # a signal's name, e.g. SIGUSR2; unset: SIGUSR1
+STOP_SIGNAL_ENV = "EXPKIT_STOP_SIGNAL"  # the job's checkpoints.signal, e.g. SIGUSR2
 DEFAULT_STOP_SIGNAL = "SIGUSR1"
 NAME = re.compile(r"epoch-(\d+)\.pt")
 TEMP_PREFIX = ".epoch-"  # a checkpoint being written (left behind only by a killed writer)
@@ -148,9 +148,10 @@ class StopSignal:
 
     @classmethod
     def install(cls) -> StopSignal:
-        """Handle the stop signal named by EXPKIT_STOP_SIGNAL (SIGUSR1 when unset) from now
-        on. Raises ValueError for a name that is not a signal of this system."""
-        name = os.environ.get(STOP_SIGNAL_ENV) or DEFAULT_STOP_SIGNAL
+        """Handle the stop signal from now on: the job's `checkpoints.signal` as expkit hands
+        it over (`Run.get_context().stop_signal`, from EXPKIT_STOP_SIGNAL), SIGUSR1 without
+        one. Raises ValueError for a name that is not a signal of this system."""
+        name = Run.get_context().stop_signal or DEFAULT_STOP_SIGNAL
         signum = getattr(signal, name, None)
         if not isinstance(signum, signal.Signals):
             raise ValueError(f"{STOP_SIGNAL_ENV}={name}: not a signal name, e.g. SIGUSR1")
