@@ -22,7 +22,7 @@ With a checkpoint folder (the job's `checkpoints:` under expkit, or --checkpoint
 survives being stopped (checkpointing.py): rank 0 saves a checkpoint after every epoch (epoch,
 model, optimizer, scheduler, best weights and accuracy, random states), every rank resumes from
 the newest one on start ("resuming from checkpoint: epoch 2 of 5"), and the stop signal
-(SIGUSR1 unless EXPKIT_STOP_SIGNAL names another) ends the run at the next batch with the last
+(the job's `checkpoints.signal`, SIGUSR1 by default) ends the run at the next batch with the last
 completed epoch's checkpoint in place and exit code 75, which the job's `retry.on` retries.
 What the stopped epoch had done is trained again; a resumed epoch logs its metrics at the same
 step (the epoch), so its values replace the stopped attempt's in expkit's current curve.
