@@ -16,7 +16,9 @@ Figures per run, from the run history: the `run` stage's seconds (every attempt,
 start-up: what the machine was held for training), each attempt's seconds, and the epochs
 trained in all. Then the ratio resumed / started over and the seconds saved. Everything runs
 through the `expkit` command (`python -m expkit` of this interpreter) in a temporary folder.
-Prints a table and writes the figures as JSON to stdout's last line.
+Prints a table and writes the figures as JSON to stdout's last line. The two runs follow each
+other: on a machine whose load changes (other jobs on its cores) their seconds are not
+comparable, so run it on an otherwise idle one.
 """
 
 from __future__ import annotations
@@ -103,15 +105,16 @@ def run_killed_half_way(job: Path, workspace: Path, kill_after: int, epochs: int
 
 def figures_of(workspace: Path, run_id: str) -> dict[str, Any]:
     """The run's `run` stage seconds, each attempt's seconds and outcome, and the epochs its
-    script trained (the val_acc values it logged, every attempt's)."""
+    script completed in all attempts (the "epoch k/N" lines of its log: without checkpoints
+    the script does not flush its metrics each epoch, so a SIGKILL may take the last ones)."""
     from expkit.workspace import Workspace
 
-    history = Workspace(workspace).history
+    ws = Workspace(workspace)
+    history = ws.history
     stages = {stage.stage: stage for stage in history.stages.of(run_id)}
     attempts = history.attempts.of(run_id)
-    epochs = history.db.execute(
-        "SELECT count(*) FROM metrics WHERE run_id = ? AND name = 'val_acc'", (run_id,)
-    ).fetchone()[0]
+    log = (ws.run_dir(run_id) / "logs" / "rank-0.log").read_text(errors="replace")
+    epochs = len(re.findall(r"^epoch \d+/\d+ ", log, re.M))
     return {
         "run_s": stages["run"].seconds or 0.0,
         "attempts": [
