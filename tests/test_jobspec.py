@@ -605,6 +605,21 @@ def test_to_yaml_round_trips(project):
     }
 
 
+def test_retry_on_is_the_word_not_yaml_1_1s_boolean(project):
+    job_file = project.parent / "job.yaml"
+    job_file.write_text(
+        "experiment: birds\nsource_directory: project\nentry_script: train.py\n"
+        "retry:\n  max_attempts: 3\n  on: [preempted, exit_codes: [75]]\n"
+        "args: {on: yes}\n"
+    )
+
+    job = JobSpec.from_yaml(job_file)
+
+    assert job.retry.on == ["preempted", {"exit_codes": [75]}]
+    assert job.args == {"on": True}  # a key stays the word; a value is still YAML's boolean
+    assert JobSpec.from_dict(yaml.safe_load(job.to_yaml()), base_dir=project) == job
+
+
 def test_from_yaml_applies_overrides(project):
     job_file = project.parent / "job.yaml"
     job_file.write_text(

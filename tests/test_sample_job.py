@@ -3,17 +3,24 @@
 Trains the ResNet-18 on the digits for one epoch (the README's job runs five), twice: the
 first run builds the environment and the data, registers pt-dnn version 1; the second finds
 both in the cache and registers version 2, whose model.onnx (exported and checked in
-post-process) is then run in ONNX Runtime on every validation image.
+post-process) is then run in ONNX Runtime on every validation image. And the job as shipped
+survives a stop: the script gets its stop signal during epoch 2, saves and exits 75, and the
+job's retry starts attempt 2, which resumes from the checkpoint; one run, one model version.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from expkit.procs import run_processes
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +111,54 @@ def test_the_sample_job_trains_registers_and_hits_the_caches_the_second_time(exp
 
     lineage = expkit_cli("models", "show", "pt-dnn:2").stdout
     assert "onnx" in lineage and "model.onnx" in lineage
+
+
+def script_pid(run_id: str, workspace: Path) -> int:
+    """The pid of the run's pytorch_train.py process."""
+    for pid in run_processes(run_id, workspace):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.endswith(b"pytorch_train.py") for arg in argv):
+            return pid
+    raise AssertionError(f"no pytorch_train.py process of run {run_id}")
+
+
+def test_the_sample_job_stopped_by_its_signal_resumes_from_its_checkpoint_in_attempt_2(
+    background, expkit_cli, expkit_workspace
+):
+    live = background("run", str(JOB), "--set", "args.num_epochs=3", "--set", "exports=[]")
+    live.wait_for("epoch 1/3", timeout=900)
+    os.kill(script_pid(live.run_id, expkit_workspace.path), signal.SIGUSR1)  # during epoch 2
+    assert live.wait(timeout=900) == 0, live.output
+    output = live.output
+
+    stopped = re.search(r"stop signal: checkpoint saved at epoch (\d) of 3; exiting", output)
+    assert stopped, output
+    epoch = int(stopped.group(1))  # 1, unless epoch 2 ended before the signal came
+    assert epoch < 3
+    assert f"resuming from checkpoint: epoch {epoch} of 3" in output
+    assert output.index(stopped.group()) < output.index("resuming from checkpoint")
+    after = output[output.index("resuming from checkpoint") :]
+    assert re.findall(r"^epoch (\d)/3", after, re.M) == [str(e) for e in range(epoch + 1, 4)]
+    assert "model pt-dnn version 1" in output
+
+    history = expkit_workspace.history
+    record = history.runs.get(live.run_id)
+    assert record.state == "completed" and record.attempt == 2
+    first, second = history.attempts.of(live.run_id)
+    assert (first.outcome, first.exit_code) == ("failed", 75)
+    assert second.outcome == "completed"
+    assert len(history.models.versions("pt-dnn")) == 1  # post-process and register ran once
+
+    # each epoch's values: from attempt 1 up to the checkpoint, from attempt 2 after it
+    rows = history.db.execute(
+        "select step, attempt from metrics where run_id = ? and name = 'val_acc' order by id",
+        (live.run_id,),
+    ).fetchall()
+    assert [tuple(row) for row in rows] == [(e, 1) for e in range(epoch)] + [
+        (e, 2) for e in range(epoch, 3)
+    ]
+    checkpoints = expkit_workspace.run_dir(live.run_id) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch-0003.pt"]

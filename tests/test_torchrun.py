@@ -101,6 +101,17 @@ SLEEP = """
 """
 
 
+# The ranks fail the first time they run and complete when torchrun restarts them.
+FLAKY = """
+    import os
+
+    rank, restart = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+    print(f"rank {rank} restart {restart}", flush=True)
+    if restart == "0":
+        raise SystemExit(3)
+"""
+
+
 def two_ranks(**spec: object) -> dict:
     return {
         "environment": "inherit",
@@ -299,6 +310,40 @@ def test_several_nodes_need_an_endpoint_and_gpu_runs_a_gpu_per_rank(expkit_plugi
     spec = {"resources": {"processes_per_node": 2, "gpus_per_node": 1}, "distributed": "torchrun"}
     with pytest.raises(UserError, match=r"^resources.gpus_per_node: each of the 2 processes"):
         launch(expkit_plugins, spec, gpus=[0], tmp_path=tmp_path)
+
+
+def test_retry_in_place_becomes_torchruns_max_restarts(expkit_plugins, tmp_path):
+    spec = two_ranks(retry={"in_place": 2})
+    [process] = launch(expkit_plugins, spec, gpus=[], tmp_path=tmp_path)
+    assert option(process.argv, "--max_restarts") == "2"
+    [process] = launch(expkit_plugins, two_ranks(), gpus=[], tmp_path=tmp_path)
+    assert option(process.argv, "--max_restarts") == "0"  # no restarts unless asked for
+
+
+def test_ranks_that_fail_are_restarted_in_place_within_the_attempt(run_job):
+    result = run_job(two_ranks(entry_script="flaky.py", retry={"in_place": 1}), script=FLAKY)
+    assert result.state == "completed", result.output
+    logs = [(result.run_dir / "logs" / f"rank-{r}.log").read_text().splitlines() for r in (0, 1)]
+    assert [lines[-1] for lines in logs] == ["rank 0 restart 1", "rank 1 restart 1"]
+    # the first run failed (a rank slow to start may be stopped before it printed)
+    assert "rank 0 restart 0" in logs[0] or "rank 1 restart 0" in logs[1]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_retry_in_place_without_a_launcher_that_restarts_is_refused(expkit_cli, write_job, dry_run):
+    job = write_job(
+        {"environment": "inherit", "distributed": "none", "retry": {"in_place": 2}},
+        script="print('never started')",
+    )
+    result = expkit_cli("run", str(job), *(["--dry-run"] if dry_run else []), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert error_line(result) == (
+        f"expkit: error: {job}: retry.in_place: distributed: none on compute: local does not "
+        "restart the ranks within an attempt (torchrun does); use retry.max_attempts for a new "
+        "attempt instead"
+    )
+    assert "never started" not in result.stdout
+    assert "Traceback" not in result.stderr
 
 
 def test_lines_torchrun_tees_in_pieces_are_put_back_together_per_rank():

@@ -17,6 +17,15 @@ termination policy compares trials epoch by epoch (training/sweep.yaml); the bes
 are saved to OUTPUT_DIR/model.pt (a state dict of `build_model(num_classes)`) with the class
 names in OUTPUT_DIR/classes.json and 16 validation images as the model takes them in
 OUTPUT_DIR/example_inputs.npy (the real inputs an ONNX export is checked on).
+
+With a checkpoint folder (the job's `checkpoints:` under expkit, or --checkpoint_dir) the script
+survives being stopped (checkpointing.py): rank 0 saves a checkpoint after every epoch (epoch,
+model, optimizer, scheduler, best weights and accuracy, random states), every rank resumes from
+the newest one on start ("resuming from checkpoint: epoch 2 of 5"), and the stop signal
+(the job's `checkpoints.signal`, SIGUSR1 by default) ends the run at the next batch with the last
+completed epoch's checkpoint in place and exit code 75, which the job's `retry.on` retries.
+What the stopped epoch had done is trained again; a resumed epoch logs its metrics at the same
+step (the epoch), so its values replace the stopped attempt's in expkit's current curve.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, models, transforms
 
+import checkpointing
 import distributed
 from expkit import Run
 
@@ -87,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="state dict file of pretrained ResNet-18 weights (fc is replaced)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--checkpoint_dir",
+        type=str,
+        default=None,
+        help="folder to checkpoint every epoch into and resume from (default: the job's "
+        "`checkpoints:` under expkit; neither: no checkpoints)",
+    )
     return parser.parse_args(argv)
 
 
@@ -235,12 +254,15 @@ def train_one_epoch(
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-) -> tuple[float, int, int]:
+    stop: Callable[[], bool] = lambda: False,
+) -> tuple[float, int, int] | None:
     """One pass over this rank's training data: the summed loss, the correct and seen counts
-    (sums, so that the ranks' results add up)."""
+    (sums, so that the ranks' results add up); None when `stop()` said so before a batch."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
+        if stop():
+            return None
         inputs, labels = inputs.to(device), labels.to(device)
         optimizer.zero_grad()
         outputs = model(inputs)
@@ -288,12 +310,66 @@ def save_examples(data: datasets.ImageFolder, path: Path, count: int = 16) -> No
     np.save(path, batch.numpy().astype(np.float32))
 
 
+def checkpoint_state(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    best_acc: float,
+    best_state: dict[str, torch.Tensor] | None,
+    generator: torch.Generator | None,
+) -> dict[str, Any]:
+    """What a checkpoint holds (besides the epoch `checkpointing.save` adds): all that the
+    next epoch depends on, so that a resumed run trains as an uninterrupted one would.
+    `best_state` None: the best weights are the model's own (a third less to write)."""
+    return {
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "best_acc": best_acc,
+        "best_model": best_state,
+        "rng": checkpointing.capture_rng(generator),
+    }
+
+
+def resume(
+    state: dict[str, Any],
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator | None,
+) -> tuple[int, float, dict[str, torch.Tensor]]:
+    """Load a checkpoint's state into the training objects (in place); the epochs it had
+    completed, the best accuracy and the best weights."""
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    checkpointing.restore_rng(state["rng"], generator)
+    best_state = state["best_model"]
+    if best_state is None:  # the best epoch was the checkpoint's own
+        best_state = copy.deepcopy(net.state_dict())
+    return state["epoch"], state["best_acc"], best_state
+
+
+def stop_requested(stop: checkpointing.StopSignal | None, dist: distributed.SingleProcess) -> bool:
+    """Whether a rank got the stop signal; every rank gets the same answer, so that all stop
+    at the same batch (DDP ranks that stopped apart would wait for each other for ever)."""
+    if stop is None:
+        return False
+    if dist.size == 1:
+        return stop.requested
+    return dist.allreduce_sum([float(stop.requested)])[0] > 0
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Train, log the metrics of every epoch, and save the best epoch's model (rank 0)."""
+    """Train, log the metrics of every epoch, and save the best epoch's model (rank 0);
+    checkpoint and resume when there is a checkpoint folder, and exit with
+    checkpointing.STOPPED (75) on the stop signal."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    folder = checkpointing.checkpoint_folder(args.checkpoint_dir)
+    stop = checkpointing.StopSignal.install() if folder is not None else None
     dist = distributed.setup()
     run = Run.get_context()
 
@@ -319,36 +395,70 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     best_acc, best_state = -1.0, copy.deepcopy(net.state_dict())
-    for epoch in range(args.num_epochs):
+    first_epoch, generator = 0, loaders["train"].generator
+    state = checkpointing.load_latest(folder)  # every rank loads it; rank 0 alone writes
+    if state is not None:
+        first_epoch, best_acc, best_state = resume(state, net, optimizer, scheduler, generator)
+        print(
+            f"{rank}resuming from checkpoint: epoch {first_epoch} of {args.num_epochs}", flush=True
+        )
+
+    completed, stopped = first_epoch, False  # the epochs done, and whether a stop came
+    for epoch in range(first_epoch, args.num_epochs):
         start = time.perf_counter()
         sampler = loaders["train"].sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        sums = train_one_epoch(model, loaders["train"], criterion, optimizer, device)
+        sums = train_one_epoch(
+            model,
+            loaders["train"],
+            criterion,
+            optimizer,
+            device,
+            lambda: stop_requested(stop, dist),
+        )
+        if sums is None:  # stopped: this epoch's batches so far are trained again on resume
+            stopped = True
+            break
         train_seconds = time.perf_counter() - start
         train_loss, train_acc, images = mean_over_ranks(dist, sums)
         scheduler.step()
         sums = evaluate(model, loaders["val"], criterion, device)
         val_loss, val_acc, _ = mean_over_ranks(dist, sums)  # every rank gets the same values
-        if val_acc > best_acc:
+        improved = val_acc > best_acc
+        if improved:
             best_acc, best_state = val_acc, copy.deepcopy(net.state_dict())
-        if not dist.is_main:
-            continue
-        for name, value in (
-            ("train_loss", train_loss),
-            ("train_acc", train_acc),
-            ("val_loss", val_loss),
-            ("val_acc", val_acc),
-            ("images_per_sec", images / train_seconds),
-            ("best_val_acc", best_acc),  # each epoch, as the seed's: a sweep's primary metric
-        ):
-            run.log(name, value, step=epoch)
-        print(
-            f"epoch {epoch + 1}/{args.num_epochs}  train loss {train_loss:.4f} "
-            f"acc {train_acc:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}  "
-            f"{time.perf_counter() - start:.1f}s ({images / train_seconds:.0f} images/s)",
-            flush=True,
-        )
+        completed = epoch + 1
+        if dist.is_main:
+            for name, value in (
+                ("train_loss", train_loss),
+                ("train_acc", train_acc),
+                ("val_loss", val_loss),
+                ("val_acc", val_acc),
+                ("images_per_sec", images / train_seconds),
+                ("best_val_acc", best_acc),  # each epoch, as the seed's: a sweep's primary metric
+            ):
+                run.log(name, value, step=epoch)  # a resumed epoch logs at the same step
+            if folder is not None:
+                run.flush()  # the epoch's values written before its checkpoint: a kill loses none
+                best = None if improved else best_state  # None: this epoch's model is the best
+                state = checkpoint_state(net, optimizer, scheduler, best_acc, best, generator)
+                checkpointing.save(folder, completed, state)
+            print(
+                f"epoch {epoch + 1}/{args.num_epochs}  train loss {train_loss:.4f} "
+                f"acc {train_acc:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}  "
+                f"{time.perf_counter() - start:.1f}s ({images / train_seconds:.0f} images/s)",
+                flush=True,
+            )
+        if stop_requested(stop, dist):
+            stopped = completed < args.num_epochs  # after the last epoch: finish instead
+            break
+
+    if stopped:
+        saved = f"checkpoint saved at epoch {completed}" if completed else "no epoch completed"
+        print(f"{rank}stop signal: {saved} of {args.num_epochs}; exiting", flush=True)
+        dist.shutdown()
+        sys.exit(checkpointing.STOPPED)
 
     if dist.is_main:
         output_dir = Path(args.output_dir)

@@ -19,6 +19,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 MAX_DEPTH = 100  # lists and mappings inside each other, aliases followed
 MAX_VALUES = 100_000  # values of the whole document, each alias counted as what it repeats
 MAX_CHARS = 4 * 1024 * 1024  # characters of its scalars, each alias counted as what it repeats
+BOOL, STR = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:str"
 
 
 class BoundError(ComposerError):
@@ -57,7 +58,9 @@ class BoundedLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         """A mapping; a key given twice is an error at its second line (PyYAML keeps the
-        last silently), except keys that a merge (`<<: *base`) brings in."""
+        last silently), except keys that a merge (`<<: *base`) brings in. A key `on`, `off`,
+        `yes` or `no` stays text (YAML 1.1 makes it a boolean; `retry: {on: [...]}` means
+        the word, as GitHub Actions' `on:` does)."""
         if isinstance(node, MappingNode):
             seen: set[Any] = set()
             for key_node, _ in node.value:
@@ -65,6 +68,8 @@ class BoundedLoader(yaml.SafeLoader):
                     key_node, ScalarNode
                 ):
                     continue
+                if key_node.tag == BOOL and key_node.value.lower() not in ("true", "false"):
+                    key_node.tag = STR
                 key = self.construct_object(key_node)
                 if key in seen:
                     raise ConstructorError(

@@ -8,6 +8,9 @@ rendezvous at `distributed.options.rdzv_endpoint`. The job spec's options:
       options:
         rdzv_endpoint: node0:29400  # host:port of the rendezvous (required for nodes > 1)
         node_rank: 0                # this node's rank among resources.nodes (default 0)
+    retry:
+      in_place: 2                   # torchrun's --max-restarts: all ranks restarted after a
+                                    # failure, within the attempt (default 0)
 
 torchrun copies every rank's output into its own, each line prefixed with the rank; `RankLines`
 takes the prefix off again, so each rank's lines land in `logs/rank-N.log` and torchrun's own
@@ -49,6 +52,7 @@ SHUTDOWN_TIMEOUT = 5
 class Torchrun(DistributedBackend):
     name = "torchrun"
     description = "python -m torch.distributed.run: gloo on CPU, nccl on GPU"
+    restarts_in_place = True  # retry.in_place becomes torchrun's --max-restarts
     takes = declare_options(
         rdzv_endpoint=Option(
             str,
@@ -103,7 +107,10 @@ class Torchrun(DistributedBackend):
         argv += [
             "--nnodes", str(res.nodes),
             "--nproc_per_node", str(res.processes_per_node),
-            "--max_restarts", "0",  # a failed rank fails the run; expkit does not retry
+            # the job's retry.in_place: torchrun restarts every rank after a failure, this
+            # often, within the attempt (the script resumes from its checkpoint); 0: a
+            # failed rank fails the attempt, and retry.max_attempts decides what follows
+            "--max_restarts", str(ctx.job.retry.in_place),
             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
             "--tee", "3",  # both streams of every rank, prefixed ...
             "--log-line-prefix-template", PREFIX_TEMPLATE,  # ... with the global rank
