@@ -403,6 +403,58 @@ def test_a_cancel_of_a_torchrun_job_signals_both_ranks_not_torchrun(
     assert run_processes(record.id, expkit_workspace.path) == []
 
 
+# Each rank checkpoints on SIGUSR1 and exits 75; a rank torchrun starts again (in place) waits.
+RESTARTED_IN_PLACE = """
+    import os
+    import signal
+    import sys
+    import time
+
+    rank = os.environ["RANK"]
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        print(f"rank {rank} restarted in place", flush=True)
+        while True:
+            time.sleep(0.05)
+
+
+    def save(signum, frame):
+        with open(os.path.join(os.environ["EXPKIT_CHECKPOINT_DIR"], f"rank-{rank}.txt"), "w") as f:
+            f.write("saved")
+        sys.exit(75)
+
+
+    signal.signal(signal.SIGUSR1, save)
+    print(f"rank {rank} training", flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_a_planned_stop_ends_torchrun_once_its_ranks_exit_not_after_the_grace(
+    background, expkit_cli, expkit_workspace, write_job
+):
+    """With `retry.in_place`, torchrun would start the ranks that exit after the stop signal
+    again, and they would run on until the grace period ends: once the ranks it was sent to
+    have exited, torchrun is stopped at once (the run ends long before its 120 s grace)."""
+    spec = {
+        "environment": "inherit",
+        "resources": {"processes_per_node": 2},
+        "distributed": "torchrun",
+        "retry": {"in_place": 2},
+        "checkpoints": {"path": "ckpt", "grace_seconds": 120},
+    }
+    live = background("run", str(write_job(spec, script=RESTARTED_IN_PLACE)), "--all-ranks")
+    live.wait_for("[rank 0] rank 0 training", timeout=60)
+    live.wait_for("[rank 1] rank 1 training", timeout=60)
+    assert expkit_cli("runs", "cancel", live.run_id).returncode == 0
+    assert live.wait(timeout=60) == 130, live.output
+    record = expkit_workspace.history.runs.get(live.run_id)
+    assert record.state == "canceled"
+    saved = expkit_workspace.run_dir(record.id) / "checkpoints"
+    assert sorted(p.name for p in saved.iterdir()) == ["rank-0.txt", "rank-1.txt"]
+    assert run_processes(record.id, expkit_workspace.path) == []
+
+
 # -- end to end: a requeue and a resume go on from the checkpoint ----------------------------
 # Attempt 1 trains until SIGUSR1, then checkpoints "step 7"; a later attempt says where it
 # resumes from, writes it to outputs/resumed.txt, and waits for the file its argument names.

@@ -48,7 +48,14 @@ from typing import BinaryIO
 from expkit.capabilities import Process, RunContext
 from expkit.errors import Canceled, Interrupted
 from expkit.pieces import LivePieces, cut
-from expkit.procs import RUN_ID_ENV, WORKSPACE_ENV, descendants, die_with_parent
+from expkit.procs import (
+    RUN_ID_ENV,
+    WORKSPACE_ENV,
+    descendants,
+    die_with_parent,
+    pid_alive,
+    process_start,
+)
 
 STOP_GRACE_SECONDS = 10  # between SIGTERM and SIGKILL when the processes are stopped
 LAUNCHER = -1  # the rank number the console shows a launcher's own lines under
@@ -108,7 +115,9 @@ class ProcessGroup:
         self._ranks: dict[int, set[int | None]] = {}  # by pid: the ranks its output named
         # A planned stop under way: the processes expected to exit and when their grace ends
         # (any later stop, e.g. on a signal to the driver during the grace, goes on waiting).
-        self._stopping: list[subprocess.Popen[bytes]] = []
+        # The processes sent the stop signal, each with the rank processes it was sent to (a
+        # launcher's ranks; [] for a rank of its own): see `_wait_for_ranks`.
+        self._stopping: list[tuple[subprocess.Popen[bytes], list[tuple[int, str | None]]]] = []
         self._grace_ends: float | None = None
 
     def start(self, process: Process) -> subprocess.Popen[bytes]:
@@ -276,18 +285,28 @@ class ProcessGroup:
         for process, popen in self.children:
             if popen.poll() is not None:
                 continue
-            own = [popen.pid] if process.split_output is None else _rank_processes(popen.pid)
+            launched = process.split_output is not None
+            own = _rank_processes(popen.pid) if launched else [popen.pid]
             for pid in own:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signum)
             if own:
-                self._stopping.append(popen)
+                ranks = [(pid, process_start(pid)) for pid in own] if launched else []
+                self._stopping.append((popen, ranks))
 
     def _wait_for_ranks(self) -> None:
         """Wait until the processes sent the stop signal have exited or their grace period
-        has passed (at once when there is no planned stop)."""
+        has passed (at once when there is no planned stop). A launcher is done when the ranks
+        it was sent to have exited: it is then stopped at once, before it starts them again
+        (torchrun restarts ranks that fail, up to `retry.in_place` times)."""
+
+        def done(popen: subprocess.Popen[bytes], ranks: list[tuple[int, str | None]]) -> bool:
+            if popen.poll() is not None:
+                return True
+            return bool(ranks) and not any(pid_alive(pid, start) for pid, start in ranks)
+
         while self._grace_ends is not None and time.monotonic() < self._grace_ends:
-            if all(popen.poll() is not None for popen in self._stopping):
+            if all(done(popen, ranks) for popen, ranks in self._stopping):
                 return
             time.sleep(0.05)
 
