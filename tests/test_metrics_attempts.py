@@ -276,7 +276,7 @@ def test_expkit_metrics_shows_the_current_curve_and_all_attempts_on_request(
         ["loss", str(s), "2", f"{200 + s}"] for s in (6, 7, 8)
     ]
     assert lines[-1] == (
-        "(4 values of earlier attempts superseded by a later attempt's steps are not shown; "
+        "(not shown: 4 values of earlier attempts, logged again by a later attempt; "
         "--all-attempts shows them)"
     )
 

@@ -93,8 +93,8 @@ def _one_run(workspace: Any, record: Any, name: str | None, all_attempts: bool) 
     if hidden:
         values = "value" if hidden == 1 else "values"
         print(
-            f"({hidden} {values} of earlier attempts superseded by a later attempt's steps "
-            "are not shown; --all-attempts shows them)"
+            f"(not shown: {hidden} {values} of earlier attempts, logged again by a later "
+            "attempt; --all-attempts shows them)"
         )
     return 0
 
