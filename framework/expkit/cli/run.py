@@ -264,6 +264,9 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
         shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
         rows.append(("metrics", ", ".join(shown)))
     sinks = history.events.of(record.id, SINK_OUTCOME)
+    attempts = history.attempts.of(record.id)
+    if attempts:  # a resumed run: how each sink fared in this drive, not in the earlier ones
+        sinks = [event for event in sinks if event["ts"] >= attempts[-1].started]
     if sinks:
         rows.append(("sinks", ", ".join(event["message"] for event in sinks)))
     outputs = history.outputs.of(record.id)
