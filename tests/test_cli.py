@@ -432,6 +432,43 @@ def test_dry_run_prints_the_plan_and_starts_nothing(write_job, tmp_path):
     assert not (tmp_path / ".expkit").exists()  # no workspace, no run
 
 
+def test_dry_run_says_how_the_run_stage_retries_and_checkpoints(write_job, tmp_path):
+    """A job with `retry:` and `checkpoints:`: the run stage's line says how many attempts,
+    on what, the restarts in place and the checkpoint folder with its stop signal; a job
+    without them says nothing of the kind."""
+    path = write_job(
+        {
+            "resources": {"processes_per_node": 2},
+            "distributed": "torchrun",
+            "retry": {
+                "max_attempts": 3,
+                "on": ["preempted", {"exit_codes": [75]}],
+                "backoff_seconds": 5,
+                "in_place": 2,
+            },
+            "checkpoints": {"path": "./ckpt", "signal": "SIGUSR2", "grace_seconds": 20},
+        },
+        script="print('hi')\n",
+    )
+    env = {**os.environ, "EXPKIT_WORKSPACE": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "expkit", "run", str(path), "--dry-run"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (run,) = [line for line in done.stdout.splitlines() if line.startswith("  run ")]
+    assert run.endswith(
+        "python train.py; up to 3 attempts (retried on preempted, exit codes 75; 5s apart), "
+        "2 restarts in place; checkpoints ckpt (SIGUSR2, 20s to write one)"
+    ), run
+    plain = write_job({}, script="print('hi')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "expkit", "run", str(plain), "--dry-run"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, check=False,
+    )  # fmt: skip
+    assert "attempt" not in done.stdout and "checkpoints" not in done.stdout
+
+
 def test_dry_run_refuses_what_a_run_would_refuse(write_job, tmp_path):
     path = write_job({"compute": "nowhere"}, script="print('hi')\n")
     done = subprocess.run(

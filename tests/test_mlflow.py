@@ -710,3 +710,57 @@ def test_the_summary_of_expkit_run_says_how_each_sink_fared(write_job, expkit_cl
     assert "tensorboard ok (3 values)" in line
     assert "mlflow failed at open: " in line
     assert "nowhere" in line
+
+
+def test_a_resumed_run_reopens_its_mlflow_run_and_ends_it_afresh(
+    write_job, expkit_cli, expkit_cli_background, expkit_workspace, tmp_path
+):
+    """`expkit runs resume` of a failed run: the same MLflow run is RUNNING again while the
+    new attempt runs, ends FINISHED without the failed attempt's error tag, holds the steps
+    of both attempts once each, and the summary names the sink once."""
+    go = tmp_path / "go"
+    job = write_job(
+        {
+            "metrics": ["mlflow"],
+            "checkpoints": "./checkpoints",
+            "args": [str(go)],
+        },
+        script="""
+        import os, sys, time
+        from expkit import Run
+        ctx = Run.get_context()
+        first = 0 if ctx.attempt == 1 else 2
+        if ctx.attempt > 1:
+            while not os.path.exists(sys.argv[1]):
+                time.sleep(0.05)
+        for step in range(first, first + 2):
+            ctx.log("x", float(step), step=step)
+        sys.exit(3 if ctx.attempt == 1 else 0)
+        """,
+    )
+    failed = expkit_cli("run", str(job))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{expkit_workspace.path / 'mlflow.db'}")
+    (found,) = client.search_runs(
+        [client.get_experiment_by_name("test").experiment_id],
+        filter_string="tags.`expkit.run_id` = 'test_1'",
+    )
+    assert found.info.status == "FAILED"
+    assert "exited with code 3" in found.data.tags["expkit.error"]
+
+    resumed = expkit_cli_background("runs", "resume", "test_1")
+    eventually(
+        lambda: client.get_run(found.info.run_id).info.status == "RUNNING",
+        what="the MLflow run RUNNING again during the resumed attempt",
+    )
+    go.write_text("")
+    assert resumed.wait(60) == 0, resumed.output
+
+    run = client.get_run(found.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["expkit.state"] == "completed"
+    assert "expkit.error" not in run.data.tags
+    history = client.get_metric_history(found.info.run_id, "x")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    (line,) = [line for line in resumed.output.splitlines() if line.lstrip().startswith("sinks ")]
+    assert line.split(None, 1)[1] == "mlflow ok (2 values)"

@@ -70,6 +70,18 @@ def test_the_launcher_passes_the_stop_signal_on_only_with_checkpoints():
     assert "#SBATCH --signal=B:URG@" in script
 
 
+def test_sbatch_args_may_not_truncate_the_log_a_requeued_job_appends_to():
+    """`--open-mode=append` keeps attempt 1's launcher lines when Slurm requeues the job (and
+    the launcher's log is where a failing rank is found): a user's `--open-mode=truncate`
+    after it would silently win, so it is refused like the other flags expkit sets."""
+    from expkit_slurm.options import refused_flag
+
+    for arg in ("--open-mode=truncate", "--open-mode", "--open=append"):
+        reason = refused_flag(arg)
+        assert reason is not None and "(--open-mode)" in reason, arg
+    assert refused_flag("--exclusive") is None
+
+
 @pytest.mark.parametrize(
     "submitted, restarts, attempt",
     [(None, None, 1), ("1", None, 1), ("1", "1", 2), ("2", "3", 5), ("x", "", 1)],

@@ -9,6 +9,7 @@ is known (lr nearest 0.01), and writes outputs/started.txt first (kept when it i
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import signal
@@ -665,3 +666,8 @@ def test_a_retried_trials_repeated_steps_are_not_new_intervals(
     assert trial.state.name == "COMPLETE"
     assert sorted(trial.intermediate_values) == [1, 2, 3, 4, 5]
     assert trial.value == pytest.approx(0.41)
+    # `sweeps show` counts the trial's steps as the policy does: 5, not the 7 values logged
+    shown = expkit_cli("sweeps", "show", "sw_sweep_1", "--json")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    (row,) = json.loads(shown.stdout)["trials"]
+    assert row["steps"] == 5

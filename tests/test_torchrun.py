@@ -346,6 +346,29 @@ def test_retry_in_place_without_a_launcher_that_restarts_is_refused(expkit_cli, 
     assert "Traceback" not in result.stderr
 
 
+def test_retry_in_place_on_a_target_that_starts_the_ranks_itself_is_refused(expkit_cli, write_job):
+    """On Slurm, srun starts every rank (no torchrun agent): the refusal says so instead of
+    saying that torchrun does not restart ranks and that torchrun does."""
+    job = write_job(
+        {
+            "environment": "inherit",
+            "compute": "slurm",
+            "distributed": "torchrun",
+            "resources": {"nodes": 1, "processes_per_node": 2},
+            "retry": {"in_place": 2},
+        },
+        script="print('never started')",
+    )
+    result = expkit_cli("run", str(job), "--dry-run", timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert error_line(result) == (
+        f"expkit: error: {job}: retry.in_place: compute: slurm starts the ranks itself, "
+        "without torchrun's agent, so nothing restarts them within an attempt; use "
+        "retry.max_attempts for a new attempt instead"
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_lines_torchrun_tees_in_pieces_are_put_back_together_per_rank():
     split = RankPieces(PREFIX)
     assert split(b"[expkit-rank-1]:loss [expkit-rank-0]:epoch 1\n") == (0, b"epoch 1\n")

@@ -128,6 +128,12 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         backend = plugins.get("distributed_backends", job.distributed.backend, "distributed")
     launcher = backend if backend is not None else compute  # who starts the ranks
     if job.retry.in_place and not getattr(launcher, "restarts_in_place", False):
+        if backend is None:  # e.g. Slurm: srun starts every rank, torchrun's agent does not
+            raise UserError(
+                f"retry.in_place: compute: {job.compute.target} starts the ranks itself, "
+                "without torchrun's agent, so nothing restarts them within an attempt; use "
+                "retry.max_attempts for a new attempt instead"
+            )
         raise UserError(
             f"retry.in_place: distributed: {job.distributed.backend} on compute: "
             f"{job.compute.target} does not restart the ranks within an attempt (torchrun "

@@ -21,7 +21,9 @@ What goes where:
   layout (columns, data), at close. The run history keeps every one of them;
 - artifacts: the run's logs/ and outputs/ (at close, unless the registry uploaded outputs/):
   the files of the outputs manifest, never a link the script left there;
-- status: completed -> FINISHED, failed -> FAILED, canceled -> KILLED;
+- status: completed -> FINISHED, failed -> FAILED, canceled -> KILLED; a run that goes on
+  after it ended (`expkit runs resume`) reopens the same MLflow run: RUNNING again, without
+  the earlier attempt's error tag, until it ends again;
 - a sweep's trial: a child run of the sweep's parent run (`expkit_mlflow.sweeps`), named
   "<run id> (trial N)"; its end updates the parent's best so far and status.
 """
@@ -64,8 +66,23 @@ class MlflowSink(MetricSink):
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
         tracking = resolve(run, options)
         client = connect(tracking)
-        mlflow_run_id, _ = ensure_run(client, run, tracking)
+        mlflow_run_id, created = ensure_run(client, run, tracking)
+        if not created:
+            reopen(client, mlflow_run_id)
         return MlflowWriter(client, mlflow_run_id, run)
+
+
+def reopen(client: MlflowClient, mlflow_run_id: str) -> None:
+    """An MLflow run that ended (the expkit run failed or was canceled, then resumed: `expkit
+    runs resume`) is RUNNING again, its state tag says so and the error of the attempt that
+    ended it is gone: `close` sets the new end. A run still RUNNING is left as it is."""
+    found = client.get_run(mlflow_run_id)
+    if found.info.status == "RUNNING":
+        return
+    client.update_run(mlflow_run_id, status="RUNNING")
+    log_tags(client, mlflow_run_id, {"expkit.state": "running"})
+    if "expkit.error" in found.data.tags:
+        client.delete_tag(mlflow_run_id, "expkit.error")
 
 
 class MlflowWriter(MetricWriter):

@@ -28,6 +28,7 @@ SET_BY_EXPKIT: dict[str, tuple[str | None, str]] = {
     "output": ("o", "nothing: the batch step writes the run's logs/launcher.log"),
     "error": ("e", "nothing: the batch step writes the run's logs/launcher.log"),
     "chdir": ("D", "nothing: the job runs in the run's work folder"),
+    "open-mode": (None, "nothing: a requeued job appends to the log it wrote before"),
     "export": (None, "nothing: the job gets the submitting environment (--export=ALL)"),
     "wrap": (None, "entry_script"),
     "parsable": (None, "nothing: expkit reads the job id itself"),

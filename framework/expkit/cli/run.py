@@ -184,7 +184,7 @@ def dry_run(source: str, job: Any, overrides: Sequence[str] = ()) -> int:
         ("scale", f"compute {named(choice.compute)}: {_count(res.nodes, 'node')} x "
                   f"{_count(res.processes_per_node, 'process')}, "
                   f"{_count(res.gpus_per_node, 'GPU')} per node"),
-        ("run", f"distributed {launcher}: {shlex.join(command)}"),
+        ("run", f"distributed {launcher}: {shlex.join(command)}" + _attempts(job)),
         ("post-process", "outputs/ sealed; metrics to "
                          + (", ".join(named(s) for _, s in choice.sinks) or "the run history")
                          + "".join(f"; export {named(e)}" for _, e in choice.exporters)),
@@ -199,6 +199,30 @@ def dry_run(source: str, job: Any, overrides: Sequence[str] = ()) -> int:
     if submission:
         print(f"\n{choice.compute.kind} {choice.compute.name!r} would submit:\n{submission}")
     return 0
+
+
+def _attempts(job: Any) -> str:
+    """What the dry run says of the job's `retry:` and `checkpoints:` (empty without them):
+    `; up to 3 attempts (retried on preempted, exit codes 75; 5s apart), 2 restarts in place;
+    checkpoints ckpt (SIGUSR1, 30s to write one)`."""
+    retry, checkpoints, text = job.retry, job.checkpoints, ""
+    if retry.max_attempts > 1:
+        on = ", ".join(
+            entry
+            if isinstance(entry, str)
+            else "exit codes " + ", ".join(str(c) for c in entry.get("exit_codes", []))
+            for entry in retry.on
+        )
+        apart = f"; {retry.backoff_seconds:g}s apart" if retry.backoff_seconds else ""
+        text += f"; up to {retry.max_attempts} attempts (retried on {on}{apart})"
+    if retry.in_place:
+        text += (";" if not text else ",") + f" {_count(retry.in_place, 'restart')} in place"
+    if checkpoints is not None:
+        text += (
+            f"; checkpoints {checkpoints.folder} ({checkpoints.signal}, "
+            f"{checkpoints.grace_seconds:g}s to write one)"
+        )
+    return text
 
 
 def _count(number: int, noun: str) -> str:
@@ -264,6 +288,9 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
         shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
         rows.append(("metrics", ", ".join(shown)))
     sinks = history.events.of(record.id, SINK_OUTCOME)
+    attempts = history.attempts.of(record.id)
+    if attempts:  # a resumed run: how each sink fared in this drive, not in the earlier ones
+        sinks = [event for event in sinks if event["ts"] >= attempts[-1].started]
     if sinks:
         rows.append(("sinks", ", ".join(event["message"] for event in sinks)))
     outputs = history.outputs.of(record.id)

@@ -142,12 +142,30 @@ def trial_rows(workspace: Workspace, sweep: SweepRecord) -> list[TrialRow]:
                 params=_sampled(names, params.get(record.id, {}), record.job),
                 latest=None if logged is None else logged.last,
                 best=best,
-                steps=0 if logged is None else logged.steps,
+                steps=_steps(workspace, record, metric, logged),
                 error=error,
                 seconds=(record.ended or now) - record.created,
             )
         )
     return rows
+
+
+def _steps(workspace: Workspace, record: Any, metric: str, logged: _Logged | None) -> int:
+    """How many steps the trial logged of `metric`: its values, less those a later attempt
+    of its run logged again after resuming from an earlier checkpoint (the current curve,
+    as the driver reports intervals to the policy); read value by value only for a trial
+    whose run made more than one attempt."""
+    if logged is None:
+        return 0
+    if record.attempt <= 1:
+        return logged.steps
+    rows = workspace.history.metrics.current(record.id, metric)
+    return sum(1 for row in rows if _finite(row["value"]))
+
+
+def _finite(value: Any) -> bool:
+    """True for a number stored as a finite double (as `_FINITE` selects in SQL)."""
+    return isinstance(value, int | float) and math.isfinite(value) and abs(value) <= _MAX
 
 
 @dataclass(frozen=True)
@@ -165,6 +183,7 @@ class _Logged:
 # Non-finite values are left out everywhere (as the driver leaves them out of the trial's
 # value), so an inf is never a trial's best and `--json` has numbers or null only.
 _FINITE = "value BETWEEN -1.7976931348623157e308 AND 1.7976931348623157e308"
+_MAX = 1.7976931348623157e308
 
 
 def _metric_values(workspace: Workspace, sweep_id: str, metric: str) -> dict[str, _Logged]:
