@@ -101,6 +101,38 @@ def test_a_retryable_exit_code_then_success_completes_with_two_attempts_and_one_
     }
 
 
+# Attempt 1 exits 75; attempt 2 reads the run's record (as `expkit runs list` would) while it
+# runs and notes what it found in its outputs.
+SEES_OWN_RECORD = """
+import json, os, sqlite3, sys
+attempt = int(os.environ["EXPKIT_ATTEMPT"])
+if attempt == 1:
+    sys.exit(75)
+db = sqlite3.connect("file:" + os.environ["EXPKIT_WORKSPACE"] + "/history.db?mode=ro", uri=True)
+state, code = db.execute(
+    "SELECT state, exit_code FROM runs WHERE id = ?", (os.environ["EXPKIT_RUN_ID"],)
+).fetchone()
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/seen.json", "w") as f:
+    json.dump({"state": state, "exit_code": code}, f)
+"""
+
+
+def test_a_running_retry_shows_no_exit_code_of_the_attempt_before(
+    expkit_cli, expkit_workspace, write_job
+):
+    """`runs list` must not say `running (attempt 2 of 3) ... EXIT 75`: attempt 1's code is
+    in its attempt's row, the run has none until it ends."""
+    job = write_job({"retry": RETRY_75}, script=SEES_OWN_RECORD)
+    ok(expkit_cli("run", str(job)))
+
+    record = only_run(expkit_workspace)
+    seen = json.loads((expkit_workspace.run_dir(record.id) / "outputs" / "seen.json").read_text())
+    assert seen == {"state": "running", "exit_code": None}
+    assert record.exit_code == 0
+    assert [a.exit_code for a in attempts_of(expkit_workspace, record.id)] == [75, 0]
+
+
 def test_a_failure_retry_does_not_name_fails_the_run_after_one_attempt(
     expkit_cli, expkit_workspace, write_job
 ):
