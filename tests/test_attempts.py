@@ -234,6 +234,33 @@ def test_a_cancel_during_the_backoff_cancels_the_run(
     assert [a.outcome for a in attempts_of(expkit_workspace, run_id)] == ["failed"]
 
 
+def test_a_requeue_during_the_backoff_says_it_starts_the_next_attempt_now(
+    expkit_cli, expkit_workspace, background, write_job
+):
+    """Attempt 1 has already ended: the line must not say it stops it."""
+    job = write_job(
+        {
+            "args": ["75"],
+            "retry": {
+                **RETRY_75,
+                "on": ["preempted", {"exit_codes": [75]}],
+                "backoff_seconds": 600,
+            },
+        },
+        script=FLAKY,
+    )
+    live = background("run", str(job))
+    run_id = live.run_id
+    live.wait_for("attempt 2 in 600s")
+    out = ok(expkit_cli("runs", "cancel", "--requeue", run_id))
+
+    assert "stop attempt 1" not in out
+    assert "attempt 1 already ended" in out and "start attempt 2 of 3 now" in out
+    assert live.wait(timeout=30) == 0, live.output
+    outcomes = [a.outcome for a in attempts_of(expkit_workspace, run_id)]
+    assert outcomes == ["failed", "completed"]
+
+
 # -- a driver that dies ---------------------------------------------------------------------
 def detached_run(expkit_cli, expkit_workspace, job):
     """`expkit run --detach JOB`: its run id and its background driver's pid."""
