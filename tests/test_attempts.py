@@ -101,6 +101,38 @@ def test_a_retryable_exit_code_then_success_completes_with_two_attempts_and_one_
     }
 
 
+# Attempt 1 exits 75; attempt 2 reads the run's record (as `expkit runs list` would) while it
+# runs and notes what it found in its outputs.
+SEES_OWN_RECORD = """
+import json, os, sqlite3, sys
+attempt = int(os.environ["EXPKIT_ATTEMPT"])
+if attempt == 1:
+    sys.exit(75)
+db = sqlite3.connect("file:" + os.environ["EXPKIT_WORKSPACE"] + "/history.db?mode=ro", uri=True)
+state, code = db.execute(
+    "SELECT state, exit_code FROM runs WHERE id = ?", (os.environ["EXPKIT_RUN_ID"],)
+).fetchone()
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/seen.json", "w") as f:
+    json.dump({"state": state, "exit_code": code}, f)
+"""
+
+
+def test_a_running_retry_shows_no_exit_code_of_the_attempt_before(
+    expkit_cli, expkit_workspace, write_job
+):
+    """`runs list` must not say `running (attempt 2 of 3) ... EXIT 75`: attempt 1's code is
+    in its attempt's row, the run has none until it ends."""
+    job = write_job({"retry": RETRY_75}, script=SEES_OWN_RECORD)
+    ok(expkit_cli("run", str(job)))
+
+    record = only_run(expkit_workspace)
+    seen = json.loads((expkit_workspace.run_dir(record.id) / "outputs" / "seen.json").read_text())
+    assert seen == {"state": "running", "exit_code": None}
+    assert record.exit_code == 0
+    assert [a.exit_code for a in attempts_of(expkit_workspace, record.id)] == [75, 0]
+
+
 def test_a_failure_retry_does_not_name_fails_the_run_after_one_attempt(
     expkit_cli, expkit_workspace, write_job
 ):
@@ -200,6 +232,33 @@ def test_a_cancel_during_the_backoff_cancels_the_run(
     record = expkit_workspace.history.runs.get(run_id)
     assert record.state == "canceled"
     assert [a.outcome for a in attempts_of(expkit_workspace, run_id)] == ["failed"]
+
+
+def test_a_requeue_during_the_backoff_says_it_starts_the_next_attempt_now(
+    expkit_cli, expkit_workspace, background, write_job
+):
+    """Attempt 1 has already ended: the line must not say it stops it."""
+    job = write_job(
+        {
+            "args": ["75"],
+            "retry": {
+                **RETRY_75,
+                "on": ["preempted", {"exit_codes": [75]}],
+                "backoff_seconds": 600,
+            },
+        },
+        script=FLAKY,
+    )
+    live = background("run", str(job))
+    run_id = live.run_id
+    live.wait_for("attempt 2 in 600s")
+    out = ok(expkit_cli("runs", "cancel", "--requeue", run_id))
+
+    assert "stop attempt 1" not in out
+    assert "attempt 1 already ended" in out and "start attempt 2 of 3 now" in out
+    assert live.wait(timeout=30) == 0, live.output
+    outcomes = [a.outcome for a in attempts_of(expkit_workspace, run_id)]
+    assert outcomes == ["failed", "completed"]
 
 
 # -- a driver that dies ---------------------------------------------------------------------

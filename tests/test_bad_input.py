@@ -240,6 +240,21 @@ CASES: dict[str, tuple[bytes, list[str], str]] = {
         ["args..x=1"],
         "--set: args..x: a field name is empty",
     ),
+    "checkpoints as a number": (
+        _bytes(BASE + "checkpoints: 5\n"),
+        [],
+        "job.yaml: checkpoints: must be its path as text or a mapping, not 5",
+    ),
+    "an unknown key beside retry.on's exit_codes": (
+        _bytes(BASE + "retry: {max_attempts: 2, on: [{exit_codes: [75], exit_code: [1]}]}\n"),
+        [],
+        "job.yaml: retry.on.0.exit_code: unknown field; a mapping here is {exit_codes: [75]}",
+    ),
+    "exit code 0 to retry": (
+        _bytes(BASE + "retry: {max_attempts: 2, on: [{exit_codes: [75, 0]}]}\n"),
+        [],
+        "job.yaml: retry.on.0.exit_codes.1: must be an exit code from 1 to 255 (0 is success",
+    ),
 }
 
 

@@ -270,7 +270,7 @@ class RetrySpec(_Spec):
     (preempted, node failure, time limit)."""
 
     max_attempts: int = field(default=1, metadata=_limits(ge=1))
-    on: list[str | dict[str, list[int]]] = field(
+    on: list[str | dict[str, Any]] = field(  # a mapping's keys and codes: checked in _check
         default_factory=lambda: ["preempted", "node_failure"]
     )
     backoff_seconds: float = field(default=0.0, metadata=_limits(ge=0))
@@ -289,10 +289,34 @@ class RetrySpec(_Spec):
                         f"{quoted(item)} is not a failure expkit retries{more}; use "
                         f"{', '.join(RETRYABLE)} or {{exit_codes: [75]}}",
                     )
-            elif set(item) != {"exit_codes"}:
-                raise _Invalid(f"on.{i}", "a mapping here is {exit_codes: [75, 143]}")
-            elif any(not 1 <= code <= 255 for code in item["exit_codes"]):
-                raise _Invalid(f"on.{i}.exit_codes", "exit codes are whole numbers 1 to 255")
+            else:
+                self._check_exit_codes(f"on.{i}", item)
+
+    @staticmethod
+    def _check_exit_codes(where: str, item: dict[str, Any]) -> None:
+        """`{exit_codes: [75, 143]}`: that one key, a list of codes 1 to 255 (0 is success)."""
+        for key in item:
+            if key != "exit_codes":
+                name = printable(str(key), 60)
+                raise _Invalid(
+                    f"{where}.{name}", "unknown field; a mapping here is {exit_codes: [75]}"
+                )
+        if "exit_codes" not in item:
+            raise _Invalid(where, "a mapping here is {exit_codes: [75, 143]}")
+        codes = item["exit_codes"]
+        if not isinstance(codes, list):
+            raise _Invalid(f"{where}.exit_codes", f"must be a list, not {_kind(codes)}")
+        for j, code in enumerate(codes):
+            if not isinstance(code, int) or isinstance(code, bool):
+                raise _Invalid(
+                    f"{where}.exit_codes.{j}", f"must be a whole number, not {quoted(code)}"
+                )
+            if not 1 <= code <= 255:
+                raise _Invalid(
+                    f"{where}.exit_codes.{j}",
+                    f"must be an exit code from 1 to 255 (0 is success; a signal N is 128 + N), "
+                    f"not {code}",
+                )
 
     def retryable(self, outcome: str, exit_code: int | None = None) -> bool:
         """Whether an attempt that ended with `outcome` (an AttemptOutcome value) and
@@ -704,7 +728,9 @@ def _convert_one(value: Any, annotation: Any, path: str, problems: list[_Invalid
 def _convert_spec(value: Any, cls: type[_Spec], path: str, problems: list[_Invalid]) -> Any:
     value = cls._short_forms(value)
     if not isinstance(value, dict):
-        raise _Invalid(path, f"must be a mapping, not {_kind(value)}")
+        # A class with a short form takes its main field as text too (`checkpoints: ./ck`).
+        text = f"its {cls.short_form} as text or " if cls.short_form else ""
+        raise _Invalid(path, f"must be {text}a mapping, not {_kind(value)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{path}." if path else ""
     before = len(problems)  # an unknown field, too, skips the checks that would follow from it

@@ -985,7 +985,8 @@ class Lifecycle:
         self.history.attempts.start(self.run_id, self.attempt)
         self.allocation, self.released = None, False
         self.allocation = call(self.choice.compute, "acquire", self.ctx)
-        self.history.runs.update(self.run_id, state=RunState.RUNNING, status=None)
+        # The exit code is the run's once it ends; the last attempt's stays in its own row.
+        self.history.runs.update(self.run_id, state=RunState.RUNNING, status=None, exit_code=None)
         self.say(f"attempt {self.attempt} of {most}: {self.allocation.description}")
 
     def wait_backoff(self, seconds: float) -> None:

@@ -452,6 +452,14 @@ def requeue(workspace: Any, record: Any) -> int:
             f"resume {number}` starts its next attempt"
         )
     workspace.history.runs.request_requeue(record.id)
+    rows = workspace.history.attempts.of(record.id)
+    if rows and rows[-1].attempt == record.attempt and rows[-1].ended is not None:
+        # Between attempts (the backoff): the request ends the wait, nothing is stopped.
+        print(
+            f"asked run {number} to start attempt {record.attempt + 1} of {limit} now "
+            f"(attempt {record.attempt} already ended; its backoff is cut short)"
+        )
+        return 0
     checkpoint = " (the script gets its stop signal to write a checkpoint)" * bool(
         record.job.get("checkpoints")
     )
