@@ -620,6 +620,20 @@ def test_retry_on_is_the_word_not_yaml_1_1s_boolean(project):
     assert JobSpec.from_dict(yaml.safe_load(job.to_yaml()), base_dir=project) == job
 
 
+def test_a_job_read_by_a_yaml_1_1_reader_keeps_its_retry_on(project):
+    """PyYAML's safe_load reads `on:` as the key True: a job spec built that way in Python
+    (JobSpec.from_dict) or dumped back from it still means `retry.on`."""
+    raw = yaml.safe_load("experiment: birds\nentry_script: train.py\nretry: {on: [time_limit]}\n")
+    assert True in raw["retry"]  # what PyYAML made of it
+
+    job = JobSpec.from_dict(raw, base_dir=project)
+    assert job.retry.on == ["time_limit"]
+    (project.parent / "dumped.yaml").write_text(
+        yaml.safe_dump({**raw, "source_directory": "project"})
+    )
+    assert JobSpec.from_yaml(project.parent / "dumped.yaml").retry.on == ["time_limit"]
+
+
 def test_from_yaml_applies_overrides(project):
     job_file = project.parent / "job.yaml"
     job_file.write_text(

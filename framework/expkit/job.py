@@ -270,11 +270,20 @@ class RetrySpec(_Spec):
     (preempted, node failure, time limit)."""
 
     max_attempts: int = field(default=1, metadata=_limits(ge=1))
+
     on: list[str | dict[str, Any]] = field(  # a mapping's keys and codes: checked in _check
         default_factory=lambda: ["preempted", "node_failure"]
     )
     backoff_seconds: float = field(default=0.0, metadata=_limits(ge=0))
     in_place: int = field(default=0, metadata=_limits(ge=0))
+
+    @classmethod
+    def _short_forms(cls, value: Any) -> Any:
+        # YAML 1.1 readers (PyYAML's safe_load, which a job built in Python often went
+        # through) read the key `on` as the boolean true: no other field could have made one.
+        if isinstance(value, dict) and True in value and "on" not in value:
+            value = {("on" if key is True else key): item for key, item in value.items()}
+        return value
 
     def _check(self) -> None:
         if self.max_attempts > 100:
