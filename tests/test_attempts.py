@@ -377,7 +377,7 @@ def test_resume_of_a_failed_run_restores_its_working_copy_and_checkpoints(
         "post-process": "completed",
         "register": "completed",
     }
-    assert "checkpoint folder ckpt put back: 1 files" in stream.getvalue()
+    assert "checkpoint folder ckpt put back: 1 file\n" in stream.getvalue()
 
 
 def test_resume_refuses_what_cannot_be_resumed_in_one_line(

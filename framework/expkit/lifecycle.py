@@ -103,6 +103,14 @@ DOING = {
 }
 
 
+# How the line between two attempts says an attempt's outcome (AttemptOutcome's words).
+ENDED: dict[str, str] = {
+    AttemptOutcome.PREEMPTED: "preempted",
+    AttemptOutcome.NODE_FAILURE: "lost a node",
+    AttemptOutcome.TIME_LIMIT: "reached its time limit",
+}
+
+
 @dataclass
 class Choice:
     """The capabilities a job uses, looked up before any run is created, and the job as they
@@ -877,7 +885,9 @@ class Lifecycle:
             count, warnings = checkpoint_folder.restore(self.work_dir, self.run_dir, spec)
             for warning in warnings:
                 self.warn(warning)
-            self.say(f"checkpoint folder {spec.folder} put back: {count} files")
+            if count:
+                files = "1 file" if count == 1 else f"{count} files"
+                self.say(f"checkpoint folder {spec.folder} put back: {files}")
         self.stage_note = f"resumed for attempt {self.attempt}"
 
     # -- scale: hold the resources ----------------------------------------------------------
@@ -974,7 +984,7 @@ class Lifecycle:
         backoff = self.job.retry.backoff_seconds
         most = self.job.retry.max_attempts
         self.say(
-            f"attempt {self.attempt} of {most} {outcome}: {reason}; "
+            f"attempt {self.attempt} of {most} {ENDED.get(outcome, outcome)}: {reason}; "
             f"attempt {self.attempt + 1} in {backoff:g}s"
         )
         self._interruptible = True  # release made the stage's work uninterruptible
@@ -1024,7 +1034,7 @@ class Lifecycle:
         most = self.job.retry.max_attempts
         self.history.attempts.finish(self.run_id, self.attempt, outcome, reason)
         self.say(
-            f"attempt {self.attempt} of {most} {outcome}: {reason}; attempt "
+            f"attempt {self.attempt} of {most} {ENDED.get(outcome, outcome)}: {reason}; attempt "
             f"{self.attempt + 1} started by {self.choice.compute.name}"
         )
         self.set_attempt(self.attempt + 1)
