@@ -337,6 +337,10 @@ def test_at_the_timeout_the_script_writes_its_checkpoint_kept_in_the_run(
     assert saved.read_text() == "step 7 of attempt 1"
     [attempt] = expkit_workspace.history.attempts.of(record.id)
     assert attempt.outcome == "time_limit"
+    # the summary says how to go on from there
+    assert f"resume        expkit runs resume {record.id} (from its last checkpoint)" in (
+        result.stdout
+    )
 
 
 def test_a_script_without_a_handler_is_still_stopped_at_the_timeout(

@@ -270,7 +270,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def print_summary(workspace: Any, record: Any, console: Any) -> None:
     """The summary under a finished run: its stages, latest metrics, how each metric sink
-    fared, outputs, exports."""
+    fared, outputs, exports, and how to resume a failed or canceled run that kept a
+    checkpoint folder."""
     from expkit.console import format_value, human_seconds, human_size
     from expkit.exports import describe as describe_export
     from expkit.metrics import SINK_OUTCOME
@@ -309,6 +310,10 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
         rows.append(("export", describe_export(export) + note))
     if record.error:
         rows.append(("error", record.error))
+    kept = workspace.run_dir(record.id) / "checkpoints"
+    resumable = record.state in ("failed", "canceled") and not record.sweep and kept.is_dir()
+    if resumable and "expkit runs resume" not in (record.error or ""):  # not said twice
+        rows.append(("resume", f"expkit runs resume {record.id} (from its last checkpoint)"))
     rows.append(("details", f"expkit runs show {record.id}"))
     console.table(rows)
 
