@@ -250,6 +250,11 @@ CASES: dict[str, tuple[bytes, list[str], str]] = {
         [],
         "job.yaml: retry.on.0.exit_code: unknown field; a mapping here is {exit_codes: [75]}",
     ),
+    "retries on nothing": (
+        _bytes(BASE + "retry: {max_attempts: 2, on: []}\n"),
+        [],
+        "job.yaml: retry.on: lists nothing to retry, so max_attempts 2 would never be used",
+    ),
     "exit code 0 to retry": (
         _bytes(BASE + "retry: {max_attempts: 2, on: [{exit_codes: [75, 0]}]}\n"),
         [],

@@ -288,6 +288,12 @@ class RetrySpec(_Spec):
     def _check(self) -> None:
         if self.max_attempts > 100:
             raise _Invalid("max_attempts", f"must be at most 100, not {self.max_attempts}")
+        if not self.on and self.max_attempts > 1:
+            raise _Invalid(
+                "on",
+                f"lists nothing to retry, so max_attempts {self.max_attempts} would never be "
+                "used; name preempted, node_failure, time_limit or {exit_codes: [75]}",
+            )
         for i, item in enumerate(self.on):
             if isinstance(item, str):
                 if item not in RETRYABLE:
