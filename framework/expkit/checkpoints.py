@@ -76,10 +76,7 @@ def keep(work_dir: Path, run_dir: Path, spec: CheckpointSpec) -> list[str]:
         return []  # the script removed it: nothing to keep
     kept = kept_folder(run_dir)
     if kept.is_symlink():
-        return [
-            f"the run's {KEPT_NAME}/ is a link to {os.readlink(kept)} (not made by expkit): "
-            "left alone, not followed; the checkpoints are not kept"
-        ]
+        return [_linked(kept, "the checkpoints are not kept")]
     if kept.is_dir():
         shutil.rmtree(kept)
     elif kept.exists():
@@ -95,10 +92,7 @@ def restore(work_dir: Path, run_dir: Path, spec: CheckpointSpec) -> tuple[int, l
     make_empty(work_dir, spec)
     kept = kept_folder(run_dir)
     if kept.is_symlink():
-        return 0, [
-            f"the run's {KEPT_NAME}/ is a link to {os.readlink(kept)} (not made by expkit): "
-            "left alone, not followed; the attempt starts without checkpoints"
-        ]
+        return 0, [_linked(kept, "the attempt starts without checkpoints")]
     if not kept.is_dir():
         return 0, []
     folder = work_dir / spec.folder
@@ -115,3 +109,11 @@ def rescue(work_dir: Path, run_dir: Path, spec: CheckpointSpec) -> list[str]:
     if not (work_dir / spec.folder).is_dir() and kept_folder(run_dir).exists():
         return []
     return keep(work_dir, run_dir, spec)
+
+
+def _linked(kept: Path, so: str) -> str:
+    """The warning about a run's kept folder that is a link (never followed), and `so`."""
+    return (
+        f"the run's {KEPT_NAME}/ is a link to {os.readlink(kept)} (not made by expkit): "
+        f"left alone, not followed; {so}"
+    )

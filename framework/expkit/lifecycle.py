@@ -549,10 +549,7 @@ class Lifecycle:
         """A driver taking over the run: what prepare made, read back, then the job found
         again by the compute target; in the scale stage when the job was still queued
         (None when it was running: the run stage finds it, see `reattach_job`)."""
-        saved = json.loads((self.run_dir / PREPARED_NAME).read_text(encoding="utf-8"))
-        self.ctx.environment = Environment(**saved["environment"])
-        self.ctx.command = Process(argv=saved["command"]["argv"], env=saved["command"]["env"])
-        self.set_attempt(self.attempt)  # prepared.json keeps attempt 1's EXPKIT_ATTEMPT
+        self.load_prepared()
         self.console.info(f"re-attaching to {self.remote_job}")
         scale = {s.stage: s for s in self.history.stages.of(self.run_id)}.get(Stage.SCALE)
         if scale is not None and scale.state == Outcome.COMPLETED:
@@ -562,6 +559,18 @@ class Lifecycle:
             self.history.runs.update(self.run_id, state="scaling", status=None)
             self.stage_note = allocation.description
         return allocation
+
+    def load_prepared(self) -> dict[str, Any]:
+        """What prepare made, read back from prepared.json by a driver that does not prepare
+        (one that re-attaches, or resumes): the environment and the script's command, with
+        the current attempt's EXPKIT_ATTEMPT (the file keeps attempt 1's); the whole record."""
+        saved: dict[str, Any] = json.loads(
+            (self.run_dir / PREPARED_NAME).read_text(encoding="utf-8")
+        )
+        self.ctx.environment = Environment(**saved["environment"])
+        self.ctx.command = Process(argv=saved["command"]["argv"], env=saved["command"]["env"])
+        self.set_attempt(self.attempt)
+        return saved
 
     def reattach_job(self) -> Allocation:
         """ComputeTarget.reattach for the job the run recorded."""
@@ -628,7 +637,8 @@ class Lifecycle:
             self.withdraw_versions(state)
         if script_started:  # an attempt a full disk or a bug left open
             with suppress(Exception):
-                outcome = AttemptOutcome.CANCELED if state == RunState.CANCELED else "failed"
+                canceled = state == RunState.CANCELED
+                outcome = AttemptOutcome.CANCELED if canceled else AttemptOutcome.FAILED
                 self.history.attempts.finish(self.run_id, self.attempt, outcome, error)
         try:
             self.history.runs.finish(self.run_id, state, error)
@@ -859,10 +869,7 @@ class Lifecycle:
         (prepared.json), the working copy made again from the run's snapshot, the data placed
         again from where prepare found it, and the checkpoint folder put back. A working copy
         its dead driver left is removed first, its checkpoint folder kept."""
-        saved = json.loads((self.run_dir / PREPARED_NAME).read_text(encoding="utf-8"))
-        self.ctx.environment = Environment(**saved["environment"])
-        self.ctx.command = Process(argv=saved["command"]["argv"], env=saved["command"]["env"])
-        self.set_attempt(self.attempt)
+        saved = self.load_prepared()
         spec = self.job.checkpoints
         if self.work_dir.is_symlink():
             self.work_dir.unlink()
@@ -945,9 +952,7 @@ class Lifecycle:
         except StageFailed as failure:
             return AttemptOutcome.FAILED, str(failure), None
         except Canceled:
-            if self.terminated_by is None and self.history.runs.get(self.run_id).requeue_requested:
-                self.history.runs.clear_requeue(self.run_id)
-                self._cancel.clear()
+            if self.take_requeue():
                 return AttemptOutcome.PREEMPTED, REQUEUE_REASON, None
             raise
         if code == 0:
@@ -983,10 +988,7 @@ class Lifecycle:
             self.history.runs.update(self.run_id, remote_job=None)
         backoff = self.job.retry.backoff_seconds
         most = self.job.retry.max_attempts
-        self.say(
-            f"attempt {self.attempt} of {most} {ENDED.get(outcome, outcome)}: {reason}; "
-            f"attempt {self.attempt + 1} in {backoff:g}s"
-        )
+        self.attempt_ended(outcome, reason, f"attempt {self.attempt + 1} in {backoff:g}s")
         self._interruptible = True  # release made the stage's work uninterruptible
         if self.terminated_by:  # the signal came while releasing
             raise Canceled(self.stop_reason())
@@ -1005,16 +1007,32 @@ class Lifecycle:
         deadline = time.monotonic() + seconds
         while True:
             if self.canceled():
-                record = self.history.runs.get(self.run_id)
-                if self.terminated_by is None and record.requeue_requested:
-                    self.history.runs.clear_requeue(self.run_id)
-                    self._cancel.clear()
+                if self.take_requeue():
                     return
                 raise Canceled(self.stop_reason())
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             time.sleep(min(left, BACKOFF_POLL_SECONDS))
+
+    def take_requeue(self) -> bool:
+        """Whether the cancel that came is a requeue request (`expkit runs cancel --requeue`),
+        not a signal to this driver; if so the request is cleared, and so is the cancel."""
+        if self.terminated_by is not None:
+            return False
+        if not self.history.runs.get(self.run_id).requeue_requested:
+            return False
+        self.history.runs.clear_requeue(self.run_id)
+        self._cancel.clear()
+        return True
+
+    def attempt_ended(self, outcome: str, reason: str, then: str) -> None:
+        """Say how the current attempt ended and what comes next (`then`): "attempt 1 of 3
+        reached its time limit: ...; attempt 2 in 30s"."""
+        most = self.job.retry.max_attempts
+        self.say(
+            f"attempt {self.attempt} of {most} {ENDED.get(outcome, outcome)}: {reason}; {then}"
+        )
 
     def set_attempt(self, attempt: int) -> None:
         """Make `attempt` the current one for what starts from now on: ctx.attempt and
@@ -1031,11 +1049,9 @@ class Lifecycle:
         `retry` does not retry `outcome` or no attempts are left."""
         if not self.retrying(outcome, None):
             return False
-        most = self.job.retry.max_attempts
         self.history.attempts.finish(self.run_id, self.attempt, outcome, reason)
-        self.say(
-            f"attempt {self.attempt} of {most} {ENDED.get(outcome, outcome)}: {reason}; attempt "
-            f"{self.attempt + 1} started by {self.choice.compute.name}"
+        self.attempt_ended(
+            outcome, reason, f"attempt {self.attempt + 1} started by {self.choice.compute.name}"
         )
         self.set_attempt(self.attempt + 1)
         self.history.attempts.start(self.run_id, self.attempt, self.remote_job)

@@ -113,10 +113,9 @@ class ProcessGroup:
         self._log_dir: int | None = None  # the run's logs folder, opened once (see _open_log)
         self.last_lines = LastLines()
         self._ranks: dict[int, set[int | None]] = {}  # by pid: the ranks its output named
-        # A planned stop under way: the processes expected to exit and when their grace ends
-        # (any later stop, e.g. on a signal to the driver during the grace, goes on waiting).
-        # The processes sent the stop signal, each with the rank processes it was sent to (a
-        # launcher's ranks; [] for a rank of its own): see `_wait_for_ranks`.
+        # A planned stop under way: the processes sent the stop signal, each with the rank
+        # processes it was sent to (a launcher's; [] for a rank of its own), and when their
+        # grace ends (a later stop, e.g. on a signal to the driver, goes on waiting for it).
         self._stopping: list[tuple[subprocess.Popen[bytes], list[tuple[int, str | None]]]] = []
         self._grace_ends: float | None = None
 

@@ -437,15 +437,14 @@ def requeue(workspace: Any, record: Any) -> int:
             f"run {number} is {record.state}, not running an attempt: nothing to requeue; "
             f"`expkit runs cancel {number}` stops it"
         )
-    retry = record.job.get("retry") or {}
-    limit = int(retry.get("max_attempts", 1))
+    limit = max_attempts(record.job)
     if record.attempt >= limit:
         raise UserError(
             f"run {number} is on its last attempt ({record.attempt} of {limit}); a requeue "
             f"needs one left (the job's `retry.max_attempts`): `expkit runs cancel {number}` "
             f"stops it, then `expkit runs resume {number}` starts its next attempt"
         )
-    if "preempted" not in retry.get("on", ["preempted"]):
+    if "preempted" not in (record.job.get("retry") or {}).get("on", ["preempted"]):
         raise UserError(
             f"run {number}'s job does not retry a preemption (`retry.on` has no `preempted`), "
             f"which a requeue is: `expkit runs cancel {number}` stops it, then `expkit runs "
