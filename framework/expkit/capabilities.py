@@ -642,19 +642,61 @@ class MetricSink(Capability, ABC):
         starts; one that raises is tried again like `MetricWriter.send`, so leave nothing
         half-open behind."""
 
+    def where(self, run: RunInfo, options: dict[str, Any]) -> str | None:
+        """Where this sink put `run`'s data, in one line for the run's summary and `expkit
+        runs show` (MLflow: the run's link and the tracking URI; TensorBoard: the log folder);
+        None when it cannot say (the sink never opened). Called in expkit's own process,
+        during or after the run: from what the run recorded (`run.tags()`) and `options`,
+        without importing the service's library or contacting it."""
+        return None
+
+
+@dataclass
+class Registration:
+    """Where a model registry put one model version, as `ModelRegistry.register` returns it
+    and the run history keeps it (`expkit models show` lists it).
+
+    `reference` is shown ("pt-dnn version 3 in http://mlflow:5000"); `locator` is what the
+    registry needs to find that version again later, without the run's job or options (for
+    `set_alias`): strings only, e.g. {"tracking_uri": ..., "version": "3"}."""
+
+    reference: str
+    locator: dict[str, str] = field(default_factory=dict)
+
 
 class ModelRegistry(Capability, ABC):
     """Receives each registered model version (besides the workspace's own registry)."""
 
     kind = "model registry"
+    # Export formats this registry registers with a version when they pass (the `mlflow`
+    # registry: "mlflow", an MLflow model folder): the lifecycle adds each to the job's
+    # `exports` (not required) when a job naming this registry does not list it and its
+    # model says how to load it (`model.load`).
+    exports: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
+    def register(
+        self, model: ModelVersion, run: RunInfo, options: dict[str, Any]
+    ) -> str | Registration:
         """Register `model` (its files under `model.path`, lineage and tags) as made by `run`;
-        return a short reference shown in the summary ("pt-dnn version 3 in ..."). `options`:
-        its `model.registries[i].options`, checked against `takes`, defaults filled in.
-        Raising (StageFailed or UserError with a one-line reason) fails the register stage,
-        and the run then keeps no model version."""
+        return where it went (a bare string is a Registration without a locator), whose
+        reference is shown in the summary. `options`: its `model.registries[i].options`,
+        checked against `takes`, defaults filled in. Raising (StageFailed or UserError with
+        a one-line reason) fails the register stage, and the run then keeps no model
+        version."""
+
+    def set_alias(self, alias: str, model: ModelVersion, registration: Registration) -> str | None:
+        """Point `alias` of model `model.name` at `model` in this registry too (`expkit
+        models alias`, or the job's `model.aliases`), as `registration` (what `register`
+        returned for this version) locates it; return a short line shown to the user, or
+        None when this registry has no aliases (the workspace's alias is set anyway).
+        Raise UserError with a one-line reason when the service refuses."""
+        return None
+
+    def delete_alias(self, alias: str, model_name: str, registration: Registration) -> str | None:
+        """Remove `alias` of model `model_name` in this registry (`expkit models alias
+        --delete`); `registration` locates the version it pointed at. As `set_alias`."""
+        return None
 
 
 @dataclass

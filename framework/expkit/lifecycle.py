@@ -38,6 +38,7 @@ from expkit.capabilities import (
     EnvironmentBuilder,
     Process,
     RankFailure,
+    Registration,
 )
 from expkit.console import Console, human_size
 from expkit.context import (
@@ -1220,6 +1221,8 @@ class Lifecycle:
                 raise StageFailed(
                     f"{failure}; {model.name}:{model.version} is not kept, as the run failed"
                 ) from failure
+            if isinstance(ref, Registration):  # recorded in the run history: issue 16, next
+                ref = ref.reference
             self.say(f"{registry.kind} {registry.name!r}: {ref}")
         # Said once every registry has it: a signal before this withdraws the version.
         self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
