@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive
+from conftest import alive, eventually
 from expkit.cli.common import when
 
 SCRIPT = """
@@ -267,17 +267,21 @@ def test_runs_show_json_carries_every_field_the_text_view_shows(write_job, expki
 
 # -- expkit ui ----------------------------------------------------------------------------------
 @pytest.mark.slow  # a run with the mlflow sink, then MLflow's server starting: 20-60 s
-@pytest.mark.parametrize("stop", ["interrupt", "terminate"])
+@pytest.mark.parametrize(("stop", "tensorboard"), [("interrupt", False), ("terminate", True)])
 def test_expkit_ui_serves_the_workspace_store_then_stops_leaving_no_process(
-    two_sink_run, expkit_cli, background, stop
+    two_sink_run, expkit_cli, background, stop, tensorboard
 ):
     _, run_id = two_sink_run
     tags = json.loads(expkit_cli("runs", "show", run_id, "--json").stdout)["tags"]
-    port = free_port()
-    ui = background("ui", "--port", str(port))
+    port, board_port = free_port(), free_port()
+    more = ["--tensorboard", "--tensorboard-port", str(board_port)] if tensorboard else []
+    ui = background("ui", "--port", str(port), *more)
     address = f"http://127.0.0.1:{port}"
 
     ui.wait_for(f"MLflow UI: {address}  (Ctrl-C stops it)", timeout=180)
+    if tensorboard:
+        ui.wait_for(f"TensorBoard: http://127.0.0.1:{board_port}  (Ctrl-C stops it)", timeout=60)
+    assert f"(run links name port 5000: use port {port} instead)" in ui.wait_for("run links")
     servers = descendants(ui.proc.pid)
     assert servers, ui.output
     with urllib.request.urlopen(address, timeout=10) as page:
@@ -293,13 +297,20 @@ def test_expkit_ui_serves_the_workspace_store_then_stops_leaving_no_process(
         assert artifact.read() == b"weights"
     versions = get_json(f"{api}/registered-models/get?name=tiny")["registered_model"]
     assert versions["name"] == "tiny"
+    if tensorboard:  # the run's event files are a run there, with its curve
+        board = f"http://127.0.0.1:{board_port}/data/plugin/scalars"
+        eventually(lambda: f"{run_id}/tensorboard" in get_json(f"{board}/tags"), 60, "the run")
+        curve = get_json(f"{board}/scalars?run={run_id}/tensorboard&tag=loss")
+        assert [point[1] for point in curve] == [0, 1, 2]
 
     getattr(ui, stop)()  # Ctrl-C, or SIGTERM as `kill` sends it
     assert ui.wait(60) == 0, ui.output
-    assert "stopped the MLflow UI" in ui.output
+    said = "stopped the MLflow UI and TensorBoard" if tensorboard else "stopped the MLflow UI"
+    assert ui.output.rstrip().endswith(said)
     assert [pid for pid in servers if alive(pid)] == []
-    with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(address, timeout=5)
+    for gone in [address, f"http://127.0.0.1:{board_port}"][: 1 + tensorboard]:
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(gone, timeout=5)
     assert "Traceback" not in ui.output
 
 
@@ -365,3 +376,4 @@ def test_expkit_ui_help_describes_it_with_an_example(expkit_cli):
     assert "Start MLflow's UI (`mlflow server`) on the workspace's MLflow store" in text
     assert "--port PORT port to listen on (default 5000)" in text
     assert "example: expkit ui --port 5001" in text
+    assert "--tensorboard also TensorBoard on the runs' event files (port 6006)" in text

@@ -9,6 +9,10 @@ artifact location, which the server reads directly). The server is a child proce
 its own: Ctrl-C, SIGTERM or SIGHUP here stop all of it, and it also gets SIGTERM if this
 process dies. Its own lines (uvicorn's requests, MLflow's notices) go to `mlflow-ui.log` in
 the workspace, not to the terminal.
+
+`--tensorboard` also starts TensorBoard on the workspace's `runs/` (each run's event files,
+`runs/<id>/tensorboard/`, are one run there), stopped with it, its lines in
+`tensorboard-ui.log`.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULT_PORT = 5000  # `mlflow server`'s own default, and the one run links assume
 LOG = "mlflow-ui.log"  # in the workspace
+TENSORBOARD_PORT = 6006  # TensorBoard's own default
+TENSORBOARD_LOG = "tensorboard-ui.log"  # in the workspace
 START_TIMEOUT = 180.0  # seconds for the server to answer: mlflow imports slowly on a busy host
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of the server's processes
 
@@ -39,7 +46,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else mlflow.db in the workspace). "
         "Prints the address once it answers; Ctrl-C stops it. The run links in the run "
         "summary and `expkit runs show` point at the default address. A tracking server "
-        "(http://...) has a UI of its own: open its address instead.",
+        "(http://...) has a UI of its own: open its address instead. --tensorboard also "
+        "starts TensorBoard on every run's event files.",
         epilog="example: expkit ui --port 5001 (then open http://127.0.0.1:5001)",
     )
     ui.add_argument(
@@ -50,46 +58,82 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1: this machine only)",
     )
+    ui.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help=f"also TensorBoard on the runs' event files (port {TENSORBOARD_PORT})",
+    )
+    ui.add_argument(
+        "--tensorboard-port",
+        type=int,
+        default=TENSORBOARD_PORT,
+        metavar="PORT",
+        help=f"TensorBoard's port with --tensorboard (default {TENSORBOARD_PORT})",
+    )
     ui.set_defaults(handler=cmd_ui)
 
 
 class _Stop(Exception):
-    """SIGTERM or SIGHUP arrived: stop the server as Ctrl-C does."""
+    """SIGTERM or SIGHUP arrived: stop the servers as Ctrl-C does."""
+
+
+@dataclass
+class Server:
+    """A UI server this command started: its name, process (a group of its own), address,
+    and log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    address: str
+    log: Path
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Start the server, print its address once it answers, and wait; Ctrl-C, SIGTERM or
-    SIGHUP stop it and every process it started (exit 0). UserError (exit 2) when there is
-    nothing to serve, mlflow is missing, or the port is taken; the server dying on its own
-    is exit 1 with the last line of its log."""
+    """Start the server(s), print each address once it answers, and wait; Ctrl-C, SIGTERM
+    or SIGHUP stop them and every process they started (exit 0). UserError (exit 2) when
+    there is nothing to serve, mlflow (or tensorboard) is missing, or a port is taken; a
+    server that dies on its own is exit 1, with the last line of its log."""
     from expkit.cli.common import open_workspace
-    from expkit.errors import UserError
 
     workspace = open_workspace(args)
     store, artifacts = workspace_store(workspace)
     check_can_serve(store, args.host, args.port)
-    log_path = workspace.path / LOG
-    address = f"http://{args.host}:{args.port}"
+    if args.tensorboard:
+        check_tensorboard(args.host, args.tensorboard_port, args.port)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-    server = None
+    servers: list[Server] = []
     try:
-        print(f"starting MLflow's UI on {store} (its log: {log_path})", flush=True)
-        with open(log_path, "wb") as log:
-            server = start_server(store, artifacts, args.host, args.port, log)
-            wait_until_answering(server, address, log_path)
-            print(f"MLflow UI: {address}  (Ctrl-C stops it)", flush=True)
-            code = server.wait()
-        raise UserError(
-            f"MLflow's server stopped on its own (exit code {code}): {last_line(log_path)}"
+        log = workspace.path / LOG
+        print(f"starting MLflow's UI on {store} (its log: {log})", flush=True)
+        servers.append(start_mlflow(store, artifacts, args.host, args.port, log))
+        if args.tensorboard:
+            runs, log = workspace.path / "runs", workspace.path / TENSORBOARD_LOG
+            print(f"starting TensorBoard on {runs} (its log: {log})", flush=True)
+            servers.append(start_tensorboard(runs, args.host, args.tensorboard_port, log))
+        for server in servers:
+            wait_until_answering(server)
+            print(f"{server.name}: {server.address}  (Ctrl-C stops it)", flush=True)
+        if args.port != DEFAULT_PORT:
+            print(f"(run links name port {DEFAULT_PORT}: use port {args.port} instead)")
+        while all(server.process.poll() is None for server in servers):
+            time.sleep(0.5)
+        gone = next(server for server in servers if server.process.poll() is not None)
+        print(
+            f"expkit: error: {gone.name} stopped on its own (exit code "
+            f"{gone.process.returncode}): {last_line(gone.log)}",
+            file=sys.stderr,
         )
+        return 1
     except (KeyboardInterrupt, _Stop):
-        if server is not None:
-            stop_server(server)
-        print("stopped the MLflow UI")
+        for server in servers:
+            stop_server(server.process)
+        if servers:
+            print("stopped the " + " and ".join(server.name for server in servers))
+        servers = []
         return 0
     finally:
-        if server is not None and server.poll() is None:
-            stop_server(server)
+        for server in servers:
+            stop_server(server.process)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -116,7 +160,6 @@ def check_can_serve(store: str, host: str, port: int) -> None:
     a server or a service (it has its own UI), a SQLite store not made yet, mlflow not
     installed in this interpreter, or the port taken."""
     import importlib.util
-    import socket
 
     from expkit.errors import UserError
 
@@ -141,27 +184,46 @@ def check_can_serve(store: str, host: str, port: int) -> None:
         raise UserError(
             f"mlflow is not installed in {sys.executable}; pip install 'expkit[mlflow]'"
         )
+    check_port(host, port, "--port")
+
+
+def check_tensorboard(host: str, port: int, mlflow_port: int) -> None:
+    """UserError when TensorBoard cannot start: not installed, or its port taken."""
+    import importlib.util
+
+    from expkit.errors import UserError
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            f"tensorboard is not installed in {sys.executable}; pip install "
+            "'expkit[tensorboard]' (or leave out --tensorboard)"
+        )
+    if port == mlflow_port:
+        raise UserError(f"--tensorboard-port {port}: MLflow's UI takes that port; choose another")
+    check_port(host, port, "--tensorboard-port")
+
+
+def check_port(host: str, port: int, option: str) -> None:
+    """UserError when `port` is not a port number or cannot be listened on at `host`."""
+    import socket
+
+    from expkit.errors import UserError
+
     if not 0 < port < 65536:
-        raise UserError(f"--port {port}: not a port number (1 to 65535)")
+        raise UserError(f"{option} {port}: not a port number (1 to 65535)")
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
         except OSError as error:
             raise UserError(
                 f"cannot listen on {host}:{port} ({error.strerror}): choose another port, "
-                f"e.g. `expkit ui --port {port + 1}`"
+                f"e.g. `expkit ui {option} {port + 1}`"
             ) from None
 
 
-def start_server(
-    store: str, artifacts: str | None, host: str, port: int, log: Any
-) -> subprocess.Popen[bytes]:
-    """`python -m mlflow server` on `store`, one worker, in a session of its own (a Ctrl-C in
-    the terminal reaches this process, which stops it) that gets SIGTERM when this process
-    dies; its output goes to `log`. MLflow's background job runner is off unless the user
-    turned it on: a UI for one workspace has no use for it."""
-    from expkit.procs import die_with_parent
-
+def start_mlflow(store: str, artifacts: str | None, host: str, port: int, log: Path) -> Server:
+    """`python -m mlflow server` on `store`, one worker. MLflow's background job runner is
+    off unless the user turned it on: a UI for one workspace has no use for it."""
     command = [
         *(sys.executable, "-m", "mlflow", "server"),
         *("--backend-store-uri", store),
@@ -169,19 +231,39 @@ def start_server(
         *("--host", host, "--port", str(port), "--workers", "1"),
     ]
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    return subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+    return Server("MLflow UI", _start(command, env, log), f"http://{host}:{port}", log)
+
+
+def start_tensorboard(runs: Path, host: str, port: int, log: Path) -> Server:
+    """TensorBoard on every run's event files (`runs/<id>/tensorboard/`: one run each)."""
+    command = [
+        *(sys.executable, "-m", "tensorboard.main", "--logdir", str(runs)),
+        *("--host", host, "--port", str(port)),
+    ]
+    return Server(
+        "TensorBoard", _start(command, dict(os.environ), log), f"http://{host}:{port}", log
     )
 
 
-def wait_until_answering(server: subprocess.Popen[bytes], address: str, log_path: Path) -> None:
-    """Return once `address`/health answers 200; UserError when the server exits first
+def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`command` in a session of its own (a Ctrl-C in the terminal reaches this process,
+    which stops it), that gets SIGTERM when this process dies; its output goes to `log`."""
+    from expkit.procs import die_with_parent
+
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+        )
+
+
+def wait_until_answering(server: Server) -> None:
+    """Return once the server answers 200 at its address; UserError when it exits first
     (naming the last line of its log) or does not answer within START_TIMEOUT seconds."""
     import urllib.request
 
@@ -189,21 +271,21 @@ def wait_until_answering(server: subprocess.Popen[bytes], address: str, log_path
 
     deadline = time.monotonic() + START_TIMEOUT
     while True:
-        code = server.poll()
+        code = server.process.poll()
         if code is not None:
             raise UserError(
-                f"MLflow's server did not start (exit code {code}): {last_line(log_path)}"
+                f"{server.name} did not start (exit code {code}): {last_line(server.log)}"
             )
         try:
-            with urllib.request.urlopen(f"{address}/health", timeout=2) as answer:
+            with urllib.request.urlopen(server.address, timeout=2) as answer:
                 if answer.status == 200:
                     return
         except OSError:
             pass
         if time.monotonic() > deadline:
             raise UserError(
-                f"MLflow's server did not answer at {address} within {START_TIMEOUT:.0f}s; "
-                f"its log: {log_path}"
+                f"{server.name} did not answer at {server.address} within "
+                f"{START_TIMEOUT:.0f}s; its log: {server.log}"
             )
         time.sleep(0.25)
 
