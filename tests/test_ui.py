@@ -314,6 +314,44 @@ def test_expkit_ui_serves_the_workspace_store_then_stops_leaving_no_process(
     assert "Traceback" not in ui.output
 
 
+@pytest.mark.slow  # two MLflow servers starting: 20-60 s
+def test_two_expkit_ui_on_one_port_one_serves_and_the_other_says_the_port_is_taken(
+    expkit_workspace, background, expkit_cli, tmp_path
+):
+    """Two workspaces' UIs started at once on one port: both find it free, and the one whose
+    server binds it second must not take the other's answers for its own. A second `expkit
+    ui` on a workspace that has one running is refused at once."""
+    from mlflow import MlflowClient
+
+    from expkit.workspace import Workspace
+
+    other = Workspace.init(tmp_path / "other")
+    for workspace in (expkit_workspace, other):
+        MlflowClient(f"sqlite:///{workspace.path / 'mlflow.db'}").search_experiments()
+    port = free_port()
+    first = background("ui", "--port", str(port))
+    second = background("ui", "--port", str(port), "--workspace", str(other.path))
+
+    ended = lambda: first.proc.poll() is not None or second.proc.poll() is not None  # noqa: E731
+    eventually(ended, 180, "one of them to give up")
+    loser, winner = (first, second) if first.proc.poll() is not None else (second, first)
+    assert loser.wait() == 2, loser.output
+    assert "address already in use" in loser.output.lower()
+    assert "MLflow UI: http" not in loser.output
+    winner.wait_for(f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C stops it)", timeout=180)
+    servers = descendants(winner.proc.pid)
+    where = other.path if winner is second else expkit_workspace.path
+    again = expkit_cli("ui", "--port", str(free_port()), "--workspace", str(where))
+    assert again.returncode == 2
+    assert again.stderr == (
+        f"expkit: error: another `expkit ui` serves this workspace (its log: "
+        f"{where / 'mlflow-ui.log'}): open its address, or stop it first\n"
+    )
+    winner.interrupt()
+    assert winner.wait(60) == 0, winner.output
+    assert [pid for pid in servers if alive(pid)] == []
+
+
 # -- refusals: one line, exit 2 -----------------------------------------------------------------
 def test_expkit_ui_without_a_store_says_how_to_make_one(expkit_cli, expkit_workspace):
     done = expkit_cli("ui", "--port", str(free_port()))

@@ -26,12 +26,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 DEFAULT_PORT = 5000  # `mlflow server`'s own default, and the one run links assume
 LOG = "mlflow-ui.log"  # in the workspace
 TENSORBOARD_PORT = 6006  # TensorBoard's own default
 TENSORBOARD_LOG = "tensorboard-ui.log"  # in the workspace
+# What uvicorn (MLflow's server) and TensorBoard print once they listen on their port.
+LISTENING = "(Press CTRL+C to quit)"
 START_TIMEOUT = 180.0  # seconds for the server to answer: mlflow imports slowly on a busy host
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL of the server's processes
 
@@ -100,12 +102,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     check_can_serve(store, args.host, args.port)
     if args.tensorboard:
         check_tensorboard(args.host, args.tensorboard_port, args.port)
+    log = workspace.path / LOG
+    holder = hold_log(log)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     servers: list[Server] = []
     try:
-        log = workspace.path / LOG
         print(f"starting MLflow's UI on {store} (its log: {log})", flush=True)
-        servers.append(start_mlflow(store, artifacts, args.host, args.port, log))
+        servers.append(start_mlflow(store, artifacts, args.host, args.port, holder))
         if args.tensorboard:
             runs, log = workspace.path / "runs", workspace.path / TENSORBOARD_LOG
             print(f"starting TensorBoard on {runs} (its log: {log})", flush=True)
@@ -136,6 +139,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
             stop_server(server.process)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        holder.close()  # the lock with it
+
+
+def hold_log(log: Path) -> BinaryIO:
+    """The MLflow server's log, emptied and locked (flock) for as long as this command and
+    its server run: one `expkit ui` per workspace, and a log that only its server writes
+    to. UserError when another `expkit ui` holds it."""
+    import fcntl
+
+    from expkit.errors import UserError
+
+    holder = open(log, "ab")  # noqa: SIM115 - held until the command ends
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder.close()
+        raise UserError(
+            f"another `expkit ui` serves this workspace (its log: {log}): open its address, "
+            "or stop it first"
+        ) from None
+    holder.truncate(0)
+    return holder
 
 
 def _raise_stop(signum: int, frame: Any) -> None:
@@ -221,7 +246,7 @@ def check_port(host: str, port: int, option: str) -> None:
             ) from None
 
 
-def start_mlflow(store: str, artifacts: str | None, host: str, port: int, log: Path) -> Server:
+def start_mlflow(store: str, artifacts: str | None, host: str, port: int, log: BinaryIO) -> Server:
     """`python -m mlflow server` on `store`, one worker. MLflow's background job runner is
     off unless the user turned it on: a UI for one workspace has no use for it."""
     command = [
@@ -231,7 +256,8 @@ def start_mlflow(store: str, artifacts: str | None, host: str, port: int, log: P
         *("--host", host, "--port", str(port), "--workers", "1"),
     ]
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    return Server("MLflow UI", _start(command, env, log), f"http://{host}:{port}", log)
+    process = _start(command, env, log)
+    return Server("MLflow UI", process, f"http://{host}:{port}", Path(log.name))
 
 
 def start_tensorboard(runs: Path, host: str, port: int, log: Path) -> Server:
@@ -240,31 +266,32 @@ def start_tensorboard(runs: Path, host: str, port: int, log: Path) -> Server:
         *(sys.executable, "-m", "tensorboard.main", "--logdir", str(runs)),
         *("--host", host, "--port", str(port)),
     ]
-    return Server(
-        "TensorBoard", _start(command, dict(os.environ), log), f"http://{host}:{port}", log
-    )
+    with open(log, "wb") as out:
+        process = _start(command, dict(os.environ), out)
+    return Server("TensorBoard", process, f"http://{host}:{port}", log)
 
 
-def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _start(command: list[str], env: dict[str, str], log: BinaryIO) -> subprocess.Popen[bytes]:
     """`command` in a session of its own (a Ctrl-C in the terminal reaches this process,
     which stops it), that gets SIGTERM when this process dies; its output goes to `log`."""
     from expkit.procs import die_with_parent
 
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
-        )
+    return subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+    )
 
 
 def wait_until_answering(server: Server) -> None:
-    """Return once the server answers 200 at its address; UserError when it exits first
-    (naming the last line of its log) or does not answer within START_TIMEOUT seconds."""
+    """Return once the server says in its log that it listens (LISTENING: uvicorn's and
+    TensorBoard's line, so that another server that took the port meanwhile is not taken
+    for this one) and answers 200 at its address; UserError when it exits first (naming
+    the error in its log) or does not answer within START_TIMEOUT seconds."""
     import urllib.request
 
     from expkit.errors import UserError
@@ -277,9 +304,11 @@ def wait_until_answering(server: Server) -> None:
                 f"{server.name} did not start (exit code {code}): {last_line(server.log)}"
             )
         try:
-            with urllib.request.urlopen(server.address, timeout=2) as answer:
-                if answer.status == 200:
-                    return
+            listening = LISTENING in server.log.read_text(errors="replace")
+            if listening:
+                with urllib.request.urlopen(server.address, timeout=2) as answer:
+                    if answer.status == 200:
+                        return
         except OSError:
             pass
         if time.monotonic() > deadline:
@@ -336,11 +365,12 @@ def _group_alive(group: int) -> bool:
 
 
 def last_line(log_path: Path) -> str:
-    """The last non-empty line of the server's log (where its error is), or where the log
-    is when it has none."""
+    """The server's error from its log: its last line that names an error (e.g. uvicorn's
+    "[Errno 98] ... address already in use"), else its last line, else where the log is."""
     try:
-        lines = log_path.read_text(errors="replace").splitlines()
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
     except OSError:
         lines = []
-    found = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    errors = [line for line in lines if "error" in line.lower()]
+    found = (errors or [line for line in lines if line] or [""])[-1]
     return found or f"see {log_path}"
