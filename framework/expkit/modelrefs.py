@@ -30,7 +30,8 @@ def alias_problem(alias: object) -> str | None:
         return f"alias {alias!r}: {ALIAS_RULE}"
     if alias.lower() == "latest":
         return (
-            f"{alias!r} is reserved by MLflow (the latest version); choose another, e.g. champion"
+            f"alias {alias!r} is reserved by MLflow (the latest version); choose another, "
+            "e.g. champion"
         )
     if RESERVED_VERSION.fullmatch(alias):
         return f"alias {alias!r} is reserved by MLflow (a version); choose another, e.g. champion"
