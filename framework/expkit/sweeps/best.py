@@ -10,6 +10,7 @@ when the job's `model.register_if` holds for that trial, and it takes the job's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from expkit.errors import PluginError, StageFailed, UserError, quoted
@@ -50,7 +51,9 @@ def best_trial(workspace: Workspace, sweep_id: str) -> RunRecord | None:
     return workspace.history.runs.get(row.run_id) if row else None
 
 
-def register_best(workspace: Workspace, sweep_id: str) -> ModelVersion:
+def register_best(
+    workspace: Workspace, sweep_id: str, warn: Callable[[str], None] | None = None
+) -> ModelVersion:
     """Register the model of the sweep's best completed trial as the next version of the
     job's `model.name` (and in the job's model registries), its lineage adding {"sweep":
     id, "trial": n, "primary_metric": {"name", "goal", "value"}}; record it on the sweep
@@ -59,7 +62,7 @@ def register_best(workspace: Workspace, sweep_id: str) -> ModelVersion:
     the best trial does not meet the job's `model.register_if`, UserError when the job names
     no model or its files are missing, or a registry refused it (the version stays
     registered in the workspace). The job's `model.aliases` are set on the new version (a
-    registry that refuses one is not a failure)."""
+    registry that refuses one is not a failure: `warn` is told, when given)."""
     from expkit.job import JobSpec
     from expkit.registry import (
         ModelStore,
@@ -109,7 +112,11 @@ def register_best(workspace: Workspace, sweep_id: str) -> ModelVersion:
     if registries:
         _to_registries(workspace, best.id, model, registries)
     for alias in job.model.aliases:  # as the register stage: a registry refusing is no failure
-        set_alias(workspace, model, alias, best.id, {r.name: r for _, r, _ in registries})
+        mirrors = {r.name: r for _, r, _ in registries}
+        _, warnings = set_alias(workspace, model, alias, best.id, mirrors)
+        for line in warnings:
+            if warn is not None:
+                warn(f"warning: {line}")
     return model
 
 

@@ -639,7 +639,7 @@ class SweepDriver:
         records it on the sweep): its "name:version"."""
         from expkit.sweeps.best import register_best
 
-        model = register_best(self.ws, self.id)
+        model = register_best(self.ws, self.id, self.reporter.note)
         return f"{model.name}:{model.version}"
 
 
