@@ -307,3 +307,14 @@ def test_an_alias_of_a_withdrawn_version_points_where_it_did_before(expkit_works
 
     assert history.aliases.of_model("digits") == {"champion": 1}
     assert store.resolve("digits@champion").version == 1
+
+
+def test_each_models_action_describes_its_arguments_with_an_example(expkit_cli):
+    for action, argument in [("list", "NAME"), ("show", "REF"), ("alias", "ALIAS"),
+                             ("download", "DEST")]:  # fmt: skip
+        shown = expkit_cli("models", action, "--help")
+        assert shown.returncode == 0, shown.stderr
+        usage, description, *rest = shown.stdout.split("\n\n")
+        assert argument in usage and len(description.split()) > 10, shown.stdout
+        examples = rest[-1]
+        assert examples.startswith("example") and f"expkit models {action} " in examples

@@ -17,9 +17,17 @@ from expkit.cli.common import open_workspace, print_table, when
 REF_HELP = "NAME (the latest version), NAME:VERSION or NAME@ALIAS"
 
 
+class _Help(argparse.HelpFormatter):
+    """argparse's help, whose examples (the epilog, "example..." text) keep their lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `models` and its actions (list, show, alias, download)."""
-    formatter = argparse.RawDescriptionHelpFormatter
     models = commands.add_parser(
         "models",
         help="registered models",
@@ -28,7 +36,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         f"version is named by {REF_HELP}.",
         epilog="examples:\n  expkit models list pt-dnn\n  expkit models show pt-dnn@champion\n"
         "  expkit models alias pt-dnn:3 champion\n  expkit models download pt-dnn:3 ./model",
-        formatter_class=formatter,
+        formatter_class=_Help,
     ).add_subparsers(dest="models_command", metavar="ACTION", required=True)
     mlist = models.add_parser(
         "list",
@@ -46,8 +54,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="A model version: when it was registered and by which run, its aliases, "
         "files, lineage (run, hashes, final metrics), exports, tags, and where else it is "
         "registered (the job's model.registries, e.g. MLflow).",
-        epilog="examples: expkit models show pt-dnn   expkit models show pt-dnn:2   "
-        "expkit models show pt-dnn@champion",
+        epilog="examples:\n  expkit models show pt-dnn\n  expkit models show pt-dnn:2\n"
+        "  expkit models show pt-dnn@champion",
+        formatter_class=_Help,
     )
     mshow.add_argument("ref", metavar="REF", help=REF_HELP)
     mshow.set_defaults(handler=cmd_models_show)
@@ -63,7 +72,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         epilog="examples:\n  expkit models alias pt-dnn:3 champion\n"
         "  expkit models alias pt-dnn@champion previous\n"
         "  expkit models alias pt-dnn champion --delete",
-        formatter_class=formatter,
+        formatter_class=_Help,
     )
     malias.add_argument("ref", metavar="REF", help=REF_HELP + "; with --delete: NAME")
     malias.add_argument("alias", metavar="ALIAS", help="the alias, e.g. champion")
