@@ -139,11 +139,41 @@ def check_version_loads_and_predicts(uri: str, source: Path, workspace: Path) ->
     assert loaded.metadata.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3)
 
 
-@pytest.mark.slow  # about 50 s: the run, the export through pyfunc, MLflow's store
+def check_the_onnx_flavor(uri: str, source: Path, workspace: Path) -> None:
+    """The same version's ONNX flavor (the onnx export's file) through mlflow.onnx, in ONNX
+    Runtime, gives the torch model's outputs too; pyfunc loads through PyTorch."""
+    import mlflow
+    import mlflow.onnx
+    import onnxruntime
+    from mlflow.models import Model
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        proto = mlflow.onnx.load_model("models:/pt-dnn/1")
+        flavors = Model.load("models:/pt-dnn/1").flavors
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert {"pytorch", "onnx", "python_function"} <= set(flavors)
+    assert flavors["python_function"]["loader_module"] == "mlflow.pytorch"
+    session = onnxruntime.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    (name,) = [i.name for i in session.get_inputs()]
+    batch = np.random.default_rng(8).normal(size=(3, 4)).astype("float32")
+    weights = workspace / "models" / "pt-dnn" / "1" / "model.pt"
+    np.testing.assert_allclose(
+        session.run(None, {name: batch})[0],
+        torch_outputs(source, weights, batch),
+        atol=1e-4,
+        rtol=1e-3,
+    )
+
+
+@pytest.mark.slow  # about 80 s: the run, the onnx and mlflow exports, MLflow's store
 def test_a_registered_version_is_an_mlflow_model_that_predicts_like_the_torch_model(
     write_job, expkit_cli, expkit_workspace
 ):
-    path, done = run_through_cli(write_job, expkit_cli, [])
+    path, done = run_through_cli(write_job, expkit_cli, ["onnx"])
     workspace = expkit_workspace.path
     uri = store(workspace)
     # the registry added its export to the job's, and it passed through pyfunc
@@ -152,6 +182,7 @@ def test_a_registered_version_is_an_mlflow_model_that_predicts_like_the_torch_mo
     assert "files only" not in done.stdout
 
     check_version_loads_and_predicts(uri, path.parent / "src", workspace)
+    check_the_onnx_flavor(uri, path.parent / "src", workspace)
 
     client = MlflowClient(tracking_uri=uri)
     version = client.get_model_version("pt-dnn", "1")
