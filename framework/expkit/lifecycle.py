@@ -186,7 +186,7 @@ def _with_registry_exports(job: JobSpec, registries: list[Any]) -> JobSpec:
     listed = {e.format for e in job.exports}
     added = []
     for registry in registries:
-        for name in registry.exports:
+        for name in getattr(registry, "exports", ()):  # a duck-typed registry has none
             if name not in listed:
                 listed.add(name)
                 added.append(ExportSpec(format=name))
