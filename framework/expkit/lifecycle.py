@@ -58,7 +58,7 @@ from expkit.errors import (
 )
 from expkit.history import RunRecord, no_room
 from expkit.history import params as params_source
-from expkit.job import JobSpec
+from expkit.job import ExportSpec, JobSpec
 from expkit.metrics import SINK_OUTCOME, MetricPump, SinkWorker, cursor_keys
 from expkit.plugins import Plugins, call, get_plugins
 from expkit.procs import (
@@ -161,6 +161,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         plugins.get("model_registries", r.name, f"model.registries.{i}")
         for i, r in enumerate(named)
     ]
+    job = _with_registry_exports(job, registries)
     exporters = [
         plugins.get("exporters", e.format, f"exports.{i}") for i, e in enumerate(job.exports)
     ]
@@ -177,6 +178,25 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         registries=registries,
         exporters=list(zip(job.exports, exporters, strict=True)),
     )
+
+
+def _with_registry_exports(job: JobSpec, registries: list[Any]) -> JobSpec:
+    """`job` with each export format its registries register with a version
+    (`ModelRegistry.exports`, e.g. the `mlflow` registry's MLflow model folder) added at the
+    end (after the job's own: the mlflow export takes in a passing onnx export), not
+    required, when the job does not list it and its model says how to load it and what it
+    takes (`model.load` and `model.input`); else the registry registers the files alone."""
+    model = job.model
+    if model is None or model.load is None or model.input is None:
+        return job
+    listed = {e.format for e in job.exports}
+    added = []
+    for registry in registries:
+        for name in getattr(registry, "exports", ()):  # a duck-typed registry has none
+            if name not in listed:
+                listed.add(name)
+                added.append(ExportSpec(format=name))
+    return job.replace(exports=[*job.exports, *added]) if added else job
 
 
 def _with_checked_options(
