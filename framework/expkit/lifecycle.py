@@ -38,7 +38,6 @@ from expkit.capabilities import (
     EnvironmentBuilder,
     Process,
     RankFailure,
-    Registration,
 )
 from expkit.console import Console, human_size
 from expkit.context import (
@@ -70,7 +69,14 @@ from expkit.procs import (
     stop_run_processes,
 )
 from expkit.recovery import RESERVE_NAME, salvage
-from expkit.registry import NoModelFiles, register_run_model
+from expkit.registry import (
+    NoModelFiles,
+    check_register_if,
+    record_registration,
+    register_run_model,
+    set_alias,
+    unmet,
+)
 from expkit.stages import AttemptOutcome, Outcome, RunState, Stage
 from expkit.workspace import Workspace
 
@@ -709,8 +715,12 @@ class Lifecycle:
             state, error = RunState.CANCELED, self.stop_reason()
             self.say(f"{self.terminated_by}: outputs sealed; the run ends canceled")
         if state == RunState.COMPLETED and self.job.model and not self.sweep:
-            with self.stage(Stage.REGISTER):
-                self.register()
+            refused = self.register_if()
+            if refused:
+                self.skip(Stage.REGISTER, f"not registered: {refused}")
+            else:
+                with self.stage(Stage.REGISTER):
+                    self.register()
         elif state == RunState.COMPLETED and self.job.model:
             self.skip(Stage.REGISTER, f"a trial of {self.sweep}: the sweep registers its best")
         else:
@@ -1222,9 +1232,19 @@ class Lifecycle:
             self.warn(warning)
 
     # -- register: the next version of the job's model ----------------------------------------
+    def register_if(self) -> str | None:
+        """Why the job's `model.register_if` keeps this run from making a version (None: it
+        does not); each condition's verdict is said on the way, in post-process's lines."""
+        verdicts = check_register_if(self.ws, self.job, self.run_id)
+        for verdict in verdicts:
+            self.say(f"register_if {'met' if verdict.ok else 'not met'}: {verdict.text}")
+        return unmet(verdicts)
+
     def register(self) -> None:
         """The next version of the job's model from the sealed outputs (see
-        `expkit.registry.register_run_model`), then in each of the job's registries."""
+        `expkit.registry.register_run_model`), then in each of the job's registries (each
+        registration recorded), then the job's `model.aliases`, mirrored to those registries
+        (one that refuses is a warning: the version is kept)."""
         spec = self.job.model
         assert spec is not None
         try:
@@ -1241,9 +1261,17 @@ class Lifecycle:
                 raise StageFailed(
                     f"{failure}; {model.name}:{model.version} is not kept, as the run failed"
                 ) from failure
-            if isinstance(ref, Registration):  # recorded in the run history: issue 16, next
-                ref = ref.reference
-            self.say(f"{registry.kind} {registry.name!r}: {ref}")
+            found = record_registration(self.ws, model, registry.name, ref)
+            self.say(f"{registry.kind} {registry.name!r}: {found.reference}")
+        registries = {r.name: r for r in self.choice.registries}
+        for alias in spec.aliases:
+            said, warnings = set_alias(self.ws, model, alias, self.run_id, registries)
+            for line in said:
+                self.say(line)
+            for line in warnings:
+                self.warn(line)
+        if spec.aliases:
+            self.stage_note += ", " + ", ".join(f"@{alias}" for alias in spec.aliases)
         # Said once every registry has it: a signal before this withdraws the version.
         self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
 
