@@ -25,12 +25,17 @@ What goes where:
   after it ended (`expkit runs resume`) reopens the same MLflow run: RUNNING again, without
   the earlier attempt's error tag, until it ends again;
 - a sweep's trial: a child run of the sweep's parent run (`expkit_mlflow.sweeps`), named
-  "<run id> (trial N)"; its end updates the parent's best so far and status.
+  "<run id> (trial N)"; its end updates the parent's best so far and status;
+- where to look (`MlflowSink.where`, in the run's summary and `expkit runs show`): the run's
+  page in MLflow's UI and the tracking URI, from the expkit run's tags `mlflow.run_id`,
+  `mlflow.experiment_id` and `mlflow.tracking_uri` (recorded at open; expkit's own, never
+  sent to MLflow).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +61,13 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "canceled": "KILLED"}
+# The expkit run's tags that say where its MLflow run is (`MlflowSink.where`): expkit's own.
+EXPERIMENT_TAG = "mlflow.experiment_id"
+URI_TAG = "mlflow.tracking_uri"
+WHERE_TAGS = (RUN_TAG, EXPERIMENT_TAG, URI_TAG)
+# Where `expkit ui` serves the workspace's store unless told otherwise (`mlflow server`'s
+# default address too).
+UI_ADDRESS = "http://127.0.0.1:5000"
 
 
 class MlflowSink(MetricSink):
@@ -69,7 +81,48 @@ class MlflowSink(MetricSink):
         mlflow_run_id, created = ensure_run(client, run, tracking)
         if not created:
             reopen(client, mlflow_run_id)
+        experiment = client.get_run(mlflow_run_id).info.experiment_id
+        run.set_tags({EXPERIMENT_TAG: experiment, URI_TAG: tracking.uri})
         return MlflowWriter(client, mlflow_run_id, run)
+
+    def where(self, run: RunInfo, options: dict[str, Any]) -> str | None:
+        """The MLflow run's page and the tracking URI, from the tags recorded at open: on a
+        tracking server, its own address; on the workspace's local store, the address
+        `expkit ui` serves it at (another local store: the `mlflow ui` that shows it).
+        None before the sink opened."""
+        tags = run.tags()
+        mlflow_run_id, experiment, uri = (tags.get(key) for key in WHERE_TAGS)
+        if not (mlflow_run_id and experiment and uri):
+            return None
+        page = f"#/experiments/{experiment}/runs/{mlflow_run_id}"
+        if uri.startswith(("http://", "https://")):
+            return f"{uri.rstrip('/')}/{page} (tracking URI {uri})"
+        if not is_local(uri):  # databricks, ...: the service has its own UI
+            return f"MLflow run {mlflow_run_id} in experiment {experiment} (tracking URI {uri})"
+        if uri == ui_store(run):
+            return f"{UI_ADDRESS}/{page} (open it with `expkit ui`; tracking URI {uri})"
+        return (
+            f"{UI_ADDRESS}/{page} (open it with `mlflow ui --backend-store-uri {uri}`; "
+            f"tracking URI {uri})"
+        )
+
+
+def is_local(uri: str) -> bool:
+    """Whether a tracking URI is a store on this machine: SQLite, a file store or a path
+    (not `databricks`, `databricks://profile`, ...)."""
+    return uri.startswith(("sqlite:", "file:", "/", "."))
+
+
+def ui_store(run: RunInfo) -> str:
+    """The store `expkit ui` serves: the workspace's config.json's `mlflow.tracking_uri`,
+    else $MLFLOW_TRACKING_URI, else the SQLite default in the workspace (as `resolve`
+    finds it for a sink without options)."""
+    configured = run.plugin_config(NAME).get("tracking_uri")
+    if configured:
+        return str(configured)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{run.workspace_dir / 'mlflow.db'}"
 
 
 def reopen(client: MlflowClient, mlflow_run_id: str) -> None:
@@ -156,7 +209,7 @@ class MlflowWriter(MetricWriter):
         the run finished finds everything in it. A second close does nothing."""
         if self.closed:
             return
-        tags: dict[str, Any] = {k: v for k, v in outcome.tags.items() if k != RUN_TAG}
+        tags: dict[str, Any] = {k: v for k, v in outcome.tags.items() if k not in WHERE_TAGS}
         tags.update({"expkit.state": outcome.state, "expkit.exit_code": outcome.exit_code})
         for stage, seconds in outcome.stage_seconds.items():
             tags[f"expkit.stage.{stage}.seconds"] = f"{seconds:.3f}"

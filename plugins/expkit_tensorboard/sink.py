@@ -30,6 +30,12 @@ class TensorBoardSink(MetricSink):
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
         return TensorBoardWriter(run)
 
+    def where(self, run: RunInfo, options: dict[str, Any]) -> str | None:
+        """The run's log folder, as the command that shows it; None before the sink opened
+        (no folder yet)."""
+        folder = run.run_dir / FOLDER
+        return f"tensorboard --logdir {folder}" if folder.is_dir() else None
+
 
 class TensorBoardWriter(MetricWriter):
     """One event file per writer, written with tensorboard's own event writer (no torch)."""

@@ -13,11 +13,11 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-from expkit.cli import export, metrics, models, plugins, run, runs, sweeps, workspace
+from expkit.cli import export, metrics, models, plugins, run, runs, sweeps, ui, workspace
 from expkit.cli.common import add_global_options
 
 # In the order `expkit --help` lists them.
-GROUPS = (run, runs, sweeps, metrics, models, export, plugins, workspace)
+GROUPS = (run, runs, sweeps, metrics, models, export, ui, plugins, workspace)
 GLOBAL_VALUED = ("--workspace",)  # global options that take a value
 
 

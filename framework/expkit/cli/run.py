@@ -284,8 +284,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def print_summary(workspace: Any, record: Any, console: Any) -> None:
     """The summary under a finished run: its stages, latest metrics, how each metric sink
-    fared, outputs, exports, and how to resume a failed or canceled run that kept a
-    checkpoint folder."""
+    fared and where it put the run's data, outputs, exports, and how to resume a failed or
+    canceled run that kept a checkpoint folder."""
     from expkit.console import format_value, human_seconds, human_size
     from expkit.exports import describe as describe_export
     from expkit.metrics import SINK_OUTCOME
@@ -308,6 +308,9 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
         sinks = [event for event in sinks if event["ts"] >= attempts[-1].started]
     if sinks:
         rows.append(("sinks", ", ".join(event["message"] for event in sinks)))
+    from expkit.sinkwhere import sink_places
+
+    rows.extend(sink_places(workspace, record))  # where each sink put the run's data
     outputs = history.outputs.of(record.id)
     links = history.outputs.links(record.id)
     note = (

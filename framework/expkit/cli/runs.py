@@ -243,25 +243,19 @@ def _extra_columns(
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    """One run's state, stages, parameters, metrics, tags, exports and outputs (--json: as
-    JSON)."""
-    from expkit.api import Run
+    """One run's state, stages, parameters, metrics, tags, where its sinks put its data,
+    exports and outputs (--json: all of it as JSON, see `show_json`)."""
     from expkit.console import format_value, human_seconds, human_size
     from expkit.exports import describe as describe_export
+    from expkit.sinkwhere import sink_places
 
     workspace = open_workspace(args)
     record = run_record(workspace, args.run_id)
     history = workspace.history
     if args.json:
-        details = Run(workspace, record.id).get_details()
-        details["metrics"] = history.metrics.latest(record.id)
-        details["outputs"] = {
-            p: {"size": s, "sha256": d} for p, (s, d) in history.outputs.of(record.id).items()
-        }
-        details["output_links"] = history.outputs.links(record.id)
         from expkit.cli import jsonout
 
-        print(jsonout.dumps(details))
+        print(jsonout.dumps(show_json(workspace, record)))
         return 0
     print(f"run         {record.id}")
     print(f"experiment  {record.experiment}")
@@ -283,6 +277,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         print(f"snapshot    {record.snapshot_hash[:16]}")
     if record.environment_hash:
         print(f"environment {record.environment_hash}")
+    for name, version in model_versions(history, record.id):
+        print(f"model       {name}:{version}")
     print("\nstages")
     for stage in history.stages.of(record.id):
         took = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
@@ -307,6 +303,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         print("\ntags")
         for key, value in tags.items():
             print(f"  {key:<24} {value}")
+    places = sink_places(workspace, record)
+    if places:
+        print("\nsinks (where the run's data went)")
+        for name, where in places:
+            print(f"  {name:<24} {where}")
     found = history.exports.of(record.id)
     if found:
         print("\nexports")
@@ -322,11 +323,73 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         print("\nlinks in outputs (recorded, not stored)")
         for path, target in links.items():
             print(f"  {'outputs' if path == '.' else path} -> {target}")
-    for event in history.events.of(record.id, "warning") + history.events.of(
-        record.id, "sink-failed"
-    ):
-        print(f"\nwarning: {event['message']}")
+    for message in warnings(history, record.id):
+        print(f"\nwarning: {message}")
     return 0
+
+
+def show_json(workspace: Any, record: Any) -> dict[str, Any]:
+    """What `runs show --json` prints: everything the text view shows, as data (times in
+    seconds since the epoch, durations in seconds, hashes in full): the API's
+    `Run.get_details()`, plus the times, status, script, stage messages, model versions,
+    metrics, where each sink put the data, exports, outputs, links and warnings."""
+    from expkit.api import Run
+    from expkit.exports import describe as describe_export
+    from expkit.sinkwhere import sink_places
+
+    history = workspace.history
+    details = Run(workspace, record.id).get_details()
+    details.update(
+        {
+            "status": record.status,
+            "created": record.created,
+            "ended": record.ended,
+            "remote_job": record.remote_job,
+            "script": {
+                "entry_script": record.job["entry_script"],
+                "source_directory": record.job["source_directory"],
+            },
+            "models": [
+                {"name": name, "version": version}
+                for name, version in model_versions(history, record.id)
+            ],
+            "stages": {
+                s.stage: {"state": s.state, "seconds": s.seconds, "message": s.message}
+                for s in history.stages.of(record.id)
+            },
+            "max_attempts": max_attempts(record.job),
+            "metrics": history.metrics.latest(record.id),
+            "sinks": [{"sink": n, "where": w} for n, w in sink_places(workspace, record)],
+            "exports": [
+                {
+                    "format": e.format,
+                    "ok": e.ok,
+                    "message": e.message,
+                    "summary": describe_export(e),
+                    "files": {p: {"size": s, "sha256": d} for p, (s, d) in e.files.items()},
+                    "checks": e.checks,
+                }
+                for e in history.exports.of(record.id)
+            ],
+            "outputs": {
+                p: {"size": s, "sha256": d} for p, (s, d) in history.outputs.of(record.id).items()
+            },
+            "output_links": history.outputs.links(record.id),
+            "warnings": warnings(history, record.id),
+        }
+    )
+    return details
+
+
+def model_versions(history: Any, run_id: str) -> list[tuple[str, int]]:
+    """(name, version) of each model version the run registered (visible ones)."""
+    return [(r["name"], r["version"]) for r in history.models.versions() if r["run_id"] == run_id]
+
+
+def warnings(history: Any, run_id: str) -> list[str]:
+    """The run's warnings, then its sinks' failures, as `runs show` lists them."""
+    events = history.events.of(run_id, "warning") + history.events.of(run_id, "sink-failed")
+    return [event["message"] for event in events]
 
 
 def _print_attempts(record: Any, attempts: list[Any]) -> None:
