@@ -57,7 +57,7 @@ def test_snapshot_is_frozen_into_the_run_with_its_hash(run_job):
     assert (snapshot / "lib" / "helpers.py").read_text() == "X = 1\n"
     assert all(read_only(p) for p in snapshot.rglob("*") if p.is_file())
     assert len(result.record.snapshot_hash) == 64
-    assert f"3 files, 32 B (hash {result.record.snapshot_hash[:12]})" in result.output
+    assert f"3 files, 32 B (hash {result.record.snapshot_hash[:16]})" in result.output
 
 
 def test_same_source_gives_same_snapshot_hash_and_a_change_gives_another(run_job, tmp_path):
