@@ -90,6 +90,7 @@ def test_pip_and_a_data_command_write_into_the_runs_log_not_the_terminal(
         {
             "environment": {"pip": ["pyyaml"]},  # installed already: pip only checks it
             "data": {"d": {"prepare": data}},
+            "args": {"data_dir": "${data.d}"},
         },
         script="print('trained')\n",
     )
@@ -102,6 +103,9 @@ def test_pip_and_a_data_command_write_into_the_runs_log_not_the_terminal(
     assert re.search(r"^data 'd': wrote .*\.tmp$", log, re.M), log  # the temporary folder
     assert "Requirement already satisfied" not in out and "Looking in" not in out, out
     assert ".tmp" not in out, out
+    # The script's command as run in the working copy, which is removed after the run.
+    assert "run │ $ python train.py --data_dir ./data/d\n" in out, out
+    assert str(expkit_workspace.run_dir(run_id) / "work") not in out, out
     assert re.search(rf"environment built \(pip-[0-9a-f]{{16}}\) in {DURATION}", out), out
     assert "logs/prepare.log" in ok(expkit_cli("runs", "files", run_id))
 

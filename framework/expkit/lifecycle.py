@@ -1083,8 +1083,10 @@ class Lifecycle:
         script = self.ctx.command
         assert script is not None
         command = script.argv
-        if not self.reattaching and self.attempt == 1:
-            self.say("$ " + shlex.join([Path(command[0]).name, *command[1:]]))
+        if not self.reattaching and self.attempt == 1:  # as run in the working copy, which
+            work = f"{self.work_dir}{os.sep}"  # goes with the run: no path of it is shown
+            shown = [arg.replace(work, f".{os.sep}") for arg in command[1:]]
+            self.say("$ " + shlex.join([Path(command[0]).name, *shown]))
         backend = self.choice.backend
         if backend is None:  # the target's service starts the ranks from the job spec
             processes = [Process(argv=list(command), env=dict(script.env))]
