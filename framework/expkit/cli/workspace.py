@@ -20,7 +20,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "expkit init ~/experiments",
         ),
     )
-    init.add_argument("path", nargs="?", default=".", help="the folder (default: here)")
+    init.add_argument(
+        "path", metavar="PATH", nargs="?", default=".", help="the folder (default: here)"
+    )
     init.set_defaults(handler=cmd_init)
 
 
