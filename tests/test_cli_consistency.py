@@ -71,7 +71,7 @@ def test_outputs_are_counted_one_way_and_hashes_shown_at_one_length(expkit_cli, 
     out, run_id = finished
     shown = ok(expkit_cli("runs", "show", run_id))
 
-    assert "post-process │ 1 metric values recorded; outputs 2 files, 32 B" in out, out
+    assert "post-process │ 1 metric value recorded; outputs 2 files, 32 B" in out, out
     assert re.search(r"^✓ post-process\s+\S+  outputs 2 files, 32 B$", out, re.M), out
     assert re.search(r"^  outputs\s+2 files, 32 B$", out, re.M), out
     assert "\noutputs (2 files, 32 B)\n" in shown, shown

@@ -1143,7 +1143,7 @@ class Lifecycle:
         size = sum(s for s, _ in outputs.values())
         self.stage_note = f"outputs {count_files(len(outputs), size)}"
         count = self.pump.count if self.pump else 0
-        self.say(f"{count} metric values recorded; {self.stage_note}")
+        self.say(f"{count} metric value{'s' * (count != 1)} recorded; {self.stage_note}")
         required = [w for w in self.sinks if w.required and w.error is not None]
         if required:
             raise StageFailed(f"required {required[0].error}")
