@@ -3,7 +3,8 @@ expkit is refused before anything is written to it.
 
 tests/fixtures/workspace_v0 was made by expkit before its history had a version, workspace_v2 by
 expkit at history version 2, before parameters (step 3) were recorded, workspace_v3 before
-sweeps (step 4), workspace_v4 before attempts (step 5) (see tests/fixtures/make_workspace.py).
+sweeps (step 4), workspace_v4 before attempts (step 5), workspace_v5 before model aliases and
+registrations (step 6) (see tests/fixtures/make_workspace.py).
 Each holds three runs of experiment `fixture` (1 and 3 completed and registered `digits` versions
 1 and 2, 2 failed with exit code 3; their job had `args`), each with metrics (steps, a number, a
 string, a table row), a tag and an output, and an export of fixture_3.
@@ -87,7 +88,7 @@ def old(tmp_path: Path) -> Path:
     return copy_of(0, tmp_path)
 
 
-@pytest.mark.parametrize("version", [0, 2, 3, 4])
+@pytest.mark.parametrize("version", [0, 2, 3, 4, 5])
 def test_an_old_workspace_shows_every_run_metric_tag_and_model(
     version: int, tmp_path: Path
 ) -> None:
@@ -108,7 +109,8 @@ def test_an_old_workspace_shows_every_run_metric_tag_and_model(
     models = [line.split()[:3] for line in ok(expkit_at(old, "models", "list")).splitlines()]
     assert models[1:] == [["digits", "1", "fixture_1"], ["digits", "2", "fixture_3"]]
     model = ok(expkit_at(old, "models", "show", "digits"))
-    assert "version  2" in model and "model.pt" in model and "stage             dev" in model
+    assert "version     2" in model and "model.pt" in model and "stage             dev" in model
+    assert "aliases     -" in model and "registered in" not in model
 
     history = Workspace(old / ".expkit").history
     try:
@@ -148,8 +150,37 @@ def test_an_old_workspace_shows_every_run_metric_tag_and_model(
         assert {(r.sweep, r.trial, r.cancel_reason) for r in map(history.runs.get, RUNS)} == {
             (None, None, None)
         }
+        # Step 6: aliases (none yet) and registrations elsewhere (none were recorded).
+        assert history.aliases.of_model("digits") == {}
+        assert history.registrations.of("digits", 2) == []
     finally:
         history.close()
+    assert user_version(old / ".expkit" / "history.db") == schema.latest()
+
+
+def test_a_version_5_workspace_takes_aliases_of_its_old_versions(tmp_path: Path) -> None:
+    """Step 6 on a workspace made just before it: an old version takes an alias, is named
+    by it, and a new run's version takes the job's alias from it."""
+    old = copy_of(5, tmp_path)
+    assert ok(expkit_at(old, "models", "alias", "digits:1", "champion")).strip() == (
+        "digits@champion -> version 1"
+    )
+    assert "version     1" in ok(expkit_at(old, "models", "show", "digits@champion"))
+    (old / "train.py").write_text(
+        "import os\nos.makedirs('outputs', exist_ok=True)\n"
+        "open('outputs/model.pt', 'w').write('new')\n"
+    )
+    (old / "job.yaml").write_text(
+        "experiment: fixture\nentry_script: train.py\n"
+        "model: {name: digits, path: outputs/model.pt, aliases: [champion]}\n"
+    )
+    ok(expkit_at(old, "run", "job.yaml"))
+    listed = [line.split() for line in ok(expkit_at(old, "models", "list")).splitlines()]
+    assert [(row[1], row[-1]) for row in listed[1:]] == [
+        ("1", "0.5"),
+        ("2", "0.9"),
+        ("3", "@champion"),
+    ]
     assert user_version(old / ".expkit" / "history.db") == schema.latest()
 
 

@@ -56,7 +56,7 @@ def test_each_run_registers_the_next_version(three_versions, expkit_cli):
 
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
-    assert lines[0].split() == ["MODEL", "VERSION", "RUN", "REGISTERED"]
+    assert lines[0].split() == ["MODEL", "VERSION", "RUN", "REGISTERED", "acc", "ALIASES"]
     rows = [line.split()[:3] for line in lines[1:]]
     assert rows == [["digits", str(v), r.record.id] for v, r in enumerate(three_versions, 1)]
 
@@ -68,7 +68,7 @@ def test_models_show_gives_lineage_and_tags(three_versions, expkit_cli):
 
     assert shown.returncode == 0, shown.stderr
     out = shown.stdout
-    assert "version  2" in out
+    assert "version     2" in out
     assert "model.pt" in out and "tokenizer/vocab.txt" in out
     lines = [line.split(None, 1) for line in out.splitlines() if line.startswith("  ")]
     fields = {key: value for key, *rest in lines for value in rest}
@@ -80,7 +80,7 @@ def test_models_show_gives_lineage_and_tags(three_versions, expkit_cli):
     assert fields["stage"] == "dev"
 
     latest = expkit_cli("models", "show", "digits")
-    assert "version  3" in latest.stdout
+    assert "version     3" in latest.stdout
 
 
 def test_models_download_copies_a_versions_files(three_versions, expkit_cli, tmp_path):
@@ -102,7 +102,11 @@ def test_models_download_copies_a_versions_files(three_versions, expkit_cli, tmp
     [
         ("nope", "no model 'nope' in this workspace (models: digits)"),
         ("digits:9", "no model 'digits:9' in this workspace (models: digits)"),
-        ("digits:two", "'digits:two': a version is a number, e.g. digits:2"),
+        (
+            "digits:two",
+            "'digits:two': a version is a number, e.g. digits:2 (an alias goes after @, "
+            "e.g. digits@champion)",
+        ),
     ],
     ids=["unknown-model", "unknown-version", "bad-version"],
 )

@@ -469,12 +469,16 @@ def _is_sweep_file(path: Path) -> bool:
 
 
 class Model:
-    """A registered model version."""
+    """A registered model version: `Model(ws, "pt-dnn")` (the latest), `Model(ws, "pt-dnn",
+    2)`, or a reference `Model(ws, "pt-dnn:2")`, `Model(ws, "pt-dnn@champion")`."""
 
     def __init__(self, workspace: Workspace, name: str, version: int | None = None) -> None:
+        """Raises UserError for an unknown model, version or alias, or a malformed reference."""
         from expkit.registry import ModelStore
 
-        self._set(workspace, ModelStore(workspace).get(name, version))
+        store = ModelStore(workspace)
+        found = store.get(name, version) if version is not None else store.resolve(name)
+        self._set(workspace, found)
 
     @classmethod
     def _from_version(cls, workspace: Workspace, version: ModelVersion) -> Model:
@@ -489,6 +493,12 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, version={self.version})"
+
+    @property
+    def aliases(self) -> list[str]:
+        """This version's aliases (`champion`), as the workspace has them now."""
+        found = self.workspace.history.aliases.of_model(self.name)
+        return [alias for alias, version in found.items() if version == self.version]
 
     def download(self, target_dir: str | Path = ".", overwrite: bool = False) -> list[Path]:
         """Copy this version's files into the folder `target_dir` (created if needed), each

@@ -218,11 +218,36 @@ class ModelSpec(_Spec):
     registries: list[RegistrySpec] = field(default_factory=list)
     load: ModelLoad | None = None  # for exports
     input: ModelInput | None = None  # for exports
+    # The key metrics `expkit models list` shows for each version (default: every final
+    # numeric metric a version has).
+    metrics: list[str] = field(default_factory=list)
+    # What must hold for the register stage to make a version: see expkit.register_if
+    # (`best_val_acc > 0.9`, {better: best_val_acc, than: champion}, or a list of those).
+    register_if: Any = None
+    # Aliases the new version takes (MLflow's: `champion`), as `expkit models alias` sets them.
+    aliases: list[str] = field(default_factory=list)
 
     def _check(self) -> None:
+        from expkit import register_if
+        from expkit.modelrefs import alias_problem
+
         names = [registry.name for registry in self.registries]
         if len(set(names)) < len(names):
             raise _Invalid("registries", "each registry may be listed once")
+        for i, metric in enumerate(self.metrics):
+            if not metric.strip():
+                raise _Invalid(f"metrics.{i}", "is empty; name a metric, e.g. best_val_acc")
+        try:
+            register_if.parse(self.register_if)
+        except register_if.BadCondition as bad:
+            where = "register_if" + (f".{bad.field}" if bad.field else "")
+            raise _Invalid(where, str(bad)) from None
+        for i, alias in enumerate(self.aliases):
+            problem = alias_problem(alias)
+            if problem:
+                raise _Invalid(f"aliases.{i}", problem)
+        if len(set(self.aliases)) < len(self.aliases):
+            raise _Invalid("aliases", "each alias may be listed once")
         parts = Path(self.path).parts
         if not parts or parts[0] != "outputs" or ".." in parts:
             raise _Invalid("path", "must be inside outputs/, e.g. `outputs/` or `outputs/model.pt`")

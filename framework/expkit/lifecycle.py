@@ -38,7 +38,6 @@ from expkit.capabilities import (
     EnvironmentBuilder,
     Process,
     RankFailure,
-    Registration,
 )
 from expkit.console import Console, count_files, human_seconds, short_hash
 from expkit.context import (
@@ -59,7 +58,7 @@ from expkit.errors import (
 )
 from expkit.history import RunRecord, no_room
 from expkit.history import params as params_source
-from expkit.job import JobSpec
+from expkit.job import ExportSpec, JobSpec
 from expkit.metrics import SINK_OUTCOME, MetricPump, SinkWorker, cursor_keys
 from expkit.plugins import Plugins, call, get_plugins
 from expkit.procs import (
@@ -70,7 +69,14 @@ from expkit.procs import (
     stop_run_processes,
 )
 from expkit.recovery import RESERVE_NAME, salvage
-from expkit.registry import NoModelFiles, register_run_model
+from expkit.registry import (
+    NoModelFiles,
+    check_register_if,
+    record_registration,
+    register_run_model,
+    set_alias,
+    unmet,
+)
 from expkit.stages import AttemptOutcome, Outcome, RunState, Stage
 from expkit.workspace import Workspace
 
@@ -155,6 +161,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         plugins.get("model_registries", r.name, f"model.registries.{i}")
         for i, r in enumerate(named)
     ]
+    job = _with_registry_exports(job, registries)
     exporters = [
         plugins.get("exporters", e.format, f"exports.{i}") for i, e in enumerate(job.exports)
     ]
@@ -171,6 +178,25 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         registries=registries,
         exporters=list(zip(job.exports, exporters, strict=True)),
     )
+
+
+def _with_registry_exports(job: JobSpec, registries: list[Any]) -> JobSpec:
+    """`job` with each export format its registries register with a version
+    (`ModelRegistry.exports`, e.g. the `mlflow` registry's MLflow model folder) added at the
+    end (after the job's own: the mlflow export takes in a passing onnx export), not
+    required, when the job does not list it and its model says how to load it and what it
+    takes (`model.load` and `model.input`); else the registry registers the files alone."""
+    model = job.model
+    if model is None or model.load is None or model.input is None:
+        return job
+    listed = {e.format for e in job.exports}
+    added = []
+    for registry in registries:
+        for name in getattr(registry, "exports", ()):  # a duck-typed registry has none
+            if name not in listed:
+                listed.add(name)
+                added.append(ExportSpec(format=name))
+    return job.replace(exports=[*job.exports, *added]) if added else job
 
 
 def _with_checked_options(
@@ -689,8 +715,12 @@ class Lifecycle:
             state, error = RunState.CANCELED, self.stop_reason()
             self.say(f"{self.terminated_by}: outputs sealed; the run ends canceled")
         if state == RunState.COMPLETED and self.job.model and not self.sweep:
-            with self.stage(Stage.REGISTER):
-                self.register()
+            refused = self.register_if()
+            if refused:
+                self.skip(Stage.REGISTER, f"not registered: {refused}")
+            else:
+                with self.stage(Stage.REGISTER):
+                    self.register()
         elif state == RunState.COMPLETED and self.job.model:
             self.skip(Stage.REGISTER, f"a trial of {self.sweep}: the sweep registers its best")
         else:
@@ -1213,9 +1243,19 @@ class Lifecycle:
             self.warn(warning)
 
     # -- register: the next version of the job's model ----------------------------------------
+    def register_if(self) -> str | None:
+        """Why the job's `model.register_if` keeps this run from making a version (None: it
+        does not); each condition's verdict is said on the way, in post-process's lines."""
+        verdicts = check_register_if(self.ws, self.job, self.run_id)
+        for verdict in verdicts:
+            self.say(f"register_if {'met' if verdict.ok else 'not met'}: {verdict.text}")
+        return unmet(verdicts)
+
     def register(self) -> None:
         """The next version of the job's model from the sealed outputs (see
-        `expkit.registry.register_run_model`), then in each of the job's registries."""
+        `expkit.registry.register_run_model`), then in each of the job's registries (each
+        registration recorded), then the job's `model.aliases`, mirrored to those registries
+        (one that refuses is a warning: the version is kept)."""
         spec = self.job.model
         assert spec is not None
         try:
@@ -1232,9 +1272,17 @@ class Lifecycle:
                 raise StageFailed(
                     f"{failure}; {model.name}:{model.version} is not kept, as the run failed"
                 ) from failure
-            if isinstance(ref, Registration):  # recorded in the run history: issue 16, next
-                ref = ref.reference
-            self.say(f"{registry.kind} {registry.name!r}: {ref}")
+            found = record_registration(self.ws, model, registry.name, ref)
+            self.say(f"{registry.kind} {registry.name!r}: {found.reference}")
+        registries = {r.name: r for r in self.choice.registries}
+        for alias in spec.aliases:
+            said, warnings = set_alias(self.ws, model, alias, self.run_id, registries)
+            for line in said:
+                self.say(line)
+            for line in warnings:
+                self.warn(line)
+        if spec.aliases:
+            self.stage_note += ", " + ", ".join(f"@{alias}" for alias in spec.aliases)
         # Said once every registry has it: a signal before this withdraws the version.
         sizes = {digest: size for size, digest in self.history.outputs.of(self.run_id).values()}
         size = sum(sizes.get(digest, 0) for digest in model.files.values())

@@ -1,7 +1,11 @@
 """The workspace's model registry: immutable, numbered versions of named models.
 
 A version's files are hard links to blobs, laid out at `models/<name>/<version>/`, with the
-lineage (run, snapshot and environment hashes, final metrics) in the run history.
+lineage (run, snapshot and environment hashes, final metrics) in the run history. A version
+is named by a reference (`NAME`, `NAME:VERSION`, `NAME@ALIAS`: expkit.modelrefs); aliases and
+where other registries put a version (`model.registries`) are kept in the history too, and an
+alias set here is mirrored to each registry that has the version (`ModelRegistry.set_alias`).
+Whether a run's version is made at all is the job's `model.register_if` (`check_register_if`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expkit.blobs import BlobStore, copy_private, manifest, short_temporary_name, stored_mode
-from expkit.capabilities import ModelVersion
-from expkit.errors import UserError
+from expkit.capabilities import ModelVersion, Registration
+from expkit.errors import PluginError, StageFailed, UserError
+from expkit.modelrefs import ModelRef, check_alias, parse_model_ref
 from expkit.workspace import Workspace
 
 if TYPE_CHECKING:
+    from expkit.capabilities import ModelRegistry
     from expkit.job import JobSpec
+    from expkit.register_if import Verdict
+
+__all__ = ["ModelRef", "ModelStore", "NoModelFiles", "parse_model_ref"]
 
 
 class NoModelFiles(UserError):
@@ -138,6 +147,26 @@ class ModelStore:
             lineage=json.loads(row["lineage"]),
             tags=json.loads(row["tags"]),
         )
+
+    def resolve(self, ref: str | ModelRef) -> ModelVersion:
+        """The version a reference names (`NAME`: the latest, `NAME:VERSION`, `NAME@ALIAS`).
+        Raises UserError for a malformed reference, an unknown model, version or alias."""
+        if isinstance(ref, str):
+            ref = parse_model_ref(ref)
+        if ref.alias is None:
+            return self.get(ref.name, ref.version)
+        version = self.ws.history.aliases.find(ref.name, ref.alias)
+        if version is None:
+            self.get(ref.name)  # an unknown model is said as such
+            aliases = self.ws.history.aliases.of_model(ref.name)
+            known = (
+                f"its aliases: {', '.join(f'@{a}' for a in aliases)}"
+                if aliases
+                else f"it has none; set one with `expkit models alias {ref.name}:VERSION "
+                f"{ref.alias}`"
+            )
+            raise UserError(f"model {ref.name!r} has no alias {ref.alias!r} ({known})")
+        return self.get(ref.name, version)
 
     def download(
         self, name: str, version: int | None, dest: Path, overwrite: bool = False
@@ -314,9 +343,145 @@ def manifest_of_file(path: Path) -> dict[str, tuple[int, str]]:
     return {path.name: (path.stat().st_size, hash_file(path))}
 
 
-def parse_model_ref(ref: str) -> tuple[str, int | None]:
-    """`name` or `name:version` -> (name, version or None for the latest)."""
-    name, _, version = ref.partition(":")
-    if version and not version.isdigit():
-        raise UserError(f"{ref!r}: a version is a number, e.g. {name}:2")
-    return name, int(version) if version else None
+# -- registrations and aliases ---------------------------------------------------------------
+def record_registration(
+    workspace: Workspace, model: ModelVersion, registry: str, returned: str | Registration
+) -> Registration:
+    """Keep in the history where `registry` put `model` (what its `register` returned: a
+    Registration, or a bare reference), for `expkit models show` and alias mirroring."""
+    found = returned if isinstance(returned, Registration) else Registration(str(returned))
+    locator = {str(k): str(v) for k, v in found.locator.items()}
+    workspace.history.registrations.add(
+        model.name, model.version, registry, found.reference, locator
+    )
+    return found
+
+
+def set_alias(
+    workspace: Workspace,
+    model: ModelVersion,
+    alias: str,
+    run_id: str | None = None,
+    registries: dict[str, ModelRegistry] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Point `alias` of `model.name` at `model` in the workspace, then in each registry that
+    registered this version (`ModelRegistry.set_alias`); in a registry that has only the
+    version the alias pointed at before, the alias is removed, so that it never points
+    elsewhere there. `registries`: registry name -> the plugin object (default: the
+    installed ones). Returns (lines to show, warnings): a registry that refuses, or is not
+    installed, is a warning; the workspace's alias is set anyway. UserError for a bad name."""
+    check_alias(alias)
+    history = workspace.history
+    before = history.aliases.find(model.name, alias)
+    history.aliases.set(model.name, alias, model.version, run_id)
+    said = [f"{model.name}@{alias} -> version {model.version}"]
+    if before is not None and before != model.version:
+        said[0] += f" (was version {before})"
+    warnings: list[str] = []
+    now = history.registrations.of(model.name, model.version)
+    mirrored = {r.registry for r in now}
+    for record in now:
+        registration = Registration(record.reference, record.locator)
+        _mirror(
+            record.registry, "set_alias", (alias, model, registration), registries, said, warnings
+        )
+    if before is not None and before != model.version:
+        for record in history.registrations.of(model.name, before):
+            if record.registry not in mirrored:
+                registration = Registration(record.reference, record.locator)
+                args = (alias, model.name, registration)
+                _mirror(record.registry, "delete_alias", args, registries, said, warnings)
+    return said, warnings
+
+
+def delete_alias(
+    workspace: Workspace, name: str, alias: str, registries: dict[str, ModelRegistry] | None = None
+) -> tuple[list[str], list[str]]:
+    """Remove `alias` of model `name` in the workspace and in each registry that registered
+    the version it pointed at (`ModelRegistry.delete_alias`). Returns (lines, warnings) as
+    `set_alias`; UserError when the model has no such alias."""
+    check_alias(alias)
+    ModelStore(workspace).get(name)  # an unknown model is said as such
+    history = workspace.history
+    version = history.aliases.delete(name, alias)
+    if version is None:
+        raise UserError(f"model {name!r} has no alias {alias!r}; nothing to delete")
+    said = [f"{name}@{alias} removed (it pointed at version {version})"]
+    warnings: list[str] = []
+    for record in history.registrations.of(name, version):
+        registration = Registration(record.reference, record.locator)
+        _mirror(
+            record.registry, "delete_alias", (alias, name, registration), registries, said, warnings
+        )
+    return said, warnings
+
+
+def _mirror(
+    registry_name: str,
+    method: str,
+    args: tuple[Any, ...],
+    registries: dict[str, ModelRegistry] | None,
+    said: list[str],
+    warnings: list[str],
+) -> None:
+    """Call `method` of the registry named `registry_name` with `args`; what it says goes to
+    `said`, a failure (or a registry not installed) to `warnings`."""
+    from expkit.plugins import call, get_plugins
+
+    alias = args[0]
+    try:
+        if registries is not None and registry_name in registries:
+            registry = registries[registry_name]
+        else:
+            registry = get_plugins().get("model_registries", registry_name)
+        line = call(registry, method, *args)
+    except (UserError, StageFailed, PluginError) as failure:
+        doing = "set" if method == "set_alias" else "removed"
+        warnings.append(
+            f"model registry {registry_name!r}: alias {alias!r} not {doing} there: {failure}"
+        )
+        return
+    if line:
+        said.append(f"model registry {registry_name!r}: {line}")
+
+
+# -- register_if ------------------------------------------------------------------------------
+def check_register_if(workspace: Workspace, job: JobSpec, run_id: str) -> list[Verdict]:
+    """Each condition of the job's `model.register_if` checked against run `run_id`'s final
+    metrics (empty: none); a `better` condition compares with the version alias `than` points
+    at, else with the model's latest version (see expkit.register_if)."""
+    from expkit import register_if
+
+    spec = job.model
+    if spec is None or spec.register_if is None:
+        return []
+    conditions = register_if.parse(spec.register_if)
+    history = workspace.history
+    metrics = history.metrics.latest(run_id)
+
+    def compared(condition: register_if.BetterThan) -> tuple[str, float] | str:
+        assert spec is not None
+        if condition.than:
+            version = history.aliases.find(spec.name, condition.than)
+            if version is None:
+                return f"no version of {spec.name} has alias {condition.than!r} to compare with"
+            what = f"{spec.name}@{condition.than}, version {version}"
+        else:
+            row = history.models.find(spec.name)
+            if row is None:
+                return f"no version of {spec.name} yet to compare with"
+            version, what = row["version"], f"{spec.name}:{row['version']}"
+        row = history.models.find(spec.name, version)
+        value = json.loads(row["lineage"]).get("metrics", {}).get(condition.metric) if row else None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"{what} has no value of {condition.metric} to compare with"
+        return what, float(value)
+
+    return register_if.check(conditions, metrics, compared)
+
+
+def unmet(verdicts: list[Verdict]) -> str | None:
+    """The reason a version is not registered ("best_val_acc 0.84 is not > 0.9"), from
+    `check_register_if`'s verdicts; None when every condition holds."""
+    failed = [v.text for v in verdicts if not v.ok]
+    return "; ".join(failed) if failed else None

@@ -17,7 +17,7 @@ import dataclasses
 import json
 from typing import Any
 
-from expkit.plugin import ModelRegistry, ModelVersion, RunInfo, declare_options
+from expkit.plugin import ModelRegistry, ModelVersion, Registration, RunInfo, declare_options
 from expkit_azureml.options import AUTH, WORKSPACE, AzureOptions
 from expkit_azureml.target import RECORD_FILE
 from expkit_azureml.workspace import WorkspaceRef, connect, credentials, workspace_ref
@@ -32,7 +32,7 @@ class AzureMLRegistry(ModelRegistry):
         auth=dataclasses.replace(AUTH, default=None, help=AUTH.help + " (default: auto)"),
     )
 
-    def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> str:
+    def register(self, model: ModelVersion, run: RunInfo, options: dict[str, Any]) -> Registration:
         tags = model.lineage_tags()
         description = f"expkit model {model.name}:{model.version} from run {run.run_id}"
         record_file = run.run_dir / RECORD_FILE
@@ -62,7 +62,13 @@ class AzureMLRegistry(ModelRegistry):
         text += f"{workspace.name} ({origin})"
         if int(registered.version) != model.version:
             text += f" (Azure ML numbers its versions itself: this is expkit's {model.version})"
-        return text
+        # Where it went, to find the version again: the workspace and Azure ML's own number.
+        locator = {
+            **ref.to_dict(),
+            "name": str(registered.name),
+            "version": str(registered.version),
+        }
+        return Registration(text, locator)
 
     # -- the calls that reach Azure ---------------------------------------------------------
     def open_workspace(self, ref: WorkspaceRef, auth: str) -> Any:

@@ -1,5 +1,7 @@
 """Metric sink and model registry `mlflow`: every run mirrored as an MLflow run, every
-registered model version as an MLflow model version.
+registered model version as an MLflow model version: a real MLflow model (a logged model with
+the PyTorch flavor, loadable with `mlflow.pyfunc.load_model`) when the `mlflow` export, which
+the registry adds to the job's exports, passed: see `expkit_mlflow.exporter`.
 
     metrics: [mlflow]                     # or {name: mlflow, options: {tracking_uri: ...}}
     model: {name: pt-dnn, registries: [mlflow]}
@@ -23,11 +25,12 @@ from __future__ import annotations
 
 import importlib.util
 
-from expkit.plugin import MetricSink, ModelRegistry, PluginUnavailable, hookimpl
+from expkit.plugin import Exporter, MetricSink, ModelRegistry, PluginUnavailable, hookimpl
 
 if importlib.util.find_spec("mlflow") is None:
     raise PluginUnavailable("mlflow is not installed; pip install 'expkit[mlflow]'")
 
+from expkit_mlflow.exporter import MlflowExporter
 from expkit_mlflow.registry import MlflowRegistry
 from expkit_mlflow.sink import MlflowSink
 
@@ -45,3 +48,8 @@ def expkit_import_hooks() -> dict[str, str]:
 @hookimpl
 def expkit_model_registries() -> list[ModelRegistry]:
     return [MlflowRegistry()]
+
+
+@hookimpl
+def expkit_exporters() -> list[Exporter]:
+    return [MlflowExporter()]

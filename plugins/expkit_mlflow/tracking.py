@@ -9,6 +9,7 @@ by `expkit runs show`), and the registry reads it back; when no sink made one (a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import getpass
 import logging
@@ -19,6 +20,8 @@ import shutil
 import socket
 import stat
 import tempfile
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +45,12 @@ TAGS_PER_CALL = 100
 KEY_LENGTH = 250
 PARAM_LENGTH = 6000
 TAG_LENGTH = 8000
+WRITABLE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+# The experiment tag MLflow 3's UI reads to choose an experiment's view (its
+# ExperimentKind: "genai_development" opens traces and evaluations, "custom_model_development"
+# the runs, models and metrics of model training: mlflow/server/js, ExperimentKind).
+KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 # MLflow retries a failed HTTP request 7 times with exponential backoff (about 4 minutes). The
 # sink is already retried by expkit (a few seconds), and post-process waits for it at most
 # 300 s: with MLflow's default a dead server would hold the run up instead of being reported.
@@ -228,7 +237,9 @@ def workspace_name(run: RunInfo) -> str:
 
 
 def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:
-    """The MLflow experiment named like the expkit one, created if needed."""
+    """The MLflow experiment named like the expkit one, created if needed, as a model-training
+    experiment (`KIND_TAG`), so that MLflow 3's UI opens it on its runs and models rather than
+    in its GenAI view; an existing one without that tag gets it."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
@@ -236,13 +247,19 @@ def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:
         root = tracking.artifact_root
         location = f"{root.rstrip('/')}/{name}" if root else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(
+                name, artifact_location=location, tags={KIND_TAG: MODEL_TRAINING}
+            )
         except MlflowException as error:  # another run created it meanwhile
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             found = client.get_experiment_by_name(name)
             if found is None:  # created and deleted for good meanwhile: the error says it
                 raise
+    if found.lifecycle_stage != "deleted" and KIND_TAG not in found.tags:
+        # Made by an earlier expkit, or by hand: a training experiment all the same (a kind
+        # chosen in the UI or by the user is a tag already, and stays).
+        client.set_experiment_tag(found.experiment_id, KIND_TAG, MODEL_TRAINING)
     if found.lifecycle_stage == "deleted":
         raise ValueError(
             f"MLflow experiment {name!r} is deleted in {tracking.uri}; restore it "
@@ -323,18 +340,21 @@ def log_logs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
 def _log_files(
     client: MlflowClient, mlflow_run_id: str, run_dir: Path, folder: str, names: list[str]
 ) -> bool:
-    """Log `names` (relative to run_dir/folder) as the artifacts `folder/...`, in one call:
-    they are gathered as hard links (copies across file systems) in a private folder first,
-    so that what MLflow walks holds those files and nothing else."""
-    if not names:
+    """Log `names` (relative to run_dir/folder) as the artifacts `folder/...`.
+
+    A local artifact store (file:// or a path) gets them by `place` (hard links: no second
+    copy of the bytes on disk); any other store, in one `log_artifacts` call, from hard links
+    gathered in a private folder first, so that what MLflow walks holds those files and
+    nothing else."""
+    files = _regular_files(run_dir / folder, names)
+    if not files:
         return False
+    local = local_path(client.get_run(mlflow_run_id).info.artifact_uri)
+    if local is not None:
+        place(files, local / folder)
+        return True
     with tempfile.TemporaryDirectory(prefix=f".mlflow-{folder}-", dir=run_dir) as staging:
-        for name in names:
-            source = run_dir / folder / name
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                continue
-            if not stat.S_ISREG(os.lstat(source).st_mode):
-                continue
+        for name, source in files.items():
             target = Path(staging) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -343,6 +363,60 @@ def _log_files(
                 shutil.copyfile(source, target)
         client.log_artifacts(mlflow_run_id, staging, folder)
     return True
+
+
+def _regular_files(folder: Path, names: list[str]) -> dict[str, Path]:
+    """name -> path of each of `names` under `folder` that is a regular file there (never a
+    link, never a name that leaves the folder)."""
+    found = {}
+    for name in names:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            continue
+        source = folder / name
+        try:
+            if not stat.S_ISREG(os.lstat(source).st_mode):
+                continue
+        except OSError:
+            continue
+        found[name] = source
+    return found
+
+
+def local_path(artifact_uri: str) -> Path | None:
+    """The folder of a local artifact location (`file:///...` or a plain path); None for
+    any other store (a server's `mlflow-artifacts:`, s3://, ...), which gets uploads."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "" and artifact_uri.startswith("/"):
+        return Path(artifact_uri)
+    return None
+
+
+def place(files: dict[str, Path], dest: Path) -> None:
+    """Put `files` (name -> path) under `dest` in a local artifact store, without a second
+    copy of their bytes: a read-only file (a sealed output or a model version's file: a
+    blob of the workspace's store) is hard-linked, so nothing can be written through the
+    new name that would change the run's file; a file that is not read-only (a log), or one
+    on another file system, is copied. A name already there as the same file is left; any
+    other is replaced whole (a retried close)."""
+    for name, source in files.items():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            if os.path.samefile(source, target):
+                continue
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        if stat.S_IMODE(os.lstat(source).st_mode) & WRITABLE:
+            shutil.copyfile(source, partial)
+        else:
+            try:
+                os.link(source, partial)
+            except OSError:  # another file system, too many links: the bytes, once more
+                shutil.copyfile(source, partial)
+        os.replace(partial, target)
 
 
 def _user() -> str:

@@ -25,16 +25,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "export",
         help="export a run's model or a model version (ONNX, TorchScript, ...)",
         description="Export the model of RUN (id, number or `latest`) or of a registered "
-        "MODEL[:VERSION] with the exporter FORMAT, check it against the PyTorch model, and "
-        "add the exported files to the run's outputs or to the model version when the check "
-        "passes. The run's job spec says how to load the model (model.load) and what it "
-        "takes (model.input); change or add those with --set.",
+        "model (NAME, NAME:VERSION or NAME@ALIAS) with the exporter FORMAT, check it against "
+        "the PyTorch model, and add the exported files to the run's outputs or to the model "
+        "version when the check passes. The run's job spec says how to load the model "
+        "(model.load) and what it takes (model.input); change or add those with --set.",
         epilog=examples_epilog(
             "expkit export latest --format onnx",
             "expkit export pt-dnn:2 --format onnx --option opset=18",
+            "expkit export pt-dnn@champion --format torchscript",
         ),
     )
-    export.add_argument("ref", metavar="RUN_OR_MODEL", help="run id or number, or NAME[:VERSION]")
+    export.add_argument(
+        "ref", metavar="RUN_OR_MODEL", help="run id or number, or NAME[:VERSION] or NAME@ALIAS"
+    )
     export.add_argument("--format", required=True, help="the exporter, e.g. onnx or torchscript")
     export.add_argument(
         "--option",
@@ -71,7 +74,7 @@ def _export(args: argparse.Namespace) -> int:
     from expkit.errors import UserError
     from expkit.options import check as check_options
     from expkit.plugins import get_plugins
-    from expkit.registry import ModelStore, parse_model_ref
+    from expkit.registry import ModelStore
 
     workspace = open_workspace(args)
     history = workspace.history
@@ -80,7 +83,7 @@ def _export(args: argparse.Namespace) -> int:
     record = history.runs.find(args.ref)
     version = None
     if record is None:
-        version = ModelStore(workspace).get(*parse_model_ref(args.ref))
+        version = ModelStore(workspace).resolve(args.ref)
         run_id = version.lineage.get("run_id")
         record = history.runs.find(run_id) if run_id else None
     elif record.state != "completed":

@@ -200,6 +200,7 @@ def dry_run(source: str, job: Any, overrides: Sequence[str] = ()) -> int:
                          + "".join(f"; export {named(e)}" for _, e in choice.exporters)),
         ("register", f"model {model.name} from {model.path}"
                      + "".join(f"; registry {named(r)}" for r in choice.registries)
+                     + _register_if(model)
                      if model else "no model named"),
     ]  # fmt: skip
     print(f"dry run of {source} (nothing is started)")
@@ -209,6 +210,19 @@ def dry_run(source: str, job: Any, overrides: Sequence[str] = ()) -> int:
     if submission:
         print(f"\n{choice.compute.kind} {choice.compute.name!r} would submit:\n{submission}")
     return 0
+
+
+def _register_if(model: Any) -> str:
+    """What the dry run says of `model.register_if` and `model.aliases` (empty without them):
+    `; only if best_val_acc > 0.9 and best_val_acc better than @champion (maximize); aliases
+    @champion`."""
+    from expkit import register_if
+
+    conditions = register_if.parse(model.register_if)
+    text = "; only if " + " and ".join(map(str, conditions)) if conditions else ""
+    if model.aliases:
+        text += "; aliases " + ", ".join(f"@{alias}" for alias in model.aliases)
+    return text
 
 
 def _attempts(job: Any) -> str:

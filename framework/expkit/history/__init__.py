@@ -3,14 +3,21 @@
 Modules: `store` (History: opening, upgrading, the connection and the write transaction),
 `connection` (the SQLite layer: checks, damaged files, locks, a full disk), `schema` (the
 versioned schema and its steps), and one per aggregate: `runs` (runs, stages, events, tags,
-outputs), `attempts`, `metrics`, `params`, `models` (model versions, their files, exports),
-`sweeps`.
+outputs), `attempts`, `metrics`, `params`, `models` (model versions, their files, aliases,
+registrations, exports), `sweeps`.
 """
 
 from expkit.history.attempts import AttemptRecord, Attempts
 from expkit.history.connection import DamagedHistory, connect, no_room, patiently
 from expkit.history.metrics import Metrics, metric_value
-from expkit.history.models import ExportRecord, Exports, Models
+from expkit.history.models import (
+    Aliases,
+    ExportRecord,
+    Exports,
+    Models,
+    RegistrationRecord,
+    Registrations,
+)
 from expkit.history.params import Params, SinkCursors
 from expkit.history.runs import (
     FINAL_STATES,
@@ -31,6 +38,7 @@ __all__ = [
     "FINAL_STATES",
     "FINAL_SWEEP_STATES",
     "STAGES",
+    "Aliases",
     "AttemptRecord",
     "Attempts",
     "DamagedHistory",
@@ -42,6 +50,8 @@ __all__ = [
     "Models",
     "Outputs",
     "Params",
+    "RegistrationRecord",
+    "Registrations",
     "RunRecord",
     "Runs",
     "SinkCursors",

@@ -1,5 +1,5 @@
-"""The model registry's records: numbered versions of each model, their files, and exports
-(of a run's outputs or of a model version)."""
+"""The model registry's records: numbered versions of each model, their files, their aliases,
+where other registries put them, and exports (of a run's outputs or of a model version)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,102 @@ class Models(Part):
             (name, version),
         )
         return {p: (size, digest) for p, size, digest in rows}
+
+
+# The alias rows that count: a removal (version NULL) or one pointing at a kept version.
+_ALIAS_COUNTS = (
+    "(b.version IS NULL OR EXISTS (SELECT 1 FROM models WHERE models.name = b.name"
+    f" AND models.version = b.version AND {VISIBLE}))"
+)
+
+
+class Aliases(Part):
+    """Aliases of model versions (`champion` -> version 3), as MLflow's registry has them:
+    one version per alias and model, a version may have several. Every change is a new row
+    (`model_aliases`); an alias points where its latest row that still counts says: a row
+    pointing at a version withdrawn with its failed run does not count, so the alias points
+    where it did before that run."""
+
+    def set(self, name: str, alias: str, version: int, run_id: str | None = None) -> None:
+        """Point `alias` of model `name` at `version` (from now on; `run_id`: the run whose
+        register stage set it, if one did)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO model_aliases (name, alias, version, created, run_id)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (name, alias, version, time.time(), run_id),
+            )
+
+    def delete(self, name: str, alias: str) -> int | None:
+        """Remove `alias` of model `name`; returns the version it pointed at (None: none)."""
+        with self.transaction() as db:
+            before = self._current(db, name).get(alias)
+            if before is not None:
+                db.execute(
+                    "INSERT INTO model_aliases (name, alias, version, created)"
+                    " VALUES (?, ?, NULL, ?)",
+                    (name, alias, time.time()),
+                )
+        return before
+
+    def of_model(self, name: str) -> dict[str, int]:
+        """Model `name`'s aliases: alias -> version, sorted by alias."""
+        return self._current(self.db, name)
+
+    def find(self, name: str, alias: str) -> int | None:
+        """The version `alias` of model `name` points at, or None."""
+        return self._current(self.db, name).get(alias)
+
+    @staticmethod
+    def _current(db: sqlite3.Connection, name: str) -> dict[str, int]:
+        rows = db.execute(
+            "SELECT a.alias, a.version FROM model_aliases a WHERE a.name = ? AND a.id = ("
+            f"SELECT MAX(b.id) FROM model_aliases b WHERE b.name = a.name AND b.alias = a.alias"
+            f" AND {_ALIAS_COUNTS}) ORDER BY a.alias",
+            (name,),
+        )
+        return {alias: version for alias, version in rows if version is not None}
+
+
+@dataclass
+class RegistrationRecord:
+    """Where model registry `registry` (a plugin's registry name, e.g. `mlflow`) put version
+    `version` of model `name`: `reference` is shown, `locator` lets the registry find that
+    version again (expkit.capabilities.Registration); `created`: seconds since the epoch."""
+
+    name: str
+    version: int
+    registry: str
+    reference: str
+    locator: dict[str, str]
+    created: float
+
+
+class Registrations(Part):
+    """Where each model version was registered besides the workspace (`model.registries`)."""
+
+    def add(
+        self, name: str, version: int, registry: str, reference: str, locator: dict[str, str]
+    ) -> None:
+        """Record that `registry` registered `name:version` as `reference` (`locator`)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO registrations (name, version, registry, reference, locator,"
+                " created) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, version, registry, reference, json.dumps(locator), time.time()),
+            )
+
+    def of(self, name: str, version: int) -> list[RegistrationRecord]:
+        """Version `version` of model `name`'s registrations, in the order they were made."""
+        rows = self.db.execute(
+            "SELECT name, version, registry, reference, locator, created FROM registrations"
+            " WHERE name = ? AND version = ? ORDER BY id",
+            (name, version),
+        )
+        return [
+            RegistrationRecord(n, v, registry, ref, json.loads(locator), created)
+            for n, v, registry, ref, locator, created in rows
+        ]
 
 
 @dataclass

@@ -176,8 +176,30 @@ ALTER TABLE runs ADD COLUMN requeue_requested INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE metrics ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1
 """
 
+# Step 6: model aliases and registrations.
+# `model_aliases`: each change of an alias (MLflow's: a name such as `champion` that points at
+# one version of a model), appended: `version` NULL removes it. The alias points where its
+# latest row whose version is still kept says (see expkit.history.models.Aliases), so that a
+# version withdrawn with its failed run gives the alias back to the version it had before.
+# `registrations`: where a model registry (`model.registries`) put a version: its reference
+# (shown) and locator (how the registry finds that version again: `ModelRegistry.set_alias`).
+V6 = """
+CREATE TABLE model_aliases (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER, created REAL NOT NULL,
+    run_id TEXT
+);
+CREATE INDEX model_aliases_by_name ON model_aliases (name, alias, id);
+CREATE TABLE registrations (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL, version INTEGER NOT NULL, registry TEXT NOT NULL,
+    reference TEXT NOT NULL, locator TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE INDEX registrations_by_version ON registrations (name, version)
+"""
+
 # Append only (see above): a database at version N has taken MIGRATIONS[:N].
-MIGRATIONS: list[Step] = [V1, V2, V3, V4, V5]
+MIGRATIONS: list[Step] = [V1, V2, V3, V4, V5, V6]
 
 # The tables and indexes a history without expkit's application_id may hold: one written
 # before that mark, which is expkit's (version 0, so step 1's names), an empty database, or

@@ -4,8 +4,8 @@
 schema up to date (expkit.history.schema), and owns each thread's connection and the write
 transaction. What it records is reached through its parts, one per aggregate, which share
 that connection: `history.runs`, `.stages`, `.events`, `.tags`, `.outputs` (runs.py),
-`.metrics` (metrics.py), `.params` and `.sink_cursors` (params.py), `.models` and
-`.exports` (models.py), `.sweeps` (sweeps.py).
+`.metrics` (metrics.py), `.params` and `.sink_cursors` (params.py), `.models`, `.aliases`,
+`.registrations` and `.exports` (models.py), `.sweeps` (sweeps.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from expkit.history.connection import (
     patiently,
 )
 from expkit.history.metrics import Metrics
-from expkit.history.models import Exports, Models
+from expkit.history.models import Aliases, Exports, Models, Registrations
 from expkit.history.params import Params, SinkCursors
 from expkit.history.runs import Events, Outputs, Runs, Stages, Tags
 from expkit.history.sweeps import Sweeps
@@ -72,6 +72,8 @@ class History:
         self.sink_cursors = SinkCursors(self)
         self.models = Models(self, model_taken or (lambda name, version: False))
         self.exports = Exports(self)
+        self.aliases = Aliases(self)
+        self.registrations = Registrations(self)
         self.sweeps = Sweeps(self)
         self.attempts = Attempts(self)
         size = check_regular_file(self.path)

@@ -4,11 +4,13 @@ As HyperDrive's `get_best_run_by_primary_metric` and the seed's notebook, which 
 best run's model: the best trial is the completed one with the best value of the primary
 metric by the goal (its LAST logged value, the one the driver tells Optuna; ties: the lower
 trial number). Its model is registered exactly as a run's register stage does
-(`expkit.registry.register_run_model`), its lineage naming the sweep, the trial and the value.
+(`expkit.registry.register_run_model`), its lineage naming the sweep, the trial and the value,
+when the job's `model.register_if` holds for that trial, and it takes the job's `model.aliases`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from expkit.errors import PluginError, StageFailed, UserError, quoted
@@ -24,6 +26,11 @@ if TYPE_CHECKING:
 class NoBestTrial(UserError):
     """`register_best` on a sweep none of whose trials completed with a value of its primary
     metric: there is no model to register."""
+
+
+class NotRegistered(UserError):
+    """The best trial's metrics do not meet the job's `model.register_if`: no version is
+    made (the sweep still completes); the message says which condition failed."""
 
 
 def sweep_record(workspace: Workspace, ref: str) -> SweepRecord:
@@ -44,16 +51,27 @@ def best_trial(workspace: Workspace, sweep_id: str) -> RunRecord | None:
     return workspace.history.runs.get(row.run_id) if row else None
 
 
-def register_best(workspace: Workspace, sweep_id: str) -> ModelVersion:
+def register_best(
+    workspace: Workspace, sweep_id: str, warn: Callable[[str], None] | None = None
+) -> ModelVersion:
     """Register the model of the sweep's best completed trial as the next version of the
     job's `model.name` (and in the job's model registries), its lineage adding {"sweep":
     id, "trial": n, "primary_metric": {"name", "goal", "value"}}; record it on the sweep
     (`model`, `best_run`). Called again for the same best trial, returns the version already
-    registered. Raises NoBestTrial when no trial completed with a value, UserError when the
-    job names no model or its files are missing, or a registry refused it (the version
-    stays registered in the workspace)."""
+    registered. Raises NoBestTrial when no trial completed with a value, NotRegistered when
+    the best trial does not meet the job's `model.register_if`, UserError when the job names
+    no model or its files are missing, or a registry refused it (the version stays
+    registered in the workspace). The job's `model.aliases` are set on the new version (a
+    registry that refuses one is not a failure: `warn` is told, when given)."""
     from expkit.job import JobSpec
-    from expkit.registry import ModelStore, parse_model_ref, register_run_model
+    from expkit.registry import (
+        ModelStore,
+        check_register_if,
+        parse_model_ref,
+        register_run_model,
+        set_alias,
+        unmet,
+    )
 
     sweep = sweep_record(workspace, sweep_id)
     metric, goal = objective_of(sweep.spec)
@@ -71,12 +89,16 @@ def register_best(workspace: Workspace, sweep_id: str) -> ModelVersion:
             "outputs/}` to the trial's job to register the best trial's model"
         )
     if sweep.model:  # registered already (a resumed driver, a second call)
-        name, version = parse_model_ref(sweep.model)
+        ref = parse_model_ref(sweep.model)
+        name, version = ref.name, ref.version
         store = ModelStore(workspace)
         if workspace.history.models.find(name, version) is not None:
             existing = store.get(name, version)
             if existing.lineage.get("run_id") == best.id:
                 return existing
+    refused = unmet(check_register_if(workspace, job, best.id))
+    if refused:
+        raise NotRegistered(f"not registered (model.register_if): {refused}")
     registries = _registries(job) if job.model.registries else []
     lineage = {
         "sweep": sweep.id,
@@ -89,6 +111,12 @@ def register_best(workspace: Workspace, sweep_id: str) -> ModelVersion:
     )
     if registries:
         _to_registries(workspace, best.id, model, registries)
+    for alias in job.model.aliases:  # as the register stage: a registry refusing is no failure
+        mirrors = {r.name: r for _, r, _ in registries}
+        _, warnings = set_alias(workspace, model, alias, best.id, mirrors)
+        for line in warnings:
+            if warn is not None:
+                warn(f"warning: {line}")
     return model
 
 
@@ -116,12 +144,14 @@ def _to_registries(
     run (`RunInfo.sweep`, `RunInfo.trial`)."""
     from expkit import services
     from expkit.plugins import call
+    from expkit.registry import record_registration
 
     for entry, registry, job in registries:
         info = services.run_info(workspace, run_id, job)
         try:
-            call(registry, "register", model, info, entry.options)
+            returned = call(registry, "register", model, info, entry.options)
         except (StageFailed, UserError, PluginError) as failure:
             raise UserError(
                 f"{failure}; {model.name}:{model.version} is registered in this workspace only"
             ) from None
+        record_registration(workspace, model, registry.name, returned)

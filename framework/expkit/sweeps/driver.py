@@ -616,8 +616,14 @@ class SweepDriver:
             self.history.sweeps.finish(self.id, "failed", error)
             return
         if self.spec.register_best and self.best is not None:
+            from expkit.sweeps.best import NotRegistered
+
             try:
                 model = self.register_best()
+            except NotRegistered as refused:  # the job's model.register_if: no failure
+                self.reporter.note(f"the best trial's model is {refused}")
+                self.history.sweeps.finish(self.id, "completed")
+                return
             except Exception as failure:
                 error = f"registering the best trial's model failed: {failure}"
                 self.reporter.note(error)
@@ -633,7 +639,7 @@ class SweepDriver:
         records it on the sweep): its "name:version"."""
         from expkit.sweeps.best import register_best
 
-        model = register_best(self.ws, self.id)
+        model = register_best(self.ws, self.id, self.reporter.note)
         return f"{model.name}:{model.version}"
 
 
