@@ -279,7 +279,7 @@ def test_runs_show_by_id_number_and_latest(expkit_cli, expkit_workspace, two_run
     assert re.search(r"^\s+optimizer\s+sgd$", by_id, re.M)
     outputs = expkit_workspace.run_dir("test_1") / "outputs"
     digest = hashlib.sha256((outputs / "model.pt").read_bytes()).hexdigest()
-    assert re.search(rf"^\s+model\.pt\s.*sha256:{digest[:12]}$", by_id, re.M), by_id
+    assert re.search(rf"^\s+model\.pt\s.*sha256:{digest[:16]}$", by_id, re.M), by_id
     assert re.search(r"^\s+sub/notes\.txt\s", by_id, re.M)
 
     failed = ok(expkit_cli("runs", "show", "latest"))

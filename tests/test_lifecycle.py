@@ -57,7 +57,7 @@ def test_snapshot_is_frozen_into_the_run_with_its_hash(run_job):
     assert (snapshot / "lib" / "helpers.py").read_text() == "X = 1\n"
     assert all(read_only(p) for p in snapshot.rglob("*") if p.is_file())
     assert len(result.record.snapshot_hash) == 64
-    assert f"3 files, 32 B (hash {result.record.snapshot_hash[:12]})" in result.output
+    assert f"3 files, 32 B (hash {result.record.snapshot_hash[:16]})" in result.output
 
 
 def test_same_source_gives_same_snapshot_hash_and_a_change_gives_another(run_job, tmp_path):
@@ -200,8 +200,11 @@ def test_failing_pip_install_fails_prepare_naming_the_package(run_job, tmp_path)
     assert "\n" not in result.record.error
     assert result.record.error == (
         f"prepare: environment: could not install {package}: "
-        f"ERROR: No matching distribution found for {package}"
+        f"ERROR: No matching distribution found for {package} (pip's output: the run's "
+        "logs/prepare.log)"
     )
+    log = (result.run_dir / "logs" / "prepare.log").read_text()
+    assert f"ERROR: No matching distribution found for {package}" in log
     assert stages(result)["prepare"].state == "failed"
     assert "run" not in stages(result)
     assert stages(result)["post-process"].message == "the script never started"
@@ -263,7 +266,9 @@ def test_prepared_data_is_made_once_cached_and_linked_into_runs(
         assert view["content"] == "0123456789"
     assert counter.read_text() == "made\n"
     assert "data 'digits': cache miss" in first.output
-    assert "data 'digits': wrote digits" in first.output
+    assert "data 'digits': wrote digits" not in first.output  # the command's output: in
+    log = (first.run_dir / "logs" / "prepare.log").read_text()  # the run's log
+    assert "data 'digits': wrote digits" in log
     assert "data 'digits': cache hit" in second.output
 
 
@@ -543,7 +548,7 @@ print("done")
         "outputs/model.pt",
     ]
     assert not (run_dir / "work").exists()
-    assert stages(result)["post-process"].message == "2 files in outputs/ (10.3 KB)"
+    assert stages(result)["post-process"].message == "outputs 2 files, 10.3 KB"
 
 
 # -- register -------------------------------------------------------------------------------------
@@ -566,7 +571,7 @@ def test_model_folder_is_registered_as_version_1_then_2(run_job, expkit_workspac
     assert first.state == second.state == "completed"
     assert stages(first)["register"].message == "model m version 1"
     assert stages(second)["register"].message == "model m version 2"
-    assert "registered m:2 (2 files)" in second.output
+    assert "registered m:2 (2 files, 16 B)" in second.output
     models = expkit_workspace.models_dir / "m"
     assert files_under(models / "1") == {"model.pt", "extra/vocab.txt"}
     assert (models / "1" / "model.pt").read_text() == "weights one"

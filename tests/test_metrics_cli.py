@@ -172,5 +172,9 @@ def test_an_unknown_run_among_several_exits_2(expkit_cli, runs, tmp_path):
 
 
 def test_a_last_word_that_is_neither_run_nor_metric_is_named(expkit_cli, runs):
-    out = ok(expkit_cli("metrics", "test_1", "test_7"))
-    assert out == "run test_1 has no metrics named 'test_7' (and there is no run 'test_7')\n"
+    result = expkit_cli("metrics", "test_1", "test_7")
+    assert result.returncode == 2
+    assert error_line(result) == (
+        "expkit: error: run test_1 has no metric 'test_7' (and there is no run 'test_7'); its "
+        "metrics: lr, loss, acc, lap, note, per_class"
+    )

@@ -377,7 +377,9 @@ class RunContext:
 
     Folders: `run_dir` is the run's own folder; the script runs in `work_dir` (a copy of the
     snapshot, with the data placed); each rank's output belongs in `log_dir/rank-N.log`.
-    Callbacks: `say` a progress line of the stage (shown and recorded); `waiting` says the
+    Callbacks: `say` a progress line of the stage (shown and recorded); `log` a line for the
+    run's log only (`logs/prepare.log`: a tool's own output, e.g. pip's index lines, which
+    the terminal does not show); `waiting` says the
     run waits for resources ("queued" with that reason; None when it no longer waits);
     `status` sets the short status `expkit runs` shows (a service's own state, e.g.
     "azureml Running"; None clears it); `canceled` is polled while blocking (then raise
@@ -426,6 +428,7 @@ class RunContext:
     stop_signal: int | None = None
     stop_grace: float = 0.0
     requeued: Callable[[str, str], bool] = _never
+    log: Callable[[str], None] = _ignore
 
 
 @dataclass

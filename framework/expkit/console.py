@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
 import time
@@ -107,7 +108,7 @@ class Console:
         self._set_status("")
         if not self.quiet or outcome != "completed":
             tail = f"  {note}" if note else ""
-            self.line(f"{self._mark(outcome)} {stage:<13} {seconds:7.2f}s{tail}")
+            self.line(f"{self._mark(outcome)} {stage:<13} {human_seconds(seconds):>8}{tail}")
 
     def _set_status(self, text: str) -> None:
         with self._lock:
@@ -126,7 +127,7 @@ class Console:
                 continue
             elapsed = time.monotonic() - self._stage_start
             if elapsed >= 1 and not self._progress:
-                self._set_status(self.style(f"… {stage} {elapsed:.0f}s", "2"))
+                self._set_status(self.style(f"… {stage} {human_seconds(elapsed)}", "2"))
 
     def close(self) -> None:
         self._stop.set()
@@ -190,6 +191,7 @@ def _last_state(text: str) -> str:
 
 
 def human_size(n: float) -> str:
+    """A size in bytes as people read it: `51 B`, `66.6 KB`, `89.8 MB` (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -198,12 +200,38 @@ def human_size(n: float) -> str:
 
 
 def human_seconds(s: float | None) -> str:
+    """A duration in seconds, the one way every command shows one: `0.04s`, `7.12s`, `2m56s`,
+    `1h02m03s`; "-" for none. Under a minute to the hundredth, from a minute on to the
+    second (both rounded)."""
     if s is None:
         return "-"
-    if s < 60:
-        return f"{s:.2f}s"
-    minutes, seconds = divmod(int(s), 60)
+    if round(s, 2) < 60:
+        return f"{max(s, 0.0):.2f}s"
+    hours, rest = divmod(round(s), 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{seconds:02d}s"
     return f"{minutes}m{seconds:02d}s"
+
+
+HASH_CHARS = 16  # how many hex digits of a hash every command shows
+
+
+def short_hash(value: str) -> str:
+    """A hash as every command shows it: its first HASH_CHARS hex digits, the prefix of a
+    hash-named id kept (`sha256:592b6e160872...`, `pip-06a63f72fe8d393d`). The full value
+    stays in the history and in `--json`."""
+    found = _HASHED.fullmatch(value)
+    return f"{found['head']}{found['digest'][:HASH_CHARS]}" if found else value
+
+
+_HASHED = re.compile(r"(?P<head>(?:[A-Za-z0-9_]+[:-])?)(?P<digest>[0-9a-f]+)")
+
+
+def count_files(count: int, size: float) -> str:
+    """How many files and their size, the one way every command counts them: `4 files,
+    89.8 MB` (`1 file, 51 B`)."""
+    return f"{count} file{'s' * (count != 1)}, {human_size(size)}"
 
 
 def format_value(value: Any) -> str:

@@ -38,8 +38,12 @@ def prepare(
     python: str,
     say: Callable[[str], None],
     env: dict[str, str],
+    log: Callable[[str], None] | None = None,
 ) -> Path:
-    """The folder or file holding data input `name`, prepared now if not cached."""
+    """The folder or file holding data input `name`, prepared now if not cached. What the
+    `prepare` command prints goes to `log` (the run's log; default: `say`), not the
+    terminal: it may name its temporary folder."""
+    log = log or say
     if item.source and Path(item.source).exists():
         return Path(item.source)
     if not item.prepare:  # a source that went away since the job was checked
@@ -77,11 +81,17 @@ def prepare(
         _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for line in output.decode("utf-8", errors="replace").splitlines():
-        say(f"data {name!r}: {line}")
+    lines = output.decode("utf-8", errors="replace").splitlines()
+    log(f"data {name!r}: $ {item.prepare}")
+    for line in lines:
+        log(f"data {name!r}: {line}")
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"data.{name}.prepare: `{item.prepare}` exited with code {proc.returncode}")
+        said = next((line for line in reversed(lines) if line.strip()), "")
+        raise UserError(
+            f"data.{name}.prepare: `{item.prepare}` exited with code {proc.returncode}"
+            + (f": {said}" if said else "")
+        )
     if not tmp.exists():
         raise UserError(f"data.{name}.prepare: `{item.prepare}` wrote nothing into {{dest}}")
     try:

@@ -751,7 +751,7 @@ def _convert_one(value: Any, annotation: Any, path: str, problems: list[_Invalid
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise _Invalid(path, f"must be a list, not {_kind(value)}")
+            raise _Invalid(path, f"must be a list, not {_kind(value)}{_as_list(value)}")
         return [_convert(v, args[0], f"{path}.{i}", problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -859,19 +859,33 @@ _SHORT_FIELDS = {"compute": "target", "distributed": "backend", "environment": "
 def blame_overrides(message: str, source: str, overrides: typing.Sequence[str]) -> str:
     """`message` (lines `<source>: <field>: <reason>`) with each line about a field that a
     `--set KEY=VALUE` gave (KEY, or a field inside it) naming that flag after the file:
-    `job.yaml (--set timeout=abc): timeout: must be a number, not 'abc'`."""
+    `job.yaml (--set timeout=abc): timeout: must be a number, not 'abc'`. A list field given
+    one value by --set is shown the --set that makes it a list (`--set metrics=[mlflow]`)."""
     lines = []
     for line in message.splitlines():
         head = f"{source}: "
         if line.startswith(head):
             field = line[len(head) :].split(":", 1)[0]
             for item in reversed(overrides):  # the last --set of a key is the one that holds
-                key = item.partition("=")[0]
+                key, _, text = item.partition("=")
                 if field == key or field.startswith(f"{key}."):
-                    line = f"{source} (--set {printable(item, 80)}): {line[len(head) :]}"
+                    reason = line[len(head) :]
+                    if field == key and reason.endswith(_as_list(text)):
+                        reason = reason[: -len(_as_list(text))] + _as_list(text, key)
+                    line = f"{source} (--set {printable(item, 80)}): {reason}"
                     break
         lines.append(line)
     return "\n".join(lines)
+
+
+def _as_list(value: Any, key: str | None = None) -> str:
+    """What a list field given one value (a string, a number) should have been: `; write it
+    as a list: [mlflow]`, or with `key` (a --set) `; write --set metrics=[mlflow]`; "" for
+    a value that is not one scalar."""
+    if isinstance(value, bool | dict | list) or value is None:
+        return ""
+    text = printable(str(value), 60)
+    return f"; write --set {key}=[{text}]" if key else f"; write it as a list: [{text}]"
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

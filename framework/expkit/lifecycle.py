@@ -39,7 +39,7 @@ from expkit.capabilities import (
     Process,
     RankFailure,
 )
-from expkit.console import Console, human_size
+from expkit.console import Console, count_files, human_seconds, short_hash
 from expkit.context import (
     ATTEMPT_ENV,
     CHANNEL_ENV,
@@ -838,8 +838,11 @@ class Lifecycle:
         self, name: Stage, outcome: Outcome, message: str | None, seconds: float
     ) -> None:
         """Record and show how stage `name` ended, and tell the observers."""
-        self.history.stages.finish(self.run_id, name, outcome, message or self.stage_note)
-        self.console.stage_finished(name, outcome, seconds, message or self.stage_note)
+        recorded = self.history.stages.finish(
+            self.run_id, name, outcome, message or self.stage_note
+        )
+        shown = seconds if recorded is None else recorded  # as `runs show` will say it
+        self.console.stage_finished(name, outcome, shown, message or self.stage_note)
         for problem in self.plugins.notify(
             "expkit_stage_finished", run=self.info, stage=name, outcome=outcome, error=message
         ):
@@ -854,8 +857,8 @@ class Lifecycle:
         source = Path(self.job.source_directory)
         snap = snapshot.take(source, self.run_dir / "snapshot", self.blobs)
         self.say(
-            f"snapshot of {source}: {len(snap.files)} files, {human_size(snap.size)} "
-            f"(hash {snap.hash[:12]})"
+            f"snapshot of {source}: {count_files(len(snap.files), snap.size)} "
+            f"(hash {short_hash(snap.hash)})"
         )
         for warning in snap.warnings:
             self.warn(warning)
@@ -863,9 +866,12 @@ class Lifecycle:
         self.info.snapshot_hash = snap.hash
 
         builder, compute = self.choice.builder, self.choice.compute
+        started = time.monotonic()
         env = call(compute, "prepare", self.ctx) or call(
             builder, "build", self.job.environment, self.ctx
         )
+        if not env.cache_hit:  # the build's time, as every duration is shown
+            env.reason += f" in {human_seconds(time.monotonic() - started)}"
         self.ctx.environment = env
         self.say(env.reason)
         self.history.runs.update(self.run_id, environment_hash=env.hash)
@@ -878,8 +884,9 @@ class Lifecycle:
         placed_data = {}
         for name, item in self.job.data.items():
             origin = data_inputs.prepare(
-                name, item, source, self.ws.data_dir, env.python, self.say, process_env
-            )
+                name, item, source, self.ws.data_dir, env.python, self.say, process_env,
+                self.ctx.log,
+            )  # fmt: skip
             placed = data_inputs.place(name, origin, item.mode, self.work_dir)
             self.data_paths[name] = str(placed)
             placed_data[name] = {"origin": str(origin), "mode": item.mode}
@@ -1106,8 +1113,10 @@ class Lifecycle:
         script = self.ctx.command
         assert script is not None
         command = script.argv
-        if not self.reattaching and self.attempt == 1:
-            self.say("$ " + shlex.join([Path(command[0]).name, *command[1:]]))
+        if not self.reattaching and self.attempt == 1:  # as run in the working copy, which
+            work = f"{self.work_dir}{os.sep}"  # goes with the run: no path of it is shown
+            shown = [arg.replace(work, f".{os.sep}") for arg in command[1:]]
+            self.say("$ " + shlex.join([Path(command[0]).name, *shown]))
         backend = self.choice.backend
         if backend is None:  # the target's service starts the ranks from the job spec
             processes = [Process(argv=list(command), env=dict(script.env))]
@@ -1162,9 +1171,9 @@ class Lifecycle:
         self.keep_checkpoints()
         shutil.rmtree(self.work_dir, ignore_errors=True)
         size = sum(s for s, _ in outputs.values())
-        self.stage_note = f"{len(outputs)} files in outputs/ ({human_size(size)})"
+        self.stage_note = f"outputs {count_files(len(outputs), size)}"
         count = self.pump.count if self.pump else 0
-        self.say(f"{count} metric values recorded; {self.stage_note}")
+        self.say(f"{count} metric value{'s' * (count != 1)} recorded; {self.stage_note}")
         required = [w for w in self.sinks if w.required and w.error is not None]
         if required:
             raise StageFailed(f"required {required[0].error}")
@@ -1204,7 +1213,9 @@ class Lifecycle:
             self.warn(f"export {spec.format} failed: {record.message}; {outcome}{more}")
             if spec.required and required is None:
                 required = f"required export {spec.format} failed: {record.message}"
-        self.stage_note += "; exports: " + ", ".join(notes)
+        outputs = self.history.outputs.of(self.run_id)  # with the exports' files
+        size = sum(s for s, _ in outputs.values())
+        self.stage_note = f"outputs {count_files(len(outputs), size)}; exports: {', '.join(notes)}"
         if required:
             raise StageFailed(required)
 
@@ -1273,7 +1284,9 @@ class Lifecycle:
         if spec.aliases:
             self.stage_note += ", " + ", ".join(f"@{alias}" for alias in spec.aliases)
         # Said once every registry has it: a signal before this withdraws the version.
-        self.say(f"registered {model.name}:{model.version} ({len(model.files)} files)")
+        sizes = {digest: size for size, digest in self.history.outputs.of(self.run_id).values()}
+        size = sum(sizes.get(digest, 0) for digest in model.files.values())
+        self.say(f"registered {model.name}:{model.version} ({count_files(len(model.files), size)})")
 
     def withdraw_versions(self, state: str) -> None:
         """A run that does not complete keeps no model version (expkit.history.models.VISIBLE

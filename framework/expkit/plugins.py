@@ -23,6 +23,7 @@ import pluggy
 
 from expkit import hookspecs
 from expkit.capabilities import KINDS, Capability
+from expkit.console import human_seconds
 from expkit.errors import Canceled, PluginError, StageFailed, UserError, quoted
 
 ENTRY_POINT_GROUP = "expkit"
@@ -335,7 +336,7 @@ def call(capability: Capability, method: str, *args: Any, on: object | None = No
     except BaseException as error:
         if traced:
             seconds = time.monotonic() - started
-            _trace_line(f"{label}.{method} raised {_one_line(error)} ({seconds:.2f} s)")
+            _trace_line(f"{label}.{method} raised {_one_line(error)} ({human_seconds(seconds)})")
         if isinstance(error, UserError | StageFailed | Canceled) or not isinstance(
             error, Exception
         ):
@@ -343,7 +344,7 @@ def call(capability: Capability, method: str, *args: Any, on: object | None = No
         raise PluginError(capability.plugin or "?", f"{label} {method}", error) from error
     if traced:
         seconds = time.monotonic() - started
-        _trace_line(f"{label}.{method} returned {_shown(result)} ({seconds:.2f} s)")
+        _trace_line(f"{label}.{method} returned {_shown(result)} ({human_seconds(seconds)})")
     return result
 
 

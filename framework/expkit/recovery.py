@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from expkit import data, sinkrecovery
 from expkit.capabilities import ENV_COMPLETE
-from expkit.console import human_size
+from expkit.console import count_files
 from expkit.history import History, no_room
 from expkit.outputs import own_folders
 from expkit.procs import stop_run_processes
@@ -109,7 +109,7 @@ def salvage(workspace: Workspace, history: History, run_id: str) -> str | None:
         if files:
             size = sum(p.stat().st_size for p in files)
             note = (
-                f"its outputs were not sealed: {len(files)} files ({human_size(size)}) are "
+                f"its outputs were not sealed: {count_files(len(files), size)} are "
                 f"kept as they were in {sealed}"
             )
     shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,7 @@ from the workspace, so that the lifecycle and the commands that run one stage by
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +111,23 @@ def run_context(
         plugin_config=plugin_config(workspace),
         stop_signal=stop_signal,
         stop_grace=stop_grace,
+        log=lambda text: log_line(run_dir, text),
     )
+
+
+PREPARE_LOG = "prepare.log"  # in the run's logs/: what the prepare stage's tools printed
+
+
+def log_line(run_dir: Path, text: str) -> None:
+    """Append `text` as a line to the run's `logs/prepare.log` (made if need be): the output
+    of the tools the prepare stage runs (pip, a data input's `prepare` command), kept there
+    rather than in the terminal."""
+    folder = run_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW  # never through a link
+    fd = os.open(folder / PREPARE_LOG, flags, 0o600)
+    with open(fd, "a", encoding="utf-8", errors="replace") as log:
+        log.write(text.rstrip("\n") + "\n")
 
 
 def run_outcome(workspace: Workspace, run_id: str, state: str, error: str | None) -> RunOutcome:

@@ -15,7 +15,6 @@ import shutil
 import site
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from expkit.plugin import (
@@ -92,14 +91,11 @@ class PipBuilder(EnvironmentBuilder):
             why = "a previous build did not finish" if folder.exists() else "no environment yet"
             packages = ", ".join(spec.packages) or "no packages"
             ctx.say(f"environment cache miss ({key}): {why} for {packages}")
-            started = time.monotonic()
             shutil.rmtree(folder, ignore_errors=True)
             self._create(folder, spec, ctx)
             (folder / COMPLETE).write_text(json.dumps(inputs, indent=2))
-        seconds = time.monotonic() - started
-        return Environment(
-            str(python), key, False, f"environment built ({key}) in {seconds:.1f}s", env
-        )
+        # The lifecycle adds how long the build took, as every duration is shown.
+        return Environment(str(python), key, False, f"environment built ({key})", env)
 
     def _create(self, folder: Path, spec: EnvironmentSpec, ctx: RunContext) -> None:
         _run(
@@ -163,12 +159,17 @@ def _run(argv: list[str], ctx: RunContext, what: str) -> None:
     )
     last: list[str] = []
     assert proc.stdout is not None  # stdout=PIPE
+    ctx.log(f"$ {' '.join(argv)}")
     for line in proc.stdout:
         line = line.rstrip()
         if not line or "is ignored: it is neither a file nor a directory" in line:
             continue
         last = [*last[-4:], line]
-        ctx.say(line)
+        ctx.log(line)  # pip's index lines, temporary paths: in the run's log only
+        if line.startswith("Successfully installed"):  # what the environment gained
+            ctx.say(line)
     if proc.wait() != 0:
         reason = next((x for x in reversed(last) if "ERROR" in x), last[-1] if last else "")
-        raise UserError(f"environment: could not {what}: {reason}")
+        raise UserError(
+            f"environment: could not {what}: {reason} (pip's output: the run's logs/prepare.log)"
+        )

@@ -20,6 +20,32 @@ WORKSPACE_HELP = (
 DEBUG_HELP = "show tracebacks and trace hooks"
 
 
+RUN_HELP = "run id (pytorch-digits_3), run number (3), or `latest`"
+EXAMPLES = "examples:"
+
+
+def described(description: str, *examples: str) -> dict[str, Any]:
+    """The `description` and `epilog` of a subcommand's parser (`add_parser(name, help=...,
+    **described(...))`): what it does and what its arguments are, then the example command
+    lines, shown as written under "examples:"."""
+    return {"description": description, "epilog": examples_epilog(*examples)}
+
+
+def examples_epilog(*lines: str) -> str:
+    """A subcommand's `epilog`: the example command `lines` under "examples:"."""
+    return "\n".join([EXAMPLES, *(f"  {line}" for line in lines)])
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with the example lines of `described` kept one a line (argparse
+    would run them together); the description is filled as usual."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(EXAMPLES):
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
 def add_global_options(parser: argparse.ArgumentParser, default: Any = None) -> None:
     """Add `--workspace PATH` and `--debug` to `parser`, in their own help group.
 
@@ -38,16 +64,20 @@ def add_global_options(parser: argparse.ArgumentParser, default: Any = None) -> 
 
 
 def open_workspace(args: argparse.Namespace, create: bool = False) -> Any:
-    """The workspace `--workspace` names, or the one found from here; with `create`, one is
-    made in the current folder when none is found (and none was named). Raises UserError
-    when there is none, or when its history cannot be opened."""
+    """The workspace `--workspace` or $EXPKIT_WORKSPACE names, or the one found from here;
+    with `create`, one is made in the current folder when none is found and none was named
+    (a named folder that is not a workspace is refused by every command alike, never
+    replaced by ./.expkit). Raises UserError when there is none, or when its history cannot
+    be opened."""
+    import os
+
     from expkit.errors import UserError
-    from expkit.workspace import Workspace
+    from expkit.workspace import ENV, Workspace
 
     try:
         workspace = Workspace.find(args.workspace)
     except UserError:
-        if not create or args.workspace:
+        if not create or args.workspace or os.environ.get(ENV):
             raise
     else:
         workspace.history  # noqa: B018 - a damaged history.db is named before anything else

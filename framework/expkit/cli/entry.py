@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 
 from expkit.cli import export, metrics, models, plugins, run, runs, sweeps, ui, workspace
-from expkit.cli.common import add_global_options
+from expkit.cli.common import HelpFormatter, add_global_options
 
 # In the order `expkit --help` lists them.
 GROUPS = (run, runs, sweeps, metrics, models, export, ui, plugins, workspace)
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_parser(commands)
     for _, subcommand, _ in subcommands(parser):  # they may follow the command too
         add_global_options(subcommand, argparse.SUPPRESS)
+        subcommand.formatter_class = HelpFormatter  # examples one a line
     return parser
 
 

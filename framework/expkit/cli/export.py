@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expkit.cli.common import open_workspace
+from expkit.cli.common import examples_epilog, open_workspace
 
 if TYPE_CHECKING:
     from expkit.job import ExportSpec, JobSpec
@@ -29,7 +29,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "the PyTorch model, and add the exported files to the run's outputs or to the model "
         "version when the check passes. The run's job spec says how to load the model "
         "(model.load) and what it takes (model.input); change or add those with --set.",
-        epilog="example: expkit export pt-dnn:2 --format onnx --option opset=18",
+        epilog=examples_epilog(
+            "expkit export latest --format onnx",
+            "expkit export pt-dnn:2 --format onnx --option opset=18",
+            "expkit export pt-dnn@champion --format torchscript",
+        ),
     )
     export.add_argument(
         "ref", metavar="RUN_OR_MODEL", help="run id or number, or NAME[:VERSION] or NAME@ALIAS"

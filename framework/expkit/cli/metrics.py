@@ -12,7 +12,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from expkit.cli.common import metric_cell, open_workspace, print_table, run_record, when
+from expkit.cli.common import (
+    examples_epilog,
+    metric_cell,
+    open_workspace,
+    print_table,
+    run_record,
+    when,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,7 +35,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "each metric, one column per run, each run named by its id and the parameters whose "
         "values differ between the runs (`test_3 (lr=0.01)`). NAME (a last argument that is "
         "not a run) keeps that metric only. --plot draws the numeric metrics' curves "
-        "instead, one subplot per metric, the runs overlaid.",
+        "instead, one subplot per metric, the runs overlaid. A NAME no run logged is an "
+        "error that lists the metrics they did.",
+        epilog=examples_epilog(
+            "expkit metrics latest",
+            "expkit metrics latest val_acc",
+            "expkit metrics 3 4 best_val_acc --plot curves.png",
+        ),
     )
     metrics.add_argument(
         "refs", nargs="+", metavar="RUN", help="run id, run number, or `latest`; then NAME"
@@ -74,8 +87,10 @@ def _one_run(workspace: Any, record: Any, name: str | None, all_attempts: bool) 
 
     metrics = workspace.history.metrics
     rows = metrics.of(record.id, name) if all_attempts else metrics.current(record.id, name)
+    if not rows and name is not None:
+        raise _no_such_metric(name, [record.id], list(metrics.latest(record.id)))
     if not rows:
-        print(f"run {record.id} has no metrics" + _named(name))
+        print(f"run {record.id} has no metrics")
         return 0
     attempts = all_attempts or len({r["attempt"] for r in rows}) > 1
     table = [
@@ -111,12 +126,20 @@ def _metric_refs(workspace: Any, refs: list[str]) -> tuple[list[Any], str | None
     return list(records.values()), None
 
 
-def _named(name: str | None) -> str:
-    """' named NAME', and a hint when NAME looks like a mistyped run (`metrics 1 7`)."""
-    if name is None:
-        return ""
+def _no_such_metric(name: str, run_ids: list[str], known: list[str]) -> Exception:
+    """The UserError (exit 2) for a metric NAME the runs never logged: it names the metrics
+    they did, and says so when NAME looks like a mistyped run (`metrics 1 7`)."""
+    from expkit.errors import UserError, quoted
+
     looks_like_run = name == "latest" or name.isdigit() or re.fullmatch(r".+_\d+", name)
-    return f" named {name!r}" + (f" (and there is no run {name!r})" if looks_like_run else "")
+    also = f" (and there is no run {quoted(name)})" if looks_like_run else ""
+    if len(run_ids) == 1:
+        head, logged = f"run {run_ids[0]} has", "its metrics" if known else "it logged none"
+    else:
+        head = f"runs {', '.join(run_ids)} have"
+        logged = "their metrics" if known else "they logged none"
+    listed = f": {', '.join(known)}" if known else ""
+    return UserError(f"{head} no metric {quoted(name)}{also}; {logged}{listed}")
 
 
 def run_labels(workspace: Any, run_ids: list[str]) -> dict[str, str]:
@@ -160,8 +183,11 @@ def _compare_metrics(workspace: Any, records: list[Any], name: str | None) -> in
     parameters that differ between them (`run_labels`)."""
     latest = {r.id: workspace.history.metrics.latest(r.id) for r in records}
     names = dict.fromkeys(n for values in latest.values() for n in values if name in (None, n))
+    if not names and name is not None:
+        known = list(dict.fromkeys(n for values in latest.values() for n in values))
+        raise _no_such_metric(name, list(latest), known)
     if not names:
-        print(f"runs {', '.join(latest)} have no metrics" + _named(name))
+        print(f"runs {', '.join(latest)} have no metrics")
         return 0
     rows = [[n, *(metric_cell(v[n]) if n in v else "-" for v in latest.values())] for n in names]
     labels = run_labels(workspace, list(latest))

@@ -155,7 +155,7 @@ def _key_metrics(workspace: Any, latest: Any, metrics: list[dict[str, Any]]) -> 
 def cmd_models_show(args: argparse.Namespace) -> int:
     """A model version's registration time, aliases, files, lineage, exports, tags and
     registrations elsewhere; UserError for an unknown one."""
-    from expkit.console import format_value
+    from expkit.console import format_value, short_hash
     from expkit.registry import ModelStore
 
     workspace = open_workspace(args)
@@ -173,13 +173,15 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     print(f"{'path':<12}{model.path}")
     print("files")
     for rel, digest in model.files.items():
-        print(f"  {rel:<40} sha256:{digest[:12]}")
+        print(f"  {rel:<40} {short_hash(f'sha256:{digest}')}")
     print("lineage")
     for key, value in model.lineage.items():
         if key == "exports":
             continue
         if isinstance(value, dict):
             value = ", ".join(f"{k} {format_value(v)}" for k, v in value.items()) or "-"
+        elif key in ("snapshot_hash", "environment_hash") and isinstance(value, str):
+            value = short_hash(value)  # as every command shows a hash
         print(f"  {key:<17} {value}")
     found = history.exports.of(model=model.name, version=model.version)
     exported = model.lineage.get("exports", {})

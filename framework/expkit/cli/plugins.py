@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from expkit.cli.common import print_table
+from expkit.cli.common import examples_epilog, print_table
 
 if TYPE_CHECKING:
     from expkit.capabilities import Capability
@@ -21,6 +21,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Without NAME: every plugin found, its distribution and version, its "
         "hooks and what it supplies, or why it did not load. With NAME: that plugin's "
         "capabilities, each with the options it takes (type or range, default, help).",
+        epilog=examples_epilog("expkit plugins", "expkit plugins mlflow"),
     )
     plugins.add_argument("name", metavar="NAME", nargs="?", help="one plugin, e.g. local")
     plugins.set_defaults(handler=cmd_plugins)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from expkit.cli.common import open_workspace
+from expkit.cli.common import examples_epilog, open_workspace
 
 EXIT_FOR_STATE = {"completed": 0, "failed": 1, "canceled": 130}
 # `expkit run` whose driver let go of a cluster job that goes on (the controller stopped
@@ -24,7 +24,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="run a job spec through the whole lifecycle",
         description="Run JOB (a YAML job spec) in the workspace, showing "
         "stage progress and the script's output live. Ctrl-C stops the "
-        "script, keeps its outputs and marks the run canceled.",
+        "script, keeps its outputs and marks the run canceled. JOB is the path of a job "
+        "spec; --set KEY=VALUE changes one of its fields (a YAML value: a list is [a, b]).",
+        epilog=examples_epilog(
+            "expkit run training/job.yaml",
+            "expkit run training/job.yaml --set args.num_epochs=2 --set metrics=[mlflow]",
+            "expkit run training/job.yaml --dry-run",
+        ),
     )
     run.add_argument("job", metavar="JOB", help="the job spec, e.g. training/job.yaml")
     run.add_argument(
@@ -60,6 +66,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "written to -o or printed. FROM names a job importer (`expkit plugins` lists them), "
         "e.g. `expkit import azureml train_azure.py:estimator -o job.yaml`; "
         "`expkit import-azureml REF` is the same as `expkit import azureml REF`.",
+        epilog=examples_epilog(
+            "expkit import azureml train_azure.py:estimator -o job.yaml",
+            "expkit import-azureml train_azure.py:hyperdrive_config -o sweep.yaml",
+        ),
     )
     importer.add_argument("source", metavar="FROM", help="the importer, e.g. azureml")
     importer.add_argument("ref", metavar="REF", help="what to import, e.g. FILE.py:NAME")
@@ -286,7 +296,7 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     """The summary under a finished run: its stages, latest metrics, how each metric sink
     fared and where it put the run's data, outputs, exports, and how to resume a failed or
     canceled run that kept a checkpoint folder."""
-    from expkit.console import format_value, human_seconds, human_size
+    from expkit.console import count_files, format_value, human_seconds
     from expkit.exports import describe as describe_export
     from expkit.metrics import SINK_OUTCOME
 
@@ -298,6 +308,7 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     for stage in history.stages.of(record.id):
         when = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         rows.append((stage.stage, f"{stage.state:<9} {when:>8}  {stage.message or ''}".rstrip()))
+    rows.append(("total", f"{'':<9} {total_seconds(record):>8}  {total_note(record)}"))
     metrics = history.metrics.latest(record.id)
     if metrics:
         shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
@@ -316,12 +327,7 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     note = (
         f"; {len(links)} link{'s' * (len(links) != 1)} out of the run, not stored" if links else ""
     )
-    rows.append(
-        (
-            "outputs",
-            f"{len(outputs)} files, {human_size(sum(s for s, _ in outputs.values()))}{note}",
-        )
-    )
+    rows.append(("outputs", count_files(len(outputs), sum(s for s, _ in outputs.values())) + note))
     for export in history.exports.of(record.id):
         note = "" if export.ok else " (not registered)"
         rows.append(("export", describe_export(export) + note))
@@ -333,6 +339,21 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
         rows.append(("resume", f"expkit runs resume {record.id} (from its last checkpoint)"))
     rows.append(("details", f"expkit runs show {record.id}"))
     console.table(rows)
+
+
+def total_seconds(record: Any) -> str:
+    """A run's wall time, from its submission to its end (so far, for one not ended), as
+    every duration is shown; the DURATION of `expkit runs list`."""
+    import time
+
+    from expkit.console import human_seconds
+
+    return human_seconds((record.ended or time.time()) - record.created)
+
+
+def total_note(record: Any) -> str:
+    """What the total time of `total_seconds` spans, beside it."""
+    return "from submission to end" if record.ended else "since submission, so far"
 
 
 def each_line(source: str, error: Exception) -> str:

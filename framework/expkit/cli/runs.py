@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
-from expkit.cli.common import metric_cell, open_workspace, print_table, run_record, when
-
-RUN_HELP = "run id, run number, or `latest`"
+from expkit.cli.common import (
+    RUN_HELP,
+    described,
+    examples_epilog,
+    metric_cell,
+    open_workspace,
+    print_table,
+    run_record,
+    when,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `runs` and its actions (list, show, logs, follow, cancel, files, download)."""
-    runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(
-        dest="runs_command", metavar="ACTION", required=True
-    )
+    runs = commands.add_parser(
+        "runs",
+        help="list and inspect runs",
+        **described(
+            "List the workspace's runs, and show, follow, cancel, resume or copy the files "
+            "of one. ACTION is one of the commands below; each takes --help. A run is named "
+            "by its id (pytorch-digits_3), its number (3) or `latest`.",
+            "expkit runs list",
+            "expkit runs show latest",
+        ),
+    ).add_subparsers(dest="runs_command", metavar="ACTION", required=True)
     listing = runs.add_parser(
         "list",
         help="the latest runs, newest first",
@@ -26,6 +40,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "script: `expkit runs show RUN` lists them) and the latest value of its metric NAME; "
         "blank for a run that has none. --sweep SWEEP lists that sweep's trials instead, by "
         "trial number, with a TRIAL column.",
+        epilog=examples_epilog(
+            "expkit runs list --experiment pytorch-digits --limit 5",
+            "expkit runs list --param lr --metric best_val_acc",
+            "expkit runs list --sweep latest",
+        ),
     )
     listing.add_argument("--experiment", help="only this experiment's runs")
     listing.add_argument(
@@ -53,7 +72,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="a column with the latest value of each run's metric NAME (repeatable)",
     )
     listing.set_defaults(handler=cmd_runs_list)
-    show = runs.add_parser("show", help="a run's state, stages, params, metrics and outputs")
+    show = runs.add_parser(
+        "show",
+        help="a run's state, stages, params, metrics and outputs",
+        **described(
+            "Show RUN: its state, each stage with its time and the total, attempts, "
+            "parameters, the latest value of each metric, tags, exports, and its outputs "
+            "with their sizes and hashes. RUN is a run id, number or `latest`.",
+            "expkit runs show latest",
+            "expkit runs show pytorch-digits_3 --json",
+        ),
+    )
     show.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     show.add_argument(
         "--json",
@@ -62,7 +91,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         '"NaN", "Infinity", "-Infinity")',
     )
     show.set_defaults(handler=cmd_runs_show)
-    logs = runs.add_parser("logs", help="a run's output (--follow to watch it live)")
+    logs = runs.add_parser(
+        "logs",
+        help="a run's output (--follow to watch it live)",
+        **described(
+            "Print what RUN's script wrote (one rank's output, byte for byte); --follow "
+            "keeps printing until the run ends. RUN is a run id, number or `latest`.",
+            "expkit runs logs latest",
+            "expkit runs logs 3 --rank 1 --follow",
+        ),
+    )
     logs.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
     logs.add_argument("--rank", type=int, default=0, help="which rank's output (default 0)")
@@ -73,7 +111,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Print RUN's stages, progress and output live until it ends; the exit code "
         "is the run's (0 completed, 1 failed, 130 canceled). A run whose job goes on without "
         "its driver (a Slurm job after `expkit run` was killed or its terminal closed) gets a "
-        "new driver in the background, which finishes it: Ctrl-C here stops following only.",
+        "new driver in the background, which finishes it: Ctrl-C here stops following only. "
+        "RUN is a run id, number or `latest`.",
+        epilog=examples_epilog("expkit runs follow latest", "expkit runs follow 3 --all-ranks"),
     )
     follow.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     follow.add_argument("--rank", type=int, default=0, help="which rank's output (default 0)")
@@ -84,7 +124,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="stop a run (its outputs are kept)",
         description="Stop a run: its script gets the job's stop signal and grace period "
         "(`checkpoints:`) to write a checkpoint, then SIGTERM. Its outputs are kept, and "
-        "`expkit runs resume RUN` starts it again from its last checkpoint.",
+        "`expkit runs resume RUN` starts it again from its last checkpoint. RUN is a run id, "
+        "number or `latest`.",
+        epilog=examples_epilog("expkit runs cancel latest", "expkit runs cancel 3 --requeue"),
     )
     cancel.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     cancel.add_argument(
@@ -101,7 +143,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Start the next attempt of a failed or canceled run, with the same "
         "snapshot, environment and data, its checkpoint folder (`checkpoints:`) as the last "
         "attempt left it. The run's metrics, attempts and outputs so far are kept; a step "
-        "logged again supersedes the earlier value in `expkit metrics`.",
+        "logged again supersedes the earlier value in `expkit metrics`. RUN is a run id, "
+        "number or `latest`.",
+        epilog=examples_epilog("expkit runs resume latest", "expkit runs resume 3 --detach"),
     )
     resume.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     resume.add_argument(
@@ -113,10 +157,29 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     resume.add_argument("--all-ranks", action="store_true", help="show every rank's output")
     resume.add_argument("--quiet", action="store_true", help="show the script's output only")
     resume.set_defaults(handler=cmd_runs_resume)
-    files = runs.add_parser("files", help="the run's files (outputs/ and logs/)")
+    files = runs.add_parser(
+        "files",
+        help="the run's files (outputs/ and logs/)",
+        **described(
+            "List RUN's files, one a line (outputs/ and logs/, logs/prepare.log included), "
+            "then the links out of the run (recorded, not stored). RUN is a run id, number or "
+            "`latest`; a name listed here is what `expkit runs download` takes.",
+            "expkit runs files latest",
+        ),
+    )
     files.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     files.set_defaults(handler=cmd_runs_files)
-    download = runs.add_parser("download", help="copy one of a run's files")
+    download = runs.add_parser(
+        "download",
+        help="copy one of a run's files",
+        **described(
+            "Copy NAME, one of RUN's files (`expkit runs files RUN` lists them), to DEST, "
+            "verified against its sha256; prints where it went. RUN is a run id, number or "
+            "`latest`.",
+            "expkit runs download latest outputs/model.pt ./model/",
+            "expkit runs download 3 logs/rank-0.log --force",
+        ),
+    )
     download.add_argument("run_id", metavar="RUN", help=RUN_HELP)
     download.add_argument("name", metavar="NAME", help="a name from `expkit runs files RUN`")
     download.add_argument(
@@ -147,7 +210,7 @@ class _Column(argparse.Action):
 def cmd_runs_list(args: argparse.Namespace) -> int:
     """The latest runs, newest first: state, creation time, duration, exit code, then a
     column for each `--param KEY` and `--metric NAME` (blank where a run has none)."""
-    from expkit.console import human_seconds
+    from expkit.cli.run import total_seconds
 
     workspace = open_workspace(args)
     sweep = None
@@ -167,12 +230,13 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         records = workspace.history.runs.recent(
             args.experiment, 20 if args.limit is None else args.limit
         )
+        if not records and args.experiment:
+            _no_such_experiment(workspace, args.experiment)
         if not records:
             print("no runs yet; start one with `expkit run JOB`")
             return 0
     rows = []
     for r in records:
-        took = (r.ended or time.time()) - r.created
         trial = [] if sweep is None else ["-" if r.trial is None else str(r.trial)]
         rows.append(
             [
@@ -180,7 +244,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
                 r.id,
                 state_cell(r),
                 when(r.created),
-                human_seconds(took),
+                total_seconds(r),
                 "-" if r.exit_code is None else str(r.exit_code),
             ]
         )
@@ -193,6 +257,16 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             row.append(cell)
     print_table(headers, rows)
     return 0
+
+
+def _no_such_experiment(workspace: Any, name: str) -> None:
+    """Raise the UserError (exit 2) for `--experiment NAME` that has no runs, naming the
+    experiments that have (the workspace's whole list: a name is a free choice of a job)."""
+    from expkit.errors import UserError, quoted
+
+    known = workspace.history.runs.experiments()
+    listed = f"its experiments: {', '.join(known)}" if known else "it has no runs yet"
+    raise UserError(f"--experiment: no experiment {quoted(name)} in {workspace.path}; {listed}")
 
 
 def max_attempts(job: dict[str, Any]) -> int:
@@ -245,7 +319,8 @@ def _extra_columns(
 def cmd_runs_show(args: argparse.Namespace) -> int:
     """One run's state, stages, parameters, metrics, tags, where its sinks put its data,
     exports and outputs (--json: all of it as JSON, see `show_json`)."""
-    from expkit.console import format_value, human_seconds, human_size
+    from expkit.cli.run import total_note, total_seconds
+    from expkit.console import count_files, format_value, human_seconds, human_size, short_hash
     from expkit.exports import describe as describe_export
     from expkit.sinkwhere import sink_places
 
@@ -274,15 +349,16 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         print(f"error       {record.error}")
     print(f"script      {record.job['entry_script']} in {record.job['source_directory']}")
     if record.snapshot_hash:
-        print(f"snapshot    {record.snapshot_hash[:16]}")
+        print(f"snapshot    {short_hash(record.snapshot_hash)}")
     if record.environment_hash:
-        print(f"environment {record.environment_hash}")
+        print(f"environment {short_hash(record.environment_hash)}")
     for name, version in model_versions(history, record.id):
         print(f"model       {name}:{version}")
     print("\nstages")
     for stage in history.stages.of(record.id):
         took = human_seconds(stage.seconds) if stage.state != "skipped" else "-"
         print(f"  {stage.stage:<13} {stage.state:<9} {took:>8}  {stage.message or ''}".rstrip())
+    print(f"  {'total':<13} {'':<9} {total_seconds(record):>8}  {total_note(record)}")
     _print_attempts(record, history.attempts.of(record.id))
     params = history.params.of(record.id)
     if params:
@@ -315,9 +391,9 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
             print(f"  {describe_export(export)}")
     outputs = history.outputs.of(record.id)
     if outputs:
-        print("\noutputs")
+        print(f"\noutputs ({count_files(len(outputs), sum(s for s, _ in outputs.values()))})")
         for path, (size, digest) in outputs.items():
-            print(f"  {path:<40} {human_size(size):>10}  sha256:{digest[:12]}")
+            print(f"  {path:<40} {human_size(size):>10}  {short_hash(f'sha256:{digest}')}")
     links = history.outputs.links(record.id)
     if links:
         print("\nlinks in outputs (recorded, not stored)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from expkit.cli import sweep_run, sweep_show
+from expkit.cli.common import described, examples_epilog
 
 SWEEP_HELP = "sweep id, sweep number, or `latest`"
 
@@ -31,6 +32,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "truncation_selection, successive_halving, hyperband), limits (max_total_trials, "
         "max_concurrent_trials, timeout, trial_timeout), register_best (true: register the "
         "best trial's model). See README: Sweeps.",
+        epilog=examples_epilog(
+            "expkit sweep training/sweep.yaml",
+            "expkit sweep training/sweep.yaml --set limits.max_total_trials=4 --dry-run",
+        ),
     )
     sweep.add_argument("file", metavar="FILE", help="the sweep spec (YAML)")
     sweep.add_argument(
@@ -53,15 +58,38 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     sweep.set_defaults(handler=sweep_run.cmd_sweep)
 
-    sweeps = commands.add_parser("sweeps", help="list and inspect sweeps").add_subparsers(
-        dest="sweeps_command", metavar="ACTION", required=True
+    sweeps = commands.add_parser(
+        "sweeps",
+        help="list and inspect sweeps",
+        **described(
+            "List the workspace's sweeps, and show, resume or cancel one. ACTION is one of "
+            "the commands below; each takes --help. A sweep is named by its id "
+            "(pytorch-digits_sweep_1), its number (1) or `latest`.",
+            "expkit sweeps list",
+            "expkit sweeps show latest",
+        ),
+    ).add_subparsers(dest="sweeps_command", metavar="ACTION", required=True)
+    listing = sweeps.add_parser(
+        "list",
+        help="the latest sweeps, newest first",
+        **described(
+            "The latest sweeps, newest first, with their state and trials.",
+            "expkit sweeps list",
+            "expkit sweeps list --experiment pytorch-digits --limit 5",
+        ),
     )
-    listing = sweeps.add_parser("list", help="the latest sweeps, newest first")
     listing.add_argument("--experiment", help="only this experiment's sweeps")
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     listing.set_defaults(handler=sweep_show.cmd_sweeps_list)
     show = sweeps.add_parser(
-        "show", help="a sweep's spec, state and trials, the best first (sorted by the objective)"
+        "show",
+        help="a sweep's spec, state and trials, the best first (sorted by the objective)",
+        **described(
+            "Show SWEEP (a sweep id, number or `latest`): its spec, state and trials sorted "
+            "by the objective, the best first.",
+            "expkit sweeps show latest",
+            "expkit sweeps show 1 --plot sweep.png",
+        ),
     )
     show.add_argument("sweep_id", metavar="SWEEP", help=SWEEP_HELP)
     show.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
@@ -74,12 +102,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     resume = sweeps.add_parser(
         "resume",
         help="go on with a sweep whose driver was killed (trial numbers and limits kept)",
+        **described(
+            "Go on with SWEEP (a sweep id, number or `latest`) whose driver was killed: "
+            "its trial numbers and limits are kept.",
+            "expkit sweeps resume latest",
+            "expkit sweeps resume 1 --detach",
+        ),
     )
     resume.add_argument("sweep_id", metavar="SWEEP", help=SWEEP_HELP)
     resume.add_argument("--detach", action="store_true", help="drive it in the background")
     resume.set_defaults(handler=sweep_run.cmd_sweeps_resume)
     cancel = sweeps.add_parser(
-        "cancel", help="stop a sweep and its running trials (their outputs are kept)"
+        "cancel",
+        help="stop a sweep and its running trials (their outputs are kept)",
+        **described(
+            "Stop SWEEP (a sweep id, number or `latest`) and its running trials; their "
+            "outputs are kept.",
+            "expkit sweeps cancel latest",
+        ),
     )
     cancel.add_argument("sweep_id", metavar="SWEEP", help=SWEEP_HELP)
     cancel.set_defaults(handler=sweep_run.cmd_sweeps_cancel)

@@ -171,6 +171,11 @@ class Runs(Part):
         rows = self.db.execute(sql + " ORDER BY number DESC LIMIT ?", (*args, limit))
         return [RunRecord.from_row(r) for r in rows]
 
+    def experiments(self) -> list[str]:
+        """The names of the experiments that have runs, sorted."""
+        rows = self.db.execute("SELECT DISTINCT experiment FROM runs ORDER BY experiment")
+        return [row[0] for row in rows]
+
     def update(self, run_id: str, **fields: Any) -> None:
         """Set columns of the run's row (`status="..."`, `exit_code=1`) in one transaction."""
         columns = ", ".join(f"{k} = ?" for k in fields)
@@ -377,15 +382,21 @@ class Stages(Part):
                 (Stage(stage).state, run_id),
             )
 
-    def finish(self, run_id: str, stage: str, outcome: str, message: str | None) -> None:
+    def finish(self, run_id: str, stage: str, outcome: str, message: str | None) -> float | None:
         """Record how `stage` ended (an `Outcome`: completed, failed or canceled), with its
-        message."""
+        message; returns how long it took as recorded (seconds; None when its start is not
+        recorded), the one duration every command shows for it."""
+        ended = time.time()
         with self.transaction() as db:
             db.execute(
                 "UPDATE stages SET state = ?, ended = ?, message = ?"
                 " WHERE run_id = ? AND stage = ?",
-                (outcome, time.time(), message, run_id, stage),
+                (outcome, ended, message, run_id, stage),
             )
+            row = db.execute(
+                "SELECT started FROM stages WHERE run_id = ? AND stage = ?", (run_id, stage)
+            ).fetchone()
+        return None if row is None or row[0] is None else ended - row[0]
 
     def skip(self, run_id: str, stage: str, reason: str) -> None:
         """Record `stage` as skipped, saying why."""
