@@ -23,6 +23,7 @@ import pytest
 
 from conftest import alive, eventually
 from expkit.cli.common import when
+from expkit.console import human_seconds
 
 SCRIPT = """
 import os
@@ -234,6 +235,10 @@ def test_runs_show_json_carries_every_field_the_text_view_shows(write_job, expki
     def first_words(name: str) -> list[str]:
         return [line.split()[0] for line in sections[name]]
 
+    total = sections["stages"].pop()  # the wall time under the stages, not a stage
+    assert total.split()[0] == "total"
+    assert total.split()[1] == human_seconds(data["total_seconds"])
+
     section_checks = {
         "stages": lambda: (
             [(line.split()[0], line.split()[1]) for line in sections["stages"]]
@@ -413,5 +418,5 @@ def test_expkit_ui_help_describes_it_with_an_example(expkit_cli):
     text = " ".join(done.stdout.split())
     assert "Start MLflow's UI (`mlflow server`) on the workspace's MLflow store" in text
     assert "--port PORT port to listen on (default 5000)" in text
-    assert "example: expkit ui --port 5001" in text
+    assert "examples: expkit ui expkit ui --port 5001 --tensorboard" in text
     assert "--tensorboard also TensorBoard on the runs' event files (port 6006)" in text

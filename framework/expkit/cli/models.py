@@ -12,18 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from expkit.cli.common import open_workspace, print_table, when
+from expkit.cli.common import described, open_workspace, print_table, when
 
 REF_HELP = "NAME (the latest version), NAME:VERSION or NAME@ALIAS"
-
-
-class _Help(argparse.HelpFormatter):
-    """argparse's help, whose examples (the epilog, "example..." text) keep their lines."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if text.startswith("example"):
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -31,48 +22,57 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     models = commands.add_parser(
         "models",
         help="registered models",
-        description="The workspace's registered models: each version's key metrics and "
-        "aliases, a version's files and lineage, aliases, and copying a version out. A "
-        f"version is named by {REF_HELP}.",
-        epilog="examples:\n  expkit models list pt-dnn\n  expkit models show pt-dnn@champion\n"
-        "  expkit models alias pt-dnn:3 champion\n  expkit models download pt-dnn:3 ./model",
-        formatter_class=_Help,
+        **described(
+            "The workspace's registered models: each version's key metrics and aliases, a "
+            "version's files and lineage, aliases, and copying a version out. A version is "
+            f"named by {REF_HELP}.",
+            "expkit models list pt-dnn",
+            "expkit models show pt-dnn@champion",
+            "expkit models alias pt-dnn:3 champion",
+            "expkit models download pt-dnn:3 ./model",
+        ),
     ).add_subparsers(dest="models_command", metavar="ACTION", required=True)
     mlist = models.add_parser(
         "list",
         help="every model's versions, with key metrics and aliases",
-        description="Each version of each model (or of NAME): the run that made it, when, "
-        "its key metrics (the job's `model.metrics`; default: every final numeric metric "
-        "of its versions) and its aliases, so that a worse version shows at a glance.",
-        epilog="example: expkit models list pt-dnn",
+        **described(
+            "Each version of each model (or of NAME): the run that made it, when, its key "
+            "metrics (the job's `model.metrics`; default: every final numeric metric of its "
+            "versions) and its aliases, so that a worse version shows at a glance.",
+            "expkit models list",
+            "expkit models list pt-dnn",
+        ),
     )
     mlist.add_argument("name", metavar="NAME", nargs="?", help="one model's versions only")
     mlist.set_defaults(handler=cmd_models_list)
     mshow = models.add_parser(
         "show",
         help="a model version's files, lineage, aliases and registrations",
-        description="A model version: when it was registered and by which run, its aliases, "
-        "files, lineage (run, hashes, final metrics), exports, tags, and where else it is "
-        "registered (the job's model.registries, e.g. MLflow).",
-        epilog="examples:\n  expkit models show pt-dnn\n  expkit models show pt-dnn:2\n"
-        "  expkit models show pt-dnn@champion",
-        formatter_class=_Help,
+        **described(
+            "A model version: when it was registered and by which run, its aliases, files, "
+            "lineage (run, hashes, final metrics), exports, tags, and where else it is "
+            "registered (the job's model.registries, e.g. MLflow).",
+            "expkit models show pt-dnn",
+            "expkit models show pt-dnn:2",
+            "expkit models show pt-dnn@champion",
+        ),
     )
     mshow.add_argument("ref", metavar="REF", help=REF_HELP)
     mshow.set_defaults(handler=cmd_models_show)
     malias = models.add_parser(
         "alias",
         help="point an alias (e.g. champion) at a model version, or remove it",
-        description="Point ALIAS of the model at the version REF names (an alias names one "
-        "version; setting it again moves it), in this workspace and in each registry that "
-        "registered that version (MLflow: registered model aliases). With --delete, REF is "
-        "the model's NAME and ALIAS is removed. Aliases follow MLflow's rule: letters, "
-        "digits, '_' and '-', not `latest` nor v<digits>. A registry that refuses is a "
-        "warning: the workspace's alias is set anyway.",
-        epilog="examples:\n  expkit models alias pt-dnn:3 champion\n"
-        "  expkit models alias pt-dnn@champion previous\n"
-        "  expkit models alias pt-dnn champion --delete",
-        formatter_class=_Help,
+        **described(
+            "Point ALIAS of the model at the version REF names (an alias names one version; "
+            "setting it again moves it), in this workspace and in each registry that "
+            "registered that version (MLflow: registered model aliases). With --delete, REF "
+            "is the model's NAME and ALIAS is removed. Aliases follow MLflow's rule: letters, "
+            "digits, '_' and '-', not `latest` nor v<digits>. A registry that refuses is a "
+            "warning: the workspace's alias is set anyway.",
+            "expkit models alias pt-dnn:3 champion",
+            "expkit models alias pt-dnn@champion previous",
+            "expkit models alias pt-dnn champion --delete",
+        ),
     )
     malias.add_argument("ref", metavar="REF", help=REF_HELP + "; with --delete: NAME")
     malias.add_argument("alias", metavar="ALIAS", help="the alias, e.g. champion")
@@ -81,9 +81,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     mdown = models.add_parser(
         "download",
         help="copy a model version's files",
-        description="Copy the files of the version REF names into the folder DEST, each "
-        "checked against its recorded sha256.",
-        epilog="example: expkit models download pt-dnn@champion ./model",
+        **described(
+            "Copy the files of the version REF names into the folder DEST, each checked "
+            "against its recorded sha256.",
+            "expkit models download pt-dnn@champion ./model",
+        ),
     )
     mdown.add_argument("ref", metavar="REF", help=REF_HELP)
     mdown.add_argument("dest", metavar="DEST", help="folder to write into (created if needed)")

@@ -409,6 +409,8 @@ def show_json(workspace: Any, record: Any) -> dict[str, Any]:
     seconds since the epoch, durations in seconds, hashes in full): the API's
     `Run.get_details()`, plus the times, status, script, stage messages, model versions,
     metrics, where each sink put the data, exports, outputs, links and warnings."""
+    import time
+
     from expkit.api import Run
     from expkit.exports import describe as describe_export
     from expkit.sinkwhere import sink_places
@@ -433,6 +435,8 @@ def show_json(workspace: Any, record: Any) -> dict[str, Any]:
                 s.stage: {"state": s.state, "seconds": s.seconds, "message": s.message}
                 for s in history.stages.of(record.id)
             },
+            # The stage list's `total` line: submission to end (to now, for a run going on).
+            "total_seconds": (record.ended or time.time()) - record.created,
             "max_attempts": max_attempts(record.job),
             "metrics": history.metrics.latest(record.id),
             "sinks": [{"sink": n, "where": w} for n, w in sink_places(workspace, record)],

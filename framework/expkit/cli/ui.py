@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from expkit.cli.common import described
+
 DEFAULT_PORT = 5000  # `mlflow server`'s own default, and the one run links assume
 LOG = "mlflow-ui.log"  # in the workspace
 TENSORBOARD_PORT = 6006  # TensorBoard's own default
@@ -43,14 +45,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     ui = commands.add_parser(
         "ui",
         help="MLflow's UI on the workspace's MLflow store (127.0.0.1:5000)",
-        description="Start MLflow's UI (`mlflow server`) on the workspace's MLflow store: "
-        "the one the `mlflow` sink and registry write to without options (config.json's "
-        "mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else mlflow.db in the workspace). "
-        "Prints the address once it answers; Ctrl-C stops it. The run links in the run "
-        "summary and `expkit runs show` point at the default address. A tracking server "
-        "(http://...) has a UI of its own: open its address instead. --tensorboard also "
-        "starts TensorBoard on every run's event files.",
-        epilog="example: expkit ui --port 5001 (then open http://127.0.0.1:5001)",
+        **described(
+            "Start MLflow's UI (`mlflow server`) on the workspace's MLflow store: the one the "
+            "`mlflow` sink and registry write to without options (config.json's "
+            "mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else mlflow.db in the "
+            "workspace). Prints the address once it answers; Ctrl-C stops it. The run links "
+            "in the run summary and `expkit runs show` point at the default address. A "
+            "tracking server (http://...) has a UI of its own: open its address instead. "
+            "--tensorboard also starts TensorBoard on every run's event files.",
+            "expkit ui",
+            "expkit ui --port 5001 --tensorboard",
+        ),
     )
     ui.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})"
