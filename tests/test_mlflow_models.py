@@ -177,7 +177,7 @@ def test_a_registered_version_is_an_mlflow_model_that_predicts_like_the_torch_mo
     workspace = expkit_workspace.path
     uri = store(workspace)
     # the registry added its export to the job's, and it passed through pyfunc
-    assert "export mlflow: mlflow-model/MLmodel" in done.stdout
+    assert "export mlflow: mlflow-model/ (10 files) (max_abs_error" in done.stdout
     assert "pt-dnn version 1 in sqlite:///" in done.stdout
     assert "files only" not in done.stdout
 

@@ -215,6 +215,6 @@ def _print_export(export: Any, what: str) -> None:
         )
     if export.ok:
         where = f"model {what}" if export.model else f"the outputs of {what}"
-        print(f"added to {where}: {', '.join(sorted(export.files))}")
+        print(f"added to {where}: {exports.name_files(export.files)}")
     else:
         print(f"not added to {what}")
