@@ -278,12 +278,36 @@ def test_export_a_model_version_after_the_fact(copy_plugin, run_job, capsys):
     assert cli_main(["models", "show", "net:1"]) == 0
     shown = capsys.readouterr().out
     assert "copy" in shown and "model.copy" in shown and "failed, not added" in shown
-    # a version's files never change: a second export of that format is refused
-    assert cli_main(["export", "net:1", "--format", "copy"]) == 1
-    assert "already has model.copy" in capsys.readouterr().out
+    # a version's files never change: a second export of that format is refused at once,
+    # before the exporter runs (a large model's export takes minutes), by its alias too
+    asked = len(copy_plugin.exporter.requests)
+    assert cli_main(["models", "alias", "net:1", "champion"]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", "net@champion", "--format", "copy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "expkit: error: net:1 already has a passing copy export (model.copy); a version's "
+        "files never change: register a new version for another"
+    )
+    assert len(copy_plugin.exporter.requests) == asked
     history = result.workspace.history
-    assert [e.ok for e in history.exports.of(model="net", version=1)] == [False, True, False]
+    assert [e.ok for e in history.exports.of(model="net", version=1)] == [False, True]
     assert json.loads(json.dumps(after.lineage))  # the lineage stays plain JSON
+
+
+def test_a_run_s_second_export_of_a_format_is_refused_before_it_runs(copy_plugin, run_job, capsys):
+    result = run_job(job(["copy"]), script=SCRIPT)
+    assert result.state == "completed", result.output
+    asked = len(copy_plugin.exporter.requests)
+    run_id = result.record.id
+    assert cli_main(["export", run_id, "--format", "copy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"expkit: error: run {run_id} already has a passing copy export (model.copy); its "
+        "outputs never change"
+    )
+    assert len(copy_plugin.exporter.requests) == asked
+    assert len(result.workspace.history.exports.of(run_id)) == 1
 
 
 def test_export_names_what_is_missing(copy_plugin, run_job, capsys):
