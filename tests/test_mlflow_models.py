@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,13 @@ NET = """
 import torch
 from torch import nn
 
+from layers import OUTPUTS  # a helper module beside it: the MLflow model needs it too
+
 
 class Net(nn.Module):
     def __init__(self, hidden):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+        self.body = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, OUTPUTS))
 
     def forward(self, x):
         return self.body(x)
@@ -84,7 +87,12 @@ def torch_outputs(source: Path, weights: Path, x: np.ndarray) -> np.ndarray:
     loader = importlib.util.spec_from_file_location("net_under_test", source / "net.py")
     assert loader is not None and loader.loader is not None
     net = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(net)
+    sys.path.insert(0, str(source))  # its helper module beside it
+    try:
+        loader.loader.exec_module(net)
+    finally:
+        sys.path.remove(str(source))
+        sys.modules.pop("layers", None)  # the MLflow model must bring its own
     model = net.build(hidden=8)
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
@@ -112,7 +120,7 @@ def run_through_cli(write_job, expkit_cli, exports):
     path = write_job(
         {"experiment": "mnist", "metrics": ["mlflow"], "model": MODEL, "exports": exports},
         script=TRAIN,
-        files={"net.py": NET},
+        files={"net.py": NET, "layers.py": "OUTPUTS = 3\n"},
     )
     done = expkit_cli("run", str(path))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
@@ -177,7 +185,7 @@ def test_a_registered_version_is_an_mlflow_model_that_predicts_like_the_torch_mo
     workspace = expkit_workspace.path
     uri = store(workspace)
     # the registry added its export to the job's, and it passed through pyfunc
-    assert "export mlflow: mlflow-model/ (10 files) (max_abs_error" in done.stdout
+    assert "export mlflow: mlflow-model/ (11 files) (max_abs_error" in done.stdout
     assert "pt-dnn version 1 in sqlite:///" in done.stdout
     assert "files only" not in done.stdout
 
@@ -187,6 +195,9 @@ def test_a_registered_version_is_an_mlflow_model_that_predicts_like_the_torch_mo
     client = MlflowClient(tracking_uri=uri)
     version = client.get_model_version("pt-dnn", "1")
     assert version.source.startswith("models:/m-")  # a logged model, as log_model makes it
+    # the model's own code, the helper module it imports included, travels with it
+    code = workspace / "models" / "pt-dnn" / "1" / "mlflow-model" / "code"
+    assert sorted(p.name for p in code.iterdir()) == ["layers.py", "net.py"]
     model_id = version.source.removeprefix("models:/")
     logged = client.get_logged_model(model_id)
     assert str(logged.status) in ("READY", "LoggedModelStatus.READY")

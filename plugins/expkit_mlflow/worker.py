@@ -4,7 +4,6 @@ through mlflow.pyfunc (and the ONNX flavor in ONNX Runtime) against the eager mo
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -35,7 +34,7 @@ def export_and_check(req: ExportRequest) -> ExportResult:
     mlflow.pytorch.save_model(
         model,
         str(folder),
-        code_paths=code_paths(req, model),
+        code_paths=code_paths(req),
         signature=signature(req, expected[0]),
         input_example=example[: min(len(example), 5)],
         # The module pickled whole, its class from `code/`: any module loads again, where
@@ -63,28 +62,26 @@ def export_and_check(req: ExportRequest) -> ExportResult:
     return ExportResult(files, checks, ok=not message, message=message)
 
 
-def code_paths(req: ExportRequest, model: torch.nn.Module) -> list[str]:
-    """The files of the model's own code in the run's snapshot (`req.code_dir`): the
-    factory's module and the module of the model's class, each whole package or file, so
-    that the model folder loads without the snapshot (MLflow copies them into `code/`)."""
+def code_paths(req: ExportRequest) -> list[str]:
+    """The files of the model's own code in the run's snapshot (`req.code_dir`): every module
+    loaded from there by now (the factory's, the model class's, and what they import, such
+    as a helper module beside the script), each whole package or file, so that the model
+    folder loads without the snapshot (MLflow copies them into `code/` and puts that on
+    sys.path when loading). Installed packages are the environment's, not copied."""
     if req.code_dir is None:
         return []
     root = Path(req.code_dir).resolve()
-    names = {type(model).__module__.split(".")[0]}
-    factory = req.load.get("factory")
-    if factory:
-        names.add(factory.partition(":")[0].split(".")[0])
-    found = []
-    for name in sorted(names):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
+    found = set()
+    for module in list(sys.modules.values()):
+        origin = getattr(module, "__file__", None)
+        if not origin:
             continue
-        origin = Path(spec.origin).resolve()
-        if root not in origin.parents:
-            continue  # an installed package: the environment's, not the model's code
-        path = origin.parent if origin.name == "__init__.py" else origin
-        found.append(str(path))
-    return found
+        path = Path(origin).resolve()
+        if root not in path.parents:
+            continue
+        top = path.relative_to(root).parts[0]  # the top-level package's folder, or the file
+        found.add(str(root / top))
+    return sorted(found)
 
 
 def requirements(default: list[str], model: torch.nn.Module) -> list[str]:
