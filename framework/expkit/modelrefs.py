@@ -77,7 +77,8 @@ def parse_model_ref(ref: str) -> ModelRef:
         ref_ = ModelRef(name, alias=alias)
     else:
         name, _, version = ref.partition(":")
-        if not version.isdigit() and (version or ref.endswith(":")):
+        # ASCII digits only: str.isdigit also takes '١' or '²', which are no version number.
+        if not (version.isascii() and version.isdigit()) and (version or ref.endswith(":")):
             raise UserError(
                 f"{ref!r}: a version is a number, e.g. {name}:2 (an alias goes after @, "
                 f"e.g. {name}@champion)"

@@ -129,10 +129,20 @@ class ModelStore:
         return True
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
-        row = self.ws.history.models.find(name, version)
+        """Version `version` of model `name` (None: the latest). Raises UserError naming an
+        unknown model, or a version the model does not have (with its latest)."""
+        history = self.ws.history
+        # SQLite integers are 64-bit: a larger number is no version (not an OverflowError).
+        row = history.models.find(name, version) if (version or 0) < 2**63 else None
         if row is None:
-            known = sorted({r["name"] for r in self.ws.history.models.versions()})
-            which = f"{name}:{version}" if version else name
+            latest = history.models.find(name) if version is not None else None
+            if latest is not None:
+                raise UserError(
+                    f"model {name!r} has no version {version} (its latest is "
+                    f"{name}:{latest['version']}; `expkit models list {name}` lists them)"
+                )
+            known = sorted({r["name"] for r in history.models.versions()})
+            which = f"{name}:{version}" if version is not None else name
             raise UserError(
                 f"no model {which!r} in this workspace"
                 + (f" (models: {', '.join(known)})" if known else " (no models registered yet)")
