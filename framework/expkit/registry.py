@@ -483,7 +483,8 @@ def check_register_if(workspace: Workspace, job: JobSpec, run_id: str) -> list[V
             version, what = row["version"], f"{spec.name}:{row['version']}"
         row = history.models.find(spec.name, version)
         value = json.loads(row["lineage"]).get("metrics", {}).get(condition.metric) if row else None
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        # A NaN (that version diverged) beats nothing and is beaten by nothing: no value.
+        if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
             return f"{what} has no value of {condition.metric} to compare with"
         return what, float(value)
 
@@ -493,5 +494,6 @@ def check_register_if(workspace: Workspace, job: JobSpec, run_id: str) -> list[V
 def unmet(verdicts: list[Verdict]) -> str | None:
     """The reason a version is not registered ("best_val_acc 0.84 is not > 0.9"), from
     `check_register_if`'s verdicts; None when every condition holds."""
-    failed = [v.text for v in verdicts if not v.ok]
+    # Each reason once: two conditions on a metric the run never logged fail alike.
+    failed = list(dict.fromkeys(v.text for v in verdicts if not v.ok))
     return "; ".join(failed) if failed else None
