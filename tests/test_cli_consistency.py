@@ -187,6 +187,51 @@ def test_runs_list_of_an_unknown_experiment_says_so_with_the_known_ones(expkit_c
     )
 
 
+def test_sweeps_list_of_an_unknown_experiment_says_so_as_runs_list_does(expkit_cli, tmp_path):
+    """`sweeps list --experiment nope` said "no sweeps yet" (exit 0) where `runs list` says
+    there is no such experiment (exit 2); a sweep's trials asked for under another
+    experiment said the sweep "has no trials yet"."""
+    from test_sweep_driver import write_sweep
+
+    sweep = write_sweep(tmp_path, {"limits": {"max_total_trials": 1}})
+    ok(expkit_cli("sweep", str(sweep)))
+
+    for command in (["sweeps", "list"], ["runs", "list"]):
+        result = expkit_cli(*command, "--experiment", "nope")
+        assert result.returncode == 2, command
+        assert error_line(result).endswith(
+            "no experiment 'nope' in " + _ws(expkit_cli) + "; its experiments: sw"
+        )
+    assert re.search(
+        r"^sw_sweep_1\s+completed", ok(expkit_cli("sweeps", "list", "--experiment", "sw")), re.M
+    )
+
+    elsewhere = expkit_cli("runs", "list", "--sweep", "1", "--experiment", "other")
+    assert elsewhere.returncode == 2
+    assert error_line(elsewhere) == (
+        "expkit: error: --experiment: the trials of sweep sw_sweep_1 are runs of experiment "
+        "'sw', not 'other'"
+    )
+
+
+@pytest.mark.parametrize("command", [["runs", "list"], ["sweeps", "list"]], ids=" ".join)
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_one_is_refused_not_read_as_no_runs(expkit_cli, run_job, command, limit):
+    """`--limit 0` listed nothing and said "no runs yet" in a workspace full of runs."""
+    run_job({}, script="print(1)\n")
+
+    result = expkit_cli(*command, "--limit", limit)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"error: argument --limit: '{limit}': a whole number from 1, e.g. --limit 5")
+    )
+    assert "no runs yet" not in result.stdout
+
+
 def _ws(expkit_cli) -> str:
     """The path of the workspace the fixture's commands use."""
     import os
