@@ -166,6 +166,89 @@ def test_every_command_refuses_a_workspace_env_that_is_not_one_alike(tmp_path, w
     assert existing.history.runs.recent() == []  # not used instead
 
 
+def _expkit(*argv: str, cwd, **env: str) -> subprocess.CompletedProcess:
+    """`expkit ARGV` in `cwd`, with no EXPKIT_ variable but `env`'s."""
+    return subprocess.run(
+        [sys.executable, "-m", "expkit", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=bare_env(**env),
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+def test_a_project_folder_with_its_own_config_json_is_not_taken_for_a_workspace(tmp_path):
+    """A folder holding the user's own config.json was opened as a workspace (its history.db
+    written among the user's files), and it hid the real one in its .expkit/."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"lr": 0.1}\n')
+
+    for how in (["--workspace", str(project)], []):
+        env = {} if how else {"EXPKIT_WORKSPACE": str(project)}
+        refused = _expkit(*how, "runs", "list", cwd=tmp_path, **env)
+        assert refused.returncode == 2
+        assert error_line(refused).endswith(
+            f"{project} is not an expkit workspace; create it with `expkit init {project}`"
+        )
+    assert sorted(p.name for p in project.iterdir()) == ["config.json"]
+
+    assert _expkit("init", str(project), cwd=tmp_path).returncode == 0
+    assert _expkit("runs", "list", cwd=tmp_path, EXPKIT_WORKSPACE=str(project)).returncode == 0
+    assert (project / ".expkit" / "history.db").is_file()
+    assert not (project / "history.db").exists()
+    assert (project / "config.json").read_text() == '{"lr": 0.1}\n'
+
+
+def test_a_named_file_or_link_gets_advice_that_works(tmp_path):
+    """EXPKIT_WORKSPACE naming a file or a link to nothing advised `expkit init` of it, which
+    failed ("Not a directory", "File exists"); `expkit init` of a link to a workspace's
+    folder made a second workspace inside the first."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    dangling = tmp_path / "ws"
+    dangling.symlink_to(tmp_path / "gone")
+
+    as_file = _expkit("runs", "list", cwd=tmp_path, EXPKIT_WORKSPACE=str(a_file))
+    assert as_file.returncode == 2
+    assert error_line(as_file) == (
+        f"expkit: error: EXPKIT_WORKSPACE: {a_file} is a file, not an expkit workspace; name "
+        "the folder that holds .expkit/ (or the .expkit/ folder itself)"
+    )
+    init_file = _expkit("init", str(a_file), cwd=tmp_path)
+    assert init_file.returncode == 2
+    assert error_line(init_file) == (
+        f"expkit: error: {a_file / '.expkit'}: cannot create a workspace ({a_file} is a file; "
+        "name a folder)"
+    )
+    assert a_file.read_text() == "mine\n"
+
+    to_nothing = _expkit("--workspace", str(dangling), "runs", "list", cwd=tmp_path)
+    assert to_nothing.returncode == 2
+    assert error_line(to_nothing) == (
+        f"expkit: error: --workspace: {dangling} is a link to {tmp_path / 'gone'}, which does "
+        f"not exist; name the workspace's folder, or create it with `expkit init "
+        f"{tmp_path / 'gone'}`"
+    )
+    init_link = _expkit("init", str(dangling), cwd=tmp_path)
+    assert init_link.returncode == 2
+    assert error_line(init_link).endswith(
+        f"cannot create a workspace ({dangling} is a link to {tmp_path / 'gone'}, which does "
+        "not exist)"
+    )
+    assert not (tmp_path / "gone").exists()
+
+    real = Workspace.init(tmp_path / "real")
+    alias = tmp_path / "alias"
+    alias.symlink_to(real.path)  # a link to the .expkit folder itself
+    again = _expkit("init", str(alias), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert not (real.path / ".expkit").exists()
+    assert _expkit("--workspace", str(alias), "runs", "list", cwd=tmp_path).returncode == 0
+
+
 # -- names that do not exist ------------------------------------------------------------------
 def test_runs_list_of_an_unknown_experiment_says_so_with_the_known_ones(expkit_cli, run_job):
     empty = expkit_cli("runs", "list", "--experiment", "nope")
