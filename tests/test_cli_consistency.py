@@ -315,6 +315,22 @@ def test_a_limit_below_one_is_refused_not_read_as_no_runs(expkit_cli, run_job, c
     assert "no runs yet" not in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("7", "no run '7' in {ws} (`expkit runs list` shows the runs), and no model '7'"),
+        ("latest", "no run 'latest' in {ws} (`expkit runs list` shows the runs)"),
+        ("pt-dnn:1", "no model 'pt-dnn:1' in this workspace (no models registered yet)"),
+    ],
+)
+def test_export_of_a_run_that_does_not_exist_names_the_run(expkit_cli, ref, message):
+    """`expkit export 7` (the example's form, a run number) said "no model '7'"."""
+    result = expkit_cli("export", ref, "--format", "onnx")
+
+    assert result.returncode == 2
+    assert error_line(result) == "expkit: error: " + message.format(ws=_ws(expkit_cli))
+
+
 def _ws(expkit_cli) -> str:
     """The path of the workspace the fixture's commands use."""
     import os
