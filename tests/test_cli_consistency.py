@@ -331,6 +331,21 @@ def test_export_of_a_run_that_does_not_exist_names_the_run(expkit_cli, ref, mess
     assert error_line(result) == "expkit: error: " + message.format(ws=_ws(expkit_cli))
 
 
+def test_runs_download_of_a_bare_output_name_suggests_its_full_name(expkit_cli, run_job, tmp_path):
+    """`runs files` names `outputs/model.pt`; asking for `model.pt` said only "no file"."""
+    script = "import os\nos.makedirs('outputs')\nopen('outputs/model.pt', 'w').write('w')\n"
+    run = run_job({}, script=script)
+
+    result = expkit_cli("runs", "download", run.record.id, "model.pt", str(tmp_path / "d/"))
+
+    assert result.returncode == 2
+    assert error_line(result) == (
+        f"expkit: error: run {run.record.id} has no file 'model.pt' (did you mean "
+        f"outputs/model.pt?); see `expkit runs files {run.record.id}`"
+    )
+    assert not (tmp_path / "d").exists()
+
+
 def _ws(expkit_cli) -> str:
     """The path of the workspace the fixture's commands use."""
     import os

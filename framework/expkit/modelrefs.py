@@ -26,6 +26,8 @@ ALIAS_RULE = (
 
 def alias_problem(alias: object) -> str | None:
     """Why `alias` cannot be an alias name (MLflow's rule, see ALIAS), or None when it can."""
+    if isinstance(alias, str) and alias.startswith("@") and ALIAS.fullmatch(alias[1:]):
+        return f"alias {alias!r}: write it without the '@' ({alias[1:]})"  # as `than:` takes
     if not isinstance(alias, str) or not ALIAS.fullmatch(alias):
         return f"alias {alias!r}: {ALIAS_RULE}"
     if alias.lower() == "latest":
