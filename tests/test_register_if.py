@@ -222,4 +222,5 @@ def test_a_sweep_registers_its_best_trial_only_if_it_meets_register_if(
     registered = expkit_cli("sweep", str(sweep))
     assert registered.returncode == 0, registered.stdout + registered.stderr
     assert "registered model: swmodel:1" in registered.stdout
+    assert "registered the best trial's model as swmodel:1, @champion\n" in registered.stdout
     assert expkit_workspace.history.aliases.of_model("swmodel") == {"champion": 1}
