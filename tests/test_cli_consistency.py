@@ -80,6 +80,22 @@ def test_outputs_are_counted_one_way_and_hashes_shown_at_one_length(expkit_cli, 
     assert {len(h) for h in hashes} == {16}, hashes
 
 
+def test_models_show_counts_and_sizes_its_files_as_runs_show_does(expkit_cli, write_job):
+    """`models show` listed a version's files with no size and no count, where `runs show`
+    and the register stage say "2 files, 32 B"."""
+    job = write_job({"model": {"name": "m", "path": "outputs/"}}, script=WRITES)
+    out = ok(expkit_cli("run", str(job)))
+    run_id = re.search(r"^run (\S+) in workspace", out, re.M).group(1)
+
+    shown = ok(expkit_cli("models", "show", "m:1"))
+    outputs = ok(expkit_cli("runs", "show", run_id)).split("\noutputs ")[1].splitlines()
+
+    assert "registered m:1 (2 files, 32 B)" in out
+    files = shown.split("\nfiles ")[1].split("\nlineage")[0].splitlines()
+    assert files == outputs  # "(2 files, 32 B)", then each file, its size and hash alike
+    assert files[0] == "(2 files, 32 B)"
+
+
 def test_pip_and_a_data_command_write_into_the_runs_log_not_the_terminal(
     expkit_cli, write_job, expkit_workspace
 ):
