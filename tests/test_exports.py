@@ -39,6 +39,7 @@ class CopyExporter(Exporter):
     takes = declare_options(
         corrupt=Option(bool, help="write the bytes reversed (a failing check)"),
         fail_with=Option(str, help="raise ValueError with this message"),
+        folder=Option(bool, help="also write a folder of three files, as an MLflow model is"),
     )
 
     def export(self, request: ExportRequest) -> ExportResult:
@@ -51,13 +52,19 @@ class CopyExporter(Exporter):
             data = data[::-1] + b"!"
         target = request.out_dir / "model.copy"
         target.write_bytes(data)
+        extra = []
+        if request.options.get("folder"):
+            for name in ("MLmodel", "data/model.pth", "code/net.py"):
+                (request.out_dir / "copied" / name).parent.mkdir(parents=True, exist_ok=True)
+                (request.out_dir / "copied" / name).write_bytes(data)
+                extra.append(request.out_dir / "copied" / name)
         same = target.read_bytes() == source.read_bytes()
         checks = {
             "max_abs_error": 0.0 if same else 1.0,
             "checked": [{"input": "bytes", "ok": same}],
         }
         message = "" if same else f"bytes differ from {request.load['file']}"
-        return ExportResult([target], checks, same, message)
+        return ExportResult([target, *extra], checks, same, message)
 
 
 class CopyPlugin:
@@ -113,6 +120,31 @@ def test_a_passing_export_joins_the_outputs_and_the_model_version(copy_plugin, r
     assert (request.atol, request.rtol, request.timeout) == (1e-4, 1e-3, 600.0)
     assert request.code_dir == result.run_dir / "snapshot"
     assert request.env["EXPKIT_RUN_ID"] == result.record.id
+
+
+def test_an_export_s_folder_is_named_once_with_its_count_not_file_by_file(
+    copy_plugin, run_job, capsys
+):
+    """An export that writes a folder (the mlflow export's `mlflow-model/`, ten files) shows
+    as `copied/ (3 files)` in the run's summary and `runs show`, and in `models show`'s
+    exports (whose files section lists each file)."""
+    result = run_job(job([{"format": "copy", "options": {"folder": True}}]), script=SCRIPT)
+    assert result.state == "completed", result.output
+    line = "export copy: model.copy, copied/ (3 files) (max_abs_error 0"
+    assert line in result.output
+    assert "copied/MLmodel" not in result.output
+    capsys.readouterr()
+    assert cli_main(["runs", "show", result.record.id]) == 0
+    shown = capsys.readouterr().out
+    exports = shown[shown.index("\nexports\n") :].split("\n\n")[0]
+    assert "copy: model.copy, copied/ (3 files) (max_abs_error 0" in exports
+    assert "copied/MLmodel" not in exports
+    assert cli_main(["models", "show", "net"]) == 0
+    shown = capsys.readouterr().out
+    exports = shown[shown.index("\nexports\n") :]
+    assert "copy              model.copy, copied/ (3 files)  (max_abs_error 0)" in exports
+    assert "copied/MLmodel" not in exports
+    assert "copied/MLmodel" in shown[: shown.index("\nexports\n")]  # in the files section
 
 
 def test_the_export_settings_reach_the_exporter(copy_plugin, run_job):
@@ -246,12 +278,36 @@ def test_export_a_model_version_after_the_fact(copy_plugin, run_job, capsys):
     assert cli_main(["models", "show", "net:1"]) == 0
     shown = capsys.readouterr().out
     assert "copy" in shown and "model.copy" in shown and "failed, not added" in shown
-    # a version's files never change: a second export of that format is refused
-    assert cli_main(["export", "net:1", "--format", "copy"]) == 1
-    assert "already has model.copy" in capsys.readouterr().out
+    # a version's files never change: a second export of that format is refused at once,
+    # before the exporter runs (a large model's export takes minutes), by its alias too
+    asked = len(copy_plugin.exporter.requests)
+    assert cli_main(["models", "alias", "net:1", "champion"]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", "net@champion", "--format", "copy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "expkit: error: net:1 already has a passing copy export (model.copy); a version's "
+        "files never change: register a new version for another"
+    )
+    assert len(copy_plugin.exporter.requests) == asked
     history = result.workspace.history
-    assert [e.ok for e in history.exports.of(model="net", version=1)] == [False, True, False]
+    assert [e.ok for e in history.exports.of(model="net", version=1)] == [False, True]
     assert json.loads(json.dumps(after.lineage))  # the lineage stays plain JSON
+
+
+def test_a_run_s_second_export_of_a_format_is_refused_before_it_runs(copy_plugin, run_job, capsys):
+    result = run_job(job(["copy"]), script=SCRIPT)
+    assert result.state == "completed", result.output
+    asked = len(copy_plugin.exporter.requests)
+    run_id = result.record.id
+    assert cli_main(["export", run_id, "--format", "copy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"expkit: error: run {run_id} already has a passing copy export (model.copy); its "
+        "outputs never change"
+    )
+    assert len(copy_plugin.exporter.requests) == asked
+    assert len(result.workspace.history.exports.of(run_id)) == 1
 
 
 def test_export_names_what_is_missing(copy_plugin, run_job, capsys):

@@ -177,7 +177,7 @@ def test_a_registered_version_is_an_mlflow_model_that_predicts_like_the_torch_mo
     workspace = expkit_workspace.path
     uri = store(workspace)
     # the registry added its export to the job's, and it passed through pyfunc
-    assert "export mlflow: mlflow-model/MLmodel" in done.stdout
+    assert "export mlflow: mlflow-model/ (10 files) (max_abs_error" in done.stdout
     assert "pt-dnn version 1 in sqlite:///" in done.stdout
     assert "files only" not in done.stdout
 
@@ -339,3 +339,43 @@ def model_version(name: str, number: int):
     from expkit.plugin import ModelVersion
 
     return ModelVersion(name=name, version=number, path=Path("."), files={}, lineage={})
+
+
+TORCHVISION_NET = """
+from torchvision.ops import MLP
+
+
+def build():
+    return MLP(4, [8, 3])  # a class of torchvision's: unpickling it needs torchvision
+"""
+
+
+@pytest.mark.slow  # about 60 s: a run and the mlflow export
+def test_the_mlflow_model_requires_the_packages_its_classes_come_from(
+    write_job, expkit_cli, expkit_workspace
+):
+    """A model whose class comes from an installed package (torchvision, as the sample's
+    ResNet-18) names that package in the MLflow model's requirements, pinned, besides
+    MLflow's own (mlflow, torch, cloudpickle): an environment made from them (`mlflow models
+    serve`) unpickles it. The model's own code is in code/, not a requirement."""
+    from importlib.metadata import version
+
+    model = {
+        "name": "mlp",
+        "load": {"file": "model.pt", "factory": "net:build"},
+        "input": {"shape": [1, 4], "dynamic_axes": [0]},
+    }
+    path = write_job(
+        {"experiment": "mnist", "model": model, "exports": ["mlflow"]},
+        script=TRAIN.replace("build(hidden=8)", "build()"),
+        files={"net.py": TORCHVISION_NET},
+    )
+    done = expkit_cli("run", str(path))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "export mlflow: mlflow-model/ (9 files)" in done.stdout, done.stdout[-3000:]
+    folder = expkit_workspace.path / "models" / "mlp" / "1" / "mlflow-model"
+    wanted = (folder / "requirements.txt").read_text().split()
+    assert f"torchvision=={version('torchvision')}" in wanted, wanted
+    assert {w.split("==")[0] for w in wanted} >= {"mlflow", "torch", "cloudpickle"}
+    assert not any(w.startswith("net") for w in wanted)
+    assert "torchvision" in (folder / "conda.yaml").read_text()

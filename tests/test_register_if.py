@@ -224,3 +224,25 @@ def test_a_sweep_registers_its_best_trial_only_if_it_meets_register_if(
     assert "registered model: swmodel:1" in registered.stdout
     assert "registered the best trial's model as swmodel:1, @champion\n" in registered.stdout
     assert expkit_workspace.history.aliases.of_model("swmodel") == {"champion": 1}
+
+
+def test_a_registry_s_export_is_skipped_when_no_version_will_be_made(write_job, expkit_cli):
+    """The `mlflow` registry's export (added only for it to register with, a minute for the
+    sample's model) is not made when register_if does not hold: no version, no use; the
+    line says why."""
+    model = {
+        "name": "pt-dnn",
+        "path": "outputs/",
+        "load": {"file": "model.pt"},
+        "input": {"shape": [1, 4]},
+        "registries": ["mlflow"],
+        "register_if": "best_val_acc > 0.9",
+    }
+    low = run(expkit_cli, write_job({"model": model}, script=TRAIN), 0.84)
+    out = low.stdout
+    assert "export mlflow skipped: not registered (best_val_acc 0.84 is not > 0.9)" in out, out
+    assert "export mlflow (mlflow)" not in out
+    rows = summary(out)
+    assert rows["post-process"].endswith("exports: mlflow skipped")
+    assert rows["register"] == "skipped - not registered: best_val_acc 0.84 is not > 0.9"
+    assert "warning" not in low.stderr + out

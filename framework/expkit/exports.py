@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -220,8 +220,24 @@ def describe(record: ExportRecord) -> str:
     checked = record.checks.get("checked")
     if isinstance(checked, list) and checked:
         figures.append(f"over {len(checked)} inputs")
-    files = ", ".join(sorted(record.files))
+    files = name_files(record.files)
     return f"{record.format}: {files}" + (f" ({', '.join(figures)})" if figures else "")
+
+
+def name_files(names: Iterable[str]) -> str:
+    """An export's files in a few words: each top-level file by name, each folder as
+    `folder/ (N files)` (an MLflow model folder holds ten), so the line stays readable;
+    `expkit models show` and `runs show --json` list every file."""
+    top: list[str] = []
+    folders: dict[str, int] = {}
+    for name in sorted(names):
+        head, sep, _ = name.partition("/")
+        if sep:
+            folders[head] = folders.get(head, 0) + 1
+        else:
+            top.append(name)
+    shown = top + [f"{f}/ ({n} file{'s' if n != 1 else ''})" for f, n in sorted(folders.items())]
+    return ", ".join(shown) or "no files"
 
 
 def lineage_entry(record: ExportRecord, prefix: str = "") -> dict[str, Any]:

@@ -130,6 +130,8 @@ class Choice:
     sinks: list[tuple[Any, Any]] = field(default_factory=list)  # (SinkSpec, MetricSink)
     registries: list[Any] = field(default_factory=list)  # ModelRegistry, as job.model.registries
     exporters: list[tuple[Any, Any]] = field(default_factory=list)  # (ExportSpec, Exporter)
+    # the export formats the registries added (`ModelRegistry.exports`), for registering alone
+    for_registries: frozenset[str] = frozenset()
 
 
 def choose(job: JobSpec, plugins: Plugins) -> Choice:
@@ -161,6 +163,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         plugins.get("model_registries", r.name, f"model.registries.{i}")
         for i, r in enumerate(named)
     ]
+    listed = {e.format for e in job.exports}
     job = _with_registry_exports(job, registries)
     exporters = [
         plugins.get("exporters", e.format, f"exports.{i}") for i, e in enumerate(job.exports)
@@ -177,6 +180,7 @@ def choose(job: JobSpec, plugins: Plugins) -> Choice:
         sinks=list(zip(job.metrics, sinks, strict=True)),
         registries=registries,
         exporters=list(zip(job.exports, exporters, strict=True)),
+        for_registries=frozenset(e.format for e in job.exports if e.format not in listed),
     )
 
 
@@ -1188,9 +1192,17 @@ class Lifecycle:
         python = exports.interpreter(self.ctx.environment.python)
         env = {**self.ctx.environment.env, **self.ctx.script_env}
         notes, required = [], None
+        refused: str | None = None
+        if self.choice.for_registries and not self.sweep:  # a sweep registers a trial's
+            refused = unmet(check_register_if(self.ws, self.job, self.run_id))
         for spec, exporter in self.choice.exporters:
             if self.terminated_by:
                 self.say(f"export {spec.format} skipped: {self.stop_reason()}")
+                notes.append(f"{spec.format} skipped")
+                continue
+            if refused and spec.format in self.choice.for_registries:
+                # only there for a registry to register with: no version, so no use
+                self.say(f"export {spec.format} skipped: not registered ({refused})")
                 notes.append(f"{spec.format} skipped")
                 continue
             self.say(f"export {spec.format} ({exporter.plugin})")

@@ -42,7 +42,7 @@ def export_and_check(req: ExportRequest) -> ExportResult:
         # "pt2" (torch.export) freezes what it cannot trace, such as a branch on a size.
         serialization_format="pickle",
         # Named, not inferred: inference loads the model again in a subprocess (slow).
-        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+        pip_requirements=requirements(mlflow.pytorch.get_default_pip_requirements(), model),
     )
     checks: dict[str, Any] = {"mlflow": mlflow.__version__, "flavors": ["pytorch"]}
     onnx_file = Path(req.model_dir) / ONNX_FILE
@@ -84,6 +84,28 @@ def code_paths(req: ExportRequest, model: torch.nn.Module) -> list[str]:
             continue  # an installed package: the environment's, not the model's code
         path = origin.parent if origin.name == "__init__.py" else origin
         found.append(str(path))
+    return found
+
+
+def requirements(default: list[str], model: torch.nn.Module) -> list[str]:
+    """MLflow's default requirements of the PyTorch flavor (mlflow, torch, cloudpickle) plus
+    each installed distribution a class of the model comes from (torchvision for its
+    ResNet), pinned as MLflow pins them, so that an environment made from the model's
+    requirements.txt (`mlflow models serve`, a virtualenv) can unpickle it. The model's own
+    code is in `code/`, not a requirement."""
+    from importlib.metadata import packages_distributions
+
+    from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+    named = {line.split("==")[0].strip().lower().replace("_", "-") for line in default}
+    distributions = packages_distributions()
+    found = list(default)
+    for top in sorted({type(m).__module__.split(".")[0] for m in model.modules()}):
+        for dist in distributions.get(top, []):
+            key = dist.lower().replace("_", "-")
+            if key not in named:
+                named.add(key)
+                found.append(_get_pinned_requirement(dist))
     return found
 
 

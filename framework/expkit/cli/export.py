@@ -98,6 +98,7 @@ def _export(args: argparse.Namespace) -> int:
     elif record.state != "completed":
         raise UserError(f"run {record.id} is {record.state}; only a completed run's model exports")
     what = f"{version.name}:{version.version}" if version else f"run {record.id}"
+    _refuse_a_second(history, version, record, args.format, what)
 
     job = _job(record, version, args.overrides, what)
     spec = _export_spec(job, args)
@@ -123,6 +124,29 @@ def _export(args: argparse.Namespace) -> int:
         )
     _print_export(export, what)
     return 0 if export.ok else 1
+
+
+def _refuse_a_second(history: Any, version: Any, record: Any, format: str, what: str) -> None:
+    """A UserError, before any work, when the version (or the run) already has a passing
+    export of `format`: its files never change, so a second one would only be refused
+    after the whole export ran (minutes for a large model)."""
+    from expkit.errors import UserError
+    from expkit.exports import name_files
+
+    if version is not None:
+        entry = version.lineage.get("exports", {}).get(format)
+        files = entry.get("files", []) if entry else None
+    else:
+        done = [e for e in history.exports.of(record.id) if e.ok and e.format == format]
+        files = list(done[-1].files) if done else None
+    if files is not None:
+        raise UserError(
+            f"{what} already has a passing {format} export ({name_files(files)}); a "
+            "version's files never change: register a new version for another"
+            if version is not None
+            else f"{what} already has a passing {format} export ({name_files(files)}); "
+            "its outputs never change"
+        )
 
 
 def _job(record: Any, version: Any, overrides: list[str], what: str) -> JobSpec:
@@ -224,6 +248,6 @@ def _print_export(export: Any, what: str) -> None:
         )
     if export.ok:
         where = f"model {what}" if export.model else f"the outputs of {what}"
-        print(f"added to {where}: {', '.join(sorted(export.files))}")
+        print(f"added to {where}: {exports.name_files(export.files)}")
     else:
         print(f"not added to {what}")

@@ -158,6 +158,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     """A model version's registration time, aliases, files, lineage, exports, tags and
     registrations elsewhere; UserError for an unknown one."""
     from expkit.console import format_value, short_hash
+    from expkit.exports import name_files
     from expkit.registry import ModelStore
 
     workspace = open_workspace(args)
@@ -199,7 +200,8 @@ def cmd_models_show(args: argparse.Namespace) -> int:
             for k in ("max_abs_error", "max_rel_error")
             if isinstance(entry.get("checks", {}).get(k), int | float)
         )
-        print(f"  {name:<17} {', '.join(entry.get('files', []))}  ({figures or 'checked'})")
+        files = name_files(entry.get("files", []))  # each file is listed above
+        print(f"  {name:<17} {files}  ({figures or 'checked'})")
     for export in found:
         if not export.ok:
             print(f"  {export.format:<17} failed, not added: {export.message}")
