@@ -80,6 +80,22 @@ def test_outputs_are_counted_one_way_and_hashes_shown_at_one_length(expkit_cli, 
     assert {len(h) for h in hashes} == {16}, hashes
 
 
+def test_models_show_counts_and_sizes_its_files_as_runs_show_does(expkit_cli, write_job):
+    """`models show` listed a version's files with no size and no count, where `runs show`
+    and the register stage say "2 files, 32 B"."""
+    job = write_job({"model": {"name": "m", "path": "outputs/"}}, script=WRITES)
+    out = ok(expkit_cli("run", str(job)))
+    run_id = re.search(r"^run (\S+) in workspace", out, re.M).group(1)
+
+    shown = ok(expkit_cli("models", "show", "m:1"))
+    outputs = ok(expkit_cli("runs", "show", run_id)).split("\noutputs ")[1].splitlines()
+
+    assert "registered m:1 (2 files, 32 B)" in out
+    files = shown.split("\nfiles ")[1].split("\nlineage")[0].splitlines()
+    assert files == outputs  # "(2 files, 32 B)", then each file, its size and hash alike
+    assert files[0] == "(2 files, 32 B)"
+
+
 def test_pip_and_a_data_command_write_into_the_runs_log_not_the_terminal(
     expkit_cli, write_job, expkit_workspace
 ):
@@ -166,6 +182,89 @@ def test_every_command_refuses_a_workspace_env_that_is_not_one_alike(tmp_path, w
     assert existing.history.runs.recent() == []  # not used instead
 
 
+def _expkit(*argv: str, cwd, **env: str) -> subprocess.CompletedProcess:
+    """`expkit ARGV` in `cwd`, with no EXPKIT_ variable but `env`'s."""
+    return subprocess.run(
+        [sys.executable, "-m", "expkit", *argv],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=bare_env(**env),
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+def test_a_project_folder_with_its_own_config_json_is_not_taken_for_a_workspace(tmp_path):
+    """A folder holding the user's own config.json was opened as a workspace (its history.db
+    written among the user's files), and it hid the real one in its .expkit/."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"lr": 0.1}\n')
+
+    for how in (["--workspace", str(project)], []):
+        env = {} if how else {"EXPKIT_WORKSPACE": str(project)}
+        refused = _expkit(*how, "runs", "list", cwd=tmp_path, **env)
+        assert refused.returncode == 2
+        assert error_line(refused).endswith(
+            f"{project} is not an expkit workspace; create it with `expkit init {project}`"
+        )
+    assert sorted(p.name for p in project.iterdir()) == ["config.json"]
+
+    assert _expkit("init", str(project), cwd=tmp_path).returncode == 0
+    assert _expkit("runs", "list", cwd=tmp_path, EXPKIT_WORKSPACE=str(project)).returncode == 0
+    assert (project / ".expkit" / "history.db").is_file()
+    assert not (project / "history.db").exists()
+    assert (project / "config.json").read_text() == '{"lr": 0.1}\n'
+
+
+def test_a_named_file_or_link_gets_advice_that_works(tmp_path):
+    """EXPKIT_WORKSPACE naming a file or a link to nothing advised `expkit init` of it, which
+    failed ("Not a directory", "File exists"); `expkit init` of a link to a workspace's
+    folder made a second workspace inside the first."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    dangling = tmp_path / "ws"
+    dangling.symlink_to(tmp_path / "gone")
+
+    as_file = _expkit("runs", "list", cwd=tmp_path, EXPKIT_WORKSPACE=str(a_file))
+    assert as_file.returncode == 2
+    assert error_line(as_file) == (
+        f"expkit: error: EXPKIT_WORKSPACE: {a_file} is a file, not an expkit workspace; name "
+        "the folder that holds .expkit/ (or the .expkit/ folder itself)"
+    )
+    init_file = _expkit("init", str(a_file), cwd=tmp_path)
+    assert init_file.returncode == 2
+    assert error_line(init_file) == (
+        f"expkit: error: {a_file / '.expkit'}: cannot create a workspace ({a_file} is a file; "
+        "name a folder)"
+    )
+    assert a_file.read_text() == "mine\n"
+
+    to_nothing = _expkit("--workspace", str(dangling), "runs", "list", cwd=tmp_path)
+    assert to_nothing.returncode == 2
+    assert error_line(to_nothing) == (
+        f"expkit: error: --workspace: {dangling} is a link to {tmp_path / 'gone'}, which does "
+        f"not exist; name the workspace's folder, or create it with `expkit init "
+        f"{tmp_path / 'gone'}`"
+    )
+    init_link = _expkit("init", str(dangling), cwd=tmp_path)
+    assert init_link.returncode == 2
+    assert error_line(init_link).endswith(
+        f"cannot create a workspace ({dangling} is a link to {tmp_path / 'gone'}, which does "
+        "not exist)"
+    )
+    assert not (tmp_path / "gone").exists()
+
+    real = Workspace.init(tmp_path / "real")
+    alias = tmp_path / "alias"
+    alias.symlink_to(real.path)  # a link to the .expkit folder itself
+    again = _expkit("init", str(alias), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert not (real.path / ".expkit").exists()
+    assert _expkit("--workspace", str(alias), "runs", "list", cwd=tmp_path).returncode == 0
+
+
 # -- names that do not exist ------------------------------------------------------------------
 def test_runs_list_of_an_unknown_experiment_says_so_with_the_known_ones(expkit_cli, run_job):
     empty = expkit_cli("runs", "list", "--experiment", "nope")
@@ -185,6 +284,82 @@ def test_runs_list_of_an_unknown_experiment_says_so_with_the_known_ones(expkit_c
     assert re.search(
         r"^birds_1\s+completed", ok(expkit_cli("runs", "list", "--experiment", "birds")), re.M
     )
+
+
+def test_sweeps_list_of_an_unknown_experiment_says_so_as_runs_list_does(expkit_cli, tmp_path):
+    """`sweeps list --experiment nope` said "no sweeps yet" (exit 0) where `runs list` says
+    there is no such experiment (exit 2); a sweep's trials asked for under another
+    experiment said the sweep "has no trials yet"."""
+    from test_sweep_driver import write_sweep
+
+    sweep = write_sweep(tmp_path, {"limits": {"max_total_trials": 1}})
+    ok(expkit_cli("sweep", str(sweep)))
+
+    for command in (["sweeps", "list"], ["runs", "list"]):
+        result = expkit_cli(*command, "--experiment", "nope")
+        assert result.returncode == 2, command
+        assert error_line(result).endswith(
+            "no experiment 'nope' in " + _ws(expkit_cli) + "; its experiments: sw"
+        )
+    assert re.search(
+        r"^sw_sweep_1\s+completed", ok(expkit_cli("sweeps", "list", "--experiment", "sw")), re.M
+    )
+
+    elsewhere = expkit_cli("runs", "list", "--sweep", "1", "--experiment", "other")
+    assert elsewhere.returncode == 2
+    assert error_line(elsewhere) == (
+        "expkit: error: --experiment: the trials of sweep sw_sweep_1 are runs of experiment "
+        "'sw', not 'other'"
+    )
+
+
+@pytest.mark.parametrize("command", [["runs", "list"], ["sweeps", "list"]], ids=" ".join)
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_one_is_refused_not_read_as_no_runs(expkit_cli, run_job, command, limit):
+    """`--limit 0` listed nothing and said "no runs yet" in a workspace full of runs."""
+    run_job({}, script="print(1)\n")
+
+    result = expkit_cli(*command, "--limit", limit)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"error: argument --limit: '{limit}': a whole number from 1, e.g. --limit 5")
+    )
+    assert "no runs yet" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("7", "no run '7' in {ws} (`expkit runs list` shows the runs), and no model '7'"),
+        ("latest", "no run 'latest' in {ws} (`expkit runs list` shows the runs)"),
+        ("pt-dnn:1", "no model 'pt-dnn:1' in this workspace (no models registered yet)"),
+    ],
+)
+def test_export_of_a_run_that_does_not_exist_names_the_run(expkit_cli, ref, message):
+    """`expkit export 7` (the example's form, a run number) said "no model '7'"."""
+    result = expkit_cli("export", ref, "--format", "onnx")
+
+    assert result.returncode == 2
+    assert error_line(result) == "expkit: error: " + message.format(ws=_ws(expkit_cli))
+
+
+def test_runs_download_of_a_bare_output_name_suggests_its_full_name(expkit_cli, run_job, tmp_path):
+    """`runs files` names `outputs/model.pt`; asking for `model.pt` said only "no file"."""
+    script = "import os\nos.makedirs('outputs')\nopen('outputs/model.pt', 'w').write('w')\n"
+    run = run_job({}, script=script)
+
+    result = expkit_cli("runs", "download", run.record.id, "model.pt", str(tmp_path / "d/"))
+
+    assert result.returncode == 2
+    assert error_line(result) == (
+        f"expkit: error: run {run.record.id} has no file 'model.pt' (did you mean "
+        f"outputs/model.pt?); see `expkit runs files {run.record.id}`"
+    )
+    assert not (tmp_path / "d").exists()
 
 
 def _ws(expkit_cli) -> str:

@@ -281,7 +281,7 @@ def test_a_workspace_path_the_file_system_refuses_is_one_line(tmp_path: Path) ->
     cases = [
         (["--workspace", long_name, "runs", "list"], "--workspace: ", "File name too long"),
         (["init", long_name], "", "cannot create a workspace (File name too long)"),
-        (["init", str(in_the_way)], "", "cannot create a workspace (Not a directory)"),
+        (["init", str(in_the_way)], "", f"workspace ({in_the_way} is a file; name a folder)"),
     ]
     for args, start, reason in cases:
         line = error_line(expkit_at(tmp_path, *args))

@@ -194,6 +194,10 @@ def test_the_python_api_takes_references(expkit_workspace, write_job, expkit_cli
             "alias digits:VERSION nope`)",
         ),
         (["alias", "other@champion", "x"], "no model 'other' in this workspace (models: digits)"),
+        (
+            ["alias", "digits:1", "@champion"],
+            "alias '@champion': write it without the '@' (champion)",
+        ),
     ],
     ids=[
         "latest",
@@ -205,6 +209,7 @@ def test_the_python_api_takes_references(expkit_workspace, write_job, expkit_cli
         "delete-none",
         "no-alias",
         "no-model",
+        "at-sign",
     ],
 )
 def test_a_bad_alias_or_reference_is_one_line(write_job, expkit_cli, args, message):

@@ -17,7 +17,7 @@ import os, sys
 from expkit import Run
 run = Run.get_context()
 acc = float(sys.argv[1])
-if acc >= 0:
+if not acc < 0:  # NaN too
     run.log("best_val_acc", acc)
 run.log("val_loss", round(1 - abs(acc), 4))
 os.makedirs("outputs", exist_ok=True)
@@ -117,6 +117,38 @@ def test_a_metric_the_run_never_logged_fails_the_condition_by_name(job, expkit_c
     assert versions(expkit_cli) == []
 
 
+def test_each_reason_is_said_once(job, expkit_cli):
+    both = job(["best_val_acc >= 0.5", {"better": "best_val_acc"}])
+
+    silent = run(expkit_cli, both, -1)  # logs val_loss only: both fail for one reason
+
+    assert summary(silent.stdout)["register"] == (
+        "skipped - not registered: the run logged no metric 'best_val_acc'"
+    )
+
+
+def test_a_nan_metric_meets_no_condition(job, expkit_cli):
+    # NaN != 0 is true in Python: a diverged run must not pass `!=`.
+    diverged = run(expkit_cli, job(["best_val_acc != 0", "best_val_acc > 0.5"]), "nan")
+
+    assert summary(diverged.stdout)["register"] == "skipped - not registered: best_val_acc is NaN"
+    assert versions(expkit_cli) == []
+
+
+def test_a_champion_whose_metric_is_nan_is_beaten(job, expkit_cli):
+    run(expkit_cli, job(None), "nan")  # no condition: version 1, best_val_acc NaN
+    assert expkit_cli("models", "alias", "pt-dnn:1", "champion").returncode == 0
+
+    better = run(expkit_cli, job({"better": "best_val_acc", "than": "champion"}), 0.7)
+
+    assert summary(better.stdout)["register"].startswith("completed")
+    assert (
+        "register_if met: best_val_acc 0.7: pt-dnn@champion, version 1 has no value of "
+        "best_val_acc to compare with" in better.stdout
+    )
+    assert [row[:2] for row in versions(expkit_cli)] == [["pt-dnn", "1"], ["pt-dnn", "2"]]
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [
@@ -190,6 +222,7 @@ def test_a_sweep_registers_its_best_trial_only_if_it_meets_register_if(
     registered = expkit_cli("sweep", str(sweep))
     assert registered.returncode == 0, registered.stdout + registered.stderr
     assert "registered model: swmodel:1" in registered.stdout
+    assert "registered the best trial's model as swmodel:1, @champion\n" in registered.stdout
     assert expkit_workspace.history.aliases.of_model("swmodel") == {"champion": 1}
 
 

@@ -101,14 +101,34 @@ def test_models_download_copies_a_versions_files(three_versions, expkit_cli, tmp
     ("ref", "message"),
     [
         ("nope", "no model 'nope' in this workspace (models: digits)"),
-        ("digits:9", "no model 'digits:9' in this workspace (models: digits)"),
-        (
-            "digits:two",
-            "'digits:two': a version is a number, e.g. digits:2 (an alias goes after @, "
-            "e.g. digits@champion)",
+        ("nope:1", "no model 'nope:1' in this workspace (models: digits)"),
+        *(
+            (
+                f"digits:{version}",
+                f"model 'digits' has no version {version} (its latest is digits:3; "
+                "`expkit models list digits` lists them)",
+            )
+            for version in ("9", "0", "99999999999999999999999")
+        ),
+        *(
+            (
+                f"digits:{version}",
+                f"'digits:{version}': a version is a number, e.g. digits:2 (an alias goes "
+                "after @, e.g. digits@champion)",
+            )
+            for version in ("two", "\u0661", "-1")
         ),
     ],
-    ids=["unknown-model", "unknown-version", "bad-version"],
+    ids=[
+        "unknown-model",
+        "unknown-model-version",
+        "unknown-version",
+        "version-0",
+        "version-past-sqlite",
+        "bad-version",
+        "arabic-indic-digit",
+        "negative",
+    ],
 )
 def test_unknown_model_or_version_is_a_clear_error(three_versions, expkit_cli, ref, message):
     for command in (("models", "show", ref), ("models", "download", ref, "somewhere")):

@@ -244,9 +244,13 @@ class Run:
                 f"run {self.id}: {name} is a link to {links[name.rstrip('/')]}, out of the run; "
                 "it was recorded, not stored, and is never served"
             )
-        if name not in self.get_file_names():
+        names = self.get_file_names()
+        if name not in names:
+            # `runs files` names outputs/model.pt: `model.pt` alone is that file, most likely.
+            meant = [n for n in (f"outputs/{name}", f"logs/{name}") if n in names]
+            hint = f" (did you mean {meant[0]}?)" if meant else ""
             raise UserError(
-                f"run {self.id} has no file {name!r}; see `expkit runs files {self.id}`"
+                f"run {self.id} has no file {name!r}{hint}; see `expkit runs files {self.id}`"
             )
         target = downloads.destination(output_file_path, name)
         path = downloads.inside_folder(self.run_dir, name)

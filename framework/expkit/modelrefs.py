@@ -26,6 +26,8 @@ ALIAS_RULE = (
 
 def alias_problem(alias: object) -> str | None:
     """Why `alias` cannot be an alias name (MLflow's rule, see ALIAS), or None when it can."""
+    if isinstance(alias, str) and alias.startswith("@") and ALIAS.fullmatch(alias[1:]):
+        return f"alias {alias!r}: write it without the '@' ({alias[1:]})"  # as `than:` takes
     if not isinstance(alias, str) or not ALIAS.fullmatch(alias):
         return f"alias {alias!r}: {ALIAS_RULE}"
     if alias.lower() == "latest":
@@ -77,7 +79,8 @@ def parse_model_ref(ref: str) -> ModelRef:
         ref_ = ModelRef(name, alias=alias)
     else:
         name, _, version = ref.partition(":")
-        if not version.isdigit() and (version or ref.endswith(":")):
+        # ASCII digits only: str.isdigit also takes '١' or '²', which are no version number.
+        if not (version.isascii() and version.isdigit()) and (version or ref.endswith(":")):
             raise UserError(
                 f"{ref!r}: a version is a number, e.g. {name}:2 (an alias goes after @, "
                 f"e.g. {name}@champion)"

@@ -143,7 +143,8 @@ def check(
     """Each condition checked against the run's final `metrics` (name -> last value).
     `compared(condition)` says what a BetterThan compares with: (what, value), e.g.
     ("pt-dnn@champion, version 3", 0.91), or a text saying why there is nothing to compare
-    with (the condition then holds)."""
+    with (the condition then holds). A final value that is NaN (a diverged run) meets no
+    condition."""
     verdicts = []
     for condition in conditions:
         value = metrics.get(condition.metric)
@@ -152,6 +153,9 @@ def check(
             continue
         if not isinstance(value, int | float) or isinstance(value, bool):
             verdicts.append(Verdict(False, f"{condition.metric} is {value!r}, not a number"))
+            continue
+        if math.isnan(value):  # NaN != 0.9 is true: a diverged run would pass `!=`
+            verdicts.append(Verdict(False, f"{condition.metric} is NaN"))
             continue
         if isinstance(condition, Threshold):
             holds = OPERATORS[condition.op](value, condition.value)

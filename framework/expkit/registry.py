@@ -129,10 +129,20 @@ class ModelStore:
         return True
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
-        row = self.ws.history.models.find(name, version)
+        """Version `version` of model `name` (None: the latest). Raises UserError naming an
+        unknown model, or a version the model does not have (with its latest)."""
+        history = self.ws.history
+        # SQLite integers are 64-bit: a larger number is no version (not an OverflowError).
+        row = history.models.find(name, version) if (version or 0) < 2**63 else None
         if row is None:
-            known = sorted({r["name"] for r in self.ws.history.models.versions()})
-            which = f"{name}:{version}" if version else name
+            latest = history.models.find(name) if version is not None else None
+            if latest is not None:
+                raise UserError(
+                    f"model {name!r} has no version {version} (its latest is "
+                    f"{name}:{latest['version']}; `expkit models list {name}` lists them)"
+                )
+            known = sorted({r["name"] for r in history.models.versions()})
+            which = f"{name}:{version}" if version is not None else name
             raise UserError(
                 f"no model {which!r} in this workspace"
                 + (f" (models: {', '.join(known)})" if known else " (no models registered yet)")
@@ -473,7 +483,8 @@ def check_register_if(workspace: Workspace, job: JobSpec, run_id: str) -> list[V
             version, what = row["version"], f"{spec.name}:{row['version']}"
         row = history.models.find(spec.name, version)
         value = json.loads(row["lineage"]).get("metrics", {}).get(condition.metric) if row else None
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        # A NaN (that version diverged) beats nothing and is beaten by nothing: no value.
+        if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
             return f"{what} has no value of {condition.metric} to compare with"
         return what, float(value)
 
@@ -483,5 +494,6 @@ def check_register_if(workspace: Workspace, job: JobSpec, run_id: str) -> list[V
 def unmet(verdicts: list[Verdict]) -> str | None:
     """The reason a version is not registered ("best_val_acc 0.84 is not > 0.9"), from
     `check_register_if`'s verdicts; None when every condition holds."""
-    failed = [v.text for v in verdicts if not v.ok]
+    # Each reason once: two conditions on a metric the run never logged fail alike.
+    failed = list(dict.fromkeys(v.text for v in verdicts if not v.ok))
     return "; ".join(failed) if failed else None

@@ -48,10 +48,7 @@ class Workspace:
             except OSError as error:  # a name the file system refuses (too long, ...)
                 raise UserError(f"{origin}: {shown}: {error.strerror or error}") from None
             if folder is None:
-                raise UserError(
-                    f"{origin}: {shown} is not an expkit workspace; create it with "
-                    f"`expkit init {shown}`"
-                )
+                raise UserError(f"{origin}: {shown} {_not_a_workspace(Path(named), shown)}")
             return cls(folder)
         here = (start or Path.cwd()).resolve()
         for folder in (here, *here.parents):
@@ -69,16 +66,18 @@ class Workspace:
 
     @classmethod
     def init(cls, where: str | Path = ".") -> Workspace:
-        """Create (or open, if it exists) the workspace `where/.expkit`."""
+        """Create (or open, if it exists) the workspace `where/.expkit`. Raises UserError when
+        it cannot be made (a file or a link to nothing in the way, no room, a refused name)."""
         where = Path(where)
         folder = where if where.name == FOLDER else where / FOLDER
         try:
+            folder = _config_folder(where) or folder  # one there already, maybe via a link
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: see the README
             config = folder / CONFIG
             if not os.path.lexists(config):
                 write_new_config(config)
         except (OSError, ValueError) as error:  # a refused name, a file in the way, no room
-            reason = getattr(error, "strerror", None) or str(error)
+            reason = _in_the_way(where, folder) or getattr(error, "strerror", None) or str(error)
             raise UserError(
                 f"{printable(str(folder))}: cannot create a workspace ({reason})"
             ) from None
@@ -202,10 +201,50 @@ def write_new_config(config: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _in_the_way(where: Path, folder: Path) -> str | None:
+    """Why `folder` cannot be made in plain words, when a file or a link to nothing is in
+    the way (mkdir says "Not a directory" or "File exists"); None otherwise."""
+    for path in (where, folder):
+        if os.path.islink(path) and not os.path.exists(path):
+            try:
+                target = printable(os.readlink(path))
+            except OSError:
+                target = "a missing folder"
+            return f"{printable(str(path))} is a link to {target}, which does not exist"
+        if os.path.lexists(path) and not os.path.isdir(path):
+            return f"{printable(str(path))} is a file; name a folder"
+    return None
+
+
+def _not_a_workspace(path: Path, shown: str) -> str:
+    """What to say of a named `path` that holds no workspace, with what to do: `expkit init`
+    where that would make one, never where it cannot (a file, a link to nothing)."""
+    if os.path.islink(path) and not path.exists():
+        target = printable(os.readlink(path))
+        return (
+            f"is a link to {target}, which does not exist; name the workspace's folder, or "
+            f"create it with `expkit init {target}`"
+        )
+    if path.exists() and not path.is_dir():
+        return (
+            "is a file, not an expkit workspace; name the folder that holds .expkit/ (or "
+            "the .expkit/ folder itself)"
+        )
+    return f"is not an expkit workspace; create it with `expkit init {shown}`"
+
+
 def _config_folder(path: Path) -> Path | None:
-    for folder in (path, path / FOLDER):
-        if _entry_exists(folder / CONFIG):  # of any kind: a damaged config is named
-            return folder
+    """The workspace folder a named `path` means: `path/.expkit`, else `path` itself when it
+    is one (named .expkit, or holding a history.db as a workspace copied under another name
+    does); None when neither. A `config.json` of the user's own (a project folder's) never
+    makes a folder a workspace: expkit would write its history.db there."""
+    if _entry_exists(path / FOLDER / CONFIG):  # of any kind: a damaged config is named
+        return path / FOLDER
+    if not _entry_exists(path / CONFIG):
+        return None
+    names = {path.name, Path(os.path.realpath(path)).name}
+    if FOLDER in names or _entry_exists(path / "history.db"):
+        return path
     return None
 
 

@@ -63,6 +63,18 @@ def add_global_options(parser: argparse.ArgumentParser, default: Any = None) -> 
     )
 
 
+def how_many(text: str) -> int:
+    """argparse `type` of `--limit`: a whole number from 1 (0 or less would list nothing and
+    read as "no runs yet")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number from 1, e.g. --limit 5")
+    return value
+
+
 def open_workspace(args: argparse.Namespace, create: bool = False) -> Any:
     """The workspace `--workspace` or $EXPKIT_WORKSPACE names, or the one found from here;
     with `create`, one is made in the current folder when none is found and none was named

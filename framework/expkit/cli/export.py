@@ -83,7 +83,16 @@ def _export(args: argparse.Namespace) -> int:
     record = history.runs.find(args.ref)
     version = None
     if record is None:
-        version = ModelStore(workspace).resolve(args.ref)
+        try:
+            version = ModelStore(workspace).resolve(args.ref)
+        except UserError:
+            if args.ref == "latest" or args.ref.isdigit():  # meant a run: say that first
+                model = f", and no model {args.ref!r}" * (args.ref != "latest")
+                raise UserError(
+                    f"no run {args.ref!r} in {workspace.path} (`expkit runs list` shows the "
+                    f"runs){model}"
+                ) from None
+            raise
         run_id = version.lineage.get("run_id")
         record = history.runs.find(run_id) if run_id else None
     elif record.state != "completed":

@@ -174,9 +174,13 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     print(f"{'registered':<12}{when(row['created'] if row is not None else None)}{run}")
     print(f"{'aliases':<12}{' '.join(aliases) or '-'}")
     print(f"{'path':<12}{model.path}")
-    print("files")
-    for rel, digest in model.files.items():
-        print(f"  {rel:<40} {short_hash(f'sha256:{digest}')}")
+    from expkit.console import count_files, human_size
+
+    sized = history.models.files(model.name, model.version)  # path -> (bytes, sha256)
+    print(f"files ({count_files(len(sized), sum(size for size, _ in sized.values()))})")
+    for rel, digest in model.files.items():  # as `runs show` lists outputs
+        size = human_size(sized[rel][0]) if rel in sized else "-"
+        print(f"  {rel:<40} {size:>10}  {short_hash(f'sha256:{digest}')}")
     print("lineage")
     for key, value in model.lineage.items():
         if key == "exports":

@@ -10,6 +10,7 @@ from expkit.cli.common import (
     RUN_HELP,
     described,
     examples_epilog,
+    how_many,
     metric_cell,
     open_workspace,
     print_table,
@@ -53,7 +54,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="only the trials of this sweep (id, number or `latest`), by trial number",
     )
     listing.add_argument(
-        "--limit", type=int, default=None, help="how many (default 20; with --sweep: all)"
+        "--limit", type=how_many, default=None, help="how many (default 20; with --sweep: all)"
     )
     listing.add_argument(
         "--param",
@@ -219,8 +220,13 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 
         sweep = sweep_record(workspace, args.sweep)
         records = workspace.history.runs.of_sweep(sweep.id)
-        if args.experiment:
-            records = [r for r in records if r.experiment == args.experiment]
+        if args.experiment and args.experiment != sweep.experiment:
+            from expkit.errors import UserError, quoted
+
+            raise UserError(
+                f"--experiment: the trials of sweep {sweep.id} are runs of experiment "
+                f"{quoted(sweep.experiment)}, not {quoted(args.experiment)}"
+            )
         if args.limit is not None:
             records = records[: args.limit]
         if not records:
@@ -231,7 +237,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             args.experiment, 20 if args.limit is None else args.limit
         )
         if not records and args.experiment:
-            _no_such_experiment(workspace, args.experiment)
+            no_such_experiment(workspace, args.experiment)
         if not records:
             print("no runs yet; start one with `expkit run JOB`")
             return 0
@@ -259,7 +265,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _no_such_experiment(workspace: Any, name: str) -> None:
+def no_such_experiment(workspace: Any, name: str) -> None:
     """Raise the UserError (exit 2) for `--experiment NAME` that has no runs, naming the
     experiments that have (the workspace's whole list: a name is a free choice of a job)."""
     from expkit.errors import UserError, quoted

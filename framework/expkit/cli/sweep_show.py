@@ -20,6 +20,13 @@ def cmd_sweeps_list(args: argparse.Namespace) -> int:
 
     workspace = open_workspace(args)
     sweeps = workspace.history.sweeps.recent(args.experiment, args.limit)
+    if not sweeps and args.experiment:
+        if args.experiment not in workspace.history.runs.experiments():
+            from expkit.cli.runs import no_such_experiment
+
+            no_such_experiment(workspace, args.experiment)  # as `runs list --experiment`
+        print(f"experiment {args.experiment} has no sweeps yet")
+        return 0
     if not sweeps:
         print("no sweeps yet; start one with `expkit sweep SWEEP.yaml`")
         return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from expkit.cli import sweep_run, sweep_show
-from expkit.cli.common import described, examples_epilog
+from expkit.cli.common import described, examples_epilog, how_many
 
 SWEEP_HELP = "sweep id, sweep number, or `latest`"
 
@@ -79,7 +79,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     listing.add_argument("--experiment", help="only this experiment's sweeps")
-    listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    listing.add_argument("--limit", type=how_many, default=20, help="how many (default 20)")
     listing.set_defaults(handler=sweep_show.cmd_sweeps_list)
     show = sweeps.add_parser(
         "show",

@@ -629,7 +629,13 @@ class SweepDriver:
                 self.reporter.note(error)
                 self.history.sweeps.finish(self.id, "failed", error)
                 return
-            self.reporter.note(f"registered the best trial's model as {model}")
+            name, _, version = model.partition(":")
+            aliases = " ".join(  # as a run's register stage says them
+                f"@{a}" for a, v in self.history.aliases.of_model(name).items() if str(v) == version
+            )
+            self.reporter.note(
+                f"registered the best trial's model as {model}" + (f", {aliases}" * bool(aliases))
+            )
         elif self.spec.register_best:
             self.reporter.note("no trial completed: no model registered")
         self.history.sweeps.finish(self.id, "completed")
