@@ -419,7 +419,8 @@ def test_a_list_field_given_one_value_in_the_file_shows_the_list(expkit_cli, wri
 
 # -- --help ---------------------------------------------------------------------------------------
 def _helped() -> list[tuple[str, object]]:
-    return [(command, sub) for command, sub, _ in subcommands(build_parser())]
+    parser = build_parser()
+    return [("expkit", parser), *((command, sub) for command, sub, _ in subcommands(parser))]
 
 
 def test_every_subcommand_help_describes_its_arguments_and_shows_examples_that_parse():

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 
 from expkit.cli import export, metrics, models, plugins, run, runs, sweeps, ui, workspace
-from expkit.cli.common import HelpFormatter, add_global_options
+from expkit.cli.common import HelpFormatter, add_global_options, examples_epilog
 
 # In the order `expkit --help` lists them.
 GROUPS = (run, runs, sweeps, metrics, models, export, ui, plugins, workspace)
@@ -26,9 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expkit",
         description="Run PyTorch training jobs through prepare -> scale -> run -> post-process "
-        "-> register, recorded in a workspace.",
-        epilog="Start with `expkit run training/job.yaml`. Every command takes --help; the "
-        "global options may also follow the command.",
+        "-> register, recorded in a workspace. Every command takes --help; the global "
+        "options may also follow the command.",
+        epilog=examples_epilog(
+            "expkit run training/job.yaml --set args.num_epochs=2",
+            "expkit runs list",
+            "expkit runs show latest",
+            "expkit models list",
+            "expkit ui",
+        ),
+        formatter_class=HelpFormatter,
     )
     add_global_options(parser)
     parser.add_argument("--version", action="version", version=_version())
