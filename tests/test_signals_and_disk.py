@@ -627,12 +627,12 @@ def small_disk(tmp_path):
 
 
 def fill(path: Path) -> None:
-    """Write zeros to `path` until the disk is full."""
-    with open(path, "wb") as f:
+    """Write zeros to `path` until the disk is full. Unbuffered: a buffered file would try
+    again to write what did not fit when it closes, and raise there."""
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
 
@@ -643,11 +643,10 @@ FILLS_THE_DISK = """
     os.makedirs("outputs", exist_ok=True)
     with open("outputs/kept.txt", "w") as f:
         f.write("epoch 1 done\\n")
-    with open("scratch.bin", "wb") as f:
+    with open("scratch.bin", "wb", buffering=0) as f:  # nothing left to write at close
         try:
             while True:
                 f.write(b"\\0" * 65536)
-                f.flush()
         except OSError as error:
             print("disk full:", error, flush=True)
     {end}
@@ -886,11 +885,10 @@ FILLS_THE_DISK_IN_OUTPUTS = """
     os.makedirs("outputs", exist_ok=True)
     with open("outputs/kept.txt", "w") as f:
         f.write("epoch 1 done\\n")
-    with open("outputs/big.bin", "wb") as f:
+    with open("outputs/big.bin", "wb", buffering=0) as f:  # nothing left to write at close
         try:
             while True:
                 f.write(b"\\0" * 65536)
-                f.flush()
         except OSError as error:
             print("disk full:", error, flush=True)
 """
