@@ -137,23 +137,42 @@ def become_subreaper() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _parents() -> dict[int, tuple[int, bytes]]:
-    """{pid: (parent pid, state letter)} of every process in /proc (Linux; else empty)."""
-    found = {}
+def _stats() -> dict[int, list[bytes]] | None:
+    """{pid: the fields of /proc/<pid>/stat after the command name (state, parent, group,
+    ...)} of every process; None without /proc (not Linux)."""
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return {}
+        return None
+    found = {}
     for entry in entries:
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+                found[int(entry)] = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        found[int(entry)] = (int(fields[1]), fields[0])
     return found
+
+
+def _parents() -> dict[int, tuple[int, bytes]]:
+    """{pid: (parent pid, state letter)} of every process in /proc (Linux; else empty)."""
+    return {pid: (int(f[1]), f[0]) for pid, f in (_stats() or {}).items()}
+
+
+def group_alive(group: int) -> bool:
+    """Whether a process of process group `group` is left; a zombie not yet reaped (by
+    init, for one whose parent is gone) counts as gone. Without /proc, the kernel is asked,
+    and a zombie counts."""
+    stats = _stats()
+    if stats is None:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return any(int(f[2]) == group and f[0] != b"Z" for f in stats.values())
 
 
 def descendants(root: int | None = None) -> list[int]:

@@ -327,46 +327,24 @@ def wait_until_answering(server: Server) -> None:
 def stop_server(server: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the server's process group, SIGKILL to what is left after STOP_GRACE
     seconds; returns once none of its processes is left."""
+    from expkit.procs import group_alive
+
     group = server.pid
     _signal_group(group, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE
     while time.monotonic() < deadline:
-        if server.poll() is not None and not _group_alive(group):
+        if server.poll() is not None and not group_alive(group):
             return
         time.sleep(0.05)
     _signal_group(group, signal.SIGKILL)
     server.wait()
-    while _group_alive(group):  # killed: the kernel takes them away at once
+    while group_alive(group):  # killed: the kernel takes them away at once
         time.sleep(0.05)
 
 
 def _signal_group(group: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, sig)
-
-
-def _group_alive(group: int) -> bool:
-    """Whether a process of the group is left (a zombie not yet reaped by init counts
-    as gone)."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # no /proc: ask the kernel (zombies count there)
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == group and fields[0] != b"Z":
-            return True
-    return False
 
 
 def last_line(log_path: Path) -> str:
