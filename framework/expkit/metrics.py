@@ -27,7 +27,7 @@ from expkit.history import History, metric_value
 from expkit.history.metrics import REFUSED
 from expkit.plugins import call
 
-PUMP_SECONDS = 0.25  # how often the pump looks for new lines when it has caught up
+PUMP_SECONDS = 0.1  # how often the pump looks for new lines once it has caught up (latency)
 CHUNK_BYTES = 1 << 20  # the most channel bytes one batch reads (a longer line is read whole)
 MIN_SHARE = 64 << 10  # the least one file reads in a batch, however many files share it
 SINK_BATCH = 5000
@@ -79,9 +79,10 @@ class ChannelReader:
 
     One `read` takes at most `CHUNK_BYTES` of the channel (but a single longer line,
     whole), so that what the driver holds does not grow with a burst: a batch holds at
-    most CHUNK_BYTES / 20 rows (the shortest line, `["m","",0,null,0,0]`, is 20 bytes). The files of one attempt share that room, so that
-    every rank's values move on while one rank floods. What a batch read counts only once
-    it is recorded (`commit`): a batch that could not be stored is read again.
+    most CHUNK_BYTES / 20 rows (the shortest line, `["m","",0,null,0,0]`, is 20 bytes).
+    The files of one attempt share that room (`_shares`), so that every rank's values move
+    on while one rank floods. What a batch read counts only once it is recorded
+    (`commit`): a batch that could not be stored is read again.
 
     Each value is read with its attempt, from the name of its file (`attempt_of_file`), and
     the files are read attempt by attempt: an earlier attempt's values get the lower row ids
@@ -177,7 +178,8 @@ class ChannelReader:
         if items is None or len(items) != data.count(b"\n"):
             return self._parse_each(data, attempt, batch)
         rows, tags, params = batch.rows, batch.tags, batch.params
-        append, low, high = rows.append, *STEP_RANGE
+        append = rows.append
+        low, high = STEP_RANGE
         for item in items:
             if type(item) is list and len(item) == 6:  # the common case checked inline
                 kind, name, value, step, ts, rank = item
