@@ -256,6 +256,7 @@ def test_pages_of_a_run_interleaved_with_another_come_in_order(expkit_workspace)
 
     assert pages == every == sorted(every)
     assert history.metrics.last_id("a") == every[-1]
+    assert history.metrics.span("b") == (every[0] + 2, every[-1] + 1)
     assert history.metrics.last_id("c") == 0 and history.metrics.of("c") == []
     assert history.metrics.names("a") == ["acc", "loss"]
     assert history.metrics.latest("a") == {"loss": 49.0, "acc": 0.5}

@@ -96,12 +96,18 @@ class Metrics(Part):
         """The row id of the run's last recorded value (0: none yet): the highest of each
         metric's last, one index look-up per name (a scan of the run's rows would take a
         second per few million values)."""
+        return self.span(run_id)[1]
+
+    def span(self, run_id: str) -> tuple[int, int]:
+        """The row ids of the run's first and last recorded values ((0, 0): none yet), two
+        index look-ups per name (`_NAMES`)."""
         row = self.db.execute(
-            _NAMES + "SELECT MAX((SELECT MAX(id) FROM metrics WHERE run_id = ?1"
+            _NAMES + "SELECT MIN((SELECT MIN(id) FROM metrics WHERE run_id = ?1"
+            " AND name = names.name)), MAX((SELECT MAX(id) FROM metrics WHERE run_id = ?1"
             " AND name = names.name)) FROM names WHERE name IS NOT NULL",
             [run_id],
         ).fetchone()
-        return row[0] or 0
+        return row[0] or 0, row[1] or 0
 
     def count(self, run_id: str, name: str | None = None) -> int:
         """How many values the run logged (of metric `name`, or all), every attempt's."""
@@ -117,21 +123,21 @@ class Metrics(Part):
         of them (-1: all), oldest first; read a value with `metric_value`.
 
         A page (`limit`) costs what it returns, not what the run holds: a metric's rows come
-        from the index by (run, name, id); all the run's rows by row id, from `after_id` up
-        to the run's last (`last_id`), other runs' rows in that range skipped (through the
-        index the rows of every name would be gathered and sorted for each page)."""
+        from the index by (run, name, id); all the run's rows by row id, within the run's
+        span (`span`) from `after_id` on, other runs' rows in that range skipped (through
+        the index the rows of every name would be gathered and sorted for each page)."""
         if name:
             return self.db.execute(
                 "SELECT * FROM metrics WHERE run_id = ? AND name = ? AND id > ?"
                 " ORDER BY id LIMIT ?",
                 (run_id, name, after_id, limit),
             ).fetchall()
-        last = self.last_id(run_id)
+        first, last = self.span(run_id)
         if last <= after_id:
             return []
         return self.db.execute(  # `+run_id`: not through the index (see above)
             "SELECT * FROM metrics WHERE +run_id = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
-            (run_id, after_id, last, limit),
+            (run_id, max(after_id, first - 1), last, limit),
         ).fetchall()
 
     def current(self, run_id: str, name: str | None = None) -> list[sqlite3.Row]:
