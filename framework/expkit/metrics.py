@@ -266,12 +266,16 @@ class SinkWorker:
         if not opened:
             return
         self._writer = writer
-        while not self._done.is_set():
-            self.wake.wait(1.0)
+        # Woken by events, never by a period: the pump sets `wake` when it stored new values
+        # or parameters, `drain` when the run ends. Whatever was stored before the sink
+        # opened (or between a wake and its clear) is found by the next delivery, which
+        # reads everything after the cursor.
+        while True:
+            self.wake.wait()
             self.wake.clear()
-            if not self._deliver():
+            done = self._done.is_set()  # read before delivering: nothing stored after is lost
+            if not self._deliver() or done:
                 return
-        self._deliver()
 
     def _deliver(self) -> bool:
         """Send everything new, parameters before each batch; False once the sink has
