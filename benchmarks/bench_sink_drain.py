@@ -8,7 +8,10 @@
    goal under 1 s), and the whole `expkit run`. Beside it: the same run with no sink, and the
    peer, a bare script that logs the same values with `mlflow.log_metric` to the same server
    (its set-up, import to `start_run`, and its logging, timed by the script itself).
-   Configurations alternate within each repetition; medians are reported.
+   And the sink's run again with a script that logs the same values over --script-seconds
+   (default 5 s): longer than importing mlflow takes, so that the sink is open when the
+   script ends and post-process is the drain alone. Configurations alternate within each
+   repetition; medians are reported.
 2. `--million`: a script logging 1,000,000 values under `expkit run` with the `mlflow` sink on
    its embedded default (SQLite in the workspace): `expkit run`'s seconds and its
    post-process's, beside the peer: `MlflowClient.log_batch` of the same values into a SQLite
@@ -37,11 +40,13 @@ ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
 LOG = """
-import sys
+import sys, time
 from expkit import Run
 run = Run.get_context()
-for i in range(int(sys.argv[1])):
+n, seconds = int(sys.argv[1]), float(sys.argv[2])
+for i in range(n):
     run.log("loss", 1.0 / (i + 1), step=i)
+    time.sleep(seconds / n)
 """
 
 PEER = """
@@ -83,11 +88,14 @@ def new_workspace(folder: Path) -> dict[str, str]:
     return {**ENV, "EXPKIT_WORKSPACE": str(folder / ".expkit")}
 
 
-def expkit_run(folder: Path, env: dict[str, str], values: int, sinks: list) -> dict[str, float]:
-    """`expkit run` of a script logging `values` values: its wall seconds, and the seconds of
-    its post-process and run stages as the run history recorded them."""
+def expkit_run(
+    folder: Path, env: dict[str, str], values: int, sinks: list, seconds: float = 0.0
+) -> dict[str, float]:
+    """`expkit run` of a script logging `values` values over `seconds`: its wall seconds, and
+    the seconds of its post-process and run stages as the run history recorded them."""
     (folder / "train.py").write_text(LOG)
-    job = {"experiment": "bench", "entry_script": "train.py", "args": [values], "metrics": sinks}
+    args = [values, seconds]
+    job = {"experiment": "bench", "entry_script": "train.py", "args": args, "metrics": sinks}
     (folder / "job.yaml").write_text(json.dumps(job))  # JSON is YAML
     start = time.perf_counter()
     done = subprocess.run(
@@ -103,9 +111,7 @@ def expkit_run(folder: Path, env: dict[str, str], values: int, sinks: list) -> d
     if done.returncode != 0 or "warning" in done.stdout:
         raise RuntimeError(f"expkit run failed or warned:\n{done.stdout[-3000:]}")
     with sqlite3.connect(folder / ".expkit" / "history.db") as history:
-        (run_id,) = history.execute(
-            "SELECT id FROM runs ORDER BY number DESC LIMIT 1"
-        ).fetchone()
+        (run_id,) = history.execute("SELECT id FROM runs ORDER BY number DESC LIMIT 1").fetchone()
         stages = {
             stage: ended - started
             for stage, started, ended in history.execute(
@@ -180,25 +186,38 @@ def mlflow_values(url: str, experiment: str) -> tuple[int, str]:
     return len(client.get_metric_history(run.info.run_id, "loss")), run.info.status
 
 
-def bench_drain(folder: Path, repeat: int, values: int) -> dict[str, dict[str, float]]:
+def bench_drain(
+    folder: Path, repeat: int, values: int, seconds: float
+) -> dict[str, dict[str, float]]:
     server, url = start_server(folder)
     try:
         env = new_workspace(folder / "ws")
         sink = [{"name": "mlflow", "options": {"tracking_uri": url}}]
         expkit_run(folder / "ws", env, values, sink)  # warms the caches, makes the experiment
         peer(1, url)
-        rows: dict[str, list[dict[str, float]]] = {"mlflow sink": [], "no sink": [], "peer": []}
+        rows: dict[str, list[dict[str, float]]] = {
+            "mlflow sink": [],
+            "no sink": [],
+            "peer": [],
+            "mlflow sink, longer script": [],
+        }
         for _ in range(repeat):
             rows["mlflow sink"].append(expkit_run(folder / "ws", env, values, sink))
             got, status = mlflow_values(url, "bench")
             assert (got, status) == (values, "FINISHED"), (got, status)
             rows["no sink"].append(expkit_run(folder / "ws", env, values, []))
             rows["peer"].append(peer(values, url))
+            if seconds:
+                longer = expkit_run(folder / "ws", env, values, sink, seconds)
+                rows["mlflow sink, longer script"].append(longer)
+                got, status = mlflow_values(url, "bench")
+                assert (got, status) == (values, "FINISHED"), (got, status)
     finally:
         stop_server(server)
     return {
         name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         for name, runs in rows.items()
+        if runs
     }
 
 
@@ -228,20 +247,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--values", type=int, default=50)
+    parser.add_argument(
+        "--script-seconds",
+        type=float,
+        default=5.0,
+        help="also a script logging the values over this long (longer than mlflow's import)",
+    )
     parser.add_argument("--million", action="store_true", help="also 1,000,000 values on SQLite")
     parser.add_argument("--quick", action="store_true", help="2 repetitions")
     args = parser.parse_args()
     repeat = 2 if args.quick else args.repeat
     figures: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        figures["drain"] = bench_drain(Path(tmp, "drain"), repeat, args.values)
+        figures["drain"] = bench_drain(Path(tmp, "drain"), repeat, args.values, args.script_seconds)
         if args.million:
             figures["million"] = bench_million(Path(tmp, "million"), 1_000_000)
     drain = figures["drain"]
     sink, bare, other = drain["mlflow sink"], drain["no sink"], drain["peer"]
     print(f"1. {args.values} values on a `mlflow server`, median of {repeat} runs each")
     print(f"{'':<34} {'post-process':>13} {'run stage':>10} {'expkit run':>11}")
-    for name, row in (("expkit run, mlflow sink", sink), ("expkit run, no sink", bare)):
+    shown = [("expkit run, mlflow sink", sink), ("expkit run, no sink", bare)]
+    if "mlflow sink, longer script" in drain:
+        shown.append(
+            (f"  same, script of {args.script_seconds:g} s", drain["mlflow sink, longer script"])
+        )
+    for name, row in shown:
         print(
             f"{name:<34} {row['post_process_s']:>12.2f}s {row['run_s']:>9.2f}s"
             f" {row['expkit_run_s']:>10.2f}s"

@@ -349,9 +349,7 @@ def test_an_unreachable_required_server_fails_the_run(run_job, quick_retries):
     assert result.workspace.history.models.versions() == []
 
 
-def test_a_short_run_is_all_in_mlflow_and_finished_when_expkit_run_returns(
-    mlflow_server, run_job
-):
+def test_a_short_run_is_all_in_mlflow_and_finished_when_expkit_run_returns(mlflow_server, run_job):
     """A script that ends long before mlflow is even imported: post-process waits for the
     sink to open and deliver, and close ends the MLflow run, before `expkit run` returns."""
     result = run_job(
