@@ -9,6 +9,7 @@ by `expkit runs show`), and the registry reads it back; when no sink made one (a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import getpass
@@ -20,9 +21,11 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -131,6 +134,53 @@ def connect(tracking: Tracking) -> MlflowClient:
         client = MlflowClient(tracking_uri=tracking.uri)
         client.search_experiments(max_results=1)  # the store open: created, migrated
     return client
+
+
+# Clients being made ahead of the sink's open (`connect_early`), by tracking URI.
+_EARLY: dict[str, Future[MlflowClient]] = {}
+_EARLY_LOCK = threading.Lock()
+
+
+def connect_early(tracking: Tracking) -> None:
+    """Start `connect(tracking)` on a background thread, at once: importing mlflow takes 2-3 s
+    of CPU (and creating a SQLite store seconds more), which a short script would otherwise
+    wait for at post-process. The sink's open takes the client with `connected`. Once per
+    tracking URI until taken.
+
+    Unlike the sink's thread (`expkit.metrics.SINK_NICENESS`), this one keeps its priority:
+    it starts before the script and does a bounded piece of work once, and at a lower
+    priority a busy machine starves it (under load, a niced sink took 3-4x as long to import
+    mlflow as the peer did un-niced: benchmarks/bench_sink_drain.py),
+    which post-process then waits for; Linux lets no thread raise its priority back."""
+    with _EARLY_LOCK:
+        if tracking.uri in _EARLY:
+            return
+        future: Future[MlflowClient] = Future()
+        _EARLY[tracking.uri] = future
+
+    def make() -> None:
+        try:
+            future.set_result(connect(tracking))
+        except BaseException as error:  # told to `connected`, which connects again
+            future.set_exception(error)
+
+    thread = threading.Thread(target=make, name="expkit-mlflow-connect", daemon=True)
+    thread.start()
+    if sqlite_file(tracking.uri) is not None:  # never left half-made by a process that ends
+        atexit.register(thread.join)  # meanwhile (a prepare that failed): it is finished
+
+
+def connected(tracking: Tracking) -> MlflowClient:
+    """A client for `tracking`: the one `connect_early` made (waiting for it to be ready),
+    else a new one (`connect`). An early connection that failed is not reused: this connects
+    again, so that the sink's open reports (and retries) the failure as it would have anyway.
+    Each early client is taken once: a retried open, or the next run, connects anew."""
+    with _EARLY_LOCK:
+        future = _EARLY.pop(tracking.uri, None)
+    if future is not None:
+        with contextlib.suppress(Exception):
+            return future.result()
+    return connect(tracking)
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -424,3 +474,90 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+class SqliteMetrics:
+    """Writes metric values into a SQLite MLflow store, a whole batch in one transaction.
+
+    MLflow's client splits `log_batch` into calls of at most 1000 metrics, and its store
+    refuses more per call (`MAX_METRICS_PER_BATCH` in mlflow.utils.validation; the REST API's
+    documented limits for LogBatch: at most 1000 metrics, 100 params or tags, 1000 entities
+    in all and 1 MB a request, https://mlflow.org/docs/latest/api_reference/rest-api.html#log-batch).
+    Those limits are the size of one request to a server; in-process, on SQLite, the cost is
+    the store's per-value ORM work (about 5,000 values a second here: a million take minutes).
+    This writes the same rows through MLflow's own store and table definitions (its `metrics`
+    table, its "latest metric" rule and its check that the run is active) with one bulk
+    insert per batch: several times faster. A batch the store refuses whole (a value logged
+    twice: the primary key) is not kept at all (`log` returns False); the caller then sends
+    it through `log_batch`, which skips what the store holds.
+    `of` returns None for any other store, or an MLflow whose store lacks what this uses."""
+
+    NEEDS = (
+        "ManagedSessionMaker",
+        "_get_run",
+        "_check_run_is_active",
+        "_update_latest_metrics_if_necessary",
+        "sanitize_metric_value",
+    )
+
+    def __init__(self, store: Any, table_model: Any) -> None:
+        self.store, self.model = store, table_model
+
+    @classmethod
+    def of(cls, client: MlflowClient) -> SqliteMetrics | None:
+        """The bulk writer for `client`'s store when it is SQLite, else None."""
+        store = getattr(getattr(client, "_tracking_client", None), "store", None)
+        if getattr(store, "db_type", None) != "sqlite":  # a server, a file store: not imported
+            return None
+        try:
+            from mlflow.store.tracking.dbmodels.models import SqlMetric
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        except ImportError:
+            return None
+        if not isinstance(store, SqlAlchemyStore):
+            return None
+        if not all(hasattr(store, name) for name in cls.NEEDS):
+            return None
+        return cls(store, SqlMetric)
+
+    def log(self, mlflow_run_id: str, metrics: list[Any]) -> bool:
+        """Store `metrics` (MLflow `Metric`s) in run `mlflow_run_id`, all or none of them:
+        False (nothing stored) when the store holds one of them already (the primary key);
+        MLflow's errors raise (`MlflowException`: a run that is not active, a locked store)."""
+        store, model = self.store, self.model
+        rows: list[dict[str, Any]] = []
+        latest: dict[str, dict[str, Any]] = {}
+        for m in metrics:
+            is_nan, value = store.sanitize_metric_value(m.value)  # NaN: 0 and is_nan; inf: max
+            row = {
+                "run_uuid": mlflow_run_id,
+                "key": m.key,
+                "value": value,
+                "timestamp": m.timestamp,
+                "step": m.step,
+                "is_nan": is_nan,
+            }
+            rows.append(row)
+            best = latest.get(m.key)  # MLflow's rule: the highest (step, timestamp, value)
+            if best is None or (m.step, m.timestamp, value) > (
+                best["step"],
+                best["timestamp"],
+                best["value"],
+            ):
+                latest[m.key] = row
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            with store.ManagedSessionMaker(read_only=False) as session:
+                run = store._get_run(run_uuid=mlflow_run_id, session=session)
+                store._check_run_is_active(run)
+                session.connection().execute(model.__table__.insert(), rows)
+                store._update_latest_metrics_if_necessary(
+                    [model(**row) for row in latest.values()], session
+                )
+        except MlflowException as error:  # the store's own wrapping of what SQLAlchemy raised
+            if isinstance(error.__cause__, IntegrityError):
+                return False
+            raise
+        return True
