@@ -9,8 +9,7 @@ What goes where:
   keeps a param's first value: a later, different value is the tag `expkit.param.<key>`;
 - tags: the expkit run id, workspace, snapshot and environment hashes and the job's tags (at
   open); the script's tags, each stage's seconds, the final state and error (at close);
-- metrics: every numeric value with its step and its timestamp, 1000 a `log_batch` call (on
-  a SQLite store, each batch of the sink in one transaction: `tracking.SqliteMetrics`). A
+- metrics: every numeric value with its step and its timestamp, 1000 a `log_batch` call. A
   value logged without a step takes the metric's next one (0, 1, 2, ... in the order logged,
   as the TensorBoard sink does): MLflow would give each step 0 and keep only one of equal
   values logged in the same millisecond. A value logged by rank N > 0 is named
@@ -46,7 +45,6 @@ from expkit_mlflow.tracking import (
     NAME,
     RUN_TAG,
     TAKES,
-    SqliteMetrics,
     clean_params,
     connect_early,
     connected,
@@ -165,18 +163,12 @@ class MlflowWriter(MetricWriter):
         self._sent = 0
         self._params: dict[str, str] | None = None  # the MLflow run's params, once read
         self._retagged: set[str] = set()  # params whose later values are tags
-        self._bulk = SqliteMetrics.of(client)  # a SQLite store: each batch in one transaction
         self.closed = False
 
     def send(self, metrics: list[Metric]) -> None:
         if metrics is not self._batch:
             self._batch, self._sent = metrics, 0
             self._numbers, self._texts = self._split(metrics)
-        # On SQLite, the whole batch in one transaction; refused whole when the store holds
-        # some of it already (sent again after a crash), which log_batch below then skips.
-        if self._bulk is not None and self._sent == 0 and self._numbers:
-            stored = self._bulk.log(self.mlflow_run_id, self._numbers)
-            self._sent = len(self._numbers) if stored else 0
         for start in range(self._sent, len(self._numbers), METRICS_PER_CALL):
             chunk = self._numbers[start : start + METRICS_PER_CALL]
             self.client.log_batch(self.mlflow_run_id, metrics=chunk)
