@@ -54,6 +54,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -306,6 +307,7 @@ def bench_burst(folder: Path, counts: list[int], peer_values: int) -> dict[str, 
         end_file = folder / f"end-{count}.json"
         job = {"experiment": "burst", "entry_script": "train.py", "args": [count, str(end_file)]}
         (folder / "job.yaml").write_text(json.dumps(job))
+        base = _last_row(history)  # only this run writes meanwhile: its rows follow on
         driver = subprocess.Popen(
             [sys.executable, "-c", MEASURED_DRIVER],
             cwd=folder,
@@ -316,17 +318,11 @@ def bench_burst(folder: Path, counts: list[int], peer_values: int) -> dict[str, 
         start = time.time()
         while not end_file.exists() and driver.poll() is None:
             time.sleep(0.05)
-        run_id = history.runs.recent("burst", limit=1)[0].id
-        stored_at = None
-        while stored_at is None:
-            first = history.metrics.of(run_id, limit=1)
-            last = history.metrics.last_id(run_id)  # only this run writes: ids are dense
-            if first and last - first[0]["id"] + 1 == count:
-                stored_at = time.time()
-            elif driver.poll() is not None:
+        while _last_row(history) - base < count:
+            if driver.poll() is not None:
                 raise RuntimeError(f"expkit run ended with {driver.returncode}, values missing")
-            else:
-                time.sleep(0.02)
+            time.sleep(0.02)
+        stored_at = time.time()
         assert driver.wait() == 0
         script_end = json.loads(end_file.read_text())
         figures[f"{count:,} values"] = {
@@ -356,6 +352,11 @@ def bench_burst(folder: Path, counts: list[int], peer_values: int) -> dict[str, 
         figures[f"{count:,} values"]["log_batch_s"] = logging / peer_values * count
     figures["log_batch_measured"] = {"values": peer_values, "seconds": logging}
     return figures
+
+
+def _last_row(history: Any) -> int:
+    """The id of the history's last metric row (a look-up of the table's last row id)."""
+    return history.db.execute("SELECT MAX(id) FROM metrics").fetchone()[0] or 0
 
 
 # -- 4. latency from run.log() to `expkit runs show` under a steady stream ------------------------
