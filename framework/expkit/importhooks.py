@@ -27,7 +27,10 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import importlib.abc
 
 HOOKS_ENV = "EXPKIT_IMPORT_HOOKS"
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "bootstrap"
@@ -97,7 +100,7 @@ class _Finder:
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader, hooks)
+                    spec.loader = cast("importlib.abc.Loader", _Loader(spec.loader, hooks))
                 return spec
         return None
 
