@@ -109,8 +109,8 @@ class Plugins:
     def _collect(self, kind: str) -> dict[str, Capability]:
         """The capabilities of `kind` by name, from calling every plugin's hook of that kind
         once, on first use: a command calls the hooks of the kinds it uses only, so that a
-        local run imports no plugin's compute-target-free modules (an exporter's, a
-        registry's, MLflow's client) beyond the plugin's own package."""
+        run imports no module of a kind it does not use (an exporter's, a registry's with
+        MLflow's client) beyond each plugin's own package."""
         found = self._table.get(kind)
         if found is not None:
             return found
