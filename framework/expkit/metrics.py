@@ -261,22 +261,34 @@ class SinkWorker:
         self._thread.start()
 
     def _loop(self) -> None:
-        _yield_cpu()
+        """Open the sink, then deliver what the pump stores until the run ends (`drain`).
+
+        The open runs at full priority: it is done once and bounded (imports, a connection),
+        and a busy machine would otherwise starve it for as long as it is busy, which
+        post-process then waits for. From then on the thread gives way to the training
+        script (`_yield_cpu`); the deliveries left when the run ends are `drain`'s, on a
+        thread of full priority again (Linux lets no thread raise its priority back)."""
         opened, writer = self._call("open", self.run, self.options)
         if not opened:
             return
         self._writer = writer
+        _yield_cpu()
+        # Woken by events, never by a period: the pump sets `wake` when it stored new values
+        # or parameters, `drain` when the run ends. Whatever was stored before the sink
+        # opened (or between a wake and its clear) is found by the next delivery, which
+        # reads everything after the cursor.
         while not self._done.is_set():
-            self.wake.wait(1.0)
+            self.wake.wait()
             self.wake.clear()
-            if not self._deliver():
+            if not self._done.is_set() and not self._deliver():
                 return
-        self._deliver()
 
     def _deliver(self) -> bool:
         """Send everything new, parameters before each batch; False once the sink has
         failed for good."""
         while self.error is None:
+            if self._done.is_set() and threading.current_thread() is self._thread:
+                return True  # the run ended: `drain` delivers the rest at full priority
             if not self._deliver_params():
                 return False
             rows = self.history.metrics.of(self.run.run_id, after_id=self._cursor, limit=SINK_BATCH)
@@ -346,23 +358,36 @@ class SinkWorker:
         return PluginError(self.sink.plugin, f"{self.label} {method}", error)
 
     def drain(self) -> None:
-        """Deliver everything in the history, then stop the thread (post-process).
+        """Deliver everything in the history, then stop (post-process).
 
+        The worker's thread ends after the batch it is sending; what is left goes on a new
+        thread, of the caller's priority rather than the worker's lowered one (see `_loop`).
         Waits as long as the sink makes progress (a million values take MLflow minutes), and
         gives up on one that delivered nothing for DRAIN_STALL_SECONDS: that is recorded as
         its failure, rather than the run closing while values are still on their way.
         """
         self._done.set()
         self.wake.set()
+        if not self._wait(self._thread) or self._writer is None or self.error is not None:
+            return
+        rest = threading.Thread(target=self._deliver, name=f"expkit-drain-{self.sink.name}")
+        rest.daemon = True
+        rest.start()
+        self._wait(rest)
+
+    def _wait(self, thread: threading.Thread) -> bool:
+        """Join `thread` while the sink makes progress: True once it ended, False (the stall
+        recorded as the sink's failure) when it delivered nothing for DRAIN_STALL_SECONDS."""
         while True:
             before = self.delivered
-            self._thread.join(DRAIN_STALL_SECONDS)
-            if not self._thread.is_alive():
-                return
+            thread.join(DRAIN_STALL_SECONDS)
+            if not thread.is_alive():
+                return True
             if self.delivered == before:
                 break
         stuck = TimeoutError(f"delivered nothing for {DRAIN_STALL_SECONDS:g} s; gave up")
         self.error = self.error or PluginError(self.sink.plugin, f"{self.label} send", stuck)
+        return False
 
     def close(self, outcome: RunOutcome) -> PluginError | None:
         """Tell the sink how the run ended, once (a close is not retried: it ends the

@@ -28,7 +28,14 @@ from __future__ import annotations
 
 import importlib.util
 
-from expkit.plugin import Exporter, MetricSink, ModelRegistry, PluginUnavailable, hookimpl
+from expkit.plugin import (
+    Exporter,
+    MetricSink,
+    ModelRegistry,
+    PluginUnavailable,
+    RunInfo,
+    hookimpl,
+)
 
 if importlib.util.find_spec("mlflow") is None:
     raise PluginUnavailable("mlflow is not installed; pip install 'expkit[mlflow]'")
@@ -39,6 +46,17 @@ def expkit_metric_sinks() -> list[MetricSink]:
     from expkit_mlflow.sink import MlflowSink
 
     return [MlflowSink()]
+
+
+@hookimpl
+def expkit_stage_started(run: RunInfo, stage: str) -> None:
+    """As a run that reports to MLflow starts, import mlflow and connect in the background
+    (`expkit_mlflow.sink.warm_up`), so that the sink is ready by the time the script ends.
+    A run without the sink imports nothing for it (every plugin hears every event)."""
+    if stage == "prepare" and any(spec.name == "mlflow" for spec in run.job.metrics):
+        from expkit_mlflow.sink import warm_up
+
+        warm_up(run)
 
 
 @hookimpl
