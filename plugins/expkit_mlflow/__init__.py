@@ -25,19 +25,34 @@ from __future__ import annotations
 
 import importlib.util
 
-from expkit.plugin import Exporter, MetricSink, ModelRegistry, PluginUnavailable, hookimpl
+from expkit.plugin import (
+    Exporter,
+    MetricSink,
+    ModelRegistry,
+    PluginUnavailable,
+    RunInfo,
+    hookimpl,
+)
 
 if importlib.util.find_spec("mlflow") is None:
     raise PluginUnavailable("mlflow is not installed; pip install 'expkit[mlflow]'")
 
 from expkit_mlflow.exporter import MlflowExporter
 from expkit_mlflow.registry import MlflowRegistry
-from expkit_mlflow.sink import MlflowSink
+from expkit_mlflow.sink import MlflowSink, warm_up
 
 
 @hookimpl
 def expkit_metric_sinks() -> list[MetricSink]:
     return [MlflowSink()]
+
+
+@hookimpl
+def expkit_stage_started(run: RunInfo, stage: str) -> None:
+    """As a run that reports to MLflow starts, import mlflow and connect in the background
+    (`expkit_mlflow.sink.warm_up`), so that the sink is ready by the time the script ends."""
+    if stage == "prepare":
+        warm_up(run)
 
 
 @hookimpl
