@@ -20,6 +20,14 @@ from expkit import plugins as plugin_manager
 
 REPO = Path(__file__).resolve().parents[1]
 
+# OpenMP threads that wait for work sleep instead of spinning, in this process and in every
+# process the tests start (scripts, drivers, Slurm's and horovodrun's ranks inherit it). With
+# the default (spinning) policy, two trainings sharing 2 cores, or one beside other busy
+# processes, spend their time spinning: one epoch of the sample job took 134 s instead of 24 s
+# (GNU libgomp: https://gcc.gnu.org/onlinedocs/libgomp/OMP_005fWAIT_005fPOLICY.html). It
+# changes no result, and OMP_NUM_THREADS, which expkit's launchers set, is left alone.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @pytest.fixture
 def write_job(tmp_path: Path):

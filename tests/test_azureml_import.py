@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -220,15 +221,17 @@ def test_azure_is_left_as_it_was_after_an_import():
 @pytest.mark.slow
 def test_the_seeds_estimator_runs_here_to_completed(run_job):
     """Convert the seed's estimator unchanged, then run it here with `--set`: no GPU here,
-    the digits instead of the chickens-and-turkeys download, one epoch, and `pillow` for the
-    seed's `pillow==5.4.1` (a 2019 release with no wheel for Python 3.11, whose source does
-    not build here), and the model registered as the seed does."""
+    the digits instead of the chickens-and-turkeys download, one epoch on 16-pixel images
+    (a quarter of the work of the default 32), and `pillow` for the seed's `pillow==5.4.1` (a
+    2019 release with no wheel for Python 3.11, whose source does not build here), and the
+    model registered as the seed does."""
     raw = import_job(f"{SAMPLES}/seed_estimator.py:estimator")
     for override in (
         "compute=local",
         "resources.gpus_per_node=0",
         "environment={pip: [pillow]}",
         "args.num_epochs=1",
+        "args.image_size=16",
         "args.data_dir=${data.digits}",
         "data.digits.prepare=python prepare_digits.py --out {dest}",
         "model.name=pt-dnn",
@@ -691,20 +694,38 @@ def test_job_from_azureml_points_a_hyperdrive_config_to_the_command():
         job_from_azureml(config)
 
 
-def test_the_command_writes_the_sweep_and_its_trial_s_job_which_load(expkit_cli, tmp_path):
+@pytest.fixture(scope="module")
+def imported_sweep(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`expkit import azureml hyperdrive.py -o sweep.yaml`, run once for the tests of this
+    module that read what it wrote (each run of the command imports the SDK's estimators,
+    which parse its package metadata for about 10 s): its result, and sweep.yaml's path."""
+    folder = tmp_path_factory.mktemp("imported-sweep")
+    output = folder / "sweep.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "expkit", "import", "azureml", str(HYPERDRIVE), "-o", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=folder,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result, output
+
+
+def test_the_command_writes_the_sweep_and_its_trial_s_job_which_load(expkit_cli, imported_sweep):
     import yaml
 
     from expkit.sweeps.spec import SweepSpec
 
-    output = tmp_path / "sweep.yaml"
-    result = expkit_cli("import", "azureml", str(HYPERDRIVE), "-o", str(output))
-    assert result.returncode == 0, result.stderr
+    result, output = imported_sweep
     assert result.stderr.strip().splitlines()[-1] == (
-        f"wrote {output} (the sweep) and {tmp_path / 'sweep-job.yaml'} (its trial's job); "
+        f"wrote {output} (the sweep) and {output.parent / 'sweep-job.yaml'} (its trial's job); "
         f"run it with: expkit sweep {output}"
     )
     assert yaml.safe_load(output.read_text()) == {"job": "sweep-job.yaml", **SEED_SWEEP}
-    job = JobSpec.from_yaml(tmp_path / "sweep-job.yaml")  # its code where it was
+    job = JobSpec.from_yaml(output.parent / "sweep-job.yaml")  # its code where it was
     assert (job.source_directory, job.entry_script) == (str(TRAINING), "pytorch_train.py")
 
     spec = SweepSpec.from_yaml(output)  # what `expkit sweep sweep.yaml` reads
@@ -805,15 +826,8 @@ HERE = [  # the seed's estimator on this machine: no GPU, the digits, pillow of 
 ]
 
 
-def _imported(expkit_cli, tmp_path: Path) -> Path:
-    output = tmp_path / "sweep.yaml"
-    result = expkit_cli("import", "azureml", str(HYPERDRIVE), "-o", str(output))
-    assert result.returncode == 0, result.stderr
-    return output
-
-
-def test_the_imported_sweep_dry_runs(expkit_cli, tmp_path):
-    output = _imported(expkit_cli, tmp_path)
+def test_the_imported_sweep_dry_runs(expkit_cli, imported_sweep):
+    _, output = imported_sweep
     sets = [item for override in HERE for item in ("--set", override)]
     result = expkit_cli("sweep", str(output), "--dry-run", *sets)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -822,13 +836,17 @@ def test_the_imported_sweep_dry_runs(expkit_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_imported_sweep_runs_the_sample_script_here(expkit_cli, expkit_workspace, tmp_path):
+def test_the_imported_sweep_runs_the_sample_script_here(
+    expkit_cli, expkit_workspace, imported_sweep
+):
     """The notebook's HyperDrive, imported unchanged, then run here with `--set`: two trials
-    of one epoch, each an ordinary run of pytorch_train.py with the sampled arguments."""
-    output = _imported(expkit_cli, tmp_path)
+    of one epoch on 16-pixel images, each an ordinary run of pytorch_train.py with the
+    sampled arguments."""
+    _, output = imported_sweep
     changes = [
         *HERE,
         "job.args.num_epochs=1",
+        "job.args.image_size=16",
         "job.exports=[]",
         "limits.max_total_trials=2",
         "limits.max_concurrent_trials=2",

@@ -366,7 +366,8 @@ def test_the_sample_job_trains_on_two_horovod_ranks_and_registers_the_model(
     job = REPO / "training" / "job-horovod.yaml"
     assert yaml.safe_load(job.read_text())["distributed"] == "horovod"
 
-    result = expkit_cli("run", str(job), "--set", "args.num_epochs=1", timeout=900)
+    one_small_epoch = ["--set", "args.num_epochs=1", "--set", "args.image_size=16"]
+    result = expkit_cli("run", str(job), *one_small_epoch, timeout=900)
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "model pt-dnn version 1" in result.stdout
