@@ -171,7 +171,7 @@ def bench(tmp: Path, files: int, total: int, args: argparse.Namespace) -> dict[s
     ours, theirs, rehashed = [], [], []
     everything = sorted(path for path in tree.rglob("*") if path.is_file())
     changed = everything[len(everything) // 2]
-    for attempt in range(args.repeat):
+    for _ in range(args.repeat):
         changed.write_bytes(os.urandom(changed.stat().st_size))
         seconds, snap = timed(lambda: take(workspace))
         ours.append(round(seconds, 3))
@@ -184,10 +184,10 @@ def bench(tmp: Path, files: int, total: int, args: argparse.Namespace) -> dict[s
     snap_dir = workspace / "runs" / "0" / "snapshot"
     for attempt in range(args.repeat):
         work, copy = tmp / f"work{attempt}", tmp / f"copy{attempt}"
-        ours.append(
-            round(timed(lambda: snapshot.working_copy(snap_dir, work, args.workers))[0], 3)
-        )
-        theirs.append(round(timed(lambda: subprocess.run(["cp", "-r", tree, copy]))[0], 3))
+        made = timed(lambda work=work: snapshot.working_copy(snap_dir, work, args.workers))
+        ours.append(round(made[0], 3))
+        copied = timed(lambda copy=copy: subprocess.run(["cp", "-r", tree, copy], check=True))
+        theirs.append(round(copied[0], 3))
         shutil.rmtree(work)
         shutil.rmtree(copy)
     row("working copy", "cp -r", ours, theirs)

@@ -138,9 +138,9 @@ def test_a_file_changed_within_the_same_second_is_read_again(ws, source):
 
     second = ws.take(source)
 
-    assert second.files["lib/model.py"][1] == sha256(b"WIDTH = 99\n") != first.files[
-        "lib/model.py"
-    ][1]
+    assert (
+        second.files["lib/model.py"][1] == sha256(b"WIDTH = 99\n") != first.files["lib/model.py"][1]
+    )
     assert_true_to(second, ws, contents(source))
 
 
