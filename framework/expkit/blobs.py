@@ -124,52 +124,39 @@ class BlobStore:
             self._copy_in(file, blob, mode)
         return blob
 
-    def store(self, path: str, follow: bool, dest: str) -> tuple[str, int] | None:
-        """Hash a file expkit does not own (a user's source file), keep its content in the
-        store and place it at `dest` (a new name in an existing folder, as `place` does):
-        one read for a file up to WHOLE_READ_BYTES, two for a larger one whose content is
-        new. Returns (sha256, size in bytes) of what was read, which is what the blob holds
-        even when the file changes meanwhile: the hash is never of other content than the
-        blob's. New content is written at `dest` (private while written, then read-only and
-        never more readable than the file), then linked into the store: the store never
-        holds a partial file. An existing blob is tightened as `add_copy` does. None when
-        `path` is not a regular file when opened (a link, where `follow` is False; a FIFO):
-        the caller looks again. Raises OSError (FileNotFoundError: it was removed). Safe in
-        threads."""
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-        try:
-            fd = os.open(path, flags)
-        except OSError as error:
-            if error.errno == errno.ELOOP:  # replaced by a link since it was listed
-                return None
-            raise
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                return None
-            mode = stored_mode(info.st_mode)
-            if info.st_size <= WHOLE_READ_BYTES:
-                data = _read_up_to(fd, WHOLE_READ_BYTES + 1, info.st_size)
-                if len(data) <= WHOLE_READ_BYTES:
-                    digest = hashlib.sha256(data).hexdigest()
-                    if self._tightened(digest, mode):
-                        self._link_or_copy(digest, dest)
-                    else:
-                        _write_new(dest, mode, lambda out: _write_all(out, data))
-                        self._publish(dest, digest, mode)
-                    return digest, len(data)
-                os.lseek(fd, 0, os.SEEK_SET)  # it grew while being read: stream it
-            digest, size = _hash_stream(fd, None)
-            if self._tightened(digest, mode):
-                self._link_or_copy(digest, dest)
-                return digest, size
-            os.lseek(fd, 0, os.SEEK_SET)  # new content: copied, hashed again as it is copied
-            copied: list[tuple[str, int]] = []
-            _write_new(dest, mode, lambda out: copied.append(_hash_stream(fd, out)))
-            self._publish(dest, copied[0][0], mode)
-            return copied[0]
-        finally:
-            os.close(fd)
+    def store(self, fd: int, info: os.stat_result, dest: str) -> tuple[str, int]:
+        """Hash what the open file `fd` holds (a user's file, `info` its fstat, read from its
+        start),
+        keep it in the store and place it at `dest` (a new name in an existing folder): one
+        read for a file up to WHOLE_READ_BYTES, two for a larger one whose content is new.
+        Returns (sha256, size in bytes) of what was read, which is what the blob holds even
+        when the file changes meanwhile: the hash is never of other content than the blob's.
+        New content is written at `dest` (private while written, then read-only and never
+        more readable than the file), then linked into the store, so the store never holds a
+        partial file; an existing blob is linked, tightened as `add_copy` does. Raises OSError.
+        Safe in threads."""
+        mode = stored_mode(info.st_mode)
+        data = _read_up_to(fd, WHOLE_READ_BYTES + 1, info.st_size)
+        if len(data) <= WHOLE_READ_BYTES:
+            digest = hashlib.sha256(data).hexdigest()
+            if not self._linked(digest, mode, dest):
+                _write_new(dest, mode, lambda out: _write_all(out, data))
+                self._publish(dest, digest, mode)
+            return digest, len(data)
+        os.lseek(fd, 0, os.SEEK_SET)  # large: hashed first, copied only when new
+        digest, size = _hash_stream(fd, None)
+        if self._linked(digest, mode, dest):
+            return digest, size
+        os.lseek(fd, 0, os.SEEK_SET)  # hashed again as it is copied: the copy's own hash
+        copied: list[tuple[str, int]] = []
+        _write_new(dest, mode, lambda out: copied.append(_hash_stream(fd, out)))
+        self._publish(dest, copied[0][0], mode)
+        return copied[0]
+
+    def _linked(self, digest: str, mode: int, dest: str) -> bool:
+        """Place the blob `digest` at `dest` when it exists (made no more readable than
+        `mode` allows first); False when it does not."""
+        return self._tightened(digest, mode) and self.place(digest, dest)
 
     def place(self, digest: str, dest: str) -> bool:
         """Put the blob `digest` at `dest`, a new name in an existing folder, as a hard link (a
@@ -210,10 +197,11 @@ class BlobStore:
         name of that blob instead (tightened to `mode`)."""
         blob = self.name(digest)
         try:
-            os.link(file, blob)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(blob), exist_ok=True)
-            self._publish(file, digest, mode)
+            try:
+                os.link(file, blob)
+            except FileNotFoundError:  # the blob's folder is new (once more: it is made)
+                os.makedirs(os.path.dirname(blob), exist_ok=True)
+                os.link(file, blob)
         except FileExistsError:
             self._tightened(digest, mode)
             _replace_with(Path(blob), Path(file))

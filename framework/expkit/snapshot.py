@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import os
@@ -231,20 +232,28 @@ class _Layout:
 
     def __init__(self, dest: str, blobs: BlobStore) -> None:
         self.dest = dest
+        self.prefix = dest + os.sep
         self.blobs = blobs
-        self.made: set[str] = set()  # folders of dest made so far
+        self.made: set[str] = {""}  # folders of dest made so far
 
     def _target(self, rel: str) -> str:
-        folder = rel.rpartition("/")[0]
+        folder = rel[: max(rel.rfind("/"), 0)]
         if folder not in self.made:
-            os.makedirs(os.path.join(self.dest, folder), exist_ok=True)
+            os.makedirs(self.prefix + folder, exist_ok=True)
             self.made.add(folder)
-        return os.path.join(self.dest, rel)
+        return self.prefix + rel
 
     def link(self, item: _Found) -> bool:
-        """Link a file the index knows to its blob; False when the blob is missing."""
+        """Link a file the index knows to its blob; False when the blob is missing. (Run
+        once per file of every snapshot: kept to a few calls.)"""
         item.size = item.info.st_size
-        return self.blobs.place(item.digest, self._target(item.rel))  # type: ignore[arg-type]
+        target = self._target(item.rel)
+        digest: str = item.digest  # type: ignore[assignment]
+        try:
+            os.link(self.blobs.name(digest), target)
+        except OSError:  # no such blob, another file system, too many links: see place
+            return self.blobs.place(digest, target)
+        return True
 
     def read(self, files: list[_Found]) -> int:
         """Read, hash and store each file, then link it; sets its digest and size (digest
@@ -252,18 +261,26 @@ class _Layout:
         read = 0
         for item in files:
             target = self._target(item.rel)
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO now: never waited on
             try:
-                stored = self.blobs.store(item.path, item.follow, target)
+                fd = os.open(item.path, flags if item.follow else flags | os.O_NOFOLLOW)
             except FileNotFoundError:  # removed since it was listed: not in the snapshot
-                if not os.path.isdir(os.path.dirname(target)):
-                    raise
                 item.digest = None
                 continue
-            read += 1
-            if stored is None:  # a link or a FIFO now: named in a warning
-                item.digest, item.changed = None, True
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise
+                item.digest, item.changed = None, True  # a link now: named in a warning
                 continue
-            item.digest, item.size = stored
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):  # a FIFO, a folder now: named too
+                    item.digest, item.changed = None, True
+                    continue
+                item.digest, item.size = self.blobs.store(fd, info, target)
+                read += 1
+            finally:
+                os.close(fd)
         return read
 
 
