@@ -1,6 +1,7 @@
 """The source snapshot on a large tree, side by side with git on the same tree.
 
     python benchmarks/bench_snapshot.py [--files 20000] [--megabytes 200] [--repeat 3] [--quick]
+                                        [--dir FOLDER] [--workers N]
 
 A tree of `--files` files holding `--megabytes` MB in all (sizes spread from a few bytes to a
 few MB, in nested folders, content random so nothing is shared) is made in a temporary folder,
@@ -23,7 +24,8 @@ The repository's .git lives beside the tree (GIT_DIR and GIT_WORK_TREE), never i
 is this benchmark's own. expkit is timed in this process (the peers are commands: their
 process start, a few ms, is in their figures). Prints a table (figures, ratio expkit / peer)
 and the figures as JSON on the last line. Timings on a machine whose other load changes are
-noisy: the ratio, from interleaved runs, is the figure to compare.
+noisy: the ratio, from interleaved runs, is the figure to compare. `--dir` puts the
+temporary folder elsewhere (`/dev/shm`: a file system in memory, to take the disk out).
 """
 
 from __future__ import annotations
@@ -97,12 +99,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="2,000 files, 20 MB")
     parser.add_argument("--workers", type=int, default=None, help="expkit's threads")
+    parser.add_argument("--dir", default=None, help="where the temporary folder goes")
     args = parser.parse_args()
     if args.quick:
         args.files, args.megabytes = 2_000, 20
     if shutil.which("git") is None:
         raise SystemExit("git is not on PATH: it is the peer this benchmark compares with")
-    with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-snapshot-", dir=args.dir) as tmp:
         figures = bench(Path(tmp), args.files, round(args.megabytes * 1e6), args)
     report(figures, args.files, args.megabytes)
 

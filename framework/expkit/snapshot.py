@@ -152,11 +152,11 @@ def take(
 
     With `index_dir` (the workspace's `.expkit/snapshot-index/`), a file whose stat data are
     those the last snapshot of `source` recorded, and not racy, is not read again (see
-    expkit.snapindex): its blob is linked. The others are read, hashed and stored; their
-    count is `Snapshot.rehashed`. The work goes to `workers` threads (default: one per CPU,
-    at most 8) in runs of files while the folder is still being walked: reading, hashing
-    (hashlib lets go of the GIL), linking and walking overlap. Raises OSError (the store
-    cannot be written).
+    expkit.snapindex): its blob is linked as the walk finds it. The others are read once,
+    hashed and stored (by `workers` threads, default one per CPU, at most 8, when there are
+    many bytes to read); their count is `Snapshot.rehashed`. Without `index_dir`, or with an
+    index that is missing, damaged or cannot be written, every file is read: the index only
+    ever saves time. Raises OSError (the store or `dest` cannot be written).
     """
     index = _open_index(index_dir, os.path.realpath(source))
     warnings: list[str] = []
