@@ -5,7 +5,7 @@
 
 A tree of `--files` files holding `--megabytes` MB in all (sizes spread from a few bytes to a
 few MB, in nested folders, content random so nothing is shared) is made in a temporary folder,
-then left alone for snapindex.RACY_MARGIN_NS (as a tree edited a while before the run). On it,
+then left alone past snapindex.RACY_MARGIN_NS (as a tree edited a while before the run). On it,
 each measured `--repeat` times, expkit and git alternating, the median wall time of each:
 
 - first snapshot: `snapshot.take` into a fresh workspace (every file read, hashed, copied into
@@ -119,7 +119,7 @@ def bench(tmp: Path, files: int, total: int, args: argparse.Namespace) -> dict[s
         f"{time.perf_counter() - started:.1f}s",
         flush=True,
     )
-    time.sleep(RACY_MARGIN_NS / 1e9)  # older than the racy window, as edited a while ago
+    time.sleep(RACY_MARGIN_NS / 1e9 + 0.5)  # out of the racy window: edited a while ago
     runs = iter(range(1_000_000))
 
     def take(workspace: Path, index: bool = True) -> snapshot.Snapshot:
