@@ -431,8 +431,10 @@ def _link_warning(rel: str, path: Path, root: str, folder: bool) -> str:
 
 def working_copy(snapshot_dir: Path, work_dir: Path, workers: int | None = None) -> None:
     """A writable copy of the snapshot for the script to run in; each file is readable by
-    whoever could read it in the source folder, and by no one else. Files are copied
-    `workers` threads at a time (default: one per CPU, at most 8). Raises OSError."""
+    whoever could read it in the source folder, and by no one else. A real copy (the script
+    may change any file; a link would change the store), made by the kernel where it can
+    (copy_file_range: a reflink on a copy-on-write file system), `workers` threads at a time
+    (default: one per CPU, at most 8). Raises OSError."""
     files: list[tuple[str, str]] = []
     folders: list[tuple[str, str]] = []
     pending = [(str(snapshot_dir), str(work_dir))]
@@ -462,8 +464,3 @@ def working_copy(snapshot_dir: Path, work_dir: Path, workers: int | None = None)
 def _copy_chunk(chunk: list[tuple[str, str]]) -> None:
     for source, dest in chunk:
         copy_private(source, dest, also=stat.S_IWUSR)
-
-
-def _copy_writable(source: str, dest: str) -> str:
-    copy_private(source, dest, also=stat.S_IWUSR)
-    return dest
