@@ -2,6 +2,8 @@
 
     python benchmarks/bench_metrics.py [--repeat 7] [--seconds 10] [--values 100000]
                                        [--log-metric-calls 2000] [--server] [--only PART]
+                                       [--bursts 1000000,3000000] [--log-batch-values 100000]
+                                       [--rate 1000000] [--stream-seconds 10] [--quick]
 
 1. What sinks cost the training script (target: under 2 % slower): a script doing ~10 s of
    CPU work and logging a few thousand values, with no sink, with `mlflow`, and with `mlflow`
@@ -17,6 +19,20 @@
    (`synchronous=False`, until flushed). Those two are measured on --log-metric-calls values
    and extrapolated linearly to N: the measured time plus the per-call time of the calls
    times the calls left (each row says which).
+
+3. A burst (`--only burst`; target: the driver under 150 MB at 3 M values, 1 M values stored
+   within 6 s of the script's end): a script logging --bursts values as fast as it can,
+   through `expkit run` (no sink); the driver's peak resident memory (its own getrusage) and
+   the time from the script's end (its last `run.log()` flushed) until the history holds
+   every value. Beside it, the peer: `MlflowClient.log_batch` (1,000 values a call, MLflow's
+   limit) into a SQLite store, its process's peak memory and its time for the same values
+   (measured on --log-batch-values and extrapolated linearly).
+4. Latency (`--only latency`; target: under 0.5 s at 1 M values/s): a script logging a
+   steady --rate values per second (as close as it gets) for --stream-seconds, with a probe
+   value (the time it was logged) every 10 ms; the benchmark reads the probe back as
+   `expkit runs show` does (`history.metrics.latest`) every 10 ms: how long after
+   `run.log()` each probe became visible (median, 95th percentile, max), and the rate the
+   script achieved.
 
 The MLflow store is SQLite, the sink's embedded default; `--server` also runs part 2 against
 a `mlflow server` on a loopback port. Prints a table and the figures as JSON on the last line.
@@ -38,6 +54,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -236,6 +253,184 @@ def bench_queryable(folder: Path, values: int, calls: int, server: str | None) -
     return results
 
 
+# -- 3. a burst: the driver's memory and the time until every value is stored -------------------
+BURST = """
+import json, sys, time
+from expkit import Run
+run = Run.get_context()
+for i in range(int(sys.argv[1])):
+    run.log("loss", 1.0 / (i + 1), step=i)
+run.flush()
+with open(sys.argv[2], "w") as f:
+    json.dump(time.time(), f)  # the script's end: every value is in the channel
+"""
+
+MEASURED_DRIVER = """
+import json, resource, sys
+sys.argv = ["expkit", "run", "job.yaml", "--quiet"]
+from expkit.cli import main
+code = main()
+with open("driver-rss.json", "w") as f:
+    json.dump(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, f)  # bytes
+sys.exit(code)
+"""
+
+LOG_BATCH = """
+import json, resource, sys, time
+start = time.perf_counter()
+import mlflow
+from mlflow.entities import Metric
+n, uri = int(sys.argv[1]), sys.argv[2]
+client = mlflow.MlflowClient(uri)
+experiment = client.create_experiment(f"burst-{time.time()}")
+run_id = client.create_run(experiment).info.run_id
+ready = time.perf_counter()
+now = int(time.time() * 1000)
+for first in range(0, n, 1000):
+    batch = [Metric("loss", 1.0 / (i + 1), now, i) for i in range(first, min(first + 1000, n))]
+    client.log_batch(run_id, metrics=batch)
+done = time.perf_counter()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps([ready - start, done - ready, peak]))
+"""
+
+
+def bench_burst(folder: Path, counts: list[int], peer_values: int) -> dict[str, dict]:
+    """Each burst through `expkit run`, then the peer's log_batch (see the module's part 3)."""
+    from expkit.workspace import Workspace
+
+    env = new_workspace(folder)
+    (folder / "train.py").write_text(BURST)
+    history = Workspace(folder / ".expkit").history
+    figures: dict[str, dict] = {}
+    for count in counts:
+        end_file = folder / f"end-{count}.json"
+        job = {"experiment": "burst", "entry_script": "train.py", "args": [count, str(end_file)]}
+        (folder / "job.yaml").write_text(json.dumps(job))
+        base = _last_row(history)  # only this run writes meanwhile: its rows follow on
+        driver = subprocess.Popen(
+            [sys.executable, "-c", MEASURED_DRIVER],
+            cwd=folder,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        start = time.time()
+        while not end_file.exists() and driver.poll() is None:
+            time.sleep(0.05)
+        while _last_row(history) - base < count:
+            if driver.poll() is not None:
+                raise RuntimeError(f"expkit run ended with {driver.returncode}, values missing")
+            time.sleep(0.02)
+        stored_at = time.time()
+        assert driver.wait() == 0
+        script_end = json.loads(end_file.read_text())
+        figures[f"{count:,} values"] = {
+            "driver_peak_mb": json.loads((folder / "driver-rss.json").read_text()) / 2**20,
+            "stored_after_script_end_s": stored_at - script_end,
+            "script_s": script_end - start,
+            "expkit_run_s": time.time() - start,
+        }
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        return figures
+    uri = f"sqlite:///{folder / 'log-batch.db'}"
+    subprocess.run(  # creates the store: not timed
+        [sys.executable, "-c", LOG_BATCH, "1", uri], env=ENV, check=True, capture_output=True
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", LOG_BATCH, str(peer_values), uri],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    _, logging, rss = json.loads(out.stdout.splitlines()[-1])
+    for count in counts:
+        figures[f"{count:,} values"]["log_batch_peak_mb"] = rss / 2**20
+        figures[f"{count:,} values"]["log_batch_s"] = logging / peer_values * count
+    figures["log_batch_measured"] = {"values": peer_values, "seconds": logging}
+    return figures
+
+
+def _last_row(history: Any) -> int:
+    """The id of the history's last metric row (a look-up of the table's last row id)."""
+    return history.db.execute("SELECT MAX(id) FROM metrics").fetchone()[0] or 0
+
+
+# -- 4. latency from run.log() to `expkit runs show` under a steady stream ------------------------
+STREAM = """
+import sys, time
+from expkit import Run
+run = Run.get_context()
+rate, seconds = int(sys.argv[1]), float(sys.argv[2])
+per_tick = rate // 100  # one tick every 10 ms
+log = run.log
+start = time.time()
+ticks = logged = 0
+while time.time() - start < seconds:
+    for _ in range(per_tick):
+        log("loss", 0.5, step=logged)
+        logged += 1
+    log("probe", time.time(), step=ticks)  # the value is when it was logged
+    ticks += 1
+    pause = start + ticks / 100 - time.time()
+    if pause > 0:
+        time.sleep(pause)
+print(logged / (time.time() - start))
+"""
+
+
+def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
+    """See the module's part 4."""
+    from expkit.workspace import Workspace
+
+    env = new_workspace(folder)
+    (folder / "train.py").write_text(STREAM)
+    job = {"experiment": "stream", "entry_script": "train.py", "args": [rate, seconds]}
+    (folder / "job.yaml").write_text(json.dumps(job))
+    history = Workspace(folder / ".expkit").history
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "expkit", "run", "job.yaml"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    delays: list[float] = []
+    seen = None
+    while driver.poll() is None:
+        time.sleep(0.01)
+        runs = history.runs.recent("stream", limit=1)
+        if not runs or runs[0].state != "running":
+            continue
+        probe = history.metrics.latest(runs[0].id).get("probe")
+        if probe is not None and probe != seen:
+            seen = probe
+            delays.append(time.time() - probe)
+    output = driver.stdout.read() if driver.stdout else ""
+    assert driver.returncode == 0, output
+    achieved = next(float(line) for line in output.splitlines() if _is_number(line))
+    delays.sort()
+    return {
+        "achieved_values_per_s": achieved,
+        "probes_seen": len(delays),
+        "median_s": statistics.median(delays),
+        "p95_s": delays[int(len(delays) * 0.95)],
+        "max_s": delays[-1],
+    }
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.strip())
+    except ValueError:
+        return False
+    return True
+
+
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,9 +466,18 @@ def main() -> None:
     parser.add_argument("--values", type=int, default=100_000)
     parser.add_argument("--log-metric-calls", type=int, default=2000)
     parser.add_argument("--server", action="store_true", help="part 2 against mlflow server too")
-    parser.add_argument("--only", choices=["overhead", "queryable"], help="run one part")
+    parser.add_argument(
+        "--only", choices=["overhead", "queryable", "burst", "latency"], help="run one part"
+    )
+    parser.add_argument("--bursts", default="1000000,3000000", help="values per burst (part 3)")
+    parser.add_argument("--log-batch-values", type=int, default=100_000)
+    parser.add_argument("--rate", type=int, default=1_000_000, help="values/s (part 4)")
+    parser.add_argument("--stream-seconds", type=float, default=10.0)
+    parser.add_argument("--quick", action="store_true", help="parts 3-4 smaller")
     args = parser.parse_args()
-    figures: dict = {"overhead": {}, "queryable_s": {}}
+    if args.quick:
+        args.bursts, args.log_batch_values, args.stream_seconds = "300000,1000000", 20_000, 5.0
+    figures: dict = {"overhead": {}, "queryable_s": {}, "burst": {}, "latency": {}}
     overhead = figures["overhead"]
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "overhead"):
@@ -294,6 +498,11 @@ def main() -> None:
                     server.wait(15)
                 except subprocess.TimeoutExpired:
                     os.killpg(server.pid, signal.SIGKILL)
+        if args.only in (None, "burst"):
+            counts = [int(n) for n in args.bursts.split(",")]
+            figures["burst"] = bench_burst(Path(tmp, "burst"), counts, args.log_batch_values)
+        if args.only in (None, "latency"):
+            figures["latency"] = bench_latency(Path(tmp, "latency"), args.rate, args.stream_seconds)
 
     if overhead:
         base = overhead["no sink"]
@@ -321,6 +530,33 @@ def main() -> None:
         ours = rows["expkit run.log() + mlflow sink"]
         for name, seconds in rows.items():
             print(f"{name:<52} {seconds:>8.1f}s {seconds / ours:>6.1f}x")
+    bursts = {k: v for k, v in figures["burst"].items() if k != "log_batch_measured"}
+    if bursts:
+        print("\n3. a burst: peak memory and time until stored (after the script's end)")
+        print(
+            f"{'values':>12} {'expkit driver':>14} {'stored after':>13} {'log_batch':>10}"
+            f" {'log_batch time':>15} {'memory ratio':>13}"
+        )
+        for name, row in bursts.items():
+            peer = row.get("log_batch_peak_mb")
+            print(
+                f"{name.split()[0]:>12} {row['driver_peak_mb']:>11.0f} MB"
+                f" {row['stored_after_script_end_s']:>12.1f}s"
+                + (
+                    f" {peer:>7.0f} MB {row['log_batch_s']:>14.1f}s"
+                    f" {row['driver_peak_mb'] / peer:>12.2f}x"
+                    if peer
+                    else ""
+                )
+            )
+    latency = figures["latency"]
+    if latency:
+        print(
+            f"\n4. run.log() to `runs show` at {args.rate:,} values/s asked,"
+            f" {latency['achieved_values_per_s']:,.0f} achieved: median"
+            f" {latency['median_s']:.3f}s, p95 {latency['p95_s']:.3f}s,"
+            f" max {latency['max_s']:.3f}s ({latency['probes_seen']} probes)"
+        )
     print(json.dumps(figures))
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,17 +86,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on a loopback port: SQLite backend, artifacts served by it."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+@contextmanager
+def serving(folder: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `mlflow server` on a loopback port while the block runs: SQLite backend in
+    `folder`, artifacts served by it; its URL and its process."""
+    port = port or free_port()
     env = {
         **os.environ,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner processes needed
     }
-    log = open(folder / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    log = open(folder / "server.log", "ab")  # noqa: SIM115 - closed at the end
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "mlflow", "server"),
@@ -107,7 +109,7 @@ def mlflow_server(tmp_path_factory):
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env=env,
-        start_new_session=True,  # its workers go with it at teardown
+        start_new_session=True,  # its workers go with it at the end
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -124,15 +126,29 @@ def mlflow_server(tmp_path_factory):
                     f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}"
                 )
             time.sleep(0.25)
-        yield url
+        yield url, server
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_server(server)
         log.close()
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server `serving` started, with its workers (nothing if it is gone)."""
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a loopback port: SQLite backend, artifacts served by it."""
+    with serving(tmp_path_factory.mktemp("mlflow-server")) as (url, _):
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -331,6 +347,82 @@ def test_an_unreachable_required_server_fails_the_run(run_job, quick_retries):
         "post-process: required plugin mlflow, metric sink 'mlflow' open: "
     )
     assert result.workspace.history.models.versions() == []
+
+
+def test_a_short_run_is_all_in_mlflow_and_finished_when_expkit_run_returns(mlflow_server, run_job):
+    """A script that ends long before mlflow is even imported: post-process waits for the
+    sink to open and deliver, and close ends the MLflow run, before `expkit run` returns."""
+    result = run_job(
+        on_server(mlflow_server, experiment="server-short"),
+        script="""
+from expkit import Run
+run = Run.get_context()
+for step in range(50):
+    run.log("loss", 1.0 / (step + 1), step=step)
+""",
+    )
+
+    assert result.state == "completed", result.output
+    assert "warning" not in result.output
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = mlflow_run(client, result)
+    assert run.info.status == "FINISHED"
+    points = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in points) == [(s, 1.0 / (s + 1)) for s in range(50)]
+    (outcome,) = result.workspace.history.events.of(result.record.id, "sink-outcome")
+    assert outcome["message"] == "mlflow ok (50 values)"
+
+
+def test_a_server_that_goes_away_mid_run_is_reported_and_the_run_completes(
+    write_job, expkit_workspace, background, tmp_path, quick_retries
+):
+    """The server dies after the first values arrived: the sink's next send fails after its
+    retries, which the run's warnings and events say; the history keeps every value."""
+    release = tmp_path / "release"
+    folder = tmp_path / "server"
+    folder.mkdir()
+    with serving(folder) as (url, server):
+        job = write_job(
+            {**on_server(url, experiment="server-gone"), "args": [str(release)]},
+            script="""
+            import os, sys, time
+            from expkit import Run
+            run = Run.get_context()
+            for step in range(10):
+                run.log("x", step, step=step)
+            run.flush()
+            while not os.path.exists(sys.argv[1]):
+                time.sleep(0.05)
+            for step in range(10, 20):
+                run.log("x", step, step=step)
+            """,
+        )
+        live = background("run", str(job))
+        history = expkit_workspace.history
+        eventually(lambda: len(history.metrics.of(live.run_id)) == 10, what="10 values recorded")
+        first = history.metrics.last_id(live.run_id)
+        eventually(
+            lambda: history.sink_cursors.get(live.run_id, "mlflow")[0] == first,
+            timeout=120,
+            what="the first values in MLflow",
+        )
+        stop_server(server)
+        release.touch()
+        code = live.wait(timeout=600)
+
+    assert code == 0, live.output
+    run_id = live.run_id
+    assert history.runs.get(run_id).state == "completed"
+    (event,) = history.events.of(run_id, "sink-failed")
+    assert event["message"].startswith("plugin mlflow, metric sink 'mlflow' send: ")
+    assert f"warning: {event['message']}" in live.output
+    (outcome,) = history.events.of(run_id, "sink-outcome")
+    assert outcome["message"].startswith("mlflow failed at send: ")
+    assert [r["step"] for r in history.metrics.of(run_id, "x")] == list(range(20))
+    # what arrived before the server went away is in its store, once
+    with sqlite3.connect(folder / "server.db") as store:
+        steps = [s for (s,) in store.execute("SELECT step FROM metrics WHERE key = 'x'")]
+    assert sorted(steps) == list(range(10))
 
 
 # -- the embedded default: SQLite in the workspace, no server -----------------------------------

@@ -538,9 +538,11 @@ def test_a_misbehaving_capability_hook_marks_only_its_plugin(
     register_plugin(RaisingHookPlugin(), "raising-hook")
 
     targets = expkit_plugins.all("compute_targets")
+    exporters = expkit_plugins.all("exporters")  # a kind's hooks are called once it is used
     result = run_job({}, script=LOCAL_SCRIPT)
 
     assert "local" in targets
+    assert "torchscript" in exporters
     assert "lonely" not in targets
     assert expkit_plugins.infos["wrong-type"].error == (
         "expkit_compute_targets returned 'not a target', not a named ComputeTarget"

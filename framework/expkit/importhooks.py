@@ -22,13 +22,15 @@ an exception in the script.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
 import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import importlib.abc
 
 HOOKS_ENV = "EXPKIT_IMPORT_HOOKS"
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "bootstrap"
@@ -61,7 +63,10 @@ def script_env(hooks: dict[str, list[str]], base: dict[str, str]) -> dict[str, s
     return {"PYTHONPATH": os.pathsep.join([bootstrap, *rest]), HOOKS_ENV: encode(hooks)}
 
 
-class _Loader(importlib.abc.Loader):
+# The finder and the loader implement the protocols of `sys.meta_path` (PEP 451) without
+# subclassing importlib.abc: every Python process of a run imports this module at start-up, and
+# importlib.abc imports importlib.resources, tempfile, shutil and the compression modules.
+class _Loader:
     """The real loader of a hooked module, then its hooks."""
 
     def __init__(self, loader: Any, hooks: list[str]) -> None:
@@ -79,7 +84,7 @@ class _Loader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     """Finds the hooked modules with the other finders and wraps their loaders."""
 
     def __init__(self, hooks: dict[str, list[str]]) -> None:
@@ -95,7 +100,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader, hooks)
+                    spec.loader = cast("importlib.abc.Loader", _Loader(spec.loader, hooks))
                 return spec
         return None
 

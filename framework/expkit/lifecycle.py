@@ -137,8 +137,8 @@ class Choice:
 def choose(job: JobSpec, plugins: Plugins) -> Choice:
     """Find every plugin the job names, check every option the job gives against what its
     plugin declares (in one pass, see `expkit.options`), then each plugin's rules for the
-    whole job; a UserError names the field."""
-    plugins.check_conflicts()
+    whole job; a UserError names the field, or two plugins that claim a name of a kind the
+    job uses (only the kinds it uses are collected: see `Plugins.get`)."""
     compute = plugins.get("compute_targets", job.compute.target, "compute")
     backend = None
     if not compute.launches_ranks:

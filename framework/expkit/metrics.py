@@ -1,9 +1,11 @@
 """The driver's side of the metric pipeline.
 
 The script appends to channel files (see `expkit.context`); `MetricPump` tails them into the
-run history every quarter second; one `SinkWorker` thread per metric sink reads new rows from
-the history by id and delivers them. The script never waits for any of this, and a slow sink
-only falls behind: it catches up from the history, and the rest is flushed at post-process.
+run history every PUMP_SECONDS, in batches of bounded size (at once again while a backlog
+remains); one `SinkWorker` thread per metric sink reads new rows from the history by id, a
+page of SINK_BATCH at a time, and delivers them. The script never waits for any of this, a
+burst costs the driver no more memory than one batch, and a slow sink only falls behind: it
+catches up from the history, and the rest is flushed at post-process.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ import re
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
 from expkit.errors import PluginError
 from expkit.history import History, metric_value
+from expkit.history.metrics import REFUSED
 from expkit.plugins import call
 
-PUMP_SECONDS = 0.25
+PUMP_SECONDS = 0.1  # how often the pump looks for new lines once it has caught up (latency)
+CHUNK_BYTES = 1 << 20  # the most channel bytes one batch reads (a longer line is read whole)
+MIN_SHARE = 64 << 10  # the least one file reads in a batch, however many files share it
 SINK_BATCH = 5000
 RETRY_DELAYS = (0.5, 1.0, 2.0)
 SINK_NICENESS = 10  # sink threads give way to the training script when the cores are busy
@@ -41,8 +47,29 @@ def attempt_of_file(name: str) -> int:
     return int(found.group(1)) if found else 1
 
 
+@dataclass
+class Batch:
+    """What one `ChannelReader.read` took from the channel: metric rows (name, step, value,
+    payload, ts, rank, attempt), tags and parameters (each key's latest value), where each
+    file it read now stands (`offsets`, bytes by file name: recorded with the rows, see
+    `ChannelReader.commit`), the lines it skipped (`rejected`: (metric name, why)), and
+    whether complete lines were left for the next batch (`more`: the batch was full)."""
+
+    rows: list[tuple] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    more: bool = False
+
+    def __bool__(self) -> bool:
+        """Whether there is anything to record (rows, tags, parameters or skipped lines)."""
+        return bool(self.rows or self.tags or self.params or self.offsets)
+
+
 class ChannelReader:
-    """Reads the complete new lines of every channel file in a folder.
+    """Reads the complete new lines of every channel file in a folder, a bounded batch at a
+    time.
 
     `offsets` (bytes read so far, by file name) starts it where an earlier reader stopped:
     a driver that re-attaches to a run reads on from what the history holds. A line that
@@ -50,10 +77,19 @@ class ChannelReader:
     float's range) is skipped alone: counted in `bad_lines`, and why in `rejected` (by
     metric name, the first reason each).
 
+    One `read` takes at most `CHUNK_BYTES` of the channel (but a single longer line,
+    whole), so that what the driver holds does not grow with a burst: a batch holds at
+    most CHUNK_BYTES / 20 rows (the shortest line, `["m","",0,null,0,0]`, is 20 bytes).
+    The files of one attempt share that room (`_shares`), so that every rank's values move
+    on while one rank floods. What a batch read counts only once it is recorded
+    (`commit`): a batch that could not be stored is read again.
+
     Each value is read with its attempt, from the name of its file (`attempt_of_file`), and
     the files are read attempt by attempt: an earlier attempt's values get the lower row ids
     even when one read takes the end of one attempt and the start of the next, so that the
-    last row of a metric is always its current value (`expkit.history.metrics`)."""
+    last row of a metric is always its current value (`expkit.history.metrics`). A batch
+    reads a later attempt's files only once it has read every earlier attempt's to its
+    end."""
 
     def __init__(self, folder: Path, offsets: dict[str, int] | None = None) -> None:
         self.folder = folder
@@ -61,29 +97,42 @@ class ChannelReader:
         self.bad_lines = 0
         self.rejected: dict[str, str] = {}
 
-    def read(self) -> tuple[list[tuple], dict[str, str], dict[str, str]]:
-        """The new metric rows (name, step, value, payload, ts, rank, attempt), tags and
-        parameters (each key's latest value)."""
-        rows: list[tuple] = []
-        tags: dict[str, str] = {}
-        params: dict[str, str] = {}
-        files = sorted(self.folder.glob("*.jsonl"), key=lambda p: (attempt_of_file(p.name), p.name))
-        for path in files:
+    def read(self, limit: int = 0) -> Batch:
+        """The next batch of new lines, of at most `limit` bytes (0: CHUNK_BYTES; a line
+        longer than that is read whole); `Batch.more` when complete lines were left
+        unread."""
+        budget = limit or CHUNK_BYTES
+        batch = Batch()
+        pending = []  # (attempt, name, offset, bytes new) of the files that grew
+        for path in self.folder.glob("*.jsonl"):
             offset = self.offsets.get(path.name, 0)
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-            end = data.rfind(b"\n") + 1  # a partial last line is read next time
-            if not end:
-                continue
-            self.offsets[path.name] = offset + end
-            attempt = attempt_of_file(path.name)
-            for line in data[:end].splitlines():
-                try:
-                    self._parse(line, attempt, rows, tags, params)
-                except (ValueError, TypeError, OverflowError) as error:
-                    self.reject(_name_of(line), str(error) or type(error).__name__)
-        return rows, tags, params
+            with contextlib.suppress(OSError):  # a file removed meanwhile has nothing new
+                new = path.stat().st_size - offset
+                if new > 0:
+                    pending.append((attempt_of_file(path.name), path.name, offset, new))
+        pending.sort()
+        last = pending[-1][0] if pending else 0
+        for attempt in sorted({file[0] for file in pending}):
+            files = [file for file in pending if file[0] == attempt]
+            shares = _shares([file[3] for file in files], budget)
+            for (_, name, offset, _), share in zip(files, shares, strict=True):
+                data, whole = self._take(self.folder / name, offset, share)
+                batch.more = batch.more or not whole
+                if data:
+                    batch.offsets[name] = offset + len(data)
+                    self._parse_lines(data, attempt, batch)
+                budget -= len(data)
+            if batch.more or budget <= 0:  # a later attempt waits for this one's backlog
+                batch.more = batch.more or attempt != last
+                break
+        return batch
+
+    def commit(self, batch: Batch) -> None:
+        """Count `batch` as read, once it is recorded: the next `read` starts after it, and
+        the lines it skipped count in `bad_lines`."""
+        self.offsets.update(batch.offsets)
+        for name, why in batch.rejected:
+            self.reject(name, why)
 
     def reject(self, name: str, why: str) -> None:
         """Count one line that is not recorded, and why (the first reason per metric)."""
@@ -98,16 +147,85 @@ class ChannelReader:
         more = ", ..." if len(self.rejected) > 3 else ""
         return f"{self.bad_lines} unreadable metric lines were skipped ({reasons}{more})"
 
-    def _parse(
-        self,
-        line: bytes,
+    @staticmethod
+    def _take(path: Path, offset: int, size: int) -> tuple[bytes, bool]:
+        """The complete lines of file `path` within `size` bytes from `offset` (the first
+        line whole when it alone is longer), and whether they reach the file's end as it is
+        now (a partial last line, still being written, is left for later)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+                whole = len(data) < size
+                while not whole and data.rfind(b"\n") < 0:  # one line longer than `size`
+                    more = f.read(size)
+                    data += more
+                    whole = len(more) < size
+        except OSError:
+            return b"", True
+        return data[: data.rfind(b"\n") + 1], whole
+
+    def _parse_lines(self, data: bytes, attempt: int, batch: Batch) -> None:
+        """The lines `data` holds (each ends with a newline) into `batch`, a line that
+        cannot be recorded skipped alone (in `batch.rejected`). Fast path: the lines parsed
+        as one JSON array (the JSON parser runs once, not once per line: twice as fast),
+        taken when it holds one item per line (as it does when each line is one JSON text,
+        which holds no raw newline); otherwise (a line that is not JSON) line by line."""
+        try:
+            items = json.loads(b"[" + data[:-1].replace(b"\n", b",") + b"]")
+        except ValueError:
+            items = None
+        if items is None or len(items) != data.count(b"\n"):
+            return self._parse_each(data, attempt, batch)
+        rows, tags, params = batch.rows, batch.tags, batch.params
+        append = rows.append
+        low, high = STEP_RANGE
+        for item in items:
+            if type(item) is list and len(item) == 6:  # the common case checked inline
+                kind, name, value, step, ts, rank = item
+                if (
+                    kind == "m"
+                    and type(value) is float
+                    and value == value  # not NaN
+                    and type(name) is str
+                    and (step is None or (type(step) is int and low <= step <= high))
+                    and type(ts) is float
+                    and type(rank) is int
+                ):
+                    append((name, step, value, None, ts, rank, attempt))
+                    continue
+            try:
+                self._parse_item(item, attempt, rows, tags, params)
+            except (ValueError, TypeError, OverflowError) as error:
+                name = item[1] if type(item) is list and len(item) > 1 else "?"
+                why = str(error) or type(error).__name__
+                batch.rejected.append((name if isinstance(name, str) else "?", why))
+        return None
+
+    def _parse_each(self, data: bytes, attempt: int, batch: Batch) -> None:
+        """The slow path of `_parse_lines`: line by line."""
+        for line in data.splitlines():
+            try:
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    raise ValueError("not a channel line") from None
+                self._parse_item(item, attempt, batch.rows, batch.tags, batch.params)
+            except (ValueError, TypeError, OverflowError) as error:
+                batch.rejected.append((_name_of(line), str(error) or type(error).__name__))
+
+    @staticmethod
+    def _parse_item(
+        item: Any,
         attempt: int,
         rows: list[tuple],
         tags: dict[str, str],
         params: dict[str, str],
     ) -> None:
+        """One channel line's JSON into `rows`, `tags` or `params`; ValueError, TypeError
+        or OverflowError (and nothing added) when it cannot be recorded."""
         try:
-            kind, name, value, step, ts, rank = json.loads(line)
+            kind, name, value, step, ts, rank = item
         except (ValueError, TypeError):
             raise ValueError("not a channel line") from None
         if not isinstance(name, str):
@@ -138,6 +256,19 @@ class ChannelReader:
 STEP_RANGE = (-(2**63), 2**63 - 1)  # what SQLite's INTEGER holds
 
 
+def _shares(sizes: list[int], budget: int) -> list[int]:
+    """How many bytes each of files with `sizes` bytes new may read in a batch of `budget`
+    bytes: a fair part each (at least MIN_SHARE), a file that needs less than its part
+    leaving the rest to the others (max-min fairness, the smallest backlogs served
+    first), so that one rank's flood never holds up another rank's values."""
+    shares = [0] * len(sizes)
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    for served, i in enumerate(order):
+        shares[i] = max(budget // (len(sizes) - served), MIN_SHARE)
+        budget -= min(sizes[i], shares[i])
+    return shares
+
+
 def _name_of(line: bytes) -> str:
     """The metric name of a channel line, as well as it can be told ("?" when it cannot)."""
     try:
@@ -149,6 +280,13 @@ def _name_of(line: bytes) -> str:
 
 class MetricPump:
     """Moves metrics from the channel into the history until stopped, then drains.
+
+    It reads a bounded batch at a time (`ChannelReader`) and records each batch in one
+    transaction with how far it read each file (`history.metrics.add`), so that the driver's
+    memory does not grow with a burst and a driver that dies between two batches loses
+    nothing and stores nothing twice: whoever reads on starts from the recorded offsets.
+    While a backlog remains it reads the next batch at once; otherwise it looks again every
+    PUMP_SECONDS.
 
     What one line holds never takes other lines with it: a batch the history refuses is
     stored row by row, and the rows it still refuses are skipped (see `ChannelReader`).
@@ -168,42 +306,52 @@ class MetricPump:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(PUMP_SECONDS):
+        while not self._stop.is_set():
+            more = False
             with contextlib.suppress(Exception):  # recorded in self.error; tried again
-                self.pump()
+                more = self.pump_batch()
+            if not more:
+                self._stop.wait(PUMP_SECONDS)
 
     def pump(self) -> int:
-        before = dict(self.reader.offsets)
+        """Record everything the channel holds now, batch by batch; returns how many
+        values. Raises what the history raised (what was not recorded is read again)."""
+        before = self.count
+        while self.pump_batch():
+            pass
+        return self.count - before
+
+    def pump_batch(self) -> bool:
+        """Record the next batch (`ChannelReader.read`); returns whether lines were left
+        for the next. Raises what the history raised (the batch is read again)."""
         try:
-            rows, tags, params = self.reader.read()
-            if rows or tags or params:
-                self._store(rows, tags, params)
+            batch = self.reader.read()
+            stored = self._store(batch) if batch else 0
         except Exception as error:
-            self.reader.offsets = before  # read again next time
             self.error = error
             raise
-        self.count += len(rows)
-        if rows or params:
+        self.reader.commit(batch)
+        self.count += stored
+        if batch.rows or batch.params:
             for event in self.listeners:
                 event.set()
-        return len(rows)
+        return batch.more
 
-    def _store(self, rows: list[tuple], tags: dict[str, str], params: dict[str, str]) -> None:
-        add = self.history.metrics.add
+    def _store(self, batch: Batch) -> int:
+        """Record `batch` in one transaction; returns how many values. A row the database
+        refuses (text it cannot encode, ...) is left out alone, and counted as a skipped
+        line."""
+        args = (self.run_id, batch.rows, batch.offsets, batch.tags, batch.params)
         try:
-            add(self.run_id, rows, self.reader.offsets, tags, params)
-            return
-        except (sqlite3.InterfaceError, ValueError, OverflowError, TypeError):
-            pass  # a row the database refuses (text it cannot encode, ...): find it
-        kept = []
-        for row in rows:
-            try:
-                add(self.run_id, [row])
-                kept.append(row)
-            except (sqlite3.InterfaceError, ValueError, OverflowError, TypeError) as error:
-                self.reader.reject(str(row[0]).encode("utf-8", "replace").decode(), str(error))
-        rows[:] = kept
-        add(self.run_id, [], self.reader.offsets, tags, params)
+            return self.history.metrics.add(*args)
+        except REFUSED:
+            pass  # a row the database refuses: find it, in one transaction still
+
+        def refused(row: tuple, error: Exception) -> None:
+            name = str(row[0]).encode("utf-8", "replace").decode()
+            batch.rejected.append((name, str(error)))
+
+        return self.history.metrics.add(*args, refused=refused)
 
     def stop(self) -> None:
         """Stop the thread, then read what the processes wrote last."""
@@ -261,22 +409,34 @@ class SinkWorker:
         self._thread.start()
 
     def _loop(self) -> None:
-        _yield_cpu()
+        """Open the sink, then deliver what the pump stores until the run ends (`drain`).
+
+        The open runs at full priority: it is done once and bounded (imports, a connection),
+        and a busy machine would otherwise starve it for as long as it is busy, which
+        post-process then waits for. From then on the thread gives way to the training
+        script (`_yield_cpu`); the deliveries left when the run ends are `drain`'s, on a
+        thread of full priority again (Linux lets no thread raise its priority back)."""
         opened, writer = self._call("open", self.run, self.options)
         if not opened:
             return
         self._writer = writer
+        _yield_cpu()
+        # Woken by events, never by a period: the pump sets `wake` when it stored new values
+        # or parameters, `drain` when the run ends. Whatever was stored before the sink
+        # opened (or between a wake and its clear) is found by the next delivery, which
+        # reads everything after the cursor.
         while not self._done.is_set():
-            self.wake.wait(1.0)
+            self.wake.wait()
             self.wake.clear()
-            if not self._deliver():
+            if not self._done.is_set() and not self._deliver():
                 return
-        self._deliver()
 
     def _deliver(self) -> bool:
         """Send everything new, parameters before each batch; False once the sink has
         failed for good."""
         while self.error is None:
+            if self._done.is_set() and threading.current_thread() is self._thread:
+                return True  # the run ended: `drain` delivers the rest at full priority
             if not self._deliver_params():
                 return False
             rows = self.history.metrics.of(self.run.run_id, after_id=self._cursor, limit=SINK_BATCH)
@@ -346,23 +506,36 @@ class SinkWorker:
         return PluginError(self.sink.plugin, f"{self.label} {method}", error)
 
     def drain(self) -> None:
-        """Deliver everything in the history, then stop the thread (post-process).
+        """Deliver everything in the history, then stop (post-process).
 
+        The worker's thread ends after the batch it is sending; what is left goes on a new
+        thread, of the caller's priority rather than the worker's lowered one (see `_loop`).
         Waits as long as the sink makes progress (a million values take MLflow minutes), and
         gives up on one that delivered nothing for DRAIN_STALL_SECONDS: that is recorded as
         its failure, rather than the run closing while values are still on their way.
         """
         self._done.set()
         self.wake.set()
+        if not self._wait(self._thread) or self._writer is None or self.error is not None:
+            return
+        rest = threading.Thread(target=self._deliver, name=f"expkit-drain-{self.sink.name}")
+        rest.daemon = True
+        rest.start()
+        self._wait(rest)
+
+    def _wait(self, thread: threading.Thread) -> bool:
+        """Join `thread` while the sink makes progress: True once it ended, False (the stall
+        recorded as the sink's failure) when it delivered nothing for DRAIN_STALL_SECONDS."""
         while True:
             before = self.delivered
-            self._thread.join(DRAIN_STALL_SECONDS)
-            if not self._thread.is_alive():
-                return
+            thread.join(DRAIN_STALL_SECONDS)
+            if not thread.is_alive():
+                return True
             if self.delivered == before:
                 break
         stuck = TimeoutError(f"delivered nothing for {DRAIN_STALL_SECONDS:g} s; gave up")
         self.error = self.error or PluginError(self.sink.plugin, f"{self.label} send", stuck)
+        return False
 
     def close(self, outcome: RunOutcome) -> PluginError | None:
         """Tell the sink how the run ended, once (a close is not retried: it ends the

@@ -11,6 +11,7 @@ every hook call and every capability method call to stderr.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import sys
@@ -35,14 +36,39 @@ C = TypeVar("C", bound=Capability)
 
 @dataclass
 class PluginInfo:
-    """One plugin as `expkit plugins` shows it."""
+    """One plugin as `expkit plugins` shows it.
+
+    `source` is the installed distribution its entry point came from (an
+    `importlib.metadata.Distribution`; None for one registered in-process): its name and
+    version are read from it on first use, since parsing a distribution's METADATA costs
+    milliseconds per plugin and only `expkit plugins` and a conflict's message show them.
+    """
 
     name: str
-    distribution: str = ""
-    version: str = ""
+    source: Any = field(default=None, repr=False, compare=False)
     hooks: list[str] = field(default_factory=list)
     error: str | None = None  # why it could not load; None when loaded
     blocked: bool = False
+
+    @property
+    def distribution(self) -> str:
+        """The name of the distribution that installed the plugin; "" when none did."""
+        return _metadata(self.source)[0]
+
+    @property
+    def version(self) -> str:
+        """That distribution's version; "" when none installed the plugin."""
+        return _metadata(self.source)[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _metadata(distribution: Any) -> tuple[str, str]:
+    """(name, version) of an `importlib.metadata.Distribution`, its METADATA parsed once
+    (the built-in plugins share one distribution); ("", "") for None."""
+    if distribution is None:
+        return "", ""
+    metadata = distribution.metadata
+    return metadata["Name"] or "", metadata["Version"] or ""
 
 
 class Plugins:
@@ -51,9 +77,9 @@ class Plugins:
     def __init__(self, pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> None:
         self.pm = pm
         self.infos = infos
-        self._table: dict[str, dict[str, Capability]] | None = None
+        self._table: dict[str, dict[str, Capability]] = {}  # by kind, as collected
         self._failures: dict[str, list[str]] = {}  # by kind: why a plugin supplied none
-        self.conflicts: list[str] = []
+        self._conflicts: dict[str, list[str]] = {}  # by kind: names two plugins supply
 
     # -- registering ------------------------------------------------------------------------
     def register(self, plugin: object, name: str) -> None:
@@ -65,61 +91,74 @@ class Plugins:
         if problem:
             raise UserError(f"plugin {name}: {problem}")
         self.infos[name] = PluginInfo(name, hooks=self._hooks_of(plugin))
-        self._table = None
+        self._forget()
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
         self.infos.pop(name, None)
-        self._table = None
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what the capability hooks supplied: the plugins changed."""
+        self._table, self._failures, self._conflicts = {}, {}, {}
 
     def _hooks_of(self, plugin: object) -> list[str]:
         return sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
 
     # -- capabilities -----------------------------------------------------------------------
-    def _collect(self) -> dict[str, dict[str, Capability]]:
-        if self._table is not None:
-            return self._table
-        table: dict[str, dict[str, Capability]] = {kind: {} for kind in KINDS}
-        conflicts = []
-        self._failures = {}
-        for kind, base in KINDS.items():
-            impls = list(reversed(getattr(self.pm.hook, f"expkit_{kind}").get_hookimpls()))
-            self._trace(f"expkit_{kind}", impls, {})
-            for impl in impls:  # registration order
-                try:
-                    supplied = impl.function() or []
-                except Exception as error:  # a broken plugin must not break the command
-                    self._fail(
-                        kind, impl.plugin_name, f"expkit_{kind} raised: {_first_line(error)}"
-                    )
-                    continue
-                if not isinstance(supplied, list | tuple):  # e.g. one object, not a list
+    def _collect(self, kind: str) -> dict[str, Capability]:
+        """The capabilities of `kind` by name, from calling every plugin's hook of that kind
+        once, on first use: a command calls the hooks of the kinds it uses only, so that a
+        run imports no module of a kind it does not use (an exporter's, a registry's with
+        MLflow's client) beyond each plugin's own package."""
+        found = self._table.get(kind)
+        if found is not None:
+            return found
+        base = KINDS[kind]
+        table: dict[str, Capability] = {}
+        impls = list(reversed(getattr(self.pm.hook, f"expkit_{kind}").get_hookimpls()))
+        self._trace(f"expkit_{kind}", impls, {})
+        for impl in impls:  # registration order
+            try:
+                supplied = impl.function() or []
+            except Exception as error:  # a broken plugin must not break the command
+                self._fail(kind, impl.plugin_name, f"expkit_{kind} raised: {_first_line(error)}")
+                continue
+            if not isinstance(supplied, list | tuple):  # e.g. one object, not a list
+                self._fail(
+                    kind,
+                    impl.plugin_name,
+                    f"expkit_{kind} returned {supplied!r}, not a list of {base.__name__}",
+                )
+                continue
+            for obj in supplied:
+                if not isinstance(obj, base) or not obj.name:
                     self._fail(
                         kind,
                         impl.plugin_name,
-                        f"expkit_{kind} returned {supplied!r}, not a list of {base.__name__}",
+                        f"expkit_{kind} returned {obj!r}, not a named {base.__name__}",
                     )
                     continue
-                for obj in supplied:
-                    if not isinstance(obj, base) or not obj.name:
-                        self._fail(
-                            kind,
-                            impl.plugin_name,
-                            f"expkit_{kind} returned {obj!r}, not a named {base.__name__}",
-                        )
-                        continue
-                    obj.plugin = impl.plugin_name
-                    other = table[kind].get(obj.name)
-                    if other is not None:
-                        conflicts.append(
-                            f"{base.kind} {obj.name!r} is supplied by two plugins: "
-                            f"{self._describe(other.plugin)} and {self._describe(obj.plugin)}; "
-                            f"uninstall one or block it with {DISABLE_ENV}={obj.plugin}"
-                        )
-                        continue
-                    table[kind][obj.name] = obj
-        self._table, self.conflicts = table, conflicts
+                obj.plugin = impl.plugin_name
+                other = table.get(obj.name)
+                if other is not None:
+                    self._conflicts.setdefault(kind, []).append(
+                        f"{base.kind} {obj.name!r} is supplied by two plugins: "
+                        f"{self._describe(other.plugin)} and {self._describe(obj.plugin)}; "
+                        f"uninstall one or block it with {DISABLE_ENV}={obj.plugin}"
+                    )
+                    continue
+                table[obj.name] = obj
+        self._table[kind] = table
         return table
+
+    @property
+    def conflicts(self) -> list[str]:
+        """Every name two plugins claim, one message each, in the order of the capability
+        kinds (collecting every kind: `expkit plugins` shows them all)."""
+        for kind in KINDS:
+            self._collect(kind)
+        return [message for kind in KINDS for message in self._conflicts.get(kind, [])]
 
     def _fail(self, kind: str, plugin: str, reason: str) -> None:
         """A plugin's capability hook of `kind` raised or returned something unusable."""
@@ -135,22 +174,28 @@ class Plugins:
 
     def all(self, kind: str) -> dict[str, Capability]:
         """Every capability of `kind` ("compute_targets", ...) by name."""
-        return dict(self._collect()[kind])
+        return dict(self._collect(kind))
 
-    def check_conflicts(self) -> None:
-        """Raise when two plugins claim one name (the user must choose)."""
-        self._collect()
-        if self.conflicts:
-            raise UserError(self.conflicts[0])
+    def check_conflicts(self, kind: str | None = None) -> None:
+        """Raise UserError when two plugins claim one name of `kind` (None: of any kind):
+        the user must choose, by uninstalling or blocking one."""
+        if kind is None:
+            conflicts = self.conflicts
+        else:
+            self._collect(kind)
+            conflicts = self._conflicts.get(kind, [])
+        if conflicts:
+            raise UserError(conflicts[0])
 
     def get(self, kind: str, name: str, field_path: str = "") -> Any:
-        """The capability `name` of `kind`, or a UserError that lists what is available."""
-        self.check_conflicts()
-        found = self._collect()[kind].get(name)
+        """The capability `name` of `kind`, or a UserError that lists what is available;
+        also a UserError when two plugins claim a name of `kind` (`check_conflicts`)."""
+        self.check_conflicts(kind)
+        found = self._collect(kind).get(name)
         if found is not None:
             return found
         base = KINDS[kind]
-        available = ", ".join(sorted(self._collect()[kind])) or "none"
+        available = ", ".join(sorted(self._collect(kind))) or "none"
         where = f"{field_path}: " if field_path else ""
         info = self.infos.get(name)  # a plugin named like what is asked for, that did not load
         if info is not None and info.error and not info.hooks:
@@ -228,9 +273,7 @@ def load(disabled: str | None = None) -> Plugins:
     blocked.discard("")
     infos: dict[str, PluginInfo] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist else ""
-        version = ep.dist.version if ep.dist else ""
-        info = infos[ep.name] = PluginInfo(ep.name, dist, version)
+        info = infos[ep.name] = PluginInfo(ep.name, ep.dist)
         if ep.name in blocked:
             info.blocked, info.error = True, f"blocked by {DISABLE_ENV}"
             pm.set_blocked(ep.name)

@@ -13,10 +13,12 @@ import stat
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expkit.errors import UserError, printable, shown_path
-from expkit.history import History
+
+if TYPE_CHECKING:  # imported when the history is opened: `from expkit import Run` in a
+    from expkit.history import History  # training script needs none of it (SQLite, ...)
 
 FOLDER = ".expkit"
 CONFIG = "config.json"
@@ -89,6 +91,8 @@ class Workspace:
     @cached_property
     def history(self) -> History:
         """The run history; opening it marks runs whose driver died as failed."""
+        from expkit.history import History
+
         history = History(
             self.path / "history.db",
             run_taken=lambda run_id: os.path.lexists(self.run_dir(run_id)),

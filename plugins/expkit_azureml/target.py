@@ -22,7 +22,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import expkit.context
 from expkit.plugin import (
@@ -36,27 +36,13 @@ from expkit.plugin import (
     StageFailed,
     UserError,
 )
-from expkit_azureml import forward, monitor
-from expkit_azureml.cluster import get_or_create, node_counts, wait_until_ready
 from expkit_azureml.options import TAKES, AzureOptions
-from expkit_azureml.submission import (
-    _data_problems,
-    build_environment,
-    build_script_run_config,
-    environment_hash,
-    package_name,
-    pip_packages,
-    provisioning_configuration,
-    provisioning_settings,
-    serialized_run_configuration,
-)
-from expkit_azureml.workspace import (
-    WorkspaceRef,
-    connect,
-    credentials,
-    first_line,
-    workspace_ref,
-)
+
+# The stages' helpers (cluster.py, monitor.py, submission.py, workspace.py, forward.py) are
+# imported by the methods that use them: expkit collects every compute target for every run,
+# and a run elsewhere should not pay for importing them.
+if TYPE_CHECKING:
+    from expkit_azureml.workspace import WorkspaceRef
 
 RECORD_FILE = "azureml.json"  # in the run's folder: the Azure ML run it became
 # Uploaded with the snapshot: expkit's package (its in-script API), and of this plugin only
@@ -91,8 +77,8 @@ class AzureMLTarget(ComputeTarget):
     description = "Azure ML: an AmlCompute cluster, a ScriptRunConfig, Experiment.submit"
     launches_ranks = True  # MpiConfiguration / PyTorchConfiguration start the ranks there
     takes = TAKES
-    poll_seconds = monitor.POLL_SECONDS
-    cluster_poll_seconds = 10.0
+    poll_seconds = 5.0  # monitor.POLL_SECONDS
+    cluster_poll_seconds = 10.0  # cluster.POLL_SECONDS
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
@@ -101,6 +87,8 @@ class AzureMLTarget(ComputeTarget):
     def check(self, job: JobSpec) -> None:
         """Everything that can be checked without Azure: the options together, backend,
         environment, data (each option alone was checked by the core against `takes`)."""
+        from expkit_azureml.submission import _data_problems, package_name
+
         options = AzureOptions.from_job(job)
         options.check(job.resources.nodes)
         if job.data:
@@ -130,6 +118,8 @@ class AzureMLTarget(ComputeTarget):
     def preflight(self, job: JobSpec) -> Any:
         """Before a run is created (not for --dry-run): config.json, credentials, the
         workspace and the cluster, each problem one UserError. Returns the workspace."""
+        from expkit_azureml.workspace import credentials, workspace_ref
+
         options = AzureOptions.from_job(job)
         ref = workspace_ref(options, job.source_directory)
         workspace = self.open_workspace(ref, credentials(options))
@@ -149,6 +139,9 @@ class AzureMLTarget(ComputeTarget):
 
     # -- prepare ----------------------------------------------------------------------------
     def prepare(self, ctx: RunContext) -> Environment:
+        from expkit_azureml.submission import build_environment, environment_hash, pip_packages
+        from expkit_azureml.workspace import credentials, workspace_ref
+
         job = ctx.job
         options = AzureOptions.from_job(job)
         ref = workspace_ref(options, job.source_directory)
@@ -178,6 +171,8 @@ class AzureMLTarget(ComputeTarget):
 
     # -- scale ------------------------------------------------------------------------------
     def acquire(self, ctx: RunContext) -> Allocation:
+        from expkit_azureml.cluster import wait_until_ready
+
         session = self._session(ctx)
         session.cluster = self.find_cluster(session.workspace, session.options, ctx.say)
         text = wait_until_ready(session.cluster, ctx, session.options, self.cluster_poll_seconds)
@@ -187,6 +182,10 @@ class AzureMLTarget(ComputeTarget):
     def execute(self, ctx: RunContext, processes: list[Process], allocation: Allocation) -> int:
         """Submit the job as a ScriptRunConfig and follow it to its end (`processes`, the local
         launch the backend built, are not used: Azure ML starts the ranks)."""
+        from expkit_azureml import monitor
+        from expkit_azureml.submission import build_script_run_config
+        from expkit_azureml.workspace import first_line
+
         session = self._session(ctx)
         job = ctx.job
         config = build_script_run_config(
@@ -219,9 +218,13 @@ class AzureMLTarget(ComputeTarget):
 
     # -- the calls that reach Azure, one method each -------------------------------------------
     def open_workspace(self, ref: WorkspaceRef, auth: str) -> Any:
+        from expkit_azureml.workspace import connect
+
         return connect(ref, auth)
 
     def find_cluster(self, workspace: Any, options: AzureOptions, say: Any) -> Any:
+        from expkit_azureml.cluster import get_or_create
+
         return get_or_create(workspace, options, say)
 
     def submit(self, workspace: Any, experiment: str, config: Any, tags: dict[str, str]) -> Any:
@@ -249,6 +252,8 @@ class AzureMLTarget(ComputeTarget):
 
     def _report_nodes(self, ctx: RunContext, session: Session) -> None:
         """While the run waits for nodes: the cluster's node counts, when they change."""
+        from expkit_azureml.cluster import node_counts
+
         cluster = session.cluster
         if cluster is None or not hasattr(cluster, "refresh_state"):
             return
@@ -260,6 +265,8 @@ class AzureMLTarget(ComputeTarget):
 
     def release(self, ctx: RunContext, allocation: Allocation) -> None:
         """Nodes go back by themselves (idle scale-down); a run still going is canceled."""
+        from expkit_azureml.workspace import first_line
+
         session = self._sessions.pop(ctx.run_id, None)
         if session is not None and session.run is not None and not session.finished:
             try:
@@ -278,6 +285,15 @@ class AzureMLTarget(ComputeTarget):
         """The submission as YAML: workspace, cluster, upload, run configuration (with the
         environment); built with azureml-core, nothing contacted."""
         import yaml
+
+        from expkit_azureml.submission import (
+            build_environment,
+            build_script_run_config,
+            provisioning_configuration,
+            provisioning_settings,
+            serialized_run_configuration,
+        )
+        from expkit_azureml.workspace import credentials, workspace_ref
 
         self.check(job)
         options = AzureOptions.from_job(job)
@@ -372,6 +388,8 @@ def add_in_script_api(source: Path) -> list[str]:
     EXPKIT_FORWARDER names, as expkit_azureml/ with an empty __init__.py and forward.py (not
     this plugin, whose __init__ needs expkit's plugin machinery and azureml-train-core). A
     folder the snapshot has already is left as it is: returns their names."""
+    from expkit_azureml import forward
+
     kept = []
     if (source / "expkit").exists():
         kept.append("expkit")
@@ -405,6 +423,9 @@ DOWNLOADS = (
 def collect(run: Any, ctx: RunContext) -> None:
     """Download the run's outputs and logs into the working copy; the script's metric channel
     joins the run's (for the metrics it wrote after the last live read)."""
+    from expkit_azureml import monitor
+    from expkit_azureml.workspace import first_line
+
     problems = []
     for prefix, folder in DOWNLOADS:
         target = ctx.work_dir / folder

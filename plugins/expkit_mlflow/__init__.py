@@ -16,6 +16,9 @@ ends: see `expkit_mlflow.sweeps`.
 
 mlflow takes seconds to import, so this module only checks that it is installed: `sink.py`
 and `registry.py` import it when a job uses them, on the sink's own thread or at register.
+The capabilities' modules (and the tracking helpers they share, with the HTTP client) are
+imported by their hooks, which expkit calls only for the kinds a command uses: a run without
+MLflow in it imports none of them.
 
 A script's own MLflow calls (`mlflow.log_metric`, `start_run`, `log_artifact`, ...) record into
 the expkit run: the import hook on `mlflow` points them at the store in `inscript.py`.
@@ -25,19 +28,35 @@ from __future__ import annotations
 
 import importlib.util
 
-from expkit.plugin import Exporter, MetricSink, ModelRegistry, PluginUnavailable, hookimpl
+from expkit.plugin import (
+    Exporter,
+    MetricSink,
+    ModelRegistry,
+    PluginUnavailable,
+    RunInfo,
+    hookimpl,
+)
 
 if importlib.util.find_spec("mlflow") is None:
     raise PluginUnavailable("mlflow is not installed; pip install 'expkit[mlflow]'")
 
-from expkit_mlflow.exporter import MlflowExporter
-from expkit_mlflow.registry import MlflowRegistry
-from expkit_mlflow.sink import MlflowSink
-
 
 @hookimpl
 def expkit_metric_sinks() -> list[MetricSink]:
+    from expkit_mlflow.sink import MlflowSink
+
     return [MlflowSink()]
+
+
+@hookimpl
+def expkit_stage_started(run: RunInfo, stage: str) -> None:
+    """As a run that reports to MLflow starts, import mlflow and connect in the background
+    (`expkit_mlflow.sink.warm_up`), so that the sink is ready by the time the script ends.
+    A run without the sink imports nothing for it (every plugin hears every event)."""
+    if stage == "prepare" and any(spec.name == "mlflow" for spec in run.job.metrics):
+        from expkit_mlflow.sink import warm_up
+
+        warm_up(run)
 
 
 @hookimpl
@@ -47,9 +66,13 @@ def expkit_import_hooks() -> dict[str, str]:
 
 @hookimpl
 def expkit_model_registries() -> list[ModelRegistry]:
+    from expkit_mlflow.registry import MlflowRegistry
+
     return [MlflowRegistry()]
 
 
 @hookimpl
 def expkit_exporters() -> list[Exporter]:
+    from expkit_mlflow.exporter import MlflowExporter
+
     return [MlflowExporter()]

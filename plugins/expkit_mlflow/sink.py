@@ -46,7 +46,8 @@ from expkit_mlflow.tracking import (
     RUN_TAG,
     TAKES,
     clean_params,
-    connect,
+    connect_early,
+    connected,
     ensure_run,
     log_logs,
     log_outputs,
@@ -77,7 +78,7 @@ class MlflowSink(MetricSink):
 
     def open(self, run: RunInfo, options: dict[str, Any]) -> MetricWriter:
         tracking = resolve(run, options)
-        client = connect(tracking)
+        client = connected(tracking)  # made ahead of time when `warm_up` started it
         mlflow_run_id, created = ensure_run(client, run, tracking)
         if not created:
             reopen(client, mlflow_run_id)
@@ -105,6 +106,19 @@ class MlflowSink(MetricSink):
             f"{UI_ADDRESS}/{page} (open it with `mlflow ui --backend-store-uri {uri}`; "
             f"tracking URI {uri})"
         )
+
+
+def warm_up(run: RunInfo) -> None:
+    """Start the sink's slow set-up (importing mlflow, the client, a SQLite store created or
+    upgraded) in the background for each `mlflow` sink of `run`'s job, as the run starts
+    (its prepare stage): it then overlaps preparing the run and the script, instead of
+    delaying post-process when the script ends first. The MLflow run itself is made at
+    open, once prepare has resolved the run's parameters (MLflow keeps a param's first
+    value). Does nothing for a job without the sink; a failure here is only reported by
+    open, which connects again (`connected`)."""
+    for spec in run.job.metrics:
+        if spec.name == NAME:
+            connect_early(resolve(run, dict(spec.options)))
 
 
 def is_local(uri: str) -> bool:

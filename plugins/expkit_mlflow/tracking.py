@@ -9,6 +9,7 @@ by `expkit runs show`), and the registry reads it back; when no sink made one (a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import getpass
@@ -20,9 +21,11 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -131,6 +134,53 @@ def connect(tracking: Tracking) -> MlflowClient:
         client = MlflowClient(tracking_uri=tracking.uri)
         client.search_experiments(max_results=1)  # the store open: created, migrated
     return client
+
+
+# Clients being made ahead of the sink's open (`connect_early`), by tracking URI.
+_EARLY: dict[str, Future[MlflowClient]] = {}
+_EARLY_LOCK = threading.Lock()
+
+
+def connect_early(tracking: Tracking) -> None:
+    """Start `connect(tracking)` on a background thread, at once: importing mlflow takes 2-3 s
+    of CPU (and creating a SQLite store seconds more), which a short script would otherwise
+    wait for at post-process. The sink's open takes the client with `connected`. Once per
+    tracking URI until taken.
+
+    Unlike the sink's thread (`expkit.metrics.SINK_NICENESS`), this one keeps its priority:
+    it starts before the script and does a bounded piece of work once, and at a lower
+    priority a busy machine starves it (under load, a niced sink took 3-4x as long to import
+    mlflow as the peer did un-niced: benchmarks/bench_sink_drain.py),
+    which post-process then waits for; Linux lets no thread raise its priority back."""
+    with _EARLY_LOCK:
+        if tracking.uri in _EARLY:
+            return
+        future: Future[MlflowClient] = Future()
+        _EARLY[tracking.uri] = future
+
+    def make() -> None:
+        try:
+            future.set_result(connect(tracking))
+        except BaseException as error:  # told to `connected`, which connects again
+            future.set_exception(error)
+
+    thread = threading.Thread(target=make, name="expkit-mlflow-connect", daemon=True)
+    thread.start()
+    if sqlite_file(tracking.uri) is not None:  # never left half-made by a process that ends
+        atexit.register(thread.join)  # meanwhile (a prepare that failed): it is finished
+
+
+def connected(tracking: Tracking) -> MlflowClient:
+    """A client for `tracking`: the one `connect_early` made (waiting for it to be ready),
+    else a new one (`connect`). An early connection that failed is not reused: this connects
+    again, so that the sink's open reports (and retries) the failure as it would have anyway.
+    Each early client is taken once: a retried open, or the next run, connects anew."""
+    with _EARLY_LOCK:
+        future = _EARLY.pop(tracking.uri, None)
+    if future is not None:
+        with contextlib.suppress(Exception):
+            return future.result()
+    return connect(tracking)
 
 
 def sqlite_file(uri: str) -> Path | None:

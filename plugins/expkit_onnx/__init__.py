@@ -21,9 +21,9 @@ if missing:
         "pip install 'expkit[onnx]'"
     )
 
-from expkit_onnx.exporter import OnnxExporter  # noqa: E402  (only once they are there)
-
 
 @hookimpl
 def expkit_exporters() -> list[Exporter]:
+    from expkit_onnx.exporter import OnnxExporter  # called for a job that exports only
+
     return [OnnxExporter()]

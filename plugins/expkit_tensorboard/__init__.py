@@ -15,9 +15,9 @@ from expkit.plugin import MetricSink, PluginUnavailable, hookimpl
 if importlib.util.find_spec("tensorboard") is None:  # cheap: finds it, does not import it
     raise PluginUnavailable("tensorboard is not installed; pip install 'expkit[tensorboard]'")
 
-from expkit_tensorboard.sink import TensorBoardSink
-
 
 @hookimpl
 def expkit_metric_sinks() -> list[MetricSink]:
+    from expkit_tensorboard.sink import TensorBoardSink  # for a job that uses the sink only
+
     return [TensorBoardSink()]

@@ -7,9 +7,10 @@ worker`), where torch is, so the plugin loads wherever expkit does, like expkit_
 from __future__ import annotations
 
 from expkit.plugin import Exporter, hookimpl
-from expkit_torchscript.exporter import TorchScriptExporter
 
 
 @hookimpl
 def expkit_exporters() -> list[Exporter]:
+    from expkit_torchscript.exporter import TorchScriptExporter  # for a job that exports only
+
     return [TorchScriptExporter()]

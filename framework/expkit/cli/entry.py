@@ -3,26 +3,41 @@
 Each module of `expkit.cli` declares its subcommands next to their handlers
 (`add_parser(commands)`); this one only puts them together, parses, and turns what a handler
 raises into one line and an exit code: 0 done, 1 the run failed (or an internal error), 2 bad
-input, 130 canceled. Start-up stays light: argparse only; each handler imports what it needs
-when it runs.
+input, 130 canceled. Start-up stays light: argparse only; `expkit COMMAND ...` imports and
+builds only the group of COMMAND (`expkit --help` and an unknown command, every group), and
+each handler imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Iterator
 
-from expkit.cli import export, metrics, models, plugins, run, runs, sweeps, ui, workspace
 from expkit.cli.common import HelpFormatter, add_global_options, examples_epilog
 
-# In the order `expkit --help` lists them.
-GROUPS = (run, runs, sweeps, metrics, models, export, ui, plugins, workspace)
+# Each group's module (expkit.cli.<group>) and the commands its `add_parser` declares, in the
+# order `expkit --help` lists them (tests/test_startup.py checks it against the groups).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "run": ("run", "import"),
+    "runs": ("runs",),
+    "sweeps": ("sweep", "sweeps"),
+    "metrics": ("metrics",),
+    "models": ("models",),
+    "export": ("export",),
+    "ui": ("ui",),
+    "plugins": ("plugins",),
+    "workspace": ("init",),
+}
 GLOBAL_VALUED = ("--workspace",)  # global options that take a value
+GLOBAL_FLAGS = ("--debug",)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole `expkit` parser: the global options, then every group's subcommands."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `expkit` parser: the global options, then every group's subcommands; with
+    `command` (a command word of GROUPS), only the subcommands of its group, which is all
+    that parsing `expkit COMMAND ...` needs (the rest would only cost their imports)."""
     parser = argparse.ArgumentParser(
         prog="expkit",
         description="Run PyTorch training jobs through prepare -> scale -> run -> post-process "
@@ -40,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_global_options(parser)
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in GROUPS:
-        group.add_parser(commands)
+    chosen = [g for g, words in GROUPS.items() if command in words] or list(GROUPS)
+    for group in chosen:
+        importlib.import_module(f"expkit.cli.{group}").add_parser(commands)
     for _, subcommand, _ in subcommands(parser):  # they may follow the command too
         add_global_options(subcommand, argparse.SUPPRESS)
         subcommand.formatter_class = HelpFormatter  # examples one a line
@@ -64,7 +80,7 @@ def subcommands(
 def main(argv: list[str] | None = None) -> int:
     """Run the `expkit` command with `argv` (default: sys.argv[1:]); return its exit code."""
     argv = _expand_import_alias(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     from expkit.errors import PluginError, UserError
 
     if args.debug:
@@ -94,6 +110,23 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command word of `argv` when only global options come before it (`expkit
+    --workspace W run JOB`: "run"); else None, for the whole parser (`expkit --help run`
+    lists every command, and an abbreviated option is argparse's to read)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in GLOBAL_VALUED:
+            skip = True
+        elif word in GLOBAL_FLAGS or word.startswith(tuple(f"{o}=" for o in GLOBAL_VALUED)):
+            continue
+        else:
+            return None if word.startswith("-") else word
+    return None
 
 
 def _expand_import_alias(argv: list[str]) -> list[str]:

@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from expkit.cli.common import described
+
+if TYPE_CHECKING:  # imported where used: `expkit --help` imports this module too
+    import subprocess
 
 DEFAULT_PORT = 5000  # `mlflow server`'s own default, and the one run links assume
 LOG = "mlflow-ui.log"  # in the workspace
@@ -84,8 +84,7 @@ class _Stop(Exception):
     """SIGTERM or SIGHUP arrived: stop the servers as Ctrl-C does."""
 
 
-@dataclass
-class Server:
+class Server(NamedTuple):
     """A UI server this command started: its name, process (a group of its own), address,
     and log file."""
 
@@ -100,6 +99,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     or SIGHUP stop them and every process they started (exit 0). UserError (exit 2) when
     there is nothing to serve, mlflow (or tensorboard) is missing, or a port is taken; a
     server that dies on its own is exit 1, with the last line of its log."""
+    import signal
+
     from expkit.cli.common import open_workspace
 
     workspace = open_workspace(args)
@@ -279,6 +280,9 @@ def start_tensorboard(runs: Path, host: str, port: int, log: Path) -> Server:
 def _start(command: list[str], env: dict[str, str], log: BinaryIO) -> subprocess.Popen[bytes]:
     """`command` in a session of its own (a Ctrl-C in the terminal reaches this process,
     which stops it), that gets SIGTERM when this process dies; its output goes to `log`."""
+    import signal
+    import subprocess
+
     from expkit.procs import die_with_parent
 
     return subprocess.Popen(
@@ -327,6 +331,8 @@ def wait_until_answering(server: Server) -> None:
 def stop_server(server: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the server's process group, SIGKILL to what is left after STOP_GRACE
     seconds; returns once none of its processes is left."""
+    import signal
+
     from expkit.procs import group_alive
 
     group = server.pid

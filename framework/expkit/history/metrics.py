@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from expkit.history.connection import Part
+
+# What SQLite raises for a row it cannot take (unsupported type, text that is not UTF-8, an
+# integer beyond 64 bits): that row alone is at fault, not the database.
+REFUSED = (sqlite3.InterfaceError, ValueError, OverflowError, TypeError)
 
 
 class Metrics(Part):
@@ -31,19 +35,35 @@ class Metrics(Part):
         offsets: dict[str, int] | None = None,
         tags: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
-    ) -> None:
+        refused: Callable[[tuple, Exception], None] | None = None,
+    ) -> int:
         """Append (name, step, value, payload, ts, rank, attempt) rows in one transaction (a row
         without its attempt is attempt 1's), with how far each file of the metric channel
         has now been read (`offsets`, bytes by file name), so that a driver that
         re-attaches to the run reads on from there (`offsets_of`), and
         the tags and parameters (source "script") read from the same lines: what was read
-        is recorded whole or not at all."""
+        is recorded whole or not at all. Returns how many rows were stored.
+
+        A row SQLite cannot take (text that is not UTF-8, an integer beyond 64 bits) raises
+        one of REFUSED and nothing is stored; with `refused`, the rows are stored one by one
+        instead, still in one transaction, and each such row is left out and handed to
+        `refused` with its error."""
+        sql = (
+            "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank, attempt)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        full = ((run_id, *row, 1) if len(row) == 6 else (run_id, *row) for row in rows)
         with self.transaction() as db:
-            db.executemany(
-                "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank, attempt)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                ((run_id, *row, 1) if len(row) == 6 else (run_id, *row) for row in rows),
-            )
+            if refused is None:
+                stored = db.executemany(sql, full).rowcount
+            else:
+                stored = 0
+                for row in full:
+                    try:
+                        db.execute(sql, row)
+                        stored += 1
+                    except REFUSED as error:
+                        refused(row[1:], error)
             db.executemany(
                 "INSERT OR REPLACE INTO channel_offsets (run_id, file, offset) VALUES (?, ?, ?)",
                 ((run_id, name, offset) for name, offset in (offsets or {}).items()),
@@ -57,6 +77,7 @@ class Metrics(Part):
                 " VALUES (?, ?, ?, 'script')",
                 [(run_id, str(k), str(v)) for k, v in (params or {}).items()],
             )
+        return max(stored, 0)
 
     def offsets_of(self, run_id: str) -> dict[str, int]:
         """How far each metric channel file of the run was read into the history (bytes)."""
@@ -65,10 +86,28 @@ class Metrics(Part):
         ).fetchall()
         return {file: offset for file, offset in rows}
 
+    def names(self, run_id: str) -> list[str]:
+        """The names of the run's metrics, sorted: one index look-up per name (`_NAMES`),
+        however many values the run logged."""
+        rows = self.db.execute(_NAMES + "SELECT name FROM names WHERE name IS NOT NULL", [run_id])
+        return [row[0] for row in rows.fetchall()]
+
     def last_id(self, run_id: str) -> int:
-        """The row id of the run's last recorded value (0: none yet)."""
-        row = self.db.execute("SELECT MAX(id) FROM metrics WHERE run_id = ?", (run_id,)).fetchone()
-        return row[0] or 0
+        """The row id of the run's last recorded value (0: none yet): the highest of each
+        metric's last, one index look-up per name (a scan of the run's rows would take a
+        second per few million values)."""
+        return self.span(run_id)[1]
+
+    def span(self, run_id: str) -> tuple[int, int]:
+        """The row ids of the run's first and last recorded values ((0, 0): none yet), two
+        index look-ups per name (`_NAMES`)."""
+        row = self.db.execute(
+            _NAMES + "SELECT MIN((SELECT MIN(id) FROM metrics WHERE run_id = ?1"
+            " AND name = names.name)), MAX((SELECT MAX(id) FROM metrics WHERE run_id = ?1"
+            " AND name = names.name)) FROM names WHERE name IS NOT NULL",
+            [run_id],
+        ).fetchone()
+        return row[0] or 0, row[1] or 0
 
     def count(self, run_id: str, name: str | None = None) -> int:
         """How many values the run logged (of metric `name`, or all), every attempt's."""
@@ -81,12 +120,25 @@ class Metrics(Part):
         self, run_id: str, name: str | None = None, after_id: int = 0, limit: int = -1
     ) -> list[sqlite3.Row]:
         """The run's rows (of metric `name`, or all) past row id `after_id`, at most `limit`
-        of them (-1: all), oldest first; read a value with `metric_value`."""
-        sql = "SELECT * FROM metrics WHERE run_id = ? AND id > ?"
-        args: list[Any] = [run_id, after_id]
+        of them (-1: all), oldest first; read a value with `metric_value`.
+
+        A page (`limit`) costs what it returns, not what the run holds: a metric's rows come
+        from the index by (run, name, id); all the run's rows by row id, within the run's
+        span (`span`) from `after_id` on, other runs' rows in that range skipped (through
+        the index the rows of every name would be gathered and sorted for each page)."""
         if name:
-            sql, args = sql + " AND name = ?", [*args, name]
-        return self.db.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+            return self.db.execute(
+                "SELECT * FROM metrics WHERE run_id = ? AND name = ? AND id > ?"
+                " ORDER BY id LIMIT ?",
+                (run_id, name, after_id, limit),
+            ).fetchall()
+        first, last = self.span(run_id)
+        if last <= after_id:
+            return []
+        return self.db.execute(  # `+run_id`: not through the index (see above)
+            "SELECT * FROM metrics WHERE +run_id = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+            (run_id, max(after_id, first - 1), last, limit),
+        ).fetchall()
 
     def current(self, run_id: str, name: str | None = None) -> list[sqlite3.Row]:
         """The run's current curve (of metric `name`, or all), oldest first: every row but
@@ -127,13 +179,15 @@ class Metrics(Part):
 
     def latest(self, run_id: str) -> dict[str, Any]:
         """The last value of each metric, in the order the names were first logged: its
-        current value (the latest attempt's, see the class)."""
+        current value (the latest attempt's, see the class). Two index look-ups per name
+        (`_NAMES`), however many values the run logged (`expkit runs show` while a run
+        logs millions)."""
         rows = self.db.execute(
-            "SELECT name, value, payload FROM metrics WHERE id IN"
-            " (SELECT MAX(id) FROM metrics WHERE run_id = ? GROUP BY name)"
-            " ORDER BY (SELECT MIN(id) FROM metrics m"
-            " WHERE m.run_id = ? AND m.name = metrics.name)",
-            (run_id, run_id),
+            _NAMES + "SELECT m.name, m.value, m.payload FROM names n JOIN metrics m"
+            " ON m.id = (SELECT MAX(id) FROM metrics WHERE run_id = ?1 AND name = n.name)"
+            " WHERE n.name IS NOT NULL"
+            " ORDER BY (SELECT MIN(id) FROM metrics WHERE run_id = ?1 AND name = n.name)",
+            [run_id],
         )
         return {r["name"]: metric_value(r) for r in rows}
 
@@ -151,6 +205,17 @@ class Metrics(Part):
             if row is not None:
                 found[run_id] = metric_value(row)
         return found
+
+
+# The names of run ?1's metrics, as the table `names` (ending with a NULL row): each found by
+# one look-up in the index (run_id, name, id) after the one before, a "skip scan" that costs
+# one look-up per name, however many values each has (SQLite's own skip-scan needs ANALYZE).
+_NAMES = (
+    "WITH RECURSIVE names(name) AS ("
+    " SELECT (SELECT MIN(name) FROM metrics WHERE run_id = ?1)"
+    " UNION ALL SELECT (SELECT MIN(name) FROM metrics WHERE run_id = ?1 AND name > names.name)"
+    " FROM names WHERE names.name IS NOT NULL) "
+)
 
 
 def _cutoffs(firsts: list[tuple[str, int, int, int]]) -> dict[tuple[str, int, int], int]:
