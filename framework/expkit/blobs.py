@@ -14,9 +14,9 @@ import errno
 import hashlib
 import os
 import re
-import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from expkit.procs import pid_alive
@@ -26,6 +26,9 @@ TMP_SUFFIX = ".tmp"
 STALE_TMP_SECONDS = 60
 # A blob being copied in (`.<sha256>.<pid>.tmp`) in its folder of the store.
 _BLOB_TMP = re.compile(r"^\.[0-9a-f]{64}\.(?P<pid>\d+)\.tmp$")
+# Files up to this size (bytes) are read into memory whole: hashed and stored from one read.
+WHOLE_READ_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
 # A hard link failed for a reason that a copy gets around (another file system, a file system
 # without hard links, too many links to one file).
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
@@ -67,10 +70,15 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._root = os.fspath(self.root)
 
     def path(self, digest: str) -> Path:
         """Where the blob with this sha256 is (or would be) kept."""
-        return self.root / digest[:2] / digest
+        return Path(self.name(digest))
+
+    def name(self, digest: str) -> str:
+        """`path`, as a string (no Path object: it is asked for every file of a snapshot)."""
+        return f"{self._root}{os.sep}{digest[:2]}{os.sep}{digest}"
 
     def adopt(self, file: Path, digest: str) -> None:
         """Make `file`, a regular file in a folder of the run's own (sealed outputs, a kept
@@ -116,6 +124,92 @@ class BlobStore:
             self._copy_in(file, blob, mode)
         return blob
 
+    def store(self, fd: int, info: os.stat_result, dest: str) -> tuple[str, int]:
+        """Hash what the open file `fd` holds (a user's file, `info` its fstat, read from its
+        start),
+        keep it in the store and place it at `dest` (a new name in an existing folder): one
+        read for a file up to WHOLE_READ_BYTES, two for a larger one whose content is new.
+        Returns (sha256, size in bytes) of what was read, which is what the blob holds even
+        when the file changes meanwhile: the hash is never of other content than the blob's.
+        New content is written at `dest` (private while written, then read-only and never
+        more readable than the file), then linked into the store, so the store never holds a
+        partial file; an existing blob is linked, tightened as `add_copy` does. Raises OSError.
+        Safe in threads."""
+        mode = stored_mode(info.st_mode)
+        data = _read_up_to(fd, WHOLE_READ_BYTES + 1, info.st_size)
+        if len(data) <= WHOLE_READ_BYTES:
+            digest = hashlib.sha256(data).hexdigest()
+            if not self._linked(digest, mode, dest):
+                _write_new(dest, mode, lambda out: _write_all(out, data))
+                self._publish(dest, digest, mode)
+            return digest, len(data)
+        os.lseek(fd, 0, os.SEEK_SET)  # large: hashed first, copied only when new
+        digest, size = _hash_stream(fd, None)
+        if self._linked(digest, mode, dest):
+            return digest, size
+        os.lseek(fd, 0, os.SEEK_SET)  # hashed again as it is copied: the copy's own hash
+        copied: list[tuple[str, int]] = []
+        _write_new(dest, mode, lambda out: copied.append(_hash_stream(fd, out)))
+        self._publish(dest, copied[0][0], mode)
+        return copied[0]
+
+    def _linked(self, digest: str, mode: int, dest: str) -> bool:
+        """Place the blob `digest` at `dest` when it exists (made no more readable than
+        `mode` allows first); False when it does not."""
+        return self._tightened(digest, mode) and self.place(digest, dest)
+
+    def place(self, digest: str, dest: str) -> bool:
+        """Put the blob `digest` at `dest`, a new name in an existing folder, as a hard link (a
+        copy across file systems, or past the file system's limit of links to one file).
+        False when there is no such blob (`store` the file instead)."""
+        try:
+            self._link_or_copy(digest, dest)
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(dest) or "."):
+                raise
+            return False
+        return True
+
+    def _link_or_copy(self, digest: str, dest: str) -> None:
+        blob = self.name(digest)
+        try:
+            os.link(blob, dest)
+        except OSError as error:
+            if error.errno not in _NO_LINK:
+                raise
+            copy_private(blob, dest, stat.S_IMODE(os.stat(blob).st_mode))
+
+    def _tightened(self, digest: str, mode: int) -> bool:
+        """Whether the blob exists (then made no more readable than `mode` allows)."""
+        blob = self.name(digest)
+        try:
+            current = stat.S_IMODE(os.stat(blob).st_mode)
+        except FileNotFoundError:
+            return False
+        if current & mode != current:
+            os.chmod(blob, current & mode)
+        return True
+
+    def _publish(self, file: str, digest: str, mode: int) -> None:
+        """Make `file`, new content just written in a folder of expkit's own, the blob
+        `digest`: by hard link (atomic: the blob appears whole), or a copy across file
+        systems. When another process stored the same content meanwhile, `file` becomes a
+        name of that blob instead (tightened to `mode`)."""
+        blob = self.name(digest)
+        try:
+            try:
+                os.link(file, blob)
+            except FileNotFoundError:  # the blob's folder is new (once more: it is made)
+                os.makedirs(os.path.dirname(blob), exist_ok=True)
+                os.link(file, blob)
+        except FileExistsError:
+            self._tightened(digest, mode)
+            _replace_with(Path(blob), Path(file))
+        except OSError as error:
+            if error.errno not in _NO_LINK:
+                raise
+            self._copy_in(Path(file), Path(blob), mode)
+
     def link_to(self, digest: str, dest: Path) -> None:
         """Place the blob at `dest` as a hard link (a copy across file systems)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -146,21 +240,108 @@ class BlobStore:
             os.chmod(blob, wanted)
 
 
-def copy_private(source: Path, dest: Path, mode: int) -> None:
-    """Copy `source` to a new file `dest` that is never readable by more than `mode` allows,
-    not even while it is being written. An existing `dest` is replaced, never written
-    through (when it is a link, the link itself goes)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(dest)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+def _write_new(dest: str, mode: int, write: Callable[[int], object]) -> None:
+    """A new file `dest` (never an existing one, nor through a link) holding what `write`
+    writes to its descriptor, private while written, then given `mode`. Raises OSError;
+    nothing is left at `dest` then."""
+    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1024 * 1024)
-        os.chmod(dest, mode)
-    except BaseException:  # a full disk, a signal: no partial copy is left (dest is ours)
+        write(out)
+        os.fchmod(out, mode)
+    except BaseException:  # a full disk, a signal: no partial file is left
+        os.close(out)
         with contextlib.suppress(OSError):
             os.unlink(dest)
         raise
+    os.close(out)
+
+
+def _read_up_to(fd: int, limit: int, expected: int) -> bytes:
+    """What `fd` holds from its offset, up to `limit` bytes, read `expected` bytes first
+    (the file's size: a small file is read in one call, into a buffer of its size)."""
+    parts = []
+    left = limit
+    want = min(limit, expected + 1)
+    while left > 0:
+        chunk = os.read(fd, min(left, want))
+        parts.append(chunk)
+        left -= len(chunk)
+        if len(chunk) < want:  # a short read of a regular file: its end
+            break
+        want = CHUNK_BYTES
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` to `fd`."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _hash_stream(fd: int, out: int | None) -> tuple[str, int]:
+    """The sha256 and size (bytes) of what `fd` holds from its offset, copied to `out` too
+    when given."""
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(CHUNK_BYTES)
+    while count := os.readv(fd, [buffer]):
+        chunk = memoryview(buffer)[:count]
+        digest.update(chunk)
+        if out is not None:
+            _write_all(out, chunk)
+        size += count
+    return digest.hexdigest(), size
+
+
+def copy_private(
+    source: str | Path, dest: str | Path, mode: int | None = None, also: int = 0
+) -> None:
+    """Copy `source` to a new file `dest` that is never readable by more than `mode` allows,
+    not even while it is being written (`mode` None: the source's mode, with the bits of
+    `also` added). An existing `dest` is replaced, never written through (when it is a link,
+    the link itself goes). The content is copied by the kernel (copy_file_range) where it
+    can. Raises OSError; no partial copy is left."""
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if mode is None:
+            mode = stat.S_IMODE(os.fstat(src).st_mode) | also
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            out = os.open(dest, flags, 0o600)
+        except FileExistsError:
+            os.unlink(dest)
+            out = os.open(dest, flags, 0o600)
+        try:
+            _copy_content(src, out)
+            os.fchmod(out, mode)
+        except BaseException:  # a full disk, a signal: no partial copy is left (dest is ours)
+            os.close(out)
+            with contextlib.suppress(OSError):
+                os.unlink(dest)
+            raise
+        os.close(out)
+    finally:
+        os.close(src)
+
+
+# copy_file_range refused for a reason a plain copy gets around (another file system on an
+# older kernel, a file system or kernel without it).
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def _copy_content(src: int, out: int) -> None:
+    """Copy what `src` holds from its offset to `out`."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            while os.copy_file_range(src, out, 1 << 30):
+                pass
+            return
+        except OSError as error:
+            if error.errno not in _NO_COPY_RANGE:
+                raise
+    while chunk := os.read(src, CHUNK_BYTES):  # on from where copy_file_range stopped
+        _write_all(out, chunk)
 
 
 def _replace_with(blob: Path, file: Path) -> None:

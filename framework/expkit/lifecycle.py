@@ -859,9 +859,12 @@ class Lifecycle:
         for folder in ("logs", "metrics"):
             (self.run_dir / folder).mkdir(exist_ok=True)
         source = Path(self.job.source_directory)
-        snap = snapshot.take(source, self.run_dir / "snapshot", self.blobs)
+        started = time.monotonic()
+        index = self.ws.path / snapshot.INDEX_FOLDER  # a cache: files unchanged are not read
+        snap = snapshot.take(source, self.run_dir / "snapshot", self.blobs, index)
         self.say(
-            f"snapshot of {source}: {count_files(len(snap.files), snap.size)} "
+            f"snapshot of {source}: {count_files(len(snap.files), snap.size)}, "
+            f"{snap.rehashed} re-hashed, {human_seconds(time.monotonic() - started)} "
             f"(hash {short_hash(snap.hash)})"
         )
         for warning in snap.warnings:
