@@ -134,6 +134,7 @@ class _Found:
     digest: str | None = None  # from the index, else once read; None: gone meanwhile
     size: int = 0
     changed: bool = False  # into something else than a file while the snapshot was taken
+    refused: str = ""  # why it could not be opened (permission denied): not in the snapshot
 
 
 def take(
@@ -148,7 +149,8 @@ def take(
     Links are never followed out of `source`: a link to a folder is not followed at all, a
     link to a file outside `source` (or to nothing) is left out; each is named in a warning
     (with what to do instead). A link to a file inside `source` is taken as that file's
-    content under the link's name.
+    content under the link's name. A file or folder that cannot be read (permission denied)
+    is left out, named in a warning: the snapshot holds what the user can read.
 
     With `index_dir` (the workspace's `.expkit/snapshot-index/`), a file whose stat data are
     those the last snapshot of `source` recorded, and not racy, is not read again (see
@@ -175,7 +177,12 @@ def take(
         rehashed = _read_all(unknown, layout, workers or _default_workers())
         files: dict[str, tuple[int, str]] = {}
         for item in sorted(found, key=lambda item: item.rel):
-            if item.changed:
+            if item.refused:
+                warnings.append(
+                    f"source folder: {escaped(item.rel)} cannot be read ({item.refused}): "
+                    f"not in the snapshot; list it in {IGNORE_FILE} to silence this"
+                )
+            elif item.changed:
                 warnings.append(
                     f"source folder: {escaped(item.rel)} changed into something other than a "
                     "file while the snapshot was taken: not in the snapshot"
@@ -257,7 +264,8 @@ class _Layout:
 
     def read(self, files: list[_Found]) -> int:
         """Read, hash and store each file, then link it; sets its digest and size (digest
-        None: it went, or changed into something else, meanwhile). The number read."""
+        None: it went, or changed into something else, meanwhile, or cannot be opened: see
+        `_Found.refused`). The number read."""
         read = 0
         for item in files:
             target = self._target(item.rel)
@@ -266,6 +274,9 @@ class _Layout:
                 fd = os.open(item.path, flags if item.follow else flags | os.O_NOFOLLOW)
             except FileNotFoundError:  # removed since it was listed: not in the snapshot
                 item.digest = None
+                continue
+            except PermissionError as error:  # as a folder that cannot be read: a warning
+                item.digest, item.refused = None, error.strerror or str(error)
                 continue
             except OSError as error:
                 if error.errno != errno.ELOOP:
