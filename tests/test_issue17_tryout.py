@@ -54,3 +54,52 @@ def test_a_source_file_that_cannot_be_read_is_left_out_with_a_warning(tmp_path):
     assert listed == "['train.py']"
     assert "secret.env cannot be read (Permission denied): not in the snapshot" in warning
     assert os.stat(secret).st_mode & 0o777 == 0  # the user's file as it was
+
+
+# Logs COUNT values once the file `<arg>.go` exists (the test has stopped the driver by then),
+# writes them to the channel, says so in `<arg>.logged`, then waits to be stopped.
+LOG_WHILE_THE_DRIVER_IS_STOPPED = """
+    import os, sys, time
+    from expkit import Run
+    run = Run.get_context()
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[1] + ".go"):
+        time.sleep(0.02)
+    for i in range(COUNT):
+        run.log("x", float(i), step=i)
+    run.flush()
+    open(sys.argv[1] + ".logged", "w").close()
+    time.sleep(300)
+"""
+
+
+def test_values_in_the_channel_when_the_driver_dies_are_recorded_by_the_recovery(
+    background, write_job, expkit_cli, expkit_workspace, tmp_path
+):
+    import signal
+    import textwrap
+
+    from conftest import eventually
+
+    count = 50_000  # several of the pump's batches
+    base = tmp_path / "signal"
+    script = textwrap.dedent(LOG_WHILE_THE_DRIVER_IS_STOPPED).replace("COUNT", str(count))
+    live = background("run", str(write_job({"args": [str(base)]}, script=script)))
+    live.wait_for("ready")
+    live.proc.send_signal(signal.SIGSTOP)  # the driver's pump stores nothing from now on
+    base.with_suffix(".go").touch()
+    eventually(lambda: base.with_suffix(".logged").exists(), timeout=120, what="the burst")
+    history = expkit_workspace.history
+    assert history.metrics.count(live.run_id) == 0
+    live.proc.send_signal(signal.SIGKILL)
+    live.wait()
+
+    listing = expkit_cli("runs", "list")  # the recovery of the dead driver's run
+    assert listing.returncode == 0, listing.stderr
+    assert history.runs.get(live.run_id).state == "failed"
+    rows = history.db.execute(
+        "select step, value from metrics where run_id = ? order by id", (live.run_id,)
+    ).fetchall()
+    assert [tuple(row) for row in rows] == [(i, float(i)) for i in range(count)]
+    expkit_cli("runs", "list")  # a second look stores nothing twice
+    assert history.metrics.count(live.run_id) == count
