@@ -151,16 +151,18 @@ class ChannelReader:
     def _take(path: Path, offset: int, size: int) -> tuple[bytes, bool]:
         """The complete lines of file `path` within `size` bytes from `offset` (the first
         line whole when it alone is longer), and whether they reach the file's end as it is
-        now (a partial last line, still being written, is left for later)."""
+        now (a partial last line, still being written, is left for later). A long line is
+        read in parts of `size` joined once: appending each part to the rest would copy the
+        line over and over (a 50 MB line in 64 KiB parts: 20 GB copied, 16 s)."""
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
-                data = f.read(size)
-                whole = len(data) < size
-                while not whole and data.rfind(b"\n") < 0:  # one line longer than `size`
-                    more = f.read(size)
-                    data += more
-                    whole = len(more) < size
+                parts = [f.read(size)]
+                whole = len(parts[0]) < size
+                while not whole and parts[-1].rfind(b"\n") < 0:  # a line longer than `size`
+                    parts.append(f.read(size))
+                    whole = len(parts[-1]) < size
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
         except OSError:
             return b"", True
         return data[: data.rfind(b"\n") + 1], whole
