@@ -31,6 +31,10 @@ def test_a_source_file_that_cannot_be_read_is_left_out_with_a_warning(tmp_path):
     secret = source / "secret.env"
     secret.write_text("TOKEN=1\n")
     secret.chmod(0)
+    unsearchable = source / "nox"  # its names can be listed, its files not reached
+    unsearchable.mkdir()
+    (unsearchable / "f.txt").write_text("f\n")
+    unsearchable.chmod(0o644)
     code = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -50,10 +54,13 @@ def test_a_source_file_that_cannot_be_read_is_left_out_with_a_warning(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stderr
-    listed, warning = result.stdout.splitlines()[:2]
+    listed, *warnings = result.stdout.splitlines()
     assert listed == "['train.py']"
-    assert "secret.env cannot be read (Permission denied): not in the snapshot" in warning
-    assert os.stat(secret).st_mode & 0o777 == 0  # the user's file as it was
+    assert any("nox/f.txt cannot be read (Permission denied): not in" in w for w in warnings)
+    assert any("secret.env cannot be read (Permission denied): not in" in w for w in warnings)
+    assert os.stat(secret).st_mode & 0o777 == 0  # the user's files as they were
+    assert os.stat(unsearchable).st_mode & 0o777 == 0o644
+    unsearchable.chmod(0o755)  # for pytest to remove it
 
 
 # Logs COUNT values once the file `<arg>.go` exists (the test has stopped the driver by then),

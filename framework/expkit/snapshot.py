@@ -178,10 +178,7 @@ def take(
         files: dict[str, tuple[int, str]] = {}
         for item in sorted(found, key=lambda item: item.rel):
             if item.refused:
-                warnings.append(
-                    f"source folder: {escaped(item.rel)} cannot be read ({item.refused}): "
-                    f"not in the snapshot; list it in {IGNORE_FILE} to silence this"
-                )
+                warnings.append(_unreadable(item.rel, item.refused))
             elif item.changed:
                 warnings.append(
                     f"source folder: {escaped(item.rel)} changed into something other than a "
@@ -355,12 +352,16 @@ def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[_Found]
             elif not ignore.ignored(rel, False):
                 try:
                     info = entry.stat(follow_symlinks=False)
+                    item = (
+                        _Found(rel, entry.path, info, follow=False)
+                        if stat.S_ISREG(info.st_mode)
+                        else _file(entry, rel, root, warnings)
+                    )
                 except FileNotFoundError:  # removed since the folder was listed
                     continue
-                if stat.S_ISREG(info.st_mode):
-                    yield _Found(rel, entry.path, info, follow=False)
+                except PermissionError as error:  # in a folder listed but not searchable
+                    warnings.append(_unreadable(rel, error.strerror or str(error)))
                     continue
-                item = _file(entry, rel, root, warnings)
                 if item is not None:
                     yield item
         pending.extend(reversed(kept))  # the first folder is walked next, as os.walk does
@@ -393,6 +394,14 @@ def _file(entry: os.DirEntry[str], rel: str, root: str, warnings: list[str]) -> 
         )
         return None
     return _Found(rel, entry.path, info, follow=False)
+
+
+def _unreadable(rel: str, why: str) -> str:
+    """Why a file that cannot be read (`why`: permission denied) is not in the snapshot."""
+    return (
+        f"source folder: {escaped(rel)} cannot be read ({why}): not in the snapshot; "
+        f"list it in {IGNORE_FILE} to silence this"
+    )
 
 
 def _not_utf8(name: str) -> bool:
