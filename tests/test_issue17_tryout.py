@@ -110,3 +110,18 @@ def test_values_in_the_channel_when_the_driver_dies_are_recorded_by_the_recovery
     assert [tuple(row) for row in rows] == [(i, float(i)) for i in range(count)]
     expkit_cli("runs", "list")  # a second look stores nothing twice
     assert history.metrics.count(live.run_id) == count
+
+
+def test_a_source_folder_whose_path_is_not_utf8_is_snapshotted(
+    write_job, expkit_cli, expkit_workspace, tmp_path
+):
+    job = write_job({}, script="print(open('data.txt').read())\n", files={"data.txt": "ok\n"})
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))  # Latin-1 'café'
+    job.parent.rename(folder)
+
+    result = expkit_cli("run", str(folder / "job.yaml"))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "snapshot of " + str(tmp_path) + "/caf\\xe9/src: 2 files" in result.stdout
+    snap = expkit_workspace.path / "runs" / "test_1" / "snapshot"
+    assert (snap / "data.txt").read_text() == "ok\n"
