@@ -125,3 +125,37 @@ def test_a_source_folder_whose_path_is_not_utf8_is_snapshotted(
     assert "snapshot of " + str(tmp_path) + "/caf\\xe9/src: 2 files" in result.stdout
     snap = expkit_workspace.path / "runs" / "test_1" / "snapshot"
     assert (snap / "data.txt").read_text() == "ok\n"
+
+
+# The README's pattern: the run object made at the top of the script. A spawned worker imports
+# the script as its main module, and so makes its run object while multiprocessing starts it.
+POOL_WITH_A_MODULE_LEVEL_RUN = """
+import multiprocessing as mp
+import sys
+from expkit import Run
+
+run = Run.get_context()
+
+def work(i):
+    for step in range(3):
+        run.log(f"w{i}", float(step), step=step)
+    return i  # the last thing a worker does: Pool.__exit__ terminates it (SIGTERM) at once
+
+if __name__ == "__main__":
+    with mp.get_context(sys.argv[1]).Pool(2) as pool:
+        print("mapped", pool.map(work, range(4)))
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_values_of_started_workers_with_a_run_made_at_import_are_all_recorded(
+    expkit_cli, write_job, expkit_workspace, method
+):
+    job = write_job({"args": [method]}, script=POOL_WITH_A_MODULE_LEVEL_RUN)
+    done = expkit_cli("run", str(job))
+    assert done.returncode == 0 and "mapped [0, 1, 2, 3]" in done.stdout, done.stdout + done.stderr
+
+    rows = expkit_workspace.history.db.execute(
+        "select name, step from metrics where run_id = 'test_1' order by name, step"
+    ).fetchall()
+    assert [tuple(row) for row in rows] == [(f"w{i}", s) for i in range(4) for s in range(3)]
