@@ -432,6 +432,7 @@ def _is_number(text: str) -> bool:
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A `mlflow server` on a loopback port (SQLite backend, artifacts served by it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -457,6 +458,16 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.25)
     raise RuntimeError("mlflow server did not start")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server from `start_server` (its whole process group), killing it after 15 s."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def main() -> None:
@@ -493,11 +504,7 @@ def main() -> None:
                     Path(tmp, "server"), args.values, args.log_metric_calls, url
                 )
             finally:
-                os.killpg(server.pid, signal.SIGTERM)
-                try:
-                    server.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(server.pid, signal.SIGKILL)
+                stop_server(server)
         if args.only in (None, "burst"):
             counts = [int(n) for n in args.bursts.split(",")]
             figures["burst"] = bench_burst(Path(tmp, "burst"), counts, args.log_batch_values)

@@ -25,16 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from bench_metrics import start_server, stop_server  # a `mlflow server` on a loopback port
 
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -135,44 +134,6 @@ def peer(values: int, uri: str) -> dict[str, float]:
     wall = time.perf_counter() - start
     setup, calls, end = (float(x) for x in out.stdout.split()[-3:])
     return {"wall_s": wall, "setup_s": setup, "log_metric_s": calls, "end_run_s": end}
-
-
-def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    """A `mlflow server` on a loopback port (SQLite backend, artifacts served by it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mlflow", "server", "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{folder / 'server.db'}"),
-            *("--default-artifact-root", "mlflow-artifacts:/"),
-            *("--artifacts-destination", str(folder / "artifacts")),
-            *("--host", "127.0.0.1", "--port", str(port)),
-        ],
-        env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return server, url
-        except OSError:
-            time.sleep(0.25)
-    raise RuntimeError("mlflow server did not start")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 def mlflow_values(url: str, experiment: str) -> tuple[int, str]:
