@@ -159,3 +159,36 @@ def test_values_of_started_workers_with_a_run_made_at_import_are_all_recorded(
         "select name, step from metrics where run_id = 'test_1' order by name, step"
     ).fetchall()
     assert [tuple(row) for row in rows] == [(f"w{i}", s) for i in range(4) for s in range(3)]
+
+
+def test_an_ignore_file_that_cannot_be_read_is_a_clear_error_not_a_snapshot_without_it(
+    tmp_path,
+):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "train.py").write_text("print('train')\n")
+    (source / "big.log").write_text("what the user left out\n")
+    rules = source / ".expkitignore"
+    rules.write_text("*.log\n")
+    rules.chmod(0)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from expkit import snapshot\n"
+        "from expkit.blobs import BlobStore\n"
+        "from expkit.errors import UserError\n"
+        "ws = Path(sys.argv[2])\n"
+        "try:\n"
+        "    snapshot.take(Path(sys.argv[1]), ws / 'snap', BlobStore(ws / 'blobs'))\n"
+        "except UserError as error:\n"
+        "    print('UserError:', error)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'framework'}:{ROOT / 'plugins'}"}
+    result = subprocess.run(
+        [*_without_root_powers(), sys.executable, "-c", code, str(source), str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"UserError: {rules}: cannot be read (Permission denied)")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from expkit.blobs import BlobStore, copy_private
+from expkit.errors import UserError
 from expkit.outputs import escaped
 from expkit.snapindex import FOLDER, SnapshotIndex, stat_key
 
@@ -114,11 +115,20 @@ def _alternatives(rules: list[tuple[int, str]]) -> re.Pattern[str] | None:
 
 
 def load_ignore(source: Path) -> Ignore:
-    """The rules for `source`: ALWAYS_IGNORED, then its `.expkitignore`."""
+    """The rules for `source`: ALWAYS_IGNORED, then its `.expkitignore`. Raises UserError
+    when that file is there but cannot be read: a snapshot without its rules could take in
+    what the user left out (data, secrets)."""
     patterns = list(ALWAYS_IGNORED)
     ignore_file = source / IGNORE_FILE
     if ignore_file.is_file():
-        patterns += ignore_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        try:
+            text = ignore_file.read_text(encoding="utf-8", errors="replace")
+        except OSError as error:
+            raise UserError(
+                f"{escaped(str(ignore_file))}: cannot be read ({error.strerror or error}); "
+                "the snapshot needs its rules"
+            ) from None
+        patterns += text.splitlines()
     return Ignore(patterns)
 
 
