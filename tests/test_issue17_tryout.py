@@ -192,3 +192,25 @@ def test_an_ignore_file_that_cannot_be_read_is_a_clear_error_not_a_snapshot_with
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"UserError: {rules}: cannot be read (Permission denied)")
+
+
+def test_two_pumps_on_one_channel_store_each_value_once(expkit_workspace, tmp_path):
+    """The recovery of a dead driver's run and a driver resuming it (`expkit runs resume`)
+    may read the same channel at once: what one stored, the other does not store again."""
+    from expkit.metrics import MetricPump
+    from test_metric_pump import burst
+
+    channel = tmp_path / "metrics"
+    channel.mkdir()
+    count = 120_000  # several batches
+    burst(tmp_path, channel, count)
+    history = expkit_workspace.history
+    late = MetricPump(history, "run_1", channel)  # began where the history stood: nothing read
+    first = MetricPump(history, "run_1", channel)
+    first.pump()
+
+    late.pump()
+
+    steps = [row[0] for row in history.db.execute("select step from metrics order by id")]
+    assert steps == list(range(count))
+    assert first.count == count and late.count == 0

@@ -24,7 +24,7 @@ from typing import Any
 from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
 from expkit.errors import PluginError
 from expkit.history import History, metric_value
-from expkit.history.metrics import REFUSED
+from expkit.history.metrics import REFUSED, ChannelMoved
 from expkit.plugins import call
 
 PUMP_SECONDS = 0.1  # how often the pump looks for new lines once it has caught up (latency)
@@ -293,7 +293,10 @@ class MetricPump:
     What one line holds never takes other lines with it: a batch the history refuses is
     stored row by row, and the rows it still refuses are skipped (see `ChannelReader`).
     A failure of the history itself (a locked or full disk) leaves the lines unread, to be
-    read again at the next pump; the thread keeps going."""
+    read again at the next pump; the thread keeps going. Another reader of the same channel
+    (the recovery of a dead driver's run while `expkit runs resume` starts the next attempt)
+    may store lines first: a batch is stored only where it began at the offsets the history
+    holds (`history.metrics.Metrics.add`'s `read_from`), else read again from there."""
 
     def __init__(self, history: History, run_id: str, channel: Path) -> None:
         self.history, self.run_id = history, run_id
@@ -329,6 +332,9 @@ class MetricPump:
         try:
             batch = self.reader.read()
             stored = self._store(batch) if batch else 0
+        except ChannelMoved:  # another reader stored these lines: read on from where it got
+            self.reader.offsets = self.history.metrics.offsets_of(self.run_id)
+            return True
         except Exception as error:
             self.error = error
             raise
@@ -344,8 +350,9 @@ class MetricPump:
         refuses (text it cannot encode, ...) is left out alone, and counted as a skipped
         line."""
         args = (self.run_id, batch.rows, batch.offsets, batch.tags, batch.params)
+        began = self.reader.offsets  # where the batch began: not stored when another got on
         try:
-            return self.history.metrics.add(*args)
+            return self.history.metrics.add(*args, read_from=began)
         except REFUSED:
             pass  # a row the database refuses: find it, in one transaction still
 
@@ -353,7 +360,7 @@ class MetricPump:
             name = str(row[0]).encode("utf-8", "replace").decode()
             batch.rejected.append((name, str(error)))
 
-        return self.history.metrics.add(*args, refused=refused)
+        return self.history.metrics.add(*args, refused=refused, read_from=began)
 
     def stop(self) -> None:
         """Stop the thread, then read what the processes wrote last."""
