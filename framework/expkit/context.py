@@ -29,8 +29,10 @@ one notice on stderr per metric naming why; every other value is recorded.
 Processes a script starts record into channel files of their own. The script's own process
 (and each torchrun/MPI rank) queues, as above. A child of it does not: a process it forks
 (`os.fork`, `multiprocessing` with the fork start method) or starts with `multiprocessing`
-(spawn, forkserver: `multiprocessing.parent_process()` is set) writes each call to its channel
-file before the call returns, on the calling thread (a tensor is turned into a number there).
+(spawn, forkserver: `multiprocessing.parent_process()` is set, or the child is importing the
+script as its main module, where a run object made at the script's top is made) writes each
+call to its channel file before the call returns, on the calling thread (a tensor is turned
+into a number there).
 Such a child is often ended with no chance to write what it holds (`os._exit`, the SIGTERM of
 `Pool.__exit__`): whatever it logged is recorded all the same. A forked child starts with an
 empty queue (what the parent had queued is the parent's to write) and no forwarder (its thread
@@ -518,8 +520,16 @@ def _child_process() -> bool:
     if _forked:
         return True
     multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is None:
+        return False
     try:
-        return multiprocessing is not None and multiprocessing.parent_process() is not None
+        # A process multiprocessing starts (spawn, forkserver) imports the parent's main
+        # module before `parent_process()` is set, marked `_inheriting` meanwhile
+        # (multiprocessing/spawn.py, `_main`): a run object the script makes at its top.
+        current = multiprocessing.current_process()
+        return multiprocessing.parent_process() is not None or bool(
+            getattr(current, "_inheriting", False)
+        )
     except Exception:
         return False
 

@@ -863,7 +863,8 @@ class Lifecycle:
         index = self.ws.path / snapshot.INDEX_FOLDER  # a cache: files unchanged are not read
         snap = snapshot.take(source, self.run_dir / "snapshot", self.blobs, index)
         self.say(
-            f"snapshot of {source}: {count_files(len(snap.files), snap.size)}, "
+            f"snapshot of {run_outputs.escaped(str(source))}: "
+            f"{count_files(len(snap.files), snap.size)}, "
             f"{snap.rehashed} re-hashed, {human_seconds(time.monotonic() - started)} "
             f"(hash {short_hash(snap.hash)})"
         )

@@ -1,6 +1,7 @@
 """What the next open of a workspace does about a driver that died (kill -9, a crash, a reboot).
 
-The run is marked failed (`Runs.reap_orphans`), what it left running is stopped, what its
+The run is marked failed (`Runs.reap_orphans`), what it left running is stopped, the metric
+values its script wrote and its driver had not stored are stored, what its
 script wrote into outputs/ is kept where the user can find it (and said so in the record), its
 working copy is removed, its metric sinks get the rest of its metrics and are told it failed
 (in the background, `expkit.sinkrecovery`), and the temporary folders of cache builds whose
@@ -51,12 +52,30 @@ def recover(workspace: Workspace, history: History) -> list[str]:
     for run_id in reaped:
         stop_run_processes(run_id, workspace=workspace.path)
         with contextlib.suppress(OSError, sqlite3.OperationalError):
+            record_metrics(history, run_id, workspace.run_dir(run_id) / "metrics")
+        with contextlib.suppress(OSError, sqlite3.OperationalError):
             salvage(workspace, history, run_id)
         with contextlib.suppress(OSError, sqlite3.OperationalError):
             if sinkrecovery.needs_closing(history, run_id):  # in the background: not slow
                 sinkrecovery.start(workspace, run_id)
     remove_stale_builds(workspace)
     return reaped
+
+
+def record_metrics(history: History, run_id: str, channel: Path) -> int:
+    """Store what the dead run's processes wrote to its metric channel (`channel`, the run's
+    metrics/ folder) and its driver had not stored yet; returns how many values.
+
+    The pump records each batch with how far it read each file (`expkit.metrics.MetricPump`),
+    so reading on from there stores every value the script wrote before it was stopped, and
+    none twice; without this, a burst still in the channel when the driver died would be
+    in no record and reach no sink (`expkit.sinkrecovery` delivers what the history holds).
+    Takes as long as storing that backlog (a few seconds for a million values), once. Raises
+    sqlite3.OperationalError (a full disk: the values stay in the channel, where `expkit runs
+    resume` reads on from the same offsets)."""
+    from expkit.metrics import MetricPump  # the pump's imports only for a dead run
+
+    return MetricPump(history, run_id, channel).pump()
 
 
 def reattach(workspace: Workspace, history: History, run_ids: list[str]) -> list[str]:

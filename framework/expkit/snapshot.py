@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from expkit.blobs import BlobStore, copy_private
+from expkit.errors import UserError
 from expkit.outputs import escaped
 from expkit.snapindex import FOLDER, SnapshotIndex, stat_key
 
@@ -114,11 +115,20 @@ def _alternatives(rules: list[tuple[int, str]]) -> re.Pattern[str] | None:
 
 
 def load_ignore(source: Path) -> Ignore:
-    """The rules for `source`: ALWAYS_IGNORED, then its `.expkitignore`."""
+    """The rules for `source`: ALWAYS_IGNORED, then its `.expkitignore`. Raises UserError
+    when that file is there but cannot be read: a snapshot without its rules could take in
+    what the user left out (data, secrets)."""
     patterns = list(ALWAYS_IGNORED)
     ignore_file = source / IGNORE_FILE
     if ignore_file.is_file():
-        patterns += ignore_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        try:
+            text = ignore_file.read_text(encoding="utf-8", errors="replace")
+        except OSError as error:
+            raise UserError(
+                f"{escaped(str(ignore_file))}: cannot be read ({error.strerror or error}); "
+                "the snapshot needs its rules"
+            ) from None
+        patterns += text.splitlines()
     return Ignore(patterns)
 
 
@@ -134,6 +144,7 @@ class _Found:
     digest: str | None = None  # from the index, else once read; None: gone meanwhile
     size: int = 0
     changed: bool = False  # into something else than a file while the snapshot was taken
+    refused: str = ""  # why it could not be opened (permission denied): not in the snapshot
 
 
 def take(
@@ -148,7 +159,8 @@ def take(
     Links are never followed out of `source`: a link to a folder is not followed at all, a
     link to a file outside `source` (or to nothing) is left out; each is named in a warning
     (with what to do instead). A link to a file inside `source` is taken as that file's
-    content under the link's name.
+    content under the link's name. A file or folder that cannot be read (permission denied)
+    is left out, named in a warning: the snapshot holds what the user can read.
 
     With `index_dir` (the workspace's `.expkit/snapshot-index/`), a file whose stat data are
     those the last snapshot of `source` recorded, and not racy, is not read again (see
@@ -175,7 +187,9 @@ def take(
         rehashed = _read_all(unknown, layout, workers or _default_workers())
         files: dict[str, tuple[int, str]] = {}
         for item in sorted(found, key=lambda item: item.rel):
-            if item.changed:
+            if item.refused:
+                warnings.append(_unreadable(item.rel, item.refused))
+            elif item.changed:
                 warnings.append(
                     f"source folder: {escaped(item.rel)} changed into something other than a "
                     "file while the snapshot was taken: not in the snapshot"
@@ -257,7 +271,8 @@ class _Layout:
 
     def read(self, files: list[_Found]) -> int:
         """Read, hash and store each file, then link it; sets its digest and size (digest
-        None: it went, or changed into something else, meanwhile). The number read."""
+        None: it went, or changed into something else, meanwhile, or cannot be opened: see
+        `_Found.refused`). The number read."""
         read = 0
         for item in files:
             target = self._target(item.rel)
@@ -266,6 +281,9 @@ class _Layout:
                 fd = os.open(item.path, flags if item.follow else flags | os.O_NOFOLLOW)
             except FileNotFoundError:  # removed since it was listed: not in the snapshot
                 item.digest = None
+                continue
+            except PermissionError as error:  # as a folder that cannot be read: a warning
+                item.digest, item.refused = None, error.strerror or str(error)
                 continue
             except OSError as error:
                 if error.errno != errno.ELOOP:
@@ -344,12 +362,16 @@ def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[_Found]
             elif not ignore.ignored(rel, False):
                 try:
                     info = entry.stat(follow_symlinks=False)
+                    item = (
+                        _Found(rel, entry.path, info, follow=False)
+                        if stat.S_ISREG(info.st_mode)
+                        else _file(entry, rel, root, warnings)
+                    )
                 except FileNotFoundError:  # removed since the folder was listed
                     continue
-                if stat.S_ISREG(info.st_mode):
-                    yield _Found(rel, entry.path, info, follow=False)
+                except PermissionError as error:  # in a folder listed but not searchable
+                    warnings.append(_unreadable(rel, error.strerror or str(error)))
                     continue
-                item = _file(entry, rel, root, warnings)
                 if item is not None:
                     yield item
         pending.extend(reversed(kept))  # the first folder is walked next, as os.walk does
@@ -382,6 +404,14 @@ def _file(entry: os.DirEntry[str], rel: str, root: str, warnings: list[str]) -> 
         )
         return None
     return _Found(rel, entry.path, info, follow=False)
+
+
+def _unreadable(rel: str, why: str) -> str:
+    """Why a file that cannot be read (`why`: permission denied) is not in the snapshot."""
+    return (
+        f"source folder: {escaped(rel)} cannot be read ({why}): not in the snapshot; "
+        f"list it in {IGNORE_FILE} to silence this"
+    )
 
 
 def _not_utf8(name: str) -> bool:

@@ -21,6 +21,12 @@ from expkit.history.connection import Part
 REFUSED = (sqlite3.InterfaceError, ValueError, OverflowError, TypeError)
 
 
+class ChannelMoved(Exception):
+    """Another reader of the run's metric channel stored lines of a file past where this
+    batch began (`Metrics.add`'s `read_from`): the batch is not stored, the reader reads on
+    from the history's offsets (`Metrics.offsets_of`)."""
+
+
 class Metrics(Part):
     """Metric rows: (name, step, value, payload, ts, rank, attempt) per logged value; `value`
     holds a number, `payload` the JSON of anything else (strings, table rows).
@@ -36,6 +42,7 @@ class Metrics(Part):
         tags: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         refused: Callable[[tuple, Exception], None] | None = None,
+        read_from: dict[str, int] | None = None,
     ) -> int:
         """Append (name, step, value, payload, ts, rank, attempt) rows in one transaction (a row
         without its attempt is attempt 1's), with how far each file of the metric channel
@@ -47,13 +54,27 @@ class Metrics(Part):
         A row SQLite cannot take (text that is not UTF-8, an integer beyond 64 bits) raises
         one of REFUSED and nothing is stored; with `refused`, the rows are stored one by one
         instead, still in one transaction, and each such row is left out and handed to
-        `refused` with its error."""
+        `refused` with its error.
+
+        `read_from`: where the batch began in each file (bytes). When the history has another
+        offset for a file of `offsets` (another reader stored those lines first: the recovery
+        of a dead driver's run and a driver resuming it), nothing is stored and ChannelMoved
+        is raised, so that no value is stored twice (a compare-and-set, in the transaction)."""
         sql = (
             "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank, attempt)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
         full = ((run_id, *row, 1) if len(row) == 6 else (run_id, *row) for row in rows)
         with self.transaction() as db:
+            if read_from is not None and offsets:
+                now = dict(
+                    db.execute(
+                        "SELECT file, offset FROM channel_offsets WHERE run_id = ?", (run_id,)
+                    ).fetchall()
+                )
+                moved = [f for f in offsets if now.get(f, 0) != read_from.get(f, 0)]
+                if moved:
+                    raise ChannelMoved(f"{moved[0]} was read on by another reader")
             if refused is None:
                 stored = db.executemany(sql, full).rowcount
             else:
