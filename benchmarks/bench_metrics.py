@@ -489,18 +489,24 @@ def stop_server(server: subprocess.Popen) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--values", type=int, default=100_000)
-    parser.add_argument("--log-metric-calls", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=7, help="rounds of part 1 (7)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="part 1's CPU work (s)")
+    parser.add_argument("--values", type=int, default=100_000, help="part 2's values")
+    parser.add_argument(
+        "--log-metric-calls", type=int, default=2000, help="part 2's peer calls, extrapolated"
+    )
     parser.add_argument("--server", action="store_true", help="part 2 against mlflow server too")
     parser.add_argument(
         "--only", choices=["overhead", "queryable", "burst", "latency"], help="run one part"
     )
     parser.add_argument("--bursts", default="1000000,3000000", help="values per burst (part 3)")
-    parser.add_argument("--log-batch-values", type=int, default=100_000)
+    parser.add_argument(
+        "--log-batch-values", type=int, default=100_000, help="part 3's peer values, extrapolated"
+    )
     parser.add_argument("--rate", type=int, default=1_000_000, help="values/s (part 4)")
-    parser.add_argument("--stream-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--stream-seconds", type=float, default=10.0, help="part 4's stream length (s)"
+    )
     parser.add_argument("--quick", action="store_true", help="parts 3-4 smaller")
     args = parser.parse_args()
     if args.quick:

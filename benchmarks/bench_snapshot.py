@@ -94,9 +94,9 @@ def git(tree: Path, git_dir: Path, *args: str) -> Callable[[], object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", type=int, default=20_000)
-    parser.add_argument("--megabytes", type=float, default=200)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--files", type=int, default=20_000, help="files in the tree (20,000)")
+    parser.add_argument("--megabytes", type=float, default=200, help="its size in MB (200)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians shown (3)")
     parser.add_argument("--quick", action="store_true", help="2,000 files, 20 MB")
     parser.add_argument("--workers", type=int, default=None, help="expkit's threads")
     parser.add_argument("--dir", default=None, help="where the temporary folder goes")
