@@ -13,6 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _run_without_root_powers(code: str, *args: Path) -> subprocess.CompletedProcess[str]:
+    """`python -c code *args` with this checkout's expkit, without root's power to read what
+    its mode forbids (`_without_root_powers`)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'framework'}:{ROOT / 'plugins'}"}
+    return subprocess.run(
+        [*_without_root_powers(), sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
 def _without_root_powers() -> list[str]:
     """A command prefix under which file permissions apply: root without the capabilities
     that let it read any file (setpriv), anyone else as they are."""
@@ -46,13 +58,7 @@ def test_a_source_file_that_cannot_be_read_is_left_out_with_a_warning(tmp_path):
         "print(sorted(snap.files))\n"
         "print('\\n'.join(snap.warnings))\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'framework'}:{ROOT / 'plugins'}"}
-    result = subprocess.run(
-        [*_without_root_powers(), sys.executable, "-c", code, str(source), str(tmp_path / "ws")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = _run_without_root_powers(code, source, tmp_path / "ws")
     assert result.returncode == 0, result.stderr
     listed, *warnings = result.stdout.splitlines()
     assert listed == "['train.py']"
@@ -183,13 +189,7 @@ def test_an_ignore_file_that_cannot_be_read_is_a_clear_error_not_a_snapshot_with
         "except UserError as error:\n"
         "    print('UserError:', error)\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'framework'}:{ROOT / 'plugins'}"}
-    result = subprocess.run(
-        [*_without_root_powers(), sys.executable, "-c", code, str(source), str(tmp_path / "ws")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = _run_without_root_powers(code, source, tmp_path / "ws")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"UserError: {rules}: cannot be read (Permission denied)")
 
