@@ -440,7 +440,10 @@ class Lifecycle:
         self.data_paths: dict[str, str] = {}
         self.stage_note = ""
         self.current_stage: Stage | None = None
-        self._cancel = threading.Event()
+        # A plain flag, not a threading.Event: the signal handler sets it, and a handler may
+        # run inside any bytecode of the main thread, another handler's included, so it must
+        # take no lock (Event.set takes one: a second signal there deadlocked the driver).
+        self._cancel = False
         self._last_poll = 0.0
         self.pump: MetricPump | None = None
         self.sinks: list[SinkWorker] = []
@@ -1069,7 +1072,7 @@ class Lifecycle:
         if not self.history.runs.get(self.run_id).requeue_requested:
             return False
         self.history.runs.clear_requeue(self.run_id)
-        self._cancel.clear()
+        self._cancel = False
         return True
 
     def attempt_ended(self, outcome: str, reason: str, then: str) -> None:
@@ -1340,14 +1343,14 @@ class Lifecycle:
             self.say(text)
 
     def canceled(self) -> bool:
-        if self._cancel.is_set():
+        if self._cancel:
             return True
         now = time.monotonic()
         if now - self._last_poll >= CANCEL_POLL_SECONDS:
             self._last_poll = now
             if self.history.runs.cancel_requested(self.run_id):
-                self._cancel.set()
-        return self._cancel.is_set()
+                self._cancel = True
+        return self._cancel
 
     def _markers(self) -> dict[str, str]:
         """The environment that marks a process as this run's (see expkit.procs)."""
@@ -1357,7 +1360,7 @@ class Lifecycle:
         """What the record says about the signal that stopped the run: Ctrl-C (SIGINT) is
         "canceled by the user", the others "terminated by SIGTERM" (or SIGHUP); a cancel asked
         for with a reason (a sweep's early termination, `Runs.request_cancel`) is that reason."""
-        if self.terminated_by is None and self._cancel.is_set():
+        if self.terminated_by is None and self._cancel:
             reason = self.history.runs.get(self.run_id).cancel_reason
             if reason:
                 return reason
@@ -1381,9 +1384,15 @@ class Lifecycle:
         In prepare, scale, run and register the stage stops at once; in post-process (and
         between stages) the signal is noted, exports in progress are stopped, and the outputs
         are still sealed. Every later signal is only noted: it must not cut short the
-        bookkeeping that keeps the outputs and records the run."""
+        bookkeeping that keeps the outputs and records the run.
+
+        CPython runs a handler between any two bytecodes of the main thread, inside another
+        handler too (two signals sent together: the second interrupts the first). So the
+        first line claims "first", and nothing here takes a lock or waits."""
         name = signal.Signals(signum).name
         first = self.terminated_by is None
+        if first:
+            self.terminated_by = name
         if (
             signum == signal.SIGHUP
             and first
@@ -1392,13 +1401,11 @@ class Lifecycle:
             and self.current_stage in (Stage.SCALE, Stage.RUN)
         ):  # the terminal closed: the job goes on without this driver, not canceled
             self._interruptible = False
-            self.terminated_by = name
             raise Detached("the terminal closed (SIGHUP)")
-        self._cancel.set()
+        self._cancel = True
         if not first:
             _note(f"{name}: the run is being saved and recorded; it takes a moment")
             return
-        self.terminated_by = name
         if self._interruptible:
             self._interruptible = False
             if signum == signal.SIGINT:
