@@ -297,7 +297,6 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     fared and where it put the run's data, outputs, exports, and how to resume a failed or
     canceled run that kept a checkpoint folder."""
     from expkit.console import count_files, format_value, human_seconds
-    from expkit.exports import describe as describe_export
     from expkit.metrics import SINK_OUTCOME
 
     history = workspace.history
@@ -329,6 +328,8 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     )
     rows.append(("outputs", count_files(len(outputs), sum(s for s, _ in outputs.values())) + note))
     for export in history.exports.of(record.id):
+        from expkit.exports import describe as describe_export
+
         note = "" if export.ok else " (not registered)"
         rows.append(("export", describe_export(export) + note))
     if record.error:
