@@ -237,6 +237,25 @@ def test_a_bad_line_in_a_batch_is_skipped_alone(expkit_workspace, tmp_path, chan
     assert history.metrics.offsets_of("run_1") == {path.name: path.stat().st_size}
 
 
+def test_rows_are_stored_under_their_run_whatever_its_id_holds(expkit_workspace):
+    """The pump's rows go in under the run id written into the statement (`_insert_of`): an
+    id with a quote, or one SQL text cannot hold (a NUL), still names its own run only."""
+    history = expkit_workspace.history
+    ids = ["it's", "a'); DROP TABLE metrics; --", "nul\x00id", "plain"]
+    for n, run_id in enumerate(ids):
+        rows = [("x", i, float(n * 10 + i), None, 1.0, 0, 1) for i in range(3)]
+        assert history.metrics.add(run_id, rows) == 3
+    history.metrics.add("plain", [("y", 0, 0.25, None, 1.0, 0), ("y", 1, 0.5, None, 1.0, 0, 2)])
+
+    for n, run_id in enumerate(ids):
+        got = [(r["run_id"], r["step"], r["value"]) for r in history.metrics.of(run_id, "x")]
+        assert got == [(run_id, i, float(n * 10 + i)) for i in range(3)]
+    assert [(r["value"], r["attempt"]) for r in history.metrics.of("plain", "y")] == [
+        (0.25, 1),
+        (0.5, 2),
+    ]
+
+
 # -- the history's reads: a page at a time --------------------------------------------------------
 def test_pages_of_a_run_interleaved_with_another_come_in_order(expkit_workspace):
     history = expkit_workspace.history

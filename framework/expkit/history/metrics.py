@@ -64,7 +64,15 @@ class Metrics(Part):
             "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank, attempt)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        full = ((run_id, *row, 1) if len(row) == 6 else (run_id, *row) for row in rows)
+        rows = rows if isinstance(rows, list) else list(rows)
+        if rows and run_id.isprintable() and all(map((7).__eq__, map(len, rows))):
+            # The pump's batches: bound as they are, the run id a literal of the statement
+            # (`_insert_of`), instead of a new 8-tuple per row (a tenth of the pump's time).
+            full: Iterable[tuple] = rows
+            bulk = _insert_of(run_id)
+        else:
+            full = ((run_id, *row, 1) if len(row) == 6 else (run_id, *row) for row in rows)
+            bulk = sql
         with self.transaction() as db:
             if read_from is not None and offsets:
                 now = dict(
@@ -76,15 +84,15 @@ class Metrics(Part):
                 if moved:
                     raise ChannelMoved(f"{moved[0]} was read on by another reader")
             if refused is None:
-                stored = db.executemany(sql, full).rowcount
+                stored = db.executemany(bulk, full).rowcount
             else:
                 stored = 0
                 for row in full:
                     try:
-                        db.execute(sql, row)
+                        db.execute(bulk, row)
                         stored += 1
                     except REFUSED as error:
-                        refused(row[1:], error)
+                        refused(row[1:] if bulk is sql else row, error)
             db.executemany(
                 "INSERT OR REPLACE INTO channel_offsets (run_id, file, offset) VALUES (?, ?, ?)",
                 ((run_id, name, offset) for name, offset in (offsets or {}).items()),
@@ -226,6 +234,18 @@ class Metrics(Part):
             if row is not None:
                 found[run_id] = metric_value(row)
         return found
+
+
+def _insert_of(run_id: str) -> str:
+    """The INSERT of (name, step, value, payload, ts, rank, attempt) rows into run `run_id`:
+    its id a quoted SQL literal ('' for a quote, as SQL's string literals have it). One text
+    per run, so that SQLite's statement cache (sqlite3.connect's cached_statements) prepares
+    it once per run."""
+    quoted = "'" + run_id.replace("'", "''") + "'"  # printable: no NUL, no lone surrogate
+    return (
+        "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank, attempt)"
+        f" VALUES ({quoted}, ?, ?, ?, ?, ?, ?, ?)"
+    )
 
 
 # The names of run ?1's metrics, as the table `names` (ending with a NULL row): each found by
