@@ -97,18 +97,18 @@ def fetch(
         _at_destination(_check_target, item.target, item.target, overwrite)
     staged: list[tuple[Path, Path]] = []
     temporary: list[Path] = []  # every temporary file made, removed whatever happens
-    try:
-        with _signals_interrupt():
+    with _signals_interrupt():  # also over the clean-up: a second SIGTERM must not skip it
+        try:
             for item in wanted:
                 _at_destination(item.target.parent.mkdir, item.target.parent, parents=True,
                                 exist_ok=True)  # fmt: skip
                 staged.append((_stage(item, warn, temporary), item.target))
             for tmp, target in staged:
                 _at_destination(_place, target, tmp, target, overwrite)
-    finally:
-        for tmp in temporary:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        finally:
+            for tmp in temporary:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
     return [target for _, target in staged]
 
 
@@ -138,7 +138,9 @@ class _Stopped(KeyboardInterrupt):
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
     """While a download writes, SIGTERM and SIGHUP stop it the way Ctrl-C does (exit 130,
-    temporary files removed) instead of killing the process where it stands."""
+    temporary files removed) instead of killing the process where it stands. Only the first
+    raises: a later one (a service manager that sends SIGTERM again) is noted on stderr, so
+    that the temporary files are still removed."""
     import signal
     import threading
 
@@ -146,8 +148,14 @@ def _signals_interrupt() -> Iterator[None]:
         yield
         return
 
+    stopped: list[int] = []
+
     def stop(signum: int, frame: object) -> None:
-        raise _Stopped()
+        stopped.append(signum)
+        if len(stopped) == 1:
+            raise _Stopped()
+        with contextlib.suppress(OSError):  # no lock here: the terminal may be gone
+            os.write(2, b"expkit: removing the download's temporary files; it takes a moment\n")
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -1,4 +1,6 @@
-"""The run driver's signal handler when a second signal interrupts the first one's handler.
+"""Signal handlers when a second signal comes while the first one's work is under way.
+
+The run driver's handler, when a second signal interrupts the first one's handler:
 
 CPython runs a Python signal handler between two bytecodes of the main thread, and that may be
 inside another handler: Ctrl-C and a SIGTERM sent together (a service manager that follows
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import io
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -118,3 +122,32 @@ def test_a_second_signal_at_any_line_of_the_first_handler_is_only_noted(
     else:
         pytest.fail("the first handler never ended")
     assert step > 3  # the handler and what it calls were walked line by line
+
+
+def test_a_second_sigterm_while_a_download_cleans_up_lets_it_finish():
+    """A download stopped by SIGTERM removes its temporary files (in the user's destination
+    folder) even when the service manager sends SIGTERM again meanwhile."""
+    snippet = textwrap.dedent(
+        """
+        import os, signal, time
+        from expkit import downloads
+
+        cleaned = []
+        try:
+            with downloads._signals_interrupt():
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)
+                finally:
+                    os.kill(os.getpid(), signal.SIGTERM)  # while the temporary files go
+                    time.sleep(0.1)
+                    cleaned.append("tmp")
+        except KeyboardInterrupt:
+            print("stopped, cleaned:", cleaned)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "stopped, cleaned: ['tmp']", result.stdout + result.stderr
+    assert "temporary files" in result.stderr
