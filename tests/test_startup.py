@@ -55,6 +55,22 @@ UNUSED_CAPABILITIES = (
     "urllib.request",  # the HTTP client MLflow's tracking helpers import
     "http.client",
 )
+# What only some runs use (exports, model registration, data downloads, sweeps, plots), and
+# what the plugin scan imports (importlib.metadata, with email and zipfile; socket for a host
+# name) once it is remembered: a local no-op run imports none of them.
+UNUSED_BY_A_NOOP_RUN = (
+    "expkit.exports",
+    "expkit.exportkit",
+    "expkit.registry",
+    "expkit.modelrefs",
+    "expkit.downloads",
+    "expkit.sweeps",
+    "expkit.plot",
+    "importlib.metadata",
+    "email",
+    "zipfile",
+    "socket",
+)
 # The driver's bookkeeping, which neither `expkit --help` nor a training script needs.
 BOOKKEEPING = (
     "yaml",
@@ -143,9 +159,28 @@ def test_a_local_run_imports_no_unused_capability_and_no_heavy_library(modules_o
     assert imported(modules, UNUSED_CAPABILITIES) == []
 
 
+def test_a_local_noop_run_imports_nothing_it_does_not_use(
+    modules_of, write_job, tmp_path, monkeypatch
+):
+    """Once the plugin scan is remembered (the first run stores it), a run of a job without
+    exports, model or data imports neither their modules nor importlib.metadata."""
+    from expkit.entrycache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    job = write_job({}, script="print('noop')\n")
+    first = modules_of("run", str(job), "--quiet")
+
+    modules = modules_of("run", str(job), "--quiet")
+
+    assert "importlib.metadata" in first  # the control: the scan, then stored
+    assert "expkit.lifecycle" in modules and "expkit_local.target" in modules
+    assert imported(modules, UNUSED_BY_A_NOOP_RUN) == []
+
+
 def test_the_modules_named_here_exist():
     """The control of the checks here: a renamed module would make them pass for nothing."""
-    for name in (*UNUSED_CAPABILITIES, *BOOKKEEPING, "expkit.cli.entry", "expkit.context"):
+    names = (*UNUSED_CAPABILITIES, *BOOKKEEPING, *UNUSED_BY_A_NOOP_RUN)
+    for name in (*names, "expkit.cli.entry", "expkit.context"):
         assert importlib.util.find_spec(name) is not None, name
 
 

@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -138,7 +137,7 @@ def remove_stale(cache_dir: Path) -> list[Path]:
 
 
 def _host() -> str:
-    return socket.gethostname().split(".")[0] or "host"
+    return os.uname().nodename.split(".")[0] or "host"
 
 
 def place(name: str, origin: Path, mode: str, work_dir: Path) -> Path:

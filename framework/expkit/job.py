@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import errno
 import math
 import os
@@ -322,6 +321,8 @@ class RetrySpec(_Spec):
         for i, item in enumerate(self.on):
             if isinstance(item, str):
                 if item not in RETRYABLE:
+                    import difflib
+
                     hint = difflib.get_close_matches(item, RETRYABLE, n=1)
                     more = f" (did you mean {hint[0]!r}?)" if hint else ""
                     raise _Invalid(
@@ -777,6 +778,8 @@ def _convert_spec(value: Any, cls: type[_Spec], path: str, problems: list[_Inval
     for key in value:
         if key not in fields:
             name = printable(str(key), 60)
+            import difflib
+
             hint = difflib.get_close_matches(name, fields, n=1)
             reason = "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             problems.append(_Invalid(f"{prefix}{name}", f"{reason}; allowed: {', '.join(fields)}"))

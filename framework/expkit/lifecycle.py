@@ -26,7 +26,7 @@ from typing import Any
 
 from expkit import checkpoints as checkpoint_folder
 from expkit import data as data_inputs
-from expkit import exports, importhooks, options, services, snapshot
+from expkit import importhooks, options, services, snapshot
 from expkit import outputs as run_outputs
 from expkit.blobs import BlobStore
 from expkit.capabilities import (
@@ -68,15 +68,7 @@ from expkit.procs import (
     stop_descendants,
     stop_run_processes,
 )
-from expkit.recovery import RESERVE_NAME, salvage
-from expkit.registry import (
-    NoModelFiles,
-    check_register_if,
-    record_registration,
-    register_run_model,
-    set_alias,
-    unmet,
-)
+from expkit.recovery import RESERVE_NAME
 from expkit.stages import AttemptOutcome, Outcome, RunState, Stage
 from expkit.workspace import Workspace
 
@@ -663,6 +655,8 @@ class Lifecycle:
                 if attempt == 1 and script_started:
                     continue  # seal the outputs, now that there is room
                 with suppress(Exception):  # outputs out of work/ (unsealed), said in the record
+                    from expkit.recovery import salvage
+
                     salvage(self.ws, self.history, self.run_id)
             break
 
@@ -1195,6 +1189,9 @@ class Lifecycle:
 
     def export(self) -> None:
         """Each of the job's exports; a passing one's files join the model's folder in outputs."""
+        from expkit import exports
+        from expkit.registry import check_register_if, unmet
+
         assert self.job.model is not None and self.ctx.environment is not None
         python = exports.interpreter(self.ctx.environment.python)
         env = {**self.ctx.environment.env, **self.ctx.script_env}
@@ -1265,6 +1262,8 @@ class Lifecycle:
     def register_if(self) -> str | None:
         """Why the job's `model.register_if` keeps this run from making a version (None: it
         does not); each condition's verdict is said on the way, in post-process's lines."""
+        from expkit.registry import check_register_if, unmet
+
         verdicts = check_register_if(self.ws, self.job, self.run_id)
         for verdict in verdicts:
             self.say(f"register_if {'met' if verdict.ok else 'not met'}: {verdict.text}")
@@ -1275,6 +1274,13 @@ class Lifecycle:
         `expkit.registry.register_run_model`), then in each of the job's registries (each
         registration recorded), then the job's `model.aliases`, mirrored to those registries
         (one that refuses is a warning: the version is kept)."""
+        from expkit.registry import (
+            NoModelFiles,
+            record_registration,
+            register_run_model,
+            set_alias,
+        )
+
         spec = self.job.model
         assert spec is not None
         try:

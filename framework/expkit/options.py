@@ -14,7 +14,6 @@ plugin decides (the local target: this machine's CPU count).
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +47,8 @@ def problems(
         if name in takes:
             continue
         shown = printable(str(name), 60)
+        import difflib
+
         hint = difflib.get_close_matches(shown, list(takes), n=1)
         reason = f"unknown option of {capability.kind} {capability.name!r}"
         reason += f" (did you mean {hint[0]!r}?)" if hint else ""

@@ -1,16 +1,17 @@
 """Finding plugins, collecting what they supply, and calling them safely.
 
-Plugins are found through the entry-point group `expkit` (built-ins too). A plugin that fails
-to import, implements a hook expkit does not have (a misspelt name) or takes arguments its
-hook does not pass is not loaded, with a one-line reason; `EXPKIT_DISABLE_PLUGINS=a,b` blocks
-plugins by name. Every call of a capability's method goes through `call`, which names the
-plugin, the capability and the method when it raises. `EXPKIT_TRACE=1` (or `--debug`) prints
-every hook call and every capability method call to stderr.
+Plugins are found through the entry-point group `expkit` (built-ins too; the scan of the
+installed distributions is remembered while none changes, see `expkit.entrycache`). A plugin
+that fails to import, implements a hook expkit does not have (a misspelt name) or takes
+arguments its hook does not pass is not loaded, with a one-line reason;
+`EXPKIT_DISABLE_PLUGINS=a,b` blocks plugins by name. Every call of a capability's method goes
+through `call`, which names the plugin, the capability and the method when it raises.
+`EXPKIT_TRACE=1` (or `--debug`) prints every hook call and every capability method call to
+stderr.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import re
@@ -39,7 +40,8 @@ class PluginInfo:
     """One plugin as `expkit plugins` shows it.
 
     `source` is the installed distribution its entry point came from (an
-    `importlib.metadata.Distribution`; None for one registered in-process): its name and
+    `importlib.metadata.Distribution`, or `expkit.entrycache.Distribution` when the entry
+    points came from the cache; None for one registered in-process): its name and
     version are read from it on first use, since parsing a distribution's METADATA costs
     milliseconds per plugin and only `expkit plugins` and a conflict's message show them.
     """
@@ -63,7 +65,7 @@ class PluginInfo:
 
 @functools.lru_cache(maxsize=256)
 def _metadata(distribution: Any) -> tuple[str, str]:
-    """(name, version) of an `importlib.metadata.Distribution`, its METADATA parsed once
+    """(name, version) of a distribution (anything with `metadata`), its METADATA parsed once
     (the built-in plugins share one distribution); ("", "") for None."""
     if distribution is None:
         return "", ""
@@ -265,7 +267,7 @@ def load(disabled: str | None = None) -> Plugins:
     `expkit.hookspecs` and each asks only for arguments its hook passes; otherwise its
     `PluginInfo.error` says why, in one line, and `expkit plugins` shows it as not loaded.
     """
-    from importlib.metadata import entry_points
+    from expkit.entrycache import entry_points
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -308,6 +310,8 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> str | None
         mine = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]
         if caller.has_spec() or all(impl.optionalhook for impl in mine):
             continue
+        import difflib
+
         close = difflib.get_close_matches(caller.name, known, n=1)
         unknown.append(caller.name + (f" (did you mean {close[0]}?)" if close else ""))
     if not unknown:

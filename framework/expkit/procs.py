@@ -177,8 +177,11 @@ def group_alive(group: int) -> bool:
 
 def descendants(root: int | None = None) -> list[int]:
     """Pids of the live (not zombie) descendants of `root` (default: this process)."""
-    root = os.getpid() if root is None else root
-    table = _parents()
+    return _descendants(_parents(), os.getpid() if root is None else root)
+
+
+def _descendants(table: dict[int, tuple[int, bytes]], root: int) -> list[int]:
+    """`descendants` of `root` in `table` (a `_parents()`)."""
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in table.items():
         children.setdefault(parent, []).append(pid)
@@ -201,7 +204,8 @@ def stop_descendants(grace: float = 2.0) -> list[int]:
     signalled: list[int] = []
     deadline = time.monotonic() + grace
     while True:
-        left = descendants()
+        table = _parents()
+        left = _descendants(table, os.getpid())
         if not left:
             break
         late = time.monotonic() > deadline
@@ -210,19 +214,25 @@ def stop_descendants(grace: float = 2.0) -> list[int]:
             if pid not in signalled:
                 signalled.append(pid)
         reap_zombies()
-        if late and time.monotonic() > deadline + 5:
-            break  # unkillable (uninterruptible sleep): give up rather than hang
+        if late and time.monotonic() > deadline + 5:  # unkillable (uninterruptible sleep)
+            reap_zombies()
+            return signalled  # give up rather than hang
         time.sleep(0.05)
-    reap_zombies()
+    _reap(table)  # the look that found none alive: /proc is read once when nothing is left
     return signalled
 
 
 def reap_zombies() -> list[int]:
     """Collect the exit status of this process's children that are zombies and that no
     `subprocess.Popen` is waiting for (orphans it inherited as a subreaper)."""
+    return _reap(_parents())
+
+
+def _reap(table: dict[int, tuple[int, bytes]]) -> list[int]:
+    """`reap_zombies` of the zombies in `table` (a `_parents()`)."""
     me = os.getpid()
     reaped = []
-    for pid, (parent, state) in _parents().items():
+    for pid, (parent, state) in table.items():
         if parent != me or state != b"Z":
             continue
         with contextlib.suppress(ChildProcessError, OSError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
 from collections.abc import Callable
@@ -130,7 +129,7 @@ class Runs(Part):
                     time.time(),
                     pid,
                     process_start(pid),
-                    socket.gethostname(),
+                    os.uname().nodename,
                     sweep,
                     trial,
                 ),
@@ -143,7 +142,7 @@ class Runs(Part):
         with self.transaction() as db:
             db.execute(
                 "UPDATE runs SET driver_pid = ?, driver_start = ?, driver_host = ? WHERE id = ?",
-                (pid, process_start(pid), socket.gethostname(), run_id),
+                (pid, process_start(pid), os.uname().nodename, run_id),
             )
 
     def get(self, run_id: str) -> RunRecord:
@@ -238,7 +237,7 @@ class Runs(Part):
                 " exit_code = NULL, cancel_requested = 0, cancel_reason = NULL,"
                 " requeue_requested = 0, driver_pid = ?, driver_start = ?, driver_host = ?"
                 " WHERE id = ?",
-                (pid, process_start(pid), socket.gethostname(), run_id),
+                (pid, process_start(pid), os.uname().nodename, run_id),
             )
         return self.get(run_id)
 
@@ -259,7 +258,7 @@ class Runs(Part):
         those to re-attach to). A run is re-attached to when its compute target recorded a
         job that outlives the driver (`remote_job`) and it was waiting for or running it
         (queued, scaling or running); any other is reaped."""
-        host = socket.gethostname()
+        host = os.uname().nodename
         reap, reattach = [], []
         rows = self.db.execute(
             "SELECT id, state, driver_pid, driver_start, remote_job FROM runs"
@@ -319,7 +318,7 @@ class Runs(Part):
                 return False
             db.execute(
                 "UPDATE runs SET driver_pid = ?, driver_start = ?, driver_host = ? WHERE id = ?",
-                (pid, process_start(pid), socket.gethostname(), run_id),
+                (pid, process_start(pid), os.uname().nodename, run_id),
             )
         return True
 

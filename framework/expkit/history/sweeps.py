@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -81,7 +80,7 @@ class Sweeps(Part):
                     time.time(),
                     pid,
                     process_start(pid),
-                    socket.gethostname(),
+                    os.uname().nodename,
                 ),
             )
         return self.get(sweep_id)
@@ -126,7 +125,7 @@ class Sweeps(Part):
             ended=None,
             driver_pid=pid,
             driver_start=process_start(pid),
-            driver_host=socket.gethostname(),
+            driver_host=os.uname().nodename,
         )
 
     def finish(self, sweep_id: str, state: str, error: str | None = None) -> None:
