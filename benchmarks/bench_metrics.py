@@ -3,7 +3,8 @@
     python benchmarks/bench_metrics.py [--repeat 7] [--seconds 10] [--values 100000]
                                        [--log-metric-calls 2000] [--server] [--only PART]
                                        [--bursts 1000000,3000000] [--log-batch-values 100000]
-                                       [--rate 1000000] [--stream-seconds 10] [--quick]
+                                       [--rate 1000000] [--stream-seconds 10] [--pump-values N]
+                                       [--quick]
 
 1. What sinks cost the training script (target: under 2 % slower): a script doing ~10 s of
    CPU work and logging a few thousand values, with no sink, with `mlflow`, and with `mlflow`
@@ -33,6 +34,11 @@
    `expkit runs show` does (`history.metrics.latest`) every 10 ms: how long after
    `run.log()` each probe became visible (median, 95th percentile, max), and the rate the
    script achieved.
+5. The pump (`--only pump`): how many values a second the driver's `MetricPump` stores, in
+   process, from --pump-values channel lines as the script's writer writes them (four metric
+   names, random values); beside it, how many a second it only reads and parses them
+   (`ChannelReader.read`), the rest being SQLite's. Part 4's latency stays bounded only while
+   the pump stores faster than the script logs; the ratio is to --rate.
 
 The MLflow store is SQLite, the sink's embedded default; `--server` also runs part 2 against
 a `mlflow server` on a loopback port. Prints a table and the figures as JSON on the last line.
@@ -440,6 +446,40 @@ def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
     }
 
 
+# -- 5. the pump's throughput, in process ---------------------------------------------------------
+def bench_pump(folder: Path, values: int) -> dict[str, float]:
+    """See the module's part 5: values/s stored (wall and CPU seconds) and values/s parsed."""
+    import random
+
+    from expkit.history import History
+    from expkit.metrics import ChannelReader, MetricPump
+
+    channel = folder / "metrics"
+    channel.mkdir(parents=True)
+    names, rnd, start = ["loss", "lr", "accuracy", "grad_norm"], random.Random(1), time.time()
+    with open(channel / "rank-0.1.jsonl", "w") as f:  # the lines `ScriptRun._encode` writes
+        for i in range(values):
+            value = rnd.random()
+            f.write(f'["m","{names[i % 4]}",{value!r},{i},{start + i * 1e-6!r},0]\n')
+    reader, parse_s = ChannelReader(channel), time.perf_counter()
+    while batch := reader.read():
+        reader.commit(batch)
+    parse_s = time.perf_counter() - parse_s
+    pump = MetricPump(History(folder / "history.db"), "20261130-120000-bench0", channel)
+    wall, cpu = time.perf_counter(), time.process_time()
+    stored = pump.pump()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert stored == values, (stored, values)
+    return {
+        "values": values,
+        "stored_values_per_s": values / wall,
+        "stored_values_per_cpu_s": values / cpu,
+        "parsed_values_per_s": values / parse_s,
+        "us_per_value": wall / values * 1e6,
+        "us_per_value_parse": parse_s / values * 1e6,
+    }
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text.strip())
@@ -497,7 +537,9 @@ def main() -> None:
     )
     parser.add_argument("--server", action="store_true", help="part 2 against mlflow server too")
     parser.add_argument(
-        "--only", choices=["overhead", "queryable", "burst", "latency"], help="run one part"
+        "--only",
+        choices=["overhead", "queryable", "burst", "latency", "pump"],
+        help="run one part",
     )
     parser.add_argument("--bursts", default="1000000,3000000", help="values per burst (part 3)")
     parser.add_argument(
@@ -507,11 +549,15 @@ def main() -> None:
     parser.add_argument(
         "--stream-seconds", type=float, default=10.0, help="part 4's stream length (s)"
     )
-    parser.add_argument("--quick", action="store_true", help="parts 3-4 smaller")
+    parser.add_argument(
+        "--pump-values", type=int, default=1_000_000, help="part 5's channel lines (1000000)"
+    )
+    parser.add_argument("--quick", action="store_true", help="parts 3-5 smaller")
     args = parser.parse_args()
     if args.quick:
         args.bursts, args.log_batch_values, args.stream_seconds = "300000,1000000", 20_000, 5.0
-    figures: dict = {"overhead": {}, "queryable_s": {}, "burst": {}, "latency": {}}
+        args.pump_values = 300_000
+    figures: dict = {"overhead": {}, "queryable_s": {}, "burst": {}, "latency": {}, "pump": {}}
     overhead = figures["overhead"]
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "overhead"):
@@ -533,6 +579,8 @@ def main() -> None:
             figures["burst"] = bench_burst(Path(tmp, "burst"), counts, args.log_batch_values)
         if args.only in (None, "latency"):
             figures["latency"] = bench_latency(Path(tmp, "latency"), args.rate, args.stream_seconds)
+        if args.only in (None, "pump"):
+            figures["pump"] = bench_pump(Path(tmp, "pump"), args.pump_values)
 
     if overhead:
         base = overhead["no sink"]
@@ -586,6 +634,16 @@ def main() -> None:
             f" {latency['achieved_values_per_s']:,.0f} achieved: median"
             f" {latency['median_s']:.3f}s, p95 {latency['p95_s']:.3f}s,"
             f" max {latency['max_s']:.3f}s ({latency['probes_seen']} probes)"
+        )
+    pump = figures["pump"]
+    if pump:
+        print(
+            f"\n5. the pump, in process, {pump['values']:,} channel lines:"
+            f" {pump['stored_values_per_s']:,.0f} values/s stored"
+            f" ({pump['us_per_value']:.2f} us each; {pump['stored_values_per_cpu_s']:,.0f} per CPU"
+            f" second), {pump['stored_values_per_s'] / args.rate:.2f}x the {args.rate:,}/s asked;"
+            f" parsing alone {pump['parsed_values_per_s']:,.0f} values/s"
+            f" ({pump['us_per_value_parse']:.2f} us each)"
         )
     print(json.dumps(figures))
 

@@ -102,7 +102,7 @@ def test_a_burst_larger_than_a_batch_is_stored_once_in_order_across_a_crash(
     # The driver dies; another (a re-attaching driver) reads on from the recorded offsets,
     # and the history fails it once on the way (a locked or full disk).
     second = MetricPump(history, "run_1", channel)
-    add = history.metrics.add
+    add = history.metrics.add_values
     calls = iter(range(1_000_000))
 
     def flaky_add(*args, **kwargs):
@@ -110,7 +110,7 @@ def test_a_burst_larger_than_a_batch_is_stored_once_in_order_across_a_crash(
             raise sqlite3.OperationalError("database or disk is full")
         return add(*args, **kwargs)
 
-    monkeypatch.setattr(history.metrics, "add", flaky_add)
+    monkeypatch.setattr(history.metrics, "add_values", flaky_add)
     with pytest.raises(sqlite3.OperationalError):
         second.pump()
     second.pump()
@@ -235,6 +235,29 @@ def test_a_bad_line_in_a_batch_is_skipped_alone(expkit_workspace, tmp_path, chan
     assert stored(history) == [(0, 0.0), (1, 1.0), (2, 2.0), (4, 4.0)]
     assert pump.reader.bad_lines == 3
     assert history.metrics.offsets_of("run_1") == {path.name: path.stat().st_size}
+
+
+def test_the_pumps_rows_are_stored_under_their_run_and_attempt_whatever_the_id_holds(
+    expkit_workspace,
+):
+    """The pump's rows go in under the run id and attempt written into the statement
+    (`add_values`): an id with a quote, or one SQL text cannot hold (a NUL), still names its
+    own run only; a number goes to `value`, text (a payload's JSON) to `payload`."""
+    history = expkit_workspace.history
+    ids = ["it's", "a'); DROP TABLE metrics; --", "nul\x00id", "plain"]
+    for n, run_id in enumerate(ids):
+        rows = [("x", i, float(n * 10 + i), 1.0, 0) for i in range(3)]
+        assert history.metrics.add_values(run_id, [(1, rows), (2, [("x", 3, "NaN", 2.0, 1)])]) == 4
+
+    for n, run_id in enumerate(ids):
+        got = [
+            (r["run_id"], r["step"], r["value"], r["payload"], r["rank"], r["attempt"])
+            for r in history.metrics.of(run_id, "x")
+        ]
+        assert got == [
+            *[(run_id, i, float(n * 10 + i), None, 0, 1) for i in range(3)],
+            (run_id, 3, None, "NaN", 1, 2),
+        ]
 
 
 # -- the history's reads: a page at a time --------------------------------------------------------

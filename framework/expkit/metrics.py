@@ -49,13 +49,15 @@ def attempt_of_file(name: str) -> int:
 
 @dataclass
 class Batch:
-    """What one `ChannelReader.read` took from the channel: metric rows (name, step, value,
-    payload, ts, rank, attempt), tags and parameters (each key's latest value), where each
+    """What one `ChannelReader.read` took from the channel: metric rows by attempt
+    (`values`: (attempt, rows) in the order read, each row (name, step, value, ts, rank), its
+    value a float or the JSON text of anything else, see `history.metrics.Metrics.add_values`),
+    tags and parameters (each key's latest value), where each
     file it read now stands (`offsets`, bytes by file name: recorded with the rows, see
     `ChannelReader.commit`), the lines it skipped (`rejected`: (metric name, why)), and
     whether complete lines were left for the next batch (`more`: the batch was full)."""
 
-    rows: list[tuple] = field(default_factory=list)
+    values: list[tuple[int, list[tuple]]] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
@@ -64,7 +66,24 @@ class Batch:
 
     def __bool__(self) -> bool:
         """Whether there is anything to record (rows, tags, parameters or skipped lines)."""
-        return bool(self.rows or self.tags or self.params or self.offsets)
+        return bool(self.values or self.tags or self.params or self.offsets)
+
+    @property
+    def rows(self) -> list[tuple]:
+        """The metric rows as the history stores them: (name, step, value, payload, ts, rank,
+        attempt), `value` None and `payload` the JSON text for what is not a number."""
+        return [
+            (name, step, *((None, v) if type(v) is str else (v, None)), ts, rank, attempt)
+            for attempt, rows in self.values
+            for name, step, v, ts, rank in rows
+        ]
+
+    def rows_of(self, attempt: int) -> list[tuple]:
+        """The list that takes attempt `attempt`'s rows: the last one when it is that
+        attempt's (files are read attempt by attempt), else a new one."""
+        if not self.values or self.values[-1][0] != attempt:
+            self.values.append((attempt, []))
+        return self.values[-1][1]
 
 
 class ChannelReader:
@@ -179,7 +198,7 @@ class ChannelReader:
             items = None
         if items is None or len(items) != data.count(b"\n"):
             return self._parse_each(data, attempt, batch)
-        rows, tags, params = batch.rows, batch.tags, batch.params
+        rows, tags, params = batch.rows_of(attempt), batch.tags, batch.params
         append = rows.append
         low, high = STEP_RANGE
         for item in items:
@@ -194,10 +213,10 @@ class ChannelReader:
                     and type(ts) is float
                     and type(rank) is int
                 ):
-                    append((name, step, value, None, ts, rank, attempt))
+                    append((name, step, value, ts, rank))
                     continue
             try:
-                self._parse_item(item, attempt, rows, tags, params)
+                self._parse_item(item, rows, tags, params)
             except (ValueError, TypeError, OverflowError) as error:
                 name = item[1] if type(item) is list and len(item) > 1 else "?"
                 why = str(error) or type(error).__name__
@@ -206,26 +225,27 @@ class ChannelReader:
 
     def _parse_each(self, data: bytes, attempt: int, batch: Batch) -> None:
         """The slow path of `_parse_lines`: line by line."""
+        rows = batch.rows_of(attempt)
         for line in data.splitlines():
             try:
                 try:
                     item = json.loads(line)
                 except ValueError:
                     raise ValueError("not a channel line") from None
-                self._parse_item(item, attempt, batch.rows, batch.tags, batch.params)
+                self._parse_item(item, rows, batch.tags, batch.params)
             except (ValueError, TypeError, OverflowError) as error:
                 batch.rejected.append((_name_of(line), str(error) or type(error).__name__))
 
     @staticmethod
     def _parse_item(
         item: Any,
-        attempt: int,
         rows: list[tuple],
         tags: dict[str, str],
         params: dict[str, str],
     ) -> None:
-        """One channel line's JSON into `rows`, `tags` or `params`; ValueError, TypeError
-        or OverflowError (and nothing added) when it cannot be recorded."""
+        """One channel line's JSON into `rows` (name, step, value, ts, rank: `Batch.values`),
+        `tags` or `params`; ValueError, TypeError or OverflowError (and nothing added) when it
+        cannot be recorded."""
         try:
             kind, name, value, step, ts, rank = item
         except (ValueError, TypeError):
@@ -246,11 +266,11 @@ class ChannelReader:
         if kind == "m" and type(value) in (int, float):
             number = float(value)  # OverflowError: beyond a float's range
             if number != number:  # NaN: a REAL column would store NULL; the payload keeps it
-                rows.append((name, step, None, "NaN", ts, rank, attempt))
+                rows.append((name, step, "NaN", ts, rank))
             else:
-                rows.append((name, step, number, None, ts, rank, attempt))
+                rows.append((name, step, number, ts, rank))
         elif kind in ("m", "r"):
-            rows.append((name, step, None, json.dumps(value), ts, rank, attempt))
+            rows.append((name, step, json.dumps(value), ts, rank))
         else:
             raise ValueError(f"unknown kind {kind!r}")
 
@@ -284,9 +304,10 @@ class MetricPump:
     """Moves metrics from the channel into the history until stopped, then drains.
 
     It reads a bounded batch at a time (`ChannelReader`) and records each batch in one
-    transaction with how far it read each file (`history.metrics.add`), so that the driver's
-    memory does not grow with a burst and a driver that dies between two batches loses
-    nothing and stores nothing twice: whoever reads on starts from the recorded offsets.
+    transaction with how far it read each file (`history.metrics.Metrics.add_values`), so
+    that the driver's memory does not grow with a burst and a driver that dies between two
+    batches loses nothing and stores nothing twice: whoever reads on starts from the
+    recorded offsets.
     While a backlog remains it reads the next batch at once; otherwise it looks again every
     PUMP_SECONDS.
 
@@ -296,7 +317,7 @@ class MetricPump:
     read again at the next pump; the thread keeps going. Another reader of the same channel
     (the recovery of a dead driver's run while `expkit runs resume` starts the next attempt)
     may store lines first: a batch is stored only where it began at the offsets the history
-    holds (`history.metrics.Metrics.add`'s `read_from`), else read again from there."""
+    holds (`history.metrics.Metrics.add_values`'s `read_from`), else read again from there."""
 
     def __init__(self, history: History, run_id: str, channel: Path) -> None:
         self.history, self.run_id = history, run_id
@@ -340,7 +361,7 @@ class MetricPump:
             raise
         self.reader.commit(batch)
         self.count += stored
-        if batch.rows or batch.params:
+        if any(rows for _, rows in batch.values) or batch.params:
             for event in self.listeners:
                 event.set()
         return batch.more
@@ -349,10 +370,10 @@ class MetricPump:
         """Record `batch` in one transaction; returns how many values. A row the database
         refuses (text it cannot encode, ...) is left out alone, and counted as a skipped
         line."""
-        args = (self.run_id, batch.rows, batch.offsets, batch.tags, batch.params)
+        args = (self.run_id, batch.values, batch.offsets, batch.tags, batch.params)
         began = self.reader.offsets  # where the batch began: not stored when another got on
         try:
-            return self.history.metrics.add(*args, read_from=began)
+            return self.history.metrics.add_values(*args, read_from=began)
         except REFUSED:
             pass  # a row the database refuses: find it, in one transaction still
 
@@ -360,7 +381,7 @@ class MetricPump:
             name = str(row[0]).encode("utf-8", "replace").decode()
             batch.rejected.append((name, str(error)))
 
-        return self.history.metrics.add(*args, refused=refused, read_from=began)
+        return self.history.metrics.add_values(*args, refused=refused, read_from=began)
 
     def stop(self) -> None:
         """Stop the thread, then read what the processes wrote last."""
