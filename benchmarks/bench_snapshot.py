@@ -18,7 +18,11 @@ each measured `--repeat` times, expkit and git alternating, the median wall time
 - one file changed: one file's content rewritten, then the next snapshot (re-hashed 1) against
   `git add -A` (git hashes the one file, writes its index);
 - working copy: `snapshot.working_copy` (the run's writable copy of its snapshot) against
-  `cp -r` of the tree.
+  `cp -r` of the tree;
+- where an unchanged tree's snapshot spends its time: one more snapshot, its phases timed in
+  this process (the index read, the walk listing folders and reading stat data, making and
+  opening the run's folders, the hard links, the index look-ups, the rest), by wrapping
+  expkit's own functions for that one snapshot (the wrappers add a few ms to it).
 
 The repository's .git lives beside the tree (GIT_DIR and GIT_WORK_TREE), never in it; the tree
 is this benchmark's own. expkit is timed in this process (the peers are commands: their
@@ -46,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "framework"))
 
-from expkit import snapshot  # noqa: E402
+from expkit import blobs, snapindex, snapshot  # noqa: E402
 from expkit.blobs import BlobStore  # noqa: E402
 from expkit.snapindex import RACY_MARGIN_NS  # noqa: E402
 
@@ -170,6 +174,9 @@ def bench(tmp: Path, files: int, total: int, args: argparse.Namespace) -> dict[s
     rows["unchanged tree"]["without_index_s"] = round(statistics.median(without), 4)
     print(f"  unchanged tree without the index: {without}", flush=True)
 
+    rows["unchanged tree"]["phases_s"] = phases(lambda: take(workspace))
+    print(f"  unchanged tree, phases: {rows['unchanged tree']['phases_s']}", flush=True)
+
     # one file changed: the next snapshot vs git add -A
     ours, theirs, rehashed = [], [], []
     everything = sorted(path for path in tree.rglob("*") if path.is_file())
@@ -197,6 +204,66 @@ def bench(tmp: Path, files: int, total: int, args: argparse.Namespace) -> dict[s
     return rows
 
 
+PHASES = {  # phase -> the functions whose time is its time (module, attribute path); one
+    # missing from the code measured is left out (its time is then in the rest)
+    "index read": [(snapindex, "SnapshotIndex.open")],
+    "walk": [(snapshot, "_walk")],
+    "folders": [(snapshot, "_Layout.folder")],
+    "links": [(blobs, "BlobLinker.place"), (snapshot, "_Layout.link")],
+    "look-ups": [(snapindex, "SnapshotIndex.lookup"), (snapshot, "stat_key")],
+    "index write": [(snapindex, "SnapshotIndex.save")],
+}
+
+
+def phases(action: Callable[[], object]) -> dict[str, float]:
+    """Seconds `action` (one snapshot) spends in each of PHASES, and the rest, timed by
+    wrapping those functions for the while."""
+    spent = dict.fromkeys(PHASES, 0.0)
+    saved = []
+
+    def timing(phase: str, function: Callable) -> Callable:
+        def timed_call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[phase] += time.perf_counter() - started
+
+        def timed_walk(*args, **kwargs):  # type: ignore[no-untyped-def]
+            walk = function(*args, **kwargs)
+            while True:  # the time inside the walk, not in what the caller does between
+                started = time.perf_counter()
+                try:
+                    item = next(walk)
+                except StopIteration:
+                    return
+                finally:
+                    spent[phase] += time.perf_counter() - started
+                yield item
+
+        return timed_walk if phase == "walk" else timed_call
+
+    for phase, functions in PHASES.items():
+        for module, attribute in functions:
+            *path, name = attribute.split(".")
+            owner = module
+            for step in path:
+                owner = getattr(owner, step, None)
+            function = getattr(owner, name, None)
+            if function is not None:
+                saved.append((owner, name, function))
+                setattr(owner, name, timing(phase, function))
+    try:
+        total = timed(action)[0]
+    finally:
+        for owner, name, function in saved:
+            setattr(owner, name, function)
+    figures = {phase: round(seconds, 4) for phase, seconds in spent.items()}
+    figures["rest"] = round(total - sum(spent.values()), 4)
+    figures["total"] = round(total, 4)
+    return figures
+
+
 def report(rows: dict[str, dict], files: int, megabytes: float) -> None:
     print()
     print(f"{'':<20} {'expkit':>9} {'peer':>12} {'':>9} {'ratio':>7}  re-hashed")
@@ -208,6 +275,10 @@ def report(rows: dict[str, dict], files: int, megabytes: float) -> None:
         )
     unchanged = rows["unchanged tree"]
     print(f"{'(without the index)':<20} {unchanged['without_index_s']:>8.3f}s")
+    print(
+        "unchanged tree, in-process phases: "
+        + ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in unchanged["phases_s"].items())
+    )
     print(json.dumps({"files": files, "megabytes": megabytes, **rows}))
 
 

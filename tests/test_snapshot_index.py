@@ -275,6 +275,49 @@ def test_a_damaged_index_is_never_trusted(ws, source, damage):
     assert ws.take(source).rehashed == 0  # and a sound index was written in its place
 
 
+def test_an_index_naming_a_path_for_a_hash_is_never_trusted(ws, source, tmp_path):
+    """Blobs are linked by their hash relative to the store's folders: a hash in the index that
+    is a path (here one from the store's `..` folder to a file outside) makes the index
+    unusable, so nothing outside the store is ever linked into a snapshot."""
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not for the snapshot\n")
+    wait_out_the_racy_window()
+    first = ws.take(source)
+    index = ws.index_file(source)
+    header, body = index.read_bytes().split(b"\n", 1)
+    escape = os.path.relpath(outside, ws.path)  # "../secret.txt": from blobs/.. to it
+    assert escape.startswith("..")
+    body = body.replace(first.files["train.py"][1].encode(), os.fsencode(escape))
+    fields = json.loads(header)
+    fields["entries_sha256"] = sha256(body)  # a consistent file: only the hash is wrong
+    index.write_bytes(json.dumps(fields).encode() + b"\n" + body)
+
+    again = ws.take(source)
+
+    assert again.rehashed == 4 and again.hash == first.hash
+    assert_true_to(again, ws, contents(source))
+    assert outside.stat().st_nlink == 1
+
+
+def test_folders_holding_files_are_laid_out_also_under_folders_holding_only_folders(ws, tmp_path):
+    source = tmp_path / "src"
+    for rel in ["a/b/c/deep.py", "a/b/c/d/deeper.py", "x/y.py", "z.py", "cache/m.pyc"]:
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_text(rel)
+    (source / "empty" / "inner").mkdir(parents=True)
+    wait_out_the_racy_window()
+
+    for _ in range(2):  # read, then known to the index
+        snap = ws.take(source)
+        laid_out = sorted(p.relative_to(ws.dest()).as_posix() for p in ws.dest().rglob("*"))
+        assert laid_out == [
+            "a", "a/b", "a/b/c", "a/b/c/d", "a/b/c/d/deeper.py", "a/b/c/deep.py", "x", "x/y.py",
+            "z.py",
+        ]  # fmt: skip
+        assert sorted(snap.files) == ["a/b/c/d/deeper.py", "a/b/c/deep.py", "x/y.py", "z.py"]
+    assert snap.rehashed == 0
+
+
 def test_an_index_folder_that_cannot_be_made_leaves_the_snapshot_as_without_one(ws, source):
     ws.path.mkdir()
     ws.index_dir.write_text("a file in the way")
@@ -384,24 +427,25 @@ def _one_rule_at_a_time(patterns: list[str], rel: str, is_dir: bool) -> bool:
     return result
 
 
-def test_the_compiled_ignore_rules_decide_as_the_rules_one_at_a_time():
-    patterns = [
-        *snapshot.ALWAYS_IGNORED,
-        "*.log",
-        "!keep.log",
-        "data/",
-        "docs/*.md",
-        "!docs/README.md",
-        "# a comment",
-        "build",
-        "[abc]?.tmp",
-        "!b1.tmp",
-        "*.log",
-    ]
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [
+            "*.log", "!keep.log", "data/", "docs/*.md", "!docs/README.md", "# a comment",
+            "build", "[abc]?.tmp", "!b1.tmp", "*.log",
+        ],
+        # names and endings only (files are decided by a set and `endswith` first)
+        ["*.log", "!keep.log", "data/", "build", "!docs/README.md", "*.tmp", "!b1.tmp", "x"],
+    ],
+    ids=["any rules", "plain names and endings"],
+)  # fmt: skip
+def test_the_compiled_ignore_rules_decide_as_the_rules_one_at_a_time(extra):
+    patterns = [*snapshot.ALWAYS_IGNORED, *extra]
     rels = [
         "train.py", "run.log", "keep.log", "x/keep.log", "data", "x/data", "docs/a.md",
         "docs/README.md", "docs/sub/a.md", "build", "x/build", "a1.tmp", "b1.tmp", "d1.tmp",
-        "__pycache__", "m.pyc", "outputs", ".git", "weird[1].py", "a/b/c.txt",
+        "__pycache__", "m.pyc", "outputs", ".git", "weird[1].py", "a/b/c.txt", "x", "y/x",
+        "build.py", "a.pyc.txt", "tmp", ".tmp",
     ]  # fmt: skip
     ignore = snapshot.Ignore(patterns)
     for rel in rels:

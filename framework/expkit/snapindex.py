@@ -19,7 +19,9 @@ made before any source file is read), as git reads its index file's mtime.
 
 The file is written whole to a temporary file and renamed over the old one (atomic): runs
 started at once each write a complete index and the last rename wins. Its header carries the
-sha256 of its entries, so a torn or damaged file is never taken for an index.
+sha256 of its entries, so a torn or damaged file is never taken for an index; and an index
+whose hashes are not all 64 hex digits is not used either (a hash names a blob relative to a
+folder of the store: one that is a path must never reach a file outside it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ RACY_MARGIN_NS = 2_000_000_000
 STALE_TMP_SECONDS = 60
 _TMP = re.compile(r"^\.[0-9a-f]{32}\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
 _MAX_HEADER = 64 * 1024
+_HEX = b"0123456789abcdef"
 
 Entry = tuple[str, str]  # (stat key, sha256)
 
@@ -107,6 +110,9 @@ class SnapshotIndex:
             fields = body.decode("utf-8").split("\0") if body else []
             if len(fields) % 3:
                 return {}, 0
+            digests = "".join(fields[2::3]).encode()
+            if len(digests) != 64 * (len(fields) // 3) or digests.translate(None, _HEX):
+                return {}, 0  # a digest that is not a sha256 never names a path to link
             pairs = zip(fields[1::3], fields[2::3], strict=True)
             entries = dict(zip(fields[0::3], pairs, strict=True))
             return entries, header["began_ns"]

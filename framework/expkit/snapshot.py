@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
+import gc
 import hashlib
 import os
 import re
@@ -16,6 +18,7 @@ import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 from expkit.blobs import BlobStore, copy_private
@@ -61,7 +64,12 @@ class Ignore:
 
     The rules are compiled into one regular expression per kind of target (name, path) and
     entry (file, folder), with the rules in reverse order: the first alternative that
-    matches is the last rule that does, found in one match instead of one per rule."""
+    matches is the last rule that does, found in one match instead of one per rule. Most
+    files are decided without it: when every rule that can leave a file out is a plain name
+    or `*` and a plain ending (`*.pyc`, the usual rules), a name that is none of those and
+    ends in none of those is kept (no rule leaving it out matches it) at the cost of a set
+    lookup and an `endswith`.
+    """
 
     def __init__(self, patterns: list[str]) -> None:
         self.rules: list[tuple[bool, bool, bool, str]] = []
@@ -86,8 +94,30 @@ class Ignore:
 
         self._by_name = {False: matcher(False, False), True: matcher(True, False)}
         self._by_path = {False: matcher(False, True), True: matcher(True, True)}
+        self._file_names = _plain_names(
+            [pattern for keep, dir_only, _, pattern in self.rules if not keep and not dir_only]
+        )
+
+    def kept_files(self, prefix: str, entries: list[os.DirEntry[str]]) -> list[os.DirEntry[str]]:
+        """The files `entries` of the folder at `prefix` (relative, "" or ending in `/`) that
+        are not left out, in their order: `ignored` for a folder's files at once."""
+        if self._file_names is None:
+            return [entry for entry in entries if not self.ignored(prefix + entry.name, False)]
+        names, endings = self._file_names
+        return [
+            entry
+            for entry in entries
+            if (entry.name not in names and not entry.name.endswith(endings))
+            or not self.ignored(prefix + entry.name, False)
+        ]
 
     def ignored(self, rel: str, is_dir: bool) -> bool:
+        """Whether the entry at `rel` (a file, or a folder with `is_dir`) is left out."""
+        if not is_dir and self._file_names is not None:
+            names, endings = self._file_names
+            name = rel[rel.rfind("/") + 1 :]
+            if name not in names and not name.endswith(endings):
+                return False
         last = -1
         by_name = self._by_name[is_dir]
         if by_name is not None:
@@ -114,6 +144,26 @@ def _alternatives(rules: list[tuple[int, str]]) -> re.Pattern[str] | None:
     )
 
 
+def _plain_names(patterns: list[str]) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """The names and the endings that `patterns` (fnmatch patterns matched against names)
+    match, when each is a plain name or `*` and a plain ending; None when one is not (or
+    holds a `/`: it is matched against the whole path)."""
+    names, endings = set(), []
+    for pattern in patterns:
+        if not _FNMATCH_SPECIAL.search(pattern) and "/" not in pattern:
+            names.add(pattern)
+        elif pattern.startswith("*") and not _FNMATCH_SPECIAL.search(pattern[1:]):
+            if "/" in pattern:
+                return None
+            endings.append(pattern[1:])
+        else:
+            return None
+    return frozenset(names), tuple(endings)
+
+
+_FNMATCH_SPECIAL = re.compile(r"[*?\[]")
+
+
 def load_ignore(source: Path) -> Ignore:
     """The rules for `source`: ALWAYS_IGNORED, then its `.expkitignore`. Raises UserError
     when that file is there but cannot be read: a snapshot without its rules could take in
@@ -137,6 +187,7 @@ class _Found:
     """A file of the source folder to be in the snapshot, as the walk saw it."""
 
     rel: str
+    name: str  # its name in its folder (the end of `rel`)
     path: str
     info: os.stat_result  # the file's (a link's: its target's) stat data, before any read
     follow: bool  # a link inside the source folder: read through it
@@ -170,6 +221,33 @@ def take(
     index that is missing, damaged or cannot be written, every file is read: the index only
     ever saves time. Raises OSError (the store or `dest` cannot be written).
     """
+    with _no_cycle_collection():
+        return _take(source, dest, blobs, index_dir, workers)
+
+
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Python's cycle collector held off for the block, then let run again (if it ran
+    before). A snapshot makes a few objects per file that live until it ends and form no
+    cycles; the collector would walk them, and everything else the process holds, many
+    times over for nothing (about a sixth of an unchanged tree's snapshot). Mercurial does
+    the same around reading its dirstate (`util.nogc`)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _take(
+    source: Path,
+    dest: Path,
+    blobs: BlobStore,
+    index_dir: Path | None,
+    workers: int | None,
+) -> Snapshot:
     index = _open_index(index_dir, os.path.realpath(source))
     warnings: list[str] = []
     found: list[_Found] = []
@@ -177,16 +255,29 @@ def take(
     layout = _Layout(str(dest), blobs)
     try:
         unknown = []
-        for item in _walk(source, load_ignore(source), warnings):
-            found.append(item)
-            item.key = stat_key(item.info)
-            if index is not None:
-                item.digest = index.lookup(item.rel, item.key, item.info.st_ctime_ns)
-            if item.digest is None or not layout.link(item):
-                unknown.append(item)
+        lookup = index.lookup if index is not None else None
+        place = layout.links.place  # the loop below runs for every file: kept to a few calls
+        for folder, items in _walk(source, load_ignore(source), warnings):
+            found += items
+            fd, path = layout.folder(folder)
+            try:
+                for item in items:
+                    info = item.info
+                    item.key = key = stat_key(info)
+                    if lookup is None:
+                        unknown.append(item)
+                        continue
+                    item.digest = digest = lookup(item.rel, key, info.st_ctime_ns)
+                    if digest is not None and place(digest, item.name, fd, path):
+                        item.size = info.st_size
+                    else:  # changed, new, racy; or its blob is gone from the store
+                        unknown.append(item)
+            finally:
+                os.close(fd)
         rehashed = _read_all(unknown, layout, workers or _default_workers())
+        found.sort(key=_rel)  # the walk's order is by folder, the listing's by path
         files: dict[str, tuple[int, str]] = {}
-        for item in sorted(found, key=lambda item: item.rel):
+        for item in found:
             if item.refused:
                 warnings.append(_unreadable(item.rel, item.refused))
             elif item.changed:
@@ -202,13 +293,15 @@ def take(
         if index is not None:
             index.save(rehashed)
     finally:
+        layout.close()
         if index is not None:
             index.close()
-    listing = "".join(f"{p}\0{d}\n" for p, (_, d) in files.items())
+    listing = "".join([f"{p}\0{d}\n" for p, (_, d) in files.items()])
     snapshot = Snapshot(hashlib.sha256(listing.encode()).hexdigest(), files, warnings, rehashed)
-    if snapshot.size > WARN_BYTES or len(files) > WARN_FILES:
+    size = snapshot.size
+    if size > WARN_BYTES or len(files) > WARN_FILES:
         snapshot.warnings.append(
-            f"the source folder holds {len(files)} files, {snapshot.size / 1e6:.0f} MB; "
+            f"the source folder holds {len(files)} files, {size / 1e6:.0f} MB; "
             f"list data and other large files in {IGNORE_FILE} and pass them as `data:` inputs"
         )
     return snapshot
@@ -242,40 +335,35 @@ def _read_all(unknown: list[_Found], layout: _Layout, workers: int) -> int:
 
 
 class _Layout:
-    """Lays files out at `dest` from the store."""
+    """Lays files out at `dest` from the store, folder by folder."""
 
     def __init__(self, dest: str, blobs: BlobStore) -> None:
-        self.dest = dest
         self.prefix = dest + os.sep
         self.blobs = blobs
-        self.made: set[str] = {""}  # folders of dest made so far
+        self.links = blobs.linker()
 
-    def _target(self, rel: str) -> str:
-        folder = rel[: max(rel.rfind("/"), 0)]
-        if folder not in self.made:
-            os.makedirs(self.prefix + folder, exist_ok=True)
-            self.made.add(folder)
-        return self.prefix + rel
-
-    def link(self, item: _Found) -> bool:
-        """Link a file the index knows to its blob; False when the blob is missing. (Run
-        once per file of every snapshot: kept to a few calls.)"""
-        item.size = item.info.st_size
-        target = self._target(item.rel)
-        digest: str = item.digest  # type: ignore[assignment]
-        try:
-            os.link(self.blobs.name(digest), target)
-        except OSError:  # no such blob, another file system, too many links: see place
-            return self.blobs.place(digest, target)
-        return True
+    def folder(self, rel: str) -> tuple[int, str]:
+        """Make the folder `rel` of dest ("": dest itself, made already; else ending in `/`)
+        and its parents where they are missing (a folder holding only folders is made when a
+        file of one of them is laid out). Returns an open descriptor of it (close it) and its
+        path, ending in a separator, for `BlobLinker.place`."""
+        path = self.prefix + rel
+        if rel:
+            try:
+                os.mkdir(path)
+            except FileNotFoundError:
+                os.makedirs(path, exist_ok=True)
+            except FileExistsError:
+                pass
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC), path
 
     def read(self, files: list[_Found]) -> int:
-        """Read, hash and store each file, then link it; sets its digest and size (digest
-        None: it went, or changed into something else, meanwhile, or cannot be opened: see
-        `_Found.refused`). The number read."""
+        """Read, hash and store each file, then link it into its folder (made by `folder`);
+        sets its digest and size (digest None: it went, or changed into something else,
+        meanwhile, or cannot be opened: see `_Found.refused`). The number read."""
         read = 0
         for item in files:
-            target = self._target(item.rel)
+            target = self.prefix + item.rel
             flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO now: never waited on
             try:
                 fd = os.open(item.path, flags if item.follow else flags | os.O_NOFOLLOW)
@@ -301,6 +389,9 @@ class _Layout:
                 os.close(fd)
         return read
 
+    def close(self) -> None:
+        self.links.close()
+
 
 def _default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
@@ -317,17 +408,21 @@ def _open_index(index_dir: Path | None, source: str) -> SnapshotIndex | None:
         return None
 
 
-def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[_Found]:
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[tuple[str, list[_Found]]]:
     """The files of `source` to be in the snapshot, folder by folder as os.walk goes (names in
-    order); what is left out and why goes into `warnings`."""
+    order): (the folder's relative path, "" or ending in `/`; its files). What is left out
+    and why goes into `warnings`. Each folder is opened once and its files' stat data read
+    relative to it (no path resolved per file); a folder is never opened through a link,
+    even one that took its place after its parent was listed."""
     root = os.path.realpath(source)
     pending = [(str(source), "")]
     while pending:
         folder, prefix = pending.pop()
         try:
-            with os.scandir(folder) as scan:
-                entries = list(scan)
-            entries.sort(key=_name)
+            fd = os.open(folder, (_FOLDER_FLAGS | os.O_NOFOLLOW) if prefix else _FOLDER_FLAGS)
         except OSError as error:
             if prefix:  # the source folder itself: as before, an empty snapshot
                 warnings.append(
@@ -335,67 +430,102 @@ def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[_Found]
                     f"({error.strerror or error}): not in the snapshot"
                 )
             continue
-        subfolders: list[os.DirEntry[str]] = []
-        names: list[os.DirEntry[str]] = []
-        kept: list[tuple[str, str]] = []
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()  # a link to a folder counts as one, as in os.walk
-            except OSError:
-                is_dir = False
-            (subfolders if is_dir else names).append(entry)
-        for entry in subfolders:
-            rel = prefix + entry.name
-            if _not_utf8(entry.name):
-                warnings.append(_unnamed(rel, folder=True))
-            elif ignore.ignored(rel, True):
-                continue
-            elif entry.is_symlink():
-                warnings.append(_link_warning(rel, Path(entry.path), root, folder=True))
-            else:
-                kept.append((entry.path, rel + "/"))
-        for entry in names:
-            name = entry.name
-            rel = prefix + name
-            if not name.isascii() and _not_utf8(name):
-                warnings.append(_unnamed(rel, folder=False))
-            elif not ignore.ignored(rel, False):
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                    item = (
-                        _Found(rel, entry.path, info, follow=False)
-                        if stat.S_ISREG(info.st_mode)
-                        else _file(entry, rel, root, warnings)
-                    )
-                except FileNotFoundError:  # removed since the folder was listed
-                    continue
-                except PermissionError as error:  # in a folder listed but not searchable
-                    warnings.append(_unreadable(rel, error.strerror or str(error)))
-                    continue
-                if item is not None:
-                    yield item
+        try:
+            kept, items = _list(fd, folder, prefix, root, ignore, warnings)
+        finally:
+            os.close(fd)
+        if items:
+            yield prefix, items
         pending.extend(reversed(kept))  # the first folder is walked next, as os.walk does
+
+
+def _list(
+    fd: int, folder: str, prefix: str, root: str, ignore: Ignore, warnings: list[str]
+) -> tuple[list[tuple[str, str]], list[_Found]]:
+    """The subfolders to walk (path, relative path ending in `/`) and the files to take of
+    the open folder `fd` (at `folder`, `prefix` relative to the source folder)."""
+    kept: list[tuple[str, str]] = []
+    items: list[_Found] = []
+    try:
+        with os.scandir(fd) as scan:
+            entries = list(scan)
+        entries.sort(key=_name)
+    except OSError as error:
+        if prefix:  # the source folder itself: as before, an empty snapshot
+            warnings.append(
+                f"source folder: {escaped(prefix)} cannot be read "
+                f"({error.strerror or error}): not in the snapshot"
+            )
+        return kept, items
+    subfolders: list[os.DirEntry[str]] = []
+    names: list[os.DirEntry[str]] = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()  # a link to a folder counts as one, as in os.walk
+        except OSError:
+            is_dir = False
+        (subfolders if is_dir else names).append(entry)
+    base = folder + os.sep
+    for entry in subfolders:
+        rel = prefix + entry.name
+        if _not_utf8(entry.name):
+            warnings.append(_unnamed(rel, folder=True))
+        elif ignore.ignored(rel, True):
+            continue
+        elif entry.is_symlink():
+            warnings.append(_link_warning(rel, Path(base + entry.name), root, folder=True))
+        else:
+            kept.append((base + entry.name, rel + "/"))
+    named: list[os.DirEntry[str]] = []
+    for entry in names:
+        if entry.name.isascii() or not _not_utf8(entry.name):
+            named.append(entry)
+        else:
+            warnings.append(_unnamed(prefix + entry.name, folder=False))
+    for entry in ignore.kept_files(prefix, named):
+        name = entry.name
+        rel = prefix + name
+        try:
+            info = entry.stat(follow_symlinks=False)
+            item = (
+                _Found(rel, name, base + name, info, follow=False)
+                if stat.S_ISREG(info.st_mode)
+                else _file(base + name, name, info, rel, root, warnings)
+            )
+        except FileNotFoundError:  # removed since the folder was listed
+            continue
+        except PermissionError as error:  # in a folder listed but not searchable
+            warnings.append(_unreadable(rel, error.strerror or str(error)))
+            continue
+        if item is not None:
+            items.append(item)
+    return kept, items
 
 
 def _name(entry: os.DirEntry[str]) -> str:
     return entry.name
 
 
-def _file(entry: os.DirEntry[str], rel: str, root: str, warnings: list[str]) -> _Found | None:
-    """The file `entry` as it goes into the snapshot; None (with a warning) when it does not:
-    a link to outside the source folder or to nothing, a FIFO, a socket, a device."""
+_rel = attrgetter("rel")
+
+
+def _file(
+    path: str, name: str, info: os.stat_result, rel: str, root: str, warnings: list[str]
+) -> _Found | None:
+    """The file at `path` (`info`: its lstat data) as it goes into the snapshot; None (with
+    a warning) when it does not: a link to outside the source folder or to nothing, a FIFO,
+    a socket, a device."""
     try:
-        info = entry.stat(follow_symlinks=False)
         if stat.S_ISLNK(info.st_mode):
-            real = os.path.realpath(entry.path)
+            real = os.path.realpath(path)
             target = os.stat(real) if _inside(real, root) else None
             if target is None or not stat.S_ISREG(target.st_mode):
-                warnings.append(_link_warning(rel, Path(entry.path), root, folder=False))
+                warnings.append(_link_warning(rel, Path(path), root, folder=False))
                 return None
-            return _Found(rel, entry.path, target, follow=True)
+            return _Found(rel, name, path, target, follow=True)
     except FileNotFoundError:  # removed (or its target) while the folder was listed
-        if os.path.islink(entry.path):
-            warnings.append(_link_warning(rel, Path(entry.path), root, folder=False))
+        if os.path.islink(path):
+            warnings.append(_link_warning(rel, Path(path), root, folder=False))
         return None
     if not stat.S_ISREG(info.st_mode):  # a FIFO, a socket: not source code (and never read)
         warnings.append(
@@ -403,7 +533,7 @@ def _file(entry: os.DirEntry[str], rel: str, root: str, warnings: list[str]) -> 
             f"a device): not in the snapshot; list it in {IGNORE_FILE} to silence this"
         )
         return None
-    return _Found(rel, entry.path, info, follow=False)
+    return _Found(rel, name, path, info, follow=False)
 
 
 def _unreadable(rel: str, why: str) -> str:
