@@ -80,10 +80,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     ui.set_defaults(handler=cmd_ui)
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGHUP arrived: stop the servers as Ctrl-C does."""
-
-
 class Server(NamedTuple):
     """A UI server this command started: its name, process (a group of its own), address,
     and log file."""
@@ -99,9 +95,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     or SIGHUP stop them and every process they started (exit 0). UserError (exit 2) when
     there is nothing to serve, mlflow (or tensorboard) is missing, or a port is taken; a
     server that dies on its own is exit 1, with the last line of its log."""
-    import signal
-
     from expkit.cli.common import open_workspace
+    from expkit.interrupts import like_ctrl_c
 
     workspace = open_workspace(args)
     store, artifacts = workspace_store(workspace)
@@ -110,42 +105,41 @@ def cmd_ui(args: argparse.Namespace) -> int:
         check_tensorboard(args.host, args.tensorboard_port, args.port)
     log = workspace.path / LOG
     holder = hold_log(log)
-    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     servers: list[Server] = []
-    try:
-        print(f"starting MLflow's UI on {store} (its log: {log})", flush=True)
-        servers.append(start_mlflow(store, artifacts, args.host, args.port, holder))
-        if args.tensorboard:
-            runs, log = workspace.path / "runs", workspace.path / TENSORBOARD_LOG
-            print(f"starting TensorBoard on {runs} (its log: {log})", flush=True)
-            servers.append(start_tensorboard(runs, args.host, args.tensorboard_port, log))
-        for server in servers:
-            wait_until_answering(server)
-            print(f"{server.name}: {server.address}  (Ctrl-C stops it)", flush=True)
-        if args.port != DEFAULT_PORT:
-            print(f"(run links name port {DEFAULT_PORT}: use port {args.port} instead)")
-        while all(server.process.poll() is None for server in servers):
-            time.sleep(0.5)
-        gone = next(server for server in servers if server.process.poll() is not None)
-        print(
-            f"expkit: error: {gone.name} stopped on its own (exit code "
-            f"{gone.process.returncode}): {last_line(gone.log)}",
-            file=sys.stderr,
-        )
-        return 1
-    except (KeyboardInterrupt, _Stop):
-        for server in servers:
-            stop_server(server.process)
-        if servers:
-            print("stopped the " + " and ".join(server.name for server in servers))
-        servers = []
-        return 0
-    finally:
-        for server in servers:
-            stop_server(server.process)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        holder.close()  # the lock with it
+    # SIGTERM and SIGHUP as Ctrl-C; a second signal while the servers stop is only noted.
+    with like_ctrl_c():
+        try:
+            print(f"starting MLflow's UI on {store} (its log: {log})", flush=True)
+            servers.append(start_mlflow(store, artifacts, args.host, args.port, holder))
+            if args.tensorboard:
+                runs, log = workspace.path / "runs", workspace.path / TENSORBOARD_LOG
+                print(f"starting TensorBoard on {runs} (its log: {log})", flush=True)
+                servers.append(start_tensorboard(runs, args.host, args.tensorboard_port, log))
+            for server in servers:
+                wait_until_answering(server)
+                print(f"{server.name}: {server.address}  (Ctrl-C stops it)", flush=True)
+            if args.port != DEFAULT_PORT:
+                print(f"(run links name port {DEFAULT_PORT}: use port {args.port} instead)")
+            while all(server.process.poll() is None for server in servers):
+                time.sleep(0.5)
+            gone = next(server for server in servers if server.process.poll() is not None)
+            print(
+                f"expkit: error: {gone.name} stopped on its own (exit code "
+                f"{gone.process.returncode}): {last_line(gone.log)}",
+                file=sys.stderr,
+            )
+            return 1
+        except KeyboardInterrupt:
+            for server in servers:
+                stop_server(server.process)
+            if servers:
+                print("stopped the " + " and ".join(server.name for server in servers))
+            servers = []
+            return 0
+        finally:
+            for server in servers:
+                stop_server(server.process)
+            holder.close()  # the lock with it
 
 
 def hold_log(log: Path) -> BinaryIO:
@@ -167,10 +161,6 @@ def hold_log(log: Path) -> BinaryIO:
         ) from None
     holder.truncate(0)
     return holder
-
-
-def _raise_stop(signum: int, frame: Any) -> None:
-    raise _Stop
 
 
 def workspace_store(workspace: Any) -> tuple[str, str | None]:
