@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import re
+import resource
 import stat
 import time
 from collections.abc import Callable
@@ -249,11 +250,16 @@ class BlobLinker:
     made between open folders (linkat with a descriptor of the blob's folder of the store
     and one of the destination folder), so the kernel does not resolve two long paths for
     every file. The store's folders are opened as they are first needed and stay open until
-    `close` (at most 256 descriptors). Not shared between threads."""
+    `close`: at most 256 descriptors, and at most a quarter of the process's limit of open
+    files (RLIMIT_NOFILE's soft limit), so that the snapshot's walk and the run keep the
+    descriptors they need under a low `ulimit -n`; past that, a blob is placed by its path.
+    Not shared between threads."""
 
     def __init__(self, store: BlobStore) -> None:
         self.store = store
         self._folders: dict[str, int] = {}
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._most = 256 if soft == resource.RLIM_INFINITY else min(256, soft // 4)
 
     def place(self, digest: str, name: str, folder: int, path: str) -> bool:
         """Put the blob `digest` at `name` in the open folder `folder` (a descriptor) whose
@@ -263,6 +269,8 @@ class BlobLinker:
         prefix = digest[:2]
         blobs = self._folders.get(prefix)
         if blobs is None:
+            if len(self._folders) >= self._most:  # no descriptor to spare: by the path
+                return self.store.place(digest, path + name)
             try:
                 blobs = os.open(
                     f"{self.store._root}{os.sep}{prefix}",

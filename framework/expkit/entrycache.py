@@ -178,8 +178,13 @@ def _key() -> tuple[list[Any], float]:
 
 
 def _cache_file(group: str) -> str | None:
-    """The cache file of `group` for this interpreter; None when there is no home to keep it."""
+    """The cache file of `group` for this interpreter; None when there is no home to keep it.
+    A relative `EXPKIT_CACHE_DIR` or `XDG_CACHE_HOME` is ignored (no cache), as the XDG Base
+    Directory Specification says of relative paths: one would put the cache in whatever
+    folder the command runs from, a project's."""
     folder = os.environ.get(CACHE_ENV)
+    if folder and not os.path.isabs(folder):
+        return None
     if not folder:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         if not os.path.isabs(base):
