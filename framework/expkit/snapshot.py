@@ -418,9 +418,9 @@ def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[tuple[s
     relative to it (no path resolved per file); a folder is never opened through a link,
     even one that took its place after its parent was listed."""
     root = os.path.realpath(source)
-    pending = [(str(source), "")]
+    pending: list[tuple[str, str, tuple[int, int] | None]] = [(str(source), "", None)]
     while pending:
-        folder, prefix = pending.pop()
+        folder, prefix, listed = pending.pop()
         try:
             fd = os.open(folder, (_FOLDER_FLAGS | os.O_NOFOLLOW) if prefix else _FOLDER_FLAGS)
         except OSError as error:
@@ -430,6 +430,17 @@ def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[tuple[s
                     f"({error.strerror or error}): not in the snapshot"
                 )
             continue
+        if listed is not None:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != listed:
+                # O_NOFOLLOW guards the last part of the path only: a folder above it became
+                # a link since it was listed. The folder opened is not the one listed.
+                os.close(fd)
+                warnings.append(
+                    f"source folder: {escaped(prefix)} was moved or replaced while the "
+                    "snapshot was taken: not in the snapshot"
+                )
+                continue
         try:
             kept, items = _list(fd, folder, prefix, root, ignore, warnings)
         finally:
@@ -441,10 +452,11 @@ def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[tuple[s
 
 def _list(
     fd: int, folder: str, prefix: str, root: str, ignore: Ignore, warnings: list[str]
-) -> tuple[list[tuple[str, str]], list[_Found]]:
-    """The subfolders to walk (path, relative path ending in `/`) and the files to take of
-    the open folder `fd` (at `folder`, `prefix` relative to the source folder)."""
-    kept: list[tuple[str, str]] = []
+) -> tuple[list[tuple[str, str, tuple[int, int] | None]], list[_Found]]:
+    """The subfolders to walk (path, relative path ending in `/`, (device, inode) as
+    listed) and the files to take of the open folder `fd` (at `folder`, `prefix` relative to
+    the source folder)."""
+    kept: list[tuple[str, str, tuple[int, int] | None]] = []
     items: list[_Found] = []
     try:
         with os.scandir(fd) as scan:
@@ -475,7 +487,14 @@ def _list(
         elif entry.is_symlink():
             warnings.append(_link_warning(rel, Path(base + entry.name), root, folder=True))
         else:
-            kept.append((base + entry.name, rel + "/"))
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # removed since the folder was listed
+                continue
+            except OSError:  # opened later, where the error is reported
+                kept.append((base + entry.name, rel + "/", None))
+                continue
+            kept.append((base + entry.name, rel + "/", (info.st_dev, info.st_ino)))
     named: list[os.DirEntry[str]] = []
     for entry in names:
         if entry.name.isascii() or not _not_utf8(entry.name):

@@ -1,4 +1,4 @@
-"""Edge cases found by trying the plugin-scan cache and the metric pump as a user would."""
+"""Edge cases of the bookkeeping: the plugin-scan cache, the metric pump, the snapshot walk."""
 
 from __future__ import annotations
 
@@ -82,3 +82,34 @@ def test_a_snapshot_under_a_low_open_files_limit_is_complete(tmp_path: Path):
     ).stdout.splitlines()
     assert out == ["0 601 601 []", "1 0 601 []"]
     assert (tmp_path / "snap1" / "zzz" / "last").read_text() == "walked after the links"
+
+
+def test_a_folder_swapped_for_a_link_after_it_was_listed_is_not_walked_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A folder above the next one to open becomes a link to outside the source between
+    the listing and the open (O_NOFOLLOW guards only the last part of a path): nothing
+    outside the source folder may enter the snapshot, and the warning says what happened."""
+    from expkit import snapshot
+    from expkit.blobs import BlobStore
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "ok.py").write_text("inside")
+    (outside / "b").mkdir(parents=True)
+    (outside / "b" / "leak.txt").write_text("a secret outside the source")
+    listed = snapshot._list
+
+    def list_then_swap(fd, folder, prefix, *rest):
+        found = listed(fd, folder, prefix, *rest)
+        if prefix == "a/":  # a/ listed, a/b not opened yet: a/ becomes a link
+            os.rename(src / "a", tmp_path / "a-moved")
+            os.symlink(outside, src / "a")
+        return found
+
+    monkeypatch.setattr(snapshot, "_list", list_then_swap)
+    snap = snapshot.take(src, tmp_path / "snap", BlobStore(tmp_path / "blobs"))
+    assert "a/b/leak.txt" not in snap.files
+    assert not (tmp_path / "snap" / "a" / "b" / "leak.txt").exists()
+    assert any("a/b/ was moved or replaced" in w for w in snap.warnings), snap.warnings
+    assert (outside / "b" / "leak.txt").read_text() == "a secret outside the source"
