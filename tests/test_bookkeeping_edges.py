@@ -113,3 +113,41 @@ def test_a_folder_swapped_for_a_link_after_it_was_listed_is_not_walked_into(
     assert not (tmp_path / "snap" / "a" / "b" / "leak.txt").exists()
     assert any("a/b/ was moved or replaced" in w for w in snap.warnings), snap.warnings
     assert (outside / "b" / "leak.txt").read_text() == "a secret outside the source"
+
+
+SNAPSHOT_WITHOUT_DESCRIPTORS = """
+import errno, os, resource, sys
+from pathlib import Path
+from expkit.blobs import BlobStore
+from expkit.snapshot import take
+base = Path(sys.argv[1])
+(base / "src" / "sub").mkdir(parents=True)
+(base / "src" / "sub" / "train.py").write_text("print(1)")
+store = BlobStore(base / "blobs")
+resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    snap = take(base / "src", base / "snap", store)
+    print("taken", sorted(snap.files), snap.warnings)
+except OSError as error:
+    print("failed", errno.errorcode[error.errno])
+"""
+
+
+def test_a_snapshot_that_runs_out_of_file_descriptors_fails_instead_of_leaving_folders_out(
+    tmp_path: Path,
+):
+    """No descriptor left (`ulimit -n`, or the system's table full) is not a folder that
+    cannot be read: the prepare stage fails rather than record an incomplete snapshot."""
+    out = subprocess.run(
+        [sys.executable, "-c", SNAPSHOT_WITHOUT_DESCRIPTORS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out == "failed EMFILE", out

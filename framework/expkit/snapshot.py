@@ -424,6 +424,8 @@ def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[tuple[s
         try:
             fd = os.open(folder, (_FOLDER_FLAGS | os.O_NOFOLLOW) if prefix else _FOLDER_FLAGS)
         except OSError as error:
+            if error.errno in OUT_OF_DESCRIPTORS:  # not the folder's fault: fail, not a
+                raise  # snapshot quietly missing a folder
             if prefix:  # the source folder itself: as before, an empty snapshot
                 warnings.append(
                     f"source folder: {escaped(prefix)} cannot be read "
@@ -463,6 +465,8 @@ def _list(
             entries = list(scan)
         entries.sort(key=_name)
     except OSError as error:
+        if error.errno in OUT_OF_DESCRIPTORS:
+            raise
         if prefix:  # the source folder itself: as before, an empty snapshot
             warnings.append(
                 f"source folder: {escaped(prefix)} cannot be read "
@@ -519,6 +523,11 @@ def _list(
         if item is not None:
             items.append(item)
     return kept, items
+
+
+# The process or the system ran out of file descriptors: the walk fails rather than leave a
+# folder out of the snapshot with a "cannot be read" warning.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 
 def _name(entry: os.DirEntry[str]) -> str:
