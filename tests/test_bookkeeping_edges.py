@@ -71,15 +71,18 @@ for n in range(2):  # the second links from the index: the BlobLinker's folders
 """
 
 
+def _python(snippet: str, folder: Path) -> str:
+    """What `snippet` prints, run by this interpreter in a process of its own (its limits
+    set there stay there) with `folder` as its argument."""
+    return subprocess.run(
+        [sys.executable, "-c", snippet, str(folder)], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_a_snapshot_under_a_low_open_files_limit_is_complete(tmp_path: Path):
     """Under `ulimit -n 64`, the snapshot that links known blobs by the store's folder
     descriptors must not use up the descriptors its walk needs: no folder left out."""
-    out = subprocess.run(
-        [sys.executable, "-c", SNAPSHOT_UNDER_LOW_FD_LIMIT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    out = _python(SNAPSHOT_UNDER_LOW_FD_LIMIT, tmp_path).splitlines()
     assert out == ["0 601 601 []", "1 0 601 []"]
     assert (tmp_path / "snap1" / "zzz" / "last").read_text() == "walked after the links"
 
@@ -144,10 +147,5 @@ def test_a_snapshot_that_runs_out_of_file_descriptors_fails_instead_of_leaving_f
 ):
     """No descriptor left (`ulimit -n`, or the system's table full) is not a folder that
     cannot be read: the prepare stage fails rather than record an incomplete snapshot."""
-    out = subprocess.run(
-        [sys.executable, "-c", SNAPSHOT_WITHOUT_DESCRIPTORS, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    out = _python(SNAPSHOT_WITHOUT_DESCRIPTORS, tmp_path).strip()
     assert out == "failed EMFILE", out

@@ -424,13 +424,7 @@ def _walk(source: Path, ignore: Ignore, warnings: list[str]) -> Iterator[tuple[s
         try:
             fd = os.open(folder, (_FOLDER_FLAGS | os.O_NOFOLLOW) if prefix else _FOLDER_FLAGS)
         except OSError as error:
-            if error.errno in OUT_OF_DESCRIPTORS:  # not the folder's fault: fail, not a
-                raise  # snapshot quietly missing a folder
-            if prefix:  # the source folder itself: as before, an empty snapshot
-                warnings.append(
-                    f"source folder: {escaped(prefix)} cannot be read "
-                    f"({error.strerror or error}): not in the snapshot"
-                )
+            _cannot_list(prefix, error, warnings)
             continue
         if listed is not None:
             opened = os.fstat(fd)
@@ -465,13 +459,7 @@ def _list(
             entries = list(scan)
         entries.sort(key=_name)
     except OSError as error:
-        if error.errno in OUT_OF_DESCRIPTORS:
-            raise
-        if prefix:  # the source folder itself: as before, an empty snapshot
-            warnings.append(
-                f"source folder: {escaped(prefix)} cannot be read "
-                f"({error.strerror or error}): not in the snapshot"
-            )
+        _cannot_list(prefix, error, warnings)
         return kept, items
     subfolders: list[os.DirEntry[str]] = []
     names: list[os.DirEntry[str]] = []
@@ -528,6 +516,19 @@ def _list(
 # The process or the system ran out of file descriptors: the walk fails rather than leave a
 # folder out of the snapshot with a "cannot be read" warning.
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def _cannot_list(prefix: str, error: OSError, warnings: list[str]) -> None:
+    """A folder of the source (`prefix`) that cannot be opened or listed: a warning that it
+    is not in the snapshot (none for the source folder itself: as before, an empty snapshot).
+    Raises `error` when the process ran out of descriptors: not the folder's fault."""
+    if error.errno in OUT_OF_DESCRIPTORS:
+        raise error
+    if prefix:
+        warnings.append(
+            f"source folder: {escaped(prefix)} cannot be read "
+            f"({error.strerror or error}): not in the snapshot"
+        )
 
 
 def _name(entry: os.DirEntry[str]) -> str:
