@@ -75,6 +75,15 @@ def test_the_text_written_is_pyyamls(cache_dir):
     assert yamlcache.dump(dated) == yaml.safe_dump(dated, sort_keys=False)
 
 
+def test_a_large_document_is_not_kept(cache_dir):
+    """The file stays small to read: a document over MAX_SOURCE_CHARS is read by PyYAML."""
+    large = JOB + "".join(f"# comment line {i}\n" for i in range(1000))
+    assert len(large) > yamlcache.MAX_SOURCE_CHARS
+
+    assert yamlcache.load(large) == bounded_yaml.load(JOB)
+    assert yamlcache.recall("load", large) is yamlcache.MISSING
+
+
 def test_a_corrupt_cache_file_costs_the_import_only(cache_dir):
     yamlcache.load(JOB)
     file = Path(yamlcache._file() or "")

@@ -10,11 +10,11 @@ their results are remembered in a file next to the plugin scan's (`expkit.entryc
 - `load(text)`: the data of a YAML document, by the SHA-256 of its text;
 - `dump(data)`: `yaml.safe_dump(data, sort_keys=False)`, by the SHA-256 of the data as JSON.
 
-A result is kept only when JSON holds it exactly: plain dicts with text keys, lists, text,
-whole numbers, numbers, booleans and null, each list and mapping met once (YAML's aliases make
-one object appear twice, and a caller that edits one would see the other change: JSON would
-give two copies). Anything else (dates, `!!set`, `!!binary`, an alias) is read by PyYAML every
-time, as before.
+A result is kept only for an input of at most MAX_SOURCE_CHARS, and when JSON holds it
+exactly: plain dicts with text keys, lists, text, whole numbers, numbers, booleans and null,
+each list and mapping met once (YAML's aliases make one object appear twice, and a caller that
+edits one would see the other change: JSON would give two copies). Anything else (dates,
+`!!set`, `!!binary`, an alias) is read by PyYAML every time, as before.
 
 The key of every record also holds what the results depend on: the interpreter, and the stat
 data (mtime in nanoseconds, size, inode) of PyYAML's package file and of
@@ -37,7 +37,10 @@ from typing import Any
 from expkit.entrycache import RACY_SECONDS, cache_folder, read_json, write_json
 
 VERSION = 1  # of the file's format
-KEPT = 64  # records kept in the file, newest first
+KEPT = 32  # records kept in the file, newest first
+# The largest input remembered, in characters: job specs are a few hundred bytes; a large one
+# (they may be up to 1 MiB) would make the file slower to read than PyYAML is to import.
+MAX_SOURCE_CHARS = 8192
 MISSING = object()  # what `recall` returns for a result not remembered
 BOUNDED_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bounded_yaml.py")
 
@@ -91,9 +94,11 @@ def recall(kind: str, source: str) -> Any:
 
 
 def remember(kind: str, source: str, value: Any) -> None:
-    """Keep `value` as the result of `kind` for `source`, when JSON holds it exactly and the
-    files it depends on are not racily young; otherwise (or when the cache cannot be
-    written) keep nothing."""
+    """Keep `value` as the result of `kind` for `source`, when `source` is at most
+    MAX_SOURCE_CHARS long, JSON holds `value` exactly and the files it depends on are not
+    racily young; otherwise (or when the cache cannot be written) keep nothing."""
+    if len(source) > MAX_SOURCE_CHARS:
+        return
     file = _file()
     if file is None or not _exact(value):
         return
