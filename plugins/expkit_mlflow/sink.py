@@ -1,7 +1,10 @@
 """Metric sink `mlflow`: each expkit run becomes an MLflow run in the experiment of the same name.
 
 It runs on expkit's sink thread, fed from the run history in batches, so the training script
-never waits for MLflow: the only cost to the script is the history it writes anyway.
+never waits for MLflow: the only cost to the script is the history it writes anyway. A tracking
+server (`http://`, `https://`) is reached through MLflow's REST API, without importing mlflow
+(`expkit_mlflow.rest`); any other store through MLflow's own client (`expkit_mlflow.library`):
+see `expkit_mlflow.tracking.connect`.
 
 What goes where:
 - params: the run's parameters (`RunInfo.params`): the job's `args`, data placeholders

@@ -170,19 +170,22 @@ class Server:
         self.url = url.rstrip("/")
         self.settings = settings or Settings.from_environment()
         s = self.settings
-        retry = Retry(
-            total=s.retries,
-            connect=s.retries,
-            read=s.retries,
-            redirect=s.retries,
-            status=s.retries,
-            status_forcelist=TRANSIENT,
-            backoff_factor=s.backoff,
-            backoff_jitter=s.jitter,
-            raise_on_status=False,
-            respect_retry_after_header=s.retry_after,
-            allowed_methods=None,  # any method, as MLflow retries them all
-        )
+        policy: dict[str, Any] = {
+            "total": s.retries,
+            "connect": s.retries,
+            "read": s.retries,
+            "redirect": s.retries,
+            "status": s.retries,
+            "status_forcelist": TRANSIENT,
+            "backoff_factor": s.backoff,
+            "raise_on_status": False,
+            "respect_retry_after_header": s.retry_after,
+            "allowed_methods": None,  # any method, as MLflow retries them all
+        }
+        try:
+            retry = Retry(**policy, backoff_jitter=s.jitter)
+        except TypeError:  # urllib3 < 2 has no jitter (MLflow adds its own: JitteredRetry)
+            retry = Retry(**policy)
         self.session = requests.Session()
         adapter = HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
