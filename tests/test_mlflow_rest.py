@@ -8,9 +8,12 @@ real HTTP proxy in front of the server that lets only an authorized request thro
 from __future__ import annotations
 
 import base64
+import datetime
 import http.server
+import ipaddress
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -164,10 +167,13 @@ def test_the_driver_imports_no_mlflow_for_a_server(server, write_job, expkit_wor
 
 # -- credentials ---------------------------------------------------------------------------
 @contextmanager
-def guarded(upstream: str, authorization: str) -> Iterator[tuple[str, list[str | None]]]:
+def guarded(
+    upstream: str, authorization: str | None, tls: ssl.SSLContext | None = None
+) -> Iterator[tuple[str, list[str | None]]]:
     """A real HTTP proxy in front of the MLflow server `upstream` that lets through only the
-    requests carrying the header `Authorization: <authorization>`, answering 401 with
-    MLflow's error body otherwise; its URL, and the Authorization header of each request."""
+    requests carrying the header `Authorization: <authorization>` (any request, when None),
+    answering 401 with MLflow's error body otherwise, over HTTPS when given a `tls` context;
+    its URL, and the Authorization header of each request."""
     seen: list[str | None] = []
 
     class Proxy(http.server.BaseHTTPRequestHandler):
@@ -176,7 +182,7 @@ def guarded(upstream: str, authorization: str) -> Iterator[tuple[str, list[str |
             seen.append(given)
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            if given != authorization:
+            if authorization is not None and given != authorization:
                 answer = json.dumps({"error_code": "UNAUTHENTICATED", "message": "who are you?"})
                 self.send_response(401)
                 self.send_header("Content-Type", "application/json")
@@ -205,10 +211,12 @@ def guarded(upstream: str, authorization: str) -> Iterator[tuple[str, list[str |
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Proxy)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", seen
     finally:
         server.shutdown()
         server.server_close()
@@ -254,6 +262,93 @@ def test_mlflow_s_credential_variables_reach_the_server(
     assert run.data.params == {"lr": "0.1", "epochs": "1"}
     files = artifact_files(server, run.info.run_id, tmp_path / "files")
     assert files["outputs/model.pt"] == b"weights"
+
+
+def self_signed(folder: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1 and its key, in one PEM file."""
+    crypto = pytest.importorskip("cryptography")
+    assert crypto
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = folder / "server.pem"
+    path.write_bytes(
+        certificate.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("variables", "trusted"),
+    [
+        ({"MLFLOW_TRACKING_SERVER_CERT_PATH": "CERT"}, True),
+        ({"MLFLOW_TRACKING_INSECURE_TLS": "true"}, True),
+        ({}, False),
+    ],
+    ids=["server-cert-path", "insecure-tls", "untrusted"],
+)
+def test_mlflow_s_tls_variables_decide_whom_the_sink_trusts(
+    server, run_job, monkeypatch, tmp_path, variables, trusted
+):
+    monkeypatch.setattr(metric_pipeline, "RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    certificate = self_signed(tmp_path)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, str(certificate) if value == "CERT" else value)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certificate)
+    experiment = f"tls-{'-'.join(variables) or 'none'}".lower()
+
+    with guarded(server, None, tls) as (url, seen):
+        result = run_job(
+            on_server(url, experiment=experiment, args={"lr": 0.1, "epochs": 1}),
+            script=script(3),
+        )
+
+    assert result.state == "completed", result.output
+    events = result.workspace.history.events.of(result.record.id, "sink-failed")
+    if not trusted:
+        (event,) = events
+        assert event["message"].startswith(
+            f"plugin mlflow, metric sink 'mlflow' open: MLflow server {url}, "
+            "experiments/get-by-name: "
+        )
+        assert "CERTIFICATE_VERIFY_FAILED" in event["message"]
+        assert "\n" not in event["message"]
+        assert seen == []
+        return
+    assert [e["message"] for e in events] == []
+    client = MlflowClient(tracking_uri=server)
+    run = mlflow_run(client, result)
+    assert run.info.status == "FINISHED"
+    files = artifact_files(server, run.info.run_id, tmp_path / "files")
+    assert files["outputs/model.pt"] == b"weights"
+    assert len(seen) > 10  # every call went through the HTTPS proxy
 
 
 # -- the two clients, call by call ------------------------------------------------------------

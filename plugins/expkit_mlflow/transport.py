@@ -113,9 +113,7 @@ class Settings:
         """MLflow's client settings as the environment gives them (defaults: `RETRIES`,
         `BACKOFF`, `TIMEOUT`; MLflow's own for the rest). Raises ValueError for a value
         that is not a number."""
-        from expkit import __version__
-
-        headers = {"User-Agent": f"expkit/{__version__} (MLflow REST API)"}
+        headers = {"User-Agent": "expkit (MLflow REST API)"}
         username, password = _basic_credentials()
         token = os.environ.get("MLFLOW_TRACKING_TOKEN")
         if username and password:
@@ -191,9 +189,6 @@ class Server:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update(s.headers)
-        self.session.verify = s.verify
-        if s.cert:
-            self.session.cert = s.cert
 
     def call(
         self,
@@ -239,6 +234,10 @@ class Server:
                 url,
                 timeout=self.settings.timeout,
                 allow_redirects=self.settings.redirects,
+                # Per request, as MLflow passes them: a Session's own would lose to
+                # $REQUESTS_CA_BUNDLE (requests' merge_environment_settings).
+                verify=self.settings.verify,
+                cert=self.settings.cert,
                 **kwargs,
             )
         except requests.exceptions.Timeout as error:
