@@ -168,11 +168,19 @@ def commands(
 def bench_startup(
     folder: Path, repeat: int, torchx: str | None, baseline: Path | None
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """({command: {"wall": s, "cpu": s}} medians, {phase of expkit run: s} medians)."""
-    (folder / "noop.py").write_text(NOOP)
-    (folder / "in_script.py").write_text(IN_SCRIPT)
-    (folder / "noop.yaml").write_text("experiment: bench\nentry_script: noop.py\n")
-    (folder / "MLproject").write_text(
+    """({command: {"wall": s, "cpu": s}} medians, {phase of expkit run: s} medians).
+
+    Every command runs in `folder`/project, which holds the scripts, the job and the MLproject
+    only, as a user's project would: the benchmark's own files (bytecode cache, MLflow's
+    database, the workspace, the caches) lie beside it, not in the source folder that
+    `expkit run` snapshots (MLflow's database changes in every round: the snapshot would hash
+    it again each time)."""
+    project = folder / "project"
+    project.mkdir()
+    (project / "noop.py").write_text(NOOP)
+    (project / "in_script.py").write_text(IN_SCRIPT)
+    (project / "noop.yaml").write_text("experiment: bench\nentry_script: noop.py\n")
+    (project / "MLproject").write_text(
         "name: noop\nentry_points:\n  main:\n    command: python noop.py\n"
     )
     env = {
@@ -195,11 +203,11 @@ def bench_startup(
     phased = [sys.executable, "-c", PHASES, "run", "noop.yaml", "--quiet"]
     for round_ in range(repeat + 1):  # the first round warms the caches, and is not counted
         for name, (argv, command_env) in table.items():
-            wall, cpu, _ = timed_run(argv, folder, command_env)
+            wall, cpu, _ = timed_run(argv, project, command_env)
             if round_:
                 walls[name].append(wall)
                 cpus[name].append(cpu)
-        _, _, stderr = timed_run(phased, folder, env)
+        _, _, stderr = timed_run(phased, project, env)
         if round_:
             for phase, seconds in json.loads(stderr.strip().splitlines()[-1]).items():
                 phases.setdefault(phase, []).append(seconds)

@@ -113,7 +113,7 @@ def entry_points(group: str) -> list[Any]:
     if file and youngest < started - RACY_SECONDS and all(paths) and _same_key(key):
         rows = [[ep.name, ep.value, path] for ep, path in zip(scanned, paths, strict=True)]
         records = [{"key": digest, "entry_points": rows}, *kept][:KEPT]
-        _write(file, {"version": VERSION, "records": records})
+        write_json(file, {"version": VERSION, "records": records})
     return scanned
 
 
@@ -177,11 +177,12 @@ def _key() -> tuple[list[Any], float]:
     return key, youngest
 
 
-def _cache_file(group: str) -> str | None:
-    """The cache file of `group` for this interpreter; None when there is no home to keep it.
-    A relative `EXPKIT_CACHE_DIR` or `XDG_CACHE_HOME` is ignored (no cache), as the XDG Base
-    Directory Specification says of relative paths: one would put the cache in whatever
-    folder the command runs from, a project's."""
+def cache_folder() -> str | None:
+    """expkit's cache folder: `$EXPKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/expkit`, else
+    `~/.cache/expkit`; None when there is no home to keep it. A relative `EXPKIT_CACHE_DIR` or
+    `XDG_CACHE_HOME` is ignored (no cache), as the XDG Base Directory Specification says of
+    relative paths: one would put the cache in whatever folder the command runs from, a
+    project's."""
     folder = os.environ.get(CACHE_ENV)
     if folder and not os.path.isabs(folder):
         return None
@@ -190,16 +191,33 @@ def _cache_file(group: str) -> str | None:
         if not os.path.isabs(base):
             return None
         folder = os.path.join(base, "expkit")
+    return folder
+
+
+def _cache_file(group: str) -> str | None:
+    """The cache file of `group` for this interpreter; None when there is no cache folder
+    (`cache_folder`)."""
+    folder = cache_folder()
+    if folder is None:
+        return None
     digest = hashlib.sha256(f"{sys.executable}\0{group}".encode()).hexdigest()[:16]
     return os.path.join(folder, f"entry-points-{digest}.json")
+
+
+def read_json(file: str) -> Any:
+    """The JSON value stored in `file`; None when it is missing, unreadable or corrupt."""
+    try:
+        with open(file, encoding="utf-8") as stream:
+            return json.load(stream)
+    except (OSError, ValueError):
+        return None
 
 
 def _read(file: str) -> list[dict[str, Any]]:
     """The records ({"key": the key's SHA-256, "entry_points"}) stored in `file`, newest
     first; none when the file is missing, corrupt or of another format."""
+    stored = read_json(file)
     try:
-        with open(file, encoding="utf-8") as stream:
-            stored = json.load(stream)
         if stored["version"] != VERSION:
             return []
         records = stored["records"]
@@ -211,11 +229,11 @@ def _read(file: str) -> list[dict[str, Any]]:
             ):
                 return []
         return list(records)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return []
 
 
-def _write(file: str, content: dict[str, Any]) -> None:
+def write_json(file: str, content: Any) -> None:
     """Store `content` at `file` at once (a temporary file renamed over it); a failure (a
     read-only home, a full disk) keeps nothing and is not an error."""
     temporary = f"{file}.{os.getpid()}.tmp"

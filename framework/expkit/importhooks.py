@@ -25,15 +25,16 @@ import importlib
 import importlib.machinery
 import os
 import sys
-from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
 
+# typing.TYPE_CHECKING without importing typing (nor pathlib): every Python process of a run
+# imports this module at start-up, where typing, pathlib and what they import cost ~8 ms.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import importlib.abc
+    from types import ModuleType
+    from typing import Any
 
 HOOKS_ENV = "EXPKIT_IMPORT_HOOKS"
-BOOTSTRAP_DIR = Path(__file__).resolve().parent / "bootstrap"
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "bootstrap")
 
 
 def encode(hooks: dict[str, list[str]]) -> str:
@@ -100,7 +101,7 @@ class _Finder:
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = cast("importlib.abc.Loader", _Loader(spec.loader, hooks))
+                    spec.loader = _Loader(spec.loader, hooks)  # type: ignore[assignment]
                 return spec
         return None
 

@@ -604,9 +604,11 @@ class JobSpec(_Spec):
         }
 
     def to_yaml(self) -> str:
-        import yaml
+        """The spec as YAML text (`yaml.safe_dump`, keys in the fields' order), as the run's
+        `job.yaml` holds it; remembered for a spec written before (`expkit.yamlcache`)."""
+        from expkit import yamlcache
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yamlcache.dump(self.to_dict())
 
 
 _SCALARS = (str, int, float, bool, type(None), datetime.date)
@@ -684,13 +686,15 @@ def _read_job_file(path: Path, source: str, what: str = "a job spec") -> bytes:
 def load_yaml(text: str, source: str) -> Any:
     """The data of a job spec's YAML text; a JobSpecError naming `source` and the line when
     it is not YAML or passes the bounds of `expkit.bounded_yaml` (depth, aliases, size)."""
-    import yaml
-
-    from expkit import bounded_yaml
+    from expkit import yamlcache
 
     try:
-        return bounded_yaml.load(text)
-    except yaml.YAMLError as error:
+        return yamlcache.load(text)  # PyYAML is imported for a text not read before only
+    except Exception as error:
+        import yaml
+
+        if not isinstance(error, yaml.YAMLError):
+            raise
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error)

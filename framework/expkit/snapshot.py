@@ -16,7 +16,6 @@ import re
 import shutil
 import stat
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -341,6 +340,8 @@ def _read_all(unknown: list[_Found], layout: _Layout, workers: int) -> int:
             chunks.append(unknown[start:end])
             start, total = end, 0
     chunks.append(unknown[start:])
+    from concurrent.futures import ThreadPoolExecutor  # with logging: ~7 ms, for large reads only
+
     with ThreadPoolExecutor(workers, "expkit-snapshot") as pool:
         return sum(pool.map(layout.read, chunks))
 
@@ -671,6 +672,8 @@ def working_copy(snapshot_dir: Path, work_dir: Path, workers: int | None = None)
         for chunk in chunks:
             _copy_chunk(chunk)
     else:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(workers, thread_name_prefix="expkit-working-copy") as pool:
             list(pool.map(_copy_chunk, chunks))
     for folder, copy in reversed(folders):  # as copytree: each folder's mode, once filled

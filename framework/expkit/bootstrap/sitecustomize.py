@@ -5,9 +5,13 @@ then imports the `sitecustomize` this one hides, if there is one further on sys.
 """
 
 import importlib.machinery
-import importlib.util
 import os
 import sys
+
+try:  # importlib.util's own function (it re-exports it), without what importlib.util imports
+    from importlib._bootstrap import module_from_spec  # (contextlib, collections: ~3 ms)
+except ImportError:  # pragma: no cover - a Python whose frozen bootstrap moved it
+    from importlib.util import module_from_spec
 
 
 def _install() -> None:
@@ -24,7 +28,7 @@ def _chain() -> None:
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
     if spec is None or spec.loader is None:
         return
-    module = importlib.util.module_from_spec(spec)
+    module = module_from_spec(spec)
     sys.modules["sitecustomize"] = module
     spec.loader.exec_module(module)
 
