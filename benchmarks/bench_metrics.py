@@ -37,8 +37,10 @@
 5. The pump (`--only pump`): how many values a second the driver's `MetricPump` stores, in
    process, from --pump-values channel lines as the script's writer writes them (four metric
    names, random values); beside it, how many a second it only reads and parses them
-   (`ChannelReader.read`), the rest being SQLite's. Part 4's latency stays bounded only while
-   the pump stores faster than the script logs; the ratio is to --rate.
+   (`ChannelReader.read`), the rest being the grouping and SQLite's (each series' values
+   of a batch go into one row, `expkit.history.metric_groups`; the rows written are shown).
+   Part 4's latency stays bounded only while the pump stores faster than the script logs;
+   the ratio is to --rate.
 
 The MLflow store is SQLite, the sink's embedded default; `--server` also runs part 2 against
 a `mlflow server` on a loopback port. Prints a table and the figures as JSON on the last line.
@@ -465,13 +467,16 @@ def bench_pump(folder: Path, values: int) -> dict[str, float]:
     while batch := reader.read():
         reader.commit(batch)
     parse_s = time.perf_counter() - parse_s
-    pump = MetricPump(History(folder / "history.db"), "20261130-120000-bench0", channel)
+    history = History(folder / "history.db")
+    pump = MetricPump(history, "20261130-120000-bench0", channel)
     wall, cpu = time.perf_counter(), time.process_time()
     stored = pump.pump()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert stored == values, (stored, values)
+    (rows,) = history.db.execute("SELECT COUNT(*) FROM metrics").fetchone()
     return {
         "values": values,
+        "rows": rows,  # row groups: a row per series and batch (expkit.history.metric_groups)
         "stored_values_per_s": values / wall,
         "stored_values_per_cpu_s": values / cpu,
         "parsed_values_per_s": values / parse_s,
@@ -643,7 +648,7 @@ def main() -> None:
             f" ({pump['us_per_value']:.2f} us each; {pump['stored_values_per_cpu_s']:,.0f} per CPU"
             f" second), {pump['stored_values_per_s'] / args.rate:.2f}x the {args.rate:,}/s asked;"
             f" parsing alone {pump['parsed_values_per_s']:,.0f} values/s"
-            f" ({pump['us_per_value_parse']:.2f} us each)"
+            f" ({pump['us_per_value_parse']:.2f} us each); {pump['rows']:,} rows written"
         )
     print(json.dumps(figures))
 
