@@ -32,8 +32,9 @@
    steady --rate values per second (as close as it gets) for --stream-seconds, with a probe
    value (the time it was logged) every 10 ms; the benchmark reads the probe back as
    `expkit runs show` does (`history.metrics.latest`) every 10 ms: how long after
-   `run.log()` each probe became visible (median, 95th percentile, max), and the rate the
-   script achieved.
+   `run.log()` each probe became visible (median, 95th percentile, max; the medians of the
+   stream's first and second halves: a backlog that grows shows as a slower second half), and
+   the rate the script achieved.
 5. The pump (`--only pump`): how many values a second the driver's `MetricPump` stores, in
    process, from --pump-values channel lines as the script's writer writes them (four metric
    names, random values); beside it, how many a second it only reads and parses them
@@ -438,6 +439,8 @@ def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
     output = driver.stdout.read() if driver.stdout else ""
     assert driver.returncode == 0, output
     achieved = next(float(line) for line in output.splitlines() if _is_number(line))
+    half = len(delays) // 2  # a backlog that grows shows as a later half slower than the first
+    first, second = statistics.median(delays[:half]), statistics.median(delays[half:])
     delays.sort()
     return {
         "achieved_values_per_s": achieved,
@@ -445,6 +448,8 @@ def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
         "median_s": statistics.median(delays),
         "p95_s": delays[int(len(delays) * 0.95)],
         "max_s": delays[-1],
+        "median_first_half_s": first,
+        "median_second_half_s": second,
     }
 
 
@@ -638,7 +643,9 @@ def main() -> None:
             f"\n4. run.log() to `runs show` at {args.rate:,} values/s asked,"
             f" {latency['achieved_values_per_s']:,.0f} achieved: median"
             f" {latency['median_s']:.3f}s, p95 {latency['p95_s']:.3f}s,"
-            f" max {latency['max_s']:.3f}s ({latency['probes_seen']} probes)"
+            f" max {latency['max_s']:.3f}s ({latency['probes_seen']} probes); median of the"
+            f" stream's first half {latency['median_first_half_s']:.3f}s, second half"
+            f" {latency['median_second_half_s']:.3f}s"
         )
     pump = figures["pump"]
     if pump:
