@@ -5,9 +5,12 @@
 1. A script logging --values values (default 50) under `expkit run` with the `mlflow` sink on
    a `mlflow server` (loopback port, SQLite backend): the post-process stage's seconds, from
    the run history's stage timestamps (that stage stops the metric pump and drains the sinks:
-   goal under 1 s), and the whole `expkit run`. Beside it: the same run with no sink, and the
-   peer, a bare script that logs the same values with `mlflow.log_metric` to the same server
-   (its set-up, import to `start_run`, and its logging, timed by the script itself).
+   goal under 1 s), and the whole `expkit run`. The sink talks to a server through MLflow's
+   REST API (`expkit_mlflow.rest`, no mlflow import); beside it: the same sink through
+   MLflow's own client (`expkit_mlflow.library`, what it used before: importing mlflow is
+   most of its post-process), the same run with no sink, and the peer, a bare script that
+   logs the same values with `mlflow.log_metric` to the same server (its set-up, import to
+   `start_run`, and its logging, timed by the script itself).
    And the sink's run again with a script that logs the same values over --script-seconds
    (default 5 s): longer than importing mlflow takes, so that the sink is open when the
    script ends and post-process is the drain alone. Configurations alternate within each
@@ -46,6 +49,16 @@ n, seconds = int(sys.argv[1]), float(sys.argv[2])
 for i in range(n):
     run.log("loss", 1.0 / (i + 1), step=i)
     time.sleep(seconds / n)
+"""
+
+# `expkit run` with the sink sent through MLflow's library, as for a store the REST client
+# does not take (expkit_mlflow.tracking.connect).
+LIBRARY = """
+import sys
+import expkit_mlflow.tracking
+expkit_mlflow.tracking.library_only = lambda uri: "the library, for the benchmark"
+from expkit.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 PEER = """
@@ -88,17 +101,24 @@ def new_workspace(folder: Path) -> dict[str, str]:
 
 
 def expkit_run(
-    folder: Path, env: dict[str, str], values: int, sinks: list, seconds: float = 0.0
+    folder: Path,
+    env: dict[str, str],
+    values: int,
+    sinks: list,
+    seconds: float = 0.0,
+    library: bool = False,
 ) -> dict[str, float]:
-    """`expkit run` of a script logging `values` values over `seconds`: its wall seconds, and
-    the seconds of its post-process and run stages as the run history recorded them."""
+    """`expkit run` of a script logging `values` values over `seconds` (with the mlflow sink
+    through MLflow's library when `library`): its wall seconds, and the seconds of its
+    post-process and run stages as the run history recorded them."""
     (folder / "train.py").write_text(LOG)
     args = [values, seconds]
     job = {"experiment": "bench", "entry_script": "train.py", "args": args, "metrics": sinks}
     (folder / "job.yaml").write_text(json.dumps(job))  # JSON is YAML
+    command = ["-c", LIBRARY] if library else ["-m", "expkit"]
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "expkit", "run", "job.yaml"],
+        [sys.executable, *command, "run", "job.yaml"],
         cwd=folder,
         env=env,
         stdout=subprocess.PIPE,
@@ -158,12 +178,17 @@ def bench_drain(
         peer(1, url)
         rows: dict[str, list[dict[str, float]]] = {
             "mlflow sink": [],
+            "mlflow sink, library client": [],
             "no sink": [],
             "peer": [],
             "mlflow sink, longer script": [],
         }
         for _ in range(repeat):
             rows["mlflow sink"].append(expkit_run(folder / "ws", env, values, sink))
+            got, status = mlflow_values(url, "bench")
+            assert (got, status) == (values, "FINISHED"), (got, status)
+            library = expkit_run(folder / "ws", env, values, sink, library=True)
+            rows["mlflow sink, library client"].append(library)
             got, status = mlflow_values(url, "bench")
             assert (got, status) == (values, "FINISHED"), (got, status)
             rows["no sink"].append(expkit_run(folder / "ws", env, values, []))
@@ -227,7 +252,11 @@ def main() -> None:
     sink, bare, other = drain["mlflow sink"], drain["no sink"], drain["peer"]
     print(f"1. {args.values} values on a `mlflow server`, median of {repeat} runs each")
     print(f"{'':<34} {'post-process':>13} {'run stage':>10} {'expkit run':>11}")
-    shown = [("expkit run, mlflow sink", sink), ("expkit run, no sink", bare)]
+    shown = [
+        ("expkit run, mlflow sink (REST)", sink),
+        ("  same, through mlflow's library", drain["mlflow sink, library client"]),
+        ("expkit run, no sink", bare),
+    ]
     if "mlflow sink, longer script" in drain:
         shown.append(
             (f"  same, script of {args.script_seconds:g} s", drain["mlflow sink, longer script"])
@@ -242,13 +271,19 @@ def main() -> None:
         f"{args.values} log_metric {other['log_metric_s']:.2f}s, end_run {other['end_run_s']:.2f}s,"
         f" wall {other['wall_s']:.2f}s"
     )
+    library = drain["mlflow sink, library client"]
     figures["ratio"] = {
+        "post_process_rest_vs_library": sink["post_process_s"] / library["post_process_s"],
         "post_process_sink_vs_no_sink": sink["post_process_s"] / bare["post_process_s"],
         "post_process_sink_vs_peer_log_metric": sink["post_process_s"]
         / (other["log_metric_s"] + other["end_run_s"]),
         "expkit_run_sink_minus_no_sink_s": sink["expkit_run_s"] - bare["expkit_run_s"],
     }
     ratio = figures["ratio"]
+    print(
+        f"post-process through the REST client: {ratio['post_process_rest_vs_library']:.2f}x "
+        f"the one through mlflow's library"
+    )
     print(
         f"post-process with the sink: {ratio['post_process_sink_vs_no_sink']:.1f}x the one "
         f"without; {ratio['post_process_sink_vs_peer_log_metric']:.1f}x the peer's logging + "

@@ -8,10 +8,12 @@ number (`lifecycle.submit(..., sweep=, trial=)`), driven by its own background d
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 from mlflow import MlflowClient
@@ -21,6 +23,7 @@ from expkit import lifecycle
 from expkit.driver import start_driver
 from expkit.job import JobSpec
 from expkit_mlflow.tracking import HTTP_DEFAULTS
+from test_mlflow import serving
 
 SCRIPT = """
 import argparse, os, sys, time
@@ -123,8 +126,22 @@ def best_history(client: MlflowClient, parent_id: str) -> list[tuple[int, float]
     return sorted((m.step, m.value) for m in client.get_metric_history(parent_id, "best_val_acc"))
 
 
+@pytest.fixture(params=["embedded", "server"])
+def store(request, expkit_workspace, tmp_path_factory) -> Iterator[str]:
+    """The tracking URI the workspace's runs report to (its config.json): the embedded store
+    (through MLflow's library), or a real `mlflow server` (through the REST client)."""
+    if request.param == "embedded":
+        yield f"sqlite:///{expkit_workspace.path / 'mlflow.db'}"
+        return
+    config_file = expkit_workspace.path / "config.json"
+    with serving(tmp_path_factory.mktemp("server")) as (url, _):
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "mlflow": {"tracking_uri": url}}))
+        yield url
+
+
 def test_trials_started_at_once_nest_under_one_parent_run_and_a_plain_run_does_not(
-    expkit_workspace, trials
+    expkit_workspace, trials, store
 ):
     history = expkit_workspace.history
     sweep = history.sweeps.create("sw", sweep_spec())
@@ -133,7 +150,7 @@ def test_trials_started_at_once_nest_under_one_parent_run_and_a_plain_run_does_n
     trials.wait([*ids, plain])
 
     assert [history.runs.get(r).state for r in [*ids, plain]] == ["completed"] * 4
-    client = client_of(expkit_workspace)
+    client = MlflowClient(tracking_uri=store)
     (parent,) = parents(client, sweep.id)
     assert parent.info.run_name == sweep.id
     assert parent.info.status == "FINISHED"

@@ -124,22 +124,25 @@ def test_a_second_signal_at_any_line_of_the_first_handler_is_only_noted(
     assert step > 3  # the handler and what it calls were walked line by line
 
 
-def test_a_second_sigterm_while_a_download_cleans_up_lets_it_finish():
-    """A download stopped by SIGTERM removes its temporary files (in the user's destination
-    folder) even when the service manager sends SIGTERM again meanwhile."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_second_signal_while_a_download_cleans_up_lets_it_finish(sig):
+    """A download stopped by SIGTERM (or Ctrl-C) removes its temporary files (in the user's
+    destination folder) even when the service manager sends SIGTERM again meanwhile (or the
+    user presses Ctrl-C again)."""
     snippet = textwrap.dedent(
         """
-        import os, signal, time
+        import os, signal, sys, time
         from expkit import downloads
 
+        sig = getattr(signal, sys.argv[1])
         cleaned = []
         try:
             with downloads._signals_interrupt():
                 try:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), sig)
                     time.sleep(5)
                 finally:
-                    os.kill(os.getpid(), signal.SIGTERM)  # while the temporary files go
+                    os.kill(os.getpid(), sig)  # while the temporary files go
                     time.sleep(0.1)
                     cleaned.append("tmp")
         except KeyboardInterrupt:
@@ -147,7 +150,7 @@ def test_a_second_sigterm_while_a_download_cleans_up_lets_it_finish():
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", snippet, sig], capture_output=True, text=True, timeout=60
     )
     assert result.stdout.strip() == "stopped, cleaned: ['tmp']", result.stdout + result.stderr
     assert "temporary files" in result.stderr

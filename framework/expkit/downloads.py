@@ -97,7 +97,7 @@ def fetch(
         _at_destination(_check_target, item.target, item.target, overwrite)
     staged: list[tuple[Path, Path]] = []
     temporary: list[Path] = []  # every temporary file made, removed whatever happens
-    with _signals_interrupt():  # also over the clean-up: a second SIGTERM must not skip it
+    with _signals_interrupt():  # also over the clean-up: a second signal must not skip it
         try:
             for item in wanted:
                 _at_destination(item.target.parent.mkdir, item.target.parent, parents=True,
@@ -132,15 +132,16 @@ def _at_destination(call: Callable[..., object], where: Path, *args: object, **k
 
 
 class _Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP during a download: stop like Ctrl-C, removing temporary files."""
+    """SIGTERM, SIGHUP or Ctrl-C during a download: stop, removing temporary files."""
 
 
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
     """While a download writes, SIGTERM and SIGHUP stop it the way Ctrl-C does (exit 130,
     temporary files removed) instead of killing the process where it stands. Only the first
-    raises: a later one (a service manager that sends SIGTERM again) is noted on stderr, so
-    that the temporary files are still removed."""
+    of them or of Ctrl-C raises: a later one (a service manager that sends SIGTERM again, a
+    second Ctrl-C) is noted on stderr, so that the temporary files are still removed. A
+    signal whose handler the program set itself (the driver's) is left to that handler."""
     import signal
     import threading
 
@@ -158,8 +159,12 @@ def _signals_interrupt() -> Iterator[None]:
             os.write(2, b"expkit: removing the download's temporary files; it takes a moment\n")
 
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+    for sig, default in (
+        (signal.SIGTERM, signal.SIG_DFL),
+        (signal.SIGHUP, signal.SIG_DFL),
+        (signal.SIGINT, signal.default_int_handler),  # Python's own Ctrl-C
+    ):
+        if signal.getsignal(sig) in (default, None):
             previous[sig] = signal.signal(sig, stop)
     try:
         yield

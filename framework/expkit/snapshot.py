@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 
-from expkit.blobs import BlobStore, copy_private
+from expkit.blobs import BlobStore, copy_private, stored_mode
 from expkit.errors import UserError
 from expkit.outputs import escaped
 from expkit.snapindex import FOLDER, SnapshotIndex, stat_key
@@ -47,10 +47,14 @@ WARN_FILES = 2000
 
 @dataclass
 class Snapshot:
+    """What `take` laid out: its hash (of the paths, contents and which files are
+    executable, as a git tree records a file's mode), the files, what was left out and why."""
+
     hash: str
     files: dict[str, tuple[int, str]]  # relative path -> (size, sha256)
     warnings: list[str] = field(default_factory=list)
     rehashed: int = 0  # files read and hashed (the others were found unchanged in the index)
+    executable: frozenset[str] = frozenset()  # the files with an execute bit
 
     @property
     def size(self) -> int:
@@ -276,6 +280,7 @@ def _take(
                 os.close(fd)
         rehashed = _read_all(unknown, layout, workers or _default_workers())
         found.sort(key=_rel)  # the walk's order is by folder, the listing's by path
+        executable = layout.executables(found)
         files: dict[str, tuple[int, str]] = {}
         for item in found:
             if item.refused:
@@ -296,8 +301,14 @@ def _take(
         layout.close()
         if index is not None:
             index.close()
-    listing = "".join([f"{p}\0{d}\n" for p, (_, d) in files.items()])
-    snapshot = Snapshot(hashlib.sha256(listing.encode()).hexdigest(), files, warnings, rehashed)
+    # An executable file's line says so (a file without an execute bit: as before there was
+    # the mark), so that making a script executable makes another snapshot.
+    listing = "".join(
+        [f"{p}\0{d}\0x\n" if p in executable else f"{p}\0{d}\n" for p, (_, d) in files.items()]
+    )
+    snapshot = Snapshot(
+        hashlib.sha256(listing.encode()).hexdigest(), files, warnings, rehashed, executable
+    )
     size = snapshot.size
     if size > WARN_BYTES or len(files) > WARN_FILES:
         snapshot.warnings.append(
@@ -388,6 +399,22 @@ class _Layout:
             finally:
                 os.close(fd)
         return read
+
+    def executables(self, found: list[_Found]) -> frozenset[str]:
+        """Lay out each of `found` that has an execute bit in the source folder as a copy of
+        its blob with the bits, instead of a link to the blob (whose mode every name of the
+        same content shares), so that a script can run a tool of its source folder
+        (`./prepare.sh`) in the snapshot and its working copy as it does outside them.
+        Returns their paths. Raises OSError."""
+        executable = []
+        for item in found:
+            bits = stat.S_IMODE(item.info.st_mode) & 0o111
+            if not bits or item.digest is None:
+                continue
+            mode = stored_mode(item.info.st_mode) | bits
+            copy_private(self.blobs.name(item.digest), self.prefix + item.rel, mode)
+            executable.append(item.rel)
+        return frozenset(executable)
 
     def close(self) -> None:
         self.links.close()

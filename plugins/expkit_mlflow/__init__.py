@@ -14,8 +14,9 @@ A sweep's trials are child runs of one parent run per sweep (tag `mlflow.parentR
 which holds the sweep spec in brief, its best so far and a status kept true by the trials'
 ends: see `expkit_mlflow.sweeps`.
 
-mlflow takes seconds to import, so this module only checks that it is installed: `sink.py`
-and `registry.py` import it when a job uses them, on the sink's own thread or at register.
+mlflow takes seconds to import, so this module only checks that it is installed: the sink
+talks to an http(s) tracking server through MLflow's REST API without it (`expkit_mlflow.rest`)
+and imports it for any other store, on its own thread; `registry.py` imports it at register.
 The capabilities' modules (and the tracking helpers they share, with the HTTP client) are
 imported by their hooks, which expkit calls only for the kinds a command uses: a run without
 MLflow in it imports none of them.

@@ -46,7 +46,7 @@ from expkit_mlflow.tracking import (
     TAKES,
     Tracking,
     clean_tags,
-    connect,
+    connect_library,
     ensure_run,
     local_path,
     log_outputs,
@@ -82,15 +82,18 @@ class MlflowRegistry(ModelRegistry):
         from its MLflow model folder as a logged model when there is one, else its files."""
         from mlflow.exceptions import MlflowException
 
+        from expkit_mlflow.library import LibraryTracker
+
         tracking = resolve(run, {**sink_options(run.job), **options})
-        client = connect(tracking)
+        client = connect_library(tracking)  # the model registry: MLflow's own client
+        tracker = LibraryTracker(client)
         # The sink's run when the job has the mlflow sink (still running: the sink closes it
         # after this stage), else one made here for the model to point at.
-        mlflow_run_id, made_here = ensure_run(client, run, tracking)
+        mlflow_run_id, made_here = ensure_run(tracker, run, tracking)
         model_id = None
         try:
-            if not outputs_logged(client, mlflow_run_id):
-                log_outputs(client, mlflow_run_id, run)
+            if not outputs_logged(tracker, mlflow_run_id):
+                log_outputs(tracker, mlflow_run_id, run)
             try:
                 client.create_registered_model(model.name, description="registered by expkit")
             except MlflowException as error:
@@ -188,7 +191,7 @@ def _located(registration: Registration, model_name: str) -> tuple[MlflowClient,
             f"mlflow: no MLflow version is known for this version of {model_name} (registered "
             "before expkit kept where); set the alias in MLflow itself"
         )
-    client = connect(Tracking(locator["tracking_uri"]))
+    client = connect_library(Tracking(locator["tracking_uri"]))
     return client, locator.get("name", model_name), locator["version"]
 
 

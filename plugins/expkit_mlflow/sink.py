@@ -1,7 +1,10 @@
 """Metric sink `mlflow`: each expkit run becomes an MLflow run in the experiment of the same name.
 
 It runs on expkit's sink thread, fed from the run history in batches, so the training script
-never waits for MLflow: the only cost to the script is the history it writes anyway.
+never waits for MLflow: the only cost to the script is the history it writes anyway. A tracking
+server (`http://`, `https://`) is reached through MLflow's REST API, without importing mlflow
+(`expkit_mlflow.rest`); any other store through MLflow's own client (`expkit_mlflow.library`):
+see `expkit_mlflow.tracking.connect`.
 
 What goes where:
 - params: the run's parameters (`RunInfo.params`): the job's `args`, data placeholders
@@ -36,12 +39,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from expkit.plugin import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
+from expkit_mlflow.api import METRICS_PER_CALL, Point, Tracker
 from expkit_mlflow.tracking import (
-    METRICS_PER_CALL,
     NAME,
     RUN_TAG,
     TAKES,
@@ -57,9 +61,6 @@ from expkit_mlflow.tracking import (
     outputs_logged,
     resolve,
 )
-
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
 
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "canceled": "KILLED"}
 # The expkit run's tags that say where its MLflow run is (`MlflowSink.where`): expkit's own.
@@ -82,7 +83,7 @@ class MlflowSink(MetricSink):
         mlflow_run_id, created = ensure_run(client, run, tracking)
         if not created:
             reopen(client, mlflow_run_id)
-        experiment = client.get_run(mlflow_run_id).info.experiment_id
+        experiment = client.get_run(mlflow_run_id).experiment_id
         run.set_tags({EXPERIMENT_TAG: experiment, URI_TAG: tracking.uri})
         return MlflowWriter(client, mlflow_run_id, run)
 
@@ -139,26 +140,26 @@ def ui_store(run: RunInfo) -> str:
     return f"sqlite:///{run.workspace_dir / 'mlflow.db'}"
 
 
-def reopen(client: MlflowClient, mlflow_run_id: str) -> None:
+def reopen(client: Tracker, mlflow_run_id: str) -> None:
     """An MLflow run that ended (the expkit run failed or was canceled, then resumed: `expkit
     runs resume`) is RUNNING again, its state tag says so and the error of the attempt that
     ended it is gone: `close` sets the new end. A run still RUNNING is left as it is."""
     found = client.get_run(mlflow_run_id)
-    if found.info.status == "RUNNING":
+    if found.status == "RUNNING":
         return
-    client.update_run(mlflow_run_id, status="RUNNING")
+    client.update_run(mlflow_run_id, "RUNNING")
     log_tags(client, mlflow_run_id, {"expkit.state": "running"})
-    if "expkit.error" in found.data.tags:
+    if "expkit.error" in found.tags:
         client.delete_tag(mlflow_run_id, "expkit.error")
 
 
 class MlflowWriter(MetricWriter):
-    def __init__(self, client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> None:
+    def __init__(self, client: Tracker, mlflow_run_id: str, run: RunInfo) -> None:
         self.client, self.mlflow_run_id, self.run = client, mlflow_run_id, run
         self.tables: dict[str, list[dict[str, Any]]] = {}
         self._next_step: dict[str, int] = {}  # per metric, for the values logged without one
         self._batch: list[Metric] | None = None  # the batch being sent, and how far it got:
-        self._numbers: list[Any] = []  # a retried send resumes after the last call that
+        self._numbers: list[Point] = []  # a retried send resumes after the last call that
         self._texts: dict[str, str] = {}  # succeeded instead of sending it all again
         self._sent = 0
         self._params: dict[str, str] | None = None  # the MLflow run's params, once read
@@ -183,7 +184,7 @@ class MlflowWriter(MetricWriter):
         `expkit.param.<key>`, holding its latest value. A retried call sends again only
         what MLflow does not hold yet (the same value of a param is accepted twice)."""
         if self._params is None:
-            self._params = dict(self.client.get_run(self.mlflow_run_id).data.params)
+            self._params = dict(self.client.get_run(self.mlflow_run_id).params)
         new, changed = {}, {}
         for key, value in clean_params(params).items():
             known = self._params.get(key)
@@ -197,10 +198,8 @@ class MlflowWriter(MetricWriter):
         if changed:
             log_tags(self.client, self.mlflow_run_id, changed)
 
-    def _split(self, metrics: list[Metric]) -> tuple[list[Any], dict[str, str]]:
+    def _split(self, metrics: list[Metric]) -> tuple[list[Point], dict[str, str]]:
         """MLflow metrics for the numbers; tags for the strings; rows kept for close."""
-        from mlflow.entities import Metric as MlflowMetric
-
         numbers, texts = [], {}
         for m in metrics:
             key = mlflow_key(m.name if not m.rank else f"rank{m.rank}/{m.name}")
@@ -210,7 +209,7 @@ class MlflowWriter(MetricWriter):
                 else:
                     step = self._next_step.get(key, 0)
                     self._next_step[key] = step + 1
-                numbers.append(MlflowMetric(key, float(m.value), int(m.timestamp * 1000), step))
+                numbers.append(Point(key, float(m.value), int(m.timestamp * 1000), step))
             elif isinstance(m.value, dict):
                 self.tables.setdefault(key, []).append(m.value)
             else:
@@ -230,10 +229,7 @@ class MlflowWriter(MetricWriter):
         if outcome.stage_failure:
             tags["expkit.error"] = outcome.stage_failure
         log_tags(self.client, self.mlflow_run_id, tags)
-        for key, rows in self.tables.items():
-            columns = list(dict.fromkeys(c for row in rows for c in row))
-            table = {"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}
-            self.client.log_dict(self.mlflow_run_id, table, f"metrics/{key}.json")
+        self._log_tables()
         log_logs(self.client, self.mlflow_run_id, self.run)
         if not outputs_logged(self.client, self.mlflow_run_id):
             log_outputs(self.client, self.mlflow_run_id, self.run)
@@ -247,3 +243,19 @@ class MlflowWriter(MetricWriter):
                 self.client.set_terminated(self.mlflow_run_id, status, int(time.time() * 1000))
                 trial_ended(self.client, self.mlflow_run_id, self.run)
         self.closed = True
+
+    def _log_tables(self) -> None:
+        """Each table as the artifact `metrics/<name>.json`, in `mlflow.log_table`'s layout
+        (columns, data), written as `MlflowClient.log_dict` writes a .json (indent 2,
+        anything else as its str), all in one upload."""
+        if not self.tables:
+            return
+        with tempfile.TemporaryDirectory(prefix="expkit-mlflow-tables-") as tmp:
+            for key, rows in self.tables.items():
+                columns = list(dict.fromkeys(c for row in rows for c in row))
+                data = [[row.get(c) for c in columns] for row in rows]
+                path = os.path.join(tmp, f"{key}.json")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump({"columns": columns, "data": data}, f, indent=2, default=str)
+            self.client.log_artifacts(self.mlflow_run_id, tmp, "metrics")

@@ -40,11 +40,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
-    from mlflow.entities import Run
+from expkit_mlflow.api import Point
 
+if TYPE_CHECKING:
     from expkit.plugin import RunInfo
+    from expkit_mlflow.api import RunRecord as Run
+    from expkit_mlflow.api import Tracker
 
 LOCK_NAME = "mlflow-sweeps.lock"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under its parent
@@ -82,7 +83,7 @@ def trial_tags(run: RunInfo, parent_id: str) -> dict[str, Any]:
 
 
 def parent_run(
-    client: MlflowClient, run: RunInfo, experiment_id: str, workspace: str, tags: dict[str, Any]
+    client: Tracker, run: RunInfo, experiment_id: str, workspace: str, tags: dict[str, Any]
 ) -> str:
     """The id of the parent run of `run`'s sweep in `experiment_id`, created if this
     workspace's sweep has none there yet (`tags`: what the trials are tagged with in common:
@@ -107,18 +108,18 @@ def parent_run(
             tags=clean_tags(parent_tags),
             run_name=run.sweep,
         )
-        parent_id: str = created.info.run_id
+        parent_id: str = created.run_id
         log_params(client, parent_id, spec_params(spec))
         return parent_id
-    parent_id = found.info.run_id
-    if not found.data.params:  # created by a process that died before it logged them
+    parent_id = found.run_id
+    if not found.params:  # created by a process that died before it logged them
         log_params(client, parent_id, spec_params(run.sweep_spec()))
-    if found.info.status != "RUNNING":
-        client.update_run(parent_id, status="RUNNING")
+    if found.status != "RUNNING":
+        client.update_run(parent_id, "RUNNING")
     return parent_id
 
 
-def find_parent(client: MlflowClient, experiment_id: str, sweep: str, workspace: str) -> Run | None:
+def find_parent(client: Tracker, experiment_id: str, sweep: str, workspace: str) -> Run | None:
     """The parent run of sweep `sweep` of the workspace `workspace` ("host:/path": two
     workspaces may share a tracking server and each have a sweep of that name), the oldest
     if there were several; None when there is none."""
@@ -126,34 +127,34 @@ def find_parent(client: MlflowClient, experiment_id: str, sweep: str, workspace:
     found = [
         r
         for r in _search(client, experiment_id, query, ["attributes.start_time ASC"])
-        if r.data.tags.get(WORKSPACE_TAG) == workspace
+        if r.tags.get(WORKSPACE_TAG) == workspace
     ]
     return found[0] if found else None
 
 
-def children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[Run]:
+def children(client: Tracker, experiment_id: str, parent_id: str) -> list[Run]:
     """Every (not deleted) child run of `parent_id`: the sweep's trials in MLflow."""
     return _search(client, experiment_id, f"tags.`{PARENT_TAG}` = '{_quoted(parent_id)}'")
 
 
-def trial_ended(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> None:
+def trial_ended(client: Tracker, mlflow_run_id: str, run: RunInfo) -> None:
     """After trial `run` (the MLflow run `mlflow_run_id`, now ended) ended: the parent's best
     so far and its status, from its children as MLflow holds them. Call it holding
     `sweep_lock`, with the trial's status already set."""
     from expkit_mlflow.tracking import log_tags, mlflow_key
 
     trial = client.get_run(mlflow_run_id)
-    parent_id = trial.data.tags.get(PARENT_TAG)
+    parent_id = trial.tags.get(PARENT_TAG)
     if not parent_id:
         return
     primary, goal = objective(run.sweep_spec())
-    if primary and trial.info.status == "FINISHED":
+    if primary and trial.status == "FINISHED":
         keep_value(client, mlflow_run_id, mlflow_key(primary), goal)
     parent = client.get_run(parent_id)
-    trials = children(client, parent.info.experiment_id, parent_id)
+    trials = children(client, parent.experiment_id, parent_id)
     if primary:
         key = mlflow_key(primary)
-        completed = [t for t in trials if t.info.status == "FINISHED" and key in t.data.metrics]
+        completed = [t for t in trials if t.status == "FINISHED" and key in t.metrics]
         best = best_trial(completed, key, goal)
         if best is not None:
             log_best(client, parent_id, mlflow_key(f"best_{primary}"), best, key, len(completed))
@@ -161,30 +162,31 @@ def trial_ended(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> None:
                 client,
                 parent_id,
                 {
-                    "expkit.best_trial": best.data.tags.get(TRIAL_TAG),
-                    "expkit.best_run": best.data.tags.get("expkit.run_id"),
-                    "expkit.best_mlflow_run": best.info.run_id,
+                    "expkit.best_trial": best.tags.get(TRIAL_TAG),
+                    "expkit.best_run": best.tags.get("expkit.run_id"),
+                    "expkit.best_mlflow_run": best.run_id,
                 },
             )
-    status = parent_status([t.info.status for t in trials])
-    if status != parent.info.status:
+    status = parent_status([t.status for t in trials])
+    if status != parent.status:
         if status in UNFINISHED:
-            client.update_run(parent_id, status=status)
+            client.update_run(parent_id, status)
         else:
             client.set_terminated(parent_id, status, int(time.time() * 1000))
 
 
 def log_best(
-    client: MlflowClient, parent_id: str, name: str, best: Run, key: str, completed: int
+    client: Tracker, parent_id: str, name: str, best: Run, key: str, completed: int
 ) -> None:
     """Log the best value as metric `name` of the parent at step `completed` (the number of
     completed trials), unless that step holds it already (a trial's end handled twice)."""
     if any(m.step == completed for m in client.get_metric_history(parent_id, name)):
         return
-    client.log_metric(parent_id, name, trial_value(best, key), step=completed)
+    point = Point(name, trial_value(best, key), int(time.time() * 1000), completed)
+    client.log_batch(parent_id, metrics=[point])  # as MlflowClient.log_metric sends it
 
 
-def keep_value(client: MlflowClient, mlflow_run_id: str, key: str, goal: str) -> None:
+def keep_value(client: Tracker, mlflow_run_id: str, key: str, goal: str) -> None:
     """Tag the completed trial `mlflow_run_id` with its value (`VALUE_TAG`): the best finite
     value of its metric `key` by `goal`; nothing when it logged none."""
     values = [m.value for m in client.get_metric_history(mlflow_run_id, key)]
@@ -197,11 +199,11 @@ def keep_value(client: MlflowClient, mlflow_run_id: str, key: str, goal: str) ->
 def trial_value(trial: Run, key: str) -> float:
     """A trial's value: its `VALUE_TAG`, else (a trial ended before the tag existed) the latest
     value of its metric `key`."""
-    tagged = trial.data.tags.get(VALUE_TAG)
+    tagged = trial.tags.get(VALUE_TAG)
     try:
-        return float(tagged) if tagged is not None else trial.data.metrics[key]
+        return float(tagged) if tagged is not None else trial.metrics[key]
     except ValueError:
-        return trial.data.metrics[key]
+        return trial.metrics[key]
 
 
 def parent_status(statuses: list[str]) -> str:
@@ -219,7 +221,7 @@ def best_trial(completed: list[Run], key: str, goal: str) -> Run | None:
     sign = -1.0 if goal == "maximize" else 1.0
 
     def rank(trial: Run) -> tuple[float, float]:
-        number = trial.data.tags.get(TRIAL_TAG, "")
+        number = trial.tags.get(TRIAL_TAG, "")
         return sign * trial_value(trial, key), float(number) if number.isdigit() else 1e18
 
     return min(completed, key=rank) if completed else None
@@ -298,19 +300,10 @@ def note(sweep: str, experiment: str, spec: dict[str, Any]) -> str:
 
 
 def _search(
-    client: MlflowClient, experiment_id: str, query: str, order_by: list[str] | None = None
+    client: Tracker, experiment_id: str, query: str, order_by: list[str] | None = None
 ) -> list[Run]:
     """Every run of `experiment_id` that `query` selects, page after page."""
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [experiment_id], query, max_results=1000, order_by=order_by, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return client.search_runs(experiment_id, query, order_by or ())
 
 
 def _quoted(value: str) -> str:

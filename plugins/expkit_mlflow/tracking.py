@@ -1,6 +1,11 @@
 """What the sink and the registry share: the tracking URI, the client, and the MLflow run that
 mirrors an expkit run.
 
+The client is a `Tracker` (`expkit_mlflow.api`): for an `http://` or `https://` server, MLflow's
+REST API without importing mlflow (`expkit_mlflow.rest`); for any other store, or a server
+configured in a way only mlflow's library honours, MLflow's own client
+(`expkit_mlflow.library`). See `connect`.
+
 They must agree on all three, because the registry points its model versions at the run the
 sink created. The sink records that run's id as the expkit run's tag `mlflow.run_id` (shown
 by `expkit runs show`), and the registry reads it back; when no sink made one (a job with
@@ -33,6 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expkit.plugin import Option, declare_options
+from expkit_mlflow.api import TAGS_PER_CALL, AlreadyExists, Tracker
+from expkit_mlflow.transport import BACKOFF, RETRIES, TIMEOUT, library_only
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -41,10 +48,8 @@ if TYPE_CHECKING:
 
 NAME = "mlflow"
 RUN_TAG = "mlflow.run_id"
-# MLflow's limits (mlflow.utils.validation): a log_batch call takes at most 1000 metrics and
-# 100 params or tags; longer keys and values are refused, so they are shortened here.
-METRICS_PER_CALL = 1000
-TAGS_PER_CALL = 100
+# MLflow's limits (mlflow.utils.validation): longer keys and values are refused, so they are
+# shortened here (the limits on a log_batch call's size: `expkit_mlflow.api`).
 KEY_LENGTH = 250
 PARAM_LENGTH = 6000
 TAG_LENGTH = 8000
@@ -57,11 +62,12 @@ MODEL_TRAINING = "custom_model_development"
 # MLflow retries a failed HTTP request 7 times with exponential backoff (about 4 minutes). The
 # sink is already retried by expkit (a few seconds), and post-process waits for it at most
 # 300 s: with MLflow's default a dead server would hold the run up instead of being reported.
-# These apply unless the user set them.
+# These apply unless the user set them (to the library through the environment; the REST
+# client reads them likewise: `expkit_mlflow.transport.Settings`).
 HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(RETRIES),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(BACKOFF),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(TIMEOUT),
 }
 
 
@@ -114,8 +120,23 @@ def resolve(run: RunInfo, options: dict[str, Any]) -> Tracking:
     return Tracking(f"sqlite:///{workspace / 'mlflow.db'}", root)
 
 
-def connect(tracking: Tracking) -> MlflowClient:
-    """A client for `tracking` (this is where mlflow is imported), its store ready.
+def connect(tracking: Tracking) -> Tracker:
+    """A client for `tracking`: for an `http://` or `https://` server, the REST client
+    (`expkit_mlflow.rest.RestTracker`: no mlflow import, which alone takes longer than a short
+    run's post-process); for any other store, or when the configuration asks for what only
+    mlflow's library does (`expkit_mlflow.transport.library_only`: a request header or auth
+    plugin, AWS SigV4, ...), MLflow's own client (`connect_library`)."""
+    if library_only(tracking.uri) is None:
+        from expkit_mlflow.rest import RestTracker
+
+        return RestTracker(tracking.uri)
+    from expkit_mlflow.library import LibraryTracker
+
+    return LibraryTracker(connect_library(tracking))
+
+
+def connect_library(tracking: Tracking) -> MlflowClient:
+    """MLflow's own client for `tracking` (this is where mlflow is imported), its store ready.
 
     A SQLite store is created or upgraded here, by one process at a time (`store_lock`):
     MLflow migrates an empty database on first use, and runs that start at once on a fresh
@@ -137,15 +158,15 @@ def connect(tracking: Tracking) -> MlflowClient:
 
 
 # Clients being made ahead of the sink's open (`connect_early`), by tracking URI.
-_EARLY: dict[str, Future[MlflowClient]] = {}
+_EARLY: dict[str, Future[Tracker]] = {}
 _EARLY_LOCK = threading.Lock()
 
 
 def connect_early(tracking: Tracking) -> None:
     """Start `connect(tracking)` on a background thread, at once: importing mlflow takes 2-3 s
-    of CPU (and creating a SQLite store seconds more), which a short script would otherwise
-    wait for at post-process. The sink's open takes the client with `connected`. Once per
-    tracking URI until taken.
+    of CPU (and creating a SQLite store seconds more), importing `requests` for the REST
+    client about 0.1 s, which a short script would otherwise wait for at post-process. The
+    sink's open takes the client with `connected`. Once per tracking URI until taken.
 
     Unlike the sink's thread (`expkit.metrics.SINK_NICENESS`), this one keeps its priority:
     it starts before the script and does a bounded piece of work once, and at a lower
@@ -155,7 +176,7 @@ def connect_early(tracking: Tracking) -> None:
     with _EARLY_LOCK:
         if tracking.uri in _EARLY:
             return
-        future: Future[MlflowClient] = Future()
+        future: Future[Tracker] = Future()
         _EARLY[tracking.uri] = future
 
     def make() -> None:
@@ -170,7 +191,7 @@ def connect_early(tracking: Tracking) -> None:
         atexit.register(thread.join)  # meanwhile (a prepare that failed): it is finished
 
 
-def connected(tracking: Tracking) -> MlflowClient:
+def connected(tracking: Tracking) -> Tracker:
     """A client for `tracking`: the one `connect_early` made (waiting for it to be ready),
     else a new one (`connect`). An early connection that failed is not reused: this connects
     again, so that the sink's open reports (and retries) the failure as it would have anyway.
@@ -209,7 +230,7 @@ def store_lock(database: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[str, bool]:
+def ensure_run(client: Tracker, run: RunInfo, tracking: Tracking) -> tuple[str, bool]:
     """The id of the MLflow run mirroring `run`, created (with params and tags) if there is
     none yet; and whether it was created now. A retried `open` finds the run it made before.
 
@@ -253,18 +274,18 @@ def ensure_run(client: MlflowClient, run: RunInfo, tracking: Tracking) -> tuple[
                 tags=clean_tags({**tags, **trial_tags(run, parent)}),
                 run_name=trial_name(run),
             )
-    mlflow_run_id = created.info.run_id
+    mlflow_run_id = created.run_id
     log_params(client, mlflow_run_id, run.params())
     run.set_tags({RUN_TAG: mlflow_run_id})
     return mlflow_run_id, True
 
 
-def _nest(client: MlflowClient, run: RunInfo, mlflow_run_id: str, tracking: Tracking) -> None:
+def _nest(client: Tracker, run: RunInfo, mlflow_run_id: str, tracking: Tracking) -> None:
     """Make the existing MLflow run of trial `run` a child of its sweep's parent, if it is
     not one already (the parent found or created as for a new trial)."""
     from expkit_mlflow.sweeps import PARENT_TAG, parent_run, sweep_lock, trial_tags
 
-    if PARENT_TAG in client.get_run(mlflow_run_id).data.tags:
+    if PARENT_TAG in client.get_run(mlflow_run_id).tags:
         return
     experiment = experiment_id(client, run.experiment, tracking)
     with sweep_lock(run.workspace_dir):
@@ -286,23 +307,17 @@ def workspace_name(run: RunInfo) -> str:
     return f"{socket.gethostname()}:{run.workspace_dir}"
 
 
-def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:
+def experiment_id(client: Tracker, name: str, tracking: Tracking) -> str:
     """The MLflow experiment named like the expkit one, created if needed, as a model-training
     experiment (`KIND_TAG`), so that MLflow 3's UI opens it on its runs and models rather than
     in its GenAI view; an existing one without that tag gets it."""
-    from mlflow.exceptions import MlflowException
-
     found = client.get_experiment_by_name(name)
     if found is None:
         root = tracking.artifact_root
         location = f"{root.rstrip('/')}/{name}" if root else None
         try:
-            return client.create_experiment(
-                name, artifact_location=location, tags={KIND_TAG: MODEL_TRAINING}
-            )
-        except MlflowException as error:  # another run created it meanwhile
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
+            return client.create_experiment(name, location, {KIND_TAG: MODEL_TRAINING})
+        except AlreadyExists:  # another run created it meanwhile
             found = client.get_experiment_by_name(name)
             if found is None:  # created and deleted for good meanwhile: the error says it
                 raise
@@ -319,15 +334,13 @@ def experiment_id(client: MlflowClient, name: str, tracking: Tracking) -> str:
     return found.experiment_id
 
 
-def log_params(client: MlflowClient, mlflow_run_id: str, params: dict[str, str]) -> None:
+def log_params(client: Tracker, mlflow_run_id: str, params: dict[str, str]) -> None:
     """Log `params` as the run's MLflow params (keys and values as MLflow takes them), 100 a
     call. A param the run already holds must have the same value (MLflow refuses to change
     one: see `MlflowWriter.log_params`)."""
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in clean_params(params).items()]
+    items = list(clean_params(params).items())
     for i in range(0, len(items), TAGS_PER_CALL):
-        client.log_batch(mlflow_run_id, params=items[i : i + TAGS_PER_CALL])
+        client.log_batch(mlflow_run_id, params=dict(items[i : i + TAGS_PER_CALL]))
 
 
 def clean_params(params: dict[str, str]) -> dict[str, str]:
@@ -335,12 +348,11 @@ def clean_params(params: dict[str, str]) -> dict[str, str]:
     return {mlflow_key(k): str(v)[:PARAM_LENGTH] for k, v in params.items()}
 
 
-def log_tags(client: MlflowClient, mlflow_run_id: str, tags: dict[str, Any]) -> None:
-    from mlflow.entities import RunTag
-
-    items = [RunTag(k, v) for k, v in clean_tags(tags).items()]
+def log_tags(client: Tracker, mlflow_run_id: str, tags: dict[str, Any]) -> None:
+    """Set `tags` on the run (keys and values as MLflow takes them), 100 a call."""
+    items = list(clean_tags(tags).items())
     for i in range(0, len(items), TAGS_PER_CALL):
-        client.log_batch(mlflow_run_id, tags=items[i : i + TAGS_PER_CALL])
+        client.log_batch(mlflow_run_id, tags=dict(items[i : i + TAGS_PER_CALL]))
 
 
 def clean_tags(tags: dict[str, Any]) -> dict[str, str]:
@@ -361,11 +373,11 @@ def mlflow_key(name: str) -> str:
     return key
 
 
-def outputs_logged(client: MlflowClient, mlflow_run_id: str) -> bool:
+def outputs_logged(client: Tracker, mlflow_run_id: str) -> bool:
     return bool(client.list_artifacts(mlflow_run_id, "outputs"))
 
 
-def log_outputs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
+def log_outputs(client: Tracker, mlflow_run_id: str, run: RunInfo) -> bool:
     """Log the run's sealed outputs as the artifacts `outputs/...`: the files of the run's
     manifest, exactly (never a link the script left, never a file that is not recorded).
     Returns whether there was anything to log."""
@@ -373,7 +385,7 @@ def log_outputs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
     return _log_files(client, mlflow_run_id, run.run_dir, "outputs", names)
 
 
-def log_logs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
+def log_logs(client: Tracker, mlflow_run_id: str, run: RunInfo) -> bool:
     """Log the run's logs/ as artifacts: its regular files only (a link is never followed)."""
     folder = run.run_dir / "logs"
     names = []
@@ -388,7 +400,7 @@ def log_logs(client: MlflowClient, mlflow_run_id: str, run: RunInfo) -> bool:
 
 
 def _log_files(
-    client: MlflowClient, mlflow_run_id: str, run_dir: Path, folder: str, names: list[str]
+    client: Tracker, mlflow_run_id: str, run_dir: Path, folder: str, names: list[str]
 ) -> bool:
     """Log `names` (relative to run_dir/folder) as the artifacts `folder/...`.
 
@@ -399,7 +411,7 @@ def _log_files(
     files = _regular_files(run_dir / folder, names)
     if not files:
         return False
-    local = local_path(client.get_run(mlflow_run_id).info.artifact_uri)
+    local = local_path(client.get_run(mlflow_run_id).artifact_uri)
     if local is not None:
         place(files, local / folder)
         return True
