@@ -32,13 +32,16 @@
    steady --rate values per second (as close as it gets) for --stream-seconds, with a probe
    value (the time it was logged) every 10 ms; the benchmark reads the probe back as
    `expkit runs show` does (`history.metrics.latest`) every 10 ms: how long after
-   `run.log()` each probe became visible (median, 95th percentile, max), and the rate the
-   script achieved.
+   `run.log()` each probe became visible (median, 95th percentile, max; the medians of the
+   stream's first and second halves: a backlog that grows shows as a slower second half), and
+   the rate the script achieved.
 5. The pump (`--only pump`): how many values a second the driver's `MetricPump` stores, in
    process, from --pump-values channel lines as the script's writer writes them (four metric
    names, random values); beside it, how many a second it only reads and parses them
-   (`ChannelReader.read`), the rest being SQLite's. Part 4's latency stays bounded only while
-   the pump stores faster than the script logs; the ratio is to --rate.
+   (`ChannelReader.read`), the rest being the grouping and SQLite's (each series' values
+   of a batch go into one row, `expkit.history.metric_groups`; the rows written are shown).
+   Part 4's latency stays bounded only while the pump stores faster than the script logs;
+   the ratio is to --rate.
 
 The MLflow store is SQLite, the sink's embedded default; `--server` also runs part 2 against
 a `mlflow server` on a loopback port. Prints a table and the figures as JSON on the last line.
@@ -436,6 +439,8 @@ def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
     output = driver.stdout.read() if driver.stdout else ""
     assert driver.returncode == 0, output
     achieved = next(float(line) for line in output.splitlines() if _is_number(line))
+    half = len(delays) // 2  # a backlog that grows shows as a later half slower than the first
+    first, second = statistics.median(delays[:half]), statistics.median(delays[half:])
     delays.sort()
     return {
         "achieved_values_per_s": achieved,
@@ -443,6 +448,8 @@ def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
         "median_s": statistics.median(delays),
         "p95_s": delays[int(len(delays) * 0.95)],
         "max_s": delays[-1],
+        "median_first_half_s": first,
+        "median_second_half_s": second,
     }
 
 
@@ -465,13 +472,16 @@ def bench_pump(folder: Path, values: int) -> dict[str, float]:
     while batch := reader.read():
         reader.commit(batch)
     parse_s = time.perf_counter() - parse_s
-    pump = MetricPump(History(folder / "history.db"), "20261130-120000-bench0", channel)
+    history = History(folder / "history.db")
+    pump = MetricPump(history, "20261130-120000-bench0", channel)
     wall, cpu = time.perf_counter(), time.process_time()
     stored = pump.pump()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert stored == values, (stored, values)
+    (rows,) = history.db.execute("SELECT COUNT(*) FROM metrics").fetchone()
     return {
         "values": values,
+        "rows": rows,  # row groups: a row per series and batch (expkit.history.metric_groups)
         "stored_values_per_s": values / wall,
         "stored_values_per_cpu_s": values / cpu,
         "parsed_values_per_s": values / parse_s,
@@ -633,7 +643,9 @@ def main() -> None:
             f"\n4. run.log() to `runs show` at {args.rate:,} values/s asked,"
             f" {latency['achieved_values_per_s']:,.0f} achieved: median"
             f" {latency['median_s']:.3f}s, p95 {latency['p95_s']:.3f}s,"
-            f" max {latency['max_s']:.3f}s ({latency['probes_seen']} probes)"
+            f" max {latency['max_s']:.3f}s ({latency['probes_seen']} probes); median of the"
+            f" stream's first half {latency['median_first_half_s']:.3f}s, second half"
+            f" {latency['median_second_half_s']:.3f}s"
         )
     pump = figures["pump"]
     if pump:
@@ -643,7 +655,7 @@ def main() -> None:
             f" ({pump['us_per_value']:.2f} us each; {pump['stored_values_per_cpu_s']:,.0f} per CPU"
             f" second), {pump['stored_values_per_s'] / args.rate:.2f}x the {args.rate:,}/s asked;"
             f" parsing alone {pump['parsed_values_per_s']:,.0f} values/s"
-            f" ({pump['us_per_value_parse']:.2f} us each)"
+            f" ({pump['us_per_value_parse']:.2f} us each); {pump['rows']:,} rows written"
         )
     print(json.dumps(figures))
 

@@ -4,7 +4,8 @@ expkit is refused before anything is written to it.
 tests/fixtures/workspace_v0 was made by expkit before its history had a version, workspace_v2 by
 expkit at history version 2, before parameters (step 3) were recorded, workspace_v3 before
 sweeps (step 4), workspace_v4 before attempts (step 5), workspace_v5 before model aliases and
-registrations (step 6) (see tests/fixtures/make_workspace.py).
+registrations (step 6), workspace_v6 before metric row groups (step 7) (see
+tests/fixtures/make_workspace.py).
 Each holds three runs of experiment `fixture` (1 and 3 completed and registered `digits` versions
 1 and 2, 2 failed with exit code 3; their job had `args`), each with metrics (steps, a number, a
 string, a table row), a tag and an output, and an export of fixture_3.
@@ -88,7 +89,7 @@ def old(tmp_path: Path) -> Path:
     return copy_of(0, tmp_path)
 
 
-@pytest.mark.parametrize("version", [0, 2, 3, 4, 5])
+@pytest.mark.parametrize("version", [0, 2, 3, 4, 5, 6])
 def test_an_old_workspace_shows_every_run_metric_tag_and_model(
     version: int, tmp_path: Path
 ) -> None:
@@ -182,6 +183,35 @@ def test_a_version_5_workspace_takes_aliases_of_its_old_versions(tmp_path: Path)
         ("3", "@champion"),
     ]
     assert user_version(old / ".expkit" / "history.db") == schema.latest()
+
+
+def test_a_version_6_workspace_reads_its_values_and_groups_new_ones_after_them(
+    tmp_path: Path,
+) -> None:
+    """Step 7 on a workspace made just before it: the values stored one a row read as
+    before, and values the pump adds to the same run (row groups) come after them, by value
+    id, in `of`, pages, `count`, `latest` and `expkit metrics`."""
+    old = copy_of(6, tmp_path)
+    history = Workspace(old / ".expkit").history
+    try:
+        before = history.metrics.of("fixture_1")
+        assert [r["step"] for r in history.metrics.of("fixture_1", "loss")] == [0, 1, 2]
+        rows = [("loss", step, step / 10, 1.0, 0) for step in range(3, 1003)]
+        assert history.metrics.add_values("fixture_1", [(1, rows)]) == 1000
+        after = history.metrics.of("fixture_1")
+        assert after[: len(before)] == before and len(after) == len(before) + 1000
+        assert history.metrics.count("fixture_1") == len(after)
+        assert history.metrics.span("fixture_1") == (after[0]["id"], after[-1]["id"])
+        pages, last = [], 0
+        while page := history.metrics.of("fixture_1", "loss", after_id=last, limit=100):
+            pages += [r["step"] for r in page]
+            last = page[-1]["id"]
+        assert pages == list(range(1003))
+        assert history.metrics.latest("fixture_1")["loss"] == 100.2
+    finally:
+        history.close()
+    lines = ok(expkit_at(old, "metrics", "fixture_1", "loss")).splitlines()
+    assert [line.split()[:2] for line in lines[1:]] == [["loss", str(s)] for s in range(1003)]
 
 
 def test_an_upgraded_workspace_takes_new_runs_and_versions(old: Path) -> None:

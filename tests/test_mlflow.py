@@ -552,12 +552,13 @@ for i in range({count}):
     )
 
     assert result.state == "completed", result.output
-    history = result.workspace.history.db
-    recorded = history.execute(
-        "SELECT COUNT(*), MIN(step), MAX(step), SUM(value) FROM metrics WHERE run_id = ?",
-        (result.record.id,),
-    ).fetchone()
-    assert tuple(recorded) == (count, 0, count - 1, count * (count - 1) / 2)
+    metrics, steps, total, after = result.workspace.history.metrics, [], 0.0, 0
+    while page := metrics.of(result.record.id, after_id=after, limit=100_000):  # values
+        steps += [r["step"] for r in page]
+        total += sum(r["value"] for r in page)
+        after = page[-1]["id"]
+    assert metrics.count(result.record.id) == len(steps) == count
+    assert (steps == list(range(count)), total) == (True, count * (count - 1) / 2)
     mlflow_run_id = result.run.get_tags()["mlflow.run_id"]
     # Counted in MLflow's store: its client would page a million points through memory.
     with sqlite3.connect(result.workspace.path / "mlflow.db") as store:

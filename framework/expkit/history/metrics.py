@@ -1,4 +1,5 @@
-"""The metrics each run logged: one row per value, in the order they arrived.
+"""The metrics each run logged, in the order they arrived: a row per value, or a row per
+group of a series' values (`expkit.history.metric_groups`), read back value by value.
 
 Each value is kept with the attempt that logged it (`expkit.history.attempts`). A later
 attempt that resumes from a checkpoint logs again the steps since that checkpoint: the run's
@@ -15,6 +16,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from expkit.history.connection import Part
+from expkit.history.metric_groups import (
+    COLUMNS,
+    Group,
+    MetricRow,
+    expand,
+    groups,
+    last_value,
+    row_of,
+    values_of,
+)
 
 # What SQLite raises for a row it cannot take (unsupported type, text that is not UTF-8, an
 # integer beyond 64 bits): that row alone is at fault, not the database.
@@ -28,8 +39,10 @@ class ChannelMoved(Exception):
 
 
 class Metrics(Part):
-    """Metric rows: (name, step, value, payload, ts, rank, attempt) per logged value; `value`
-    holds a number, `payload` the JSON of anything else (strings, table rows).
+    """Metric values: (name, step, value, payload, ts, rank, attempt) per logged value; `value`
+    holds a number, `payload` the JSON of anything else (strings, table rows). The pump
+    stores a series' numbers in row groups (`expkit.history.metric_groups`); every reader
+    here gives them back one MetricRow per value, ids counting values.
 
     Row ids follow the attempts (the pump reads an earlier attempt's files first, see
     `expkit.metrics.ChannelReader`): the last row of a metric is its current value."""
@@ -82,20 +95,33 @@ class Metrics(Part):
         read_from: dict[str, int] | None = None,
     ) -> int:
         """`add` in the form the metric pump reads the channel into: rows by attempt,
-        (attempt, [(name, step, value, ts, rank), ...]), where `value` is a float (stored
-        in the column `value`) or text (the JSON of anything else: stored in `payload`).
-        Each row is bound as it is, five parameters, the run id and attempt written into the
-        statement (`_insert_of`): the pump's hot path, where a new tuple of eight per row
-        cost a tenth of its time and binding seven parameters another. `refused` gets the
-        row as it was given. The rest as `add`."""
+        (attempt, [(name, step, value, ts, rank), ...]), where `value` is a float or text
+        (the JSON of anything else: stored in `payload`), stored as row groups
+        (`expkit.history.metric_groups`): each series' consecutive numbers in one row, so
+        that a batch of thousands of values costs a few rows, not a row and index entry each
+        (the pump's hot path: a row per value stored about 160,000 values/s, less than a
+        script logs). The values' ids are reserved in the transaction: from the table's
+        highest id on, consecutive, group after group in the order of their first values.
+        `refused` gets each value of a group SQLite refuses as it was given, the others of
+        that group stored one by one. The rest as `add`."""
 
         def insert(db: sqlite3.Connection) -> int:
+            next_id = (db.execute("SELECT MAX(id) FROM metrics").fetchone()[0] or 0) + 1
             stored = 0
             for attempt, rows in values:
-                if not run_id.isprintable():  # bound, not written into the statement
-                    rows = [(*row, run_id) for row in rows]
                 sql = _insert_of(run_id, attempt)
-                stored += _insert(db, sql, rows, refused, lambda row: row[:5])
+                extra = () if run_id.isprintable() else (run_id,)  # bound, not in the SQL
+                if refused is None:
+                    found, params = groups(rows), []
+                    for group in found:
+                        next_id += len(group[4])
+                        params.append((*row_of(group, next_id - 1), *extra))
+                    db.executemany(sql, params)
+                    stored += sum(len(group[4]) for group in found)
+                    continue
+                for group in _groups_or_values(rows):
+                    stored += _insert_group(db, sql, group, next_id, extra, refused)
+                    next_id += len(group[4])
             return stored
 
         return self._record(run_id, insert, offsets, tags, params, read_from)
@@ -157,48 +183,63 @@ class Metrics(Part):
         return self.span(run_id)[1]
 
     def span(self, run_id: str) -> tuple[int, int]:
-        """The row ids of the run's first and last recorded values ((0, 0): none yet), two
-        index look-ups per name (`_NAMES`)."""
+        """The ids of the run's first and last recorded values ((0, 0): none yet), two
+        index look-ups per name (`_NAMES`); a group's first value is its row's id - n + 1
+        (`expkit.history.metric_groups`)."""
         row = self.db.execute(
-            _NAMES + "SELECT MIN((SELECT MIN(id) FROM metrics WHERE run_id = ?1"
-            " AND name = names.name)), MAX((SELECT MAX(id) FROM metrics WHERE run_id = ?1"
-            " AND name = names.name)) FROM names WHERE name IS NOT NULL",
+            _NAMES + "SELECT MIN((SELECT id - n + 1 FROM metrics WHERE run_id = ?1"
+            " AND name = names.name ORDER BY id LIMIT 1)), MAX((SELECT MAX(id) FROM metrics"
+            " WHERE run_id = ?1 AND name = names.name)) FROM names WHERE name IS NOT NULL",
             [run_id],
         ).fetchone()
         return row[0] or 0, row[1] or 0
 
     def count(self, run_id: str, name: str | None = None) -> int:
-        """How many values the run logged (of metric `name`, or all), every attempt's."""
-        sql, args = "SELECT COUNT(*) FROM metrics WHERE run_id = ?", [run_id]
+        """How many values the run logged (of metric `name`, or all), every attempt's: the
+        sum of its rows' `n` (a group holds n values)."""
+        sql, args = "SELECT TOTAL(n) FROM metrics WHERE run_id = ?", [run_id]
         if name:
             sql, args = sql + " AND name = ?", [*args, name]
         return int(self.db.execute(sql, args).fetchone()[0])
 
     def of(
         self, run_id: str, name: str | None = None, after_id: int = 0, limit: int = -1
-    ) -> list[sqlite3.Row]:
-        """The run's rows (of metric `name`, or all) past row id `after_id`, at most `limit`
-        of them (-1: all), oldest first; read a value with `metric_value`.
+    ) -> list[MetricRow]:
+        """The run's values (of metric `name`, or all) past value id `after_id`, at most
+        `limit` of them (-1: all), oldest first, a group's values each a row of its own
+        (`expkit.history.metric_groups`: a group partly past `after_id` gives the values
+        past it, `limit` may end a page inside a group); read a value with `metric_value`.
 
         A page (`limit`) costs what it returns, not what the run holds: a metric's rows come
         from the index by (run, name, id); all the run's rows by row id, within the run's
         span (`span`) from `after_id` on, other runs' rows in that range skipped (through
-        the index the rows of every name would be gathered and sorted for each page)."""
+        the index the rows of every name would be gathered and sorted for each page). Rows
+        are read until the page is full: a group holds up to a batch's values."""
         if name:
-            return self.db.execute(
-                "SELECT * FROM metrics WHERE run_id = ? AND name = ? AND id > ?"
+            rows = self.db.execute(
+                f"SELECT {COLUMNS} FROM metrics WHERE run_id = ? AND name = ? AND id > ?"
                 " ORDER BY id LIMIT ?",
                 (run_id, name, after_id, limit),
-            ).fetchall()
-        first, last = self.span(run_id)
-        if last <= after_id:
-            return []
-        return self.db.execute(  # `+run_id`: not through the index (see above)
-            "SELECT * FROM metrics WHERE +run_id = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
-            (run_id, max(after_id, first - 1), last, limit),
-        ).fetchall()
+            )
+        else:
+            first, last = self.span(run_id)
+            if last <= after_id:
+                return []
+            rows = self.db.execute(  # `+run_id`: not through the index (see above)
+                f"SELECT {COLUMNS} FROM metrics WHERE +run_id = ? AND id > ? AND id <= ?"
+                " ORDER BY id LIMIT ?",
+                (run_id, max(after_id, first - 1), last, limit),
+            )
+        found: list[MetricRow] = []
+        for row in rows:
+            found.extend(expand(row, after_id))
+            if 0 <= limit <= len(found):
+                del found[limit:]
+                break
+        rows.close()
+        return found
 
-    def current(self, run_id: str, name: str | None = None) -> list[sqlite3.Row]:
+    def current(self, run_id: str, name: str | None = None) -> list[MetricRow]:
         """The run's current curve (of metric `name`, or all), oldest first: every row but
         those a later attempt superseded.
 
@@ -207,7 +248,9 @@ class Metrics(Part):
         taken before s and logged those steps again, so the curve does not zigzag. A value
         logged without a step is never superseded. Two queries on the run's rows: the first
         step each attempt logged of each metric and rank (from which `_cutoffs`), then the
-        rows; a run with one attempt gets its rows as `of` gives them."""
+        rows; a run with one attempt gets its rows as `of` gives them. A group (its `step`
+        is its lowest) is kept when that step is below the cutoff, and its values at or past
+        the cutoff are left out as it is expanded."""
         where, args = "m.run_id = ?", [run_id]
         if name:
             where, args = where + " AND m.name = ?", [*args, name]
@@ -218,22 +261,25 @@ class Metrics(Part):
         ).fetchall()
         cutoffs = _cutoffs(firsts)
         if not cutoffs:
-            return self.db.execute(
-                f"SELECT * FROM metrics m WHERE {where} ORDER BY id", args
-            ).fetchall()
+            rows = self.db.execute(
+                f"SELECT {COLUMNS} FROM metrics m WHERE {where} ORDER BY id", args
+            )
+            return [value for row in rows for value in expand(row)]
         # The cutoffs travel as one JSON parameter (there may be more than SQLite allows
         # parameters): a row is kept unless its attempt's cutoff is at or below its step.
         found = json.dumps([[n, r, a, cutoff] for (n, r, a), cutoff in cutoffs.items()])
-        return self.db.execute(
+        columns = ", ".join(f"m.{column}" for column in COLUMNS.split(", "))
+        rows = self.db.execute(
             "WITH cut (name, rank, attempt, cutoff) AS (SELECT json_extract(value, '$[0]'),"
             " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
             " json_extract(value, '$[3]') FROM json_each(?))"
-            " SELECT m.* FROM metrics m LEFT JOIN cut c"
+            f" SELECT {columns}, c.cutoff FROM metrics m LEFT JOIN cut c"
             " ON c.name = m.name AND c.rank = m.rank AND c.attempt = m.attempt"
             f" WHERE {where} AND (c.cutoff IS NULL OR m.step IS NULL OR m.step < c.cutoff)"
             " ORDER BY m.id",
             [found, *args],
-        ).fetchall()
+        )
+        return [value for row in rows for value in expand(row[:-1], cutoff=row[-1])]
 
     def latest(self, run_id: str) -> dict[str, Any]:
         """The last value of each metric, in the order the names were first logged: its
@@ -241,7 +287,8 @@ class Metrics(Part):
         (`_NAMES`), however many values the run logged (`expkit runs show` while a run
         logs millions)."""
         rows = self.db.execute(
-            _NAMES + "SELECT m.name, m.value, m.payload FROM names n JOIN metrics m"
+            _NAMES + "SELECT m.name, m.value, m.payload, m.packed_values FROM names n"
+            " JOIN metrics m"
             " ON m.id = (SELECT MAX(id) FROM metrics WHERE run_id = ?1 AND name = n.name)"
             " WHERE n.name IS NOT NULL"
             " ORDER BY (SELECT MIN(id) FROM metrics WHERE run_id = ?1 AND name = n.name)",
@@ -256,7 +303,7 @@ class Metrics(Part):
         found: dict[str, Any] = {}
         for run_id in run_ids:
             row = self.db.execute(
-                "SELECT value, payload FROM metrics WHERE run_id = ? AND name = ?"
+                "SELECT value, payload, packed_values FROM metrics WHERE run_id = ? AND name = ?"
                 " ORDER BY id DESC LIMIT 1",
                 (run_id, name),
             ).fetchone()
@@ -286,17 +333,56 @@ def _insert(
     return stored
 
 
+def _groups_or_values(rows: list[tuple]) -> list[Group]:
+    """`groups` of `rows`, or (rows it cannot group: a value neither a number nor text) each
+    value a group alone, for `_insert_group` to store or refuse one by one."""
+    try:
+        return groups(rows)
+    except REFUSED:
+        return [
+            (i, name, rank, [step], [value], [ts])
+            for i, (name, step, value, ts, rank) in enumerate(rows)
+        ]
+
+
+def _insert_group(
+    db: sqlite3.Connection,
+    sql: str,
+    group: Group,
+    first_id: int,
+    extra: tuple,
+    refused: Callable[[tuple, Exception], None],
+) -> int:
+    """Store `group` (its values' ids from `first_id` on) through `sql`; when SQLite refuses
+    it, each of its values alone, those it still refuses handed to `refused` as they were
+    given. Returns how many values were stored."""
+    count = len(group[4])
+    try:
+        db.execute(sql, (*row_of(group, first_id + count - 1), *extra))
+        return count
+    except REFUSED as error:
+        if count == 1:
+            refused(values_of(group)[0], error)
+            return 0
+    stored = 0
+    for k, (name, step, value, ts, rank) in enumerate(values_of(group)):
+        alone: Group = (0, name, rank, None if step is None else [step], [value], [ts])
+        stored += _insert_group(db, sql, alone, first_id + k, extra, refused)
+    return stored
+
+
 def _insert_of(run_id: str, attempt: int) -> str:
-    """The INSERT of (name, step, value, ts, rank) rows of run `run_id`'s attempt `attempt`
-    (`Metrics.add_values`): a value that is text goes to `payload`, any other to `value`. The
-    run id is a quoted SQL literal ('' for a quote, SQL's escape); one that SQL text cannot
-    hold (a NUL, a lone surrogate) is bound as a sixth parameter instead. One text per run and
-    attempt: SQLite's statement cache (sqlite3.connect's cached_statements) prepares it once."""
-    run = "'" + run_id.replace("'", "''") + "'" if run_id.isprintable() else "?6"
+    """The INSERT of a row group (`metric_groups.row_of`: id, name, step, value, payload, ts,
+    rank, n and the three packed columns) of run `run_id`'s attempt `attempt`
+    (`Metrics.add_values`). The run id is a quoted SQL literal ('' for a quote, SQL's
+    escape); one that SQL text cannot hold (a NUL, a lone surrogate) is bound as a twelfth
+    parameter instead. One text per run and attempt: SQLite's statement cache
+    (sqlite3.connect's cached_statements) prepares it once."""
+    run = "'" + run_id.replace("'", "''") + "'" if run_id.isprintable() else "?12"
     return (
-        "INSERT INTO metrics (run_id, name, step, value, payload, ts, rank, attempt)"
-        f" VALUES ({run}, ?1, ?2, CASE WHEN typeof(?3) != 'text' THEN ?3 END,"
-        f" CASE WHEN typeof(?3) = 'text' THEN ?3 END, ?4, ?5, {int(attempt)})"
+        "INSERT INTO metrics (id, run_id, name, step, value, payload, ts, rank, attempt, n,"
+        " packed_steps, packed_values, packed_times)"
+        f" VALUES (?1, {run}, ?2, ?3, ?4, ?5, ?6, ?7, {int(attempt)}, ?8, ?9, ?10, ?11)"
     )
 
 
@@ -329,6 +415,14 @@ def _cutoffs(firsts: list[tuple[str, int, int, int]]) -> dict[tuple[str, int, in
     return cutoffs
 
 
-def metric_value(row: sqlite3.Row) -> Any:
-    """A stored metric's value: the number, or the decoded payload (strings, table rows)."""
-    return json.loads(row["payload"]) if row["payload"] is not None else row["value"]
+def metric_value(row: Any) -> Any:
+    """A stored metric's value: the number, or the decoded payload (strings, table rows).
+    `row`: a MetricRow (`Metrics.of`, `current`), or a row with `value` and `payload` (and
+    maybe `packed_values`, a group's, whose last value is the row's exact value)."""
+    if row["payload"] is not None:
+        return json.loads(row["payload"])
+    if isinstance(row, sqlite3.Row) and "packed_values" in row.keys():  # noqa: SIM118 (in row: its values)
+        packed = row["packed_values"]
+        if packed is not None:
+            return last_value(packed)
+    return row["value"]

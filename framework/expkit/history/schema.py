@@ -198,8 +198,20 @@ CREATE TABLE registrations (
 CREATE INDEX registrations_by_version ON registrations (name, version)
 """
 
+# Step 7: metric row groups (expkit.history.metric_groups). A row holds `n` values: 1 is one
+# value as before (every older row), more is a group of one series' numbers, packed in
+# little-endian BLOBs (`packed_values` float64, `packed_times` float64 seconds,
+# `packed_steps` int64 or NULL when none has a step); its `id` is its last value's id, its
+# values have ids id-n+1..id, so ids still count values (sink cursors, pages, sweeps).
+V7 = """
+ALTER TABLE metrics ADD COLUMN n INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE metrics ADD COLUMN packed_steps BLOB;
+ALTER TABLE metrics ADD COLUMN packed_values BLOB;
+ALTER TABLE metrics ADD COLUMN packed_times BLOB
+"""
+
 # Append only (see above): a database at version N has taken MIGRATIONS[:N].
-MIGRATIONS: list[Step] = [V1, V2, V3, V4, V5, V6]
+MIGRATIONS: list[Step] = [V1, V2, V3, V4, V5, V6, V7]
 
 # The tables and indexes a history without expkit's application_id may hold: one written
 # before that mark, which is expkit's (version 0, so step 1's names), an empty database, or

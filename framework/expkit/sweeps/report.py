@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from expkit.history.metric_groups import finite
+
 if TYPE_CHECKING:
     from expkit.history import RunRecord, SweepRecord
     from expkit.workspace import Workspace
@@ -187,30 +189,49 @@ _MAX = 1.7976931348623157e308
 
 
 def _metric_values(workspace: Workspace, sweep_id: str, metric: str) -> dict[str, _Logged]:
-    """What each trial of the sweep logged of `metric` (finite numbers only), by run id: two
-    aggregate queries over the metrics' (run_id, name, id) index, whatever the number of
-    values (a redraw reads one row per trial, not every value)."""
+    """What each trial logged of `metric` (finite numbers only), by run id: two queries over
+    the metrics' (run_id, name, id) index, whatever the number of values: the aggregates of
+    the values stored one a row, with the rows of each group (`expkit.history.metric_groups`:
+    their values unpacked and filtered in C), and the last of the single values (a redraw
+    reads a row per trial and per group, not every value)."""
     if not metric:
         return {}
     db = workspace.history.db
     trials = "SELECT id FROM runs WHERE sweep = ?"
-    rows = db.execute(
-        "SELECT run_id, COUNT(value), MIN(value), MAX(value), MAX(id) FROM metrics"
-        f" WHERE name = ? AND {_FINITE} AND run_id IN ({trials}) GROUP BY run_id",
+    found: dict[str, list[Any]] = {}  # run id -> [count, low, high, last id, last value]
+    groups = []
+    for run_id, count, low, high, last_id, packed in db.execute(
+        "SELECT run_id, COUNT(value), MIN(value), MAX(value), MAX(id), NULL FROM metrics"
+        f" WHERE name = ?1 AND n = 1 AND {_FINITE} AND run_id IN ({trials.replace('?', '?2')})"
+        " GROUP BY run_id UNION ALL SELECT run_id, n, NULL, NULL, id, packed_values"
+        f" FROM metrics WHERE name = ?1 AND n > 1 AND run_id IN ({trials.replace('?', '?2')})",
         (metric, sweep_id),
-    ).fetchall()
-    last = dict(
-        db.execute(
-            "SELECT run_id, value FROM metrics WHERE id IN"
-            f" (SELECT MAX(id) FROM metrics WHERE name = ? AND {_FINITE}"
-            f" AND run_id IN ({trials}) GROUP BY run_id)",
-            (metric, sweep_id),
-        ).fetchall()
-    )
+    ).fetchall():
+        if packed is None:
+            found[run_id] = [count, float(low), float(high), last_id, None]
+        else:
+            groups.append((run_id, last_id, packed))
+    for run_id, value in db.execute(
+        "SELECT run_id, value FROM metrics WHERE id IN"
+        f" (SELECT MAX(id) FROM metrics WHERE name = ? AND n = 1 AND {_FINITE}"
+        f" AND run_id IN ({trials}) GROUP BY run_id)",
+        (metric, sweep_id),
+    ).fetchall():
+        if run_id in found:
+            found[run_id][4] = float(value)
+    for run_id, last_id, packed in groups:
+        values = finite(packed)
+        if not values:
+            continue
+        logged = found.setdefault(run_id, [0, math.inf, -math.inf, 0, None])
+        logged[0] += len(values)
+        logged[1], logged[2] = min(logged[1], min(values)), max(logged[2], max(values))
+        if last_id > logged[3]:  # a group's ids and a single row's never interleave
+            logged[3], logged[4] = last_id, values[-1]
     return {
-        run_id: _Logged(count, float(low), float(high), float(last[run_id]))
-        for run_id, count, low, high, _ in rows
-        if run_id in last
+        run_id: _Logged(count, low, high, last)
+        for run_id, (count, low, high, _, last) in found.items()
+        if last is not None
     }
 
 
