@@ -34,6 +34,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,10 +191,16 @@ def keep_value(client: Tracker, mlflow_run_id: str, key: str, goal: str) -> None
     """Tag the completed trial `mlflow_run_id` with its value (`VALUE_TAG`): the best finite
     value of its metric `key` by `goal`; nothing when it logged none."""
     values = [m.value for m in client.get_metric_history(mlflow_run_id, key)]
-    finite = [v for v in values if math.isfinite(v)]
+    finite = [v for v in values if _finite(v)]
     if finite:
         best = max(finite) if goal == "maximize" else min(finite)
         client.set_tag(mlflow_run_id, VALUE_TAG, repr(best))
+
+
+def _finite(value: float) -> bool:
+    """Whether a value MLflow gives back was finite when logged: a tracking store on SQL
+    (`mlflow server`'s) stores +-inf as +-sys.float_info.max, which is taken for +-inf."""
+    return math.isfinite(value) and abs(value) != sys.float_info.max
 
 
 def trial_value(trial: Run, key: str) -> float:
@@ -224,7 +231,9 @@ def best_trial(completed: list[Run], key: str, goal: str) -> Run | None:
         number = trial.tags.get(TRIAL_TAG, "")
         return sign * trial_value(trial, key), float(number) if number.isdigit() else 1e18
 
-    return min(completed, key=rank) if completed else None
+    # A trial that logged no finite value has no value (expkit tells it failed).
+    valued = [t for t in completed if _finite(trial_value(t, key))]
+    return min(valued, key=rank) if valued else None
 
 
 def objective(spec: dict[str, Any]) -> tuple[str | None, str]:

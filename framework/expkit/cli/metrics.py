@@ -86,7 +86,14 @@ def _one_run(workspace: Any, record: Any, name: str | None, all_attempts: bool) 
     from expkit.history import metric_value
 
     metrics = workspace.history.metrics
-    rows = metrics.of(record.id, name) if all_attempts else metrics.current(record.id, name)
+    # The rows and their count (the superseded values, below) from one read transaction: a
+    # pump storing values between the two reads would make them look superseded.
+    metrics.db.execute("BEGIN")
+    try:
+        rows = metrics.of(record.id, name) if all_attempts else metrics.current(record.id, name)
+        total = 0 if all_attempts else metrics.count(record.id, name)
+    finally:
+        metrics.db.execute("COMMIT")
     if not rows and name is not None:
         raise _no_such_metric(name, [record.id], list(metrics.latest(record.id)))
     if not rows:
@@ -104,7 +111,7 @@ def _one_run(workspace: Any, record: Any, name: str | None, all_attempts: bool) 
         for r in rows
     ]
     print_table(["METRIC", "STEP", *(["ATTEMPT"] if attempts else []), "VALUE", "TIME"], table)
-    hidden = 0 if all_attempts else metrics.count(record.id, name) - len(rows)
+    hidden = 0 if all_attempts else total - len(rows)
     if hidden:
         values = "value" if hidden == 1 else "values"
         print(

@@ -171,10 +171,11 @@ def watch(workspace: Any, sweep_id: str) -> int:
     best = reporter.best
     if record.best_run:
         run = workspace.history.runs.get(record.best_run)
-        from expkit.history.metrics import metric_value
+        from expkit.sweeps.report import trial_rows
 
-        rows = workspace.history.metrics.of(run.id, metric)
-        value = metric_value(rows[-1]) if rows else None
+        # The trial's value: the best it logged of the primary metric (as `sweeps show`).
+        found = [r for r in trial_rows(workspace, record) if r.run_id == run.id]
+        value = found[0].best if found else None
         values = best.values if best is not None and best.run_id == run.id else _values(run)
         print(f"best trial: {run.trial} (run {run.id}), {metric} {format_number(value)}")
         print(f"  parameters: {format_values(values)}")
