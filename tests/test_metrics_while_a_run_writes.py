@@ -1,4 +1,4 @@
-"""Tryout: `expkit metrics` read while a run writes its values."""
+"""`expkit metrics` read while a run writes its values."""
 
 from __future__ import annotations
 

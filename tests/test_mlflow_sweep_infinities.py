@@ -1,4 +1,4 @@
-"""Tryout: a sweep's best in a real `mlflow server` (the REST client) when trials log inf."""
+"""A sweep's best in a real `mlflow server` (the REST client) when trials log inf."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tryout: what `expkit sweep` says of the best trial at its end."""
+"""What `expkit sweep` says of the best trial at its end."""
 
 from __future__ import annotations
 
