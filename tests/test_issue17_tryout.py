@@ -110,10 +110,8 @@ def test_values_in_the_channel_when_the_driver_dies_are_recorded_by_the_recovery
     listing = expkit_cli("runs", "list")  # the recovery of the dead driver's run
     assert listing.returncode == 0, listing.stderr
     assert history.runs.get(live.run_id).state == "failed"
-    rows = history.db.execute(
-        "select step, value from metrics where run_id = ? order by id", (live.run_id,)
-    ).fetchall()
-    assert [tuple(row) for row in rows] == [(i, float(i)) for i in range(count)]
+    rows = history.metrics.of(live.run_id)  # one row per value, row groups unpacked
+    assert [(row["step"], row["value"]) for row in rows] == [(i, float(i)) for i in range(count)]
     expkit_cli("runs", "list")  # a second look stores nothing twice
     assert history.metrics.count(live.run_id) == count
 
@@ -161,10 +159,8 @@ def test_values_of_started_workers_with_a_run_made_at_import_are_all_recorded(
     done = expkit_cli("run", str(job))
     assert done.returncode == 0 and "mapped [0, 1, 2, 3]" in done.stdout, done.stdout + done.stderr
 
-    rows = expkit_workspace.history.db.execute(
-        "select name, step from metrics where run_id = 'test_1' order by name, step"
-    ).fetchall()
-    assert [tuple(row) for row in rows] == [(f"w{i}", s) for i in range(4) for s in range(3)]
+    rows = sorted((r["name"], r["step"]) for r in expkit_workspace.history.metrics.of("test_1"))
+    assert rows == [(f"w{i}", s) for i in range(4) for s in range(3)]
 
 
 def test_an_ignore_file_that_cannot_be_read_is_a_clear_error_not_a_snapshot_without_it(
@@ -211,6 +207,6 @@ def test_two_pumps_on_one_channel_store_each_value_once(expkit_workspace, tmp_pa
 
     late.pump()
 
-    steps = [row[0] for row in history.db.execute("select step from metrics order by id")]
+    steps = [row["step"] for row in history.metrics.of("run_1")]
     assert steps == list(range(count))
     assert first.count == count and late.count == 0

@@ -155,11 +155,8 @@ def test_the_sample_job_stopped_by_its_signal_resumes_from_its_checkpoint_in_att
     assert len(history.models.versions("pt-dnn")) == 1  # post-process and register ran once
 
     # each epoch's values: from attempt 1 up to the checkpoint, from attempt 2 after it
-    rows = history.db.execute(
-        "select step, attempt from metrics where run_id = ? and name = 'val_acc' order by id",
-        (live.run_id,),
-    ).fetchall()
-    assert [tuple(row) for row in rows] == [(e, 1) for e in range(epoch)] + [
+    rows = history.metrics.of(live.run_id, "val_acc")
+    assert [(row["step"], row["attempt"]) for row in rows] == [(e, 1) for e in range(epoch)] + [
         (e, 2) for e in range(epoch, 3)
     ]
     checkpoints = expkit_workspace.run_dir(live.run_id) / "checkpoints"

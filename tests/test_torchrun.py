@@ -398,10 +398,8 @@ def test_the_sample_torchrun_job_trains_on_two_ranks_and_registers(expkit_cli, e
     assert "epoch 1/1" in (logs / "rank-0.log").read_text()
 
     history = expkit_workspace.history
-    rows = history.db.execute(
-        "select rank from metrics where run_id = ? and name = 'best_val_acc'", (run_id,)
-    ).fetchall()
-    assert [tuple(row) for row in rows] == [(0,)]  # logged once, by rank 0
+    rows = history.metrics.of(run_id, "best_val_acc")
+    assert [row["rank"] for row in rows] == [0]  # logged once, by rank 0
     shown = json.loads(expkit_cli("runs", "show", run_id, "--json").stdout)
     assert shown["tags"]["world_size"] == "2"
     assert shown["metrics"]["train_acc"] > 0.3  # ten classes: chance is 0.1
