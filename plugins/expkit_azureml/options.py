@@ -25,7 +25,6 @@ Everything here is Azure-only: `--set compute=local` drops it in one go, and the
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +52,8 @@ def check_workspace(value: Any) -> None:
     if missing:
         raise ValueError(f"needs {missing[0]}; give {WORKSPACE_TEXT}")
     if extra:
+        import difflib  # only for this message: every run imports this module
+
         hint = difflib.get_close_matches(extra[0], WORKSPACE_KEYS, n=1)
         mean = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ValueError(f"unknown key {quoted(extra[0], 60)}{mean}; give {WORKSPACE_TEXT}")
