@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bench_core import LOG_LOOP  # the same loop as bench_core's run.log() figure
 from expkit import importhooks
+from expkit.channel import calls_in
 
 AZUREML_LOOP = """
 import sys, time
@@ -81,7 +82,7 @@ def python(code: str, args: list[str], env: dict[str, str], cwd: Path) -> list[s
 
 
 def channel_lines(channel: Path) -> int:
-    return sum(path.read_bytes().count(b"\n") for path in channel.glob("*.jsonl"))
+    return sum(sum(1 for _ in calls_in(path)) for path in channel.glob("*.jsonl"))
 
 
 def bench(folder: Path, log_calls: int, inscript_calls: int, mlflow_calls: int) -> dict:

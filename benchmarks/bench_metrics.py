@@ -35,13 +35,15 @@
    `run.log()` each probe became visible (median, 95th percentile, max; the medians of the
    stream's first and second halves: a backlog that grows shows as a slower second half), and
    the rate the script achieved.
-5. The pump (`--only pump`): how many values a second the driver's `MetricPump` stores, in
-   process, from --pump-values channel lines as the script's writer writes them (four metric
-   names, random values); beside it, how many a second it only reads and parses them
-   (`ChannelReader.read`), the rest being the grouping and SQLite's (each series' values
-   of a batch go into one row, `expkit.history.metric_groups`; the rows written are shown).
-   Part 4's latency stays bounded only while the pump stores faster than the script logs;
-   the ratio is to --rate.
+5. The pump (`--only pump`): --pump-values values (four metric names, random values) logged
+   by `run.log()` in process, and the time a value took to log and write (the writer's
+   encoding included: `expkit.channel`'s columns lines); then how many values a second the
+   driver's `MetricPump` stores from that channel, and how many a second it only reads and
+   parses it (`ChannelReader.read`), the rest being SQLite's (each series' values of a batch
+   go into one row, `expkit.history.metric_groups`; the rows written are shown). Beside it,
+   the same values as one-call lines, the form a channel had before columns lines. Part 4's
+   latency stays bounded only while the pump stores faster than the script logs; the ratio
+   is to --rate.
 
 The MLflow store is SQLite, the sink's embedded default; `--server` also runs part 2 against
 a `mlflow server` on a loopback port. Prints a table and the figures as JSON on the last line.
@@ -50,6 +52,7 @@ a `mlflow server` on a loopback port. Prints a table and the figures as JSON on 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
@@ -455,19 +458,43 @@ def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
 
 # -- 5. the pump's throughput, in process ---------------------------------------------------------
 def bench_pump(folder: Path, values: int) -> dict[str, float]:
-    """See the module's part 5: values/s stored (wall and CPU seconds) and values/s parsed."""
+    """See the module's part 5: the writer's cost a value, then values/s stored (wall and CPU
+    seconds) and values/s parsed, from the lines the writer writes and, beside them, from the
+    same values as one-call lines (a channel written before columns lines)."""
     import random
 
+    from expkit.context import ScriptRun
+
+    names, rnd = ["loss", "lr", "accuracy", "grad_norm"], random.Random(1)
+    logged = [(names[i % 4], rnd.random(), i) for i in range(values)]
+    channel = folder / "columns"
+    channel.mkdir(parents=True)
+    run = ScriptRun(None, str(channel / "rank-0.1.jsonl"))
+    atexit.unregister(run._at_exit)
+    log, write = run.log, time.perf_counter()
+    for name, value, step in logged:
+        log(name, value, step=step)
+    run.flush()
+    write = time.perf_counter() - write
+    figures = {"values": values, "us_per_value_logged": write / values * 1e6}
+    figures.update(_pump_channel(folder / "columns", channel, values))
+
+    one_call = folder / "one-call" / "metrics"
+    one_call.mkdir(parents=True)
+    start = time.time()
+    with open(one_call / "rank-0.1.jsonl", "w") as f:
+        for i, (name, value, step) in enumerate(logged):
+            f.write(f'["m","{name}",{value!r},{step},{start + i * 1e-6!r},0]\n')
+    one = _pump_channel(folder / "one-call", one_call, values)
+    figures.update({f"{key}_one_call_lines": figure for key, figure in one.items()})
+    return figures
+
+
+def _pump_channel(folder: Path, channel: Path, values: int) -> dict[str, float]:
+    """The channel read alone (parsing), then pumped into a new history (storing)."""
     from expkit.history import History
     from expkit.metrics import ChannelReader, MetricPump
 
-    channel = folder / "metrics"
-    channel.mkdir(parents=True)
-    names, rnd, start = ["loss", "lr", "accuracy", "grad_norm"], random.Random(1), time.time()
-    with open(channel / "rank-0.1.jsonl", "w") as f:  # the lines `ScriptRun._encode` writes
-        for i in range(values):
-            value = rnd.random()
-            f.write(f'["m","{names[i % 4]}",{value!r},{i},{start + i * 1e-6!r},0]\n')
     reader, parse_s = ChannelReader(channel), time.perf_counter()
     while batch := reader.read():
         reader.commit(batch)
@@ -480,7 +507,6 @@ def bench_pump(folder: Path, values: int) -> dict[str, float]:
     assert stored == values, (stored, values)
     (rows,) = history.db.execute("SELECT COUNT(*) FROM metrics").fetchone()
     return {
-        "values": values,
         "rows": rows,  # row groups: a row per series and batch (expkit.history.metric_groups)
         "stored_values_per_s": values / wall,
         "stored_values_per_cpu_s": values / cpu,
@@ -650,13 +676,20 @@ def main() -> None:
     pump = figures["pump"]
     if pump:
         print(
-            f"\n5. the pump, in process, {pump['values']:,} channel lines:"
-            f" {pump['stored_values_per_s']:,.0f} values/s stored"
-            f" ({pump['us_per_value']:.2f} us each; {pump['stored_values_per_cpu_s']:,.0f} per CPU"
-            f" second), {pump['stored_values_per_s'] / args.rate:.2f}x the {args.rate:,}/s asked;"
-            f" parsing alone {pump['parsed_values_per_s']:,.0f} values/s"
-            f" ({pump['us_per_value_parse']:.2f} us each); {pump['rows']:,} rows written"
+            f"\n5. the pump, in process, {pump['values']:,} values logged by `run.log()`"
+            f" ({pump['us_per_value_logged']:.2f} us each, the writer's encoding included)"
         )
+        for label, tail in (
+            ("as the writer writes them", ""),
+            ("one-call lines", "_one_call_lines"),
+        ):
+            print(
+                f"   {label:<26} {pump['stored_values_per_s' + tail]:>11,.0f} values/s stored"
+                f" ({pump['us_per_value' + tail]:.2f} us each,"
+                f" {pump['stored_values_per_s' + tail] / args.rate:.2f}x the {args.rate:,}/s"
+                f" asked), parsing alone {pump['parsed_values_per_s' + tail]:,.0f}/s"
+                f" ({pump['us_per_value_parse' + tail]:.2f} us), {pump['rows' + tail]:,} rows"
+            )
     print(json.dumps(figures))
 
 

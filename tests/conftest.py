@@ -70,6 +70,14 @@ def eventually(check, timeout: float = 30, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
+def channel_calls(path: Path) -> list[tuple]:
+    """The calls a metric channel file records (`expkit.channel`): a line each, a columns
+    line's values one by one."""
+    from expkit.channel import calls_in
+
+    return list(calls_in(path))
+
+
 def bare_env(*drop: str, **extra: str) -> dict[str, str]:
     """This environment without the variables `drop` (every EXPKIT_ one if none is named),
     plus `extra`."""

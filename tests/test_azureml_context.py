@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import channel_calls
 from expkit.context import ScriptRun
 from expkit_azureml.forward import FORWARDER, AzureMLForwarder
 from expkit_azureml.target import add_in_script_api
@@ -102,7 +103,7 @@ def test_the_script_logs_to_the_azure_ml_run_and_to_expkits_channel(tmp_path, sc
         ("set_tags", {"model": "resnet18"}),
     ]
     assert azure.flushed
-    assert len(channel.read_text().splitlines()) == 6  # expkit's channel has them too
+    assert len(channel_calls(channel)) == 6  # expkit's channel has them too
     assert not run.offline
 
 
@@ -127,7 +128,7 @@ def test_a_slow_or_failing_azure_ml_run_never_slows_or_breaks_the_script(
         run.log("loss", 1.0 / (step + 1), step=step)
     assert time.perf_counter() - started < 1.0  # 20,000 calls; Azure takes 10 ms each
     run.flush()
-    assert (tmp_path / "c.jsonl").read_text().count("\n") == 20_000
+    assert len(channel_calls(tmp_path / "c.jsonl")) == 20_000
 
     failing = script_run(None, RecordingRun(fail=True))
     for step in range(3):
@@ -145,7 +146,7 @@ def test_azureml_that_cannot_be_imported_is_one_notice(tmp_path, capfd, script_r
     run = script_run(tmp_path / "c.jsonl", None, connect=missing)
     run.log("acc", 0.5)
     run._at_exit()
-    assert (tmp_path / "c.jsonl").read_text().count("\n") == 1
+    assert len(channel_calls(tmp_path / "c.jsonl")) == 1
     err = capfd.readouterr().err
     assert err == (
         "expkit: azureml: cannot reach the Azure ML run (ModuleNotFoundError: No module named "
@@ -204,7 +205,7 @@ def test_on_azure_ml_the_metric_channel_is_written_inside_logs(tmp_path):
         "metrics are recorded by expkit only\n"
     )
     (channel,) = (tmp_path / "logs" / "expkit-metrics").glob("rank-0.*.jsonl")
-    assert channel.read_text().count("\n") == 1000
+    assert len(channel_calls(channel)) == 1000
 
 
 def test_on_azure_ml_without_azureml_installed_the_script_still_runs(tmp_path):
@@ -218,7 +219,7 @@ def test_on_azure_ml_without_azureml_installed_the_script_still_runs(tmp_path):
     assert "cannot reach the Azure ML run (ModuleNotFoundError" in result.stderr
     assert len(result.stderr.splitlines()) == 1
     (channel,) = (tmp_path / "logs" / "expkit-metrics").glob("rank-0.*.jsonl")
-    assert channel.read_text().count("\n") == 1000
+    assert len(channel_calls(channel)) == 1000
 
 
 def test_the_target_uploads_only_the_forwarder_of_the_plugin(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import bare_env
+from conftest import bare_env, channel_calls
 
 RECORDER = """
     import json
@@ -103,7 +103,7 @@ def sent(tmp_path: Path) -> list[list]:
 
 def channel_lines(folder: Path) -> list[list]:
     (channel,) = folder.glob("rank-0.*.jsonl")
-    return [json.loads(line) for line in channel.read_text().splitlines()]
+    return [list(call) for call in channel_calls(channel)]
 
 
 def test_a_named_forwarder_gets_what_the_script_logs(tmp_path, recorder):

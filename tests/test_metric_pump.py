@@ -18,32 +18,35 @@ import pytest
 
 from conftest import bare_env
 from expkit import metrics as pipeline
+from expkit.channel import calls_of
 from expkit.context import ATTEMPT_ENV, CHANNEL_ENV, RUN_ID_ENV
 from expkit.metrics import ChannelReader, MetricPump
 from expkit.workspace import Workspace
 
 BURST = """
 import sys
-from expkit import Run
+from expkit import Run, context
+context.WRITE_BATCH = int(sys.argv[3])  # values a batch (a columns line) of the writer
 run = Run.get_context()
 name, count = sys.argv[1], int(sys.argv[2])
 for i in range(count):
     run.log(name, float(i), step=i)
-if len(sys.argv) > 3:
-    run.log_row("wide", text="x" * int(sys.argv[3]))
+if len(sys.argv) > 4:
+    run.log_row("wide", text="x" * int(sys.argv[4]))
 """
 
 
 def burst(tmp_path: Path, channel: Path, count: int, name: str = "x", **options: str) -> None:
     """A real script process logging `count` values of `name` (value i at step i) through
-    `run.log()` into `channel`; `wide`: then one table row of that many characters;
+    `run.log()` into `channel`, `per_line` values a channel line (the writer's batch: 50
+    unless given, a columns line each); `wide`: then one table row of that many characters;
     `attempt`: as that attempt of the run."""
     script = tmp_path / "burst.py"
     script.write_text(textwrap.dedent(BURST))
     env = bare_env(**{CHANNEL_ENV: str(channel), RUN_ID_ENV: "run_1"})
     if "attempt" in options:
         env[ATTEMPT_ENV] = options["attempt"]
-    argv = [sys.executable, str(script), name, str(count)]
+    argv = [sys.executable, str(script), name, str(count), options.get("per_line", "50")]
     done = subprocess.run(
         [*argv, *([options["wide"]] if "wide" in options else [])],
         env=env,
@@ -74,9 +77,12 @@ def stored(history, name: str = "x") -> list[tuple[int, float]]:
 
 
 def lines_up_to(channel: Path, offsets: dict[str, int]) -> int:
-    """How many complete lines the channel's files hold before the recorded offsets."""
+    """How many values the channel's complete lines hold before the recorded offsets (a
+    columns line holds many, see `expkit.channel`)."""
     return sum(
-        (channel / name).read_bytes()[:offset].count(b"\n") for name, offset in offsets.items()
+        len(list(calls_of(json.loads(line))))
+        for name, offset in offsets.items()
+        for line in (channel / name).read_bytes()[:offset].splitlines()
     )
 
 
@@ -160,7 +166,7 @@ def test_a_driver_killed_mid_burst_loses_nothing_and_stores_nothing_twice(
 
 def test_a_line_cut_by_the_end_of_a_batch_is_read_whole_by_the_next(tmp_path, channel, monkeypatch):
     monkeypatch.setattr(pipeline, "MIN_SHARE", 1)
-    burst(tmp_path, channel, 10, wide="5000")
+    burst(tmp_path, channel, 10, wide="5000", per_line="1")  # a line per value
     (path,) = channel.iterdir()
     data = path.read_bytes()
     ends = [i + 1 for i, byte in enumerate(data) if byte == ord("\n")]

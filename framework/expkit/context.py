@@ -2,7 +2,8 @@
 
 Stdlib only and never waiting on the driver: `log()` appends to an in-memory queue, and a
 daemon thread writes the queue to the run's metric channel (one append-only file per process)
-every FLUSH_SECONDS. The queue is bounded: a script that logs faster than its values can be
+every FLUSH_SECONDS, in the lines `expkit.channel` describes (a metric's many values in a
+batch as one columns line). The queue is bounded: a script that logs faster than its values can be
 written (millions in a burst) writes a batch itself once QUEUE_LIMIT values wait, so that its
 memory does not grow with the burst. The driver tails that channel while the script runs.
 Outside expkit the same calls do nothing harmful: they are accepted and dropped, with one
@@ -53,6 +54,8 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
+from expkit.channel import columns_line
+
 CHANNEL_ENV = "EXPKIT_METRICS_DIR"
 RUN_ID_ENV = "EXPKIT_RUN_ID"
 # The attempt this process belongs to (from 1; see the job's `retry:`), and the absolute path
@@ -67,6 +70,7 @@ WRITE_BATCH = 10_000  # values encoded and written at a time
 # that a script that logs faster than its values can be written does not hold the burst in
 # memory (about 150 bytes a value: 15 MB here, 450 MB for a burst of 3 million).
 QUEUE_LIMIT = 100_000
+COLUMN_MIN = 4  # a metric's values in one batch written as one columns line from this many
 FORWARDER_ENV = "EXPKIT_FORWARDER"  # `module:attribute` of a forwarder; unset or empty: none
 FORWARDER_EXIT_SECONDS = 30.0  # at exit, how long the forwarder may take to send the rest
 
@@ -337,17 +341,64 @@ class ScriptRun:
                 if self._own_path is not None:
                     self._open_own()
                 if self._file is not None:
-                    try:
-                        text = "".join(map(self._encode, items))
-                    except Exception:  # a value or step that cannot be recorded: one by one
-                        text = "".join(map(self._encode_or_reject, items))
-                    self._file.write(text.encode())
+                    self._file.write(self._encode_batch(items).encode())
                 forwarder = self._forwarder
                 if forwarder is not None:
                     try:
                         forwarder.send(items)
                     except Exception as error:  # a broken forwarder: expkit's channel only
                         self._forwarder_failed(forwarder, error)
+
+    def _encode_batch(self, items: list[tuple]) -> str:
+        """The channel lines of `items` (see `expkit.channel`): each metric's consecutive
+        plain numbers (a float, int or bool; an int step or none) as one columns line when
+        there are several, every other call as a line of its own, in the order logged (a
+        column where its first value was). A column ends at a call of its metric that goes
+        on a line of its own, and where its values change between having a step and not,
+        so that a metric's values keep their order. A value or step that cannot be recorded
+        goes on a line of its own too, that is, is left out alone, with its notice in the
+        order logged (`_encode_or_reject`)."""
+        open_columns: dict[str, tuple[int, bool, list, list, list]] = {}
+        lines: list[str] = []
+        for item in items:
+            kind, name, value, step, ts = item
+            if (
+                kind == "m"
+                and (type(value) is float or _plain(value))
+                and (step is None or (type(step) is int and STEP_MIN <= step <= STEP_MAX))
+            ):
+                column = open_columns.get(name)
+                if column is None or column[1] is not (step is None):
+                    if column is not None:
+                        lines[column[0]] = self._column(name, column)
+                    column = open_columns[name] = (len(lines), step is None, [], [], [])
+                    lines.append("")  # the column's place
+                column[2].append(value)
+                column[3].append(step)
+                column[4].append(ts)
+                continue
+            column = open_columns.pop(name, None)
+            if column is not None:
+                lines[column[0]] = self._column(name, column)
+            lines.append(self._encode_or_reject(item))
+        for name, column in open_columns.items():
+            lines[column[0]] = self._column(name, column)
+        return "".join(lines)
+
+    def _column(self, name: str, column: tuple[int, bool, list, list, list]) -> str:
+        """The lines of one metric's consecutive plain values (`_encode_batch`): a columns
+        line, or a line per value when there are fewer than COLUMN_MIN (a script that logs
+        now and then keeps a channel a person can read)."""
+        _, plain, values, steps, times = column
+        if len(values) < COLUMN_MIN:
+            return "".join(
+                self._encode(("m", name, v, s, t))
+                for v, s, t in zip(values, steps, times, strict=True)
+            )
+        quoted = self._names.get(name)
+        if quoted is None:
+            quoted = self._names[name] = json.dumps(name)
+        return columns_line(quoted, values, None if plain else steps, times, self.rank)
 
     def _encode(self, item: tuple) -> str:
         kind, name, value, step, ts = item
@@ -385,6 +436,20 @@ class ScriptRun:
 
 
 _INF = float("inf")
+
+
+def _plain(value: Any) -> bool:
+    """Whether `value` goes into a columns line as it is (`_encode_batch`; a float is checked
+    inline): a float of a subclass (numpy's float64), an int or bool within a float's range."""
+    if isinstance(value, float):
+        return True
+    if type(value) is not int and type(value) is not bool:
+        return False
+    try:
+        float(value)
+    except OverflowError:  # rejected by `_encode`, in the order logged
+        return False
+    return True
 
 
 def _step(step: Any) -> str:

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
+from expkit.channel import COLUMNS, read_columns
 from expkit.errors import PluginError
 from expkit.history import History, metric_value
+from expkit.history.metric_groups import Group, values_of
 from expkit.history.metrics import REFUSED, ChannelMoved
 from expkit.plugins import call
 
@@ -49,15 +53,17 @@ def attempt_of_file(name: str) -> int:
 
 @dataclass
 class Batch:
-    """What one `ChannelReader.read` took from the channel: metric rows by attempt
-    (`values`: (attempt, rows) in the order read, each row (name, step, value, ts, rank), its
-    value a float or the JSON text of anything else, see `history.metrics.Metrics.add_values`),
-    tags and parameters (each key's latest value), where each
+    """What one `ChannelReader.read` took from the channel: metric values by attempt
+    (`values`: (attempt, part) in the order read, `part` a list of rows (name, step, value,
+    ts, rank) from one-call lines, a row's value a float or the JSON text of anything else,
+    or a `Group` of a columns line's values (`expkit.channel`); see
+    `history.metrics.Metrics.add_values`), tags and parameters (each key's latest value),
+    where each
     file it read now stands (`offsets`, bytes by file name: recorded with the rows, see
     `ChannelReader.commit`), the lines it skipped (`rejected`: (metric name, why)), and
     whether complete lines were left for the next batch (`more`: the batch was full)."""
 
-    values: list[tuple[int, list[tuple]]] = field(default_factory=list)
+    values: list[tuple[int, list[tuple] | Group]] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
@@ -74,16 +80,16 @@ class Batch:
         attempt), `value` None and `payload` the JSON text for what is not a number."""
         return [
             (name, step, *((None, v) if type(v) is str else (v, None)), ts, rank, attempt)
-            for attempt, rows in self.values
-            for name, step, v, ts, rank in rows
+            for attempt, part in self.values
+            for name, step, v, ts, rank in (part if isinstance(part, list) else values_of(part))
         ]
 
     def rows_of(self, attempt: int) -> list[tuple]:
-        """The list that takes attempt `attempt`'s rows: the last one when it is that
-        attempt's (files are read attempt by attempt), else a new one."""
-        if not self.values or self.values[-1][0] != attempt:
+        """The list that takes attempt `attempt`'s rows: the last part when it is a list of
+        that attempt's (files are read attempt by attempt), else a new one."""
+        if not self.values or self.values[-1][0] != attempt or type(self.values[-1][1]) is not list:
             self.values.append((attempt, []))
-        return self.values[-1][1]
+        return self.values[-1][1]  # type: ignore[return-value]
 
 
 class ChannelReader:
@@ -98,7 +104,8 @@ class ChannelReader:
 
     One `read` takes at most `CHUNK_BYTES` of the channel (but a single longer line,
     whole), so that what the driver holds does not grow with a burst: a batch holds at
-    most CHUNK_BYTES / 20 rows (the shortest line, `["m","",0,null,0,0]`, is 20 bytes).
+    most CHUNK_BYTES / 20 rows (the shortest line, `["m","",0,null,0,0]`, is 20 bytes), or
+    CHUNK_BYTES / 32 values of columns lines (`expkit.channel`: 24 bytes each once read).
     The files of one attempt share that room (`_shares`), so that every rank's values move
     on while one rank floods. What a batch read counts only once it is recorded
     (`commit`): a batch that could not be stored is read again.
@@ -202,7 +209,7 @@ class ChannelReader:
         append = rows.append
         low, high = STEP_RANGE
         for item in items:
-            if type(item) is list and len(item) == 6:  # the common case checked inline
+            if type(item) is list and len(item) == 6:  # the common cases checked inline
                 kind, name, value, step, ts, rank = item
                 if (
                     kind == "m"
@@ -215,6 +222,17 @@ class ChannelReader:
                 ):
                     append((name, step, value, ts, rank))
                     continue
+                if kind == COLUMNS:
+                    try:
+                        group = _column_group(item)
+                    except (ValueError, TypeError) as error:
+                        batch.rejected.append((_text_name(name), str(error)))
+                        continue
+                    if group is not None:  # else a NaN among them: value by value, below
+                        batch.values.append((attempt, group))
+                        rows = batch.rows_of(attempt)
+                        append = rows.append
+                        continue
             try:
                 self._parse_item(item, rows, tags, params)
             except (ValueError, TypeError, OverflowError) as error:
@@ -252,6 +270,14 @@ class ChannelReader:
             raise ValueError("not a channel line") from None
         if not isinstance(name, str):
             raise TypeError(f"the name {name!r} is not text")
+        if kind == COLUMNS:
+            name, rank, steps, values, times = read_columns(item)
+            stepped = repeat(None) if steps is None else steps
+            rows.extend(
+                (name, s, "NaN" if v != v else v, t, rank)  # NaN as a one-call line's
+                for s, v, t in zip(stepped, values, times, strict=False)
+            )
+            return
         if kind in ("t", "p"):
             if not isinstance(value, dict):
                 raise TypeError("tags or parameters that are not a mapping")
@@ -276,6 +302,22 @@ class ChannelReader:
 
 
 STEP_RANGE = (-(2**63), 2**63 - 1)  # what SQLite's INTEGER holds
+
+
+def _column_group(item: list) -> Group | None:
+    """A columns line's values (`expkit.channel`) as one Group, stored as they are; None
+    when a NaN is among them, for `ChannelReader._parse_item` to read value by value: a
+    NaN is stored as a one-call line's is (its payload "NaN"). Raises ValueError or
+    TypeError for a line that is not a columns line."""
+    name, rank, steps, values, times = read_columns(item)
+    total = sum(values)  # NaN when a NaN is among them (or +inf and -inf are)
+    if total != total and any(map(math.isnan, values)):
+        return None
+    return (0, name, rank, steps, values, times)
+
+
+def _text_name(name: Any) -> str:
+    return name if isinstance(name, str) else "?"
 
 
 def _shares(sizes: list[int], budget: int) -> list[int]:

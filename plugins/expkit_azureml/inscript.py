@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from expkit import context
+from expkit.channel import calls_of
 
 RUN_ID_ENV = context.RUN_ID_ENV
 RUN_DIR_ENV = "EXPKIT_RUN_DIR"
@@ -408,11 +409,12 @@ def channel_metrics(folder: str | None, name: str | None = None) -> dict[str, An
             continue
         for line in lines:
             try:
-                kind, key, value, _step, ts, *_rank = json.loads(line)
+                calls = list(calls_of(json.loads(line)))
             except (ValueError, TypeError):
                 continue
-            if kind in ("m", "r") and (name is None or key == name):
-                grouped.setdefault(key, []).append((ts, value))
+            for kind, key, value, _step, ts, _rank in calls:
+                if kind in ("m", "r") and (name is None or key == name):
+                    grouped.setdefault(key, []).append((ts, value))
     result: dict[str, Any] = {}
     for key, stamped in grouped.items():
         values = [value for _ts, value in sorted(stamped, key=lambda pair: pair[0])]

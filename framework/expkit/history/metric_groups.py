@@ -20,12 +20,13 @@ that once per batch of a series.
 from __future__ import annotations
 
 import math
-import sys
 from array import array
 from collections.abc import Iterator, Sequence
 from itertools import compress, repeat
 from operator import eq
 from typing import Any
+
+from expkit.channel import pack, unpack
 
 # The keys of a metric row, in the order `MetricRow` holds them (those of the table's
 # original columns, as `SELECT *` gave them before groups).
@@ -34,8 +35,6 @@ _INDEX = {key: i for i, key in enumerate(FIELDS)}
 
 # The columns a reader selects: FIELDS, then what a group needs to be expanded.
 COLUMNS = ", ".join(FIELDS) + ", n, packed_steps, packed_values, packed_times"
-
-_SWAP = sys.byteorder == "big"  # the blobs are little-endian whatever the host
 
 
 class MetricRow(tuple):
@@ -53,25 +52,6 @@ class MetricRow(tuple):
     def keys(self) -> tuple[str, ...]:
         """The row's keys, FIELDS."""
         return FIELDS
-
-
-def pack(kind: str, items: Sequence[Any]) -> bytes:
-    """`items` as a group's blob: kind "d" float64, "q" int64, little-endian. Raises
-    TypeError for an item that is not a number, OverflowError for an int64 out of range."""
-    packed = items if isinstance(items, array) and items.typecode == kind else array(kind, items)
-    if _SWAP:
-        packed = array(kind, packed)
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def unpack(kind: str, blob: bytes) -> array:
-    """A group's blob (see `pack`) as an array."""
-    packed = array(kind)
-    packed.frombytes(blob)
-    if _SWAP:
-        packed.byteswap()
-    return packed
 
 
 def last_value(blob: bytes) -> float:

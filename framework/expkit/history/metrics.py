@@ -87,16 +87,17 @@ class Metrics(Part):
     def add_values(
         self,
         run_id: str,
-        values: list[tuple[int, list[tuple]]],
+        values: list[tuple[int, list[tuple] | Group]],
         offsets: dict[str, int] | None = None,
         tags: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         refused: Callable[[tuple, Exception], None] | None = None,
         read_from: dict[str, int] | None = None,
     ) -> int:
-        """`add` in the form the metric pump reads the channel into: rows by attempt,
+        """`add` in the form the metric pump reads the channel into: values by attempt,
         (attempt, [(name, step, value, ts, rank), ...]), where `value` is a float or text
-        (the JSON of anything else: stored in `payload`), stored as row groups
+        (the JSON of anything else: stored in `payload`), or (attempt, group): one Group of
+        numbers (a columns line's, `expkit.channel`), stored as row groups
         (`expkit.history.metric_groups`): each series' consecutive numbers in one row, so
         that a batch of thousands of values costs a few rows, not a row and index entry each
         (the pump's hot path: a row per value stored about 160,000 values/s, less than a
@@ -108,18 +109,18 @@ class Metrics(Part):
         def insert(db: sqlite3.Connection) -> int:
             next_id = (db.execute("SELECT MAX(id) FROM metrics").fetchone()[0] or 0) + 1
             stored = 0
-            for attempt, rows in values:
+            for attempt, part in values:
                 sql = _insert_of(run_id, attempt)
                 extra = () if run_id.isprintable() else (run_id,)  # bound, not in the SQL
                 if refused is None:
-                    found, params = groups(rows), []
+                    found, params = groups(part) if isinstance(part, list) else [part], []
                     for group in found:
                         next_id += len(group[4])
                         params.append((*row_of(group, next_id - 1), *extra))
                     db.executemany(sql, params)
                     stored += sum(len(group[4]) for group in found)
                     continue
-                for group in _groups_or_values(rows):
+                for group in _groups_or_values(part) if isinstance(part, list) else [part]:
                     stored += _insert_group(db, sql, group, next_id, extra, refused)
                     next_id += len(group[4])
             return stored
