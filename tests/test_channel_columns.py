@@ -192,3 +192,28 @@ def test_get_metrics_in_the_script_reads_columns_lines(tmp_path, per_batch):
     )
     assert stderr.strip() == str({"loss": [i / 10 for i in range(10)], "best": 0.9})
     assert len(channel_calls(next(channel.iterdir()))) == 11
+
+
+def test_a_name_that_is_not_text_is_dropped_alone_with_one_notice(expkit_workspace, tmp_path):
+    """A list, a dict or a number as the name: each call dropped with one notice per name,
+    no exception in the script, and the burst logged with it all stored."""
+    channel, stderr = run_script(
+        tmp_path,
+        """
+        from expkit import Run
+        run = Run.get_context()
+        for i in range(1000):
+            run.log("loss", i / 2, step=i)
+            if i % 100 == 0:
+                run.log(["a"], 1.0)
+                run.log({"b": 1}, 2.0, step=i)
+                run.log(7, 3.0)
+        print("done")
+        """,
+    )
+    assert "Traceback" not in stderr
+    notices = [line for line in stderr.splitlines() if "is not text" in line]
+    assert len(notices) == 3 and "metric ['a']" in notices[0] and "metric 7" in notices[2]
+    history = expkit_workspace.history
+    MetricPump(history, "run_1", channel).pump()
+    assert [r["value"] for r in history.metrics.of("run_1")] == [i / 2 for i in range(1000)]

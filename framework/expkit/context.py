@@ -341,7 +341,11 @@ class ScriptRun:
                 if self._own_path is not None:
                     self._open_own()
                 if self._file is not None:
-                    self._file.write(self._encode_batch(items).encode())
+                    try:
+                        text = self._encode_batch(items)
+                    except Exception:  # e.g. a name that is no dict key: call by call
+                        text = "".join(map(self._encode_or_reject, items))
+                    self._file.write(text.encode())
                 forwarder = self._forwarder
                 if forwarder is not None:
                     try:
@@ -390,9 +394,9 @@ class ScriptRun:
         line, or a line per value when there are fewer than COLUMN_MIN (a script that logs
         now and then keeps a channel a person can read)."""
         _, plain, values, steps, times = column
-        if len(values) < COLUMN_MIN:
+        if len(values) < COLUMN_MIN or not isinstance(name, str):  # the name: its notice
             return "".join(
-                self._encode(("m", name, v, s, t))
+                self._encode_or_reject(("m", name, v, s, t))
                 for v, s, t in zip(values, steps, times, strict=True)
             )
         quoted = self._names.get(name)
@@ -401,9 +405,14 @@ class ScriptRun:
         return columns_line(quoted, values, None if plain else steps, times, self.rank)
 
     def _encode(self, item: tuple) -> str:
+        """`item`'s one-call line (`expkit.channel`). Raises TypeError for a name that is not
+        text, ValueError (StepError) or OverflowError for a value or step that cannot be
+        recorded."""
         kind, name, value, step, ts = item
-        quoted = self._names.get(name)
+        quoted = self._names.get(name) if type(name) is str else None
         if quoted is None:
+            if not isinstance(name, str):
+                raise TypeError(f"the name {name!r} is not text")
             quoted = self._names[name] = json.dumps(name)
         if kind == "m":
             if type(value) not in (int, float, bool) and type(value) is not str:
@@ -422,14 +431,15 @@ class ScriptRun:
             return self._encode(item)
         except Exception as error:
             kind, name = item[0], item[1]
-            if name not in self._rejected:
-                self._rejected.add(name)
+            key = name if isinstance(name, str) else repr(name)  # a list is no set member
+            if key not in self._rejected:
+                self._rejected.add(key)
                 what = {"m": "metric", "r": "table"}.get(kind, "call")
                 with contextlib.suppress(Exception):
                     sys.stderr.write(
                         f"expkit: {what} {name!r}: a value was not recorded ({_reason(error)}); "
-                        "log a number (or text) with an integer step; further rejected "
-                        "values of it are not reported\n"
+                        "log a number (or text) under a text name, with an integer step; "
+                        "further rejected values of it are not reported\n"
                     )
                     sys.stderr.flush()
             return ""
