@@ -3,7 +3,8 @@
     python benchmarks/bench_metrics.py [--repeat 7] [--seconds 10] [--values 100000]
                                        [--log-metric-calls 2000] [--server] [--only PART]
                                        [--bursts 1000000,3000000] [--log-batch-values 100000]
-                                       [--rate 1000000] [--stream-seconds 10] [--pump-values N]
+                                       [--rate 1000000] [--ranks 1] [--stream-seconds 10]
+                                       [--pump-values N]
                                        [--quick]
 
 1. What sinks cost the training script (target: under 2 % slower): a script doing ~10 s of
@@ -30,7 +31,8 @@
    (measured on --log-batch-values and extrapolated linearly).
 4. Latency (`--only latency`; target: under 0.5 s at 1 M values/s): a script logging a
    steady --rate values per second (as close as it gets) for --stream-seconds, with a probe
-   value (the time it was logged) every 10 ms; the benchmark reads the probe back as
+   value (the time it was logged) every 10 ms (--ranks N: N processes launched by torchrun,
+   --rate / N each, rank 0 logging the probe); the benchmark reads the probe back as
    `expkit runs show` does (`history.metrics.latest`) every 10 ms: how long after
    `run.log()` each probe became visible (median, 95th percentile, max; the medians of the
    stream's first and second halves: a backlog that grows shows as a slower second half), and
@@ -390,10 +392,11 @@ def _last_row(history: Any) -> int:
 
 # -- 4. latency from run.log() to `expkit runs show` under a steady stream ------------------------
 STREAM = """
-import sys, time
+import os, sys, time
 from expkit import Run
 run = Run.get_context()
-rate, seconds = int(sys.argv[1]), float(sys.argv[2])
+rank, ranks = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+rate, seconds, rates = int(sys.argv[1]) // ranks, float(sys.argv[2]), sys.argv[3]
 per_tick = rate // 100  # one tick every 10 ms
 log = run.log
 start = time.time()
@@ -402,22 +405,32 @@ while time.time() - start < seconds:
     for _ in range(per_tick):
         log("loss", 0.5, step=logged)
         logged += 1
-    log("probe", time.time(), step=ticks)  # the value is when it was logged
+    if rank == 0:
+        log("probe", time.time(), step=ticks)  # the value is when it was logged
     ticks += 1
     pause = start + ticks / 100 - time.time()
     if pause > 0:
         time.sleep(pause)
-print(logged / (time.time() - start))
+with open(os.path.join(rates, f"rate-{rank}"), "w") as f:
+    f.write(str(logged / (time.time() - start)))
 """
 
 
-def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
+def bench_latency(folder: Path, rate: int, seconds: float, ranks: int) -> dict[str, float]:
     """See the module's part 4."""
     from expkit.workspace import Workspace
 
     env = new_workspace(folder)
     (folder / "train.py").write_text(STREAM)
-    job = {"experiment": "stream", "entry_script": "train.py", "args": [rate, seconds]}
+    rates = folder / "rates"  # each rank's achieved values/s
+    rates.mkdir()
+    job: dict = {
+        "experiment": "stream",
+        "entry_script": "train.py",
+        "args": [rate, seconds, str(rates)],
+    }
+    if ranks > 1:  # torchrun's processes on this machine, rank 0 logging the probe
+        job.update(resources={"processes_per_node": ranks}, distributed="torchrun")
     (folder / "job.yaml").write_text(json.dumps(job))
     history = Workspace(folder / ".expkit").history
     driver = subprocess.Popen(
@@ -441,11 +454,12 @@ def bench_latency(folder: Path, rate: int, seconds: float) -> dict[str, float]:
             delays.append(time.time() - probe)
     output = driver.stdout.read() if driver.stdout else ""
     assert driver.returncode == 0, output
-    achieved = next(float(line) for line in output.splitlines() if _is_number(line))
+    achieved = sum(float(path.read_text()) for path in rates.iterdir())
     half = len(delays) // 2  # a backlog that grows shows as a later half slower than the first
     first, second = statistics.median(delays[:half]), statistics.median(delays[half:])
     delays.sort()
     return {
+        "ranks": ranks,
         "achieved_values_per_s": achieved,
         "probes_seen": len(delays),
         "median_s": statistics.median(delays),
@@ -516,14 +530,6 @@ def _pump_channel(folder: Path, channel: Path, values: int) -> dict[str, float]:
     }
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text.strip())
-    except ValueError:
-        return False
-    return True
-
-
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     """A `mlflow server` on a loopback port (SQLite backend, artifacts served by it)."""
     with socket.socket() as s:
@@ -583,6 +589,9 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=int, default=1_000_000, help="values/s (part 4)")
     parser.add_argument(
+        "--ranks", type=int, default=1, help="part 4's processes (torchrun), sharing --rate"
+    )
+    parser.add_argument(
         "--stream-seconds", type=float, default=10.0, help="part 4's stream length (s)"
     )
     parser.add_argument(
@@ -614,7 +623,9 @@ def main() -> None:
             counts = [int(n) for n in args.bursts.split(",")]
             figures["burst"] = bench_burst(Path(tmp, "burst"), counts, args.log_batch_values)
         if args.only in (None, "latency"):
-            figures["latency"] = bench_latency(Path(tmp, "latency"), args.rate, args.stream_seconds)
+            figures["latency"] = bench_latency(
+                Path(tmp, "latency"), args.rate, args.stream_seconds, args.ranks
+            )
         if args.only in (None, "pump"):
             figures["pump"] = bench_pump(Path(tmp, "pump"), args.pump_values)
 
@@ -666,7 +677,8 @@ def main() -> None:
     latency = figures["latency"]
     if latency:
         print(
-            f"\n4. run.log() to `runs show` at {args.rate:,} values/s asked,"
+            f"\n4. run.log() to `runs show` at {args.rate:,} values/s asked of"
+            f" {latency['ranks']} process(es),"
             f" {latency['achieved_values_per_s']:,.0f} achieved: median"
             f" {latency['median_s']:.3f}s, p95 {latency['p95_s']:.3f}s,"
             f" max {latency['max_s']:.3f}s ({latency['probes_seen']} probes); median of the"
