@@ -88,12 +88,9 @@ def _one_run(workspace: Any, record: Any, name: str | None, all_attempts: bool) 
     metrics = workspace.history.metrics
     # The rows and their count (the superseded values, below) from one read transaction: a
     # pump storing values between the two reads would make them look superseded.
-    metrics.db.execute("BEGIN")
-    try:
+    with metrics.reading():
         rows = metrics.of(record.id, name) if all_attempts else metrics.current(record.id, name)
         total = 0 if all_attempts else metrics.count(record.id, name)
-    finally:
-        metrics.db.execute("COMMIT")
     if not rows and name is not None:
         raise _no_such_metric(name, [record.id], list(metrics.latest(record.id)))
     if not rows:

@@ -280,6 +280,8 @@ class Owner(Protocol):
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
+    def reading(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
 
 class Part:
     """One aggregate of the history (its runs, stages, metrics, models...): the queries on its
@@ -296,3 +298,7 @@ class Part:
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """One atomic write on the history (see `History.transaction`)."""
         return self._history.transaction()
+
+    def reading(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One consistent read of the history (see `History.reading`)."""
+        return self._history.reading()

@@ -159,6 +159,18 @@ class History:
             raise
         db.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """One consistent read: BEGIN (deferred) ... COMMIT, so that every query inside sees
+        the database as it was at the first (one WAL snapshot), whatever a writer commits
+        meanwhile (SQLite's "Isolation In SQLite": a read transaction sees one version)."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
+
     def close(self) -> None:
         """Close this thread's connection (another use opens a new one)."""
         conn = getattr(self._local, "conn", None)
