@@ -100,6 +100,8 @@ def read_columns(item: list) -> tuple[str, int, array | None, array, array]:
         raise ValueError("columns that are not base64 of 8-byte numbers") from None
     if len(stamps) != len(numbers) or (stepped is not None and len(stepped) != len(numbers)):
         raise ValueError("columns of different lengths")
+    if not numbers:  # a group of no values has no last value to store (a damaged line)
+        raise ValueError("columns of no values")
     return name, rank, stepped, numbers, stamps
 
 
