@@ -315,3 +315,17 @@ def test_a_value_is_in_the_childs_channel_once_log_returns(
     run_id = re.search(r"run (\S+): completed", out).group(1)
 
     assert sorted(_all(expkit_workspace, run_id)["w"]) == [0.0, 1.0, 2.0]
+
+
+def test_a_metric_name_with_a_newline_stays_on_the_summarys_metrics_line(
+    expkit_cli, write_job, expkit_workspace
+):
+    run_id, out = _run(
+        expkit_cli,
+        write_job,
+        "from expkit import Run\nrun = Run.get_context()\n"
+        'run.log("a\\nb\\tc", 1.5)\nrun.log("z", 2.0)\n',
+    )
+    (line,) = [line for line in out.splitlines() if line.lstrip().startswith("metrics")]
+    assert "a\\nb\\tc 1.5, z 2" in line
+    assert _metrics(expkit_cli, run_id)["a\nb\tc"] == 1.5  # stored as logged

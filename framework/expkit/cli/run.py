@@ -319,6 +319,7 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     fared and where it put the run's data, outputs, exports, and how to resume a failed or
     canceled run that kept a checkpoint folder."""
     from expkit.console import count_files, format_value, human_seconds
+    from expkit.errors import printable
     from expkit.metrics import SINK_OUTCOME
 
     history = workspace.history
@@ -332,7 +333,11 @@ def print_summary(workspace: Any, record: Any, console: Any) -> None:
     rows.append(("total", f"{'':<9} {total_seconds(record):>8}  {total_note(record)}"))
     metrics = history.metrics.latest(record.id)
     if metrics:
-        shown = [f"{k} {format_value(v)}" for k, v in metrics.items() if not isinstance(v, dict)]
+        shown = [  # a name with a newline or a tab kept on the line, escaped
+            f"{printable(k)} {printable(format_value(v))}"
+            for k, v in metrics.items()
+            if not isinstance(v, dict)
+        ]
         rows.append(("metrics", ", ".join(shown)))
     sinks = history.events.of(record.id, SINK_OUTCOME)
     attempts = history.attempts.of(record.id)
