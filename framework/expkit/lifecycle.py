@@ -436,6 +436,7 @@ class Lifecycle:
         # run inside any bytecode of the main thread, another handler's included, so it must
         # take no lock (Event.set takes one: a second signal there deadlocked the driver).
         self._cancel = False
+        self._signals = 0  # how many signals came (a plain int, for the same reason)
         self._last_poll = 0.0
         self.pump: MetricPump | None = None
         self.sinks: list[SinkWorker] = []
@@ -553,7 +554,19 @@ class Lifecycle:
                 _on_signals({sig: signal.SIG_IGN for sig in TERMINATING_SIGNALS})
             else:
                 _on_signals(previous)
+            self.hand_over_sinks()
         return self.history.runs.get(self.run_id)
+
+    def hand_over_sinks(self) -> None:
+        """Start the background process that sends the rest to the sinks a signal stopped in
+        post-process (`SinkWorker.handed_over`) and closes them: once the run's record is
+        final (it closes them with its outcome), and after this driver stopped its
+        descendants (it is one, and must outlive this process)."""
+        handed = [worker.key for worker in self.sinks if worker.handed_over]
+        if handed:
+            from expkit import sinkrecovery
+
+            sinkrecovery.start(self.ws, self.run_id, handed)
 
     def let_go(self, reason: str) -> None:
         """Leave the run unfinished, its job going on (Detached): what was logged is
@@ -1162,8 +1175,14 @@ class Lifecycle:
             self.pump.stop()
             for problem in self.pump.problems():
                 self.warn(problem)
+        signals = self._signals  # a signal from now on hands the sinks' rest over
         for worker in self.sinks:
-            worker.drain()
+            worker.drain(stopped=lambda: self._signals > signals, report=self._drain_report)
+            if worker.handed_over:
+                self.say(
+                    f"{worker.sink.name}: {worker.delivered:,} values sent; a background "
+                    f"process sends the rest and closes it (driver.log)"
+                )
             if worker.error is not None:
                 self.warn(str(worker.error))
                 self.history.events.add(self.run_id, "sink-failed", str(worker.error))
@@ -1186,6 +1205,13 @@ class Lifecycle:
             self.export()
         elif self.choice.exporters:
             self.say(f"exports skipped: the run {state}")
+
+    def _drain_report(self, worker: SinkWorker) -> None:
+        """A long drain's progress line: how many values reached the sink so far."""
+        self.say(
+            f"{worker.sink.name}: {worker.delivered:,} values sent so far; Ctrl-C leaves the "
+            "rest to a background process"
+        )
 
     def export(self) -> None:
         """Each of the job's exports; a passing one's files join the model's folder in outputs."""
@@ -1396,6 +1422,7 @@ class Lifecycle:
         handler too (two signals sent together: the second interrupts the first). So the
         first line claims "first", and nothing here takes a lock or waits."""
         name = signal.Signals(signum).name
+        self._signals += 1
         first = self.terminated_by is None
         if first:
             self.terminated_by = name

@@ -18,6 +18,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -38,6 +39,7 @@ SINK_BATCH = 5000
 RETRY_DELAYS = (0.5, 1.0, 2.0)
 SINK_NICENESS = 10  # sink threads give way to the training script when the cores are busy
 DRAIN_STALL_SECONDS = 300.0  # post-process gives up on a sink that delivers nothing for this long
+DRAIN_REPORT_SECONDS = 5.0  # how often a long drain says how far it got
 SINK_OUTCOME = "sink-outcome"  # the event that records how a sink fared (`SinkWorker.outcome`)
 
 
@@ -470,6 +472,7 @@ class SinkWorker:
         self._cursor, self._param_cursor = history.sink_cursors.get(run.run_id, self.key)
         self._writer: MetricWriter | None = None
         self._done = threading.Event()
+        self.handed_over = False  # a stop came during `drain`: the rest is another's to send
         self._thread = threading.Thread(target=self._loop, name=f"expkit-sink-{sink.name}")
         self._thread.daemon = True
 
@@ -509,6 +512,8 @@ class SinkWorker:
         while self.error is None:
             if self._done.is_set() and threading.current_thread() is self._thread:
                 return True  # the run ended: `drain` delivers the rest at full priority
+            if self.handed_over:
+                return True  # stopped in `drain`: the batch before this one is recorded
             if not self._deliver_params():
                 return False
             rows = self.history.metrics.of(self.run.run_id, after_id=self._cursor, limit=SINK_BATCH)
@@ -548,6 +553,8 @@ class SinkWorker:
     def outcome(self) -> str:
         """How the sink fared, for the run's summary: `mlflow ok (1,234 values)` or
         `tensorboard failed at send: <reason>`."""
+        if self.error is None and self.handed_over:
+            return f"{self.sink.name}: {self.delivered:,} values sent, the rest in the background"
         if self.error is None:
             return f"{self.sink.name} ok ({self.delivered:,} values)"
         text = str(self.error)
@@ -577,34 +584,60 @@ class SinkWorker:
             return error
         return PluginError(self.sink.plugin, f"{self.label} {method}", error)
 
-    def drain(self) -> None:
+    def drain(
+        self,
+        stopped: Callable[[], bool] = lambda: False,
+        report: Callable[[SinkWorker], None] | None = None,
+    ) -> None:
         """Deliver everything in the history, then stop (post-process).
 
         The worker's thread ends after the batch it is sending; what is left goes on a new
         thread, of the caller's priority rather than the worker's lowered one (see `_loop`).
-        Waits as long as the sink makes progress (a million values take MLflow minutes), and
-        gives up on one that delivered nothing for DRAIN_STALL_SECONDS: that is recorded as
-        its failure, rather than the run closing while values are still on their way.
+        Waits as long as the sink makes progress (a million values take MLflow minutes),
+        calling `report` every DRAIN_REPORT_SECONDS, and gives up on one that delivered
+        nothing for DRAIN_STALL_SECONDS: that is recorded as its failure, rather than the
+        run closing while values are still on their way.
+
+        Once `stopped()` (a signal, a cancel), the batch in flight is finished and recorded
+        and the rest is left in the history for another process to send and close
+        (`handed_over`; `expkit.sinkrecovery`): a stop does not wait for minutes of sends.
         """
         self._done.set()
         self.wake.set()
-        if not self._wait(self._thread) or self._writer is None or self.error is not None:
+        if not self._wait(self._thread, stopped, report) or self._writer is None:
+            return
+        if self.error is not None or self.handed_over:
             return
         rest = threading.Thread(target=self._deliver, name=f"expkit-drain-{self.sink.name}")
         rest.daemon = True
         rest.start()
-        self._wait(rest)
+        self._wait(rest, stopped, report)
 
-    def _wait(self, thread: threading.Thread) -> bool:
+    def _wait(
+        self,
+        thread: threading.Thread,
+        stopped: Callable[[], bool],
+        report: Callable[[SinkWorker], None] | None,
+    ) -> bool:
         """Join `thread` while the sink makes progress: True once it ended, False (the stall
-        recorded as the sink's failure) when it delivered nothing for DRAIN_STALL_SECONDS."""
+        recorded as the sink's failure) when it delivered nothing for DRAIN_STALL_SECONDS.
+        Once `stopped()`, the thread is asked to end after its batch (`handed_over`)."""
+        progress, since = self.delivered, time.monotonic()
+        reported = since
         while True:
-            before = self.delivered
-            thread.join(DRAIN_STALL_SECONDS)
+            thread.join(0.25)
             if not thread.is_alive():
                 return True
-            if self.delivered == before:
+            now = time.monotonic()
+            if not self.handed_over and self._writer is not None and stopped():
+                self.handed_over = True
+            if self.delivered != progress:
+                progress, since = self.delivered, now
+            elif now - since >= DRAIN_STALL_SECONDS:
                 break
+            if report is not None and now - reported >= DRAIN_REPORT_SECONDS:
+                reported = now
+                report(self)
         stuck = TimeoutError(f"delivered nothing for {DRAIN_STALL_SECONDS:g} s; gave up")
         self.error = self.error or PluginError(self.sink.plugin, f"{self.label} send", stuck)
         return False
@@ -612,8 +645,9 @@ class SinkWorker:
     def close(self, outcome: RunOutcome) -> PluginError | None:
         """Tell the sink how the run ended, once (a close is not retried: it ends the
         sink's run, and the run's record waits for it). Returns why it failed, or None. A
-        sink that already failed, or never opened, is not told."""
-        if self._writer is None or self.error is not None:
+        sink that already failed, or never opened, is not told, nor one handed over (the
+        process that sends the rest closes it)."""
+        if self._writer is None or self.error is not None or self.handed_over:
             return None
         try:
             call(self.sink, "close", outcome, on=self._writer)
