@@ -3,9 +3,11 @@
 Stdlib only and never waiting on the driver: `log()` appends to an in-memory queue, and a
 daemon thread writes the queue to the run's metric channel (one append-only file per process)
 every FLUSH_SECONDS, in the lines `expkit.channel` describes (a metric's many values in a
-batch as one columns line). The queue is bounded: a script that logs faster than its values can be
-written (millions in a burst) writes a batch itself once QUEUE_LIMIT values wait, so that its
-memory does not grow with the burst. The driver tails that channel while the script runs.
+batch as one columns line; `calls_of`, re-exported here for plugins' in-script code, reads a
+line back as the calls it records). The queue is bounded: a script that logs faster than its
+values can be written (millions in a burst) writes a batch itself once QUEUE_LIMIT values
+wait, so that its memory does not grow with the burst. The driver tails that channel while
+the script runs.
 Outside expkit the same calls do nothing harmful: they are accepted and dropped, with one
 notice.
 
@@ -54,6 +56,7 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
+from expkit.channel import calls_of as calls_of  # re-exported: see the module
 from expkit.channel import columns_line
 
 CHANNEL_ENV = "EXPKIT_METRICS_DIR"

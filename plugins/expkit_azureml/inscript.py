@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from expkit import context
-from expkit.channel import calls_of
 
 RUN_ID_ENV = context.RUN_ID_ENV
 RUN_DIR_ENV = "EXPKIT_RUN_DIR"
@@ -409,7 +408,7 @@ def channel_metrics(folder: str | None, name: str | None = None) -> dict[str, An
             continue
         for line in lines:
             try:
-                calls = list(calls_of(json.loads(line)))
+                calls = list(context.calls_of(json.loads(line)))
             except (ValueError, TypeError):
                 continue
             for kind, key, value, _step, ts, _rank in calls:
