@@ -598,9 +598,10 @@ class SinkWorker:
         nothing for DRAIN_STALL_SECONDS: that is recorded as its failure, rather than the
         run closing while values are still on their way.
 
-        Once `stopped()` (a signal, a cancel), the batch in flight is finished and recorded
-        and the rest is left in the history for another process to send and close
-        (`handed_over`; `expkit.sinkrecovery`): a stop does not wait for minutes of sends.
+        Once `stopped()` (the lifecycle: a signal came), the batch in flight is finished and
+        recorded and the rest is left in the history for another process to send and close
+        (`handed_over`; `expkit.sinkrecovery`): a stop does not wait for minutes of sends
+        (but a send in flight that hangs is still waited for, up to DRAIN_STALL_SECONDS).
         """
         self._done.set()
         self.wake.set()
