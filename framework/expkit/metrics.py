@@ -20,12 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 from expkit.capabilities import Metric, MetricSink, MetricWriter, RunInfo, RunOutcome
-from expkit.channel import COLUMNS, read_columns
+from expkit.channel import COLUMNS, calls_of, read_columns
 from expkit.errors import PluginError
 from expkit.history import History, metric_value
 from expkit.history.metric_groups import Group, values_of
@@ -225,12 +224,8 @@ class ChannelReader:
                     append((name, step, value, ts, rank))
                     continue
                 if kind == COLUMNS:
-                    try:
-                        group = _column_group(item)
-                    except (ValueError, TypeError) as error:
-                        batch.rejected.append((_text_name(name), str(error)))
-                        continue
-                    if group is not None:  # else a NaN among them: value by value, below
+                    group = _column_group(item)
+                    if group is not None:  # else value by value, below
                         batch.values.append((attempt, group))
                         rows = batch.rows_of(attempt)
                         append = rows.append
@@ -272,13 +267,9 @@ class ChannelReader:
             raise ValueError("not a channel line") from None
         if not isinstance(name, str):
             raise TypeError(f"the name {name!r} is not text")
-        if kind == COLUMNS:
-            name, rank, steps, values, times = read_columns(item)
-            stepped = repeat(None) if steps is None else steps
-            rows.extend(
-                (name, s, "NaN" if v != v else v, t, rank)  # NaN as a one-call line's
-                for s, v, t in zip(stepped, values, times, strict=False)
-            )
+        if kind == COLUMNS:  # NaN stored as a one-call line's (its payload "NaN")
+            calls = list(calls_of(item))  # all or none: a bad line raises before any is added
+            rows.extend((n, s, "NaN" if v != v else v, t, r) for _, n, v, s, t, r in calls)
             return
         if kind in ("t", "p"):
             if not isinstance(value, dict):
@@ -308,18 +299,17 @@ STEP_RANGE = (-(2**63), 2**63 - 1)  # what SQLite's INTEGER holds
 
 def _column_group(item: list) -> Group | None:
     """A columns line's values (`expkit.channel`) as one Group, stored as they are; None
-    when a NaN is among them, for `ChannelReader._parse_item` to read value by value: a
-    NaN is stored as a one-call line's is (its payload "NaN"). Raises ValueError or
-    TypeError for a line that is not a columns line."""
-    name, rank, steps, values, times = read_columns(item)
+    when they are to be read value by value (`ChannelReader._parse_item`): a NaN among them,
+    stored as a one-call line's is (its payload "NaN"), or a line that is not a columns
+    line, rejected there with why."""
+    try:
+        name, rank, steps, values, times = read_columns(item)
+    except (ValueError, TypeError):
+        return None
     total = sum(values)  # NaN when a NaN is among them (or +inf and -inf are)
     if total != total and any(map(math.isnan, values)):
         return None
     return (0, name, rank, steps, values, times)
-
-
-def _text_name(name: Any) -> str:
-    return name if isinstance(name, str) else "?"
 
 
 def _shares(sizes: list[int], budget: int) -> list[int]:
